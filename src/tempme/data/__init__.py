@@ -1,0 +1,50 @@
+"""Data pipeline: annotations, frame sampling and decoding, transforms, augmentation, datasets, cache."""
+
+from .annotations import (
+    AnnotationError,
+    MissingVideosError,
+    VideoItem,
+    check_videos_exist,
+    load_activitynet,
+    load_custom,
+    load_dataset,
+    load_didemo,
+    load_lsmdc,
+    load_msrvtt,
+    require_videos,
+)
+from .cache import CacheSummary, FrameCache
+from .dataset import RetrievalPairs, RetrievalVideos, collate_skip_bad, flatten_captions
+from .randaugment import AugmentStep, VideoRandAugment
+from .transforms import CLIP_MEAN, CLIP_STD, clip_preprocess, frames_to_tensor
+from .video import SkippedVideo, VideoDecodeError, read_frames, sample_frame_indices
+
+__all__ = [
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "AnnotationError",
+    "AugmentStep",
+    "CacheSummary",
+    "FrameCache",
+    "MissingVideosError",
+    "RetrievalPairs",
+    "RetrievalVideos",
+    "SkippedVideo",
+    "VideoDecodeError",
+    "VideoItem",
+    "VideoRandAugment",
+    "check_videos_exist",
+    "clip_preprocess",
+    "collate_skip_bad",
+    "flatten_captions",
+    "frames_to_tensor",
+    "load_activitynet",
+    "load_custom",
+    "load_dataset",
+    "load_didemo",
+    "load_lsmdc",
+    "load_msrvtt",
+    "read_frames",
+    "require_videos",
+    "sample_frame_indices",
+]

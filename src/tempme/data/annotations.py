@@ -1,0 +1,543 @@
+"""Annotation parsers for MSRVTT, DiDeMo, ActivityNet Captions, LSMDC and custom data.
+
+Every loader returns one :class:`VideoItem` per video, holding all of that video's
+captions in file order. Paragraph benchmarks (DiDeMo, ActivityNet) hold a single
+caption: the video's sentences joined with ``" "``, as the CLIP4Clip loaders do.
+
+Files that do not match their format raise :class:`AnnotationError` naming the file,
+the line or field, and the offending value. Videos missing from the video folder do
+not stop loading: items still point at the expected path, and
+:func:`check_videos_exist` / :func:`require_videos` report or drop them.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import warnings
+from collections.abc import Callable, Container, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DATASETS = ("msrvtt", "didemo", "activitynet", "lsmdc", "custom")
+
+MSRVTT_SPLITS = {
+    "train": "MSRVTT_train.9k.csv",
+    "train9k": "MSRVTT_train.9k.csv",
+    "train7k": "MSRVTT_train.7k.csv",
+    "test": "MSRVTT_JSFUSION_test.csv",
+    # The reference validates on the 1k-A test set.
+    "val": "MSRVTT_JSFUSION_test.csv",
+}
+MSRVTT_DATA_JSON = "MSRVTT_data.json"
+DIDEMO_SPLITS = ("train", "val", "test")
+# CLIP4Clip reads every DiDeMo video over a fixed 0-31 s window (moments are at most 30 s).
+DIDEMO_WINDOW = (0.0, 31.0)
+ACTIVITYNET_SPLITS = {"train": ("train_ids.json", "train.json"), "val": ("val_ids.json", "val_1.json")}
+LSMDC_SPLITS = {
+    "train": "LSMDC16_annos_training.csv",
+    "val": "LSMDC16_annos_val.csv",
+    "test": "LSMDC16_challenge_1000_publictect.csv",
+}
+LSMDC_BROKEN_CLIPS = frozenset(
+    {
+        "0017_Pianist_00.23.28.872-00.23.34.843",
+        "0017_Pianist_00.30.36.767-00.30.38.009",
+        "3064_SPARKLE_2012_01.41.07.000-01.41.11.793",
+    }
+)
+_MISSING_LISTED = 5
+
+
+@dataclass
+class VideoItem:
+    """One video and its captions.
+
+    ``start``/``end`` (seconds) restrict frame sampling; ``None`` means the whole video.
+    """
+
+    video_id: str
+    path: Path
+    captions: list[str] = field(default_factory=list)
+    start: float | None = None
+    end: float | None = None
+
+
+class AnnotationError(ValueError):
+    """An annotation file that does not match its format."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        reason: str,
+        *,
+        line: int | None = None,
+        field: str | None = None,
+        value: Any = None,
+    ):
+        self.path = Path(path)
+        self.line = line
+        self.field = field
+        self.value = value
+        where = [str(self.path)]
+        if line is not None:
+            where.append(f"line {line}")
+        if field is not None:
+            where.append(f"field {field!r}")
+        message = ": ".join(where) + f": {reason}"
+        if value is not None:
+            message += f" (got {_shorten(value)})"
+        super().__init__(message)
+
+
+class MissingVideosError(FileNotFoundError):
+    """Raised by :func:`require_videos` in strict mode."""
+
+
+def _shorten(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# --- generic readers ------------------------------------------------------------------------
+
+
+def _require_file(path: Path, what: str) -> Path:
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    return path
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except json.JSONDecodeError as err:
+        raise AnnotationError(path, f"invalid JSON ({err.msg})", line=err.lineno) from err
+
+
+def _read_csv(path: Path, columns: Sequence[str]) -> list[tuple[int, dict[str, str]]]:
+    """``(line number, row)`` of a CSV with a header; the ``columns`` must exist and be non-empty."""
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        header = reader.fieldnames
+        if not header:
+            raise AnnotationError(
+                path, f"empty file, expected a header with columns {list(columns)}", line=1
+            )
+        missing = [name for name in columns if name not in header]
+        if missing:
+            raise AnnotationError(path, f"missing column(s) {missing}", line=1, value=",".join(header))
+        rows = []
+        for row in reader:
+            for name in columns:
+                if row[name] is None or not row[name].strip():
+                    raise AnnotationError(
+                        path, "empty or missing value", line=reader.line_num, field=name, value=row[name]
+                    )
+            rows.append((reader.line_num, row))
+    return rows
+
+
+def _read_lines(path: Path) -> list[str]:
+    """Non-blank lines, stripped."""
+    with open(path, encoding="utf-8") as handle:
+        return [line.strip() for line in handle if line.strip()]
+
+
+def _expect(condition: bool, path: Path, reason: str, **where: Any) -> None:
+    if not condition:
+        raise AnnotationError(path, reason, **where)
+
+
+def _check_split(split: str, choices: Iterable[str], dataset: str, anno_dir: Path) -> None:
+    choices = list(choices)
+    if split not in choices:
+        raise AnnotationError(anno_dir, f"unknown {dataset} split {split!r}; choose one of {choices}")
+
+
+def _index_files(video_dir: Path, key: Callable[[str], str]) -> dict[str, Path]:
+    """Map ``key(file name)`` to the file's path for every file under ``video_dir`` (first one wins)."""
+    index: dict[str, Path] = {}
+    for root, dirs, files in os.walk(video_dir):
+        dirs.sort()
+        for name in sorted(files):
+            index.setdefault(key(name), Path(root) / name)
+    return index
+
+
+def _file_stem(name: str) -> str:
+    return Path(name).stem
+
+
+def _group_captions(pairs: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
+    """Captions per video id, both in first-appearance order."""
+    grouped: dict[str, list[str]] = {}
+    for video_id, caption in pairs:
+        grouped.setdefault(video_id, []).append(caption)
+    return grouped
+
+
+def _warn_without_captions(listed: Sequence[str], captions: Container[str], source: Path) -> None:
+    lacking = [video_id for video_id in listed if video_id not in captions]
+    if lacking:
+        warnings.warn(
+            f"{len(lacking)} video(s) listed in {source} have no captions and are left out "
+            f"(first: {lacking[:_MISSING_LISTED]})",
+            stacklevel=3,
+        )
+
+
+# --- MSRVTT ------------------------------------------------------------------------------------
+
+
+def _msrvtt_path(video_dir: Path, video_id: str) -> Path:
+    """``{id}.mp4``, or ``{id}.webm`` when only that exists (CLIP4Clip's fallback)."""
+    mp4 = video_dir / f"{video_id}.mp4"
+    webm = video_dir / f"{video_id}.webm"
+    return webm if not mp4.exists() and webm.exists() else mp4
+
+
+def _msrvtt_sentences(path: Path) -> list[tuple[str, str]]:
+    """``(video_id, caption)`` for every entry of ``MSRVTT_data.json['sentences']``."""
+    data = _read_json(path)
+    _expect(
+        isinstance(data, dict) and "sentences" in data, path, "expected an object with a 'sentences' list"
+    )
+    sentences = data["sentences"]
+    _expect(
+        isinstance(sentences, list),
+        path,
+        "expected a list",
+        field="sentences",
+        value=type(sentences).__name__,
+    )
+    pairs = []
+    for i, entry in enumerate(sentences):
+        for key in ("video_id", "caption"):
+            value = entry.get(key) if isinstance(entry, dict) else None
+            _expect(
+                isinstance(value, str),
+                path,
+                "expected a string",
+                field=f"sentences[{i}].{key}",
+                value=value,
+            )
+        pairs.append((entry["video_id"], entry["caption"]))
+    return pairs
+
+
+def load_msrvtt(anno_dir: str | os.PathLike, video_dir: str | os.PathLike, split: str) -> list[VideoItem]:
+    """MSRVTT from CLIP4Clip's ``msrvtt_data.zip`` files.
+
+    Splits: ``train``/``train9k`` (9k CSV, all 20 captions per video from ``MSRVTT_data.json``),
+    ``train7k``, and ``test``/``val`` (JSFUSION 1k-A, one caption per video).
+    """
+    anno_dir, video_dir = Path(anno_dir), Path(video_dir)
+    _check_split(split, MSRVTT_SPLITS, "MSRVTT", anno_dir)
+    csv_path = _require_file(anno_dir / MSRVTT_SPLITS[split], f"MSRVTT {split} split file")
+    if split in ("test", "val"):
+        rows = _read_csv(csv_path, ("video_id", "sentence"))
+        captions = _group_captions((row["video_id"].strip(), row["sentence"]) for _, row in rows)
+        video_ids = list(captions)
+    else:
+        video_ids = [row["video_id"].strip() for _, row in _read_csv(csv_path, ("video_id",))]
+        json_path = _require_file(anno_dir / MSRVTT_DATA_JSON, "MSRVTT sentences file")
+        wanted = set(video_ids)
+        captions = _group_captions(pair for pair in _msrvtt_sentences(json_path) if pair[0] in wanted)
+        _warn_without_captions(video_ids, captions, json_path)
+    return [
+        VideoItem(video_id, _msrvtt_path(video_dir, video_id), captions[video_id])
+        for video_id in dict.fromkeys(video_ids)
+        if video_id in captions
+    ]
+
+
+# --- DiDeMo ------------------------------------------------------------------------------------
+
+
+def _didemo_descriptions(path: Path) -> list[tuple[str, str]]:
+    data = _read_json(path)
+    _expect(
+        isinstance(data, list),
+        path,
+        "expected a JSON list of moment annotations",
+        value=type(data).__name__,
+    )
+    pairs = []
+    for i, entry in enumerate(data):
+        for key in ("video", "description"):
+            value = entry.get(key) if isinstance(entry, dict) else None
+            _expect(isinstance(value, str), path, "expected a string", field=f"[{i}].{key}", value=value)
+        pairs.append((entry["video"], entry["description"]))
+    return pairs
+
+
+def _didemo_path(files: dict[str, Path], video_dir: Path, video: str) -> Path:
+    """The file named exactly ``video`` or, as X-CLIP stores transcoded copies, ``<video>.mp4``."""
+    return files.get(video) or files.get(f"{video}.mp4") or video_dir / video
+
+
+def load_didemo(anno_dir: str | os.PathLike, video_dir: str | os.PathLike, split: str) -> list[VideoItem]:
+    """DiDeMo from LocalizingMoments' ``{split}_list.txt`` and ``{split}_data.json``.
+
+    One item per listed video with descriptions; its caption is the descriptions joined with
+    ``" "`` in file order. Frames are sampled over 0-31 s like CLIP4Clip (the whole clip for
+    DiDeMo's <= 30 s videos). The file name must equal the ``video`` value (``.m4v``, ``.mov``, ...);
+    X-CLIP-style ``<video>.mp4`` copies are accepted too.
+    """
+    anno_dir, video_dir = Path(anno_dir), Path(video_dir)
+    _check_split(split, DIDEMO_SPLITS, "DiDeMo", anno_dir)
+    listed = _read_lines(_require_file(anno_dir / f"{split}_list.txt", f"DiDeMo {split} list"))
+    json_path = _require_file(anno_dir / f"{split}_data.json", f"DiDeMo {split} annotations")
+    wanted = set(listed)
+    descriptions = _group_captions(pair for pair in _didemo_descriptions(json_path) if pair[0] in wanted)
+    _warn_without_captions(listed, descriptions, json_path)
+    files = _index_files(video_dir, lambda name: name)
+    start, end = DIDEMO_WINDOW
+    return [
+        VideoItem(video, _didemo_path(files, video_dir, video), [" ".join(descriptions[video])], start, end)
+        for video in dict.fromkeys(listed)
+        if video in descriptions
+    ]
+
+
+# --- ActivityNet Captions ---------------------------------------------------------------------
+
+
+def _activitynet_ids(path: Path) -> list[str]:
+    ids = _read_json(path)
+    _expect(isinstance(ids, list), path, "expected a JSON list of video ids", value=type(ids).__name__)
+    for i, video_id in enumerate(ids):
+        _expect(isinstance(video_id, str), path, "expected a string", field=f"[{i}]", value=video_id)
+    return ids
+
+
+def _activitynet_entry(path: Path, key: str, entry: Any) -> tuple[str, float | None]:
+    """Paragraph and duration of one ``train.json``/``val_1.json`` entry."""
+    _expect(isinstance(entry, dict), path, "expected an object", field=key, value=entry)
+    sentences = entry.get("sentences")
+    _expect(
+        isinstance(sentences, list) and bool(sentences) and all(isinstance(s, str) for s in sentences),
+        path,
+        "expected a non-empty list of strings",
+        field=f"{key}.sentences",
+        value=sentences,
+    )
+    duration = entry.get("duration")
+    _expect(
+        duration is None or (isinstance(duration, (int, float)) and not isinstance(duration, bool)),
+        path,
+        "expected a number",
+        field=f"{key}.duration",
+        value=duration,
+    )
+    # Later sentences usually start with a space; joining keeps the reference's double spaces.
+    return " ".join(sentences), duration
+
+
+def load_activitynet(
+    anno_dir: str | os.PathLike, video_dir: str | os.PathLike, split: str
+) -> list[VideoItem]:
+    """ActivityNet Captions; ``val`` is ``val_1``.
+
+    The caption is ``" ".join(sentences)``; sampling spans 0 to ``ceil(duration)`` s as in CLIP4Clip.
+    Video ids drop the ``v_`` prefix and are matched to file stems anywhere under ``video_dir``.
+    """
+    anno_dir, video_dir = Path(anno_dir), Path(video_dir)
+    _check_split(split, ACTIVITYNET_SPLITS, "ActivityNet", anno_dir)
+    ids_name, data_name = ACTIVITYNET_SPLITS[split]
+    keys = _activitynet_ids(_require_file(anno_dir / ids_name, f"ActivityNet {split} ids"))
+    data_path = _require_file(anno_dir / data_name, f"ActivityNet {split} annotations")
+    data = _read_json(data_path)
+    _expect(
+        isinstance(data, dict), data_path, "expected an object keyed by video id", value=type(data).__name__
+    )
+    _warn_without_captions(keys, data, data_path)
+    files = _index_files(video_dir, _file_stem)
+    items = []
+    for key in dict.fromkeys(keys):
+        if key not in data:
+            continue
+        paragraph, duration = _activitynet_entry(data_path, key, data[key])
+        video_id = key[2:] if key.startswith("v_") else key
+        end = None if duration is None else float(math.ceil(duration))
+        items.append(VideoItem(video_id, files.get(video_id, video_dir / video_id), [paragraph], 0.0, end))
+    return items
+
+
+# --- LSMDC -----------------------------------------------------------------------------------
+
+
+def _lsmdc_rows(path: Path) -> list[tuple[str, str]]:
+    """``(clip_id, sentence)`` from a headerless 6-field TSV."""
+    pairs = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            line = line.strip()
+            if not line:
+                continue
+            fields = line.split("\t")
+            if len(fields) != 6:
+                reason = f"expected 6 tab-separated fields, found {len(fields)}"
+                raise AnnotationError(path, reason, line=number, value=line)
+            _expect(
+                bool(fields[5].strip()), path, "empty sentence", line=number, field="SENTENCE", value=line
+            )
+            pairs.append((fields[0], fields[5]))
+    return pairs
+
+
+def load_lsmdc(anno_dir: str | os.PathLike, video_dir: str | os.PathLike, split: str) -> list[VideoItem]:
+    """LSMDC 2016 (``train``/``val``/``test``); each TSV row is one caption.
+
+    Clips are matched to file stems anywhere under ``video_dir``; the three known broken clips are skipped.
+    """
+    anno_dir, video_dir = Path(anno_dir), Path(video_dir)
+    _check_split(split, LSMDC_SPLITS, "LSMDC", anno_dir)
+    path = _require_file(anno_dir / LSMDC_SPLITS[split], f"LSMDC {split} annotations")
+    captions = _group_captions(pair for pair in _lsmdc_rows(path) if pair[0] not in LSMDC_BROKEN_CLIPS)
+    files = _index_files(video_dir, _file_stem)
+    return [VideoItem(clip, files.get(clip, video_dir / clip), texts) for clip, texts in captions.items()]
+
+
+# --- custom ------------------------------------------------------------------------------------
+
+
+def _custom_csv(path: Path) -> list[tuple[str, str]]:
+    return [(row["video"].strip(), row["caption"]) for _, row in _read_csv(path, ("video", "caption"))]
+
+
+def _custom_records(path: Path) -> list[tuple[dict[str, Any], Any]]:
+    """JSON records (a JSON list, or JSON lines), each with where it came from (line or list index)."""
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        return [({"field": f"[{i}]."}, record) for i, record in enumerate(_read_json(path))]
+    records = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(({"line": number}, json.loads(line)))
+        except json.JSONDecodeError as err:
+            raise AnnotationError(path, f"invalid JSON ({err.msg})", line=number, value=line) from err
+    return records
+
+
+def _custom_record_captions(path: Path, where: dict[str, Any], record: Any) -> tuple[str, list[str]]:
+    """Video path and captions of one ``{"video", "caption"|"captions"}`` record."""
+    prefix = where.get("field", "")
+    line = where.get("line")
+    if not isinstance(record, dict):
+        raise AnnotationError(
+            path, "expected an object", line=line, field=prefix.rstrip(".") or None, value=record
+        )
+    video = record.get("video")
+    if not (isinstance(video, str) and video.strip()):
+        raise AnnotationError(
+            path, "expected a video path string", line=line, field=f"{prefix}video", value=video
+        )
+    if "captions" in record:
+        texts = record["captions"]
+        valid = (
+            isinstance(texts, list) and bool(texts) and all(isinstance(t, str) and t.strip() for t in texts)
+        )
+        key, reason = "captions", "expected a non-empty list of non-empty strings"
+    else:
+        texts = [record.get("caption")]
+        valid = isinstance(texts[0], str) and bool(texts[0].strip())
+        key, reason = "caption", "expected a non-empty string (or a 'captions' list)"
+    if not valid:
+        raise AnnotationError(path, reason, line=line, field=f"{prefix}{key}", value=record.get(key))
+    return video.strip(), texts
+
+
+def _custom_json(path: Path) -> list[tuple[str, str]]:
+    pairs = []
+    for where, record in _custom_records(path):
+        video, texts = _custom_record_captions(path, where, record)
+        pairs.extend((video, text) for text in texts)
+    return pairs
+
+
+def load_custom(path: str | os.PathLike, video_root: str | os.PathLike | None = None) -> list[VideoItem]:
+    """Your own videos and captions.
+
+    Formats (chosen by extension): ``.csv`` with a header containing ``video`` and ``caption``
+    (one row per caption; repeated videos are grouped), or ``.jsonl``/``.json`` holding JSON
+    lines or a JSON list of ``{"video": ..., "caption": ...}`` / ``{"video": ..., "captions": [...]}``.
+    Relative video paths are resolved against ``video_root`` (default: the annotation file's
+    folder); the video id is the path exactly as written in the file.
+    """
+    path = _require_file(Path(path), "custom annotation file")
+    root = Path(video_root) if video_root is not None else path.parent
+    if path.suffix.lower() == ".csv":
+        pairs = _custom_csv(path)
+    elif path.suffix.lower() in (".json", ".jsonl"):
+        pairs = _custom_json(path)
+    else:
+        raise AnnotationError(path, "unsupported extension; use .csv, .json or .jsonl", value=path.suffix)
+    _expect(bool(pairs), path, "no annotations found")
+    return [VideoItem(video, root / video, texts) for video, texts in _group_captions(pairs).items()]
+
+
+# --- dispatch and video checks -------------------------------------------------------------
+
+
+def load_dataset(
+    name: str,
+    anno_path: str | os.PathLike,
+    video_dir: str | os.PathLike | None,
+    split: str = "train",
+) -> list[VideoItem]:
+    """Load a benchmark by name (``msrvtt``, ``didemo``, ``activitynet``, ``lsmdc`` or ``custom``).
+
+    ``anno_path`` is the annotation folder, or the annotation file for ``custom`` (whose
+    ``video_dir`` is the optional video root and which ignores ``split``).
+    """
+    name = name.lower()
+    if name == "custom":
+        return load_custom(anno_path, video_dir)
+    loaders = {
+        "msrvtt": load_msrvtt,
+        "didemo": load_didemo,
+        "activitynet": load_activitynet,
+        "lsmdc": load_lsmdc,
+    }
+    if name not in loaders:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {DATASETS}")
+    if video_dir is None:
+        raise ValueError(f"dataset {name!r} needs a video_dir")
+    return loaders[name](anno_path, video_dir, split)
+
+
+def check_videos_exist(items: Iterable[VideoItem]) -> list[VideoItem]:
+    """The items whose video file does not exist."""
+    return [item for item in items if not item.path.is_file()]
+
+
+def require_videos(items: Sequence[VideoItem], strict: bool = False) -> list[VideoItem]:
+    """Keep the items whose video exists.
+
+    Args:
+        items: loaded annotations.
+        strict: raise :class:`MissingVideosError` when any video is missing, instead of
+            warning and dropping those items.
+
+    Returns:
+        The items with an existing video file, in order.
+    """
+    missing = check_videos_exist(items)
+    if not missing:
+        return list(items)
+    shown = ", ".join(str(item.path) for item in missing[:_MISSING_LISTED])
+    more = f" and {len(missing) - _MISSING_LISTED} more" if len(missing) > _MISSING_LISTED else ""
+    message = f"{len(missing)} of {len(items)} videos are missing: {shown}{more}"
+    if strict:
+        raise MissingVideosError(message)
+    warnings.warn(message + "; skipping them", stacklevel=2)
+    absent = {id(item) for item in missing}
+    return [item for item in items if id(item) not in absent]

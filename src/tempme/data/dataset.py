@@ -1,0 +1,213 @@
+"""PyTorch datasets for text-video retrieval.
+
+:class:`RetrievalPairs` (training) yields one sample per (video, caption) pair;
+:class:`RetrievalVideos` (evaluation) yields one sample per video, with
+:func:`flatten_captions` giving every caption and the video it belongs to.
+
+Undecodable videos: by default a sample whose video raises
+:class:`~tempme.data.video.VideoDecodeError` becomes a :class:`SkippedVideo` marker (after a
+warning naming the file) that :func:`collate_skip_bad` drops, reporting the video ids in the
+batch's ``"skipped"`` list. ``dataset.skipped_ids`` also collects them, but only in the process
+that decoded them: with DataLoader workers, gather ids from ``batch["skipped"]`` instead.
+With ``strict=True`` the error propagates.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from .annotations import VideoItem
+from .cache import FrameCache
+from .randaugment import VideoRandAugment
+from .transforms import frames_to_tensor
+from .video import SkippedVideo, VideoDecodeError, read_frames
+
+Tokenize = Callable[[list[str], int], tuple[torch.Tensor, torch.Tensor]]
+Sample = dict[str, Any]
+
+
+class _VideoDataset(Dataset):
+    """Frame loading shared by the training and evaluation datasets."""
+
+    def __init__(
+        self,
+        items: Sequence[VideoItem],
+        max_frames: int,
+        framerate: float,
+        image_size: int,
+        augment: bool,
+        frame_cache: FrameCache | None,
+        backend: str,
+        strict: bool,
+    ):
+        self.items = list(items)
+        self.max_frames = max_frames
+        self.framerate = framerate
+        self.image_size = image_size
+        self.augmenter = VideoRandAugment() if augment else None
+        self.frame_cache = frame_cache
+        self.backend = backend
+        self.strict = strict
+        self.skipped_ids: set[str] = set()
+        if frame_cache is not None:
+            _check_cache_matches(frame_cache, max_frames, framerate, image_size)
+
+    def _frames(self, item: VideoItem) -> list[Image.Image]:
+        if self.frame_cache is not None:
+            return self.frame_cache.get_or_create(item)
+        return read_frames(item.path, self.max_frames, self.framerate, item.start, item.end, self.backend)
+
+    def _video(self, item: VideoItem) -> Sample | SkippedVideo:
+        """``{"video": FloatTensor[F, 3, S, S], "video_mask": LongTensor[F]}``, or a skip marker."""
+        try:
+            frames = self._frames(item)
+        except VideoDecodeError as err:
+            if self.strict:
+                raise
+            warnings.warn(f"skipping video {item.video_id!r}: {err}", stacklevel=3)
+            self.skipped_ids.add(item.video_id)
+            return SkippedVideo(item.video_id, item.path, err.reason)
+        if self.augmenter is not None:
+            frames = self.augmenter(frames)
+        video = frames_to_tensor(frames, self.image_size)
+        # Sampling always yields max_frames frames, so every frame is real.
+        return {"video": video, "video_mask": torch.ones(video.shape[0], dtype=torch.long)}
+
+
+def _check_cache_matches(cache: FrameCache, max_frames: int, framerate: float, image_size: int) -> None:
+    wanted = (max_frames, framerate, image_size)
+    cached = (cache.max_frames, cache.framerate, cache.image_size)
+    if wanted != cached:
+        raise ValueError(
+            f"frame cache settings (max_frames, framerate, image_size)={cached} "
+            f"differ from the dataset's {wanted}"
+        )
+
+
+class RetrievalPairs(_VideoDataset):
+    """Training set: one sample per (video, caption) pair.
+
+    Args:
+        items: videos with their captions.
+        tokenize: ``(texts, max_words) -> (ids LongTensor[N, L], mask LongTensor[N, L])``,
+            e.g. :func:`tempme.tokenizer.tokenize`.
+        max_words: token length L.
+        max_frames, framerate: frame sampling.
+        image_size: side S of the square frames.
+        augment: apply :class:`~tempme.data.randaugment.VideoRandAugment` before the transform.
+        frame_cache: optional :class:`~tempme.data.cache.FrameCache` with the same settings.
+        backend: ``"pyav"`` or ``"decord"``.
+        strict: re-raise decoding errors instead of skipping the sample.
+
+    A sample is ``{"video": FloatTensor[F, 3, S, S], "video_mask": LongTensor[F],
+    "text_ids": LongTensor[L], "text_mask": LongTensor[L], "index": int, "video_id": str}``.
+    """
+
+    def __init__(
+        self,
+        items: Sequence[VideoItem],
+        tokenize: Tokenize,
+        max_words: int = 32,
+        max_frames: int = 12,
+        framerate: float = 1.0,
+        image_size: int = 224,
+        augment: bool = False,
+        frame_cache: FrameCache | None = None,
+        backend: str = "pyav",
+        strict: bool = False,
+    ):
+        super().__init__(items, max_frames, framerate, image_size, augment, frame_cache, backend, strict)
+        self.tokenize = tokenize
+        self.max_words = max_words
+        self.pairs = [(v, caption) for v, item in enumerate(self.items) for caption in item.captions]
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> Sample | SkippedVideo:
+        video_index, caption = self.pairs[index]
+        item = self.items[video_index]
+        sample = self._video(item)
+        if isinstance(sample, SkippedVideo):
+            return sample
+        ids, mask = self.tokenize([caption], self.max_words)
+        sample.update(text_ids=ids[0], text_mask=mask[0], index=index, video_id=item.video_id)
+        return sample
+
+
+class RetrievalVideos(_VideoDataset):
+    """Evaluation set: one sample per video, without augmentation.
+
+    A sample is ``{"video": FloatTensor[F, 3, S, S], "video_mask": LongTensor[F], "index": int,
+    "video_id": str}``. Drop missing videos beforehand (:func:`~tempme.data.annotations.require_videos`):
+    a video skipped here leaves its captions without a match in the similarity matrix.
+    """
+
+    def __init__(
+        self,
+        items: Sequence[VideoItem],
+        max_frames: int = 12,
+        framerate: float = 1.0,
+        image_size: int = 224,
+        frame_cache: FrameCache | None = None,
+        backend: str = "pyav",
+        strict: bool = False,
+    ):
+        super().__init__(items, max_frames, framerate, image_size, False, frame_cache, backend, strict)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> Sample | SkippedVideo:
+        item = self.items[index]
+        sample = self._video(item)
+        if isinstance(sample, SkippedVideo):
+            return sample
+        sample.update(index=index, video_id=item.video_id)
+        return sample
+
+    def captions(self) -> tuple[list[str], list[int]]:
+        """See :func:`flatten_captions`."""
+        return flatten_captions(self.items)
+
+
+def flatten_captions(items: Sequence[VideoItem]) -> tuple[list[str], list[int]]:
+    """Every caption in order, and for each the index of its video in ``items``.
+
+    Returns:
+        ``(captions, caption_to_video)``, both of length N_captions.
+    """
+    captions = [caption for item in items for caption in item.captions]
+    caption_to_video = [v for v, item in enumerate(items) for _ in item.captions]
+    return captions, caption_to_video
+
+
+def collate_skip_bad(batch: Sequence[Sample | SkippedVideo | None]) -> dict[str, Any] | None:
+    """Collate samples, dropping skipped ones.
+
+    Tensors are stacked along a new first dimension, ints become a LongTensor and other values
+    are gathered in lists. ``"skipped"`` lists the video ids of the dropped samples.
+
+    Returns:
+        The batch, or ``None`` when every sample was skipped (those ids are then not reported).
+    """
+    good = [sample for sample in batch if isinstance(sample, dict)]
+    if not good:
+        return None
+    collated: dict[str, Any] = {key: _stack([sample[key] for sample in good]) for key in good[0]}
+    collated["skipped"] = [sample.video_id for sample in batch if isinstance(sample, SkippedVideo)]
+    return collated
+
+
+def _stack(values: list[Any]) -> Any:
+    if isinstance(values[0], torch.Tensor):
+        return torch.stack(values)
+    if isinstance(values[0], int):
+        return torch.tensor(values, dtype=torch.long)
+    return values

@@ -1,0 +1,350 @@
+"""CLIP encoders with LoRA, and TempMe's progressive token merging in the video encoder.
+
+Parameter names follow OpenAI CLIP (``visual.transformer.resblocks.0.attn.in_proj_weight`` ...), so
+OpenAI and open_clip checkpoints load directly. Added parameters: ``attn.lora_a`` / ``attn.lora_b`` in
+every attention layer, and ``clip_pos_embed`` on the ClipMe blocks of the video encoder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .merging import bipartite_soft_matching, imgme_count, join_clips, merge_weighted, proportional_count
+from .schedule import LayerPlan, build_plan
+
+
+class QuickGELU(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32, as OpenAI CLIP does, so fp16 weights stay stable."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.float()).to(x.dtype) if x.dtype == torch.float16 else super().forward(x)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused QKV projection and a LoRA branch on it.
+
+    ``qkv = x W^T + b + (x A^T) B^T`` with A ``[rank, D]`` (kaiming-uniform) and B ``[3D, rank]`` (zeros),
+    no alpha/rank scaling. ``out_proj`` has no LoRA.
+    """
+
+    def __init__(self, width: int, heads: int, lora_rank: int = 0):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width {width} is not divisible by heads {heads}")
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.out_proj.bias)
+        if lora_rank > 0:
+            self.lora_a = nn.Parameter(torch.empty(lora_rank, width))
+            self.lora_b = nn.Parameter(torch.zeros(3 * width, lora_rank))
+            nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+        else:
+            self.lora_a = self.lora_b = None
+
+    @property
+    def lora_rank(self) -> int:
+        return 0 if self.lora_a is None else self.lora_a.shape[0]
+
+    @torch.no_grad()
+    def fold_lora(self) -> None:
+        """Fold ``B A`` into the in-projection and drop the LoRA branch; outputs stay the same."""
+        if self.lora_a is None:
+            return
+        self.in_proj_weight += self.lora_b.to(torch.float32).mm(self.lora_a.float()).to(self.in_proj_weight.dtype)
+        self.lora_a = self.lora_b = None
+
+    def forward(
+        self, x: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x ``[B, N, D]``; bias broadcastable to ``[B, heads, N, N]`` (added to the logits).
+
+        Returns the attention output ``[B, N, D]`` and the keys averaged over heads ``[B, N, D/heads]``
+        (the ImgMe / intra-clip merge metric).
+        """
+        batch, tokens, width = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        if self.lora_a is not None:
+            qkv = qkv + F.linear(F.linear(x, self.lora_a), self.lora_b)
+        q, k, v = qkv.view(batch, tokens, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
+        if bias is not None:
+            bias = bias.to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        out = out.transpose(1, 2).reshape(batch, tokens, width)
+        return self.out_proj(out), k.mean(dim=1)
+
+
+def size_bias(size: torch.Tensor | None) -> torch.Tensor | None:
+    """Proportional attention: log(size) of each key, shaped ``[B, 1, 1, N]`` for broadcasting."""
+    return None if size is None else size.log()[:, None, None, :, 0]
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, width: int, heads: int, lora_rank: int = 0, clip_pos_clips: int = 0):
+        super().__init__()
+        self.ln_1 = LayerNorm(width)
+        self.attn = Attention(width, heads, lora_rank)
+        self.ln_2 = LayerNorm(width)
+        self.mlp = nn.Sequential(
+            OrderedDict(c_fc=nn.Linear(width, width * 4), gelu=QuickGELU(), c_proj=nn.Linear(width * 4, width))
+        )
+        # Clip positional embedding of a ClipMe layer: one vector per input clip, zero at start.
+        self.clip_pos_embed = nn.Parameter(torch.zeros(1, clip_pos_clips, 1, width)) if clip_pos_clips else None
+
+    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None = None) -> torch.Tensor:
+        """Plain pre-LN block (text encoder and unmerged layers)."""
+        x = x + self.attn(self.ln_1(x), attn_bias)[0]
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, width: int, layers: int, heads: int, lora_rank: int = 0, clip_pos_clips: dict | None = None):
+        super().__init__()
+        clip_pos_clips = clip_pos_clips or {}
+        self.resblocks = nn.ModuleList(
+            ResidualBlock(width, heads, lora_rank, clip_pos_clips.get(i, 0)) for i in range(layers)
+        )
+
+
+@dataclass
+class VideoTokens:
+    """The video encoder's token state. Counts per clip; ``x`` is ``[videos * clips, tokens, D]``."""
+
+    x: torch.Tensor
+    size: torch.Tensor | None  # [videos * clips, tokens, 1]; None while no token has been merged
+    source: torch.Tensor | None  # [videos * clips, tokens, frames * input tokens] when tracking
+    videos: int
+    num_cls: int
+
+    @property
+    def clips(self) -> int:
+        return self.x.shape[0] // self.videos
+
+
+class VisionTransformer(nn.Module):
+    """CLIP's ViT with TempMe merging, following a per-layer plan fixed at construction."""
+
+    def __init__(self, config: ModelConfig, output_dim: int):
+        super().__init__()
+        vision = config.clip.vision
+        self.merge = config.merge
+        self.frames = config.frames
+        self.image_size = vision.image_size
+        self.plan: tuple[LayerPlan, ...] = build_plan(config.merge, vision.layers, config.frames)
+        scale = vision.width**-0.5
+        self.conv1 = nn.Conv2d(3, vision.width, vision.patch_size, vision.patch_size, bias=False)
+        self.class_embedding = nn.Parameter(scale * torch.randn(vision.width))
+        self.positional_embedding = nn.Parameter(scale * torch.randn(vision.tokens_per_frame, vision.width))
+        self.ln_pre = LayerNorm(vision.width)
+        use_cpe = config.merge.method == "tempme" and config.merge.clip_pos_embed
+        cpe_clips = {i: step.clips_in for i, step in enumerate(self.plan) if step.kind == "clipme" and use_cpe}
+        self.transformer = Transformer(vision.width, vision.layers, vision.heads, config.lora.rank, cpe_clips)
+        self.ln_post = LayerNorm(vision.width)
+        self.proj = nn.Parameter(scale * torch.randn(vision.width, output_dim))
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """images ``[N, 3, H, W]`` -> tokens ``[N, 1 + grid^2, D]`` after ``ln_pre``."""
+        x = self.conv1(images).flatten(2).transpose(1, 2)
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
+        return self.ln_pre(x)
+
+    def merge_weighted(self, state: VideoTokens, metric: torch.Tensor, r: int, x: torch.Tensor | None = None) -> VideoTokens:
+        plan = bipartite_soft_matching(metric, r, state.num_cls)
+        x, size, source = merge_weighted(plan, state.x if x is None else x, state.size, state.source)
+        return VideoTokens(x, size, source, state.videos, state.num_cls)
+
+    def cross_clip_merge(self, state: VideoTokens, block: ResidualBlock, step: LayerPlan) -> VideoTokens:
+        """ClipMe, first half: join clips, add CPE, merge across the joined frames on the hidden states."""
+        tokens, joined = state.x.shape[1], step.clips_joined
+        r_cross = proportional_count(tokens * joined, state.num_cls * joined, self.merge.cross_merge_ratio)
+        metric = state.x.detach()
+        x = state.x
+        if r_cross > 0 and block.clip_pos_embed is not None:
+            # Added after the metric is taken, so the CPE is averaged into merged tokens but not matched on.
+            grouped = x.view(state.videos, state.clips, tokens, -1) + block.clip_pos_embed.to(x.dtype)
+            x = grouped.view_as(x)
+
+        def join(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else join_clips(t, state.videos, joined, state.num_cls)
+
+        joined_state = VideoTokens(join(x), join(state.size), join(state.source), state.videos, state.num_cls * joined)
+        if r_cross == 0:
+            return joined_state
+        return self.merge_weighted(joined_state, join(metric), r_cross)
+
+    def merge_count(self, step: LayerPlan, state: VideoTokens) -> int:
+        tokens = state.x.shape[1]
+        if step.kind == "imgme":
+            return imgme_count(tokens, state.num_cls, step.tome_r)
+        if step.kind in ("clipme", "intra"):
+            return proportional_count(tokens, state.num_cls, self.merge.intra_merge_ratio)
+        return 0
+
+    def forward_tokens(
+        self, frames: torch.Tensor, track_source: bool = False, layers: int | None = None
+    ) -> VideoTokens:
+        """Run the encoder on ``frames [B, F, 3, H, W]``; return the token state after ``layers`` layers."""
+        videos, num_frames = frames.shape[:2]
+        x = self.embed(frames.flatten(0, 1))
+        source = None
+        if track_source:
+            per_frame = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
+            source = torch.block_diag(*[per_frame] * num_frames).view(num_frames, x.shape[1], -1)
+            source = source.repeat(videos, 1, 1)
+        state = VideoTokens(x, None, source, videos, num_cls=1)
+        for block, step in list(zip(self.transformer.resblocks, self.plan))[:layers]:
+            if step.kind == "clipme":
+                state = self.cross_clip_merge(state, block, step)
+            bias = size_bias(state.size) if self.merge.prop_attn else None
+            attn_out, keys = block.attn(block.ln_1(state.x), bias)
+            state = VideoTokens(state.x + attn_out, state.size, state.source, videos, state.num_cls)
+            r = self.merge_count(step, state)
+            if r > 0:
+                state = self.merge_weighted(state, keys, r)
+            state = dataclasses.replace(state, x=state.x + block.mlp(block.ln_2(state.x)))
+        return state
+
+    def forward(self, frames: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """frames ``[B, F, 3, H, W]`` -> per-video embedding ``[B, output_dim]``.
+
+        Each frame's CLS token goes through ``ln_post`` and ``proj`` and is L2-normalised; the video
+        embedding is their mean over the frames where ``mask`` is 1 (not normalised again).
+        """
+        videos, num_frames = frames.shape[:2]
+        state = self.forward_tokens(frames)
+        tokens, width = state.x.shape[1:]
+        cls = state.x.view(videos, state.clips, tokens, width)[:, :, : state.num_cls].reshape(videos, num_frames, width)
+        frame_features = F.normalize(self.ln_post(cls) @ self.proj.to(cls.dtype), dim=-1)
+        if mask is None:
+            return frame_features.mean(dim=1)
+        mask = mask.to(frame_features.dtype).unsqueeze(-1)
+        return (frame_features * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
+
+
+class TempMe(nn.Module):
+    """CLIP with LoRA in both encoders and TempMe merging in the video encoder.
+
+    Build with ``tempme.create_model`` or ``tempme.load_model``. The text side keeps OpenAI CLIP's
+    top-level parameter names (``token_embedding``, ``transformer``, ``ln_final`` ...).
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        clip, text = config.clip, config.clip.text
+        if config.max_words > text.context_length:
+            raise ValueError(f"max_words={config.max_words} exceeds the text context length {text.context_length}")
+        self.visual = VisionTransformer(config, clip.embed_dim)
+        self.token_embedding = nn.Embedding(text.vocab_size, text.width)
+        self.positional_embedding = nn.Parameter(torch.empty(text.context_length, text.width))
+        self.transformer = Transformer(text.width, text.layers, text.heads, config.lora.rank)
+        self.ln_final = LayerNorm(text.width)
+        self.text_projection = nn.Parameter(torch.empty(text.width, clip.embed_dim))
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        nn.init.normal_(self.text_projection, std=text.width**-0.5)
+        self.set_trainable("lora")
+
+    @property
+    def plan(self) -> tuple[LayerPlan, ...]:
+        return self.visual.plan
+
+    def set_trainable(self, mode: str = "lora") -> None:
+        """``lora``: only LoRA and clip positional embeddings train (the paper). ``full``: everything
+        but the logit scale, which stays frozen at the checkpoint's value in both modes."""
+        if mode not in ("lora", "full"):
+            raise ValueError(f"trainable mode must be 'lora' or 'full', got {mode!r}")
+        for name, param in self.named_parameters():
+            if mode == "full":
+                param.requires_grad_(name != "logit_scale")
+            else:
+                param.requires_grad_(is_adapter_parameter(name))
+
+    def fold_lora(self) -> "TempMe":
+        """Fold every LoRA branch into its weights (same outputs, less compute). Returns ``self``."""
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.fold_lora()
+        return self
+
+    def check_video(self, frames: torch.Tensor, mask: torch.Tensor | None) -> None:
+        size = self.visual.image_size
+        expected = f"[batch, {self.visual.frames}, 3, {size}, {size}]"
+        if not isinstance(frames, torch.Tensor) or not frames.is_floating_point():
+            raise TypeError(f"frames must be a float tensor shaped {expected}, got {type(frames).__name__}")
+        if frames.dim() != 5 or tuple(frames.shape[2:]) != (3, size, size):
+            raise ValueError(f"frames must be shaped {expected}, got {list(frames.shape)}")
+        if frames.shape[1] != self.visual.frames:
+            raise ValueError(
+                f"this model was built for {self.visual.frames} frames (its merge schedule and clip positional "
+                f"embeddings depend on it), got {frames.shape[1]}; sample {self.visual.frames} frames or build "
+                f"the model with frames={frames.shape[1]}"
+            )
+        if mask is not None and tuple(mask.shape) != tuple(frames.shape[:2]):
+            raise ValueError(f"video mask must be shaped {list(frames.shape[:2])}, got {list(mask.shape)}")
+
+    def encode_video(self, frames: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """CLIP-normalised frames ``[B, F, 3, H, W]`` (optional mask ``[B, F]``) -> ``[B, embed_dim]``."""
+        self.check_video(frames, mask)
+        return self.visual(frames.to(self.visual.conv1.weight.dtype), mask)
+
+    def tokenize(self, texts: str | list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        from .tokenizer import tokenize
+
+        return tokenize(texts, max_words=self.config.max_words)
+
+    def encode_text(self, texts: str | list[str] | torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Captions (strings, or token ids ``[N, L]`` with mask ``[N, L]``) -> ``[N, embed_dim]``.
+
+        The feature is taken at the EOT token (the largest id); it is not normalised.
+        """
+        if isinstance(texts, (str, list, tuple)):
+            ids, mask = self.tokenize(list(texts) if not isinstance(texts, str) else texts)
+        else:
+            ids = texts
+        if ids.dim() != 2:
+            raise ValueError(f"token ids must be shaped [N, L], got {list(ids.shape)}")
+        if ids.shape[1] > self.positional_embedding.shape[0]:
+            raise ValueError(f"token ids have length {ids.shape[1]} > context length {self.positional_embedding.shape[0]}")
+        device = self.token_embedding.weight.device
+        ids = ids.to(device)
+        mask = torch.ones_like(ids) if mask is None else mask.to(device)
+        length = ids.shape[1]
+        x = self.token_embedding(ids) + self.positional_embedding[:length]
+        causal = torch.full((length, length), float("-inf"), device=device).triu(1)
+        padding = torch.zeros(mask.shape, device=device).masked_fill(mask == 0, float("-inf"))
+        bias = (causal + padding[:, None, :])[:, None].to(x.dtype)  # [N, 1, L, L]
+        for block in self.transformer.resblocks:
+            x = block(x, bias)
+        x = self.ln_final(x)
+        eot = x[torch.arange(x.shape[0], device=device), ids.argmax(dim=-1)]
+        return eot @ self.text_projection.to(eot.dtype)
+
+    def forward(self, frames, text_ids, text_mask=None, video_mask=None):
+        """Video and text embeddings ``([B, D], [N, D])`` for training."""
+        return self.encode_video(frames, video_mask), self.encode_text(text_ids, text_mask)
+
+
+ADAPTER_NAME_PARTS = ("lora_a", "lora_b", "clip_pos_embed")
+
+
+def is_adapter_parameter(name: str) -> bool:
+    """LoRA and clip positional embeddings: what the paper trains and what a tempme checkpoint holds."""
+    return any(part in name for part in ADAPTER_NAME_PARTS)

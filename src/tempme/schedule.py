@@ -1,0 +1,156 @@
+"""The per-layer merge plan, computed once from the configuration and validated there.
+
+The plan fixes, for every layer, what kind of merge it does and how many CLS tokens and clips it
+sees. How many tokens each merge removes is computed from tensor shapes during the forward pass,
+with the same count functions that ``simulate`` uses here for reporting.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from .config import MERGE_METHODS, MergeConfig
+from .merging import imgme_count, proportional_count
+
+LayerKind = Literal["plain", "imgme", "clipme", "intra"]
+
+
+class ScheduleError(ValueError):
+    """A merge schedule that cannot run for this model and frame count."""
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """What one layer of the video encoder does.
+
+    - ``plain``: attention and MLP, no merging.
+    - ``imgme``: merge ``tome_r`` tokens within each frame between attention and MLP.
+    - ``clipme``: join ``clips_joined`` clips, merge across them (hidden-state metric, CPE added),
+      then attention, then merge within the new clip (key metric).
+    - ``intra``: merge a fraction of each clip's tokens between attention and MLP.
+    """
+
+    kind: LayerKind
+    clips_in: int  # clips per video entering the layer
+    cls_in: int  # CLS tokens per clip entering the layer
+    tome_r: int = 0
+    clips_joined: int = 1
+
+    @property
+    def clips_out(self) -> int:
+        return self.clips_in // self.clips_joined
+
+    @property
+    def cls_out(self) -> int:
+        return self.cls_in * self.clips_joined
+
+
+def validate_merge_config(merge: MergeConfig, depth: int, frames: int) -> None:
+    """Raise ``ScheduleError`` with a readable message if ``merge`` cannot run."""
+    if merge.method not in MERGE_METHODS:
+        raise ScheduleError(f"unknown merge method {merge.method!r}; choose one of {', '.join(MERGE_METHODS)}")
+    if frames < 1:
+        raise ScheduleError(f"frames must be at least 1, got {frames}")
+    if merge.tome_r < 0:
+        raise ScheduleError(f"tome_r must be >= 0, got {merge.tome_r}")
+    if merge.method != "tempme":
+        return
+    layers, joins = tuple(merge.merge_layers), tuple(merge.clips_joined)
+    if len(layers) != len(joins):
+        raise ScheduleError(
+            f"merge_layers {list(layers)} and clips_joined {list(joins)} must have the same length"
+        )
+    if not layers:
+        raise ScheduleError("method 'tempme' needs at least one merge layer")
+    for layer in layers:
+        if not 0 <= layer < depth:
+            raise ScheduleError(f"merge layer {layer} is out of range: the encoder has layers 0..{depth - 1}")
+    if list(layers) != sorted(set(layers)):
+        raise ScheduleError(f"merge_layers must be strictly increasing, got {list(layers)}")
+    clips = frames
+    for layer, joined in zip(layers, joins):
+        if joined < 1 or clips % joined:
+            raise ScheduleError(
+                f"cannot join {joined} clips at layer {layer}: {clips} clips remain "
+                f"(frames={frames}, clips_joined={list(joins)}); each step must divide the clip count"
+            )
+        clips //= joined
+    for name in ("cross_merge_ratio", "intra_merge_ratio"):
+        ratio = getattr(merge, name)
+        if not 0.0 <= ratio < 1.0:
+            raise ScheduleError(
+                f"{name}={ratio} is outside [0, 1): it is the fraction merged "
+                f"(retained ratio {1 - ratio:g} must lie in (0, 1])"
+            )
+
+
+def build_plan(merge: MergeConfig, depth: int, frames: int) -> tuple[LayerPlan, ...]:
+    """One ``LayerPlan`` per layer. Validates first, so an impossible schedule fails here, not in forward."""
+    validate_merge_config(merge, depth, frames)
+    if merge.method == "none":
+        return tuple(LayerPlan("plain", clips_in=frames, cls_in=1) for _ in range(depth))
+    if merge.method == "tome":
+        return tuple(LayerPlan("imgme", clips_in=frames, cls_in=1, tome_r=merge.tome_r) for _ in range(depth))
+
+    joins = dict(zip(merge.merge_layers, merge.clips_joined))
+    first_merge = merge.merge_layers[0]
+    plan: list[LayerPlan] = []
+    clips, cls = frames, 1
+    for layer in range(depth):
+        if layer < first_merge:
+            step = LayerPlan("imgme", clips_in=clips, cls_in=cls, tome_r=merge.tome_r)
+        elif layer in joins:
+            step = LayerPlan("clipme", clips_in=clips, cls_in=cls, clips_joined=joins[layer])
+        else:
+            step = LayerPlan("intra", clips_in=clips, cls_in=cls)
+        plan.append(step)
+        clips, cls = step.clips_out, step.cls_out
+    return tuple(plan)
+
+
+@dataclass(frozen=True)
+class LayerTokens:
+    """Token bookkeeping of one layer for one video: counts are per clip."""
+
+    layer: int
+    kind: LayerKind
+    clips: int  # clips after the layer
+    attn_tokens: int  # sequence length inside attention
+    out_tokens: int  # tokens per clip after the layer
+    cls: int  # CLS tokens per clip after the layer
+    r_cross: int = 0  # ClipMe cross-clip merge count (r0)
+    r: int = 0  # merge after attention (ImgMe r, ClipMe r1, or intra r)
+
+
+def clipme_counts(tokens: int, clips_joined: int, cls_in: int, cross_ratio: float, intra_ratio: float) -> tuple[int, int]:
+    """(r0, r1) of a ClipMe layer for ``tokens`` per input clip: counted on the joined sequence."""
+    joined, cls = tokens * clips_joined, cls_in * clips_joined
+    r_cross = proportional_count(joined, cls, cross_ratio)
+    r_intra = proportional_count(joined - r_cross, cls, intra_ratio)
+    return r_cross, r_intra
+
+
+def simulate(plan: tuple[LayerPlan, ...], merge: MergeConfig, tokens_per_frame: int) -> list[LayerTokens]:
+    """Token counts layer by layer, as the forward pass will produce them."""
+    tokens = tokens_per_frame
+    rows = []
+    for index, step in enumerate(plan):
+        if step.kind == "plain":
+            rows.append(LayerTokens(index, step.kind, step.clips_out, tokens, tokens, step.cls_out))
+        elif step.kind == "imgme":
+            r = imgme_count(tokens, step.cls_in, step.tome_r)
+            rows.append(LayerTokens(index, step.kind, step.clips_out, tokens, tokens - r, step.cls_out, r=r))
+            tokens -= r
+        elif step.kind == "clipme":
+            r_cross, r = clipme_counts(
+                tokens, step.clips_joined, step.cls_in, merge.cross_merge_ratio, merge.intra_merge_ratio
+            )
+            attn = tokens * step.clips_joined - r_cross
+            rows.append(LayerTokens(index, step.kind, step.clips_out, attn, attn - r, step.cls_out, r_cross, r))
+            tokens = attn - r
+        else:
+            r = proportional_count(tokens, step.cls_in, merge.intra_merge_ratio)
+            rows.append(LayerTokens(index, step.kind, step.clips_out, tokens, tokens - r, step.cls_out, r=r))
+            tokens -= r
+    return rows

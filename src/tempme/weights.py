@@ -1,0 +1,748 @@
+"""Checkpoints: read CLIP / TempMe weights in the common formats, map them to our layout, save our own.
+
+Formats read (detected by content, not by file name):
+
+- OpenAI's TorchScript archives (the official ``ViT-B-32.pt``) and plain OpenAI state dicts;
+- open_clip checkpoints (``{"state_dict": {"module.<key>": ...}}``) and other wrapped torch pickles;
+- Hugging Face ``CLIPModel`` weights: a ``model.safetensors`` / ``pytorch_model.bin`` file or a
+  directory holding one (sharded checkpoints with an index json too);
+- the TempMe authors' checkpoints (``clip.``-prefixed keys, ``TVPt_*`` adapter names);
+- our own safetensors files, written by :func:`save_weights`, which carry the model config.
+
+Our layout is OpenAI CLIP's key names plus the adapters ``attn.lora_a`` / ``attn.lora_b`` and
+``clip_pos_embed`` (see :mod:`tempme.model`). Every failure raises :class:`WeightsError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pickle
+import re
+import warnings
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from .config import CLIPConfig, ModelConfig, TextConfig, VisionConfig, get_preset, preset_names
+from .model import TempMe, is_adapter_parameter
+
+PathLike = str | os.PathLike
+
+#: Hugging Face repositories holding the published weights of the OpenAI presets.
+HUB_REPOS: dict[str, str] = {
+    "ViT-B/32": "openai/clip-vit-base-patch32",
+    "ViT-B/16": "openai/clip-vit-base-patch16",
+    "ViT-L/14": "openai/clip-vit-large-patch14",
+}
+
+#: Entries that are not weights and are dropped when converting: the integer attributes of OpenAI's
+#: TorchScript model, open_clip's causal-mask buffer, and open_clip's SigLIP-style logit bias.
+DROPPED_KEYS: frozenset[str] = frozenset(
+    {"input_resolution", "context_length", "vocab_size", "attn_mask", "logit_bias"}
+)
+#: Hugging Face's ``position_ids`` buffers (an ``arange``), present in older HF checkpoints.
+DROPPED_SUFFIXES: tuple[str, ...] = (".position_ids",)
+
+#: Adapter names in the TempMe authors' code -> ours.
+AUTHOR_RENAMES: tuple[tuple[str, str], ...] = (
+    ("attn.TVPt_LoRA_a", "attn.lora_a"),
+    ("attn.TVPt_LoRA_b", "attn.lora_b"),
+    ("TVPt_Video_Positional_embedding", "clip_pos_embed"),
+)
+
+# (ours, Hugging Face) name pairs. A name ending in "." renames every key under that prefix.
+_HF_RENAMES: tuple[tuple[str, str], ...] = (
+    ("visual.conv1.weight", "vision_model.embeddings.patch_embedding.weight"),
+    ("visual.class_embedding", "vision_model.embeddings.class_embedding"),
+    ("visual.positional_embedding", "vision_model.embeddings.position_embedding.weight"),
+    ("visual.ln_pre.", "vision_model.pre_layrnorm."),  # sic: Hugging Face's spelling
+    ("visual.ln_post.", "vision_model.post_layernorm."),
+    ("token_embedding.weight", "text_model.embeddings.token_embedding.weight"),
+    ("positional_embedding", "text_model.embeddings.position_embedding.weight"),
+    ("ln_final.", "text_model.final_layer_norm."),
+    ("logit_scale", "logit_scale"),
+)
+# Projections: ours are [width, embed] matrices applied as x @ P; Hugging Face's are Linear weights [embed, width].
+_HF_PROJECTIONS: tuple[tuple[str, str], ...] = (
+    ("visual.proj", "visual_projection.weight"),
+    ("text_projection", "text_projection.weight"),
+)
+_HF_BLOCK_PREFIXES: tuple[tuple[str, str], ...] = (
+    ("visual.transformer.resblocks.", "vision_model.encoder.layers."),
+    ("transformer.resblocks.", "text_model.encoder.layers."),
+)
+_HF_BLOCK_RENAMES: tuple[tuple[str, str], ...] = (
+    ("ln_1.", "layer_norm1."),
+    ("ln_2.", "layer_norm2."),
+    ("mlp.c_fc.", "mlp.fc1."),
+    ("mlp.c_proj.", "mlp.fc2."),
+    ("attn.out_proj.", "self_attn.out_proj."),
+)
+_HF_QKV = re.compile(r"self_attn\.([qkv])_proj\.(weight|bias)")
+_OUR_QKV = re.compile(r"attn\.in_proj_(weight|bias)")
+
+# Hugging Face single-file and sharded names, in order of preference.
+_HF_FILES: tuple[tuple[str, str], ...] = (
+    ("model.safetensors", "model.safetensors.index.json"),
+    ("pytorch_model.bin", "pytorch_model.bin.index.json"),
+)
+
+
+class WeightsError(ValueError):
+    """A checkpoint could not be found, read, converted or loaded; the message says which and why."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading files
+
+
+def read_checkpoint(path: PathLike) -> dict[str, torch.Tensor]:
+    """Read the tensors of a checkpoint file or Hugging Face directory, keys as stored."""
+    return _read(Path(path))[0]
+
+
+def _read(path: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """Tensors and the container kind: ``openai-jit``, ``torch``, ``safetensors`` or ``hf-dir``."""
+    if path.is_dir():
+        return _read_hf_dir(path), "hf-dir"
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such file or directory")
+    with path.open("rb") as handle:
+        head = handle.read(9)
+    if not head:
+        raise WeightsError(f"{path}: the file is empty")
+    if head.startswith(b"PK\x03\x04"):
+        return _read_zip(path)
+    # A safetensors file starts with an 8-byte header length followed by the JSON header.
+    if head[8:9] == b"{" or path.suffix == ".safetensors":
+        return _read_safetensors(path), "safetensors"
+    return _read_torch(path), "torch"
+
+
+def _read_zip(path: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """A zip is either a TorchScript archive (has compiled code) or a ``torch.save`` file."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError) as err:
+        raise WeightsError(f"{path}: corrupt or truncated zip archive ({err})") from None
+    if any("/code/" in name or name.endswith("/constants.pkl") for name in names):
+        return _read_torchscript(path), "openai-jit"
+    return _read_torch(path), "torch"
+
+
+def _read_torchscript(path: Path) -> dict[str, torch.Tensor]:
+    # torch.jit.load raises assorted RuntimeErrors for damaged archives; all mean the same to the user.
+    try:
+        # OpenAI publishes CLIP only as TorchScript, so torch's deprecation notice has no remedy here.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*torch.jit.load")
+            module = torch.jit.load(str(path), map_location="cpu")
+    except Exception as err:  # noqa: BLE001
+        raise WeightsError(f"{path}: corrupt TorchScript archive ({err})") from None
+    return {name: tensor for name, tensor in module.state_dict().items() if name not in DROPPED_KEYS}
+
+
+def _read_torch(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "allowed global" in str(err):
+            raise WeightsError(
+                f"{path}: the checkpoint pickles Python objects besides tensors, so it can only be read with "
+                "torch.load(weights_only=False), which can run arbitrary code. If you trust the file, load it "
+                "that way yourself and save just its state dict with torch.save or safetensors"
+            ) from None
+        # torch's own text here suggests weights_only=False, which would not help a damaged file.
+        raise WeightsError(
+            f"{path}: corrupt or not a checkpoint (not a zip, safetensors or torch pickle file)"
+        ) from None
+    except Exception as err:  # noqa: BLE001 - torch raises many types for damaged files
+        raise WeightsError(
+            f"{path}: corrupt or not a checkpoint (unreadable as a torch file: {_first_line(err)})"
+        ) from None
+    return _unwrap(obj, path)
+
+
+def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    """The state dict inside a torch pickle: bare, or under ``state_dict`` (open_clip) or ``model``."""
+    if isinstance(obj, Mapping):
+        for wrapper in ("state_dict", "model"):
+            if isinstance(obj.get(wrapper), Mapping):
+                obj = obj[wrapper]
+                break
+    if not isinstance(obj, Mapping):
+        raise WeightsError(f"{path}: holds a {type(obj).__name__}, not a state dict")
+    tensors = {str(name): value for name, value in obj.items() if isinstance(value, torch.Tensor)}
+    if not tensors:
+        raise WeightsError(f"{path}: holds no tensors (top-level keys: {_preview(list(obj))})")
+    return tensors
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error type and OS errors
+        raise WeightsError(f"{path}: corrupt or truncated safetensors file ({err})") from None
+
+
+def _read_hf_dir(path: Path) -> dict[str, torch.Tensor]:
+    for single, index in _HF_FILES:
+        if (path / single).is_file():
+            return _read(path / single)[0]
+        if (path / index).is_file():
+            return _read_shards(path / index)
+    expected = ", ".join(name for pair in _HF_FILES for name in pair)
+    raise WeightsError(f"{path}: directory holds no weights; expected one of {expected}")
+
+
+def _read_shards(index: Path) -> dict[str, torch.Tensor]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise WeightsError(f"{index}: not a valid shard index ({err})") from None
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        shard_path = index.parent / shard
+        if not shard_path.is_file():
+            raise WeightsError(f"{index}: lists shard {shard}, which is missing from {index.parent}")
+        tensors.update(_read(shard_path)[0])
+    return tensors
+
+
+def read_metadata(path: PathLike) -> dict[str, str]:
+    """The string metadata of a safetensors file (``{}`` when it has none)."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error type and OS errors
+        raise WeightsError(f"{path}: cannot read safetensors metadata ({err})") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# Key layouts
+
+
+def detect_layout(sd: Mapping[str, torch.Tensor]) -> str:
+    """``hf`` (Hugging Face CLIPModel), ``tempme-authors`` or ``openai`` (also open_clip and ours)."""
+    names = [_strip_prefix(name, "module.") for name in sd]
+    if any(name.startswith(("vision_model.", "text_model.")) for name in names):
+        return "hf"
+    if any(name.startswith("clip.") for name in names):
+        return "tempme-authors"
+    return "openai"
+
+
+def to_tempme_layout(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename any supported layout to ours; non-weight entries (:data:`DROPPED_KEYS`) are dropped.
+
+    Keys this does not recognise are kept as they are, so loading reports them as unexpected.
+    """
+    layout = detect_layout(sd)
+    out = {_strip_prefix(name, "module."): tensor for name, tensor in sd.items()}
+    if layout == "hf":
+        out = _from_hf(out)
+    elif layout == "tempme-authors":
+        out = {_from_author_name(name): tensor for name, tensor in out.items()}
+    return {name: tensor for name, tensor in out.items() if not _is_dropped(name)}
+
+
+def _is_dropped(name: str) -> bool:
+    return name in DROPPED_KEYS or name.endswith(DROPPED_SUFFIXES)
+
+
+def _strip_prefix(name: str, prefix: str) -> str:
+    return name[len(prefix) :] if name.startswith(prefix) else name
+
+
+def _from_author_name(name: str) -> str:
+    name = _strip_prefix(name, "clip.")
+    for theirs, ours in AUTHOR_RENAMES:
+        if name.endswith(theirs):
+            return name[: -len(theirs)] + ours
+    return name
+
+
+def _rename(name: str, table: tuple[tuple[str, str], ...], to_hf: bool) -> str | None:
+    """Apply the first matching (ours, hf) pair of ``table`` in the given direction; None if none match."""
+    for ours, hf in table:
+        source, target = (ours, hf) if to_hf else (hf, ours)
+        if name == source or (source.endswith(".") and name.startswith(source)):
+            return target + name[len(source) :]
+    return None
+
+
+def _split_block(name: str, to_hf: bool) -> tuple[str, str] | None:
+    """``(target block prefix with index, rest)`` for a transformer-block key, else None."""
+    for ours, hf in _HF_BLOCK_PREFIXES:
+        source, target = (ours, hf) if to_hf else (hf, ours)
+        match = re.match(re.escape(source) + r"(\d+)\.(.+)", name)
+        if match:
+            return f"{target}{match[1]}.", match[2]
+    return None
+
+
+def _from_hf(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Hugging Face CLIPModel keys -> ours: renames, fused q/k/v, transposed projections."""
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[str, dict[str, torch.Tensor]] = {}  # our fused key -> {"q": ..., "k": ..., "v": ...}
+    for name, tensor in sd.items():
+        projection = _rename(name, _HF_PROJECTIONS, to_hf=False)
+        block = _split_block(name, to_hf=False)
+        if projection is not None:
+            out[projection] = tensor.t().contiguous()
+        elif block is not None:
+            prefix, rest = block
+            fused = _HF_QKV.fullmatch(rest)
+            if fused:
+                qkv.setdefault(f"{prefix}attn.in_proj_{fused[2]}", {})[fused[1]] = tensor
+            else:
+                renamed = _rename(rest, _HF_BLOCK_RENAMES, to_hf=False)
+                out[name if renamed is None else prefix + renamed] = tensor
+        else:
+            out[_rename(name, _HF_RENAMES, to_hf=False) or name] = tensor
+    for name, parts in qkv.items():
+        if sorted(parts) != ["k", "q", "v"]:
+            raise WeightsError(f"incomplete attention projection for {name}: found {sorted(parts)}, needs q, k and v")
+        out[name] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    return out
+
+
+def to_hf_layout(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our layout -> Hugging Face ``CLIPModel`` state dict. Adapters are left out (fold LoRA first to keep it)."""
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in sd.items():
+        if not is_adapter_parameter(name):
+            out.update(_to_hf_entries(name, tensor))
+    return out
+
+
+def _to_hf_entries(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The Hugging Face key(s) and tensor(s) for one of our keys: fused QKV splits into three."""
+    projection = _rename(name, _HF_PROJECTIONS, to_hf=True)
+    if projection is not None:
+        return {projection: tensor.t().contiguous()}
+    block = _split_block(name, to_hf=True)
+    if block is None:
+        renamed = _rename(name, _HF_RENAMES, to_hf=True)
+    else:
+        prefix, rest = block
+        fused = _OUR_QKV.fullmatch(rest)
+        if fused:
+            # Cloned so the three tensors do not share storage (safetensors refuses shared tensors).
+            chunks = zip("qkv", tensor.chunk(3))
+            return {f"{prefix}self_attn.{part}_proj.{fused[1]}": chunk.clone() for part, chunk in chunks}
+        renamed = _rename(rest, _HF_BLOCK_RENAMES, to_hf=True)
+        renamed = None if renamed is None else prefix + renamed
+    if renamed is None:
+        raise WeightsError(f"key {name} has no Hugging Face CLIPModel equivalent")
+    return {renamed: tensor}
+
+
+def hf_config_dict(clip_config: CLIPConfig) -> dict[str, Any]:
+    """A ``transformers.CLIPConfig``-compatible dict (the ``config.json`` of a Hugging Face checkpoint)."""
+    vision, text = clip_config.vision, clip_config.text
+    shared = {"hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "projection_dim": clip_config.embed_dim}
+    return {
+        "architectures": ["CLIPModel"],
+        "model_type": "clip",
+        "projection_dim": clip_config.embed_dim,
+        "logit_scale_init_value": 2.6592,
+        "vision_config": {
+            **shared,
+            "hidden_size": vision.width,
+            "intermediate_size": 4 * vision.width,
+            "num_hidden_layers": vision.layers,
+            "num_attention_heads": vision.heads,
+            "image_size": vision.image_size,
+            "patch_size": vision.patch_size,
+            "num_channels": 3,
+        },
+        "text_config": {
+            **shared,
+            "hidden_size": text.width,
+            "intermediate_size": 4 * text.width,
+            "num_hidden_layers": text.layers,
+            "num_attention_heads": text.heads,
+            "max_position_embeddings": text.context_length,
+            "vocab_size": text.vocab_size,
+            # eos_token_id 2 is the published OpenAI configs' legacy value: transformers then pools at
+            # argmax(input_ids), the EOT token, exactly as our text encoder does.
+            "eos_token_id": 2,
+        },
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Inferring the architecture
+
+
+def infer_clip_config(sd: Mapping[str, torch.Tensor], heads: int | tuple[int, int] | None = None) -> CLIPConfig:
+    """The CLIP architecture of a state dict (any supported layout), from its tensor shapes.
+
+    Head counts are not visible in the shapes. Without ``heads`` a registered preset with exactly these
+    shapes supplies them; failing that, OpenAI's rule ``width // 64``. ``heads`` is one count for both
+    encoders or a ``(vision, text)`` pair.
+    """
+    sd = to_tempme_layout(sd)
+    required = ("visual.conv1.weight", "visual.positional_embedding", "visual.proj",
+                "token_embedding.weight", "positional_embedding", "text_projection")
+    missing = [name for name in required if name not in sd]
+    if missing:
+        raise WeightsError(
+            f"cannot infer the CLIP architecture: missing {', '.join(missing)} (not a full CLIP checkpoint; "
+            "an adapters-only file needs the tempme metadata written by save_weights)"
+        )
+    width, _, patch, _ = sd["visual.conv1.weight"].shape
+    positions = sd["visual.positional_embedding"].shape[0]
+    grid = math.isqrt(positions - 1)
+    if grid * grid + 1 != positions:
+        raise WeightsError(f"visual.positional_embedding has {positions} rows, not grid^2 + 1")
+    embed_dim, text_embed_dim = sd["visual.proj"].shape[1], sd["text_projection"].shape[1]
+    if text_embed_dim != embed_dim:
+        raise WeightsError(f"visual.proj projects to {embed_dim} but text_projection to {text_embed_dim}")
+    vocab_size, text_width = sd["token_embedding.weight"].shape
+    # Heads 0 marks "unknown" while comparing against the presets.
+    shapes = CLIPConfig(
+        embed_dim=embed_dim,
+        vision=VisionConfig(width, _count_layers(sd, "visual.transformer.resblocks."), 0, patch, grid * patch),
+        text=TextConfig(
+            text_width, _count_layers(sd, "transformer.resblocks."), 0, sd["positional_embedding"].shape[0], vocab_size
+        ),
+    )
+    if heads is None:
+        preset = _preset_with_shapes(shapes)
+        if preset is not None:
+            return preset
+        heads = (_openai_heads(width), _openai_heads(text_width))
+    vision_heads, text_heads = (heads, heads) if isinstance(heads, int) else heads
+    return dataclasses.replace(
+        shapes,
+        vision=dataclasses.replace(shapes.vision, heads=vision_heads),
+        text=dataclasses.replace(shapes.text, heads=text_heads),
+    )
+
+
+def _count_layers(sd: Mapping[str, torch.Tensor], prefix: str) -> int:
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+    indices = {int(match[1]) for match in map(pattern.match, sd) if match}
+    if not indices:
+        raise WeightsError(f"no transformer blocks under {prefix}")
+    absent = sorted(set(range(max(indices) + 1)) - indices)
+    if absent:
+        raise WeightsError(f"blocks {absent} are missing under {prefix} (found up to {max(indices)})")
+    return max(indices) + 1
+
+
+def _preset_with_shapes(shapes: CLIPConfig) -> CLIPConfig | None:
+    for name in preset_names():
+        preset = get_preset(name)
+        without_heads = dataclasses.replace(
+            preset,
+            vision=dataclasses.replace(preset.vision, heads=0),
+            text=dataclasses.replace(preset.text, heads=0),
+        )
+        if without_heads == shapes:
+            return preset
+    return None
+
+
+def _openai_heads(width: int) -> int:
+    if width < 64 or width % 64:
+        raise WeightsError(f"cannot infer the head count of width {width} (OpenAI uses width // 64); pass heads=")
+    return width // 64
+
+
+def infer_lora_rank(sd: Mapping[str, torch.Tensor]) -> int:
+    """LoRA rank of a state dict (any supported layout); 0 without LoRA weights."""
+    for name, tensor in to_tempme_layout(sd).items():
+        if name.endswith("attn.lora_a"):
+            return tensor.shape[0]
+    return 0
+
+
+def infer_frames(sd: Mapping[str, torch.Tensor]) -> int | None:
+    """Frame count a TempMe checkpoint was trained with: the clips entering its first ClipMe layer."""
+    pattern = re.compile(r"visual\.transformer\.resblocks\.(\d+)\.clip_pos_embed")
+    found = {
+        int(match[1]): tensor for name, tensor in to_tempme_layout(sd).items() if (match := pattern.fullmatch(name))
+    }
+    return found[min(found)].shape[1] if found else None
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading into a model
+
+
+def load_state_dict_into(model: TempMe, sd: Mapping[str, torch.Tensor], strict_adapters: bool = False) -> list[str]:
+    """Copy a state dict in our layout into ``model`` after checking names and shapes.
+
+    Every backbone weight must be present and every key must belong to the model. Adapters may be
+    absent (plain CLIP weights): they keep their initialisation, so LoRA starts as a no-op (B = 0),
+    unless ``strict_adapters``. Returns the adapter keys that were not loaded.
+    """
+    expected = model.state_dict()
+    missing = [name for name in expected if name not in sd]
+    missing_adapters = [name for name in missing if is_adapter_parameter(name)]
+    missing_backbone = [name for name in missing if not is_adapter_parameter(name)]
+    unexpected = [name for name in sd if name not in expected]
+    if missing_backbone:
+        hint = ""
+        if all(is_adapter_parameter(name) for name in sd):
+            hint = (
+                "; this is an adapters-only checkpoint: combine it with backbone weights first "
+                "({**backbone, **adapters})"
+            )
+        raise WeightsError(f"{_listing('missing backbone key', missing_backbone)}{hint}")
+    if strict_adapters and missing_adapters:
+        raise WeightsError(_listing("missing adapter key", missing_adapters))
+    if unexpected:
+        raise WeightsError(f"{_listing('unexpected key', unexpected)}{_unexpected_hint(model, unexpected)}")
+    for name, tensor in sd.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise WeightsError(
+                f"shape mismatch for {name}: checkpoint {list(tensor.shape)}, model {list(expected[name].shape)}; "
+                f"{_shape_hint(model, sd, name)}"
+            )
+    model.load_state_dict(dict(sd), strict=False)
+    return missing_adapters
+
+
+def _listing(what: str, names: list[str], shown: int = 5) -> str:
+    plural = "s" if len(names) != 1 else ""
+    return f"{len(names)} {what}{plural}: {_preview(names, shown)}"
+
+
+def _preview(names: list, shown: int = 5) -> str:
+    more = f", ... ({len(names) - shown} more)" if len(names) > shown else ""
+    return ", ".join(map(str, names[:shown])) + more
+
+
+def _unexpected_hint(model: TempMe, unexpected: list[str]) -> str:
+    config = model.config
+    if any("lora_" in name for name in unexpected):
+        return f"; the checkpoint has LoRA weights but the model was built with lora rank {config.lora.rank}"
+    if any("clip_pos_embed" in name for name in unexpected):
+        return (
+            f"; the checkpoint has clip positional embeddings on layers the model's schedule does not "
+            f"(method {config.merge.method!r}, merge layers {config.merge.merge_layers}, {config.frames} frames)"
+        )
+    return ""
+
+
+def _shape_hint(model: TempMe, sd: Mapping[str, torch.Tensor], name: str) -> str:
+    if name.endswith("clip_pos_embed"):
+        return (
+            f"the clip positional embeddings were trained for {infer_frames(sd)} frames but the model was built "
+            f"for {model.config.frames} (or with another clip schedule); build it with the checkpoint's frame count"
+        )
+    if "lora_" in name:
+        return "the model was built with a different LoRA rank"
+    if name == "visual.positional_embedding":
+        return "the checkpoint has a different image or patch size"
+    if name == "positional_embedding":
+        return "the checkpoint has a different text context length"
+    if name == "token_embedding.weight":
+        return "the checkpoint has a different vocabulary size"
+    return "the checkpoint is a different architecture (width, layers or embedding size)"
+
+
+# --------------------------------------------------------------------------------------------------
+# Our own format
+
+
+def save_weights(
+    model: TempMe, path: PathLike, adapters_only: bool = False, extra_metadata: Mapping[str, Any] | None = None
+) -> Path:
+    """Write ``model``'s weights (or only its adapters) to a safetensors file, atomically.
+
+    Metadata: ``format`` = ``tempme`` and ``model_config`` (JSON of the ModelConfig), plus
+    ``extra_metadata`` (non-string values JSON-encoded; it cannot override those two).
+    """
+    path = Path(path)
+    tensors = {
+        name: tensor.detach().cpu().contiguous()
+        for name, tensor in model.state_dict().items()
+        if not adapters_only or is_adapter_parameter(name)
+    }
+    if not tensors:
+        raise WeightsError(f"{path}: the model has no adapters to save (LoRA rank 0 and no clip positional embeddings)")
+    extra = extra_metadata or {}
+    metadata = {key: value if isinstance(value, str) else json.dumps(value) for key, value in extra.items()}
+    metadata.update(format="tempme", model_config=json.dumps(dataclasses.asdict(model.config)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Write beside the target and rename, so an interrupted save never leaves a half-written checkpoint.
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file(tensors, str(temporary), metadata=metadata)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path
+
+
+def model_config_from_metadata(meta: Mapping[str, str]) -> ModelConfig | None:
+    """The ModelConfig stored by :func:`save_weights`; None for files from elsewhere."""
+    if meta.get("format") != "tempme" or "model_config" not in meta:
+        return None
+    try:
+        data = json.loads(meta["model_config"])
+    except ValueError as err:
+        raise WeightsError(f"model_config metadata is not valid JSON ({err})") from None
+    return _dataclass_from_dict(ModelConfig, data)
+
+
+def _dataclass_from_dict(cls: type, data: Any) -> Any:
+    """Rebuild nested frozen dataclasses from ``asdict`` output; JSON lists become tuples."""
+    if not isinstance(data, dict):
+        raise WeightsError(f"model_config metadata: expected an object for {cls.__name__}, got {data!r}")
+    hints = get_type_hints(cls)
+    unknown = sorted(set(data) - {field.name for field in dataclasses.fields(cls)})
+    if unknown:
+        raise WeightsError(
+            f"model_config metadata: unknown {cls.__name__} fields {unknown} (written by another version?)"
+        )
+    values = {}
+    for key, value in data.items():
+        hint = hints[key]
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+            value = _dataclass_from_dict(hint, value)
+        elif isinstance(value, list):
+            value = tuple(value)
+        values[key] = value
+    return cls(**values)
+
+
+# --------------------------------------------------------------------------------------------------
+# Finding weights
+
+
+def cache_dir() -> Path:
+    """Where named weights are looked for and downloaded: ``$TEMPME_CACHE`` or ``~/.cache/tempme``."""
+    return Path(os.environ.get("TEMPME_CACHE") or "~/.cache/tempme").expanduser()
+
+
+def _offline() -> bool:
+    switches = ("TEMPME_OFFLINE", "HF_HUB_OFFLINE")
+    return any(os.environ.get(var, "").lower() in ("1", "true", "yes", "on") for var in switches)
+
+
+def resolve_weights(name_or_path: PathLike) -> Path:
+    """A checkpoint path for a file/directory path or a preset name (cached, else downloaded)."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return path
+    name = str(name_or_path)
+    if name not in preset_names():
+        raise WeightsError(
+            f"{path} does not exist and {name!r} is not a model preset (presets: {', '.join(preset_names())})"
+        )
+    stem = cache_dir() / name.replace("/", "-")
+    for candidate in (stem.with_name(stem.name + ".pt"), stem.with_name(stem.name + ".safetensors")):
+        if candidate.is_file():
+            return candidate
+    repo = HUB_REPOS.get(name)
+    if repo is None:
+        raise WeightsError(f"preset {name!r} has no published weights; put a checkpoint at {stem}.pt")
+    where = (
+        f"put {stem.name}.pt (OpenAI) or model.safetensors from {repo} at {stem}.pt "
+        f"(or {stem}.safetensors)"
+    )
+    if _offline():
+        cached = _hub_cached(repo)
+        if cached is None:
+            raise WeightsError(
+                f"{name} weights are not cached and downloads are off (TEMPME_OFFLINE/HF_HUB_OFFLINE): {where}"
+            )
+        return cached
+    return _download(repo, where)
+
+
+def _hub_cached(repo: str) -> Path | None:
+    """An earlier download of ``repo`` in our cache, if huggingface_hub is installed to find it."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    found = try_to_load_from_cache(repo, "model.safetensors", cache_dir=str(cache_dir()))
+    # Besides a path, it returns None or a sentinel object for "known to be absent".
+    return Path(found) if isinstance(found, str) else None
+
+
+def _download(repo: str, where: str) -> Path:
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        raise WeightsError(f"huggingface_hub is not installed, so {repo} cannot be downloaded; {where}") from None
+    try:
+        return Path(hf_hub_download(repo_id=repo, filename="model.safetensors", cache_dir=str(cache_dir())))
+    except Exception as err:  # noqa: BLE001 - network, HTTP and filesystem errors all end the same way
+        raise WeightsError(f"downloading model.safetensors from {repo} failed ({_first_line(err)}); {where}") from None
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+@dataclass
+class LoadedWeights:
+    """A checkpoint read and converted to our layout, with what could be learned about its model.
+
+    ``source_format``: ``tempme`` (ours), ``tempme-authors``, ``hf``, ``openai-jit`` or ``openai``
+    (plain OpenAI and open_clip state dicts).
+    """
+
+    state_dict: dict[str, torch.Tensor]
+    clip_config: CLIPConfig
+    lora_rank: int
+    frames: int | None
+    model_config: ModelConfig | None
+    source_format: str
+    path: Path
+
+
+def load_weights(name_or_path: PathLike) -> LoadedWeights:
+    """Find, read and convert a checkpoint (any supported format, or a preset name)."""
+    path = resolve_weights(name_or_path)
+    raw, container = _read(path)
+    try:
+        model_config = model_config_from_metadata(read_metadata(path)) if container == "safetensors" else None
+        layout = detect_layout(raw)
+        sd = to_tempme_layout(raw)
+        if model_config is not None:
+            clip_config = model_config.clip
+        else:
+            clip_config = infer_clip_config(sd, heads=_hf_heads(path) if layout == "hf" else None)
+        frames = infer_frames(sd)
+        if frames is None and model_config is not None:
+            frames = model_config.frames
+        lora_rank = infer_lora_rank(sd)
+    except WeightsError as err:
+        raise WeightsError(f"{path}: {err}") from None
+    if model_config is not None:
+        source_format = "tempme"
+    else:
+        source_format = "openai-jit" if container == "openai-jit" else layout
+    return LoadedWeights(sd, clip_config, lora_rank, frames, model_config, source_format, path)
+
+
+def _hf_heads(path: Path) -> tuple[int, int] | None:
+    """Head counts from the ``config.json`` beside Hugging Face weights, which states them."""
+    config_file = (path if path.is_dir() else path.parent) / "config.json"
+    if not config_file.is_file():
+        return None
+    try:
+        config = json.loads(config_file.read_text())
+        return config["vision_config"]["num_attention_heads"], config["text_config"]["num_attention_heads"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise WeightsError(f"{config_file}: cannot read the head counts ({err!r})") from None

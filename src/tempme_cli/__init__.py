@@ -1,0 +1,1 @@
+"""The ``tempme`` command line: one command, thin subcommands over the library."""

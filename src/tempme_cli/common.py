@@ -1,0 +1,38 @@
+"""Argument helpers shared by subcommands."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    """'8-9-10' or '8,9,10' -> (8, 9, 10), the authors' dash style included."""
+    try:
+        return tuple(int(part) for part in text.replace(",", "-").split("-") if part)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers separated by '-' or ',', got {text!r}") from None
+
+
+def add_schedule_arguments(parser: argparse.ArgumentParser) -> None:
+    """Merge-schedule overrides; unset ones take the paper's defaults for the backbone and frame count."""
+    group = parser.add_argument_group("merge schedule (defaults: the paper's, per backbone and frame count)")
+    group.add_argument("--tome-r", type=int, help="ImgMe tokens merged per frame per layer (paper: 2 for B/32, 10 for B/16)")
+    group.add_argument("--merge-layers", type=int_list, help="0-indexed ClipMe layers, e.g. 8-9-10")
+    group.add_argument("--clips-joined", type=int_list, help="clips joined at each ClipMe layer, e.g. 2-2-3 (12 frames)")
+    group.add_argument("--cross-merge-ratio", type=float, help="fraction merged across clips (1 - R_C), e.g. 0.3")
+    group.add_argument("--intra-merge-ratio", type=float, help="fraction merged within a clip (1 - R_I), e.g. 0.1")
+    group.add_argument("--no-clip-pos-embed", action="store_true", help="disable clip positional embeddings")
+    group.add_argument("--no-prop-attn", action="store_true", help="disable proportional attention")
+
+
+def schedule_overrides(args: argparse.Namespace) -> dict:
+    overrides = {
+        name: getattr(args, name)
+        for name in ("tome_r", "merge_layers", "clips_joined", "cross_merge_ratio", "intra_merge_ratio")
+        if getattr(args, name, None) is not None
+    }
+    if getattr(args, "no_clip_pos_embed", False):
+        overrides["clip_pos_embed"] = False
+    if getattr(args, "no_prop_attn", False):
+        overrides["prop_attn"] = False
+    return overrides

@@ -1,0 +1,65 @@
+"""``tempme flops``: per-layer token counts and the video encoder's GFLOPs (random weights, no download)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from tempme.config import MERGE_METHODS, preset_names
+from tempme.factory import build_config
+from tempme.flops import FlopReport, count_video_flops
+
+from .common import add_schedule_arguments, schedule_overrides
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "flops",
+        help="per-layer tokens and GFLOPs of the video encoder",
+        description="Build the video encoder with random weights (LoRA folded), run one video through a "
+        "multiply-accumulate counter (fvcore convention: the paper's GFLOPs) and print the per-layer token "
+        "counts. Nothing is downloaded.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--model", default="ViT-B/32", choices=preset_names(), help="architecture preset")
+    parser.add_argument("--frames", type=int, default=12, help="frames per video")
+    parser.add_argument("--method", default="tempme", choices=MERGE_METHODS, help="merging method")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    add_schedule_arguments(parser)
+    parser.set_defaults(handler=run)
+
+
+def format_report(report: FlopReport) -> str:
+    lines = [
+        f"{report.preset}, {report.frames} frames, method {report.method}",
+        f"{'layer':>5} {'kind':<7} {'attn (clips x tokens)':>22} {'out (clips x tokens)':>21} {'r0':>4} {'r':>4}",
+    ]
+    clips_in = report.frames
+    for row in report.layers:
+        attn_clips = clips_in if row.kind != "clipme" else row.clips
+        lines.append(
+            f"{row.layer:>5} {row.kind:<7} {f'{attn_clips} x {row.attn_tokens}':>22} "
+            f"{f'{row.clips} x {row.out_tokens}':>21} {row.r_cross or '':>4} {row.r or '':>4}"
+        )
+        clips_in = row.clips
+    lines.append(f"tokens per video at the output: {report.tokens}")
+    lines.append(f"video encoder GFLOPs (multiply-accumulates, LoRA folded): {report.gflops:.2f}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = build_config(args.model, method=args.method, frames=args.frames, **schedule_overrides(args))
+    report = count_video_flops(config, preset=args.model)
+    if args.json:
+        print(json.dumps({
+            "model": args.model,
+            "method": args.method,
+            "frames": args.frames,
+            "gflops": round(report.gflops, 4),
+            "tokens": report.tokens,
+            "gflops_by_op": {k: round(v, 4) for k, v in report.by_op.items()},
+            "layers": [row.__dict__ for row in report.layers],
+        }))
+    else:
+        print(format_report(report))
+    return 0

@@ -1,0 +1,51 @@
+"""``tempme`` entry point. Each subcommand lives in its own module with ``register(subparsers)``;
+the registered handler receives the parsed arguments and returns an exit code."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+SUBCOMMANDS = ("flops", "bench", "prepare", "train", "eval", "demo")
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tempme",
+        description="Efficient text-video retrieval with TempMe (CLIP + LoRA + video token merging).",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMANDS:
+        try:
+            module = importlib.import_module(f"tempme_cli.{name}")
+        except ModuleNotFoundError as error:
+            if error.name != f"tempme_cli.{name}":
+                raise
+            continue
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 1
+    try:
+        return args.handler(args) or 0
+    except (CLIError, ValueError, TypeError, FileNotFoundError) as error:
+        print(f"tempme {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"tempme {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

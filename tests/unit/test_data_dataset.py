@@ -1,0 +1,168 @@
+"""Retrieval datasets and bad-video handling (tempme.data.dataset)."""
+
+from __future__ import annotations
+
+import pickle
+import warnings
+
+import pytest
+import torch
+from data_fixtures import build_msrvtt, build_video_files
+from torch.utils.data import DataLoader
+
+from tempme.data.annotations import VideoItem, load_msrvtt
+from tempme.data.cache import FrameCache
+from tempme.data.dataset import RetrievalPairs, RetrievalVideos, collate_skip_bad, flatten_captions
+from tempme.data.video import SkippedVideo, VideoDecodeError
+
+SIZE = 32
+FRAMES = 4
+
+
+def fake_tokenize(texts: list[str], max_words: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Word lengths as ids: enough to check which caption a sample carries."""
+    ids = torch.zeros(len(texts), max_words, dtype=torch.long)
+    for row, text in enumerate(texts):
+        lengths = [len(word) for word in text.split()][:max_words]
+        ids[row, : len(lengths)] = torch.tensor(lengths)
+    return ids, (ids > 0).long()
+
+
+@pytest.fixture(scope="module")
+def video_files(tmp_path_factory):
+    return build_video_files(tmp_path_factory.mktemp("videos"))
+
+
+@pytest.fixture(scope="module")
+def msrvtt_dir(tmp_path_factory):
+    return build_msrvtt(tmp_path_factory.mktemp("msrvtt"))
+
+
+@pytest.fixture
+def mixed_items(video_files):
+    return [
+        VideoItem("good", video_files.mp4, ["a b", "ccc"]),
+        VideoItem("corrupt", video_files.corrupt, ["dd"]),
+        VideoItem("empty", video_files.empty, ["e"]),
+        VideoItem("good_mkv", video_files.mkv, ["ffff ff"]),
+    ]
+
+
+def _pairs(items, **kwargs):
+    return RetrievalPairs(items, fake_tokenize, max_words=8, max_frames=FRAMES, image_size=SIZE, **kwargs)
+
+
+def test_pairs_one_sample_per_caption(mixed_items):
+    dataset = _pairs(mixed_items)
+    assert len(dataset) == 5
+    sample = dataset[1]
+    assert sample["video"].shape == (FRAMES, 3, SIZE, SIZE) and sample["video"].dtype == torch.float32
+    assert sample["video_mask"].tolist() == [1] * FRAMES and sample["video_mask"].dtype == torch.long
+    assert sample["text_ids"].tolist() == [3, 0, 0, 0, 0, 0, 0, 0]
+    assert sample["text_mask"].tolist() == [1, 0, 0, 0, 0, 0, 0, 0]
+    assert (sample["index"], sample["video_id"]) == (1, "good")
+
+
+@pytest.mark.parametrize(("index", "name"), [(2, "corrupt.mp4"), (3, "empty.mp4")])
+def test_bad_video_is_skipped_with_warning_naming_the_file(mixed_items, index, name):
+    dataset = _pairs(mixed_items)
+    with pytest.warns(UserWarning, match=name):
+        sample = dataset[index]
+    assert isinstance(sample, SkippedVideo) and sample.path.name == name
+    assert dataset.skipped_ids == {sample.video_id}
+
+
+def test_strict_reraises(mixed_items):
+    with pytest.raises(VideoDecodeError, match="corrupt.mp4"):
+        _pairs(mixed_items, strict=True)[2]
+
+
+def test_collate_drops_bad_samples_and_reports_them(mixed_items):
+    dataset = _pairs(mixed_items)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        batch = collate_skip_bad([dataset[i] for i in range(len(dataset))])
+    assert batch["video"].shape == (3, FRAMES, 3, SIZE, SIZE)
+    assert batch["text_ids"].shape == (3, 8) and batch["video_mask"].shape == (3, FRAMES)
+    assert batch["index"].tolist() == [0, 1, 4]
+    assert batch["video_id"] == ["good", "good", "good_mkv"]
+    assert batch["skipped"] == ["corrupt", "empty"]
+
+
+def test_collate_all_bad_returns_none():
+    assert collate_skip_bad([SkippedVideo("x", None, "r"), None]) is None
+
+
+def test_dataloader_with_collate(mixed_items):
+    loader = DataLoader(_pairs(mixed_items), batch_size=5, collate_fn=collate_skip_bad)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        (batch,) = list(loader)
+    assert batch["video"].shape[0] == 3 and batch["skipped"] == ["corrupt", "empty"]
+
+
+def test_worker_processes_report_skipped_ids_through_batches(mixed_items):
+    dataset = _pairs(mixed_items, augment=True)
+    loader = DataLoader(dataset, batch_size=3, num_workers=1, collate_fn=collate_skip_bad)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        batches = list(loader)
+    assert sorted(video_id for batch in batches for video_id in batch["skipped"]) == ["corrupt", "empty"]
+    assert sum(batch["video"].shape[0] for batch in batches) == 3
+    assert dataset.skipped_ids == set()  # decoded in the worker, not here
+
+
+def test_datasets_pickle_for_spawned_workers(mixed_items):
+    restored = pickle.loads(pickle.dumps(_pairs(mixed_items, augment=True)))
+    assert restored[0]["video"].shape == (FRAMES, 3, SIZE, SIZE)
+
+
+def test_augmented_sample_keeps_shape(mixed_items):
+    sample = _pairs(mixed_items, augment=True)[0]
+    assert sample["video"].shape == (FRAMES, 3, SIZE, SIZE)
+
+
+def test_videos_dataset_and_captions(msrvtt_dir):
+    items = load_msrvtt(msrvtt_dir.anno_dir, msrvtt_dir.video_dir, "test")
+    dataset = RetrievalVideos(items, max_frames=FRAMES, image_size=SIZE)
+    assert len(dataset) == 2
+    sample = dataset[1]
+    assert set(sample) == {"video", "video_mask", "index", "video_id"}
+    assert sample["video"].shape == (FRAMES, 3, SIZE, SIZE) and sample["video_id"] == "video9771"
+    assert dataset.captions() == (
+        ["a person is connecting something to system", "a little girl does gymnastics"],
+        [0, 1],
+    )
+
+
+def test_videos_dataset_skips_missing_video(tmp_path):
+    dataset = RetrievalVideos(
+        [VideoItem("gone", tmp_path / "gone.mp4", ["x"])], max_frames=FRAMES, image_size=SIZE
+    )
+    with pytest.warns(UserWarning, match="gone.mp4"):
+        assert isinstance(dataset[0], SkippedVideo)
+
+
+def test_flatten_captions():
+    items = [
+        VideoItem("a", None, ["1", "2"]),
+        VideoItem("b", None, ["3"]),
+        VideoItem("c", None, ["4", "5"]),
+    ]
+    assert flatten_captions(items) == (["1", "2", "3", "4", "5"], [0, 0, 1, 2, 2])
+
+
+def test_frame_cache_gives_the_same_eval_tensors(mixed_items, tmp_path):
+    good = [mixed_items[0]]
+    cache = FrameCache(tmp_path, max_frames=FRAMES, image_size=SIZE)
+    plain = RetrievalVideos(good, max_frames=FRAMES, image_size=SIZE)[0]
+    cached = RetrievalVideos(good, max_frames=FRAMES, image_size=SIZE, frame_cache=cache)
+    first, second = cached[0], cached[0]  # the first call fills the cache, the second reads it
+    assert cache.get(good[0]) is not None
+    torch.testing.assert_close(first["video"], plain["video"])
+    torch.testing.assert_close(second["video"], plain["video"])
+
+
+def test_frame_cache_settings_must_match(mixed_items, tmp_path):
+    with pytest.raises(ValueError, match="frame cache settings"):
+        _pairs(mixed_items, frame_cache=FrameCache(tmp_path, max_frames=FRAMES + 1, image_size=SIZE))

@@ -1,0 +1,142 @@
+"""Frame sampling and decoding (tempme.data.video)."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+from data_fixtures import FPS, NUM_FRAMES, build_video_files, frame_index
+
+from tempme.data import video as video_module
+from tempme.data.video import VideoDecodeError, read_frames, sample_frame_indices
+
+
+@pytest.fixture(scope="module")
+def video_files(tmp_path_factory):
+    return build_video_files(tmp_path_factory.mktemp("videos"))
+
+
+class TestSampleFrameIndices:
+    def test_worked_example_10s_30fps(self):
+        assert sample_frame_indices(300, 30.0, 12) == [
+            0,
+            27,
+            54,
+            81,
+            108,
+            135,
+            163,
+            190,
+            217,
+            244,
+            271,
+            299,
+        ]
+
+    def test_more_candidates_than_frames_uses_truncated_linspace(self):
+        # 60 s at 25 fps: 60 candidates 0, 25, ..., 1475 thinned to 12 by linspace(0, 59, 12).
+        candidates = list(range(0, 1500, 25))
+        picks = [0, 5, 10, 16, 21, 26, 32, 37, 42, 48, 53, 59]
+        assert sample_frame_indices(1500, 25.0, 12) == [candidates[i] for i in picks]
+
+    def test_exactly_max_frames_candidates_are_taken_as_is(self):
+        # 12 s at 10 fps: candidates 0, 10, ..., 110.
+        assert sample_frame_indices(120, 10.0, 12) == list(range(0, 120, 10))
+
+    def test_short_clip_repeats_frames(self):
+        assert sample_frame_indices(5, 10.0, 12) == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 4]
+
+    def test_single_frame_video(self):
+        assert sample_frame_indices(1, 25.0, 4) == [0, 0, 0, 0]
+
+    def test_non_integer_fps_rounds_the_stride(self):
+        # 29.97 fps -> stride 30; 100 s gives 100 candidates thinned to 3.
+        assert sample_frame_indices(2997, 29.97, 3) == [0, 1470, 2970]
+
+    def test_framerate_two_halves_the_stride(self):
+        assert sample_frame_indices(50, 10.0, 10, framerate=2.0) == list(range(0, 50, 5))
+
+    def test_start_end_window(self):
+        # 2 s .. 4 s at 10 fps: frames 20..40, candidates 20, 30, 40.
+        assert sample_frame_indices(50, 10.0, 3, start=2.0, end=4.0) == [20, 30, 40]
+
+    def test_end_past_video_is_clamped(self):
+        assert sample_frame_indices(50, 10.0, 5, end=31.0) == [0, 10, 20, 30, 40]
+
+    def test_start_past_end_is_clamped(self):
+        assert sample_frame_indices(50, 10.0, 2, start=100.0) == [49, 49]
+
+    def test_fps_below_framerate_uses_every_frame(self):
+        assert sample_frame_indices(4, 0.4, 4) == [0, 1, 2, 3]
+
+    @pytest.mark.parametrize("args", [(0, 10.0, 12), (10, 0.0, 12), (10, 10.0, 0)])
+    def test_invalid_arguments(self, args):
+        with pytest.raises(ValueError):
+            sample_frame_indices(*args)
+
+    def test_always_max_frames_and_in_range(self):
+        for num_frames in (1, 7, 33, 301, 5000):
+            for max_frames in (1, 12, 64):
+                indices = sample_frame_indices(num_frames, 29.97, max_frames)
+                assert len(indices) == max_frames
+                assert indices == sorted(indices)
+                assert indices[0] >= 0 and indices[-1] <= num_frames - 1
+
+
+class TestReadFrames:
+    def test_mp4_returns_the_sampled_frames(self, video_files):
+        frames = read_frames(video_files.mp4, 12)
+        assert [frame_index(f) for f in frames] == sample_frame_indices(NUM_FRAMES, FPS, 12)
+        assert all(f.mode == "RGB" and f.size == (64, 48) for f in frames)
+
+    def test_more_candidates_than_max_frames(self, video_files):
+        assert [frame_index(f) for f in read_frames(video_files.mp4, 3)] == [0, 20, 40]
+
+    def test_start_end(self, video_files):
+        assert [frame_index(f) for f in read_frames(video_files.mp4, 3, start=2.0, end=4.0)] == [20, 30, 40]
+
+    def test_30fps_clip(self, video_files):
+        frames = read_frames(video_files.long, 12)
+        assert [frame_index(f) for f in frames] == sample_frame_indices(150, 30.0, 12)
+
+    def test_container_without_frame_count_counts_by_decoding(self, video_files):
+        frames = read_frames(video_files.mkv, 12)
+        assert [frame_index(f) for f in frames] == sample_frame_indices(NUM_FRAMES, FPS, 12)
+
+    def test_overstated_frame_count_is_corrected(self, video_files, monkeypatch):
+        monkeypatch.setattr(video_module, "_declared_frame_count", lambda stream: 80)
+        frames = read_frames(video_files.mp4, 12)
+        assert [frame_index(f) for f in frames] == sample_frame_indices(NUM_FRAMES, FPS, 12)
+
+    def test_short_clip_repeats_frames(self, video_files):
+        frames = read_frames(video_files.mp4, 64)
+        assert len(frames) == 64
+        assert [frame_index(f) for f in frames] == sample_frame_indices(NUM_FRAMES, FPS, 64)
+
+    @pytest.mark.parametrize(
+        ("name", "reason"),
+        [
+            ("corrupt", "unreadable container"),
+            ("empty", "empty (0 bytes)"),
+            ("audio_only", "no video stream"),
+        ],
+    )
+    def test_bad_files_raise_naming_file_and_reason(self, video_files, name, reason):
+        path = getattr(video_files, name)
+        with pytest.raises(VideoDecodeError) as info:
+            read_frames(path, 4)
+        assert str(path) in str(info.value) and reason in str(info.value)
+        assert info.value.path == path
+
+    def test_missing_file(self, tmp_path):
+        with pytest.raises(VideoDecodeError, match="file not found"):
+            read_frames(tmp_path / "absent.mp4", 4)
+
+    def test_unknown_backend(self, video_files):
+        with pytest.raises(ValueError, match="unknown video backend"):
+            read_frames(video_files.mp4, 4, backend="opencv")
+
+    def test_decord_missing_gives_install_hint(self, video_files, monkeypatch):
+        monkeypatch.setitem(sys.modules, "decord", None)
+        with pytest.raises(ImportError, match="pip install decord"):
+            read_frames(video_files.mp4, 4, backend="decord")

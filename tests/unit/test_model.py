@@ -1,0 +1,131 @@
+"""Model-level behaviour: LoRA, trainable parameters, pooling, source tracking, input checks."""
+
+import pytest
+import torch
+
+import tempme
+from tempme.factory import build_config
+from tempme.model import TempMe
+
+
+def with_random_lora(model, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_b" in name:
+                param.copy_(0.05 * torch.randn(param.shape, generator=generator))
+    return model
+
+
+def test_lora_starts_as_identity_and_folding_keeps_outputs():
+    torch.manual_seed(0)
+    model = tempme.create_model("tiny-B/32", frames=12).eval()
+    video = torch.randn(2, 12, 3, 224, 224)
+    ids, mask = model.tokenize(["a dog runs", "two cats sleep on a sofa"])
+    with torch.no_grad():
+        plain_video, plain_text = model.encode_video(video), model.encode_text(ids, mask)
+        without_lora = tempme.create_model("tiny-B/32", frames=12, lora_rank=0).eval()
+        without_lora.load_state_dict({k: v for k, v in model.state_dict().items() if "lora" not in k})
+        torch.testing.assert_close(without_lora.encode_video(video), plain_video)  # B = 0 at init
+        with_random_lora(model)
+        adapted_video, adapted_text = model.encode_video(video), model.encode_text(ids, mask)
+        assert not torch.allclose(adapted_video, plain_video, atol=1e-4)
+        model.fold_lora()
+        assert not any("lora" in name for name, _ in model.named_parameters())
+        torch.testing.assert_close(model.encode_video(video), adapted_video, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(model.encode_text(ids, mask), adapted_text, atol=1e-5, rtol=1e-4)
+
+
+def count_trainable(config):
+    with torch.device("meta"):
+        model = TempMe(config)
+    counts = {"vision_lora": 0, "text_lora": 0, "cpe": 0}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        key = "cpe" if "clip_pos_embed" in name else ("vision_lora" if name.startswith("visual.") else "text_lora")
+        counts[key] += param.numel()
+    return counts
+
+
+def test_trainable_parameter_counts_match_the_paper():
+    # SPEC section 4: vision LoRA 294,912, text LoRA 196,608, CPE 16,128 (12f) / 64,512 (64f).
+    assert count_trainable(build_config("ViT-B/32", frames=12)) == {
+        "vision_lora": 294_912, "text_lora": 196_608, "cpe": 16_128}
+    assert sum(count_trainable(build_config("ViT-B/32", frames=64)).values()) == 556_032
+
+
+def test_full_fine_tuning_switch_keeps_logit_scale_frozen():
+    model = tempme.create_model("tiny-B/32", frames=12)
+    model.set_trainable("full")
+    frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
+    assert frozen == ["logit_scale"]
+    with pytest.raises(ValueError, match="'lora' or 'full'"):
+        model.set_trainable("everything")
+
+
+def test_video_mask_averages_only_real_frames():
+    torch.manual_seed(0)
+    model = tempme.create_model("tiny-B/32", method="none", frames=4).eval()
+    video = torch.randn(1, 4, 3, 224, 224)
+    with torch.no_grad():
+        per_frame = torch.cat([model.encode_video(video[:, [i] * 4]) for i in range(4)])
+        masked = model.encode_video(video, torch.tensor([[1, 1, 0, 0]]))
+        all_masked = model.encode_video(video, torch.zeros(1, 4))
+    # Without merging, a frame's feature does not depend on the other frames.
+    torch.testing.assert_close(masked[0], per_frame[:2].mean(0), atol=1e-5, rtol=1e-4)
+    assert torch.count_nonzero(all_masked) == 0  # zero denominator replaced by 1
+
+
+def test_source_tracking_accounts_for_every_input_patch_once():
+    torch.manual_seed(0)
+    model = tempme.create_model("tiny-B/32", frames=12).eval()
+    with torch.no_grad():
+        state = model.visual.forward_tokens(torch.randn(2, 12, 3, 224, 224), track_source=True)
+    assert state.source.shape == (2, 97, 12 * 50)
+    # Each input token ends in exactly one output token, and sizes count the inputs merged.
+    torch.testing.assert_close(state.source.sum(1), torch.ones(2, 600))
+    torch.testing.assert_close(state.source.sum(-1, keepdim=True), state.size)
+    # The 12 CLS tokens come first and are each frame's own CLS token, in frame order.
+    cls_sources = state.source[0, :12].argmax(-1)
+    assert cls_sources.tolist() == [50 * f for f in range(12)]
+
+
+def test_text_padding_does_not_change_the_feature():
+    torch.manual_seed(0)
+    model = with_random_lora(tempme.create_model("tiny-B/32", frames=12)).eval()
+    short_ids, short_mask = tempme.tokenize(["a red square moves left"], max_words=10)
+    long_ids, long_mask = tempme.tokenize(["a red square moves left"], max_words=32)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model.encode_text(short_ids, short_mask), model.encode_text(long_ids, long_mask), atol=1e-5, rtol=1e-4)
+        strings = model.encode_text(["a red square moves left"])
+    torch.testing.assert_close(strings, model.encode_text(long_ids, long_mask))
+
+
+@pytest.mark.parametrize("shape,message", [
+    ((2, 12, 3, 224), "frames must be shaped \\[batch, 12, 3, 224, 224\\], got \\[2, 12, 3, 224\\]"),
+    ((2, 12, 1, 224, 224), "got \\[2, 12, 1, 224, 224\\]"),
+    ((2, 8, 3, 224, 224), "built for 12 frames"),
+])
+def test_wrong_video_shapes_get_one_clear_error(shape, message):
+    model = tempme.create_model("tiny-B/32", frames=12)
+    with pytest.raises(ValueError, match=message):
+        model.encode_video(torch.zeros(shape))
+
+
+def test_wrong_mask_and_dtype_are_refused():
+    model = tempme.create_model("tiny-B/32", frames=12)
+    with pytest.raises(ValueError, match="video mask must be shaped \\[1, 12\\]"):
+        model.encode_video(torch.zeros(1, 12, 3, 224, 224), torch.ones(1, 11))
+    with pytest.raises(TypeError, match="float tensor"):
+        model.encode_video(torch.zeros(1, 12, 3, 224, 224, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="token ids must be shaped"):
+        model.encode_text(torch.zeros(5, dtype=torch.long))
+
+
+def test_unknown_preset_and_setting_are_refused():
+    with pytest.raises(ValueError, match="unknown model preset 'ViT-X/99'.*ViT-B/32"):
+        tempme.create_model("ViT-X/99")
+    with pytest.raises(TypeError, match="unknown schedule setting"):
+        tempme.create_model("tiny-B/32", merge_layer=(8, 9, 10))

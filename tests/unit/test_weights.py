@@ -1,0 +1,504 @@
+"""Checkpoint formats, conversion, loading errors and weight resolution (tempme.weights).
+
+Every checkpoint here is written by the test itself from a tiny-B/32 model with random weights, in the
+layout each producer uses (key names written out below, not taken from the code under test, except
+the Hugging Face files, which the regression test checks against transformers itself).
+"""
+
+import json
+import os
+import warnings
+import zipfile
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from tempme.config import CLIPConfig, LoRAConfig, ModelConfig, TextConfig, default_merge_config, get_preset
+from tempme.model import TempMe, is_adapter_parameter
+from tempme.weights import (
+    WeightsError,
+    hf_config_dict,
+    infer_clip_config,
+    infer_frames,
+    infer_lora_rank,
+    load_state_dict_into,
+    load_weights,
+    model_config_from_metadata,
+    read_checkpoint,
+    read_metadata,
+    resolve_weights,
+    save_weights,
+    to_hf_layout,
+    to_tempme_layout,
+)
+
+PRESET = "tiny-B/32"
+FRAMES = 12  # ClipMe layers 8, 9, 10 then see 12, 6 and 3 clips
+WIDTH = 64  # tiny-B/32 width of both encoders
+OPENAI_INTS = {"input_resolution": 224, "context_length": 77, "vocab_size": 49408}
+
+
+def build_model(frames: int = FRAMES, method: str = "tempme", seed: int = 0, clip=None) -> TempMe:
+    """A tiny model with every tensor random (adapters included), so a mix-up of any two shows."""
+    clip = clip or get_preset(PRESET)
+    torch.manual_seed(seed)
+    model = TempMe(ModelConfig(clip=clip, merge=default_merge_config(clip, frames, method), frames=frames))
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(std=0.1)
+    return model
+
+
+@pytest.fixture(scope="module")
+def model() -> TempMe:
+    return build_model()
+
+
+@pytest.fixture(scope="module")
+def full(model) -> dict:
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def backbone(full) -> dict:
+    return {name: tensor for name, tensor in full.items() if not is_adapter_parameter(name)}
+
+
+# --- writers: one per producer --------------------------------------------------------------------
+
+
+class _Node(nn.Module):
+    """A module that only holds tensors (a level of OpenAI's module tree)."""
+
+
+class _OpenAIJit(nn.Module):
+    """Mirrors OpenAI CLIP's module tree, so the scripted archive has its state_dict names."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def write_openai_jit(backbone: dict, path) -> None:
+    root = _OpenAIJit()
+    for name, tensor in backbone.items():
+        *parents, leaf = name.split(".")
+        module = root
+        for part in parents:
+            if part not in module._modules:
+                module.add_module(part, _Node())
+            module = module._modules[part]
+        module.register_parameter(leaf, nn.Parameter(tensor.clone()))
+    for name, value in OPENAI_INTS.items():
+        root.register_buffer(name, torch.tensor(value))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is what OpenAI ships, deprecated or not
+        torch.jit.script(root).save(str(path))
+
+
+def author_name(name: str) -> str:
+    """Our key -> the TempMe authors' (their model wraps CLIP as ``self.clip``)."""
+    name = name.replace("attn.lora_a", "attn.TVPt_LoRA_a").replace("attn.lora_b", "attn.TVPt_LoRA_b")
+    return "clip." + name.replace("clip_pos_embed", "TVPt_Video_Positional_embedding")
+
+
+def write_hf_dir(full: dict, path, sharded: bool = False, binary: bool = False) -> None:
+    path.mkdir()
+    hf = to_hf_layout(full)
+    (path / "config.json").write_text(json.dumps(hf_config_dict(get_preset(PRESET))))
+    if binary:
+        torch.save(hf, path / "pytorch_model.bin")
+    elif not sharded:
+        save_file(hf, str(path / "model.safetensors"))
+    else:
+        names = sorted(hf)
+        halves = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+        for shard, keys in halves.items():
+            save_file({key: hf[key] for key in keys}, str(path / shard))
+        weight_map = {key: shard for shard, keys in halves.items() for key in keys}
+        (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def write_all(model, full, backbone, root) -> dict:
+    """Every format -> (path, expected state dict, expected source_format)."""
+    paths = {}
+    paths["openai_jit"] = root / "ViT-B-32.pt"
+    write_openai_jit(backbone, paths["openai_jit"])
+    paths["openai_pt"] = root / "openai_state.pt"
+    torch.save({**backbone, **{k: torch.tensor(v) for k, v in OPENAI_INTS.items()}}, paths["openai_pt"])
+    paths["open_clip"] = root / "epoch_1.pt"
+    wrapped = {"module." + k: v for k, v in backbone.items()}
+    wrapped["module.attn_mask"] = torch.full((77, 77), float("-inf")).triu(1)
+    torch.save({"epoch": 1, "name": "tiny", "state_dict": wrapped}, paths["open_clip"])
+    paths["model_wrapped"] = root / "wrapped.bin"  # named by content, not extension
+    torch.save({"model": dict(backbone), "step": 10}, paths["model_wrapped"])
+    paths["hf_file"] = root / "hf_model.safetensors"
+    hf = to_hf_layout(full)
+    hf["vision_model.embeddings.position_ids"] = torch.arange(50)[None]  # older transformers saved these
+    save_file(hf, str(paths["hf_file"]))
+    for name, options in (("hf_dir", {}), ("hf_sharded", {"sharded": True}), ("hf_bin", {"binary": True})):
+        paths[name] = root / name
+        write_hf_dir(full, paths[name], **options)
+    paths["authors"] = root / "pytorch_model.bin.4"
+    torch.save({author_name(k): v for k, v in full.items()}, paths["authors"])
+    paths["authors_ddp"] = root / "authors_ddp.pth"
+    torch.save({"module." + author_name(k): v for k, v in full.items()}, paths["authors_ddp"])
+    paths["ours_full"] = save_weights(model, root / "full.safetensors")
+    paths["ours_adapters"] = save_weights(model, root / "adapters.safetensors", adapters_only=True)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def files(model, full, backbone, tmp_path_factory) -> dict:
+    return write_all(model, full, backbone, tmp_path_factory.mktemp("ckpt"))
+
+
+# (file kind, expected contents, source_format)
+PLAIN_CLIP = [
+    ("openai_jit", "backbone", "openai-jit"),
+    ("openai_pt", "backbone", "openai"),
+    ("open_clip", "backbone", "openai"),
+    ("model_wrapped", "backbone", "openai"),
+    ("hf_file", "backbone", "hf"),
+    ("hf_dir", "backbone", "hf"),
+    ("hf_sharded", "backbone", "hf"),
+    ("hf_bin", "backbone", "hf"),
+    ("authors", "full", "tempme-authors"),
+    ("authors_ddp", "full", "tempme-authors"),
+    ("ours_full", "full", "tempme"),
+]
+
+
+def assert_same_tensors(actual: dict, expected: dict) -> None:
+    assert sorted(actual) == sorted(expected)
+    for name, tensor in expected.items():
+        assert actual[name].shape == tensor.shape, name
+        assert torch.equal(actual[name], tensor), name
+
+
+# --- reading every format -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind, contents, source", PLAIN_CLIP)
+def test_load_weights_every_format(files, full, backbone, kind, contents, source):
+    loaded = load_weights(files[kind])
+    assert_same_tensors(loaded.state_dict, full if contents == "full" else backbone)
+    assert loaded.clip_config == get_preset(PRESET)
+    assert loaded.source_format == source
+    assert loaded.lora_rank == (8 if contents == "full" else 0)
+    assert loaded.frames == (FRAMES if contents == "full" else None)
+
+
+@pytest.mark.parametrize("kind, contents, source", PLAIN_CLIP)
+def test_loaded_weights_reproduce_the_model(files, full, kind, contents, source):
+    fresh = build_model(seed=1)
+    not_loaded = load_state_dict_into(fresh, load_weights(files[kind]).state_dict)
+    for name, tensor in fresh.state_dict().items():
+        if name in not_loaded:
+            continue
+        assert torch.equal(tensor, full[name]), name
+    if contents == "backbone":
+        assert sorted(not_loaded) == sorted(n for n in full if is_adapter_parameter(n))
+
+
+def test_openai_jit_drops_integer_attributes(files, backbone):
+    raw = read_checkpoint(files["openai_jit"])
+    assert not set(OPENAI_INTS) & set(raw)
+    assert_same_tensors(raw, backbone)
+
+
+def test_open_clip_extras_dropped(files):
+    raw = read_checkpoint(files["open_clip"])
+    assert "module.attn_mask" in raw
+    converted = to_tempme_layout(raw)
+    assert "attn_mask" not in converted and not any(k.startswith("module.") for k in converted)
+
+
+def test_our_metadata_round_trip(model, files):
+    meta = read_metadata(files["ours_full"])
+    assert meta["format"] == "tempme"
+    config = model_config_from_metadata(meta)
+    assert config == model.config
+    assert isinstance(config.merge.clips_joined, tuple) and config.merge.clips_joined == (2, 2, 3)
+    assert model_config_from_metadata({"format": "pt"}) is None
+
+
+def test_adapters_only_checkpoint(model, files, full, backbone):
+    loaded = load_weights(files["ours_adapters"])
+    assert_same_tensors(loaded.state_dict, {k: v for k, v in full.items() if is_adapter_parameter(k)})
+    assert loaded.model_config == model.config and loaded.clip_config == get_preset(PRESET)
+    assert (loaded.lora_rank, loaded.frames) == (8, FRAMES)
+    fresh = build_model(seed=2)
+    with pytest.raises(WeightsError, match="adapters-only"):
+        load_state_dict_into(fresh, loaded.state_dict)
+    load_state_dict_into(fresh, {**backbone, **loaded.state_dict}, strict_adapters=True)
+    assert_same_tensors(fresh.state_dict(), full)
+
+
+def test_save_weights_extra_metadata_and_no_leftovers(model, tmp_path):
+    path = save_weights(model, tmp_path / "sub" / "w.safetensors", extra_metadata={"epoch": 3, "note": "hi"})
+    meta = read_metadata(path)
+    assert (meta["epoch"], meta["note"]) == ("3", "hi")
+    assert os.listdir(path.parent) == ["w.safetensors"]
+
+
+# --- conversion details, written out independently ------------------------------------------------
+
+
+def test_hf_layout_splits_qkv_and_transposes_projections(full):
+    hf = to_hf_layout(full)
+    fused = full["visual.transformer.resblocks.3.attn.in_proj_weight"]
+    layer = "vision_model.encoder.layers.3.self_attn."
+    assert torch.equal(hf[layer + "q_proj.weight"], fused[:WIDTH])
+    assert torch.equal(hf[layer + "k_proj.weight"], fused[WIDTH : 2 * WIDTH])
+    assert torch.equal(hf[layer + "v_proj.weight"], fused[2 * WIDTH :])
+    bias = full["transformer.resblocks.1.attn.in_proj_bias"]
+    assert torch.equal(hf["text_model.encoder.layers.1.self_attn.k_proj.bias"], bias[WIDTH : 2 * WIDTH])
+    assert torch.equal(hf["visual_projection.weight"], full["visual.proj"].T)
+    assert torch.equal(hf["text_projection.weight"], full["text_projection"].T)
+    assert torch.equal(hf["vision_model.pre_layrnorm.weight"], full["visual.ln_pre.weight"])
+    assert torch.equal(hf["text_model.encoder.layers.0.mlp.fc2.bias"], full["transformer.resblocks.0.mlp.c_proj.bias"])
+    assert torch.equal(hf["text_model.final_layer_norm.bias"], full["ln_final.bias"])
+    assert not any("lora" in k or "clip_pos" in k for k in hf)
+
+
+def test_hf_config_dict(full):
+    config = hf_config_dict(get_preset(PRESET))
+    vision, text = config["vision_config"], config["text_config"]
+    assert config["projection_dim"] == 32
+    assert (vision["hidden_size"], vision["intermediate_size"], vision["num_hidden_layers"]) == (64, 256, 12)
+    assert (vision["num_attention_heads"], vision["patch_size"], vision["image_size"]) == (4, 32, 224)
+    assert (text["hidden_size"], text["num_hidden_layers"], text["num_attention_heads"]) == (64, 2, 4)
+    assert (text["max_position_embeddings"], text["vocab_size"]) == (77, 49408)
+    assert vision["hidden_act"] == text["hidden_act"] == "quick_gelu"
+    assert text["layer_norm_eps"] == 1e-5
+
+
+def test_incomplete_hf_attention_is_an_error(full):
+    hf = to_hf_layout(full)
+    del hf["vision_model.encoder.layers.2.self_attn.v_proj.weight"]
+    with pytest.raises(WeightsError, match="resblocks.2.attn.in_proj_weight"):
+        to_tempme_layout(hf)
+
+
+# --- architecture inference -----------------------------------------------------------------------
+
+
+def test_infer_config_rules(backbone, full):
+    assert infer_clip_config(backbone) == get_preset(PRESET)  # preset match supplies heads 4 / 4
+    hinted = infer_clip_config(backbone, heads=(2, 8))
+    assert (hinted.vision.heads, hinted.text.heads) == (2, 8)
+    assert (infer_lora_rank(backbone), infer_frames(backbone)) == (0, None)
+    assert (infer_lora_rank(full), infer_frames(full)) == (8, FRAMES)
+
+
+def test_infer_config_without_preset_uses_openai_heads():
+    tiny = get_preset(PRESET)
+    clip = CLIPConfig(embed_dim=32, vision=tiny.vision, text=TextConfig(width=128, layers=3, heads=2))
+    sd = build_model(frames=4, method="none", clip=clip).state_dict()
+    inferred = infer_clip_config(sd)
+    assert (inferred.text.width, inferred.text.layers, inferred.text.heads) == (128, 3, 2)  # 128 // 64
+    assert (inferred.vision.width, inferred.vision.heads) == (64, 1)
+
+
+def test_infer_frames_reads_the_first_clipme_layer():
+    sd = build_model(frames=8, method="tempme").state_dict()  # clips 8 -> 4 -> 2: (2, 2, 2)
+    assert infer_frames(sd) == 8
+
+
+# --- damaged files --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["random.pt", "random.safetensors", "random.bin", "random"])
+def test_random_bytes_raise_weights_error(tmp_path, name):
+    path = tmp_path / name
+    noise = torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    path.write_bytes(noise.numpy().tobytes())
+    with pytest.raises(WeightsError, match=name):
+        read_checkpoint(path)
+
+
+@pytest.mark.parametrize("kind", ["openai_jit", "openai_pt", "hf_file", "ours_full"])
+def test_truncated_files_raise_weights_error(files, tmp_path, kind):
+    data = files[kind].read_bytes()
+    path = tmp_path / ("cut-" + files[kind].name)
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(WeightsError, match=path.name):
+        load_weights(path)
+
+
+def test_truncated_hf_dir_names_the_file(files, tmp_path):
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    data = (files["hf_dir"] / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[:1000])
+    with pytest.raises(WeightsError, match="model.safetensors"):
+        load_weights(folder)
+
+
+def test_zip_with_damaged_pickle(files, tmp_path):
+    """A readable zip whose pickled index is garbage: torch's own error must not leak out."""
+    data = bytearray(files["openai_pt"].read_bytes())
+    with zipfile.ZipFile(files["openai_pt"]) as archive:
+        offset = next(info.header_offset for info in archive.infolist() if info.filename.endswith("data.pkl"))
+    # Skip the local file header (30 bytes + name + extra field) to reach the member's bytes.
+    name_length = int.from_bytes(data[offset + 26 : offset + 28], "little")
+    extra_length = int.from_bytes(data[offset + 28 : offset + 30], "little")
+    start = offset + 30 + name_length + extra_length
+    data[start : start + 16] = b"\xff" * 16
+    path = tmp_path / "damaged.pt"
+    path.write_bytes(bytes(data))
+    with pytest.raises(WeightsError, match="damaged.pt"):
+        read_checkpoint(path)
+
+
+class Pickled:
+    """Not a tensor: loading it needs torch.load(weights_only=False)."""
+
+
+def test_pickled_objects_need_unsafe_loading(tmp_path):
+    path = tmp_path / "object.pt"
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "args": Pickled()}, path)
+    with pytest.raises(WeightsError, match="object.pt.*weights_only=False"):
+        read_checkpoint(path)
+
+
+def test_empty_and_tensorless_files(tmp_path):
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(WeightsError, match="empty.pt"):
+        read_checkpoint(tmp_path / "empty.pt")
+    torch.save({"epoch": 3}, tmp_path / "meta.pt")
+    with pytest.raises(WeightsError, match="meta.pt.*no tensors"):
+        read_checkpoint(tmp_path / "meta.pt")
+    with pytest.raises(WeightsError, match="no weights"):
+        read_checkpoint(tmp_path)
+
+
+# --- loading errors -------------------------------------------------------------------------------
+
+
+def test_missing_backbone_key(full):
+    sd = dict(full)
+    del sd["visual.ln_post.weight"]
+    with pytest.raises(WeightsError, match=r"1 missing backbone key: visual\.ln_post\.weight"):
+        load_state_dict_into(build_model(seed=3), sd)
+
+
+def test_unexpected_key(full):
+    with pytest.raises(WeightsError, match=r"unexpected key.*visual\.extra_head"):
+        load_state_dict_into(build_model(seed=3), {**full, "visual.extra_head": torch.zeros(3)})
+
+
+def test_lora_into_model_without_lora_is_unexpected(full):
+    clip = get_preset(PRESET)
+    config = ModelConfig(clip=clip, merge=default_merge_config(clip, FRAMES), frames=FRAMES, lora=LoRAConfig(rank=0))
+    with pytest.raises(WeightsError, match="lora_a.*lora rank 0"):
+        load_state_dict_into(TempMe(config), full)
+
+
+def test_clip_pos_embed_for_other_frame_count(full):
+    other = build_model(frames=3, seed=3)  # clip positional embeddings of 3 clips, not 12
+    with pytest.raises(WeightsError) as info:
+        load_state_dict_into(other, full)
+    message = str(info.value)
+    assert "visual.transformer.resblocks.8.clip_pos_embed" in message
+    assert "[1, 12, 1, 64]" in message and "[1, 3, 1, 64]" in message and "frame count" in message
+
+
+def test_strict_adapters(backbone):
+    fresh = build_model(seed=4)
+    with pytest.raises(WeightsError, match="missing adapter key"):
+        load_state_dict_into(fresh, backbone, strict_adapters=True)
+    with torch.no_grad():
+        for name, param in fresh.named_parameters():
+            if name.endswith("lora_b"):
+                param.zero_()  # the model's own init; plain CLIP weights leave it there
+    load_state_dict_into(fresh, backbone)
+    assert all(not p.any() for n, p in fresh.named_parameters() if n.endswith("lora_b"))
+
+
+def test_load_weights_of_a_non_clip_file(tmp_path):
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(WeightsError, match="other.safetensors.*visual.conv1.weight"):
+        load_weights(tmp_path / "other.safetensors")
+
+
+# --- resolving names ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("TEMPME_CACHE", str(folder))
+    monkeypatch.delenv("TEMPME_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    return folder
+
+
+def test_offline_uncached_preset(cache, monkeypatch):
+    monkeypatch.setenv("TEMPME_OFFLINE", "1")
+    with pytest.raises(WeightsError) as info:
+        resolve_weights("ViT-B/32")
+    assert str(cache / "ViT-B-32.pt") in str(info.value)
+    assert "openai/clip-vit-base-patch32" in str(info.value)
+
+
+def test_hf_offline_variable_also_blocks_downloads(cache, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", pytest.fail)
+    with pytest.raises(WeightsError, match="ViT-B-16"):
+        resolve_weights("ViT-B/16")
+
+
+def test_preset_without_published_weights(cache):
+    with pytest.raises(WeightsError, match="tiny-B-32.pt"):
+        resolve_weights(PRESET)
+
+
+def test_unknown_name(cache):
+    with pytest.raises(WeightsError) as info:
+        resolve_weights("ViT-Q/99")
+    assert "does not exist" in str(info.value) and "ViT-B/32" in str(info.value) and PRESET in str(info.value)
+
+
+def test_cached_file_is_used(cache, monkeypatch, files):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", pytest.fail)
+    cache.mkdir()
+    target = cache / "tiny-B-32.pt"
+    target.write_bytes(files["openai_jit"].read_bytes())
+    assert resolve_weights(PRESET) == target
+    assert load_weights(PRESET).source_format == "openai-jit"
+    assert resolve_weights(str(files["hf_dir"])) == files["hf_dir"]
+
+
+def test_download_goes_through_hf_hub(cache, monkeypatch, files):
+    import huggingface_hub
+
+    calls = []
+
+    def fake_download(repo_id, filename, cache_dir=None, **kwargs):
+        calls.append((repo_id, filename, cache_dir))
+        return str(files["hf_dir"] / "model.safetensors")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    assert resolve_weights("ViT-B/32") == files["hf_dir"] / "model.safetensors"
+    assert calls == [("openai/clip-vit-base-patch32", "model.safetensors", str(cache))]
+
+
+def test_failed_download_says_where_to_put_the_file(cache, monkeypatch):
+    import huggingface_hub
+
+    def no_network(*args, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_network)
+    with pytest.raises(WeightsError) as info:
+        resolve_weights("ViT-L/14")
+    message = str(info.value)
+    assert "network unreachable" in message and str(cache / "ViT-L-14.pt") in message
+    assert "openai/clip-vit-large-patch14" in message
