@@ -70,28 +70,52 @@ class Attention(nn.Module):
         self.lora_a = self.lora_b = None
 
     def forward(
-        self, x: torch.Tensor, bias: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        log_size: torch.Tensor | None = None,
+        size_in_channels: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x ``[B, N, D]``; bias broadcastable to ``[B, heads, N, N]`` (added to the logits).
-
-        Returns the attention output ``[B, N, D]`` and the keys averaged over heads ``[B, N, D/heads]``
+        """x ``[B, N, D]`` -> attention output ``[B, N, D]`` and keys averaged over heads ``[B, N, D/heads]``
         (the ImgMe / intra-clip merge metric).
+
+        ``attn_mask`` (broadcastable to ``[B, heads, N, N]``) is added to the logits. ``log_size [B, N]``
+        adds log(size) of each key (proportional attention), either as a mask or, with
+        ``size_in_channels``, folded into one extra query/key channel so flash kernels still apply.
         """
         batch, tokens, width = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
         if self.lora_a is not None:
             qkv = qkv + F.linear(F.linear(x, self.lora_a), self.lora_b)
         q, k, v = qkv.view(batch, tokens, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
-        if bias is not None:
-            bias = bias.to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        if log_size is not None and size_in_channels:
+            out = attention_with_size_channel(q, k, v, log_size)
+        else:
+            if log_size is not None:
+                attn_mask = log_size[:, None, None, :]
+            if attn_mask is not None:
+                attn_mask = attn_mask.to(q.dtype)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         out = out.transpose(1, 2).reshape(batch, tokens, width)
         return self.out_proj(out), k.mean(dim=1)
 
 
-def size_bias(size: torch.Tensor | None) -> torch.Tensor | None:
-    """Proportional attention: log(size) of each key, shaped ``[B, 1, 1, N]`` for broadcasting."""
-    return None if size is None else size.log()[:, None, None, :, 0]
+def attention_with_size_channel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_size: torch.Tensor) -> torch.Tensor:
+    """Softmax(q k^T / sqrt(d) + log s_j) v without a dense bias: q, k, v ``[B, H, N, d]``, log_size ``[B, N]``.
+
+    Appends a channel holding sqrt(d) to every query and log(s_j) to every key, so the scaled dot
+    product gains exactly log(s_j). Channels are padded to a multiple of 8 (zeros) for fused kernels.
+    """
+    dim = q.shape[-1]
+    pad = 8
+    extra_q = q.new_zeros(*q.shape[:-1], pad)
+    extra_q[..., 0] = dim**0.5
+    extra_k = k.new_zeros(*k.shape[:-1], pad)
+    extra_k[..., 0] = log_size[:, None, :].to(k.dtype)
+    q = torch.cat([q, extra_q], dim=-1)
+    k = torch.cat([k, extra_k], dim=-1)
+    v = torch.cat([v, v.new_zeros(*v.shape[:-1], pad)], dim=-1)
+    return F.scaled_dot_product_attention(q, k, v, scale=dim**-0.5)[..., :dim]
 
 
 class ResidualBlock(nn.Module):
@@ -106,9 +130,9 @@ class ResidualBlock(nn.Module):
         # Clip positional embedding of a ClipMe layer: one vector per input clip, zero at start.
         self.clip_pos_embed = nn.Parameter(torch.zeros(1, clip_pos_clips, 1, width)) if clip_pos_clips else None
 
-    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None = None) -> torch.Tensor:
-        """Plain pre-LN block (text encoder and unmerged layers)."""
-        x = x + self.attn(self.ln_1(x), attn_bias)[0]
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Plain pre-LN block (the text encoder)."""
+        x = x + self.attn(self.ln_1(x), attn_mask)[0]
         return x + self.mlp(self.ln_2(x))
 
 
@@ -146,6 +170,9 @@ class VisionTransformer(nn.Module):
         self.frames = config.frames
         self.image_size = vision.image_size
         self.plan: tuple[LayerPlan, ...] = build_plan(config.merge, vision.layers, config.frames)
+        # Proportional attention as an extra q/k channel keeps flash attention usable on GPUs, where a
+        # dense bias would force a slower kernel; CPU kernels take the bias directly. None: automatic.
+        self.size_in_channels: bool | None = None
         scale = vision.width**-0.5
         self.conv1 = nn.Conv2d(3, vision.width, vision.patch_size, vision.patch_size, bias=False)
         self.class_embedding = nn.Parameter(scale * torch.randn(vision.width))
@@ -208,11 +235,12 @@ class VisionTransformer(nn.Module):
             source = torch.block_diag(*[per_frame] * num_frames).view(num_frames, x.shape[1], -1)
             source = source.repeat(videos, 1, 1)
         state = VideoTokens(x, None, source, videos, num_cls=1)
+        size_in_channels = x.is_cuda if self.size_in_channels is None else self.size_in_channels
         for block, step in list(zip(self.transformer.resblocks, self.plan))[:layers]:
             if step.kind == "clipme":
                 state = self.cross_clip_merge(state, block, step)
-            bias = size_bias(state.size) if self.merge.prop_attn else None
-            attn_out, keys = block.attn(block.ln_1(state.x), bias)
+            log_size = state.size[..., 0].log() if self.merge.prop_attn and state.size is not None else None
+            attn_out, keys = block.attn(block.ln_1(state.x), log_size=log_size, size_in_channels=size_in_channels)
             state = VideoTokens(state.x + attn_out, state.size, state.source, videos, state.num_cls)
             r = self.merge_count(step, state)
             if r > 0:

@@ -88,7 +88,10 @@ class TestMsrvtt:
             ("video9771", ["a little girl does gymnastics"]),
         ]
         assert items[1].path == msrvtt_dir.video_dir / "video9771.webm"
-        assert load_msrvtt(msrvtt_dir.anno_dir, msrvtt_dir.video_dir, "val") == items
+
+    def test_no_val_split_so_test_is_never_used_for_model_selection(self, msrvtt_dir):
+        with pytest.raises(AnnotationError, match="unknown MSRVTT split 'val'"):
+            load_msrvtt(msrvtt_dir.anno_dir, msrvtt_dir.video_dir, "val")
 
     def test_unknown_split(self, msrvtt_dir):
         with pytest.raises(AnnotationError, match="unknown MSRVTT split 'dev'"):

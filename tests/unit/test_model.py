@@ -129,3 +129,15 @@ def test_unknown_preset_and_setting_are_refused():
         tempme.create_model("ViT-X/99")
     with pytest.raises(TypeError, match="unknown schedule setting"):
         tempme.create_model("tiny-B/32", merge_layer=(8, 9, 10))
+
+
+def test_size_channel_attention_equals_the_bias_form():
+    torch.manual_seed(0)
+    model = tempme.create_model("tiny-B/32", frames=12).eval()
+    video = torch.randn(2, 12, 3, 224, 224)
+    with torch.no_grad():
+        model.visual.size_in_channels = False
+        with_bias = model.encode_video(video)
+        model.visual.size_in_channels = True
+        with_channel = model.encode_video(video)
+    torch.testing.assert_close(with_channel, with_bias, atol=1e-5, rtol=1e-4)

@@ -28,9 +28,9 @@ MSRVTT_SPLITS = {
     "train": "MSRVTT_train.9k.csv",
     "train9k": "MSRVTT_train.9k.csv",
     "train7k": "MSRVTT_train.7k.csv",
+    # No "val": the reference validates on the 1k-A test set, which is model selection on test.
+    # Training configs hold out part of the train split instead.
     "test": "MSRVTT_JSFUSION_test.csv",
-    # The reference validates on the 1k-A test set.
-    "val": "MSRVTT_JSFUSION_test.csv",
 }
 MSRVTT_DATA_JSON = "MSRVTT_data.json"
 DIDEMO_SPLITS = ("train", "val", "test")
@@ -234,12 +234,12 @@ def load_msrvtt(anno_dir: str | os.PathLike, video_dir: str | os.PathLike, split
     """MSRVTT from CLIP4Clip's ``msrvtt_data.zip`` files.
 
     Splits: ``train``/``train9k`` (9k CSV, all 20 captions per video from ``MSRVTT_data.json``),
-    ``train7k``, and ``test``/``val`` (JSFUSION 1k-A, one caption per video).
+    ``train7k``, and ``test`` (JSFUSION 1k-A, one caption per video). There is no validation split.
     """
     anno_dir, video_dir = Path(anno_dir), Path(video_dir)
     _check_split(split, MSRVTT_SPLITS, "MSRVTT", anno_dir)
     csv_path = _require_file(anno_dir / MSRVTT_SPLITS[split], f"MSRVTT {split} split file")
-    if split in ("test", "val"):
+    if split == "test":
         rows = _read_csv(csv_path, ("video_id", "sentence"))
         captions = _group_captions((row["video_id"].strip(), row["sentence"]) for _, row in rows)
         video_ids = list(captions)

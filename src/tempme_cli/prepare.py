@@ -1,0 +1,65 @@
+"""``tempme prepare``: decode every video of a config's splits once into the frame cache."""
+
+from __future__ import annotations
+
+import argparse
+import textwrap
+
+EPILOG = textwrap.dedent(
+    """\
+    The cache folder is data.frame_cache; training and evaluation with the same config then read the
+    sampled, resized frames from it instead of decoding the videos again.
+
+    example:
+      tempme prepare --config msrvtt_b32_tempme data.frame_cache=cache/frames data.video_dir=/data/msrvtt/videos
+    """
+)
+
+SPLITS = ("train", "val", "test")
+
+
+def register(subparsers) -> None:
+    from .train import add_config_arguments
+
+    parser = subparsers.add_parser(
+        "prepare",
+        help="decode all videos of a config once into its frame cache",
+        description="Sample and decode the frames of every video in the config's train, validation and test "
+        "splits and store them in data.frame_cache. Videos already cached are skipped; videos that are "
+        "missing or cannot be decoded are listed at the end.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_config_arguments(parser)
+    parser.add_argument("--splits", nargs="+", choices=SPLITS, default=list(SPLITS), help="which splits to cache")
+    parser.add_argument("--workers", type=int, help="decoding threads (default: data.num_workers)")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tempme.data import check_videos_exist
+    from tempme_train.data import frame_cache, split_items
+
+    from .train import config_from_args
+
+    config = config_from_args(args)
+    cache = frame_cache(config.data)
+    if cache is None:
+        raise ValueError(f"{args.config}: data.frame_cache is not set; say where to store the frames (data.frame_cache=DIR)")
+    # A video can belong to several splits (a held-out validation set is part of train); cache it once.
+    items = {}
+    for name in args.splits:
+        split = config.data.train_split if name == "train" else name
+        for item in split_items(config.data, split, args.config):
+            items.setdefault((item.video_id, item.start, item.end), item)
+    missing = check_videos_exist(items.values())
+    present = [item for item in items.values() if item.path.is_file()]
+    workers = config.data.num_workers if args.workers is None else args.workers
+    summary = cache.prepare(present, num_workers=workers)
+    print(f"frame cache {cache.folder}: {summary.ok} videos cached, {len(summary.skipped)} undecodable, {len(missing)} missing")
+    for skipped in summary.skipped:
+        print(f"  undecodable: {skipped.video_id} ({skipped.path}): {skipped.reason}")
+    for item in missing:
+        print(f"  missing: {item.video_id} ({item.path})")
+    problems = bool(summary.skipped or missing)
+    return 1 if problems and config.data.strict else 0

@@ -1,0 +1,145 @@
+"""Resumable training checkpoints.
+
+A checkpoint is a directory::
+
+    last/
+      weights.safetensors   trained parameters (tempme weights file, see modeling.save_trained_weights)
+      state.pt              optimizer, scheduler, GradScaler, progress, RNG states
+      config.yaml           the resolved training config
+
+It is written to a temporary directory next to it and then renamed into place, so a crash never
+leaves a half-written ``last``. (A directory cannot replace a non-empty one in a single rename, so
+the old one is first renamed to ``.last.old``; :func:`find_checkpoint` falls back to it if a crash
+happened between the two renames.)
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tempme import TempMe
+
+from .config import TrainConfig, save_config
+from .modeling import load_trained_weights, save_trained_weights
+
+LAST = "last"
+BEST = "best.safetensors"
+WEIGHTS = "weights.safetensors"
+STATE = "state.pt"
+CONFIG = "config.yaml"
+
+
+@dataclass
+class Progress:
+    """Where a run stands. The epoch and the position inside it follow from ``step``."""
+
+    step: int = 0  # optimizer steps done
+    best_r1: float | None = None  # best validation t2v R@1 so far
+    best_step: int | None = None
+    skipped_videos: list[str] = field(default_factory=list)  # undecodable videos seen so far
+
+    def epoch(self, steps_per_epoch: int) -> int:
+        return self.step // steps_per_epoch
+
+    def batch_in_epoch(self, steps_per_epoch: int) -> int:
+        return self.step % steps_per_epoch
+
+
+def rng_states() -> dict[str, Any]:
+    """The random generators of Python, NumPy and torch (CPU and CUDA)."""
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: dict[str, Any]) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def write_directory_atomically(target: Path, write: Callable[[Path], None]) -> None:
+    """Fill a fresh temporary directory with ``write(tmp)``, then move it to ``target``."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    try:
+        write(temp)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    old = target.with_name(f".{target.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(temp, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def find_checkpoint(output_dir: str | Path) -> Path | None:
+    """The run's ``last`` checkpoint, or ``None`` when it has none."""
+    output_dir = Path(output_dir)
+    for candidate in (output_dir / LAST, output_dir / f".{LAST}.old"):
+        if (candidate / STATE).is_file():
+            return candidate
+    return None
+
+
+def save_checkpoint(
+    directory: Path,
+    model: TempMe,
+    config: TrainConfig,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    progress: Progress,
+    steps_per_epoch: int,
+) -> None:
+    """Write a resumable checkpoint to ``directory`` (atomically)."""
+    state = {
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "progress": asdict(progress),
+        # Recorded for people reading the file; resuming derives both from progress.step.
+        "sampler_epoch": progress.epoch(steps_per_epoch),
+        "batch_in_epoch": progress.batch_in_epoch(steps_per_epoch),
+        "rng": rng_states(),
+    }
+
+    def write(temp: Path) -> None:
+        save_trained_weights(model, temp / WEIGHTS, config)
+        torch.save(state, temp / STATE)
+        save_config(config, temp / CONFIG)
+
+    write_directory_atomically(directory, write)
+
+
+def load_checkpoint(
+    directory: Path,
+    model: TempMe,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+) -> Progress:
+    """Restore everything :func:`save_checkpoint` wrote; returns the run's progress."""
+    load_trained_weights(model, directory / WEIGHTS)
+    # Our own file with Python objects (RNG states), so the full unpickler is needed.
+    state = torch.load(directory / STATE, map_location="cpu", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    restore_rng_states(state["rng"])
+    return Progress(**state["progress"])

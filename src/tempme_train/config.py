@@ -1,0 +1,418 @@
+"""Training configuration: typed dataclasses loaded from YAML, checked before anything runs.
+
+A config file has four sections (``model``, ``data``, ``optim``, ``run``) and an optional ``paper``
+block with the numbers the paper reports for that setting. A file may start from another one with
+``base: other.yaml`` (a path relative to the file); its values are merged in, the file's own win.
+
+Every key and value is checked against the dataclass fields below: an unknown key or a value of the
+wrong type raises :class:`ConfigError` naming the file, the key path (``optim.lr``) and the value.
+Command-line overrides (``optim.lr=1e-4``) are parsed with ``yaml.safe_load`` and checked the same way.
+
+The bundled configs (one per row of the paper's main tables) live in ``tempme_train/configs``;
+:func:`list_configs` names them and :func:`load_config` accepts those names as well as paths.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+CONFIG_DIR = Path(__file__).with_name("configs")
+
+Method = Literal["none", "tome", "tempme"]
+Trainable = Literal["lora", "full"]
+Precision = Literal["fp32", "bf16", "fp16"]
+HOLDOUT = "holdout"
+
+
+class ConfigError(ValueError):
+    """A config value that is unknown, of the wrong type or unusable; names where it came from."""
+
+    def __init__(self, source: str, key: str, value: Any, reason: str):
+        self.source, self.key, self.value, self.reason = source, key, value, reason
+        super().__init__(f"{source}: {key}: {reason} (got {_short_repr(value)})")
+
+
+def _short_repr(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# --- the dataclass tree ------------------------------------------------------------------------
+
+
+@dataclass
+class ScheduleOverrides:
+    """Changes to the paper's merge schedule for this backbone and frame count; ``None`` keeps it."""
+
+    tome_r: int | None = None
+    merge_layers: list[int] | None = None
+    clips_joined: list[int] | None = None
+    cross_merge_ratio: float | None = None
+    intra_merge_ratio: float | None = None
+    clip_pos_embed: bool | None = None
+    prop_attn: bool | None = None
+
+    def as_kwargs(self) -> dict[str, Any]:
+        """The overrides that are set, as keyword arguments for ``tempme.build_config``."""
+        return {name: value for name, value in dataclasses.asdict(self).items() if value is not None}
+
+
+@dataclass
+class ModelSettings:
+    """Which model to fine-tune.
+
+    ``weights`` is a CLIP checkpoint (file or a name ``tempme.load_model`` knows); when it is empty the
+    model is built from ``preset`` with random weights seeded by ``optim.seed`` (tests and demos).
+    """
+
+    preset: str = "ViT-B/32"
+    weights: str | None = None
+    method: Method = "tempme"
+    frames: int = 12
+    lora_rank: int = 8
+    trainable: Trainable = "lora"
+    schedule: ScheduleOverrides = field(default_factory=ScheduleOverrides)
+
+
+@dataclass
+class DataSettings:
+    """Dataset, splits and the video/text pipeline.
+
+    ``val_split`` is a split name of the dataset, or ``holdout``: the last ``holdout_videos`` videos of
+    the training split are kept out of training and used for validation. Model selection always uses
+    the validation split; ``test_split`` is only read by ``tempme eval``.
+    """
+
+    dataset: Literal["msrvtt", "didemo", "activitynet", "lsmdc", "custom"] = "msrvtt"
+    anno_path: str = ""
+    video_dir: str = ""
+    train_split: str = "train"
+    val_split: str = "val"
+    holdout_videos: int = 0
+    test_split: str = "test"
+    max_words: int = 32
+    max_frames: int = 12
+    framerate: float = 1.0
+    image_size: int = 224
+    augment: bool = True
+    frame_cache: str | None = None
+    backend: Literal["pyav", "decord"] = "pyav"
+    num_workers: int = 4
+    strict: bool = False
+
+
+@dataclass
+class OptimSettings:
+    """The paper's recipe (SPEC section 6); ``batch_size`` is the global batch over all processes."""
+
+    lr: float = 6e-4
+    weight_decay: float = 0.2
+    eps: float = 1e-6
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup: float = 0.1
+    epochs: int = 5
+    batch_size: int = 128
+    grad_clip: float = 1.0
+    precision: Precision = "fp32"
+    seed: int = 42
+
+
+@dataclass
+class RunSettings:
+    """Where outputs go and how often to log, validate and checkpoint.
+
+    ``eval_every`` counts optimizer steps (0: only at epoch ends). ``stop_after`` ends the run after
+    that many steps with a ``last`` checkpoint, without shortening the schedule, so ``--resume``
+    continues exactly as if the run had not stopped (smoke runs, time-limited jobs).
+    """
+
+    output_dir: str = "runs/tempme"
+    eval_every: int = 150
+    log_every: int = 10
+    eval_batch_size: int = 16
+    tensorboard: bool = False
+    progress: bool = True
+    device: str = "auto"
+    stop_after: int | None = None
+
+
+@dataclass
+class PaperResults:
+    """What the paper reports for this setting (percent / ranks), for comparison only."""
+
+    t2v: dict[str, float] = field(default_factory=dict)
+    v2t: dict[str, float] = field(default_factory=dict)
+    note: str = ""
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSettings = field(default_factory=ModelSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    optim: OptimSettings = field(default_factory=OptimSettings)
+    run: RunSettings = field(default_factory=RunSettings)
+    paper: PaperResults = field(default_factory=PaperResults)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain YAML-friendly data (tuples become lists)."""
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
+
+
+# --- type checking -------------------------------------------------------------------------------
+
+# PyYAML follows YAML 1.1, which reads "6e-4" (no dot) as a string; accept that spelling for floats.
+_FLOAT_TEXT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def _coerce(value: Any, hint: Any, source: str, key: str) -> Any:
+    """``value`` checked against the type ``hint`` (converted where lossless), or a ConfigError."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, source, key)
+    if origin in (typing.Union, types.UnionType):
+        # Only Optional[X] is used: None, or X with X's own error naming the exact element that is wrong.
+        options = [arg for arg in args if arg is not type(None)]
+        if len(options) != 1:
+            raise TypeError(f"unsupported config field type {hint!r} at {key}")
+        return None if value is None else _coerce(value, options[0], source, key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(source, key, value, f"expected one of {list(args)}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(source, key, value, "expected a list")
+        return [_coerce(item, args[0], source, f"{key}[{i}]") for i, item in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(source, key, value, f"expected a list of {len(args)} values")
+        return tuple(_coerce(item, arg, source, f"{key}[{i}]") for i, (item, arg) in enumerate(zip(value, args)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(source, key, value, "expected a mapping")
+        return {str(k): _coerce(item, args[1], source, f"{key}.{k}") for k, item in value.items()}
+    return _coerce_scalar(value, hint, source, key)
+
+
+def _coerce_scalar(value: Any, hint: type, source: str, key: str) -> Any:
+    # bool is a subclass of int in Python; a YAML "true" must not pass as a number (or vice versa).
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(source, key, value, "expected true or false")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(source, key, value, "expected an integer")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and _FLOAT_TEXT.match(value.strip()):
+            return float(value)
+        raise ConfigError(source, key, value, "expected a number")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(source, key, value, "expected a string")
+    raise TypeError(f"unsupported config field type {hint!r} at {key}")
+
+
+def _build(cls: type, data: Any, source: str, prefix: str) -> Any:
+    """An instance of the dataclass ``cls`` from a mapping, every key and value checked."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(source, prefix or "<top level>", data, "expected a mapping of settings")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise ConfigError(source, path, value, f"unknown setting; valid settings here: {sorted(names)}")
+        values[key] = _coerce(value, hints[key], source, path)
+    return cls(**values)
+
+
+# --- loading ----------------------------------------------------------------------------------------
+
+
+def list_configs() -> list[str]:
+    """Names of the bundled configs (files starting with ``_`` are shared bases, not listed)."""
+    return sorted(path.stem for path in CONFIG_DIR.glob("*.yaml") if not path.name.startswith("_"))
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """A config file path: an existing path, or the name of a bundled config."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    bundled = CONFIG_DIR / f"{path.name.removesuffix('.yaml')}.yaml"
+    if path.suffix in ("", ".yaml") and path.parent == Path(".") and bundled.is_file():
+        return bundled
+    raise FileNotFoundError(
+        f"config {str(name_or_path)!r} is neither a file nor a bundled config; bundled: {', '.join(list_configs())}"
+    )
+
+
+def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The mapping in ``path`` with its ``base:`` chain merged underneath."""
+    if path.resolve() in chain:
+        raise ConfigError(str(path), "base", str(path), "config files include each other in a loop")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise ConfigError(str(path), "<file>", str(path), f"invalid YAML: {error}") from None
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(str(path), "<top level>", data, "expected a mapping of sections")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(str(path), "base", base, "expected a file name")
+    base_path = path.parent / base
+    if not base_path.is_file():
+        raise ConfigError(str(path), "base", base, f"file not found: {base_path}")
+    return _deep_merge(_read_yaml(base_path, chain + (path.resolve(),)), data)
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"optim.lr=1e-4"`` -> ``(["optim", "lr"], "1e-4" parsed as YAML)``."""
+    source = f"command-line override {text!r}"
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(source, key or "<empty>", text, "expected KEY=VALUE, e.g. optim.lr=1e-4")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as error:
+        raise ConfigError(source, key, raw, f"invalid YAML value: {error}") from None
+    return key.strip().split("."), value
+
+
+def _apply_override(data: dict[str, Any], keys: list[str], value: Any) -> None:
+    node = data
+    for key in keys[:-1]:
+        child = node.get(key)
+        if not isinstance(child, dict):
+            child = node[key] = {}
+        node = child
+    node[keys[-1]] = value
+
+
+def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> TrainConfig:
+    """A checked :class:`TrainConfig` from plain data (raises ConfigError)."""
+    config = _build(TrainConfig, data, source, "")
+    check_values(config, source)
+    return config
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Load a config file (or a bundled config name; ``None``: all defaults) and apply overrides."""
+    if path is None:
+        return apply_overrides(TrainConfig(), overrides)
+    file = resolve_config_path(path)
+    return apply_overrides(config_from_dict(_read_yaml(file), str(file)), overrides)
+
+
+def apply_overrides(config: TrainConfig, overrides: list[str] | tuple[str, ...]) -> TrainConfig:
+    """Apply ``KEY=VALUE`` overrides.
+
+    Each override is type-checked on its own, so an error names the override that caused it; the
+    checks across settings (``data.max_frames == model.frames`` ...) run once all are applied, so
+    related settings can be changed together.
+    """
+    data = config.to_dict()
+    for text in overrides:
+        keys, value = parse_override(text)
+        _apply_override(data, keys, value)
+        _build(TrainConfig, data, f"command-line override {text!r}", "")
+    return config_from_dict(data, "command-line overrides " + " ".join(overrides)) if overrides else config
+
+
+def with_settings(config: TrainConfig, settings: dict[str, Any], source: str) -> TrainConfig:
+    """A copy of ``config`` with ``{"data.video_dir": value, ...}`` set and checked like file values.
+
+    For values that come from program code or command-line options (paths need no YAML quoting).
+    """
+    data = config.to_dict()
+    for key, value in settings.items():
+        _apply_override(data, key.split("."), value)
+    return config_from_dict(data, source)
+
+
+def save_config(config: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
+
+
+# --- value checks (beyond types) -------------------------------------------------------------------
+
+
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def check_values(config: TrainConfig, source: str) -> None:
+    """Settings that type-check but cannot work together."""
+    model, data, optim, run = config.model, config.data, config.optim, config.run
+
+    def require(condition: bool, key: str, value: Any, reason: str) -> None:
+        if not condition:
+            raise ConfigError(source, key, value, reason)
+
+    positive = {
+        "model.frames": model.frames,
+        "data.max_words": data.max_words,
+        "data.max_frames": data.max_frames,
+        "data.image_size": data.image_size,
+        "optim.epochs": optim.epochs,
+        "optim.batch_size": optim.batch_size,
+        "run.log_every": run.log_every,
+        "run.eval_batch_size": run.eval_batch_size,
+    }
+    for key, value in positive.items():
+        require(value > 0, key, value, "must be positive")
+    require(data.max_frames == model.frames, "data.max_frames", data.max_frames,
+            f"must equal model.frames ({model.frames}): the merge schedule is built for that many frames")
+    require(model.lora_rank >= 0, "model.lora_rank", model.lora_rank, "must be >= 0")
+    require(data.framerate > 0, "data.framerate", data.framerate, "must be positive")
+    require(data.num_workers >= 0, "data.num_workers", data.num_workers, "must be >= 0")
+    require(data.holdout_videos >= 0, "data.holdout_videos", data.holdout_videos, "must be >= 0")
+    if data.val_split == HOLDOUT:
+        require(data.holdout_videos > 0, "data.holdout_videos", data.holdout_videos,
+                "must be positive when data.val_split is 'holdout'")
+    require(optim.lr > 0, "optim.lr", optim.lr, "must be positive")
+    require(optim.weight_decay >= 0, "optim.weight_decay", optim.weight_decay, "must be >= 0")
+    require(optim.eps > 0, "optim.eps", optim.eps, "must be positive")
+    require(all(0 <= b < 1 for b in optim.betas), "optim.betas", list(optim.betas), "each must be in [0, 1)")
+    require(0 <= optim.warmup < 1, "optim.warmup", optim.warmup, "must be a fraction in [0, 1)")
+    require(optim.grad_clip >= 0, "optim.grad_clip", optim.grad_clip, "must be >= 0 (0 disables clipping)")
+    require(run.eval_every >= 0, "run.eval_every", run.eval_every, "must be >= 0 (0: only at epoch ends)")
+    require(run.stop_after is None or run.stop_after > 0, "run.stop_after", run.stop_after, "must be positive")
+    require(bool(run.output_dir), "run.output_dir", run.output_dir, "must not be empty")
+    require(bool(_DEVICE.match(run.device)), "run.device", run.device, "expected auto, cpu, cuda, cuda:N or mps")

@@ -1,0 +1,210 @@
+"""Training data: splits from the config, checked up front, and a resumable, seeded batch order.
+
+Reproducibility: batch order and augmentation depend only on ``optim.seed``, the epoch and the
+position in the epoch. :class:`EpochSampler` shuffles with a generator seeded by ``seed + epoch``
+and can start part-way through an epoch; :class:`SeededSamples` reseeds Python's ``random`` (which
+video RandAugment draws from) for every sample. So a resumed run, a run with a different number of
+DataLoader workers and a run on a different number of processes all see the same global batches.
+"""
+
+from __future__ import annotations
+
+import random
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from tempme.data import (
+    AnnotationError,
+    FrameCache,
+    RetrievalPairs,
+    VideoItem,
+    check_videos_exist,
+    collate_skip_bad,
+    load_dataset,
+)
+from tempme.tokenizer import tokenize
+
+from .config import HOLDOUT, ConfigError, DataSettings, TrainConfig
+from .evaluate import EvalSet
+
+_LISTED = 10  # missing videos named in a message
+
+
+@dataclass
+class TrainData:
+    """What :func:`tempme_train.train.train` trains and validates on.
+
+    ``train`` yields samples like :class:`tempme.data.RetrievalPairs`: ``{"video": [F, 3, S, S],
+    "video_mask": [F], "text_ids": [L], "text_mask": [L], ...}``. Tests may pass any such dataset.
+    """
+
+    train: Dataset
+    val: EvalSet | None
+    missing_videos: list[str] = field(default_factory=list)  # left out because the file does not exist
+
+
+def frame_cache(data: DataSettings) -> FrameCache | None:
+    """The decoded-frame cache of ``data.frame_cache`` (filled by ``tempme prepare``), if set."""
+    if not data.frame_cache:
+        return None
+    return FrameCache(data.frame_cache, data.max_frames, data.framerate, data.image_size, data.backend)
+
+
+def load_split(data: DataSettings, split: str, source: str) -> list[VideoItem]:
+    """Parse one split's annotations; problems become a ConfigError naming the setting."""
+    if not Path(data.anno_path).exists():
+        raise ConfigError(source, "data.anno_path", data.anno_path, "no such file or folder")
+    if data.dataset != "custom" and not Path(data.video_dir).is_dir():
+        raise ConfigError(source, "data.video_dir", data.video_dir, "no such folder")
+    try:
+        items = load_dataset(data.dataset, data.anno_path, data.video_dir or None, split)
+    except AnnotationError as error:
+        raise ConfigError(source, "data.anno_path", data.anno_path, f"bad {split} annotations: {error}") from error
+    except FileNotFoundError as error:
+        raise ConfigError(source, "data.anno_path", data.anno_path, str(error)) from error
+    except ValueError as error:  # unknown dataset name
+        raise ConfigError(source, "data.dataset", data.dataset, str(error)) from error
+    if not items:
+        raise ConfigError(source, "data.anno_path", data.anno_path, f"the {split} split has no videos")
+    return items
+
+
+def train_and_val_items(data: DataSettings, source: str) -> tuple[list[VideoItem], list[VideoItem]]:
+    """The training videos and the validation videos (a split, or held out from training)."""
+    train_items = load_split(data, data.train_split, source)
+    if data.val_split != HOLDOUT:
+        return train_items, load_split(data, data.val_split, source)
+    if data.holdout_videos >= len(train_items):
+        raise ConfigError(
+            source, "data.holdout_videos", data.holdout_videos,
+            f"must be smaller than the {len(train_items)} videos of the {data.train_split} split",
+        )
+    # The last videos of the file, so the held-out set does not depend on the seed.
+    return train_items[: -data.holdout_videos], train_items[-data.holdout_videos :]
+
+
+def drop_missing_videos(items: list[VideoItem], strict: bool, split: str, source: str) -> tuple[list[VideoItem], list[str]]:
+    """Keep the items whose file exists; name the missing ones (an error when ``strict``)."""
+    missing = check_videos_exist(items)
+    if not missing:
+        return items, []
+    names = [str(item.path) for item in missing]
+    shown = ", ".join(names[:_LISTED]) + (f" and {len(names) - _LISTED} more" if len(names) > _LISTED else "")
+    message = f"{len(missing)} of {len(items)} {split} videos are missing: {shown}"
+    if strict:
+        raise ConfigError(source, "data.video_dir", str(missing[0].path.parent), message)
+    warnings.warn(message + "; leaving them out", stacklevel=2)
+    absent = {id(item) for item in missing}
+    return [item for item in items if id(item) not in absent], [item.video_id for item in missing]
+
+
+def prepare_training_data(config: TrainConfig, source: str = "config") -> TrainData:
+    """Check and load everything the run reads, before the first step.
+
+    Raises ConfigError for missing folders, unparsable annotations and (with ``data.strict``)
+    missing videos; without ``strict`` missing videos are reported and left out.
+    """
+    data = config.data
+    train_items, val_items = train_and_val_items(data, source)
+    train_items, missing_train = drop_missing_videos(train_items, data.strict, "training", source)
+    val_items, missing_val = drop_missing_videos(val_items, data.strict, "validation", source)
+    cache = frame_cache(data)
+    train_set = RetrievalPairs(
+        train_items, tokenize, data.max_words, data.max_frames, data.framerate, data.image_size,
+        augment=data.augment, frame_cache=cache, backend=data.backend, strict=data.strict,
+    )
+    val_name = f"{data.dataset}/{data.val_split}" + (str(data.holdout_videos) if data.val_split == HOLDOUT else "")
+    val_set = EvalSet.from_items(val_items, data, val_name, cache)
+    return TrainData(train_set, val_set, missing_train + missing_val)
+
+
+class SeededSamples(Dataset):
+    """Wraps a dataset so that item ``(index, seed)`` is ``dataset[index]`` drawn with ``random.seed(seed)``.
+
+    The seeds come from :class:`EpochSampler`; the augmentation of a sample is then the same in every
+    worker process and after a resume.
+    """
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        index, seed = key
+        random.seed(seed)
+        return self.dataset[index]
+
+
+class EpochSampler(Sampler[tuple[int, int]]):
+    """This process's share of each global batch, in a shuffled order fixed by ``(seed, epoch)``.
+
+    Every epoch is a permutation of the dataset cut into ``len // global_batch`` global batches (the
+    rest is dropped, like ``drop_last``). Global batch k is split into ``world_size`` contiguous
+    slices of ``global_batch / world_size`` samples; this process takes slice ``rank``. So the union
+    over processes of step k's batches is the same set of samples in the same order as a single
+    process would use, which keeps multi-process runs equal to single-process ones. It yields
+    ``(index, sample_seed)`` pairs for :class:`SeededSamples`.
+    """
+
+    def __init__(self, size: int, global_batch: int, world_size: int = 1, rank: int = 0, seed: int = 0):
+        if global_batch % world_size:
+            raise ValueError(f"the global batch {global_batch} does not split evenly over {world_size} processes")
+        if size < global_batch:
+            raise ValueError(f"the training set has {size} samples, fewer than one global batch of {global_batch}")
+        self.size, self.global_batch, self.world_size, self.rank, self.seed = size, global_batch, world_size, rank, seed
+        self.local_batch = global_batch // world_size
+        self.epoch = 0
+        self.start_batch = 0
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.size // self.global_batch
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch's order and skip its first ``start_batch`` batches (already trained on)."""
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def _sample_seed(self, position: int) -> int:
+        # Distinct for every (seed, epoch, position in the epoch) while staying a plain int.
+        return (self.seed * 1_000_003 + self.epoch) * 100_000_007 + position
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.size, generator=generator).tolist()
+        for batch in range(self.start_batch, self.steps_per_epoch):
+            start = batch * self.global_batch + self.rank * self.local_batch
+            for position in range(start, start + self.local_batch):
+                yield order[position], self._sample_seed(position)
+
+    def __len__(self) -> int:
+        return (self.steps_per_epoch - self.start_batch) * self.local_batch
+
+
+def make_train_loader(dataset: Dataset, sampler: EpochSampler, num_workers: int, pin_memory: bool) -> DataLoader:
+    """Batches of ``sampler.local_batch`` samples; undecodable videos are dropped by the collate function."""
+    return DataLoader(
+        SeededSamples(dataset),
+        batch_size=sampler.local_batch,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate_skip_bad,
+        pin_memory=pin_memory,
+        drop_last=True,
+    )
+
+
+def split_items(data: DataSettings, split: str, source: str) -> list[VideoItem]:
+    """Videos of ``split``: ``val`` is the config's validation set (held out or not), ``test`` the
+    config's test split, anything else a split name of the dataset."""
+    if split == "val":
+        return train_and_val_items(data, source)[1]
+    return load_split(data, data.test_split if split == "test" else split, source)
+

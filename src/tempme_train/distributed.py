@@ -1,0 +1,172 @@
+"""Multi-process training helpers; every function is a no-op in a single process.
+
+How gradients are combined (and why it is exact)
+-------------------------------------------------
+Each of the W processes encodes its share of the global batch, then all features are gathered and
+*every* process computes the same global loss L over the full batch (``all_gather_with_grad``). The
+gather's backward keeps only the slice of the gradient that belongs to this process's own features,
+so backpropagation on process r yields g_r, the part of dL/dθ that flows through r's samples.
+The full gradient is dL/dθ = Σ_r g_r, so :func:`all_reduce_gradients` *sums* the parameter gradients
+over processes. Every process then holds exactly the gradient one process would compute on the whole
+global batch, and all processes take the same optimizer step.
+
+The reference instead lets DistributedDataParallel *average* the g_r, which gives dL/dθ / W (SPEC
+section 6); Adam is almost invariant to that scale, but gradient clipping and epsilon are not, so the
+results would depend on the number of GPUs. We do not wrap the model in DDP: a plain summed
+all-reduce after backward is simpler, gives the exact global gradient, and has no trouble with
+parameters that a batch leaves unused (a clip positional embedding is skipped when its layer merges
+nothing).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+COLLECTIVE_TIMEOUT_MINUTES = 60
+
+
+@dataclass(frozen=True)
+class WorldInfo:
+    """This process's place among the training processes (torchrun sets the environment)."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 logs, evaluates and writes checkpoints."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def world_from_env() -> WorldInfo:
+    """Read ``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE`` (set by torchrun); defaults to one process."""
+    return WorldInfo(
+        rank=int(os.environ.get("RANK", 0)),
+        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+        world_size=int(os.environ.get("WORLD_SIZE", 1)),
+    )
+
+
+def init_distributed(use_cuda: bool) -> WorldInfo:
+    """Join the process group when there are several processes (NCCL on GPUs, Gloo on CPUs).
+
+    ``MASTER_ADDR``/``MASTER_PORT`` come from the environment (torchrun sets them).
+    """
+    world = world_from_env()
+    if world.distributed and not dist.is_initialized():
+        if use_cuda:
+            # NCCL barriers and object collectives run on the current device: make it this process's GPU.
+            torch.cuda.set_device(world.local_rank)
+        dist.init_process_group(
+            backend="nccl" if use_cuda else "gloo",
+            rank=world.rank,
+            world_size=world.world_size,
+            # Rank 0 validates (decoding every validation video) while the others wait at a barrier.
+            timeout=datetime.timedelta(minutes=COLLECTIVE_TIMEOUT_MINUTES),
+        )
+    return world
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def barrier() -> None:
+    """Wait for every process (no-op in a single process)."""
+    if _active():
+        dist.barrier()
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """Concatenate every process's rows; the backward returns this process's rows of the gradient."""
+
+    @staticmethod
+    def forward(ctx, local: torch.Tensor) -> torch.Tensor:
+        counts = _gather_counts(local.shape[0], local.device)
+        largest = max(counts)
+        # all_gather needs equal shapes; batches can differ when undecodable videos were dropped.
+        padded = local.new_zeros((largest, *local.shape[1:]))
+        padded[: local.shape[0]] = local
+        parts = [torch.empty_like(padded) for _ in counts]
+        dist.all_gather(parts, padded.contiguous())
+        rank = dist.get_rank()
+        ctx.start = sum(counts[:rank])
+        ctx.count = counts[rank]
+        return torch.cat([part[:count] for part, count in zip(parts, counts)])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad[ctx.start : ctx.start + ctx.count]
+
+
+def _gather_counts(count: int, device: torch.device) -> list[int]:
+    local = torch.tensor([count], device=device)
+    counts = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, local)
+    return [int(c.item()) for c in counts]
+
+
+def all_gather_with_grad(local: torch.Tensor) -> torch.Tensor:
+    """``[n_r, ...]`` on each process -> ``[Σ n_r, ...]`` in rank order, differentiable.
+
+    Gradients flow back only into this process's rows (see the module docstring for why that,
+    plus :func:`all_reduce_gradients`, gives the exact global gradient).
+    """
+    if not _active():
+        return local
+    return _GatherWithGrad.apply(local)
+
+
+def all_reduce_gradients(params: Iterable[torch.nn.Parameter]) -> None:
+    """Sum the gradients of ``params`` over processes, in one flat buffer.
+
+    A parameter without a gradient on some process contributes zeros; one that no process used
+    keeps ``grad = None``, so the optimizer skips it exactly as it would in a single process.
+    """
+    if not _active():
+        return
+    params = list(params)
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    used = torch.tensor([float(p.grad is not None) for p in params], device=grads[0].device, dtype=grads[0].dtype)
+    flat = torch.cat([g.reshape(-1) for g in grads] + [used])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    offset = 0
+    for param, used_anywhere in zip(params, flat[-len(params) :].tolist()):
+        count = param.numel()
+        param.grad = flat[offset : offset + count].view_as(param).clone() if used_anywhere else None
+        offset += count
+
+
+def broadcast_parameters(params: Iterable[torch.nn.Parameter], src: int = 0) -> None:
+    """Copy rank ``src``'s values into every process (identical starting points)."""
+    if not _active():
+        return
+    for param in params:
+        dist.broadcast(param.data, src=src)
+
+
+def all_gather_objects(value: Any) -> list[Any]:
+    """Every process's ``value`` (picklable), in rank order; ``[value]`` in a single process."""
+    if not _active():
+        return [value]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+

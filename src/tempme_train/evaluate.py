@@ -1,0 +1,217 @@
+"""Retrieval evaluation: embed every caption and video once, then rank (SPEC section 8).
+
+A video may have several captions (MSRVTT training videos have 20); text-to-video ranks all videos for
+each caption, video-to-text counts the best-ranked of the video's captions. Videos that cannot be
+decoded are left out together with their captions, and listed in the result.
+
+Embeddings can be cached on disk: the file name is a hash of the model's weights and config and of the
+evaluated data, so a cached file is reused only for exactly the same model and split.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from tempme import TempMe
+from tempme.data import FrameCache, RetrievalVideos, VideoItem, collate_skip_bad, flatten_captions
+from tempme.retrieval import similarity, text_to_video_metrics, video_to_text_metrics
+
+from .config import DataSettings
+
+
+@dataclass
+class EvalSet:
+    """The videos and captions of one split.
+
+    ``videos[i]`` is ``{"video": [F, 3, S, S], "video_mask": [F], "index": i, ...}`` for video
+    ``video_ids[i]``; caption ``j`` describes video ``caption_to_video[j]``. ``name`` and
+    ``fingerprint`` (the preprocessing settings) enter the embedding-cache key.
+    """
+
+    name: str
+    videos: Dataset
+    video_ids: list[str]
+    captions: list[str]
+    caption_to_video: list[int]
+    fingerprint: str = ""
+
+    @classmethod
+    def from_items(
+        cls, items: Sequence[VideoItem], data: DataSettings, name: str, frame_cache: FrameCache | None = None
+    ) -> "EvalSet":
+        """Decode ``items`` with the config's sampling and test-time transform (no augmentation)."""
+        videos = RetrievalVideos(
+            items, data.max_frames, data.framerate, data.image_size,
+            frame_cache=frame_cache, backend=data.backend, strict=data.strict,
+        )
+        captions, caption_to_video = flatten_captions(items)
+        fingerprint = f"frames={data.max_frames} rate={data.framerate} size={data.image_size} words={data.max_words}"
+        return cls(name, videos, [item.video_id for item in items], captions, caption_to_video, fingerprint)
+
+
+@dataclass
+class Embeddings:
+    """``text [N_captions, D]``; ``video [N_videos, D]`` with zero rows where ``present`` is False."""
+
+    text: torch.Tensor
+    video: torch.Tensor
+    present: torch.Tensor  # [N_videos] bool: the video could be decoded
+
+
+def autocast(device: torch.device, precision: str):
+    """Mixed-precision context for ``bf16``/``fp16``; does nothing for ``fp32``."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def encode_texts(
+    model: TempMe, captions: Sequence[str], batch_size: int, device: torch.device, precision: str, progress: bool
+) -> torch.Tensor:
+    """``[N, D]`` float32 embeddings of ``captions`` (tokenized with the model's ``max_words``)."""
+    chunks = []
+    for start in tqdm(range(0, len(captions), batch_size), desc="encoding captions", disable=not progress):
+        ids, mask = model.tokenize(list(captions[start : start + batch_size]))
+        with autocast(device, precision):
+            chunks.append(model.encode_text(ids.to(device), mask.to(device)).float().cpu())
+    return torch.cat(chunks)
+
+
+@torch.no_grad()
+def encode_videos(
+    model: TempMe, eval_set: EvalSet, batch_size: int, device: torch.device, precision: str,
+    num_workers: int, progress: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[N_videos, D]`` float32 embeddings and the ``[N_videos]`` mask of decodable videos."""
+    count = len(eval_set.video_ids)
+    embeddings = torch.zeros(count, model.config.clip.embed_dim)
+    present = torch.zeros(count, dtype=torch.bool)
+    loader = DataLoader(eval_set.videos, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_skip_bad)
+    for batch in tqdm(loader, desc="encoding videos", disable=not progress):
+        if batch is None:  # every video of the batch was undecodable
+            continue
+        with autocast(device, precision):
+            features = model.encode_video(batch["video"].to(device), batch["video_mask"].to(device))
+        embeddings[batch["index"]] = features.float().cpu()
+        present[batch["index"]] = True
+    return embeddings, present
+
+
+def embed(
+    model: TempMe, eval_set: EvalSet, batch_size: int = 16, device: torch.device | str = "cpu",
+    precision: str = "fp32", num_workers: int = 0, progress: bool = True,
+) -> Embeddings:
+    """Embed every caption and video of ``eval_set`` (the model is put in eval mode)."""
+    device = torch.device(device)
+    model.eval()
+    text = encode_texts(model, eval_set.captions, batch_size * 8, device, precision, progress)
+    video, present = encode_videos(model, eval_set, batch_size, device, precision, num_workers, progress)
+    return Embeddings(text, video, present)
+
+
+def cache_key(model: TempMe, eval_set: EvalSet, precision: str) -> str:
+    """Hex digest of everything the embeddings depend on: weights, model config, data and precision.
+
+    Hashing the weights reads every parameter once (about a second for ViT-B/32).
+    """
+    digest = hashlib.sha256()
+    for part in (repr(model.config), eval_set.name, eval_set.fingerprint, precision):
+        digest.update(part.encode("utf-8"))
+    digest.update(json.dumps([eval_set.video_ids, eval_set.captions, eval_set.caption_to_video]).encode("utf-8"))
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode("utf-8"))
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+def load_cached(path: Path) -> Embeddings | None:
+    if not path.is_file():
+        return None
+    tensors = load_file(str(path))
+    return Embeddings(tensors["text"], tensors["video"], tensors["present"])
+
+
+def save_cached(path: Path, embeddings: Embeddings) -> None:
+    """Write atomically, so a concurrent or interrupted evaluation never leaves a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
+    os.close(handle)
+    try:
+        tensors = {"text": embeddings.text, "video": embeddings.video, "present": embeddings.present}
+        save_file({k: v.contiguous() for k, v in tensors.items()}, temp)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def retrieval_results(embeddings: Embeddings, eval_set: EvalSet) -> dict[str, Any]:
+    """t2v and v2t metrics over the decodable videos and their captions.
+
+    Returns ``{"t2v": {...}, "v2t": {...}, "skipped": [video ids], "num_videos": int,
+    "num_captions": int}``; metric dicts hold R1/R5/R10/R50 (percent), MdR, MnR, RSum.
+    """
+    present = embeddings.present.tolist()
+    kept_videos = [v for v, ok in enumerate(present) if ok]
+    if not kept_videos:
+        raise ValueError(f"{eval_set.name}: none of the {len(present)} videos could be decoded")
+    new_index = {old: new for new, old in enumerate(kept_videos)}
+    kept_captions = [c for c, v in enumerate(eval_set.caption_to_video) if present[v]]
+    caption_to_video = [new_index[eval_set.caption_to_video[c]] for c in kept_captions]
+    sim = similarity(embeddings.text[kept_captions], embeddings.video[kept_videos])
+    return {
+        "t2v": text_to_video_metrics(sim, caption_to_video),
+        "v2t": video_to_text_metrics(sim, caption_to_video),
+        "skipped": [eval_set.video_ids[v] for v, ok in enumerate(present) if not ok],
+        "num_videos": len(kept_videos),
+        "num_captions": len(kept_captions),
+    }
+
+
+def evaluate(
+    model: TempMe,
+    eval_set: EvalSet,
+    batch_size: int = 16,
+    device: torch.device | str = "cpu",
+    precision: str = "fp32",
+    num_workers: int = 0,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Text-to-video and video-to-text retrieval metrics of ``model`` on ``eval_set``.
+
+    Args:
+        batch_size: videos per forward pass (captions go 8x as many at a time).
+        precision: ``fp32``, ``bf16`` or ``fp16`` autocast for the encoders.
+        cache_dir: reuse or store the embeddings here (keyed by :func:`cache_key`); ``None``: no cache.
+
+    Returns:
+        See :func:`retrieval_results`; also ``"cache"``: the cache file used, if any.
+    """
+    cache_path = None
+    embeddings = None
+    if cache_dir is not None:
+        cache_path = Path(cache_dir) / f"{cache_key(model, eval_set, precision)}.safetensors"
+        embeddings = load_cached(cache_path)
+    if embeddings is None:
+        embeddings = embed(model, eval_set, batch_size, device, precision, num_workers, progress)
+        if cache_path is not None:
+            save_cached(cache_path, embeddings)
+    results = retrieval_results(embeddings, eval_set)
+    results["cache"] = str(cache_path) if cache_path else None
+    return results

@@ -1,0 +1,92 @@
+"""Build the model a config describes, and read or write the weights a run trains."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from tempme import TempMe, create_model, load_model
+
+from .config import ConfigError, TrainConfig, config_from_dict
+
+TRAINED_FILES = ("weights.safetensors", "best.safetensors")  # in a checkpoint folder, in a run folder
+
+
+def build_model(config: TrainConfig, source: str = "config") -> TempMe:
+    """The model of ``config.model`` with its trainable parameters set, on the CPU.
+
+    The global torch seed is set to ``optim.seed`` first: the LoRA A matrices (and, without
+    ``model.weights``, the whole random model) are initialised from it, so building twice gives the
+    same model. That is what lets an adapters-only checkpoint be evaluated on top of its base later.
+    """
+    settings = config.model
+    kwargs = dict(lora_rank=settings.lora_rank, max_words=config.data.max_words, **settings.schedule.as_kwargs())
+    torch.manual_seed(config.optim.seed)
+    try:
+        if settings.weights:
+            model = load_model(settings.weights, method=settings.method, frames=settings.frames, **kwargs)
+        else:
+            model = create_model(settings.preset, method=settings.method, frames=settings.frames, **kwargs)
+    except (TypeError, ValueError) as error:
+        # Unknown presets, impossible merge schedules, max_words beyond the context length ...
+        raise ConfigError(source, "model", settings.weights or settings.preset, str(error)) from error
+    if model.visual.image_size != config.data.image_size:
+        raise ConfigError(
+            source, "data.image_size", config.data.image_size,
+            f"the model expects {model.visual.image_size}x{model.visual.image_size} frames",
+        )
+    model.set_trainable(settings.trainable)
+    return model.train()
+
+
+def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """Name -> parameter for everything the optimizer updates, in a fixed order."""
+    return {name: param for name, param in model.named_parameters() if param.requires_grad}
+
+
+def save_trained_weights(model: TempMe, path: str | Path, config: TrainConfig) -> None:
+    """Write what the run trained as a tempme weights file (atomic, model config in the metadata).
+
+    LoRA runs store the adapters only (LoRA and clip positional embeddings, about 2 MB); they are
+    applied on top of ``model.weights`` (or the seeded random model) when loaded with
+    :func:`load_trained_weights`. Full fine-tuning stores every weight.
+    """
+    from tempme.weights import save_weights
+
+    extra = {"train_config": json.dumps(config.to_dict())}
+    save_weights(model, path, adapters_only=config.model.trainable == "lora", extra_metadata=extra)
+
+
+def load_trained_weights(model: TempMe, path: str | Path) -> None:
+    """Load a file written by :func:`save_trained_weights` into ``model`` (in place).
+
+    An adapters-only file replaces just the adapters; the model's own backbone fills in the rest.
+    """
+    from tempme.weights import load_state_dict_into, load_weights
+
+    trained = load_weights(path).state_dict
+    load_state_dict_into(model, {**model.state_dict(), **trained})
+
+
+def find_trained_weights(path: str | Path) -> Path:
+    """The weights file of ``path``: the file itself, a checkpoint's ``weights.safetensors`` or a
+    run folder's ``best.safetensors``."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    for name in TRAINED_FILES:
+        if (path / name).is_file():
+            return path / name
+    raise FileNotFoundError(f"{path}: not a weights file, and holds none of {', '.join(TRAINED_FILES)}")
+
+
+def train_config_of(weights_file: str | Path) -> TrainConfig:
+    """The training config stored in a file written by :func:`save_trained_weights`."""
+    from tempme.weights import read_metadata
+
+    stored = read_metadata(weights_file).get("train_config")
+    if stored is None:
+        raise ValueError(f"{weights_file} does not record its training config (not written by tempme train); pass --config")
+    return config_from_dict(json.loads(stored), f"training config stored in {weights_file}")

@@ -1,0 +1,356 @@
+"""The training loop: contrastive fine-tuning of TempMe with the paper's recipe (SPEC section 6).
+
+One call, :func:`train`, runs a whole (or resumed) run from a :class:`TrainConfig`:
+
+1. check everything before the first step: output folder, annotations, video files, model;
+2. train with AdamW + warmup/cosine, gradient clipping and optional bf16/fp16 autocast, over the
+   global batch shared by all processes (see ``distributed.py`` for how gradients are combined);
+3. validate every ``run.eval_every`` steps and at each epoch end on the validation split, keeping
+   ``best.safetensors`` (highest text-to-video R@1) and a resumable ``last/`` checkpoint.
+
+Outputs in ``run.output_dir``: ``config.yaml``, ``metrics.jsonl``, ``best.safetensors``, ``last/``
+and optionally ``tensorboard/``. Launch several processes with ``torchrun``; rank 0 logs,
+validates and writes files while the others wait.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from tempme import TempMe
+
+from .checkpoint import BEST, CONFIG, LAST, Progress, find_checkpoint, load_checkpoint, save_checkpoint
+from .config import ConfigError, TrainConfig, load_config, save_config
+from .data import EpochSampler, TrainData, make_train_loader, prepare_training_data
+from .distributed import (
+    WorldInfo,
+    all_gather_objects,
+    all_gather_with_grad,
+    all_reduce_gradients,
+    barrier,
+    broadcast_parameters,
+    init_distributed,
+    shutdown,
+)
+from .evaluate import autocast, evaluate
+from .loss import contrastive_loss
+from .modeling import build_model, save_trained_weights, trainable_parameters
+from .optim import build_optimizer, build_scheduler
+from .tracking import MetricsLog, require_tensorboard
+
+# Settings a resumed run must share with the checkpoint: they change what the steps compute.
+RESUME_DATA_KEYS = (
+    "dataset", "train_split", "val_split", "holdout_videos", "max_words", "max_frames", "framerate",
+    "image_size", "augment",
+)
+
+
+@dataclass
+class TrainSummary:
+    """What a call to :func:`train` did. ``losses`` are this session's per-step global-batch losses."""
+
+    output_dir: str
+    steps: int
+    total_steps: int
+    stopped_early: bool
+    losses: list[float] = field(default_factory=list)
+    best_val_r1: float | None = None
+    best_step: int | None = None
+    last_val: dict[str, Any] | None = None
+    best_weights: str | None = None
+    last_checkpoint: str | None = None
+    skipped_videos: list[str] = field(default_factory=list)
+    missing_videos: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """``loss``: the global-batch loss (``None`` when the batch had no sample); ``lr``: the rate used."""
+
+    loss: float | None
+    lr: float
+
+
+def resolve_device(name: str, world: WorldInfo) -> torch.device:
+    """``auto``: this process's GPU when there is one (``cuda:LOCAL_RANK``), else the CPU."""
+    if name == "auto":
+        return torch.device(f"cuda:{world.local_rank}" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device(f"cuda:{world.local_rank}")
+    return device
+
+
+def compute_gradients(
+    model: TempMe,
+    batch: dict[str, Any] | None,
+    params: list[torch.nn.Parameter],
+    device: torch.device,
+    precision: str = "fp32",
+    scaler: torch.amp.GradScaler | None = None,
+) -> float | None:
+    """Forward this process's batch, compute the loss over the global batch and backpropagate.
+
+    Afterwards ``params`` hold the gradient of the global-batch loss (summed over processes), scaled
+    by ``scaler`` if given. ``batch`` is ``None`` when all its videos were undecodable; the process
+    still takes part in the collectives.
+
+    Returns:
+        The global-batch loss, or ``None`` when the global batch has no sample at all.
+    """
+    if batch is None:
+        video = text = torch.zeros(0, model.config.clip.embed_dim, device=device)
+    else:
+        with autocast(device, precision):
+            video, text = model(
+                batch["video"].to(device, non_blocking=True),
+                batch["text_ids"].to(device, non_blocking=True),
+                batch["text_mask"].to(device, non_blocking=True),
+                batch["video_mask"].to(device, non_blocking=True),
+            )
+    # Gather in float32 so every process contributes the same dtype and the loss is computed in fp32.
+    video = all_gather_with_grad(video.float())
+    text = all_gather_with_grad(text.float())
+    if video.shape[0] == 0:
+        return None
+    loss = contrastive_loss(text, video, model.logit_scale)
+    if loss.requires_grad:  # False on a process whose own batch was empty
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+    all_reduce_gradients(params)
+    return loss.item()
+
+
+class Trainer:
+    """Holds one run's model, optimizer, data and progress; :meth:`run` trains to the end."""
+
+    def __init__(self, config: TrainConfig, world: WorldInfo, resume: bool, data: TrainData | None, source: str):
+        self.config, self.world = config, world
+        self.output = Path(config.run.output_dir)
+        checkpoint = self._check_output(resume, source)
+        if config.run.tensorboard:
+            require_tensorboard(source)
+        self.data = data if data is not None else prepare_training_data(config, source)
+        optim = config.optim
+        self.sampler = EpochSampler(len(self.data.train), optim.batch_size, world.world_size, world.rank, optim.seed)
+        self.device = resolve_device(config.run.device, world)
+        self.model = build_model(config, source).to(self.device)
+        self.params = list(trainable_parameters(self.model).values())
+        broadcast_parameters(self.params)
+        self.loader = make_train_loader(
+            self.data.train, self.sampler, config.data.num_workers, pin_memory=self.device.type == "cuda"
+        )
+        self.total_steps = self.sampler.steps_per_epoch * optim.epochs
+        self.optimizer = build_optimizer(self.params, optim.lr, optim.betas, optim.eps, optim.weight_decay)
+        self.scheduler = build_scheduler(self.optimizer, self.total_steps, optim.warmup)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=optim.precision == "fp16")
+        self.progress = Progress()
+        if checkpoint is not None:
+            self.progress = load_checkpoint(checkpoint, self.model, self.optimizer, self.scheduler, self.scaler)
+        self.log = None
+        if world.is_main:
+            self.output.mkdir(parents=True, exist_ok=True)
+            save_config(config, self.output / CONFIG)
+            self.log = MetricsLog(self.output, config.run.tensorboard)
+        self.summary = TrainSummary(
+            str(self.output), self.progress.step, self.total_steps, False,
+            best_val_r1=self.progress.best_r1, best_step=self.progress.best_step,
+            missing_videos=list(self.data.missing_videos),
+        )
+        self._local_skipped: set[str] = set(self.progress.skipped_videos)
+
+    def _check_output(self, resume: bool, source: str) -> Path | None:
+        """The checkpoint to resume from; refuses to overwrite a run or to resume a different one."""
+        checkpoint = find_checkpoint(self.output)
+        if not resume:
+            if checkpoint is not None:
+                raise ValueError(
+                    f"{self.output} already holds a training run ({checkpoint}); "
+                    "pass --resume to continue it or choose another output folder"
+                )
+            return None
+        if checkpoint is None:
+            raise FileNotFoundError(f"cannot resume: no checkpoint in {self.output / LAST}")
+        saved = load_config(checkpoint / CONFIG)
+        differences = _resume_differences(saved, self.config)
+        if differences:
+            key, (then, now) = next(iter(differences.items()))
+            raise ConfigError(
+                source, key, now,
+                f"differs from the checkpoint's value {then!r}; a resumed run must keep "
+                f"{', '.join(differences)} as in {checkpoint / CONFIG}",
+            )
+        return checkpoint
+
+    # --- one step ---------------------------------------------------------------------------
+
+    def step(self, batch: dict[str, Any] | None) -> StepResult:
+        """One optimizer step on the global batch."""
+        if batch is not None:
+            self._local_skipped.update(batch["skipped"])
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = compute_gradients(
+            self.model, batch, self.params, self.device, self.config.optim.precision, self.scaler
+        )
+        if loss is not None:
+            if self.config.optim.grad_clip > 0:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.params, self.config.optim.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        # The schedule advances even on an empty batch, so it stays tied to the data position.
+        self.scheduler.step()
+        self.progress.step += 1
+        return StepResult(loss, lr)
+
+    # --- validation and checkpoints -------------------------------------------------------------
+
+    def validate(self) -> None:
+        """Rank 0 evaluates the validation split and keeps ``best.safetensors``; others wait."""
+        if self.data.val is None:
+            return
+        if self.world.is_main:
+            results = evaluate(
+                self.model, self.data.val, self.config.run.eval_batch_size, self.device,
+                self.config.optim.precision, self.config.data.num_workers, progress=self.config.run.progress,
+            )
+            r1 = results["t2v"]["R1"]
+            self.log.write("val", self.progress.step, {"t2v": results["t2v"], "v2t": results["v2t"]})
+            self.summary.last_val = results
+            if self.progress.best_r1 is None or r1 > self.progress.best_r1:
+                self.progress.best_r1, self.progress.best_step = r1, self.progress.step
+                save_trained_weights(self.model, self.output / BEST, self.config)
+            self.summary.best_val_r1, self.summary.best_step = self.progress.best_r1, self.progress.best_step
+        self.model.train()
+        barrier()
+
+    def save(self) -> None:
+        """Write ``last/`` (rank 0), after collecting every process's skipped videos."""
+        skipped = set().union(*all_gather_objects(sorted(self._local_skipped)))
+        self.progress.skipped_videos = sorted(skipped)
+        if self.world.is_main:
+            save_checkpoint(
+                self.output / LAST, self.model, self.config, self.optimizer, self.scheduler, self.scaler,
+                self.progress, self.sampler.steps_per_epoch,
+            )
+        barrier()
+
+    # --- the loop ----------------------------------------------------------------------------
+
+    def run(self) -> TrainSummary:
+        stop_after = self.config.run.stop_after
+        end = self.total_steps if stop_after is None else min(self.total_steps, stop_after)
+        steps_per_epoch = self.sampler.steps_per_epoch
+        bar = tqdm(
+            total=self.total_steps, initial=self.progress.step, desc="training", unit="step",
+            disable=not (self.world.is_main and self.config.run.progress),
+        )
+        saved_at = self.progress.step
+        window: list[StepResult] = []
+        while self.progress.step < end:
+            self.sampler.set_epoch(self.progress.epoch(steps_per_epoch), self.progress.batch_in_epoch(steps_per_epoch))
+            for batch in self.loader:
+                result = self.step(batch)
+                step = self.progress.step
+                bar.update(1)
+                if result.loss is not None:
+                    window.append(result)
+                    self.summary.losses.append(result.loss)
+                    bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{result.lr:.2e}")
+                if window and (step % self.config.run.log_every == 0 or step == end):
+                    self._log_train(step, window)
+                    window = []
+                epoch_end = step % steps_per_epoch == 0
+                eval_due = self.config.run.eval_every and step % self.config.run.eval_every == 0
+                if epoch_end or eval_due:
+                    self.validate()
+                    self.save()
+                    saved_at = step
+                if step >= end:
+                    break
+        bar.close()
+        if saved_at != self.progress.step:
+            self.save()
+        return self._finish()
+
+    def _log_train(self, step: int, window: list[StepResult]) -> None:
+        """Mean loss over the steps since the last record, and the latest learning rate."""
+        if self.log is not None:
+            values = {
+                "loss": sum(r.loss for r in window) / len(window),
+                "lr": window[-1].lr,
+                "epoch": round(step / self.sampler.steps_per_epoch, 4),
+            }
+            self.log.write("train", step, values)
+
+    def _finish(self) -> TrainSummary:
+        summary = self.summary
+        summary.steps = self.progress.step
+        summary.stopped_early = self.progress.step < self.total_steps
+        summary.skipped_videos = list(self.progress.skipped_videos)
+        summary.last_checkpoint = str(self.output / LAST)
+        summary.best_weights = str(self.output / BEST) if (self.output / BEST).is_file() else None
+        if self.log is not None:
+            self.log.write("summary", self.progress.step, _summary_record(summary))
+            self.log.close()
+        return summary
+
+
+def _summary_record(summary: TrainSummary) -> dict[str, Any]:
+    record = dataclasses.asdict(summary)
+    record.pop("losses")
+    record.pop("last_val")
+    return record
+
+
+def _resume_differences(saved: TrainConfig, current: TrainConfig) -> dict[str, tuple[Any, Any]]:
+    """``{"optim.lr": (checkpoint value, current value)}`` for settings that must not change."""
+    compared = {
+        "model": (dataclasses.asdict(saved.model), dataclasses.asdict(current.model)),
+        "optim": (dataclasses.asdict(saved.optim), dataclasses.asdict(current.optim)),
+        "data": (
+            {name: getattr(saved.data, name) for name in RESUME_DATA_KEYS},
+            {name: getattr(current.data, name) for name in RESUME_DATA_KEYS},
+        ),
+    }
+    return {
+        f"{section}.{name}": (then[name], now[name])
+        for section, (then, now) in compared.items()
+        for name in then
+        if then[name] != now[name]
+    }
+
+
+def train(config: TrainConfig, resume: bool = False, data: TrainData | None = None, source: str = "config") -> TrainSummary:
+    """Train (or, with ``resume``, continue) the run ``config`` describes.
+
+    Args:
+        config: a checked config (see :func:`tempme_train.config.load_config`).
+        resume: continue from ``<run.output_dir>/last``; otherwise that folder must not hold a run.
+        data: datasets to use instead of the ones the config names (tests, custom pipelines).
+        source: where the config came from, for error messages.
+
+    Returns:
+        A :class:`TrainSummary`. Raises ConfigError / FileNotFoundError / ValueError before the
+        first step when the config, the data or the output folder cannot be used.
+    """
+    use_cuda = config.run.device.startswith("cuda") or (config.run.device == "auto" and torch.cuda.is_available())
+    # Leave a process group that the caller created (e.g. a test harness) for the caller to close.
+    group_existed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    world = init_distributed(use_cuda)
+    try:
+        if config.optim.batch_size % world.world_size:
+            raise ConfigError(
+                source, "optim.batch_size", config.optim.batch_size,
+                f"the global batch must split evenly over {world.world_size} processes",
+            )
+        return Trainer(config, world, resume, data, source).run()
+    finally:
+        if world.distributed and not group_existed:
+            shutdown()

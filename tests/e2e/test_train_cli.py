@@ -1,0 +1,154 @@
+"""End to end on real (tiny) video files: tempme prepare, train, resume and eval through the CLI.
+
+An MSRVTT-format dataset of 12 short clips, one of them corrupt and one missing, and a 32-pixel
+model registered as a preset; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+
+import tempme
+from tempme.config import CLIPConfig, TextConfig, VisionConfig
+from tempme_cli.main import main
+from tempme_train.config import CONFIG_DIR
+
+PRESET = "test-tiny-e2e"
+tempme.register_preset(
+    PRESET,
+    CLIPConfig(
+        embed_dim=16,
+        vision=VisionConfig(width=32, layers=4, heads=2, patch_size=16, image_size=32),
+        text=TextConfig(width=32, layers=1, heads=2),
+    ),
+)
+TRAIN_IDS = [f"video{i}" for i in range(10)]
+TEST_IDS = ["video20", "video21", "video22"]
+CORRUPT, MISSING = "video2", "video5"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matrices: a second thread only adds contention on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_clip(path: Path, seed: int) -> None:
+    """A 3 s, 5 fps, 32x32 clip of smoothly moving colour noise."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 255, size=(32, 32, 3), dtype=np.uint8)
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("mpeg4", rate=Fraction(5))
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        for index in range(15):
+            pixels = np.roll(base, index, axis=1)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
+        container.mux(stream.encode(None))
+
+
+@pytest.fixture(scope="module")
+def run_config(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("msrvtt")
+    anno, videos = root / "anno", root / "videos"
+    anno.mkdir()
+    videos.mkdir()
+    (anno / "MSRVTT_train.9k.csv").write_text("video_id\n" + "\n".join(TRAIN_IDS) + "\n")
+    sentences = [
+        {"video_id": vid, "caption": f"clip {i} take {k} of a {['red', 'blue', 'green'][k % 3]} scene", "sen_id": 2 * i + k}
+        for i, vid in enumerate(TRAIN_IDS)
+        for k in range(2)
+    ]
+    (anno / "MSRVTT_data.json").write_text(json.dumps({"videos": [], "sentences": sentences}))
+    with open(anno / "MSRVTT_JSFUSION_test.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["key", "vid_key", "video_id", "sentence"])
+        for i, vid in enumerate(TEST_IDS):
+            writer.writerow([f"ret{i}", f"msr{i}", vid, f"test clip number {i}"])
+    for seed, vid in enumerate(TRAIN_IDS + TEST_IDS):
+        if vid == CORRUPT:
+            (videos / f"{vid}.mp4").write_bytes(b"not a video at all" * 100)
+        elif vid != MISSING:
+            write_clip(videos / f"{vid}.mp4", seed)
+    config = root / "run.yaml"
+    config.write_text(
+        f"""\
+base: {CONFIG_DIR / '_msrvtt.yaml'}
+model: {{preset: {PRESET}, weights: null, frames: 4}}
+data:
+  anno_path: {anno}
+  video_dir: {videos}
+  holdout_videos: 3
+  max_frames: 4
+  image_size: 32
+  max_words: 16
+  num_workers: 1
+optim: {{batch_size: 4, epochs: 2, lr: 1.0e-2}}
+run: {{output_dir: {root / 'run'}, eval_every: 2, log_every: 1, progress: false}}
+"""
+    )
+    return config
+
+
+def test_train_stop_resume_and_evaluate(run_config, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TEMPME_CACHE", str(tmp_path / "cache"))
+    output = run_config.parent / "run"
+    # 7 training videos with files (10 - 3 held out) minus the missing one -> 12 pairs, 3 steps per epoch.
+    with pytest.warns(UserWarning, match=MISSING):
+        assert main(["train", "--config", str(run_config), "run.stop_after=2"]) == 0
+    printed = capsys.readouterr().out
+    assert "steps: 2/6 (stopped early" in printed and f"missing videos: {MISSING}" in printed
+    with pytest.warns(UserWarning, match=MISSING):
+        assert main(["train", "--config", str(run_config), "--resume"]) == 0
+    printed = capsys.readouterr().out
+    assert "steps: 6/6\n" in printed and f"undecodable (skipped) videos: {CORRUPT}" in printed
+    records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
+    assert all(r["t2v"]["num_queries"] == 6 for r in records if r["kind"] == "val")  # 3 held-out videos x 2
+
+    assert main(["eval", "--checkpoint", str(output), "--json"]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["split"] == "test" and first["num_videos"] == 3 and first["weights"].endswith("best.safetensors")
+    assert set(first["t2v"]) >= {"R1", "R5", "R10", "R50", "MdR", "MnR", "RSum"}
+    assert first["cache"].startswith(str(tmp_path / "cache"))
+    assert main(["eval", "--checkpoint", str(output / "last"), "--json", "--split", "val"]) == 0
+    val = json.loads(capsys.readouterr().out)
+    assert val["num_captions"] == 6 and val["v2t"]["num_queries"] == 3
+    assert main(["eval", "--checkpoint", str(output), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["cache"] == first["cache"]
+
+
+def test_zero_shot_eval_prints_a_table(run_config, capsys, tmp_path):
+    assert main(["eval", "--config", str(run_config), "--cache-dir", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "Text->Video" in printed and "Video->Text" in printed and "R@1" in printed
+
+
+def test_prepare_fills_the_frame_cache_and_lists_bad_videos(run_config, tmp_path, capsys):
+    cache = tmp_path / "frames"
+    assert main(["prepare", "--config", str(run_config), f"data.frame_cache={cache}", "--workers", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert "11 videos cached, 1 undecodable, 1 missing" in printed
+    assert CORRUPT in printed and MISSING in printed
+    assert len(list(cache.rglob("*.npy"))) == 11
+
+
+def test_bad_settings_fail_before_training_with_the_key_and_value(run_config, tmp_path, capsys):
+    assert main(["train", "--config", str(run_config), "data.video_dir=/no/such/folder", "--output", str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert "data.video_dir" in error and "/no/such/folder" in error
+    assert main(["train", "--config", str(run_config), "optim.lr=fast", "--output", str(tmp_path)]) == 2
+    assert "optim.lr" in capsys.readouterr().err and not (tmp_path / "metrics.jsonl").exists()
+    strict = ["train", "--config", str(run_config), "data.strict=true", "--output", str(tmp_path)]
+    assert main(strict) == 2
+    assert f"{MISSING}.mp4" in capsys.readouterr().err

@@ -1,0 +1,323 @@
+"""The training loop on a tiny model and an in-memory dataset (no video decoding).
+
+(a) training lowers the loss; (b) an interrupted and resumed run ends with exactly the parameters
+of an uninterrupted one; (c) two processes compute the same gradients as one process on the same
+global batch; plus the sampler, the loss, checkpoints and evaluation caching.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch.utils.data import Dataset
+
+import tempme
+from tempme.config import CLIPConfig, TextConfig, VisionConfig
+from tempme.data import SkippedVideo, collate_skip_bad
+from tempme_train.checkpoint import LAST, find_checkpoint
+from tempme_train.config import ConfigError, TrainConfig, config_from_dict
+from tempme_train.data import EpochSampler, TrainData
+from tempme_train.evaluate import EvalSet, evaluate
+from tempme_train.loss import contrastive_loss
+from tempme_train.modeling import build_model, load_trained_weights, trainable_parameters
+from tempme_train.train import compute_gradients, train
+
+FRAMES, SIZE, WORDS = 4, 32, 16
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matrices: a second thread only adds contention on a shared 2-core machine (10x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+PRESET = "test-tiny-32px"
+# A 4-layer, 32-pixel model: 2x2 patches per frame, so a step takes milliseconds.
+tempme.register_preset(
+    PRESET,
+    CLIPConfig(
+        embed_dim=16,
+        vision=VisionConfig(width=32, layers=4, heads=2, patch_size=16, image_size=SIZE),
+        text=TextConfig(width=32, layers=1, heads=2),
+    ),
+)
+ANIMALS = ["cat", "dog", "horse", "bird", "fish", "cow", "goat", "fox"]
+COLOURS = ["red", "blue", "green", "white", "black", "yellow"]
+
+
+def caption(i: int) -> str:
+    return f"a {COLOURS[i % len(COLOURS)]} {ANIMALS[i % len(ANIMALS)]} number {i}"
+
+
+class SyntheticPairs(Dataset):
+    """``n`` (video, caption) pairs shaped like ``tempme.data.RetrievalPairs`` samples; video ``bad`` is undecodable."""
+
+    def __init__(self, n: int, bad: int | None = None):
+        generator = torch.Generator().manual_seed(0)
+        self.videos = torch.randn(n, FRAMES, 3, SIZE, SIZE, generator=generator)
+        self.captions = [caption(i) for i in range(n)]
+        self.ids, self.mask = tempme.tokenize(self.captions, WORDS)
+        self.bad = bad
+
+    def __len__(self) -> int:
+        return len(self.videos)
+
+    def __getitem__(self, i: int):
+        if i == self.bad:
+            return SkippedVideo(f"v{i}", Path(f"v{i}.mp4"), "corrupt")
+        return {"video": self.videos[i], "video_mask": torch.ones(FRAMES, dtype=torch.long),
+                "text_ids": self.ids[i], "text_mask": self.mask[i], "index": i, "video_id": f"v{i}"}
+
+
+class SyntheticVideos(Dataset):
+    """The videos of a :class:`SyntheticPairs`, shaped like ``tempme.data.RetrievalVideos`` samples."""
+
+    def __init__(self, pairs: SyntheticPairs):
+        self.pairs = pairs
+        self.reads = 0
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int):
+        self.reads += 1
+        return {"video": self.pairs.videos[i], "video_mask": torch.ones(FRAMES, dtype=torch.long), "index": i}
+
+
+def synthetic_data(n: int = 16, bad: int | None = None) -> TrainData:
+    pairs = SyntheticPairs(n, bad)
+    val = EvalSet("synthetic/val", SyntheticVideos(pairs), [f"v{i}" for i in range(n)], pairs.captions, list(range(n)))
+    return TrainData(pairs, val)
+
+
+def tiny_config(output_dir: Path, **sections) -> TrainConfig:
+    data = {
+        "model": {"preset": PRESET, "weights": None, "frames": FRAMES},
+        "data": {"max_frames": FRAMES, "image_size": SIZE, "max_words": WORDS, "num_workers": 0},
+        "optim": {"lr": 1e-2, "batch_size": 8, "epochs": 3},
+        "run": {"output_dir": str(output_dir), "eval_every": 0, "log_every": 1, "progress": False},
+    }
+    for section, values in sections.items():
+        data[section].update(values)
+    return config_from_dict(data, "test config")
+
+
+def trained_state(output_dir: Path, config: TrainConfig) -> dict[str, torch.Tensor]:
+    """The trainable parameters stored in the run's last checkpoint."""
+    model = build_model(config)
+    load_trained_weights(model, output_dir / LAST / "weights.safetensors")
+    return {name: param.detach().clone() for name, param in trainable_parameters(model).items()}
+
+
+# --- (a) training lowers the loss --------------------------------------------------------------
+
+
+def test_training_lowers_the_loss_and_writes_outputs(tmp_path):
+    config = tiny_config(tmp_path, optim={"epochs": 8, "warmup": 0.0, "lr": 3e-2})
+    summary = train(config, data=synthetic_data())
+    losses = summary.losses
+    assert summary.steps == summary.total_steps == 16 and not summary.stopped_early
+    assert sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3
+    assert {"config.yaml", "metrics.jsonl", "best.safetensors", "last"} <= set(os.listdir(tmp_path))
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    kinds = [record["kind"] for record in records]
+    assert kinds.count("train") == 16 and kinds.count("val") == 8 and kinds[-1] == "summary"
+    assert records[0]["lr"] == pytest.approx(3e-2) and records[0]["loss"] == pytest.approx(losses[0])
+    val_r1 = [record["t2v"]["R1"] for record in records if record["kind"] == "val"]
+    assert summary.best_val_r1 == max(val_r1)
+
+
+def test_only_adapters_train_and_the_frozen_weights_stay(tmp_path):
+    config = tiny_config(tmp_path, optim={"epochs": 1})
+    before = build_model(config).state_dict()
+    train(config, data=synthetic_data())
+    after = build_model(config)
+    load_trained_weights(after, tmp_path / "best.safetensors")
+    for name, tensor in after.state_dict().items():
+        changed = not torch.equal(tensor, before[name])
+        assert changed == ("lora_b" in name or "lora_a" in name) or ("clip_pos_embed" in name), name
+
+
+def test_full_finetuning_trains_and_saves_every_weight_but_the_logit_scale(tmp_path):
+    config = tiny_config(tmp_path, model={"trainable": "full"}, optim={"epochs": 1})
+    before = build_model(config).state_dict()
+    train(config, data=synthetic_data())
+    after = build_model(config)
+    load_trained_weights(after, tmp_path / "best.safetensors")
+    unchanged = [name for name, tensor in after.state_dict().items() if torch.equal(tensor, before[name])]
+    assert "logit_scale" in unchanged and "visual.conv1.weight" not in unchanged
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_runs(tmp_path, precision):
+    summary = train(tiny_config(tmp_path, optim={"epochs": 1, "precision": precision}), data=synthetic_data())
+    assert summary.steps == 2 and all(math.isfinite(loss) for loss in summary.losses)
+    assert summary.best_val_r1 is not None
+
+
+# --- (b) resume --------------------------------------------------------------------------------
+
+
+def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
+    data = synthetic_data(24)
+    full = tiny_config(tmp_path / "full", run={"eval_every": 2})
+    train(full, data=data)
+
+    parts = tiny_config(tmp_path / "parts", run={"eval_every": 2, "stop_after": 4})
+    first = train(parts, data=data)
+    assert first.stopped_early and first.steps == 4
+    # A mid-epoch stop: 3 steps per epoch, so step 4 is the first batch of the second epoch.
+    parts = tiny_config(tmp_path / "parts", run={"eval_every": 2})
+    second = train(parts, resume=True, data=data)
+    assert second.steps == 9 and not second.stopped_early and len(second.losses) == 5
+
+    expected, got = trained_state(tmp_path / "full", full), trained_state(tmp_path / "parts", parts)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+
+
+def test_resume_refuses_other_settings_and_fresh_runs_refuse_old_folders(tmp_path):
+    data = synthetic_data()
+    train(tiny_config(tmp_path, run={"stop_after": 1}), data=data)
+    with pytest.raises(ValueError, match="--resume"):
+        train(tiny_config(tmp_path), data=data)
+    with pytest.raises(ConfigError, match="optim.lr"):
+        train(tiny_config(tmp_path, optim={"lr": 1e-3}), resume=True, data=data)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train(tiny_config(tmp_path / "elsewhere"), resume=True, data=data)
+    assert find_checkpoint(tmp_path) == tmp_path / LAST
+
+
+def test_undecodable_videos_are_skipped_and_reported(tmp_path):
+    summary = train(tiny_config(tmp_path, optim={"epochs": 1}), data=synthetic_data(bad=3))
+    assert summary.skipped_videos == ["v3"] and summary.steps == 2
+
+
+# --- (c) distributed --------------------------------------------------------------------------
+
+
+def global_batch() -> list[dict]:
+    pairs = SyntheticPairs(8)
+    return [pairs[i] for i in range(8)]
+
+
+def gradients(world_size: int, rank: int) -> dict:
+    """This process's share of an 8-pair global batch, through ``compute_gradients``."""
+    model = build_model(tiny_config(Path("unused")))
+    params = trainable_parameters(model)
+    share = len(global_batch()) // world_size
+    local = collate_skip_bad(global_batch()[rank * share : (rank + 1) * share])
+    loss = compute_gradients(model, local, list(params.values()), torch.device("cpu"))
+    return {"loss": loss, "grads": {name: p.grad for name, p in params.items()}}
+
+
+def distributed_worker(rank: int, world_size: int, port: int, folder: str) -> None:
+    """One of two processes: save the gradients of one global batch, then run a whole training."""
+    torch.set_num_threads(1)
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size)
+    )
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
+    result = gradients(world_size, rank)
+    if rank == 0:
+        torch.save(result, Path(folder) / "gradients.pt")
+    train(tiny_config(Path(folder) / "run", run={"eval_every": 2, "device": "cpu"}), data=synthetic_data())
+    torch.distributed.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_processes_give_the_gradients_and_training_of_one_process(tmp_path):
+    # Both checks share one pair of processes: starting them costs more than the checks.
+    mp.spawn(distributed_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+
+    one, two = gradients(1, 0), torch.load(tmp_path / "gradients.pt")
+    assert two["loss"] == pytest.approx(one["loss"], abs=1e-6)
+    assert one["grads"].keys() == two["grads"].keys()
+    for name, grad in one["grads"].items():
+        assert grad is not None and torch.allclose(two["grads"][name], grad, atol=1e-6, rtol=1e-5), name
+
+    config = tiny_config(tmp_path / "single", run={"eval_every": 2, "device": "cpu"})
+    train(config, data=synthetic_data())
+    single, double = trained_state(tmp_path / "single", config), trained_state(tmp_path / "run", config)
+    for name in single:
+        assert torch.allclose(single[name], double[name], atol=1e-5), name
+    assert (tmp_path / "run" / "best.safetensors").is_file()
+
+
+def test_sampler_shards_cover_the_single_process_batches():
+    single = list(EpochSampler(20, global_batch=8, seed=3))
+    shards = [list(EpochSampler(20, global_batch=8, world_size=2, rank=r, seed=3)) for r in (0, 1)]
+    assert len(single) == 16  # 2 full global batches; 4 samples dropped
+    for step in range(2):
+        together = shards[0][step * 4 : step * 4 + 4] + shards[1][step * 4 : step * 4 + 4]
+        assert together == single[step * 8 : step * 8 + 8]
+
+
+def test_sampler_resumes_mid_epoch_and_reshuffles_per_epoch():
+    sampler = EpochSampler(24, global_batch=8, seed=0)
+    sampler.set_epoch(1)
+    epoch_one = list(sampler)
+    sampler.set_epoch(1, start_batch=2)
+    assert list(sampler) == epoch_one[16:] and len(sampler) == 8
+    sampler.set_epoch(2)
+    assert [i for i, _ in sampler] != [i for i, _ in epoch_one]
+
+
+# --- loss and evaluation ------------------------------------------------------------------------
+
+
+def test_contrastive_loss_by_hand():
+    text = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    video = torch.tensor([[3.0, 0.0], [1.0, 1.0]])
+    scale = torch.tensor(math.log(10.0))
+    # Normalised: logits = 10 * [[1, 1/sqrt2], [0, 1/sqrt2]].
+    s = 10 / math.sqrt(2)
+    rows = (-math.log(math.exp(10) / (math.exp(10) + math.exp(s))) - math.log(math.exp(s) / (1 + math.exp(s)))) / 2
+    cols = (-math.log(math.exp(10) / (math.exp(10) + 1)) - math.log(math.exp(s) / (2 * math.exp(s)))) / 2
+    assert contrastive_loss(text, video, scale).item() == pytest.approx((rows + cols) / 2, rel=1e-6)
+
+
+def test_evaluation_is_cached_by_weights_and_data(tmp_path):
+    config = tiny_config(tmp_path)
+    model = build_model(config)
+    data = synthetic_data(8)
+    first = evaluate(model, data.val, batch_size=4, cache_dir=tmp_path / "cache", progress=False)
+    assert data.val.videos.reads == 8
+    again = evaluate(model, data.val, batch_size=4, cache_dir=tmp_path / "cache", progress=False)
+    assert data.val.videos.reads == 8 and again["t2v"] == first["t2v"] and again["cache"] == first["cache"]
+    with torch.no_grad():
+        next(iter(trainable_parameters(model).values())).add_(1.0)
+    changed = evaluate(model, data.val, batch_size=4, cache_dir=tmp_path / "cache", progress=False)
+    assert data.val.videos.reads == 16 and changed["cache"] != first["cache"]
+    assert set(first["t2v"]) >= {"R1", "R5", "R10", "R50", "MdR", "MnR", "RSum"}
+
+
+def test_evaluation_handles_several_captions_and_undecodable_videos(tmp_path):
+    model = build_model(tiny_config(tmp_path))
+    pairs = SyntheticPairs(4)
+
+    class SomeBad(SyntheticVideos):
+        def __getitem__(self, i):
+            return SkippedVideo("v2", Path("v2.mp4"), "corrupt") if i == 2 else super().__getitem__(i)
+
+    captions = [caption(i) for i in range(8)]
+    eval_set = EvalSet("two-each", SomeBad(pairs), ["v0", "v1", "v2", "v3"], captions, [0, 0, 1, 1, 2, 2, 3, 3])
+    results = evaluate(model, eval_set, batch_size=2, progress=False)
+    assert results["skipped"] == ["v2"] and results["num_videos"] == 3 and results["num_captions"] == 6
+    assert results["t2v"]["num_queries"] == 6 and results["v2t"]["num_queries"] == 3
