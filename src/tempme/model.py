@@ -27,10 +27,14 @@ class QuickGELU(nn.Module):
 
 
 class LayerNorm(nn.LayerNorm):
-    """LayerNorm computed in float32, as OpenAI CLIP does, so fp16 weights stay stable."""
+    """LayerNorm computed in float32 for fp16 inputs, as OpenAI CLIP does, so half precision stays stable."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).to(x.dtype) if x.dtype == torch.float16 else super().forward(x)
+        if x.dtype != torch.float16:
+            return super().forward(x)
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -75,9 +79,10 @@ class Attention(nn.Module):
         attn_mask: torch.Tensor | None = None,
         log_size: torch.Tensor | None = None,
         size_in_channels: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x ``[B, N, D]`` -> attention output ``[B, N, D]`` and keys averaged over heads ``[B, N, D/heads]``
-        (the ImgMe / intra-clip merge metric).
+        return_metric: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x ``[B, N, D]`` -> attention output ``[B, N, D]`` and, with ``return_metric``, the keys averaged
+        over heads ``[B, N, D/heads]`` (the ImgMe / intra-clip merge metric), else ``None``.
 
         ``attn_mask`` (broadcastable to ``[B, heads, N, N]``) is added to the logits. ``log_size [B, N]``
         adds log(size) of each key (proportional attention), either as a mask or, with
@@ -97,7 +102,7 @@ class Attention(nn.Module):
                 attn_mask = attn_mask.to(q.dtype)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         out = out.transpose(1, 2).reshape(batch, tokens, width)
-        return self.out_proj(out), k.mean(dim=1)
+        return self.out_proj(out), k.mean(dim=1) if return_metric else None
 
 
 def attention_with_size_channel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_size: torch.Tensor) -> torch.Tensor:
@@ -240,9 +245,11 @@ class VisionTransformer(nn.Module):
             if step.kind == "clipme":
                 state = self.cross_clip_merge(state, block, step)
             log_size = state.size[..., 0].log() if self.merge.prop_attn and state.size is not None else None
-            attn_out, keys = block.attn(block.ln_1(state.x), log_size=log_size, size_in_channels=size_in_channels)
+            r = self.merge_count(step, state)  # attention keeps the token count, so it is known already
+            attn_out, keys = block.attn(
+                block.ln_1(state.x), log_size=log_size, size_in_channels=size_in_channels, return_metric=r > 0
+            )
             state = VideoTokens(state.x + attn_out, state.size, state.source, videos, state.num_cls)
-            r = self.merge_count(step, state)
             if r > 0:
                 state = self.merge_weighted(state, keys, r)
             state = dataclasses.replace(state, x=state.x + block.mlp(block.ln_2(state.x)))

@@ -4,7 +4,8 @@ Follows the CLIP4Clip / TempMe evaluation protocol: similarity is
 ``100 * cosine``; text-to-video (t2v) ranks videos for each caption on ``S``,
 video-to-text (v2t) ranks captions for each video on ``S^T``. Reported
 metrics are R@1/5/10/50 (percent), median rank MdR and mean rank MnR (both
-1-based) and RSum = R@1 + R@5 + R@10.
+1-based) and RSum = R@1 + R@5 + R@10. ``contrastive_loss`` is the training objective on the same
+similarities.
 """
 
 from __future__ import annotations
@@ -213,3 +214,25 @@ def format_metrics_table(t2v: dict, v2t: dict) -> str:
 
     rule = "-" * len(fmt(header))
     return "\n".join([fmt(header), rule] + [fmt(r) for r in rows])
+
+
+def contrastive_loss(text: torch.Tensor, video: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE: pair i is (text i, video i); every other pairing in the batch is a negative.
+
+    Args:
+        text: ``[B, D]`` text embeddings (any norm).
+        video: ``[B, D]`` video embeddings (any norm).
+        logit_scale: scalar, the log of the inverse temperature (CLIP's ``ln 100``); frozen in the
+            recipe, so it is used as a constant here.
+
+    Returns:
+        Scalar ``(CE over rows + CE over columns) / 2`` of ``exp(logit_scale) * t_norm @ v_norm^T``.
+        Computed in float32 even under autocast; duplicate videos in a batch are not masked.
+    """
+    if text.shape != video.shape or text.dim() != 2:
+        raise ValueError(f"expected matching [B, D] text and video embeddings, got {list(text.shape)} and {list(video.shape)}")
+    text = F.normalize(text.float(), dim=-1)
+    video = F.normalize(video.float(), dim=-1)
+    logits = logit_scale.detach().float().exp() * text @ video.T
+    targets = torch.arange(logits.shape[0], device=logits.device)
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2

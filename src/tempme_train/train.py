@@ -39,7 +39,7 @@ from .distributed import (
     shutdown,
 )
 from .evaluate import autocast, evaluate
-from .loss import contrastive_loss
+from tempme.retrieval import contrastive_loss
 from .modeling import build_model, save_trained_weights, trainable_parameters
 from .optim import build_optimizer, build_scheduler
 from .tracking import MetricsLog, require_tensorboard

@@ -141,3 +141,15 @@ def test_size_channel_attention_equals_the_bias_form():
         model.visual.size_in_channels = True
         with_channel = model.encode_video(video)
     torch.testing.assert_close(with_channel, with_bias, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_models_run_and_agree(dtype):
+    torch.manual_seed(0)
+    model = tempme.create_model("tiny-B/32", frames=12).eval()
+    video = torch.randn(1, 12, 3, 224, 224)
+    with torch.no_grad():
+        reference = model.encode_video(video)
+        half = model.to(dtype).encode_video(video.to(dtype))
+    assert half.dtype == dtype
+    torch.testing.assert_close(half.float(), reference, atol=0.05, rtol=0.05)

@@ -25,7 +25,7 @@ from tempme_train.checkpoint import LAST, find_checkpoint
 from tempme_train.config import ConfigError, TrainConfig, config_from_dict
 from tempme_train.data import EpochSampler, TrainData
 from tempme_train.evaluate import EvalSet, evaluate
-from tempme_train.loss import contrastive_loss
+from tempme.retrieval import contrastive_loss
 from tempme_train.modeling import build_model, load_trained_weights, trainable_parameters
 from tempme_train.train import compute_gradients, train
 

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Every GPU figure of docs/benchmarks.md in one run of about 8 minutes on one H100.
+#
+#   OUT=/some/folder bash scripts/gpu_bench.sh [extra scripts/gpu_bench.py options]
+#
+# Run from the repository root. Writes $OUT/bench.json (every step's results, rewritten as each step
+# ends) and $OUT/bench.log. Steps, most wanted first (see scripts/gpu_bench.py): ViT-B/16, 12 frames,
+# bf16, batch 32 inference, eager, with the plain-ViT baselines; a ViT-B/16 training step for none and
+# tempme; ViT-B/32 inference, eager; ViT-B/16 inference compiled, one method per process. Each step has
+# its own time limit and all share BUDGET seconds (default 450), so nothing can hang past that.
+set -u
+OUT=${OUT:-runs/gpu_bench}
+BUDGET=${BUDGET:-450}
+PYTHON=${PYTHON:-python3}
+
+run() {
+    export PYTHONUNBUFFERED=1
+    # The GPU machine has torch but no network: pip can fetch neither the pinned torch==2.13.0 nor
+    # anything else, so the package runs from src/ rather than being installed. Of its imports only
+    # ftfy (and its wcwidth) is missing there: they travel as wheels in .whl/ (docs/benchmarks.md).
+    if ! "$PYTHON" -c "import ftfy" 2>/dev/null; then
+        "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+            || { echo "ftfy is missing and .whl/ does not provide it"; return 1; }
+        export PYTHONPATH=/tmp/site
+    fi
+    export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
+
+    date -u
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+    "$PYTHON" -c "import platform, torch; print('python', platform.python_version(), 'torch', torch.__version__, 'cuda', torch.version.cuda)"
+    "$PYTHON" scripts/gpu_bench.py --out "$OUT" --budget "$BUDGET" "$@"
+    local status=$?
+    date -u
+    return $status
+}
+
+mkdir -p "$OUT"
+run "$@" 2>&1 | tee "$OUT/bench.log"
+exit "${PIPESTATUS[0]}"

@@ -1,0 +1,578 @@
+"""Measure the video encoder's inference speed and a LoRA training step's speed and memory.
+
+Everything runs on random weights and random inputs: speed does not depend on the values (token
+merging picks *which* tokens merge from the data, but always merges the same number).
+
+Inference casts the model to the chosen dtype, as a deployed model would be; training keeps float32
+weights and runs under autocast, as mixed-precision training does. All methods of a call are built
+first and timed in alternating rounds in one process, so the ratios against ``none`` compare like
+with like even on a machine that other work shares.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import platform
+import statistics
+import time
+import weakref
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from .config import MERGE_METHODS, CLIPConfig, VisionConfig, get_preset
+from .factory import create_model
+from .retrieval import contrastive_loss
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+BASELINES = ("plain-vit", "timm-vit")
+TIMM_MODELS = {
+    "ViT-B/32": "vit_base_patch32_clip_224",
+    "ViT-B/16": "vit_base_patch16_clip_224",
+    "ViT-L/14": "vit_large_patch14_clip_224",
+}
+SOT_TOKEN, EOT_TOKEN = 49406, 49407
+MIB = 2**20
+
+
+@dataclass
+class Result:
+    """One method's measurement. Times are seconds per batch; memory is MiB.
+
+    ``step_memory_mb``: the most tensor memory one step held at once beyond what existed before it
+    (weights, inputs and optimizer state excluded), see ``measure_step_memory``. ``weights_mb``: the
+    parameters and buffers of the model timed (inference: the video encoder; training: the whole model).
+    Their sum is what the method needs at its peak, less the inputs and (training) optimizer state.
+    """
+
+    mode: str  # "inference" or "training"
+    model: str
+    method: str
+    frames: int
+    batch: int
+    device: str
+    device_name: str
+    threads: int  # torch's intra-op CPU threads
+    dtype: str
+    compiled: bool
+    first_call_s: float  # the first call, compilation included when compiled
+    times_s: list[float]
+    median_s: float
+    videos_per_s: float
+    step_memory_mb: float | None
+    weights_mb: float
+    speedup_vs_none: float | None = None
+    memory_vs_none: float | None = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What every method of one benchmark call shares."""
+
+    mode: str
+    preset: str
+    frames: int
+    batch: int
+    device: torch.device
+    dtype: str
+    compiled: bool
+
+
+# ----------------------------------------------------------------------------- devices and timing
+
+
+def resolve_device(name: str) -> torch.device:
+    """``cpu`` or ``cuda[:N]``; a clear error where CUDA is not there."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; use cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device {name!r} asked for, but CUDA is not available (torch {torch.__version__}, "
+            f"built with CUDA {torch.version.cuda or 'none'}); use --device cpu"
+        )
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {name!r}; use cpu or cuda")
+    return device
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}") from None
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model name from /proc/cpuinfo (falling back to ``platform``)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so wall-clock times cover it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class Timing:
+    first_call_s: float
+    times_s: list[float]
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.times_s)
+
+
+def check_counts(batch: int, repeats: int, warmup: int) -> None:
+    """Fail before any model is built."""
+    if batch < 1 or repeats < 1 or warmup < 0:
+        raise ValueError(f"need batch >= 1, repeats >= 1 and warmup >= 0; got {batch}, {repeats}, {warmup}")
+
+
+def time_interleaved(
+    steps: dict[str, Callable[[], object]], device: torch.device, repeats: int, warmup: int
+) -> dict[str, Timing]:
+    """Time several steps in rounds: a first call (compilation, lazy set-up) and ``warmup`` untimed
+    calls of each, then ``repeats`` rounds that time every step once.
+
+    Round-robin rather than one method after another: load from other processes on a shared machine
+    then falls on all methods alike, so their ratios stay fair even when absolute times drift.
+    """
+    first = {name: _timed(step, device) for name, step in steps.items()}
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    synchronize(device)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            times[name].append(_timed(step, device))
+    return {name: Timing(first[name], times[name]) for name in steps}
+
+
+def _timed(step: Callable[[], object], device: torch.device) -> float:
+    start = time.perf_counter()
+    step()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+class TensorMemoryTracker(TorchDispatchMode):
+    """Peak bytes of tensor storage allocated inside the context and still alive, for CPU runs.
+
+    The process's resident size is no use here: the C allocator keeps freed memory, so a second run
+    shows almost no growth. Instead every fresh tensor an aten op returns is counted until its last
+    reference (views included) is gone. Kernel scratch space that never becomes a tensor is missed,
+    and so is anything inside a ``torch.compile``d graph (its buffers bypass the dispatcher).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, list[int]] = {}  # storage -> [bytes, live tensors using it]
+        self.current = 0
+        self.peak = 0
+        self._finalizers: list[weakref.finalize] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        returns = func._schema.returns
+        if not returns:
+            return out
+        outputs = (out,) if len(returns) == 1 else out
+        for ret, value in zip(returns, outputs):
+            # Returns with alias information (views, in-place ops) share an input's storage.
+            fresh = ret.alias_info is None
+            for tensor in tree_leaves(value):
+                if isinstance(tensor, torch.Tensor):
+                    self._track(tensor, fresh)
+        return out
+
+    def _track(self, tensor: torch.Tensor, fresh: bool) -> None:
+        storage = tensor.untyped_storage()
+        key, nbytes = storage._cdata, storage.nbytes()
+        if key in self.live:
+            self.live[key][1] += 1
+        elif fresh and nbytes:
+            self.live[key] = [nbytes, 1]
+            self.current += nbytes
+            self.peak = max(self.peak, self.current)
+        else:
+            return  # a view of memory that existed before the context: not ours to count
+        self._finalizers.append(weakref.finalize(tensor, self._release, key))
+
+    def _release(self, key: int) -> None:
+        entry = self.live[key]
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.current -= entry[0]
+            del self.live[key]
+
+    def __exit__(self, *exc):
+        for finalizer in self._finalizers:
+            finalizer.detach()
+        return super().__exit__(*exc)
+
+
+def measure_step_memory(step: Callable[[], object], device: torch.device, compiled: bool) -> int | None:
+    """Bytes of tensor memory ``step`` held at its peak beyond what was allocated before it.
+
+    CUDA: ``max_memory_allocated`` after a reset, less what was allocated before. CPU: counted per
+    tensor (``TensorMemoryTracker``); unknown for compiled steps, whose buffers it cannot see.
+    """
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        step()
+        synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    if compiled:
+        return None
+    with TensorMemoryTracker() as tracker:
+        step()
+    return tracker.peak
+
+
+def weight_bytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+
+# ----------------------------------------------------------------------------- baselines
+
+
+class PlainBlock(nn.Module):
+    """A pre-LN transformer block with fused-QKV attention through ``scaled_dot_product_attention``."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.norm2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, width = x.shape
+        qkv = self.qkv(self.norm1(x)).view(batch, tokens, 3, self.heads, width // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        attn = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, tokens, width)
+        x = x + self.proj(attn)
+        return x + self.mlp(self.norm2(x))
+
+
+class PlainViT(nn.Module):
+    """A CLIP-sized image ViT with no LoRA and no merging: the speed reference for method ``none``.
+
+    images ``[N, 3, H, W]`` -> CLS embeddings ``[N, output_dim]``.
+    """
+
+    def __init__(self, vision: VisionConfig, output_dim: int):
+        super().__init__()
+        width = vision.width
+        self.patch_embed = nn.Conv2d(3, width, vision.patch_size, vision.patch_size, bias=False)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, width) * width**-0.5)
+        self.pos_embed = nn.Parameter(torch.randn(1, vision.tokens_per_frame, width) * width**-0.5)
+        self.norm_pre = nn.LayerNorm(width)
+        self.blocks = nn.Sequential(*(PlainBlock(width, vision.heads) for _ in range(vision.layers)))
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, output_dim, bias=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(images).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        x = self.blocks(self.norm_pre(x))
+        return self.head(self.norm(x[:, 0]))
+
+
+class FrameEncoder(nn.Module):
+    """Encode every frame with an image model and average the normalised frame embeddings, the way
+    TempMe's video encoder pools its per-frame CLS tokens."""
+
+    def __init__(self, image_encoder: nn.Module):
+        super().__init__()
+        self.image_encoder = image_encoder
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        videos, num_frames = frames.shape[:2]
+        features = F.normalize(self.image_encoder(frames.flatten(0, 1)), dim=-1)
+        return features.view(videos, num_frames, -1).mean(dim=1)
+
+
+def timm_available() -> bool:
+    try:
+        import timm  # noqa: F401
+    except Exception:  # timm fails in several ways where torchvision does not load
+        return False
+    return True
+
+
+def timm_encoder(preset: str, clip: CLIPConfig) -> nn.Module:
+    """timm's CLIP ViT of this preset's size, random weights, a head to the embedding size."""
+    if preset not in TIMM_MODELS:
+        raise ValueError(f"timm-vit has CLIP sizes only ({', '.join(TIMM_MODELS)}), not {preset!r}")
+    if not timm_available():
+        raise ValueError("timm-vit needs the timm package, which is not importable here")
+    import timm
+
+    return timm.create_model(TIMM_MODELS[preset], pretrained=False, num_classes=clip.embed_dim)
+
+
+# ----------------------------------------------------------------------------- inference
+
+
+def check_methods(methods: Iterable[str], allowed: Iterable[str]) -> tuple[str, ...]:
+    methods, allowed = tuple(methods), tuple(allowed)
+    unknown = [m for m in methods if m not in allowed]
+    if unknown or not methods:
+        raise ValueError(f"unknown or no method(s) {unknown}; choose from {', '.join(allowed)}")
+    return methods
+
+
+def build_video_encoder(preset: str, method: str, frames: int) -> nn.Module:
+    """``[B, F, 3, H, W]`` -> ``[B, D]``: TempMe's video encoder (LoRA folded) or a baseline."""
+    if method in MERGE_METHODS:
+        return create_model(preset, method=method, frames=frames).fold_lora().visual
+    clip = get_preset(preset)
+    if method == "plain-vit":
+        return FrameEncoder(PlainViT(clip.vision, clip.embed_dim))
+    return FrameEncoder(timm_encoder(preset, clip))
+
+
+def prepare_encoder(
+    preset: str, method: str, frames: int, device: torch.device, dtype: torch.dtype, compile: bool
+) -> nn.Module:
+    encoder = build_video_encoder(preset, method, frames).to(device=device, dtype=dtype).eval()
+    return torch.compile(encoder, dynamic=False) if compile else encoder
+
+
+def inference_step(encoder: nn.Module, video: torch.Tensor) -> Callable[[], torch.Tensor]:
+    def step() -> torch.Tensor:
+        with torch.inference_mode():
+            return encoder(video)
+
+    return step
+
+
+def benchmark_inference(
+    preset: str,
+    methods: Iterable[str] = MERGE_METHODS,
+    frames: int = 12,
+    batch: int = 4,
+    device: str = "cpu",
+    dtype: str = "fp32",
+    compile: bool = False,
+    repeats: int = 10,
+    warmup: int = 3,
+) -> list[Result]:
+    """Videos per second and memory of the video encoder, every method on the same random videos.
+
+    Methods: ``none``, ``tome``, ``tempme`` and the baselines ``plain-vit`` (our plain fused-attention
+    ViT of the same size) and ``timm-vit`` (timm's, where timm imports). ``compile`` wraps each encoder
+    in ``torch.compile(dynamic=False)``; compilation falls in ``first_call_s``, not in the timings.
+    """
+    methods = check_methods(methods, MERGE_METHODS + BASELINES)
+    check_counts(batch, repeats, warmup)
+    setup = Setup("inference", preset, frames, batch, resolve_device(device), dtype, compile)
+    torch_dtype = resolve_dtype(dtype)
+    size = get_preset(preset).vision.image_size
+    video = torch.randn(batch, frames, 3, size, size, device=setup.device, dtype=torch_dtype)
+    encoders = {m: prepare_encoder(preset, m, frames, setup.device, torch_dtype, compile) for m in methods}
+    steps = {m: inference_step(encoder, video) for m, encoder in encoders.items()}
+    return measure(setup, steps, encoders, repeats, warmup)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def random_captions(batch: int, length: int, device: torch.device) -> torch.Tensor:
+    """Token ids ``[batch, length]``: start token, random ordinary tokens, end token last (no tokenizer
+    needed; the text encoder reads its feature at the end token, the largest id)."""
+    ids = torch.randint(0, SOT_TOKEN, (batch, length), device=device)
+    ids[:, 0], ids[:, -1] = SOT_TOKEN, EOT_TOKEN
+    return ids
+
+
+@dataclass
+class TrainingStep:
+    """One contrastive step of the paper's fine-tuning: only LoRA and clip positional embeddings
+    train (AdamW); float32 weights under autocast, with loss scaling for fp16."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    video: torch.Tensor
+    captions: torch.Tensor
+    dtype: torch.dtype
+
+    def __call__(self) -> torch.Tensor:
+        device_type = self.video.device.type
+        with torch.autocast(device_type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            video, text = self.model(self.video, self.captions)
+            loss = contrastive_loss(text, video, self.model.logit_scale)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss.detach()
+
+
+def make_training_step(
+    preset: str, method: str, frames: int, batch: int, device: torch.device, dtype: torch.dtype
+) -> TrainingStep:
+    model = create_model(preset, method=method, frames=frames, device=device).train()
+    model.set_trainable("lora")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    size = model.visual.image_size
+    return TrainingStep(
+        model=model,
+        optimizer=torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.2),
+        scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
+        video=torch.randn(batch, frames, 3, size, size, device=device),
+        captions=random_captions(batch, model.config.max_words, device),
+        dtype=dtype,
+    )
+
+
+def benchmark_training(
+    preset: str,
+    methods: Iterable[str] = ("none", "tempme"),
+    frames: int = 12,
+    batch: int = 4,
+    device: str = "cpu",
+    dtype: str = "fp32",
+    repeats: int = 10,
+    warmup: int = 3,
+) -> list[Result]:
+    """Seconds per training step (video and text forward, symmetric InfoNCE, backward, AdamW on
+    LoRA + CPE), and the step's memory (optimizer state created in the first call is excluded)."""
+    methods = check_methods(methods, MERGE_METHODS)
+    check_counts(batch, repeats, warmup)
+    setup = Setup("training", preset, frames, batch, resolve_device(device), dtype, compiled=False)
+    steps = {m: make_training_step(preset, m, frames, batch, setup.device, resolve_dtype(dtype)) for m in methods}
+    return measure(setup, steps, {m: step.model for m, step in steps.items()}, repeats, warmup)
+
+
+# ----------------------------------------------------------------------------- reporting
+
+
+def measure(
+    setup: Setup, steps: dict[str, Callable[[], object]], models: dict[str, nn.Module], repeats: int, warmup: int
+) -> list[Result]:
+    """Time all steps together, then read each one's memory; ratios are against ``none``."""
+    timings = time_interleaved(steps, setup.device, repeats, warmup)
+    results = []
+    for method, step in steps.items():
+        step_bytes = measure_step_memory(step, setup.device, setup.compiled)
+        results.append(make_result(setup, method, timings[method], step_bytes, models[method]))
+    if "none" in timings:
+        add_ratios(results, timings)
+    return results
+
+
+def make_result(setup: Setup, method: str, timing: Timing, step_bytes: int | None, model: nn.Module) -> Result:
+    return Result(
+        mode=setup.mode,
+        model=setup.preset,
+        method=method,
+        frames=setup.frames,
+        batch=setup.batch,
+        device=str(setup.device),
+        device_name=device_name(setup.device),
+        threads=torch.get_num_threads(),
+        dtype=setup.dtype,
+        compiled=setup.compiled,
+        first_call_s=timing.first_call_s,
+        times_s=timing.times_s,
+        median_s=timing.median_s,
+        videos_per_s=setup.batch / timing.median_s,
+        step_memory_mb=None if step_bytes is None else round(step_bytes / MIB, 1),
+        weights_mb=round(weight_bytes(model) / MIB, 1),
+    )
+
+
+def add_ratios(results: list[Result], timings: dict[str, Timing]) -> None:
+    """Speed-up: the median over rounds of ``none``'s time over the method's time in the same round
+    (robust to load that changes between rounds). Memory: step memory over ``none``'s."""
+    none_times = timings["none"].times_s
+    none_memory = next(r.step_memory_mb for r in results if r.method == "none")
+    for result in results:
+        times = timings[result.method].times_s
+        result.speedup_vs_none = statistics.median(n / t for n, t in zip(none_times, times))
+        if result.step_memory_mb and none_memory:
+            result.memory_vs_none = result.step_memory_mb / none_memory
+
+
+def report(results: list[Result]) -> dict:
+    """A JSON-serialisable record of a run: when, with what software, and every result."""
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        # Other processes on the machine skew CPU timings; the load average tells a reader if they did.
+        "load_average_1m": os.getloadavg()[0],
+        "results": [result.to_dict() for result in results],
+    }
+
+
+def format_results(results: list[Result]) -> str:
+    """A plain-text table, headed by what was measured and where."""
+    if not results:
+        return "no results"
+    first = results[0]
+    threads = f", {first.threads} CPU threads" if first.device == "cpu" else ""
+    lines = [
+        f"{first.mode}: {first.model}, {first.frames} frames, batch {first.batch}, {first.dtype}, "
+        f"{first.device_name} ({first.device}{threads}), torch {torch.__version__}",
+    ]
+    columns = [  # (heading, format, value)
+        ("method", "{:<10}", lambda r: r.method),
+        ("compiled", "{:>8}", lambda r: "yes" if r.compiled else "no"),
+        ("first s", "{:>8}", lambda r: f"{r.first_call_s:.2f}"),
+        ("median ms", "{:>10}", lambda r: f"{r.median_s * 1e3:.1f}"),
+        ("videos/s", "{:>9}", lambda r: f"{r.videos_per_s:.2f}"),
+        ("vs none", "{:>8}", lambda r: _ratio(r.speedup_vs_none)),
+        ("step MiB", "{:>9}", lambda r: _number(r.step_memory_mb)),
+        ("mem vs none", "{:>11}", lambda r: _ratio(r.memory_vs_none)),
+        ("weights MiB", "{:>11}", lambda r: f"{r.weights_mb:.0f}"),
+    ]
+    lines.append(" ".join(fmt.format(heading) for heading, fmt, _ in columns))
+    for result in results:
+        lines.append(" ".join(fmt.format(value(result)) for _, fmt, value in columns))
+    lines.append(
+        "vs none: median over rounds of none's time / this method's time; "
+        "step MiB: the most tensor memory one call held beyond weights and inputs"
+    )
+    return "\n".join(lines)
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"

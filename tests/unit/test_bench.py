@@ -1,0 +1,115 @@
+"""Benchmark harness tests: every method runs and reports, the training step really trains, errors are
+clear. Tiny models, one timed call, no assertion on how fast anything is."""
+
+import json
+
+import pytest
+import torch
+
+from tempme.bench import (
+    TensorMemoryTracker,
+    benchmark_inference,
+    benchmark_training,
+    format_results,
+    make_training_step,
+    report,
+)
+from tempme_cli.main import main
+
+TINY = dict(frames=12, batch=1, repeats=1, warmup=0)
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised where CUDA is missing")
+
+
+def test_inference_reports_every_method_with_ratios():
+    methods = ("none", "tome", "tempme", "plain-vit")
+    results = benchmark_inference("tiny-B/32", methods, **TINY)
+    assert [r.method for r in results] == list(methods)
+    for result in results:
+        assert result.mode == "inference" and result.videos_per_s > 0 and len(result.times_s) == 1
+        assert result.step_memory_mb is not None and result.step_memory_mb > 0
+        assert result.speedup_vs_none > 0 and result.weights_mb > 0
+    assert results[0].speedup_vs_none == 1.0
+    table = format_results(results)
+    assert all(method in table for method in methods)
+
+
+def test_inference_in_bf16():
+    (result,) = benchmark_inference("tiny-B/32", ("tempme",), dtype="bf16", **TINY)
+    assert result.dtype == "bf16" and result.videos_per_s > 0
+
+
+def test_training_reports_step_memory():
+    results = benchmark_training("tiny-B/32", ("none", "tempme"), **TINY)
+    assert [r.method for r in results] == ["none", "tempme"]
+    assert all(r.mode == "training" and r.videos_per_s > 0 and r.step_memory_mb > 0 for r in results)
+
+
+def test_training_step_updates_lora_and_clip_pos_embed_only():
+    cpu = torch.device("cpu")
+    step = make_training_step("tiny-B/32", "tempme", frames=12, batch=2, device=cpu, dtype=torch.float32)
+    before = {name: p.detach().clone() for name, p in step.model.named_parameters()}
+    loss = step()
+    assert torch.isfinite(loss)
+    changed = {name for name, p in step.model.named_parameters() if not torch.equal(p, before[name])}
+    assert any("lora_b" in name for name in changed)
+    assert any("clip_pos_embed" in name for name in changed)
+    assert all("lora_" in name or "clip_pos_embed" in name for name in changed)
+
+
+def test_tensor_memory_tracker_counts_live_tensors_and_views():
+    existing = torch.zeros(1024, 256)  # 1 MiB, made before the tracker: never counted
+    mib = 2**20
+    with TensorMemoryTracker() as tracker:
+        first = existing + 1  # +1 MiB
+        view = first.t()
+        del first  # still held by its view
+        second = existing * 2  # +1 MiB: 2 live
+        del view, second
+        third = torch.cat([existing, existing])  # +2 MiB after both were freed: 2 live
+        del third
+        existing.view(-1)  # a view of old memory: not counted
+    assert tracker.peak == 2 * mib
+    assert tracker.current == 0
+
+
+def test_report_is_json_serialisable():
+    results = benchmark_inference("tiny-B/32", ("none",), **TINY)
+    record = json.loads(json.dumps(report(results)))
+    assert record["results"][0]["method"] == "none"
+    assert record["torch"] == torch.__version__
+
+
+def test_cli_json_output(capsys):
+    argv = ["bench", "--model", "tiny-B/32", "--batch", "1", "--repeats", "1", "--warmup", "0", "--json"]
+    assert main(argv + ["--methods", "none,tempme"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert [r["method"] for r in record["results"]] == ["none", "tempme"]
+    assert all(r["videos_per_s"] > 0 for r in record["results"])
+
+
+def test_cli_train_table(capsys):
+    argv = ["bench", "--model", "tiny-B/32", "--batch", "2", "--repeats", "1", "--warmup", "0", "--train"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("training: tiny-B/32") and "tempme" in out
+
+
+@NO_CUDA
+def test_cli_cuda_without_cuda_is_a_clear_error(capsys):
+    assert main(["bench", "--model", "tiny-B/32", "--device", "cuda"]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [(["--methods", "none,fast"], "unknown or no method(s) ['fast']"), (["--train", "--compile"], "inference only")],
+)
+def test_cli_rejects_bad_options(extra, message, capsys):
+    assert main(["bench", "--model", "tiny-B/32", *extra]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_timm_baseline_where_timm_imports():
+    pytest.importorskip("timm")
+    (result,) = benchmark_inference("ViT-B/32", ("timm-vit",), frames=2, batch=1, repeats=1, warmup=0)
+    assert result.videos_per_s > 0
