@@ -42,11 +42,11 @@ def test_every_main_table_setting_is_bundled_and_loads():
 
 def test_bundled_settings_follow_the_paper():
     b16 = load_config("msrvtt_b16_tempme")
-    assert b16.model.preset == "ViT-B/16" and b16.paper.t2v["R1"] == 49.0
+    assert b16.model.preset == "ViT-B/16" and b16.model.method == "tempme"
     long = load_config("activitynet_b32_tempme")
     assert (long.model.frames, long.data.max_words, long.data.val_split, long.data.test_split) == (64, 64, "holdout", "val")
     msrvtt = load_config("msrvtt_b32_tempme")
-    assert (msrvtt.data.val_split, msrvtt.data.holdout_videos, msrvtt.paper.t2v["R1"]) == ("holdout", 500, 46.1)
+    assert (msrvtt.data.val_split, msrvtt.data.holdout_videos) == ("holdout", 500)
 
 
 def test_base_files_merge_and_overrides_apply(tmp_path):
