@@ -1,8 +1,18 @@
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 # Regression tests import the reference implementation that lives beside them.
 sys.path.insert(0, str(Path(__file__).parent / "regression"))
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices: a second thread only adds contention on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -35,13 +35,7 @@ TEST_IDS = ["video20", "video21", "video22"]
 CORRUPT, MISSING = "video2", "video5"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: a second thread only adds contention on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_clip(path: Path, seed: int) -> None:

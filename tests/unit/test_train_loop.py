@@ -32,13 +32,7 @@ from tempme_train.train import compute_gradients, train
 FRAMES, SIZE, WORDS = 4, 32, 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: a second thread only adds contention on a shared 2-core machine (10x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 PRESET = "test-tiny-32px"
