@@ -1,7 +1,7 @@
 """Run every GPU benchmark of docs/benchmarks.md in one go, inside a fixed time budget.
 
-Each step is one ``tempme bench --json`` process with its own time limit, so a hang or a slow
-compilation costs that step only. Steps run most-wanted first; ``bench.json`` is rewritten after every
+Each step is one process (``tempme bench --json``, or scripts/profile_encoder.py) with its own time
+limit, so a hang or a slow compilation costs that step only. Steps run most-wanted first; ``bench.json`` is rewritten after every
 step, so whatever finished is kept even if the whole run is cut short. Needs src/ on PYTHONPATH
 (scripts/gpu_bench.sh sets it) or the package installed.
 
@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -27,10 +29,12 @@ from tempme.bench import TIMM_MODELS, Result, format_results, timm_available
 class Step:
     name: str
     limit_s: int
-    args: list[str]
+    args: list[str]  # of ``tempme bench`` (its --json report is kept) or, with ``script``, of that script
+    script: str = ""  # a script of scripts/ whose printed text is kept instead
     status: str = "not run"  # ok, failed, timeout, skipped (no time left)
     seconds: float = 0.0
     report: dict | None = None
+    output: str = ""
     error: str = ""
 
 
@@ -41,26 +45,32 @@ class Run:
 
 
 def plan(args: argparse.Namespace) -> list[Step]:
-    """The steps, most wanted first. Compiled runs go one method per process: a compilation that runs
-    out of time then loses one method, not all of them."""
+    """The steps, most wanted first. Compiled runs go in their own processes: a compilation that runs
+    out of time then loses those methods, not everything."""
     common = ["--frames", str(args.frames), "--device", args.device, "--dtype", args.dtype,
               "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--json"]
 
     def bench(model: str, batch: int, *extra: str) -> list[str]:
         return ["--model", model, "--batch", str(batch), *common, *extra]
 
-    steps = [
-        Step("big-inference-eager", 120, bench(args.big, args.batch, "--baseline")),
+    profile = ["--model", args.big, "--batch", str(args.batch), "--frames", str(args.frames),
+               "--device", args.device, "--dtype", args.dtype]
+    return [
+        Step("big-inference-graph", 120,
+             bench(args.big, args.batch, "--cuda-graph", "--methods", "none,tome,tempme,merge-free,plain-vit")),
+        Step("big-inference-graph-channels", 90,
+             bench(args.big, args.batch, "--cuda-graph", "--methods", "none,tempme", "--size-attention", "channels")),
         Step("big-training", 120, bench(args.big, args.train_batch, "--train")),
-        Step("small-inference-eager", 90, bench(args.small, args.batch, "--baseline")),
+        Step("big-training-channels", 120, bench(args.big, args.train_batch, "--train", "--size-attention", "channels")),
+        # none, tome, tempme, plain-vit, timm-vit (where timm imports), merge-free
+        Step("big-inference-eager", 150, bench(args.big, args.batch, "--baseline")),
+        Step("big-inference-compiled", 240, bench(args.big, args.batch, "--compile", "--methods", "none,tempme")),
+        Step("big-profile-tempme", 60, profile, script="profile_encoder.py"),
+        Step("small-inference-graph", 90,
+             bench(args.small, args.batch, "--cuda-graph", "--methods", "none,tome,tempme,merge-free")),
+        Step("big-inference-compiled-baselines", 200,
+             bench(args.big, args.batch, "--compile", "--methods", "merge-free,plain-vit")),
     ]
-    compiled = ["none", "tempme", "tome", "plain-vit"]
-    if args.big in TIMM_MODELS and timm_available():
-        compiled.append("timm-vit")
-    for method in compiled:
-        arguments = bench(args.big, args.batch, "--compile", "--methods", method)
-        steps.append(Step(f"big-inference-compiled-{method}", 150, arguments))
-    return steps
 
 
 def run_step(step: Step, time_left: float) -> None:
@@ -69,23 +79,39 @@ def run_step(step: Step, time_left: float) -> None:
     if limit < 20:
         step.status = "skipped"
         return
-    command = [sys.executable, "-m", "tempme_cli.main", "bench", *step.args]
-    print(f"== {step.name}: tempme bench {' '.join(step.args)} (limit {limit:.0f} s)", flush=True)
-    start = time.time()
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=limit)
-    except subprocess.TimeoutExpired:
-        step.status = "timeout"
+    if step.script:
+        command = [sys.executable, str(Path(__file__).with_name(step.script)), *step.args]
+        shown = f"{step.script} {' '.join(step.args)}"
     else:
-        step.status = "ok" if done.returncode == 0 else "failed"
-        if done.returncode == 0:
-            step.report = json.loads(done.stdout)
+        command = [sys.executable, "-m", "tempme_cli.main", "bench", *step.args]
+        shown = f"tempme bench {' '.join(step.args)}"
+    print(f"== {step.name}: {shown} (limit {limit:.0f} s)", flush=True)
+    start = time.time()
+    # A session of its own, so a timeout kills the compile workers too: they hold the output pipes,
+    # and waiting for those pipes to close would otherwise outlast the limit.
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=limit)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        step.status = "timeout"
+        step.error = stderr[-2000:]
+    else:
+        step.status = "ok" if process.returncode == 0 else "failed"
+        if process.returncode != 0:
+            step.error = stderr[-2000:]
+        elif step.script:
+            step.output = stdout
         else:
-            step.error = done.stderr[-2000:]
+            step.report = json.loads(stdout)
     step.seconds = time.time() - start
 
 
 def step_summary(step: Step) -> str:
+    if step.output:
+        return step.output
     if step.report is None:
         error = f"\n{step.error.strip()}" if step.error else ""
         return f"   {step.name}: {step.status} after {step.seconds:.0f} s{error}"
@@ -93,11 +119,13 @@ def step_summary(step: Step) -> str:
 
 
 def compiled_summary(run: Run) -> str:
-    """The compiled methods, each timed in its own process, side by side against compiled ``none``."""
+    """Every compiled result, side by side against compiled ``none``."""
     compiled = [step.report for step in run.steps if step.report and "--compile" in step.args]
     results = [Result(**row) for report in compiled for row in report["results"]]
     none = next((r for r in results if r.method == "none"), None)
     for result in results:
+        if result.size_attention != "bias":
+            result.method += f" ({result.size_attention})"
         if none is not None:
             result.speedup_vs_none = result.videos_per_s / none.videos_per_s
             if result.step_memory_mb and none.step_memory_mb:
@@ -105,7 +133,7 @@ def compiled_summary(run: Run) -> str:
     if not results:
         return ""
     return (
-        "compiled, one process per method ('vs none' here: videos/s over compiled none's):\n"
+        "compiled, all steps ('vs none' here: videos/s over compiled none's, perhaps from another process):\n"
         + format_results(results)
     )
 
@@ -119,19 +147,27 @@ def save(run: Run, out: Path) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="folder for bench.json")
-    parser.add_argument("--budget", type=float, default=450, help="seconds for all steps together")
+    parser.add_argument("--budget", type=float, default=470, help="seconds for all steps together")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--big", default="ViT-B/16", help="model of the main, compiled and training runs")
     parser.add_argument("--small", default="ViT-B/32", help="model of the second inference run")
     parser.add_argument("--frames", type=int, default=12)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--train-batch", type=int, default=32)
+    parser.add_argument("--steps", help="comma-separated step names to run (default: all, in plan order)")
     parser.add_argument("--dtype", default="bf16")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    run = Run(steps=plan(args))
+    steps = plan(args)
+    if args.steps:
+        wanted = args.steps.split(",")
+        unknown = sorted(set(wanted) - {step.name for step in steps})
+        if unknown:
+            parser.error(f"unknown step(s) {', '.join(unknown)}; steps: {', '.join(step.name for step in steps)}")
+        steps = [step for step in steps if step.name in wanted]
+    run = Run(steps=steps)
     for step in run.steps:
         run_step(step, args.budget - (time.time() - run.started))
         print(step_summary(step), flush=True)

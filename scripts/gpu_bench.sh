@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
-# Every GPU figure of docs/benchmarks.md in one run of about 8 minutes on one H100.
+# Every GPU figure of docs/benchmarks.md in one run of at most 8 minutes on one H100.
 #
 #   OUT=/some/folder bash scripts/gpu_bench.sh [extra scripts/gpu_bench.py options]
 #
-# Run from the repository root. Writes $OUT/bench.json (every step's results, rewritten as each step
-# ends) and $OUT/bench.log. Steps, most wanted first (see scripts/gpu_bench.py): ViT-B/16, 12 frames,
-# bf16, batch 32 inference, eager, with the plain-ViT baselines; a ViT-B/16 training step for none and
-# tempme; ViT-B/32 inference, eager; ViT-B/16 inference compiled, one method per process. Each step has
-# its own time limit and all share BUDGET seconds (default 450), so nothing can hang past that.
+# Run from the repository root. First the GPU-only tests (tests/unit/test_cuda.py), then the steps of
+# scripts/gpu_bench.py, most wanted first (see its plan()): ViT-B/16, 12 frames, bf16, batch 32
+# inference as CUDA graphs with the baselines, the same with the size channel, a training step (batch
+# 32) for none and tempme with each size attention, eager inference with timm's ViT, compiled none and
+# tempme, a profile of tempme, ViT-B/32. Each step has its own time limit and all share BUDGET seconds
+# (default 470), so nothing can hang past that. $OUT/bench.json holds every step's results (rewritten
+# as each step ends), $OUT/bench.log the output. Pass --steps a,b to run some steps only.
 set -u
 OUT=${OUT:-runs/gpu_bench}
-BUDGET=${BUDGET:-450}
+BUDGET=${BUDGET:-470}
 PYTHON=${PYTHON:-python3}
 
 run() {
@@ -28,6 +30,8 @@ run() {
     date -u
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
     "$PYTHON" -c "import platform, torch; print('python', platform.python_version(), 'torch', torch.__version__, 'cuda', torch.version.cuda)"
+    # The GPU-only tests (CUDA graphs, half precision) first: a minute at most.
+    timeout 90 "$PYTHON" -m pytest -q -p no:cacheprovider tests/unit/test_cuda.py
     "$PYTHON" scripts/gpu_bench.py --out "$OUT" --budget "$BUDGET" "$@"
     local status=$?
     date -u

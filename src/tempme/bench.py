@@ -28,11 +28,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from .config import MERGE_METHODS, CLIPConfig, VisionConfig, get_preset
+from .cuda_graph import GraphedForward
 from .factory import create_model
 from .retrieval import contrastive_loss
+from .schedule import simulate
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-BASELINES = ("plain-vit", "timm-vit")
+BASELINES = ("plain-vit", "timm-vit", "merge-free")
 TIMM_MODELS = {
     "ViT-B/32": "vit_base_patch32_clip_224",
     "ViT-B/16": "vit_base_patch16_clip_224",
@@ -62,7 +64,8 @@ class Result:
     threads: int  # torch's intra-op CPU threads
     dtype: str
     compiled: bool
-    first_call_s: float  # the first call, compilation included when compiled
+    size_attention: str  # how log(size) entered attention: bias or channels (SIZE_ATTENTION)
+    first_call_s: float  # the first call, compilation or graph capture included
     times_s: list[float]
     median_s: float
     videos_per_s: float
@@ -70,6 +73,11 @@ class Result:
     weights_mb: float
     speedup_vs_none: float | None = None
     memory_vs_none: float | None = None
+    cuda_graph: bool = False  # replayed as a CUDA graph (tempme.cuda_graph)
+
+    @property
+    def execution(self) -> str:
+        return "graph" if self.cuda_graph else ("compiled" if self.compiled else "eager")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -86,6 +94,8 @@ class Setup:
     device: torch.device
     dtype: str
     compiled: bool
+    size_attention: str = "bias"
+    cuda_graph: bool = False
 
 
 # ----------------------------------------------------------------------------- devices and timing
@@ -323,6 +333,33 @@ class FrameEncoder(nn.Module):
         return features.view(videos, num_frames, -1).mean(dim=1)
 
 
+class MergeFreeEncoder(nn.Module):
+    """TempMe's video encoder with merging made free: every layer runs on the token shapes that the
+    ``tempme`` schedule gives it, but tokens are dropped by slicing instead of matched and merged, and
+    attention has no size bias. Its speed is the ceiling for method ``tempme``; the gap is what merging
+    costs. Its outputs mean nothing.
+
+    frames ``[B, F, 3, H, W]`` -> ``[B, output_dim]``.
+    """
+
+    def __init__(self, visual: nn.Module):
+        super().__init__()
+        self.visual = visual
+        self.layers = simulate(visual.plan, visual.merge, visual.positional_embedding.shape[0])
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        videos, num_frames = frames.shape[:2]
+        x = self.visual.embed(frames.flatten(0, 1))
+        for block, layer in zip(self.visual.transformer.resblocks, self.layers):
+            x = x.reshape(videos * layer.clips, -1, x.shape[-1])[:, : layer.attn_tokens]
+            x = x + block.attn(block.ln_1(x))[0]
+            x = x[:, : layer.out_tokens]
+            x = x + block.mlp(block.ln_2(x))
+        cls = x[:, : self.layers[-1].cls].reshape(videos * num_frames, -1)
+        features = F.normalize(self.visual.ln_post(cls) @ self.visual.proj.to(cls.dtype), dim=-1)
+        return features.view(videos, num_frames, -1).mean(dim=1)
+
+
 def timm_available() -> bool:
     try:
         import timm  # noqa: F401
@@ -353,10 +390,28 @@ def check_methods(methods: Iterable[str], allowed: Iterable[str]) -> tuple[str, 
     return methods
 
 
-def build_video_encoder(preset: str, method: str, frames: int) -> nn.Module:
-    """``[B, F, 3, H, W]`` -> ``[B, D]``: TempMe's video encoder (LoRA folded) or a baseline."""
+SIZE_ATTENTION = {"bias": False, "channels": True}
+
+
+def check_size_attention(name: str) -> None:
+    if name not in SIZE_ATTENTION:
+        raise ValueError(f"unknown size attention {name!r}; choose one of {', '.join(SIZE_ATTENTION)}")
+
+
+def build_video_encoder(preset: str, method: str, frames: int, size_attention: str = "bias") -> nn.Module:
+    """``[B, F, 3, H, W]`` -> ``[B, D]``: TempMe's video encoder (optimised for inference) or a baseline.
+
+    ``size_attention`` picks how merged encoders add log(size) to the attention logits: ``bias`` (an
+    additive mask, the model's default) or ``channels`` (an extra query/key channel, so that kernels
+    without bias support stay usable).
+    """
+    check_size_attention(size_attention)
     if method in MERGE_METHODS:
-        return create_model(preset, method=method, frames=frames).fold_lora().visual
+        visual = create_model(preset, method=method, frames=frames).optimize_for_inference().visual
+        visual.size_in_channels = SIZE_ATTENTION[size_attention]
+        return visual
+    if method == "merge-free":
+        return MergeFreeEncoder(create_model(preset, method="tempme", frames=frames).optimize_for_inference().visual)
     clip = get_preset(preset)
     if method == "plain-vit":
         return FrameEncoder(PlainViT(clip.vision, clip.embed_dim))
@@ -364,18 +419,30 @@ def build_video_encoder(preset: str, method: str, frames: int) -> nn.Module:
 
 
 def prepare_encoder(
-    preset: str, method: str, frames: int, device: torch.device, dtype: torch.dtype, compile: bool
+    preset: str, method: str, frames: int, device: torch.device, dtype: torch.dtype, compile: bool,
+    size_attention: str = "bias",
 ) -> nn.Module:
-    encoder = build_video_encoder(preset, method, frames).to(device=device, dtype=dtype).eval()
+    encoder = build_video_encoder(preset, method, frames, size_attention).to(device=device, dtype=dtype).eval()
     return torch.compile(encoder, dynamic=False) if compile else encoder
 
 
-def inference_step(encoder: nn.Module, video: torch.Tensor) -> Callable[[], torch.Tensor]:
-    def step() -> torch.Tensor:
-        with torch.inference_mode():
-            return encoder(video)
+def inference_step(encoder: nn.Module, video: torch.Tensor, cuda_graph: bool = False) -> Callable[[], torch.Tensor]:
+    """One encoder call on ``video``; with ``cuda_graph``, a graph replay, captured in the first call."""
+    if not cuda_graph:
 
-    return step
+        def step() -> torch.Tensor:
+            with torch.inference_mode():
+                return encoder(video)
+
+        return step
+    graphed: list[GraphedForward] = []
+
+    def replay() -> torch.Tensor:
+        if not graphed:
+            graphed.append(GraphedForward(encoder, video))
+        return graphed[0](video)
+
+    return replay
 
 
 def benchmark_inference(
@@ -388,21 +455,32 @@ def benchmark_inference(
     compile: bool = False,
     repeats: int = 10,
     warmup: int = 3,
+    size_attention: str = "bias",
+    cuda_graph: bool = False,
 ) -> list[Result]:
     """Videos per second and memory of the video encoder, every method on the same random videos.
 
     Methods: ``none``, ``tome``, ``tempme`` and the baselines ``plain-vit`` (our plain fused-attention
-    ViT of the same size) and ``timm-vit`` (timm's, where timm imports). ``compile`` wraps each encoder
+    ViT of the same size), ``timm-vit`` (timm's, where timm imports) and ``merge-free`` (``tempme``'s
+    token shapes with merging free, see ``MergeFreeEncoder``). ``compile`` wraps each encoder
     in ``torch.compile(dynamic=False)``; compilation falls in ``first_call_s``, not in the timings.
+    ``cuda_graph`` replays each encoder as a CUDA graph (``tempme.cuda_graph``), captured in the first
+    call. ``size_attention``: see ``build_video_encoder``.
     """
     methods = check_methods(methods, MERGE_METHODS + BASELINES)
     check_counts(batch, repeats, warmup)
-    setup = Setup("inference", preset, frames, batch, resolve_device(device), dtype, compile)
+    setup = Setup(
+        "inference", preset, frames, batch, resolve_device(device), dtype, compile, size_attention, cuda_graph
+    )
+    if cuda_graph and (setup.device.type != "cuda" or compile):
+        raise ValueError("CUDA graphs need a CUDA device and an uncompiled model (--device cuda, no --compile)")
     torch_dtype = resolve_dtype(dtype)
     size = get_preset(preset).vision.image_size
     video = torch.randn(batch, frames, 3, size, size, device=setup.device, dtype=torch_dtype)
-    encoders = {m: prepare_encoder(preset, m, frames, setup.device, torch_dtype, compile) for m in methods}
-    steps = {m: inference_step(encoder, video) for m, encoder in encoders.items()}
+    encoders = {
+        m: prepare_encoder(preset, m, frames, setup.device, torch_dtype, compile, size_attention) for m in methods
+    }
+    steps = {m: inference_step(encoder, video, cuda_graph) for m, encoder in encoders.items()}
     return measure(setup, steps, encoders, repeats, warmup)
 
 
@@ -442,9 +520,12 @@ class TrainingStep:
 
 
 def make_training_step(
-    preset: str, method: str, frames: int, batch: int, device: torch.device, dtype: torch.dtype
+    preset: str, method: str, frames: int, batch: int, device: torch.device, dtype: torch.dtype,
+    size_attention: str = "bias",
 ) -> TrainingStep:
+    check_size_attention(size_attention)
     model = create_model(preset, method=method, frames=frames, device=device).train()
+    model.visual.size_in_channels = SIZE_ATTENTION[size_attention]
     model.set_trainable("lora")
     trainable = [p for p in model.parameters() if p.requires_grad]
     size = model.visual.image_size
@@ -467,13 +548,17 @@ def benchmark_training(
     dtype: str = "fp32",
     repeats: int = 10,
     warmup: int = 3,
+    size_attention: str = "bias",
 ) -> list[Result]:
     """Seconds per training step (video and text forward, symmetric InfoNCE, backward, AdamW on
     LoRA + CPE), and the step's memory (optimizer state created in the first call is excluded)."""
     methods = check_methods(methods, MERGE_METHODS)
     check_counts(batch, repeats, warmup)
-    setup = Setup("training", preset, frames, batch, resolve_device(device), dtype, compiled=False)
-    steps = {m: make_training_step(preset, m, frames, batch, setup.device, resolve_dtype(dtype)) for m in methods}
+    setup = Setup("training", preset, frames, batch, resolve_device(device), dtype, False, size_attention)
+    steps = {
+        m: make_training_step(preset, m, frames, batch, setup.device, resolve_dtype(dtype), size_attention)
+        for m in methods
+    }
     return measure(setup, steps, {m: step.model for m, step in steps.items()}, repeats, warmup)
 
 
@@ -487,7 +572,8 @@ def measure(
     timings = time_interleaved(steps, setup.device, repeats, warmup)
     results = []
     for method, step in steps.items():
-        step_bytes = measure_step_memory(step, setup.device, setup.compiled)
+        # A graph's memory sits in its private pool from the capture on: a replay shows none of it.
+        step_bytes = None if setup.cuda_graph else measure_step_memory(step, setup.device, setup.compiled)
         results.append(make_result(setup, method, timings[method], step_bytes, models[method]))
     if "none" in timings:
         add_ratios(results, timings)
@@ -506,6 +592,8 @@ def make_result(setup: Setup, method: str, timing: Timing, step_bytes: int | Non
         threads=torch.get_num_threads(),
         dtype=setup.dtype,
         compiled=setup.compiled,
+        size_attention=setup.size_attention,
+        cuda_graph=setup.cuda_graph,
         first_call_s=timing.first_call_s,
         times_s=timing.times_s,
         median_s=timing.median_s,
@@ -545,13 +633,14 @@ def format_results(results: list[Result]) -> str:
         return "no results"
     first = results[0]
     threads = f", {first.threads} CPU threads" if first.device == "cpu" else ""
+    size_attention = f", size attention {first.size_attention}" if first.size_attention != "bias" else ""
     lines = [
-        f"{first.mode}: {first.model}, {first.frames} frames, batch {first.batch}, {first.dtype}, "
+        f"{first.mode}: {first.model}, {first.frames} frames, batch {first.batch}, {first.dtype}{size_attention}, "
         f"{first.device_name} ({first.device}{threads}), torch {torch.__version__}",
     ]
     columns = [  # (heading, format, value)
         ("method", "{:<10}", lambda r: r.method),
-        ("compiled", "{:>8}", lambda r: "yes" if r.compiled else "no"),
+        ("run as", "{:>8}", lambda r: r.execution),
         ("first s", "{:>8}", lambda r: f"{r.first_call_s:.2f}"),
         ("median ms", "{:>10}", lambda r: f"{r.median_s * 1e3:.1f}"),
         ("videos/s", "{:>9}", lambda r: f"{r.videos_per_s:.2f}"),

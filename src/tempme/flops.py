@@ -1,7 +1,7 @@
 """Count the video encoder's multiply-accumulates the way the paper does (fvcore's convention).
 
 Counted: matrix products (linear layers, attention's two matmuls, the small merge similarity matmuls),
-convolutions, and layer norms at 5 per element. Softmax and other elementwise work is ignored, as in
+the patch embedding (as the convolution it is), and layer norms at 5 per element. Softmax and other elementwise work is ignored, as in
 fvcore. One multiply-accumulate counts as one "flop", so the totals are the paper's GFLOPs.
 """
 
@@ -36,11 +36,6 @@ def _bmm(args, out) -> int:
     return _prod(args[0].shape) * int(args[1].shape[-1])
 
 
-def _convolution(args, out) -> int:
-    weight = args[1]
-    return _prod(out.shape) * _prod(weight.shape[1:])
-
-
 def _layer_norm(args, out) -> int:
     return 5 * _prod(args[0].shape)
 
@@ -58,7 +53,6 @@ _COUNTERS = {
     aten.addmm.default: _addmm,
     aten.bmm.default: _bmm,
     aten.baddbmm.default: lambda args, out: _bmm(args[1:], out),
-    aten.convolution.default: _convolution,
     aten.native_layer_norm.default: _layer_norm,
     aten._scaled_dot_product_flash_attention_for_cpu.default: _attention,
     aten._scaled_dot_product_flash_attention.default: _attention,
@@ -119,6 +113,11 @@ def count_video_flops(config: ModelConfig, preset: str = "") -> FlopReport:
         frames = torch.empty(1, config.frames, 3, vision.image_size, vision.image_size)
     with torch.no_grad(), MacCounter() as counter:
         encoder(frames)
+    # The patch embedding runs as one matrix product over 1 + grid^2 rows per frame, row 0 a zero row
+    # where the class token goes (VisionTransformer.embed); fvcore counts the convolution it computes.
+    patches, patch_values = vision.tokens_per_frame - 1, 3 * vision.patch_size**2
+    counter.counts["mm"] -= config.frames * (patches + 1) * patch_values * vision.width
+    counter.counts["patch_embedding"] = config.frames * patches * patch_values * vision.width
     layers = simulate(encoder.plan, config.merge, vision.tokens_per_frame)
     return FlopReport(
         preset=preset,

@@ -100,6 +100,7 @@ def merge_weighted(
     """Merge tokens ``x [B, N, C]`` as a size-weighted average; sizes ``[B, N, 1]`` add up.
 
     ``x_b <- (s_b x_b + sum s_a x_a) / (s_b + sum s_a)``. ``size=None`` means every token has size 1.
+    Sizes are float32 whatever the dtype of ``x``: bfloat16 cannot count past 256.
     ``source [B, N, P]`` (which input patches each token holds) is summed when given.
     Returns ``(x, size, source)`` with ``N - r`` tokens.
 
@@ -107,7 +108,7 @@ def merge_weighted(
     which keeps merging cheap next to the attention and MLP around it.
     """
     if size is None:
-        size = x.new_ones(x.shape[0], x.shape[1], 1)
+        size = torch.ones(x.shape[0], x.shape[1], 1, device=x.device)
     kept_size = size.gather(1, plan.keep.unsqueeze(-1))
     moved_size = size.gather(1, plan.src.unsqueeze(-1))
     new_size = kept_size.scatter_add(1, plan.dst.unsqueeze(-1), moved_size)

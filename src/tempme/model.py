@@ -21,9 +21,15 @@ from .merging import bipartite_soft_matching, imgme_count, join_clips, merge_wei
 from .schedule import LayerPlan, build_plan
 
 
+QUICK_GELU_SCALE = 1.702
+HEAD_PAD = 8  # extra channels per attention head for the size channel: head sizes stay multiples of 8
+
+
 class QuickGELU(nn.Module):
+    """``x * sigmoid(1.702 x)``, OpenAI CLIP's activation (see ``ResidualBlock.fold_activation_scale``)."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sigmoid(1.702 * x)
+        return x * torch.sigmoid(QUICK_GELU_SCALE * x)
 
 
 class LayerNorm(nn.LayerNorm):
@@ -86,41 +92,52 @@ class Attention(nn.Module):
 
         ``attn_mask`` (broadcastable to ``[B, heads, N, N]``) is added to the logits. ``log_size [B, N]``
         adds log(size) of each key (proportional attention), either as a mask or, with
-        ``size_in_channels``, folded into one extra query/key channel so flash kernels still apply.
+        ``size_in_channels``, through an extra query/key channel (``forward_size_channel``).
         """
+        if log_size is not None and size_in_channels:
+            return self.forward_size_channel(x, log_size, return_metric)
         batch, tokens, width = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
         if self.lora_a is not None:
             qkv = qkv + F.linear(F.linear(x, self.lora_a), self.lora_b)
         q, k, v = qkv.view(batch, tokens, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
-        if log_size is not None and size_in_channels:
-            out = attention_with_size_channel(q, k, v, log_size)
-        else:
-            if log_size is not None:
-                attn_mask = log_size[:, None, None, :]
-            if attn_mask is not None:
-                attn_mask = attn_mask.to(q.dtype)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        if log_size is not None:
+            attn_mask = log_size[:, None, None, :]
+        if attn_mask is not None:
+            attn_mask = attn_mask.to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         out = out.transpose(1, 2).reshape(batch, tokens, width)
         return self.out_proj(out), k.mean(dim=1) if return_metric else None
 
+    def forward_size_channel(
+        self, x: torch.Tensor, log_size: torch.Tensor, return_metric: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Softmax(q k^T / sqrt(d) + log s_j) v with no dense bias, so bias-free kernels apply.
 
-def attention_with_size_channel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_size: torch.Tensor) -> torch.Tensor:
-    """Softmax(q k^T / sqrt(d) + log s_j) v without a dense bias: q, k, v ``[B, H, N, d]``, log_size ``[B, N]``.
+        Every head gets ``HEAD_PAD`` extra channels straight from the in-projection (its weight rows
+        padded with zeros, which costs a few kilobytes, not a copy of q, k and v): the first extra
+        query channel is the constant sqrt(d) (a bias), the first extra key channel is set to log(s_j),
+        so the scaled dot product gains exactly log(s_j). The rest are zeros, for aligned head sizes.
+        """
+        batch, tokens, width = x.shape
+        dim = width // self.heads
+        bias = self.pad_heads(self.in_proj_bias).view(3, self.heads, dim + HEAD_PAD)
+        query_constant = torch.zeros_like(bias)
+        query_constant[0, :, dim] = dim**0.5
+        qkv = F.linear(x, self.pad_heads(self.in_proj_weight), (bias + query_constant).flatten())
+        if self.lora_a is not None:
+            qkv = qkv + F.linear(F.linear(x, self.lora_a), self.pad_heads(self.lora_b))
+        qkv = qkv.view(batch, tokens, 3, self.heads, dim + HEAD_PAD)
+        qkv[:, :, 1, :, dim] = log_size[:, :, None].to(qkv.dtype)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, scale=dim**-0.5)[..., :dim]
+        out = out.transpose(1, 2).reshape(batch, tokens, width)
+        return self.out_proj(out), k[..., :dim].mean(dim=1) if return_metric else None
 
-    Appends a channel holding sqrt(d) to every query and log(s_j) to every key, so the scaled dot
-    product gains exactly log(s_j). Channels are padded to a multiple of 8 (zeros) for fused kernels.
-    """
-    dim = q.shape[-1]
-    pad = 8
-    extra_q = q.new_zeros(*q.shape[:-1], pad)
-    extra_q[..., 0] = dim**0.5
-    extra_k = k.new_zeros(*k.shape[:-1], pad)
-    extra_k[..., 0] = log_size[:, None, :].to(k.dtype)
-    q = torch.cat([q, extra_q], dim=-1)
-    k = torch.cat([k, extra_k], dim=-1)
-    v = torch.cat([v, v.new_zeros(*v.shape[:-1], pad)], dim=-1)
-    return F.scaled_dot_product_attention(q, k, v, scale=dim**-0.5)[..., :dim]
+    def pad_heads(self, rows: torch.Tensor) -> torch.Tensor:
+        """``[3 * heads * d, ...]`` -> ``[3 * heads * (d + HEAD_PAD), ...]``, zeros after each head's rows."""
+        per_head = rows.view(3, self.heads, -1, *rows.shape[1:])
+        return F.pad(per_head, (0, 0) * (rows.dim() - 1) + (0, HEAD_PAD)).flatten(0, 2)
 
 
 class ResidualBlock(nn.Module):
@@ -134,6 +151,21 @@ class ResidualBlock(nn.Module):
         )
         # Clip positional embedding of a ClipMe layer: one vector per input clip, zero at start.
         self.clip_pos_embed = nn.Parameter(torch.zeros(1, clip_pos_clips, 1, width)) if clip_pos_clips else None
+
+    @torch.no_grad()
+    def fold_activation_scale(self) -> None:
+        """Turn QuickGELU into SiLU by moving its 1.702 into the MLP weights; outputs stay the same.
+
+        ``QuickGELU(y) = SiLU(1.702 y) / 1.702``, so scaling ``c_fc`` by 1.702 and ``c_proj``'s weight by
+        1/1.702 leaves one fused SiLU kernel where eager mode ran three (scale, sigmoid, product) over
+        the MLP's widest activation. The weights then differ from the checkpoint's: inference only.
+        """
+        if not isinstance(self.mlp.gelu, QuickGELU):
+            return
+        self.mlp.c_fc.weight *= QUICK_GELU_SCALE
+        self.mlp.c_fc.bias *= QUICK_GELU_SCALE
+        self.mlp.c_proj.weight /= QUICK_GELU_SCALE
+        self.mlp.gelu = nn.SiLU()
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Plain pre-LN block (the text encoder)."""
@@ -175,9 +207,10 @@ class VisionTransformer(nn.Module):
         self.frames = config.frames
         self.image_size = vision.image_size
         self.plan: tuple[LayerPlan, ...] = build_plan(config.merge, vision.layers, config.frames)
-        # Proportional attention as an extra q/k channel keeps flash attention usable on GPUs, where a
-        # dense bias would force a slower kernel; CPU kernels take the bias directly. None: automatic.
-        self.size_in_channels: bool | None = None
+        # Proportional attention adds log(size) as an attention bias. The alternative, an extra q/k
+        # channel that keeps bias-free flash kernels usable, measured slower on an H100 (it copies q, k
+        # and v into padded tensors in every layer; docs/benchmarks.md), so it is opt-in.
+        self.size_in_channels = False
         scale = vision.width**-0.5
         self.conv1 = nn.Conv2d(3, vision.width, vision.patch_size, vision.patch_size, bias=False)
         self.class_embedding = nn.Parameter(scale * torch.randn(vision.width))
@@ -190,11 +223,23 @@ class VisionTransformer(nn.Module):
         self.proj = nn.Parameter(scale * torch.randn(vision.width, output_dim))
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """images ``[N, 3, H, W]`` -> tokens ``[N, 1 + grid^2, D]`` after ``ln_pre``."""
-        x = self.conv1(images).flatten(2).transpose(1, 2)
-        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
-        return self.ln_pre(x)
+        """images ``[N, 3, H, W]`` -> tokens ``[N, 1 + grid^2, D]`` after ``ln_pre``.
+
+        The patch convolution (``conv1``: kernel = stride = patch) is computed as what it is, one
+        matrix product over the patches laid out as rows: cuDNN's convolution kernel took 8% of a
+        ViT-B/16 forward on an H100. Row 0 is a zero "patch" where the class token goes; it stays
+        zero through the product and takes the class embedding with the positional embedding.
+        """
+        count, channels, height, width = images.shape
+        patch = self.conv1.kernel_size[0]
+        rows, cols = height // patch, width // patch
+        patches = images.new_empty(count, 1 + rows * cols, channels * patch * patch)
+        patches[:, 0] = 0
+        grid = images.reshape(count, channels, rows, patch, cols, patch).permute(0, 2, 4, 1, 3, 5)
+        patches[:, 1:].view(count, rows, cols, channels, patch, patch).copy_(grid)
+        x = patches @ self.conv1.weight.view(self.conv1.out_channels, -1).t().to(images.dtype)
+        position = self.positional_embedding + F.pad(self.class_embedding[None], (0, 0, 0, rows * cols))
+        return self.ln_pre(x + position.to(x.dtype))
 
     def merge_weighted(self, state: VideoTokens, metric: torch.Tensor, r: int, x: torch.Tensor | None = None) -> VideoTokens:
         plan = bipartite_soft_matching(metric, r, state.num_cls)
@@ -240,14 +285,13 @@ class VisionTransformer(nn.Module):
             source = torch.block_diag(*[per_frame] * num_frames).view(num_frames, x.shape[1], -1)
             source = source.repeat(videos, 1, 1)
         state = VideoTokens(x, None, source, videos, num_cls=1)
-        size_in_channels = x.is_cuda if self.size_in_channels is None else self.size_in_channels
         for block, step in list(zip(self.transformer.resblocks, self.plan))[:layers]:
             if step.kind == "clipme":
                 state = self.cross_clip_merge(state, block, step)
             log_size = state.size[..., 0].log() if self.merge.prop_attn and state.size is not None else None
             r = self.merge_count(step, state)  # attention keeps the token count, so it is known already
             attn_out, keys = block.attn(
-                block.ln_1(state.x), log_size=log_size, size_in_channels=size_in_channels, return_metric=r > 0
+                block.ln_1(state.x), log_size=log_size, size_in_channels=self.size_in_channels, return_metric=r > 0
             )
             state = VideoTokens(state.x + attn_out, state.size, state.source, videos, state.num_cls)
             if r > 0:
@@ -317,6 +361,18 @@ class TempMe(nn.Module):
         for module in self.modules():
             if isinstance(module, Attention):
                 module.fold_lora()
+        return self
+
+    def optimize_for_inference(self) -> "TempMe":
+        """Fold LoRA and QuickGELU's scale into the weights: the same outputs with less work.
+
+        For deployment and benchmarks. The folded model can no longer be trained or saved as a tempme
+        checkpoint (its LoRA is gone and its MLP weights are rescaled). Returns ``self``.
+        """
+        self.fold_lora()
+        for module in self.modules():
+            if isinstance(module, ResidualBlock):
+                module.fold_activation_scale()
         return self
 
     def check_video(self, frames: torch.Tensor, mask: torch.Tensor | None) -> None:

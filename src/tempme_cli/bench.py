@@ -10,6 +10,7 @@ import torch
 from tempme.bench import (
     BASELINES,
     DTYPES,
+    SIZE_ATTENTION,
     TIMM_MODELS,
     benchmark_inference,
     benchmark_training,
@@ -77,8 +78,21 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--baseline",
         action="store_true",
-        help="also time plain-vit, a plain fused-attention ViT of the same size, and timm-vit (timm's CLIP ViT) "
-        "where timm imports and the model is a CLIP size",
+        help="also time plain-vit, a plain fused-attention ViT of the same size, timm-vit (timm's CLIP ViT) "
+        "where timm imports and the model is a CLIP size, and merge-free, tempme's token shapes with merging "
+        "itself free (the ceiling for tempme)",
+    )
+    parser.add_argument(
+        "--size-attention",
+        choices=list(SIZE_ATTENTION),
+        default="bias",
+        help="how merged tokens' log(size) enters attention: an additive bias, or an extra query/key channel "
+        "that keeps bias-free kernels usable (default: bias)",
+    )
+    parser.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="replay each encoder as one CUDA graph (captured in the first call; CUDA only, not with --compile)",
     )
     parser.add_argument("--train", action="store_true", help="time a training step instead of inference")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -86,9 +100,9 @@ def register(subparsers) -> None:
 
 
 def chosen_methods(args: argparse.Namespace) -> tuple[str, ...]:
-    if args.train and (args.baseline or args.compile):
+    if args.train and (args.baseline or args.compile or args.cuda_graph):
         # ValueError, not CLIError: under ``python -m tempme_cli.main`` the handler's main is another module.
-        raise ValueError("--baseline and --compile apply to inference only, not to --train")
+        raise ValueError("--baseline, --compile and --cuda-graph apply to inference only, not to --train")
     methods = args.methods or (("none", "tempme") if args.train else MERGE_METHODS)
     if args.baseline:
         with_timm = args.model in TIMM_MODELS and timm_available()
@@ -109,8 +123,11 @@ def run(args: argparse.Namespace) -> int:
         warmup=args.warmup,
     )
     if args.train:
-        results = benchmark_training(args.model, methods, **common)
+        results = benchmark_training(args.model, methods, size_attention=args.size_attention, **common)
     else:
-        results = benchmark_inference(args.model, methods, compile=args.compile, **common)
+        results = benchmark_inference(
+            args.model, methods, compile=args.compile, size_attention=args.size_attention,
+            cuda_graph=args.cuda_graph, **common
+        )
     print(json.dumps(report(results)) if args.json else format_results(results))
     return 0

@@ -116,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
     model = build_model(config, source)
     if trained is not None:
         load_trained_weights(model, trained)
+    model.optimize_for_inference()  # the same embeddings, faster; this model is not trained further
     device = resolve_device(config.run.device, WorldInfo())
     results = evaluate(
         model.to(device), eval_set, config.run.eval_batch_size, device, config.optim.precision,

@@ -263,8 +263,9 @@ def reversal_accuracy(sim: torch.Tensor, groups: np.ndarray) -> float:
 
 @torch.no_grad()
 def videos_per_second(model: TempMe, frames: torch.Tensor, repeats: int) -> float:
-    """Inference speed of the video encoder with LoRA folded in: median over ``repeats`` passes of ``frames``."""
-    folded = copy.deepcopy(model).fold_lora().eval()
+    """Inference speed of the video encoder optimised for inference (LoRA folded): median over ``repeats``
+    passes of ``frames``."""
+    folded = copy.deepcopy(model).optimize_for_inference().eval()
     folded.encode_video(frames[:8])  # warm-up: the first call allocates and picks kernels
     times = []
     for _ in range(repeats):

@@ -113,3 +113,37 @@ def test_timm_baseline_where_timm_imports():
     pytest.importorskip("timm")
     (result,) = benchmark_inference("ViT-B/32", ("timm-vit",), frames=2, batch=1, repeats=1, warmup=0)
     assert result.videos_per_s > 0
+
+
+def attention_shapes(encoder, frames):
+    shapes = []
+    hooks = [
+        block.attn.register_forward_hook(lambda module, args, out: shapes.append(tuple(args[0].shape)))
+        for block in encoder.transformer.resblocks
+    ]
+    with torch.no_grad():
+        encoder(frames)
+    for hook in hooks:
+        hook.remove()
+    return shapes
+
+
+def test_merge_free_encoder_runs_attention_on_tempme_shapes():
+    from tempme.bench import build_video_encoder
+
+    frames = torch.randn(2, 12, 3, 224, 224)
+    tempme_encoder = build_video_encoder("tiny-B/32", "tempme", 12)
+    merge_free = build_video_encoder("tiny-B/32", "merge-free", 12)
+    expected = attention_shapes(tempme_encoder, frames)
+    assert attention_shapes(merge_free.visual, frames) == expected
+    assert expected[0][:2] != expected[-1][:2]  # the schedule did merge
+    with torch.no_grad():
+        assert merge_free(frames).shape == tempme_encoder(frames).shape
+
+
+def test_size_attention_choice_is_recorded_and_checked():
+    (result,) = benchmark_inference("tiny-B/32", ("tempme",), size_attention="channels", **TINY)
+    assert result.size_attention == "channels"
+    assert "size attention channels" in format_results([result])
+    with pytest.raises(ValueError, match="unknown size attention 'dense'"):
+        benchmark_inference("tiny-B/32", ("tempme",), size_attention="dense", **TINY)

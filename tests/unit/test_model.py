@@ -153,3 +153,44 @@ def test_half_precision_models_run_and_agree(dtype):
         half = model.to(dtype).encode_video(video.to(dtype))
     assert half.dtype == dtype
     torch.testing.assert_close(half.float(), reference, atol=0.05, rtol=0.05)
+
+
+def test_optimizing_for_inference_keeps_the_embeddings():
+    torch.manual_seed(0)
+    model = with_random_lora(tempme.create_model("tiny-B/32", frames=12)).eval()
+    video = torch.randn(2, 12, 3, 224, 224)
+    ids, mask = model.tokenize(["a dog runs", "two cats sleep on a sofa"])
+    with torch.no_grad():
+        video_before, text_before = model.encode_video(video), model.encode_text(ids, mask)
+        model.optimize_for_inference()
+        assert all(isinstance(block.mlp.gelu, torch.nn.SiLU) for block in model.visual.transformer.resblocks)
+        assert not any("lora" in name for name, _ in model.named_parameters())
+        torch.testing.assert_close(model.encode_video(video), video_before, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(model.encode_text(ids, mask), text_before, atol=1e-5, rtol=1e-4)
+
+
+def test_token_sizes_stay_exact_in_bfloat16():
+    # Sizes count patches; bfloat16 holds integers exactly only up to 256, so they stay float32.
+    torch.manual_seed(0)
+    model = tempme.create_model("tiny-B/32", frames=12).to(torch.bfloat16).eval()
+    with torch.no_grad():
+        state = model.visual.forward_tokens(torch.randn(1, 12, 3, 224, 224, dtype=torch.bfloat16))
+    assert state.size.dtype == torch.float32
+    patches_per_video = 12 * 49
+    assert state.size[:, state.num_cls:].sum().item() == patches_per_video
+
+
+def test_size_channel_form_trains_like_the_bias_form():
+    torch.manual_seed(0)
+    model = with_random_lora(tempme.create_model("tiny-B/32", frames=12))
+    video = torch.randn(2, 12, 3, 224, 224)
+    gradients = {}
+    for in_channels in (False, True):
+        model.zero_grad()
+        model.visual.size_in_channels = in_channels
+        model.encode_video(video).square().sum().backward()
+        gradients[in_channels] = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    assert any("lora_a" in name for name in gradients[True]) and any("clip_pos" in name for name in gradients[True])
+    assert gradients[True].keys() == gradients[False].keys()
+    for name, grad in gradients[False].items():
+        torch.testing.assert_close(gradients[True][name], grad, atol=1e-5, rtol=1e-4, msg=name)

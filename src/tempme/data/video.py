@@ -17,10 +17,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import av
 import numpy as np
 from PIL import Image
+
+if TYPE_CHECKING:
+    import av
 
 BACKENDS = ("pyav", "decord")
 
@@ -126,7 +129,15 @@ def _check_file(path: Path) -> None:
         raise VideoDecodeError(path, "file is empty (0 bytes)")
 
 
+def _pyav():
+    """PyAV, imported on first use: commands that decode no video (bench, flops) start without it."""
+    import av
+
+    return av
+
+
 def _open_container(path: Path) -> av.container.InputContainer:
+    av = _pyav()
     try:
         return av.open(str(path))
     except (av.FFmpegError, OSError, ValueError) as err:
@@ -166,6 +177,7 @@ def _decode(
     container: av.container.InputContainer, stream: av.video.stream.VideoStream, path: Path
 ) -> Iterator[av.VideoFrame]:
     """Yield decoded frames, turning FFmpeg errors into :class:`VideoDecodeError`."""
+    av = _pyav()
     try:
         yield from container.decode(stream)
     except (av.FFmpegError, OSError, ValueError) as err:

@@ -1,0 +1,77 @@
+"""Where one video encoder's inference time goes: torch.profiler's busiest operators.
+
+    python3 scripts/profile_encoder.py --model ViT-B/16 --batch 32 --device cuda --dtype bf16
+    python3 scripts/profile_encoder.py --model ViT-B/32 --batch 4 --device cpu --dtype fp32 --method none
+
+Builds the encoder as ``tempme bench`` does (random weights, optimised for inference), runs a few
+warm-up calls, profiles ``--calls`` calls and prints the operators that took the most time on the
+device (the GPU, or the CPU for a CPU run), and roughly the share of that time in the operators
+token merging uses (sorting, gathering, scattering ...; a few of them also run elsewhere, so this
+overstates merging a little: ``tempme bench --methods tempme,merge-free`` measures its real cost). Needs src/ on PYTHONPATH or the package
+installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from tempme.bench import DTYPES, prepare_encoder, resolve_device, synchronize
+from tempme.config import get_preset
+
+# Operators that token merging issues; attention, MLP and norms use none of them (cat and div appear
+# in the embedding and the final normalisation too).
+MERGE_OPERATORS = ("sort", "argsort", "gather", "scatter", "max", "index", "arange", "linalg_vector_norm",
+                   "clamp_min", "div", "cat", "bmm", "log")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="ViT-B/16")
+    parser.add_argument("--method", default="tempme")
+    parser.add_argument("--frames", type=int, default=12)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", default="bf16", choices=list(DTYPES))
+    parser.add_argument("--size-attention", default="bias")
+    parser.add_argument("--calls", type=int, default=3)
+    parser.add_argument("--rows", type=int, default=25)
+    args = parser.parse_args()
+
+    device = resolve_device(args.device)
+    dtype = DTYPES[args.dtype]
+    size = get_preset(args.model).vision.image_size
+    encoder = prepare_encoder(args.model, args.method, args.frames, device, dtype, False, args.size_attention)
+    video = torch.randn(args.batch, args.frames, 3, size, size, device=device, dtype=dtype)
+    with torch.inference_mode():
+        for _ in range(3):
+            encoder(video)
+        synchronize(device)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as profiler:
+            for _ in range(args.calls):
+                encoder(video)
+            synchronize(device)
+
+    events = profiler.key_averages()
+    on_device = device.type == "cuda"
+    sort_key = "self_device_time_total" if on_device else "self_cpu_time_total"
+
+    def self_time(event) -> float:
+        return getattr(event, sort_key)
+
+    total = sum(self_time(e) for e in events if e.key.startswith("aten::")) or 1.0
+    merging = sum(
+        self_time(e) for e in events
+        if e.key.startswith("aten::") and e.key.removeprefix("aten::") in MERGE_OPERATORS
+    )
+    print(f"{args.method} {args.model}, {args.frames} frames, batch {args.batch}, {args.dtype}, {device}: "
+          f"{args.calls} calls, {total / 1e3 / args.calls:.1f} ms of {'device' if on_device else 'CPU'} "
+          f"time per call in aten operators; merging's operators about {100 * merging / total:.1f}%")
+    print(events.table(sort_by=sort_key, row_limit=args.rows, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()

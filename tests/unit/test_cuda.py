@@ -1,0 +1,77 @@
+"""GPU paths: CUDA graph replay and half-precision attention agree with the eager reference.
+
+The tests marked ``needs_cuda`` run where a GPU is (scripts/gpu_bench.sh runs this file first on the
+GPU machine); on a CPU-only machine only the error checks run.
+"""
+
+import pytest
+import torch
+
+import tempme
+from tempme.bench import benchmark_inference
+from tempme.cuda_graph import GraphedForward
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def tiny_encoder(dtype=torch.float32, device="cuda"):
+    torch.manual_seed(0)
+    model = tempme.create_model("tiny-B/32", frames=12)
+    with torch.no_grad():  # non-zero LoRA, so folding it matters
+        for name, param in model.named_parameters():
+            if "lora_b" in name:
+                param.normal_(std=0.05)
+    return model.optimize_for_inference().visual.to(device=device, dtype=dtype).eval()
+
+
+def test_graphs_refuse_cpu_inputs():
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA input"):
+        GraphedForward(torch.nn.Identity(), torch.zeros(2))
+
+
+def test_bench_refuses_graphs_without_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("checks the error raised where CUDA is missing")
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
+        benchmark_inference("tiny-B/32", ("none",), cuda_graph=True, batch=1, repeats=1, warmup=0)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_graph_replay_equals_eager(dtype):
+    encoder = tiny_encoder(dtype)
+    first, second = (torch.randn(3, 12, 3, 224, 224, device="cuda", dtype=dtype) for _ in range(2))
+    with torch.inference_mode():
+        expected_first, expected_second = encoder(first), encoder(second)
+    graphed = GraphedForward(encoder, first)
+    # float32 must match; in bfloat16 a captured matrix product may pick another cuBLAS algorithm,
+    # and a rounding difference can flip a near-tied merge (seen on an H100: 0.008 at most).
+    tolerance = {} if dtype == torch.float32 else dict(atol=0.05, rtol=0.05)
+    torch.testing.assert_close(graphed(first).clone(), expected_first, **tolerance)
+    torch.testing.assert_close(graphed(second).clone(), expected_second, **tolerance)  # new input, same graph
+    with pytest.raises(ValueError, match="captured for inputs"):
+        graphed(first[:2])
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_on_cuda_agrees_with_float32(dtype):
+    video = torch.randn(2, 12, 3, 224, 224, device="cuda")
+    with torch.inference_mode():
+        reference = tiny_encoder(torch.float32)(video)
+        half_bias = tiny_encoder(dtype)(video.to(dtype))
+        channel_encoder = tiny_encoder(dtype)
+        channel_encoder.size_in_channels = True
+        half_channels = channel_encoder(video.to(dtype))
+    torch.testing.assert_close(half_bias.float(), reference, atol=0.05, rtol=0.05)
+    torch.testing.assert_close(half_channels.float(), half_bias.float(), atol=0.05, rtol=0.05)
+
+
+@needs_cuda
+def test_cuda_float32_matches_cpu(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # the patch convolution, in full float32
+    video = torch.randn(2, 12, 3, 224, 224)
+    with torch.inference_mode():
+        cpu = tiny_encoder(device="cpu")(video)
+        cuda = tiny_encoder()(video.cuda()).cpu()
+    torch.testing.assert_close(cuda, cpu, atol=2e-3, rtol=2e-3)
