@@ -64,7 +64,8 @@ def plan(args: argparse.Namespace) -> list[Step]:
         Step("big-training-channels", 120, bench(args.big, args.train_batch, "--train", "--size-attention", "channels")),
         # none, tome, tempme, plain-vit, timm-vit (where timm imports), merge-free
         Step("big-inference-eager", 150, bench(args.big, args.batch, "--baseline")),
-        Step("big-inference-compiled", 240, bench(args.big, args.batch, "--compile", "--methods", "none,tempme")),
+        Step("big-inference-compiled", 240,
+             bench(args.big, args.batch, "--compile-mode", "reduce-overhead", "--methods", "none,tempme")),
         Step("big-profile-tempme", 60, profile, script="profile_encoder.py"),
         Step("small-inference-graph", 90,
              bench(args.small, args.batch, "--cuda-graph", "--methods", "none,tome,tempme,merge-free")),

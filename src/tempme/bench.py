@@ -74,6 +74,7 @@ class Result:
     speedup_vs_none: float | None = None
     memory_vs_none: float | None = None
     cuda_graph: bool = False  # replayed as a CUDA graph (tempme.cuda_graph)
+    compile_mode: str = "default"  # torch.compile's mode, when compiled
 
     @property
     def execution(self) -> str:
@@ -96,8 +97,10 @@ class Setup:
     compiled: bool
     size_attention: str = "bias"
     cuda_graph: bool = False
+    compile_mode: str = "default"
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 # ----------------------------------------------------------------------------- devices and timing
 
 
@@ -420,10 +423,10 @@ def build_video_encoder(preset: str, method: str, frames: int, size_attention: s
 
 def prepare_encoder(
     preset: str, method: str, frames: int, device: torch.device, dtype: torch.dtype, compile: bool,
-    size_attention: str = "bias",
+    size_attention: str = "bias", compile_mode: str = "default",
 ) -> nn.Module:
     encoder = build_video_encoder(preset, method, frames, size_attention).to(device=device, dtype=dtype).eval()
-    return torch.compile(encoder, dynamic=False) if compile else encoder
+    return torch.compile(encoder, dynamic=False, mode=compile_mode) if compile else encoder
 
 
 def inference_step(encoder: nn.Module, video: torch.Tensor, cuda_graph: bool = False) -> Callable[[], torch.Tensor]:
@@ -457,28 +460,34 @@ def benchmark_inference(
     warmup: int = 3,
     size_attention: str = "bias",
     cuda_graph: bool = False,
+    compile_mode: str = "default",
 ) -> list[Result]:
     """Videos per second and memory of the video encoder, every method on the same random videos.
 
     Methods: ``none``, ``tome``, ``tempme`` and the baselines ``plain-vit`` (our plain fused-attention
     ViT of the same size), ``timm-vit`` (timm's, where timm imports) and ``merge-free`` (``tempme``'s
     token shapes with merging free, see ``MergeFreeEncoder``). ``compile`` wraps each encoder
-    in ``torch.compile(dynamic=False)``; compilation falls in ``first_call_s``, not in the timings.
+    in ``torch.compile(dynamic=False, mode=compile_mode)`` (``reduce-overhead`` adds CUDA graphs);
+    compilation falls in ``first_call_s``, not in the timings.
     ``cuda_graph`` replays each encoder as a CUDA graph (``tempme.cuda_graph``), captured in the first
     call. ``size_attention``: see ``build_video_encoder``.
     """
     methods = check_methods(methods, MERGE_METHODS + BASELINES)
     check_counts(batch, repeats, warmup)
     setup = Setup(
-        "inference", preset, frames, batch, resolve_device(device), dtype, compile, size_attention, cuda_graph
+        "inference", preset, frames, batch, resolve_device(device), dtype, compile, size_attention, cuda_graph,
+        compile_mode,
     )
+    if compile_mode not in COMPILE_MODES:
+        raise ValueError(f"unknown compile mode {compile_mode!r}; choose one of {', '.join(COMPILE_MODES)}")
     if cuda_graph and (setup.device.type != "cuda" or compile):
         raise ValueError("CUDA graphs need a CUDA device and an uncompiled model (--device cuda, no --compile)")
     torch_dtype = resolve_dtype(dtype)
     size = get_preset(preset).vision.image_size
     video = torch.randn(batch, frames, 3, size, size, device=setup.device, dtype=torch_dtype)
     encoders = {
-        m: prepare_encoder(preset, m, frames, setup.device, torch_dtype, compile, size_attention) for m in methods
+        m: prepare_encoder(preset, m, frames, setup.device, torch_dtype, compile, size_attention, compile_mode)
+        for m in methods
     }
     steps = {m: inference_step(encoder, video, cuda_graph) for m, encoder in encoders.items()}
     return measure(setup, steps, encoders, repeats, warmup)
@@ -594,6 +603,7 @@ def make_result(setup: Setup, method: str, timing: Timing, step_bytes: int | Non
         compiled=setup.compiled,
         size_attention=setup.size_attention,
         cuda_graph=setup.cuda_graph,
+        compile_mode=setup.compile_mode,
         first_call_s=timing.first_call_s,
         times_s=timing.times_s,
         median_s=timing.median_s,
@@ -634,8 +644,10 @@ def format_results(results: list[Result]) -> str:
     first = results[0]
     threads = f", {first.threads} CPU threads" if first.device == "cpu" else ""
     size_attention = f", size attention {first.size_attention}" if first.size_attention != "bias" else ""
+    compile_mode = f", compile mode {first.compile_mode}" if first.compiled and first.compile_mode != "default" else ""
     lines = [
-        f"{first.mode}: {first.model}, {first.frames} frames, batch {first.batch}, {first.dtype}{size_attention}, "
+        f"{first.mode}: {first.model}, {first.frames} frames, batch {first.batch}, {first.dtype}{size_attention}"
+        f"{compile_mode}, "
         f"{first.device_name} ({first.device}{threads}), torch {torch.__version__}",
     ]
     columns = [  # (heading, format, value)

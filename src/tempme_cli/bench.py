@@ -9,6 +9,7 @@ import torch
 
 from tempme.bench import (
     BASELINES,
+    COMPILE_MODES,
     DTYPES,
     SIZE_ATTENTION,
     TIMM_MODELS,
@@ -24,19 +25,23 @@ EPILOG = """\
 examples:
   tempme bench --model ViT-B/32 --frames 12 --batch 4 --device cpu --dtype fp32
   tempme bench --model ViT-B/16 --batch 32 --device cuda --dtype bf16 --compile --baseline --json
+  tempme bench --model ViT-B/16 --batch 32 --device cuda --dtype bf16 --cuda-graph --methods none,tempme,merge-free
   tempme bench --model ViT-B/16 --batch 32 --device cuda --dtype bf16 --train
 
 Weights and inputs are random (nothing is downloaded); speed does not depend on their values.
-Inference: the video encoder alone, LoRA folded, weights cast to --dtype, under inference_mode.
+Inference: the video encoder alone, optimised for inference (LoRA and QuickGELU's scale folded into
+the weights), cast to --dtype, under inference_mode. Baselines (--baseline): plain-vit and timm-vit
+(unmerged ViTs with fused attention) and merge-free (tempme's token shapes with merging itself free).
 Training (--train): video + text forward, symmetric InfoNCE, backward and an AdamW step on LoRA and
 clip positional embeddings, float32 weights under autocast to --dtype (loss scaling for fp16).
-Timing: every method gets a first call ('first s', compilation included) and --warmup untimed
+Timing: every method gets a first call ('first s': compilation or graph capture included) and --warmup untimed
 calls, then --repeats rounds time each method once in turn, so load from other processes falls on
 all alike. 'median ms' is per batch; 'vs none' is the median over rounds of none's time divided by
 the method's. On a CPU that other work shares, --threads 1 gives the steadiest figures.
 Memory: 'step MiB' is the most tensor memory one call held beyond the weights and inputs (CUDA:
-max_memory_allocated minus what was allocated before; CPU: counted per tensor, not the process's
-resident size, and not available when compiled); 'weights MiB' is the model's parameters and buffers.
+max_memory_allocated minus what was allocated before, not available for CUDA graphs; CPU: counted
+per tensor, not the process's resident size, and not available when compiled); 'weights MiB' is the
+model's parameters and buffers.
 See docs/benchmarks.md."""
 
 
@@ -90,6 +95,11 @@ def register(subparsers) -> None:
         "that keeps bias-free kernels usable (default: bias)",
     )
     parser.add_argument(
+        "--compile-mode",
+        choices=COMPILE_MODES,
+        help="torch.compile mode (implies --compile; reduce-overhead also replays CUDA graphs; default: default)",
+    )
+    parser.add_argument(
         "--cuda-graph",
         action="store_true",
         help="replay each encoder as one CUDA graph (captured in the first call; CUDA only, not with --compile)",
@@ -100,7 +110,7 @@ def register(subparsers) -> None:
 
 
 def chosen_methods(args: argparse.Namespace) -> tuple[str, ...]:
-    if args.train and (args.baseline or args.compile or args.cuda_graph):
+    if args.train and (args.baseline or args.compile or args.compile_mode or args.cuda_graph):
         # ValueError, not CLIError: under ``python -m tempme_cli.main`` the handler's main is another module.
         raise ValueError("--baseline, --compile and --cuda-graph apply to inference only, not to --train")
     methods = args.methods or (("none", "tempme") if args.train else MERGE_METHODS)
@@ -126,8 +136,13 @@ def run(args: argparse.Namespace) -> int:
         results = benchmark_training(args.model, methods, size_attention=args.size_attention, **common)
     else:
         results = benchmark_inference(
-            args.model, methods, compile=args.compile, size_attention=args.size_attention,
-            cuda_graph=args.cuda_graph, **common
+            args.model,
+            methods,
+            compile=args.compile or args.compile_mode is not None,
+            compile_mode=args.compile_mode or "default",
+            cuda_graph=args.cuda_graph,
+            size_attention=args.size_attention,
+            **common,
         )
     print(json.dumps(report(results)) if args.json else format_results(results))
     return 0

@@ -102,7 +102,12 @@ def test_cli_cuda_without_cuda_is_a_clear_error(capsys):
 
 @pytest.mark.parametrize(
     "extra, message",
-    [(["--methods", "none,fast"], "unknown or no method(s) ['fast']"), (["--train", "--compile"], "inference only")],
+    [
+        (["--methods", "none,fast"], "unknown or no method(s) ['fast']"),
+        (["--train", "--compile"], "inference only"),
+        (["--train", "--compile-mode", "reduce-overhead"], "inference only"),
+        (["--train", "--cuda-graph"], "inference only"),
+    ],
 )
 def test_cli_rejects_bad_options(extra, message, capsys):
     assert main(["bench", "--model", "tiny-B/32", *extra]) == 2
@@ -147,3 +152,8 @@ def test_size_attention_choice_is_recorded_and_checked():
     assert "size attention channels" in format_results([result])
     with pytest.raises(ValueError, match="unknown size attention 'dense'"):
         benchmark_inference("tiny-B/32", ("tempme",), size_attention="dense", **TINY)
+
+
+def test_unknown_compile_mode_is_refused_before_anything_is_built():
+    with pytest.raises(ValueError, match="unknown compile mode 'fastest'"):
+        benchmark_inference("tiny-B/32", ("none",), compile=True, compile_mode="fastest", **TINY)
