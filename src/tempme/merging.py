@@ -79,16 +79,36 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_cls: int) -> Merge
     return MergePlan(keep=keep, src=a_positions[src], dst=first_b_output + dst)
 
 
-def _gather_tokens(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``tokens[b, index[b, k]]`` for ``tokens [B, N, C]`` and ``index [B, K]``, giving ``[B, K, C]``."""
-    return tokens.gather(1, index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+def gather_rows(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``tokens[b, index[b, k]]`` for ``tokens [B, N, C]`` and ``index [B, K]``, giving ``[B, K, C]``.
+
+    One ``index_select`` of whole rows of the flattened tokens: row copies, cheaper than ``gather``
+    with an index expanded over the channels (which computes an address for every element).
+    """
+    batch, num_tokens, channels = tokens.shape
+    rows = _flat_rows(index, num_tokens)
+    return tokens.reshape(batch * num_tokens, channels).index_select(0, rows).view(batch, -1, channels)
+
+
+def add_rows_(tokens: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """In place, ``tokens[b, index[b, k]] += values[b, k]`` (repeated indices add up). Returns ``tokens``.
+
+    ``tokens [B, N, C]`` must be contiguous; ``index [B, K]``; ``values [B, K, C]``.
+    """
+    batch, num_tokens, channels = tokens.shape
+    tokens.view(batch * num_tokens, channels).index_add_(0, _flat_rows(index, num_tokens), values.reshape(-1, channels))
+    return tokens
+
+
+def _flat_rows(index: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Per-sequence token indices ``[B, K]`` -> row indices of the flattened ``[B * N, C]`` tokens."""
+    offsets = num_tokens * torch.arange(index.shape[0], device=index.device)
+    return (index + offsets[:, None]).flatten()
 
 
 def merge_sum(plan: MergePlan, tokens: torch.Tensor) -> torch.Tensor:
     """Merge ``tokens [B, N, C]`` by summation (sizes, source maps), giving ``[B, N - r, C]``."""
-    kept = _gather_tokens(tokens, plan.keep)
-    index = plan.dst.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])
-    return kept.scatter_add(1, index, _gather_tokens(tokens, plan.src))
+    return add_rows_(gather_rows(tokens, plan.keep), plan.dst, gather_rows(tokens, plan.src))
 
 
 def merge_weighted(
@@ -104,21 +124,19 @@ def merge_weighted(
     ``source [B, N, P]`` (which input patches each token holds) is summed when given.
     Returns ``(x, size, source)`` with ``N - r`` tokens.
 
-    Only the ``r`` moved rows are scaled and scattered; the rest is one gather and one multiply,
-    which keeps merging cheap next to the attention and MLP around it.
+    The kept rows are copied out and scaled, and the ``r`` moved rows, scaled, are added onto their
+    destinations: two passes over ``x`` (copy, scale), whatever ``r``.
     """
     if size is None:
         size = torch.ones(x.shape[0], x.shape[1], 1, device=x.device)
-    kept_size = size.gather(1, plan.keep.unsqueeze(-1))
-    moved_size = size.gather(1, plan.src.unsqueeze(-1))
-    new_size = kept_size.scatter_add(1, plan.dst.unsqueeze(-1), moved_size)
-    moved_weight = (moved_size / new_size.gather(1, plan.dst.unsqueeze(-1))).to(x.dtype)
-    moved = _gather_tokens(x, plan.src) * moved_weight
-    x = _gather_tokens(x, plan.keep) * (kept_size / new_size).to(x.dtype)
-    x = x.scatter_add(1, plan.dst.unsqueeze(-1).expand(-1, -1, x.shape[-1]), moved)
+    new_size = merge_sum(plan, size)
+    kept_share = size.gather(1, plan.keep.unsqueeze(-1)) / new_size
+    moved_share = size.gather(1, plan.src.unsqueeze(-1)) / new_size.gather(1, plan.dst.unsqueeze(-1))
+    kept = gather_rows(x, plan.keep) * kept_share.to(x.dtype)
+    merged = add_rows_(kept, plan.dst, gather_rows(x, plan.src) * moved_share.to(x.dtype))
     if source is not None:
         source = merge_sum(plan, source)
-    return x, new_size, source
+    return merged, new_size, source
 
 
 def join_clips(tokens: torch.Tensor, videos: int, clips_joined: int, num_cls: int) -> torch.Tensor:

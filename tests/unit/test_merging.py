@@ -4,10 +4,12 @@ import pytest
 import torch
 
 from tempme.merging import (
-    merge_sum,
+    add_rows_,
     bipartite_soft_matching,
+    gather_rows,
     imgme_count,
     join_clips,
+    merge_sum,
     merge_weighted,
     proportional_count,
 )
@@ -124,3 +126,12 @@ def test_join_clips_keeps_videos_apart_and_handles_several_cls():
     assert joined.shape == (2, 6, 1)
     assert joined[0].flatten().tolist() == [0, 1, 3, 4, 2, 5]
     assert joined[1].flatten().tolist() == [6, 7, 9, 10, 8, 11]
+
+
+def test_row_gather_and_add_by_hand():
+    tokens = torch.arange(12.0).view(2, 3, 2)  # sequence 0: rows [0,1] [2,3] [4,5]; sequence 1: [6,7] [8,9] [10,11]
+    picked = gather_rows(tokens, torch.tensor([[2, 0], [1, 1]]))
+    assert picked.tolist() == [[[4, 5], [0, 1]], [[8, 9], [8, 9]]]
+    target = torch.zeros(2, 2, 2)
+    add_rows_(target, torch.tensor([[1, 1], [0, 1]]), torch.ones(2, 2, 2))  # row 1 of sequence 0 gets two
+    assert target.tolist() == [[[0, 0], [2, 2]], [[1, 1], [1, 1]]]
