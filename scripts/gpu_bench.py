@@ -148,7 +148,7 @@ def save(run: Run, out: Path) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="folder for bench.json")
-    parser.add_argument("--budget", type=float, default=470, help="seconds for all steps together")
+    parser.add_argument("--budget", type=float, default=420, help="seconds for all steps together")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--big", default="ViT-B/16", help="model of the main, compiled and training runs")
     parser.add_argument("--small", default="ViT-B/32", help="model of the second inference run")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU figure of docs/benchmarks.md in one run of at most 8 minutes on one H100.
+# Every GPU figure of docs/benchmarks.md, then the test suite on CUDA: at most 10 minutes on one H100.
 #
 #   OUT=/some/folder bash scripts/gpu_bench.sh [extra scripts/gpu_bench.py options]
 #
@@ -8,21 +8,22 @@
 # inference as CUDA graphs with the baselines, the same with the size channel, a training step (batch
 # 32) for none and tempme with each size attention, eager inference with timm's ViT, compiled none and
 # tempme, a profile of tempme, ViT-B/32. Each step has its own time limit and all share BUDGET seconds
-# (default 470), so nothing can hang past that. $OUT/bench.json holds every step's results (rewritten
-# as each step ends), $OUT/bench.log the output. Pass --steps a,b to run some steps only.
+# (default 420), so nothing can hang past that. Last, the whole test suite, whose training and
+# evaluation tests then run on CUDA. $OUT/bench.json holds every step's results (rewritten as each
+# step ends), $OUT/bench.log the output. Pass --steps a,b to run some steps only.
 set -u
 OUT=${OUT:-runs/gpu_bench}
-BUDGET=${BUDGET:-470}
+BUDGET=${BUDGET:-420}
 PYTHON=${PYTHON:-python3}
 
 run() {
     export PYTHONUNBUFFERED=1
     # The GPU machine has torch but no network: pip can fetch neither the pinned torch==2.13.0 nor
-    # anything else, so the package runs from src/ rather than being installed. Of its imports only
-    # ftfy (and its wcwidth) is missing there: they travel as wheels in .whl/ (docs/benchmarks.md).
-    if ! "$PYTHON" -c "import ftfy" 2>/dev/null; then
+    # anything else, so the package runs from src/ rather than being installed. Of its imports, ftfy
+    # (with wcwidth) and PyAV are missing there: they travel as wheels in .whl/ (docs/benchmarks.md).
+    if ! "$PYTHON" -c "import ftfy, av" 2>/dev/null; then
         "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
-            || { echo "ftfy is missing and .whl/ does not provide it"; return 1; }
+            || { echo "ftfy or av is missing and .whl/ does not provide it"; return 1; }
         export PYTHONPATH=/tmp/site
     fi
     export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
@@ -34,6 +35,8 @@ run() {
     timeout 90 "$PYTHON" -m pytest -q -p no:cacheprovider tests/unit/test_cuda.py
     "$PYTHON" scripts/gpu_bench.py --out "$OUT" --budget "$BUDGET" "$@"
     local status=$?
+    # Last, the whole suite on this machine: training and evaluation (device "auto") then run on CUDA.
+    timeout 180 "$PYTHON" -m pytest -q -p no:cacheprovider
     date -u
     return $status
 }
