@@ -132,6 +132,8 @@ class RunSettings:
     ``eval_every`` counts optimizer steps (0: only at epoch ends). ``stop_after`` ends the run after
     that many steps with a ``last`` checkpoint, without shortening the schedule, so ``--resume``
     continues exactly as if the run had not stopped (smoke runs, time-limited jobs).
+    ``deterministic`` makes GPU runs bitwise repeatable (and resumed runs equal to uninterrupted
+    ones) at some cost in speed; CPU runs are repeatable without it.
     """
 
     output_dir: str = "runs/tempme"
@@ -142,6 +144,7 @@ class RunSettings:
     progress: bool = True
     device: str = "auto"
     stop_after: int | None = None
+    deterministic: bool = False
 
 
 @dataclass

@@ -15,7 +15,9 @@ validates and writes files while the others wait.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -327,6 +329,22 @@ def _resume_differences(saved: TrainConfig, current: TrainConfig) -> dict[str, t
     }
 
 
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool):
+    """With ``enabled``, deterministic kernels where torch has them (a warning where it has none) and
+    a fixed cuBLAS workspace, for bitwise-repeatable GPU runs; the previous setting comes back after."""
+    if not enabled:
+        yield
+        return
+    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS first starts
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+
+
 def train(config: TrainConfig, resume: bool = False, data: TrainData | None = None, source: str = "config") -> TrainSummary:
     """Train (or, with ``resume``, continue) the run ``config`` describes.
 
@@ -345,12 +363,13 @@ def train(config: TrainConfig, resume: bool = False, data: TrainData | None = No
     group_existed = torch.distributed.is_available() and torch.distributed.is_initialized()
     world = init_distributed(use_cuda)
     try:
-        if config.optim.batch_size % world.world_size:
-            raise ConfigError(
-                source, "optim.batch_size", config.optim.batch_size,
-                f"the global batch must split evenly over {world.world_size} processes",
-            )
-        return Trainer(config, world, resume, data, source).run()
+        with deterministic_algorithms(config.run.deterministic):
+            if config.optim.batch_size % world.world_size:
+                raise ConfigError(
+                    source, "optim.batch_size", config.optim.batch_size,
+                    f"the global batch must split evenly over {world.world_size} processes",
+                )
+            return Trainer(config, world, resume, data, source).run()
     finally:
         if world.distributed and not group_existed:
             shutdown()

@@ -164,14 +164,15 @@ def test_mixed_precision_runs(tmp_path, precision):
 
 def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
     data = synthetic_data(24)
-    full = tiny_config(tmp_path / "full", run={"eval_every": 2})
+    # deterministic: on a GPU, atomic additions in merging would otherwise differ in the last bits.
+    full = tiny_config(tmp_path / "full", run={"eval_every": 2, "deterministic": True})
     train(full, data=data)
 
-    parts = tiny_config(tmp_path / "parts", run={"eval_every": 2, "stop_after": 4})
+    parts = tiny_config(tmp_path / "parts", run={"eval_every": 2, "stop_after": 4, "deterministic": True})
     first = train(parts, data=data)
     assert first.stopped_early and first.steps == 4
     # A mid-epoch stop: 3 steps per epoch, so step 4 is the first batch of the second epoch.
-    parts = tiny_config(tmp_path / "parts", run={"eval_every": 2})
+    parts = tiny_config(tmp_path / "parts", run={"eval_every": 2, "deterministic": True})
     second = train(parts, resume=True, data=data)
     assert second.steps == 9 and not second.stopped_early and len(second.losses) == 5
 
@@ -315,3 +316,12 @@ def test_evaluation_handles_several_captions_and_undecodable_videos(tmp_path):
     results = evaluate(model, eval_set, batch_size=2, progress=False)
     assert results["skipped"] == ["v2"] and results["num_videos"] == 3 and results["num_captions"] == 6
     assert results["t2v"]["num_queries"] == 6 and results["v2t"]["num_queries"] == 3
+
+
+def test_deterministic_mode_is_switched_on_for_the_run_only():
+    from tempme_train.train import deterministic_algorithms
+
+    assert not torch.are_deterministic_algorithms_enabled()
+    with deterministic_algorithms(True):
+        assert torch.are_deterministic_algorithms_enabled()
+    assert not torch.are_deterministic_algorithms_enabled()
