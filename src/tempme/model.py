@@ -208,8 +208,9 @@ class VisionTransformer(nn.Module):
         self.image_size = vision.image_size
         self.plan: tuple[LayerPlan, ...] = build_plan(config.merge, vision.layers, config.frames)
         # Proportional attention adds log(size) as an attention bias. The alternative, an extra q/k
-        # channel that keeps bias-free flash kernels usable, measured slower on an H100 (it copies q, k
-        # and v into padded tensors in every layer; docs/benchmarks.md), so it is opt-in.
+        # channel that keeps bias-free kernels usable (Attention.forward_size_channel), measured slower
+        # on an H100 while it padded q, k and v in every layer; it now comes straight out of the
+        # projection and stays opt-in until it is measured again (docs/benchmarks.md).
         self.size_in_channels = False
         scale = vision.width**-0.5
         self.conv1 = nn.Conv2d(3, vision.width, vision.patch_size, vision.patch_size, bias=False)
@@ -237,7 +238,7 @@ class VisionTransformer(nn.Module):
         patches[:, 0] = 0
         grid = images.reshape(count, channels, rows, patch, cols, patch).permute(0, 2, 4, 1, 3, 5)
         patches[:, 1:].view(count, rows, cols, channels, patch, patch).copy_(grid)
-        x = patches @ self.conv1.weight.view(self.conv1.out_channels, -1).t().to(images.dtype)
+        x = patches @ self.conv1.weight.reshape(self.conv1.out_channels, -1).t().to(images.dtype)
         position = self.positional_embedding + F.pad(self.class_embedding[None], (0, 0, 0, rows * cols))
         return self.ln_pre(x + position.to(x.dtype))
 
