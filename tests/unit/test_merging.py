@@ -135,3 +135,11 @@ def test_row_gather_and_add_by_hand():
     target = torch.zeros(2, 2, 2)
     add_rows_(target, torch.tensor([[1, 1], [0, 1]]), torch.ones(2, 2, 2))  # row 1 of sequence 0 gets two
     assert target.tolist() == [[[0, 0], [2, 2]], [[1, 1], [1, 1]]]
+
+
+def test_weighted_merge_gradients_are_exact():
+    torch.manual_seed(0)
+    x = torch.randn(2, 9, 4, dtype=torch.float64, requires_grad=True)
+    size = torch.rand(2, 9, 1, dtype=torch.float64) + 1
+    plan = bipartite_soft_matching(torch.randn(2, 9, 3), 3, 1)
+    assert torch.autograd.gradcheck(lambda tokens: merge_weighted(plan, tokens, size)[0], (x,))
