@@ -61,11 +61,11 @@ def plan(args: argparse.Namespace) -> list[Step]:
         Step("big-inference-graph-channels", 90,
              bench(args.big, args.batch, "--cuda-graph", "--methods", "none,tempme", "--size-attention", "channels")),
         Step("big-training", 120, bench(args.big, args.train_batch, "--train")),
+        Step("big-inference-compiled", 240,
+             bench(args.big, args.batch, "--compile-mode", "reduce-overhead", "--methods", "none,tempme")),
         Step("big-training-channels", 120, bench(args.big, args.train_batch, "--train", "--size-attention", "channels")),
         # none, tome, tempme, plain-vit, timm-vit (where timm imports), merge-free
         Step("big-inference-eager", 150, bench(args.big, args.batch, "--baseline")),
-        Step("big-inference-compiled", 240,
-             bench(args.big, args.batch, "--compile-mode", "reduce-overhead", "--methods", "none,tempme")),
         Step("big-profile-tempme", 60, profile, script="profile_encoder.py"),
         Step("small-inference-graph", 90,
              bench(args.small, args.batch, "--cuda-graph", "--methods", "none,tome,tempme,merge-free")),
@@ -148,7 +148,7 @@ def save(run: Run, out: Path) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="folder for bench.json")
-    parser.add_argument("--budget", type=float, default=420, help="seconds for all steps together")
+    parser.add_argument("--budget", type=float, default=380, help="seconds for all steps together")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--big", default="ViT-B/16", help="model of the main, compiled and training runs")
     parser.add_argument("--small", default="ViT-B/32", help="model of the second inference run")

@@ -5,15 +5,15 @@
 #
 # Run from the repository root. First the GPU-only tests (tests/unit/test_cuda.py), then the steps of
 # scripts/gpu_bench.py, most wanted first (see its plan()): ViT-B/16, 12 frames, bf16, batch 32
-# inference as CUDA graphs with the baselines, the same with the size channel, a training step (batch
-# 32) for none and tempme with each size attention, eager inference with timm's ViT, compiled none and
-# tempme, a profile of tempme, ViT-B/32. Each step has its own time limit and all share BUDGET seconds
-# (default 420), so nothing can hang past that. Last, the whole test suite, whose training and
-# evaluation tests then run on CUDA. $OUT/bench.json holds every step's results (rewritten as each
-# step ends), $OUT/bench.log the output. Pass --steps a,b to run some steps only.
+# inference as CUDA graphs with the baselines and with the size channel, a training step (batch 32),
+# compiled none and tempme (reduce-overhead), training with the size channel, eager inference with
+# timm's ViT, a profile of tempme, ViT-B/32, compiled baselines. Each step has its own time limit and
+# all share BUDGET seconds (default 380), so nothing can hang past that. Last, the whole test suite
+# (at most 150 s), whose training and evaluation tests then run on CUDA. $OUT/bench.json holds every
+# step's results (rewritten as each step ends), $OUT/bench.log the output. --steps a,b runs some steps.
 set -u
 OUT=${OUT:-runs/gpu_bench}
-BUDGET=${BUDGET:-420}
+BUDGET=${BUDGET:-380}
 PYTHON=${PYTHON:-python3}
 
 run() {
@@ -36,7 +36,7 @@ run() {
     "$PYTHON" scripts/gpu_bench.py --out "$OUT" --budget "$BUDGET" "$@"
     local status=$?
     # Last, the whole suite on this machine: training and evaluation (device "auto") then run on CUDA.
-    timeout 180 "$PYTHON" -m pytest -q -p no:cacheprovider
+    timeout 150 "$PYTHON" -m pytest -q -p no:cacheprovider
     date -u
     return $status
 }
