@@ -23,11 +23,18 @@ class MergePlan:
       CLS tokens, unmerged A tokens (ascending), then all B tokens (original order);
     - ``src [B, r]``: the A tokens merged away;
     - ``dst [B, r]``: for each of them, the *output* position of the B token it merges into.
+
+    The same indices as rows of the flattened input ``[B * N, C]`` (``keep_rows``, ``src_rows``) and
+    of the flattened output ``[B * (N - r), C]`` (``dst_rows``): computed once, they serve every
+    tensor merged with this plan (tokens, sizes, source maps).
     """
 
     keep: torch.Tensor
     src: torch.Tensor
     dst: torch.Tensor
+    keep_rows: torch.Tensor
+    src_rows: torch.Tensor
+    dst_rows: torch.Tensor
 
 
 def split_sets(num_cls: int) -> tuple[int, int]:
@@ -65,8 +72,8 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_cls: int) -> Merge
         unmerged = order[:, r:].sort(dim=-1).values
         dst = best_dst.gather(1, src)
         device = metric.device
-        a_positions = num_cls + a_start + 2 * torch.arange(a.shape[1], device=device)
-        b_positions = num_cls + b_start + 2 * torch.arange(b.shape[1], device=device)
+        a_positions = torch.arange(num_cls + a_start, num_tokens, 2, device=device)
+        b_positions = torch.arange(num_cls + b_start, num_tokens, 2, device=device)
         keep = torch.cat(
             [
                 torch.arange(num_cls, device=device).expand(batch, -1),
@@ -75,40 +82,41 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_cls: int) -> Merge
             ],
             dim=1,
         )
-        first_b_output = num_cls + unmerged.shape[1]
-    return MergePlan(keep=keep, src=a_positions[src], dst=first_b_output + dst)
+        src = a_positions[src]
+        dst = dst + (num_cls + unmerged.shape[1])  # B tokens follow the CLS and unmerged A tokens
+        sequence = torch.arange(batch, device=device)[:, None]
+        input_offset = sequence * num_tokens
+    return MergePlan(
+        keep=keep,
+        src=src,
+        dst=dst,
+        keep_rows=(keep + input_offset).flatten(),
+        src_rows=(src + input_offset).flatten(),
+        dst_rows=(dst + sequence * keep.shape[1]).flatten(),
+    )
 
 
-def gather_rows(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``tokens[b, index[b, k]]`` for ``tokens [B, N, C]`` and ``index [B, K]``, giving ``[B, K, C]``.
+def gather_rows(tokens: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Rows ``rows [B * K]`` (indices into the flattened ``[B * N, C]``) of ``tokens [B, N, C]``, as ``[B, K, C]``.
 
-    One ``index_select`` of whole rows of the flattened tokens: row copies, cheaper than ``gather``
-    with an index expanded over the channels (which computes an address for every element).
+    One ``index_select`` of whole rows: row copies, cheaper than ``gather`` with an index expanded
+    over the channels (which computes an address for every element).
     """
-    batch, num_tokens, channels = tokens.shape
-    rows = _flat_rows(index, num_tokens)
-    return tokens.reshape(batch * num_tokens, channels).index_select(0, rows).view(batch, -1, channels)
+    batch, _, channels = tokens.shape
+    return tokens.reshape(-1, channels).index_select(0, rows).view(batch, -1, channels)
 
 
-def add_rows_(tokens: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """In place, ``tokens[b, index[b, k]] += values[b, k]`` (repeated indices add up). Returns ``tokens``.
-
-    ``tokens [B, N, C]`` must be contiguous; ``index [B, K]``; ``values [B, K, C]``.
-    """
-    batch, num_tokens, channels = tokens.shape
-    tokens.view(batch * num_tokens, channels).index_add_(0, _flat_rows(index, num_tokens), values.reshape(-1, channels))
+def add_rows_(tokens: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """In place, add ``values [B, K, C]`` onto the rows ``rows [B * K]`` of the flattened ``tokens [B, M, C]``
+    (which must be contiguous); repeated rows add up. Returns ``tokens``."""
+    channels = tokens.shape[-1]
+    tokens.view(-1, channels).index_add_(0, rows, values.reshape(-1, channels))
     return tokens
-
-
-def _flat_rows(index: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """Per-sequence token indices ``[B, K]`` -> row indices of the flattened ``[B * N, C]`` tokens."""
-    offsets = num_tokens * torch.arange(index.shape[0], device=index.device)
-    return (index + offsets[:, None]).flatten()
 
 
 def merge_sum(plan: MergePlan, tokens: torch.Tensor) -> torch.Tensor:
     """Merge ``tokens [B, N, C]`` by summation (sizes, source maps), giving ``[B, N - r, C]``."""
-    return add_rows_(gather_rows(tokens, plan.keep), plan.dst, gather_rows(tokens, plan.src))
+    return add_rows_(gather_rows(tokens, plan.keep_rows), plan.dst_rows, gather_rows(tokens, plan.src_rows))
 
 
 def merge_weighted(
@@ -129,11 +137,12 @@ def merge_weighted(
     """
     if size is None:
         size = torch.ones(x.shape[0], x.shape[1], 1, device=x.device)
-    new_size = merge_sum(plan, size)
-    kept_share = size.gather(1, plan.keep.unsqueeze(-1)) / new_size
-    moved_share = size.gather(1, plan.src.unsqueeze(-1)) / new_size.gather(1, plan.dst.unsqueeze(-1))
-    kept = gather_rows(x, plan.keep) * kept_share.to(x.dtype)
-    merged = add_rows_(kept, plan.dst, gather_rows(x, plan.src) * moved_share.to(x.dtype))
+    kept_size, moved_size = gather_rows(size, plan.keep_rows), gather_rows(size, plan.src_rows)
+    new_size = add_rows_(kept_size.clone(), plan.dst_rows, moved_size)
+    kept_share = (kept_size / new_size).to(x.dtype)
+    moved_share = (moved_size / gather_rows(new_size, plan.dst_rows)).to(x.dtype)
+    kept = gather_rows(x, plan.keep_rows) * kept_share
+    merged = add_rows_(kept, plan.dst_rows, gather_rows(x, plan.src_rows) * moved_share)
     if source is not None:
         source = merge_sum(plan, source)
     return merged, new_size, source

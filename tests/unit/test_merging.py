@@ -130,11 +130,18 @@ def test_join_clips_keeps_videos_apart_and_handles_several_cls():
 
 def test_row_gather_and_add_by_hand():
     tokens = torch.arange(12.0).view(2, 3, 2)  # sequence 0: rows [0,1] [2,3] [4,5]; sequence 1: [6,7] [8,9] [10,11]
-    picked = gather_rows(tokens, torch.tensor([[2, 0], [1, 1]]))
+    picked = gather_rows(tokens, torch.tensor([2, 0, 4, 4]))  # flat rows: 2 of sequence 0, ..., 1 of sequence 1
     assert picked.tolist() == [[[4, 5], [0, 1]], [[8, 9], [8, 9]]]
     target = torch.zeros(2, 2, 2)
-    add_rows_(target, torch.tensor([[1, 1], [0, 1]]), torch.ones(2, 2, 2))  # row 1 of sequence 0 gets two
+    add_rows_(target, torch.tensor([1, 1, 2, 3]), torch.ones(2, 2, 2))  # row 1 of sequence 0 gets two
     assert target.tolist() == [[[0, 0], [2, 2]], [[1, 1], [1, 1]]]
+
+
+def test_plan_rows_are_the_positions_in_the_flattened_tensors():
+    plan = bipartite_soft_matching(torch.randn(3, 7, 4), 2, 1)
+    assert plan.keep_rows.tolist() == (plan.keep + 7 * torch.arange(3)[:, None]).flatten().tolist()
+    assert plan.src_rows.tolist() == (plan.src + 7 * torch.arange(3)[:, None]).flatten().tolist()
+    assert plan.dst_rows.tolist() == (plan.dst + 5 * torch.arange(3)[:, None]).flatten().tolist()
 
 
 def test_weighted_merge_gradients_are_exact():
