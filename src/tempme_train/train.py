@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -206,8 +207,12 @@ class Trainer:
                 torch.nn.utils.clip_grad_norm_(self.params, self.config.optim.grad_clip)
             self.scaler.step(self.optimizer)
             self.scaler.update()
-        # The schedule advances even on an empty batch, so it stays tied to the data position.
-        self.scheduler.step()
+        # The schedule advances even on an empty batch, so it stays tied to the data position. (Also
+        # when fp16 loss scaling skipped the optimizer step for overflowing gradients, which torch
+        # warns about as if the calls were out of order: they are not.)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+            self.scheduler.step()
         self.progress.step += 1
         return StepResult(loss, lr)
 
