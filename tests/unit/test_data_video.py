@@ -140,3 +140,31 @@ class TestReadFrames:
         monkeypatch.setitem(sys.modules, "decord", None)
         with pytest.raises(ImportError, match="pip install decord"):
             read_frames(video_files.mp4, 4, backend="decord")
+
+
+class TestDecordBackend:
+    """The optional decord backend picks the same frames as PyAV and fails the same way."""
+
+    @pytest.fixture(autouse=True)
+    def needs_decord(self):
+        pytest.importorskip("decord")
+
+    def test_same_frames_as_pyav(self, video_files):
+        for path, max_frames in ((video_files.mp4, 12), (video_files.long, 12), (video_files.mp4, 64)):
+            with_decord = read_frames(path, max_frames, backend="decord")
+            with_pyav = read_frames(path, max_frames)
+            assert [frame_index(f) for f in with_decord] == [frame_index(f) for f in with_pyav]
+            assert all(f.mode == "RGB" and f.size == g.size for f, g in zip(with_decord, with_pyav))
+
+    def test_start_end(self, video_files):
+        frames = read_frames(video_files.mp4, 3, start=2.0, end=4.0, backend="decord")
+        assert [frame_index(f) for f in frames] == [20, 30, 40]
+
+    @pytest.mark.parametrize(
+        ("name", "reason"), [("corrupt", "decord failed"), ("empty", "empty (0 bytes)"), ("audio_only", "no video stream")]
+    )
+    def test_bad_files_raise_naming_file_and_reason(self, video_files, name, reason):
+        path = getattr(video_files, name)
+        with pytest.raises(VideoDecodeError) as info:
+            read_frames(path, 4, backend="decord")
+        assert str(path) in str(info.value) and reason in str(info.value)
