@@ -63,9 +63,13 @@ def register(subparsers) -> None:
         "--model", default="ViT-B/32", choices=preset_names(), help="architecture preset (default: ViT-B/32)"
     )
     parser.add_argument("--frames", type=int, default=12, help="frames per video (default: 12)")
-    parser.add_argument("--batch", type=int, default=4, help="videos per batch (default: 4)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
-    parser.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="precision (default: fp32)")
+    parser.add_argument("--batch", type=int, help="videos per batch (default: 32 on a GPU, 4 on the CPU)")
+    parser.add_argument(
+        "--device", default="auto", help="cpu, cuda[:N] or auto: the GPU where there is one (default: auto)"
+    )
+    parser.add_argument(
+        "--dtype", choices=list(DTYPES), help="precision (default: bf16 on a GPU, fp32 on the CPU)"
+    )
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
     parser.add_argument(
         "--compile", action="store_true", help="torch.compile each encoder (dynamic=False); inference only"
@@ -124,11 +128,15 @@ def run(args: argparse.Namespace) -> int:
     methods = chosen_methods(args)
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    on_gpu = device.startswith("cuda")
     common = dict(
         frames=args.frames,
-        batch=args.batch,
-        device=args.device,
-        dtype=args.dtype,
+        batch=args.batch or (32 if on_gpu else 4),
+        device=device,
+        dtype=args.dtype or ("bf16" if on_gpu else "fp32"),
         repeats=args.repeats,
         warmup=args.warmup,
     )

@@ -157,3 +157,10 @@ def test_size_attention_choice_is_recorded_and_checked():
 def test_unknown_compile_mode_is_refused_before_anything_is_built():
     with pytest.raises(ValueError, match="unknown compile mode 'fastest'"):
         benchmark_inference("tiny-B/32", ("none",), compile=True, compile_mode="fastest", **TINY)
+
+
+@NO_CUDA
+def test_cli_defaults_to_the_cpu_in_fp32_with_four_videos(capsys):
+    assert main(["bench", "--model", "tiny-B/32", "--methods", "none", "--repeats", "1", "--warmup", "0", "--json"]) == 0
+    (result,) = json.loads(capsys.readouterr().out)["results"]
+    assert (result["device"], result["dtype"], result["batch"]) == ("cpu", "fp32", 4)
