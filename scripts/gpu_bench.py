@@ -71,6 +71,8 @@ def plan(args: argparse.Namespace) -> list[Step]:
              bench(args.small, args.batch, "--cuda-graph", "--methods", "none,tome,tempme,merge-free")),
         Step("big-inference-compiled-baselines", 200,
              bench(args.big, args.batch, "--compile", "--methods", "merge-free,plain-vit")),
+        # Likely past the default budget: run it on its own with --steps big-training-compiled.
+        Step("big-training-compiled", 400, bench(args.big, args.train_batch, "--train", "--compile")),
     ]
 
 

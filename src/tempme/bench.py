@@ -507,9 +507,11 @@ def random_captions(batch: int, length: int, device: torch.device) -> torch.Tens
 @dataclass
 class TrainingStep:
     """One contrastive step of the paper's fine-tuning: only LoRA and clip positional embeddings
-    train (AdamW); float32 weights under autocast, with loss scaling for fp16."""
+    train (AdamW); float32 weights under autocast, with loss scaling for fp16. ``forward`` is the
+    model itself or its ``torch.compile``d wrapper (same parameters)."""
 
     model: nn.Module
+    forward: Callable
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     video: torch.Tensor
@@ -519,7 +521,7 @@ class TrainingStep:
     def __call__(self) -> torch.Tensor:
         device_type = self.video.device.type
         with torch.autocast(device_type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-            video, text = self.model(self.video, self.captions)
+            video, text = self.forward(self.video, self.captions)
             loss = contrastive_loss(text, video, self.model.logit_scale)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -530,7 +532,7 @@ class TrainingStep:
 
 def make_training_step(
     preset: str, method: str, frames: int, batch: int, device: torch.device, dtype: torch.dtype,
-    size_attention: str = "bias",
+    size_attention: str = "bias", compile: bool = False,
 ) -> TrainingStep:
     check_size_attention(size_attention)
     model = create_model(preset, method=method, frames=frames, device=device).train()
@@ -540,6 +542,7 @@ def make_training_step(
     size = model.visual.image_size
     return TrainingStep(
         model=model,
+        forward=torch.compile(model, dynamic=False) if compile else model,
         optimizer=torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.2),
         scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
         video=torch.randn(batch, frames, 3, size, size, device=device),
@@ -558,14 +561,18 @@ def benchmark_training(
     repeats: int = 10,
     warmup: int = 3,
     size_attention: str = "bias",
+    compile: bool = False,
 ) -> list[Result]:
     """Seconds per training step (video and text forward, symmetric InfoNCE, backward, AdamW on
-    LoRA + CPE), and the step's memory (optimizer state created in the first call is excluded)."""
+    LoRA + CPE), and the step's memory (optimizer state created in the first call is excluded).
+    ``compile``: the model's forward (and so its backward) through ``torch.compile``."""
     methods = check_methods(methods, MERGE_METHODS)
     check_counts(batch, repeats, warmup)
-    setup = Setup("training", preset, frames, batch, resolve_device(device), dtype, False, size_attention)
+    setup = Setup("training", preset, frames, batch, resolve_device(device), dtype, compile, size_attention)
     steps = {
-        m: make_training_step(preset, m, frames, batch, setup.device, resolve_dtype(dtype), size_attention)
+        m: make_training_step(
+            preset, m, frames, batch, setup.device, resolve_dtype(dtype), size_attention, compile
+        )
         for m in methods
     }
     return measure(setup, steps, {m: step.model for m, step in steps.items()}, repeats, warmup)

@@ -104,7 +104,6 @@ def test_cli_cuda_without_cuda_is_a_clear_error(capsys):
     "extra, message",
     [
         (["--methods", "none,fast"], "unknown or no method(s) ['fast']"),
-        (["--train", "--compile"], "inference only"),
         (["--train", "--compile-mode", "reduce-overhead"], "inference only"),
         (["--train", "--cuda-graph"], "inference only"),
     ],
