@@ -475,8 +475,8 @@ def benchmark_inference(
     methods = check_methods(methods, MERGE_METHODS + BASELINES)
     check_counts(batch, repeats, warmup)
     setup = Setup(
-        "inference", preset, frames, batch, resolve_device(device), dtype, compile, size_attention, cuda_graph,
-        compile_mode,
+        mode="inference", preset=preset, frames=frames, batch=batch, device=resolve_device(device), dtype=dtype,
+        compiled=compile, size_attention=size_attention, cuda_graph=cuda_graph, compile_mode=compile_mode,
     )
     if compile_mode not in COMPILE_MODES:
         raise ValueError(f"unknown compile mode {compile_mode!r}; choose one of {', '.join(COMPILE_MODES)}")
@@ -568,7 +568,10 @@ def benchmark_training(
     ``compile``: the model's forward (and so its backward) through ``torch.compile``."""
     methods = check_methods(methods, MERGE_METHODS)
     check_counts(batch, repeats, warmup)
-    setup = Setup("training", preset, frames, batch, resolve_device(device), dtype, compile, size_attention)
+    setup = Setup(
+        mode="training", preset=preset, frames=frames, batch=batch, device=resolve_device(device), dtype=dtype,
+        compiled=compile, size_attention=size_attention,
+    )
     steps = {
         m: make_training_step(
             preset, m, frames, batch, setup.device, resolve_dtype(dtype), size_attention, compile
