@@ -30,6 +30,7 @@ from torch.utils._pytree import tree_leaves
 from .config import MERGE_METHODS, CLIPConfig, VisionConfig, get_preset
 from .cuda_graph import GraphedForward
 from .factory import create_model
+from .model import SIZE_ATTENTION
 from .retrieval import contrastive_loss
 from .schedule import simulate
 
@@ -64,7 +65,7 @@ class Result:
     threads: int  # torch's intra-op CPU threads
     dtype: str
     compiled: bool
-    size_attention: str  # how log(size) entered attention: bias or channels (SIZE_ATTENTION)
+    size_attention: str  # how log(size) entered attention (tempme.model.SIZE_ATTENTION)
     first_call_s: float  # the first call, compilation or graph capture included
     times_s: list[float]
     median_s: float
@@ -393,9 +394,6 @@ def check_methods(methods: Iterable[str], allowed: Iterable[str]) -> tuple[str, 
     return methods
 
 
-SIZE_ATTENTION = {"bias": False, "channels": True}
-
-
 def check_size_attention(name: str) -> None:
     if name not in SIZE_ATTENTION:
         raise ValueError(f"unknown size attention {name!r}; choose one of {', '.join(SIZE_ATTENTION)}")
@@ -404,14 +402,13 @@ def check_size_attention(name: str) -> None:
 def build_video_encoder(preset: str, method: str, frames: int, size_attention: str = "bias") -> nn.Module:
     """``[B, F, 3, H, W]`` -> ``[B, D]``: TempMe's video encoder (optimised for inference) or a baseline.
 
-    ``size_attention`` picks how merged encoders add log(size) to the attention logits: ``bias`` (an
-    additive mask, the model's default) or ``channels`` (an extra query/key channel, so that kernels
-    without bias support stay usable).
+    ``size_attention`` picks how merged encoders add log(size) to the attention logits (one of
+    ``tempme.model.SIZE_ATTENTION``: ``bias``, the model's default, or ``channels``).
     """
     check_size_attention(size_attention)
     if method in MERGE_METHODS:
         visual = create_model(preset, method=method, frames=frames).optimize_for_inference().visual
-        visual.size_in_channels = SIZE_ATTENTION[size_attention]
+        visual.size_attention = size_attention
         return visual
     if method == "merge-free":
         return MergeFreeEncoder(create_model(preset, method="tempme", frames=frames).optimize_for_inference().visual)
@@ -536,7 +533,7 @@ def make_training_step(
 ) -> TrainingStep:
     check_size_attention(size_attention)
     model = create_model(preset, method=method, frames=frames, device=device).train()
-    model.visual.size_in_channels = SIZE_ATTENTION[size_attention]
+    model.visual.size_attention = size_attention
     model.set_trainable("lora")
     trainable = [p for p in model.parameters() if p.requires_grad]
     size = model.visual.image_size

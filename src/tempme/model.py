@@ -22,6 +22,11 @@ from .schedule import LayerPlan, build_plan
 
 
 QUICK_GELU_SCALE = 1.702
+# How proportional attention adds log(size) of each key to the attention logits.
+SIZE_ATTENTION = {
+    "bias": "an additive attention bias (scaled_dot_product_attention with a mask)",
+    "channels": "an extra query/key channel per head, so that bias-free attention kernels apply",
+}
 HEAD_PAD = 8  # extra channels per attention head for the size channel: head sizes stay multiples of 8
 
 
@@ -84,17 +89,17 @@ class Attention(nn.Module):
         x: torch.Tensor,
         attn_mask: torch.Tensor | None = None,
         log_size: torch.Tensor | None = None,
-        size_in_channels: bool = False,
+        size_attention: str = "bias",
         return_metric: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x ``[B, N, D]`` -> attention output ``[B, N, D]`` and, with ``return_metric``, the keys averaged
         over heads ``[B, N, D/heads]`` (the ImgMe / intra-clip merge metric), else ``None``.
 
         ``attn_mask`` (broadcastable to ``[B, heads, N, N]``) is added to the logits. ``log_size [B, N]``
-        adds log(size) of each key (proportional attention), either as a mask or, with
-        ``size_in_channels``, through an extra query/key channel (``forward_size_channel``).
+        adds log(size) of each key (proportional attention), in the way ``size_attention`` names (see
+        ``SIZE_ATTENTION``).
         """
-        if log_size is not None and size_in_channels:
+        if log_size is not None and size_attention == "channels":
             return self.forward_size_channel(x, log_size, return_metric)
         batch, tokens, width = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
@@ -207,11 +212,10 @@ class VisionTransformer(nn.Module):
         self.frames = config.frames
         self.image_size = vision.image_size
         self.plan: tuple[LayerPlan, ...] = build_plan(config.merge, vision.layers, config.frames)
-        # Proportional attention adds log(size) as an attention bias. The alternative, an extra q/k
-        # channel that keeps bias-free kernels usable (Attention.forward_size_channel), measured slower
-        # on an H100 while it padded q, k and v in every layer; it now comes straight out of the
+        # How proportional attention adds log(size): "bias" by default. The extra q/k channel measured
+        # slower on an H100 while it padded q, k and v in every layer; it now comes straight out of the
         # projection and stays opt-in until it is measured again (docs/benchmarks.md).
-        self.size_in_channels = False
+        self.size_attention = "bias"
         scale = vision.width**-0.5
         self.conv1 = nn.Conv2d(3, vision.width, vision.patch_size, vision.patch_size, bias=False)
         self.class_embedding = nn.Parameter(scale * torch.randn(vision.width))
@@ -278,6 +282,10 @@ class VisionTransformer(nn.Module):
         self, frames: torch.Tensor, track_source: bool = False, layers: int | None = None
     ) -> VideoTokens:
         """Run the encoder on ``frames [B, F, 3, H, W]``; return the token state after ``layers`` layers."""
+        if self.size_attention not in SIZE_ATTENTION:
+            raise ValueError(
+                f"unknown size_attention {self.size_attention!r}; choose one of {', '.join(SIZE_ATTENTION)}"
+            )
         videos, num_frames = frames.shape[:2]
         x = self.embed(frames.flatten(0, 1))
         source = None
@@ -292,7 +300,7 @@ class VisionTransformer(nn.Module):
             log_size = state.size[..., 0].log() if self.merge.prop_attn and state.size is not None else None
             r = self.merge_count(step, state)  # attention keeps the token count, so it is known already
             attn_out, keys = block.attn(
-                block.ln_1(state.x), log_size=log_size, size_in_channels=self.size_in_channels, return_metric=r > 0
+                block.ln_1(state.x), log_size=log_size, size_attention=self.size_attention, return_metric=r > 0
             )
             state = VideoTokens(state.x + attn_out, state.size, state.source, videos, state.num_cls)
             if r > 0:

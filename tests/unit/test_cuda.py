@@ -61,7 +61,7 @@ def test_half_precision_on_cuda_agrees_with_float32(dtype):
         reference = tiny_encoder(torch.float32)(video)
         half_bias = tiny_encoder(dtype)(video.to(dtype))
         channel_encoder = tiny_encoder(dtype)
-        channel_encoder.size_in_channels = True
+        channel_encoder.size_attention = "channels"
         half_channels = channel_encoder(video.to(dtype))
     torch.testing.assert_close(half_bias.float(), reference, atol=0.05, rtol=0.05)
     torch.testing.assert_close(half_channels.float(), half_bias.float(), atol=0.05, rtol=0.05)

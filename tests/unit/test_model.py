@@ -131,16 +131,23 @@ def test_unknown_preset_and_setting_are_refused():
         tempme.create_model("tiny-B/32", merge_layer=(8, 9, 10))
 
 
-def test_size_channel_attention_equals_the_bias_form():
+def test_size_channel_form_equals_the_bias_form():
     torch.manual_seed(0)
-    model = tempme.create_model("tiny-B/32", frames=12).eval()
+    model = with_random_lora(tempme.create_model("tiny-B/32", frames=12)).eval()
     video = torch.randn(2, 12, 3, 224, 224)
     with torch.no_grad():
-        model.visual.size_in_channels = False
+        model.visual.size_attention = "bias"
         with_bias = model.encode_video(video)
-        model.visual.size_in_channels = True
-        with_channel = model.encode_video(video)
-    torch.testing.assert_close(with_channel, with_bias, atol=1e-5, rtol=1e-4)
+        model.visual.size_attention = "channels"
+        other = model.encode_video(video)
+    torch.testing.assert_close(other, with_bias, atol=1e-5, rtol=1e-4)
+
+
+def test_unknown_size_attention_is_refused():
+    model = tempme.create_model("tiny-B/32", frames=12)
+    model.visual.size_attention = "dense"
+    with pytest.raises(ValueError, match="unknown size_attention 'dense'.*bias, channels"):
+        model.encode_video(torch.zeros(1, 12, 3, 224, 224))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -187,7 +194,7 @@ def test_size_channel_form_trains_like_the_bias_form():
     gradients = {}
     for in_channels in (False, True):
         model.zero_grad()
-        model.visual.size_in_channels = in_channels
+        model.visual.size_attention = "channels" if in_channels else "bias"
         model.encode_video(video).square().sum().backward()
         gradients[in_channels] = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     assert any("lora_a" in name for name in gradients[True]) and any("clip_pos" in name for name in gradients[True])
