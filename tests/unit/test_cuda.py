@@ -69,7 +69,9 @@ def test_half_precision_on_cuda_agrees_with_float32(dtype):
 
 @needs_cuda
 def test_cuda_float32_matches_cpu(monkeypatch):
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # the patch convolution, in full float32
+    # Full float32 everywhere: no TF32 in matrix products or cuDNN kernels.
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     video = torch.randn(2, 12, 3, 224, 224)
     with torch.inference_mode():
         cpu = tiny_encoder(device="cpu")(video)
