@@ -9,8 +9,9 @@
 # compiled none and tempme (reduce-overhead), training with the size channel, eager inference with
 # timm's ViT, a profile of tempme, ViT-B/32, compiled baselines. Each step has its own time limit and
 # all share BUDGET seconds (default 380), so nothing can hang past that. Last, the whole test suite
-# (at most 150 s; SUITE=0 skips it), whose training and evaluation tests then run on CUDA. $OUT/bench.json holds every
-# step's results (rewritten as each step ends), $OUT/bench.log the output. --steps a,b runs some steps.
+# (at most 150 s; SUITE=0 skips it), whose training and evaluation tests then run on CUDA.
+# $OUT/bench.json holds every step's results (rewritten as each step ends), $OUT/bench.log the
+# output. --steps a,b runs some steps only.
 set -u
 OUT=${OUT:-runs/gpu_bench}
 BUDGET=${BUDGET:-380}
