@@ -23,8 +23,8 @@ from tempme.config import get_preset
 
 # Operators that token merging issues; attention, MLP and norms use none of them (cat and div appear
 # in the embedding and the final normalisation too).
-MERGE_OPERATORS = ("sort", "argsort", "gather", "scatter", "max", "index", "arange", "linalg_vector_norm",
-                   "clamp_min", "div", "cat", "bmm", "log")
+MERGE_OPERATORS = ("sort", "argsort", "gather", "index_select", "index_add_", "max", "index", "arange",
+                   "linalg_vector_norm", "clamp_min", "div", "cat", "bmm", "log", "clone")
 
 
 def main() -> None:
