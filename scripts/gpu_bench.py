@@ -22,7 +22,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tempme.bench import TIMM_MODELS, Result, format_results, timm_available
+from tempme.bench import Result, format_results
 
 
 @dataclass

@@ -7,17 +7,16 @@ import json
 
 import torch
 
+from tempme.baselines import TIMM_MODELS, timm_available
 from tempme.bench import (
     BASELINES,
     COMPILE_MODES,
     DTYPES,
     SIZE_ATTENTION,
-    TIMM_MODELS,
     benchmark_inference,
     benchmark_training,
     format_results,
     report,
-    timm_available,
 )
 from tempme.config import MERGE_METHODS, preset_names
 

@@ -14,7 +14,6 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-import torch
 
 import tempme
 from tempme.config import CLIPConfig, TextConfig, VisionConfig

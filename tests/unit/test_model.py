@@ -27,6 +27,7 @@ def test_lora_starts_as_identity_and_folding_keeps_outputs():
         without_lora = tempme.create_model("tiny-B/32", frames=12, lora_rank=0).eval()
         without_lora.load_state_dict({k: v for k, v in model.state_dict().items() if "lora" not in k})
         torch.testing.assert_close(without_lora.encode_video(video), plain_video)  # B = 0 at init
+        torch.testing.assert_close(without_lora.encode_text(ids, mask), plain_text)
         with_random_lora(model)
         adapted_video, adapted_text = model.encode_video(video), model.encode_text(ids, mask)
         assert not torch.allclose(adapted_video, plain_video, atol=1e-4)
