@@ -133,7 +133,8 @@ class RunSettings:
     that many steps with a ``last`` checkpoint, without shortening the schedule, so ``--resume``
     continues exactly as if the run had not stopped (smoke runs, time-limited jobs).
     ``deterministic`` makes GPU runs bitwise repeatable (and resumed runs equal to uninterrupted
-    ones) at some cost in speed; CPU runs are repeatable without it.
+    ones) at some cost in speed; CPU runs are repeatable without it. ``compile`` trains through
+    ``torch.compile`` (minutes of compilation first; evaluation and checkpoints use the plain model).
     """
 
     output_dir: str = "runs/tempme"
@@ -145,6 +146,7 @@ class RunSettings:
     device: str = "auto"
     stop_after: int | None = None
     deterministic: bool = False
+    compile: bool = False
 
 
 @dataclass

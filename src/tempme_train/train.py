@@ -100,6 +100,9 @@ def compute_gradients(
 ) -> float | None:
     """Forward this process's batch, compute the loss over the global batch and backpropagate.
 
+    ``model`` may be the ``torch.compile`` wrapper of the model (``run.compile``): it shares the
+    parameters and forwards attribute access.
+
     Afterwards ``params`` hold the gradient of the global-batch loss (summed over processes), scaled
     by ``scaler`` if given. ``batch`` is ``None`` when all its videos were undecodable; the process
     still takes part in the collectives.
@@ -143,6 +146,8 @@ class Trainer:
         self.sampler = EpochSampler(len(self.data.train), optim.batch_size, world.world_size, world.rank, optim.seed)
         self.device = resolve_device(config.run.device, world)
         self.model = build_model(config, source).to(self.device)
+        # The compiled wrapper shares the model's parameters; only the training forward goes through it.
+        self.forward_model = torch.compile(self.model, dynamic=False) if config.run.compile else self.model
         self.params = list(trainable_parameters(self.model).values())
         broadcast_parameters(self.params)
         self.loader = make_train_loader(
@@ -199,7 +204,7 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.zero_grad(set_to_none=True)
         loss = compute_gradients(
-            self.model, batch, self.params, self.device, self.config.optim.precision, self.scaler
+            self.forward_model, batch, self.params, self.device, self.config.optim.precision, self.scaler
         )
         if loss is not None:
             if self.config.optim.grad_clip > 0:

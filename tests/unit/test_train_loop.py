@@ -325,3 +325,21 @@ def test_deterministic_mode_is_switched_on_for_the_run_only():
     with deterministic_algorithms(True):
         assert torch.are_deterministic_algorithms_enabled()
     assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_compiled_training_follows_the_eager_run(tmp_path, monkeypatch):
+    traced = []
+    real_compile = torch.compile
+
+    def record_graph(graph_module, example_inputs):  # a backend that runs the captured graph as it is
+        traced.append(graph_module)
+        return graph_module.forward
+
+    monkeypatch.setattr(torch, "compile", lambda model, **options: real_compile(model, backend=record_graph, **options))
+    data = synthetic_data()
+    eager = train(tiny_config(tmp_path / "eager", optim={"epochs": 1}), data=data)
+    assert not traced
+    through_compile = train(tiny_config(tmp_path / "compiled", optim={"epochs": 1}, run={"compile": True}), data=data)
+    assert traced, "the training forward did not go through torch.compile"
+    assert through_compile.steps == eager.steps == 2
+    assert through_compile.losses == pytest.approx(eager.losses, rel=1e-4)
