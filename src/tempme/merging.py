@@ -67,10 +67,10 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_cls: int) -> Merge
         scores = a @ b.transpose(-1, -2)  # [B, |A|, |B|]
         best_score, best_dst = scores.max(dim=-1)
         order = best_score.argsort(dim=-1, descending=True, stable=True)
-        src = order[:, :r]
+        merged = order[:, :r]  # indices into A
         # Unmerged tokens keep their original order (vanilla ToMe leaves them in score order).
         unmerged = order[:, r:].sort(dim=-1).values
-        dst = best_dst.gather(1, src)
+        best_b = best_dst.gather(1, merged)  # indices into B
         device = metric.device
         a_positions = torch.arange(num_cls + a_start, num_tokens, 2, device=device)
         b_positions = torch.arange(num_cls + b_start, num_tokens, 2, device=device)
@@ -82,8 +82,8 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_cls: int) -> Merge
             ],
             dim=1,
         )
-        src = a_positions[src]
-        dst = dst + (num_cls + unmerged.shape[1])  # B tokens follow the CLS and unmerged A tokens
+        src = a_positions[merged]
+        dst = best_b + (num_cls + unmerged.shape[1])  # B tokens follow the CLS and unmerged A tokens
         sequence = torch.arange(batch, device=device)[:, None]
         input_offset = sequence * num_tokens
     return MergePlan(
