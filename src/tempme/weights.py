@@ -33,6 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .config import CLIPConfig, ModelConfig, TextConfig, VisionConfig, get_preset, preset_names
+from .files import atomic_file
 from .model import TempMe, is_adapter_parameter
 
 PathLike = str | os.PathLike
@@ -579,14 +580,9 @@ def save_weights(
     extra = extra_metadata or {}
     metadata = {key: value if isinstance(value, str) else json.dumps(value) for key, value in extra.items()}
     metadata.update(format="tempme", model_config=json.dumps(dataclasses.asdict(model.config)))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Write beside the target and rename, so an interrupted save never leaves a half-written checkpoint.
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    # An interrupted save never leaves a half-written checkpoint.
+    with atomic_file(path) as temporary:
         save_file(tensors, str(temporary), metadata=metadata)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
     return path
 
 

@@ -24,6 +24,8 @@ from typing import Any, Literal
 
 import yaml
 
+from tempme.files import atomic_file
+
 CONFIG_DIR = Path(__file__).with_name("configs")
 
 Method = Literal["none", "tome", "tempme"]
@@ -373,7 +375,8 @@ def with_settings(config: TrainConfig, settings: dict[str, Any], source: str) ->
 
 
 def save_config(config: TrainConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
+    with atomic_file(path) as temporary:
+        temporary.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
 
 
 # --- value checks (beyond types) -------------------------------------------------------------------

@@ -13,8 +13,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +25,7 @@ from tqdm import tqdm
 
 from tempme import TempMe
 from tempme.data import FrameCache, RetrievalVideos, VideoItem, collate_skip_bad, flatten_captions
+from tempme.files import atomic_file
 from tempme.retrieval import similarity, text_to_video_metrics, video_to_text_metrics
 
 from .config import DataSettings
@@ -148,16 +147,9 @@ def load_cached(path: Path) -> Embeddings | None:
 
 def save_cached(path: Path, embeddings: Embeddings) -> None:
     """Write atomically, so a concurrent or interrupted evaluation never leaves a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
-    os.close(handle)
-    try:
-        tensors = {"text": embeddings.text, "video": embeddings.video, "present": embeddings.present}
-        save_file({k: v.contiguous() for k, v in tensors.items()}, temp)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    tensors = {"text": embeddings.text, "video": embeddings.video, "present": embeddings.present}
+    with atomic_file(path) as temporary:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(temporary))
 
 
 def retrieval_results(embeddings: Embeddings, eval_set: EvalSet) -> dict[str, Any]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from ..files import atomic_file
 from .annotations import VideoItem
 from .transforms import resize_short_side
 from .video import SkippedVideo, VideoDecodeError, read_frames
@@ -154,12 +154,5 @@ class FrameCache:
 
     def _write(self, path: Path, array: np.ndarray) -> None:
         """Write ``array`` to ``path`` atomically: readers see the old state or the whole file."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
-        try:
-            with os.fdopen(handle, "wb") as stream:
-                np.save(stream, array)
-            os.replace(temp, path)
-        except BaseException:
-            Path(temp).unlink(missing_ok=True)
-            raise
+        with atomic_file(path) as temporary, open(temporary, "wb") as stream:
+            np.save(stream, array)
