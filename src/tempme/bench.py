@@ -30,13 +30,14 @@ from .baselines import FrameEncoder, MergeFreeEncoder, PlainViT, timm_encoder
 from .config import MERGE_METHODS, get_preset
 from .cuda_graph import GraphedForward
 from .factory import create_model
-from .model import SIZE_ATTENTION
+from .model import check_size_attention
 from .retrieval import contrastive_loss
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 BASELINES = ("plain-vit", "timm-vit", "merge-free")
 SOT_TOKEN, EOT_TOKEN = 49406, 49407
 MIB = 2**20
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -95,7 +96,6 @@ class Setup:
     compile_mode: str = "default"
 
 
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 # ----------------------------------------------------------------------------- devices and timing
 
 
@@ -278,11 +278,6 @@ def check_methods(methods: Iterable[str], allowed: Iterable[str]) -> tuple[str, 
     if unknown or not methods:
         raise ValueError(f"unknown or no method(s) {unknown}; choose from {', '.join(allowed)}")
     return methods
-
-
-def check_size_attention(name: str) -> None:
-    if name not in SIZE_ATTENTION:
-        raise ValueError(f"unknown size attention {name!r}; choose one of {', '.join(SIZE_ATTENTION)}")
 
 
 def build_video_encoder(preset: str, method: str, frames: int, size_attention: str = "bias") -> nn.Module:

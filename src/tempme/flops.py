@@ -1,8 +1,8 @@
 """Count the video encoder's multiply-accumulates the way the paper does (fvcore's convention).
 
 Counted: matrix products (linear layers, attention's two matmuls, the small merge similarity matmuls),
-the patch embedding (as the convolution it is), and layer norms at 5 per element. Softmax and other elementwise work is ignored, as in
-fvcore. One multiply-accumulate counts as one "flop", so the totals are the paper's GFLOPs.
+the patch embedding (as the convolution it is), and layer norms at 5 per element. Softmax and other
+elementwise work is ignored, as in fvcore. One multiply-accumulate counts as one "flop", so the totals are the paper's GFLOPs.
 """
 
 from __future__ import annotations

@@ -30,6 +30,12 @@ SIZE_ATTENTION = {
 HEAD_PAD = 8  # extra channels per attention head for the size channel: head sizes stay multiples of 8
 
 
+def check_size_attention(name: str) -> None:
+    """Refuse a ``size_attention`` that is not one of ``SIZE_ATTENTION``."""
+    if name not in SIZE_ATTENTION:
+        raise ValueError(f"unknown size attention {name!r}; choose one of {', '.join(SIZE_ATTENTION)}")
+
+
 class QuickGELU(nn.Module):
     """``x * sigmoid(1.702 x)``, OpenAI CLIP's activation (see ``ResidualBlock.fold_activation_scale``)."""
 
@@ -119,8 +125,8 @@ class Attention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Softmax(q k^T / sqrt(d) + log s_j) v with no dense bias, so bias-free kernels apply.
 
-        Every head gets ``HEAD_PAD`` extra channels straight from the in-projection (its weight rows
-        padded with zeros, which costs a few kilobytes, not a copy of q, k and v): the first extra
+        Every head gets ``HEAD_PAD`` extra channels straight from the in-projection (a zero-padded copy
+        of its weights, far smaller than padded copies of q, k and v would be): the first extra
         query channel is the constant sqrt(d) (a bias), the first extra key channel is set to log(s_j),
         so the scaled dot product gains exactly log(s_j). The rest are zeros, for aligned head sizes.
         """
@@ -246,9 +252,9 @@ class VisionTransformer(nn.Module):
         position = self.positional_embedding + F.pad(self.class_embedding[None], (0, 0, 0, rows * cols))
         return self.ln_pre(x + position.to(x.dtype))
 
-    def merge_weighted(self, state: VideoTokens, metric: torch.Tensor, r: int, x: torch.Tensor | None = None) -> VideoTokens:
+    def merge_weighted(self, state: VideoTokens, metric: torch.Tensor, r: int) -> VideoTokens:
         plan = bipartite_soft_matching(metric, r, state.num_cls)
-        x, size, source = merge_weighted(plan, state.x if x is None else x, state.size, state.source)
+        x, size, source = merge_weighted(plan, state.x, state.size, state.source)
         return VideoTokens(x, size, source, state.videos, state.num_cls)
 
     def cross_clip_merge(self, state: VideoTokens, block: ResidualBlock, step: LayerPlan) -> VideoTokens:
@@ -282,10 +288,7 @@ class VisionTransformer(nn.Module):
         self, frames: torch.Tensor, track_source: bool = False, layers: int | None = None
     ) -> VideoTokens:
         """Run the encoder on ``frames [B, F, 3, H, W]``; return the token state after ``layers`` layers."""
-        if self.size_attention not in SIZE_ATTENTION:
-            raise ValueError(
-                f"unknown size_attention {self.size_attention!r}; choose one of {', '.join(SIZE_ATTENTION)}"
-            )
+        check_size_attention(self.size_attention)
         videos, num_frames = frames.shape[:2]
         x = self.embed(frames.flatten(0, 1))
         source = None

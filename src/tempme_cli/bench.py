@@ -12,13 +12,13 @@ from tempme.bench import (
     BASELINES,
     COMPILE_MODES,
     DTYPES,
-    SIZE_ATTENTION,
     benchmark_inference,
     benchmark_training,
     format_results,
     report,
 )
 from tempme.config import MERGE_METHODS, preset_names
+from tempme.model import SIZE_ATTENTION
 
 EPILOG = """\
 examples:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ import torch
 from tqdm import tqdm
 
 from tempme import CLIPConfig, ModelConfig, TempMe, TextConfig, VisionConfig, build_config, register_preset
+from tempme.bench import time_interleaved
 from tempme.config import MERGE_METHODS
 from tempme.flops import count_video_flops
 from tempme.model import is_adapter_parameter
@@ -266,13 +266,9 @@ def videos_per_second(model: TempMe, frames: torch.Tensor, repeats: int) -> floa
     """Inference speed of the video encoder optimised for inference (LoRA folded): median over ``repeats``
     passes of ``frames``."""
     folded = copy.deepcopy(model).optimize_for_inference().eval()
-    folded.encode_video(frames[:8])  # warm-up: the first call allocates and picks kernels
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        folded.encode_video(frames)
-        times.append(time.perf_counter() - start)
-    return frames.shape[0] / statistics.median(times)
+    # The first call (allocation, kernel choice) is timed apart and left out of the median.
+    timing = time_interleaved({"encoder": lambda: folded.encode_video(frames)}, frames.device, repeats, warmup=0)
+    return frames.shape[0] / timing["encoder"].median_s
 
 
 @dataclass

@@ -147,7 +147,7 @@ def test_size_channel_form_equals_the_bias_form():
 def test_unknown_size_attention_is_refused():
     model = tempme.create_model("tiny-B/32", frames=12)
     model.visual.size_attention = "dense"
-    with pytest.raises(ValueError, match="unknown size_attention 'dense'.*bias, channels"):
+    with pytest.raises(ValueError, match="unknown size attention 'dense'.*bias, channels"):
         model.encode_video(torch.zeros(1, 12, 3, 224, 224))
 
 

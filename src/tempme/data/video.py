@@ -241,8 +241,7 @@ def _read_frames_decord(
         indices = sample_frame_indices(len(reader), reader.get_avg_fps(), max_frames, framerate, start, end)
         batch = reader.get_batch(indices).asnumpy()
     except (decord.DECORDError, RuntimeError, OSError, ValueError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if "cannot find video stream" in reason:
-            reason = "no video stream"
-        raise VideoDecodeError(path, reason if reason == "no video stream" else f"decord failed ({reason})") from err
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = "no video stream" if "cannot find video stream" in message else f"decord failed ({message})"
+        raise VideoDecodeError(path, reason) from err
     return [Image.fromarray(array) for array in batch]
