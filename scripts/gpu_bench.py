@@ -122,23 +122,28 @@ def step_summary(step: Step) -> str:
 
 
 def compiled_summary(run: Run) -> str:
-    """Every compiled result, side by side against compiled ``none``."""
-    compiled = [step.report for step in run.steps if step.report and "--compile" in step.args]
-    results = [Result(**row) for report in compiled for row in report["results"]]
-    none = next((r for r in results if r.method == "none"), None)
+    """Every compiled result, side by side against compiled ``none`` of the same mode and model."""
+    results = [Result(**row) for step in run.steps if step.report for row in step.report["results"]]
+    groups: dict[tuple[str, str], list[Result]] = {}
     for result in results:
-        if result.size_attention != "bias":
-            result.method += f" ({result.size_attention})"
-        if none is not None:
-            result.speedup_vs_none = result.videos_per_s / none.videos_per_s
-            if result.step_memory_mb and none.step_memory_mb:
-                result.memory_vs_none = result.step_memory_mb / none.step_memory_mb
-    if not results:
-        return ""
-    return (
-        "compiled, all steps ('vs none' here: videos/s over compiled none's, perhaps from another process):\n"
-        + format_results(results)
-    )
+        if result.compiled:
+            groups.setdefault((result.mode, result.model), []).append(result)
+    tables = []
+    for (mode, model), group in groups.items():
+        none = next((r for r in group if r.method == "none"), None)
+        for result in group:
+            if result.size_attention != "bias":
+                result.method += f" ({result.size_attention})"
+            result.speedup_vs_none = result.memory_vs_none = None
+            if none is not None:
+                result.speedup_vs_none = result.videos_per_s / none.videos_per_s
+                if result.step_memory_mb and none.step_memory_mb:
+                    result.memory_vs_none = result.step_memory_mb / none.step_memory_mb
+        tables.append(
+            f"compiled {mode}, {model}, all steps ('vs none': videos/s over compiled none's, "
+            "perhaps from another process):\n" + format_results(group)
+        )
+    return "\n".join(tables)
 
 
 def save(run: Run, out: Path) -> None:
