@@ -4,8 +4,10 @@ from pathlib import Path
 import pytest
 import torch
 
-# Regression tests import the reference implementation that lives beside them.
+# Regression tests import the reference implementation that lives beside them; end-to-end tests
+# share the video and annotation writers of tests/unit/data_fixtures.py.
 sys.path.insert(0, str(Path(__file__).parent / "regression"))
+sys.path.insert(0, str(Path(__file__).parent / "unit"))
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 

@@ -7,7 +7,7 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS = ("flops", "bench", "prepare", "train", "eval", "demo")
+SUBCOMMANDS = ("flops", "bench", "prepare", "train", "eval", "search", "demo")  # search: index and search
 
 
 class CLIError(Exception):

@@ -14,10 +14,15 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 
 import tempme
 from tempme.config import CLIPConfig, TextConfig, VisionConfig
+from tempme.data import frames_to_tensor, read_frames
+from tempme.search import model_fingerprint
 from tempme_cli.main import main
+from tempme_train.modeling import build_model, load_trained_weights, train_config_of
 from tempme_train.config import CONFIG_DIR
 
 PRESET = "test-tiny-e2e"
@@ -119,6 +124,26 @@ def test_train_stop_resume_and_evaluate(run_config, tmp_path, capsys, monkeypatc
     assert val["num_captions"] == 6 and val["v2t"]["num_queries"] == 3
     assert main(["eval", "--checkpoint", str(output), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["cache"] == first["cache"]
+
+    # The trained run searches a folder of videos: index with the checkpoint, search finds it again.
+    test_videos = [str(run_config.parent / "videos" / f"{vid}.mp4") for vid in TEST_IDS]
+    index = tmp_path / "test.index"
+    assert main(["index", *test_videos, "--checkpoint", str(output), "--out", str(index), "--device", "cpu",
+                 "--workers", "0", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["added"] == 3
+    assert main(["search", str(index), "test clip number 1", "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out)[0]["results"]
+    config = train_config_of(output / "best.safetensors")
+    model = build_model(config).eval()
+    untrained = model_fingerprint(model)
+    load_trained_weights(model, output / "best.safetensors")
+    assert model_fingerprint(model) != untrained  # the adapters changed something
+    with torch.no_grad():
+        text = model.encode_text(["test clip number 1"])
+        videos = torch.stack([model.encode_video(frames_to_tensor(read_frames(v, 4), 32)[None])[0] for v in test_videos])
+    scores = (F.normalize(text, dim=-1) @ F.normalize(videos, dim=-1).T)[0]
+    assert [h["path"] for h in hits] == [str(Path(test_videos[i]).resolve()) for i in scores.argsort(descending=True)]
+    assert [h["score"] for h in hits] == pytest.approx(scores.sort(descending=True).values.tolist(), abs=1e-3)
 
 
 def test_zero_shot_eval_prints_a_table(run_config, capsys, tmp_path):

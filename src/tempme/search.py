@@ -1,0 +1,324 @@
+"""Text search over your own videos: embed every video once into an index file, then rank it for any text.
+
+An index is one safetensors file: the L2-normalised video embeddings ``[N, D]`` and, in its metadata,
+the video paths, the decoding settings, and a fingerprint of the model that embedded them, so that
+queries are always encoded by that same model.
+
+Building is incremental: run it again on the same folder and only videos not yet in the index are
+decoded. It writes the index every ``save_every`` videos and when stopped (Ctrl-C included), so an
+interrupted run loses at most the batch in flight and the next run carries on. Videos that cannot be
+decoded are recorded with the reason and tried again on the next run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from .data import RetrievalVideos, SkippedVideo, VideoItem, collate_skip_bad
+from .files import atomic_file
+from .model import TempMe
+
+VIDEO_EXTENSIONS = frozenset(
+    ".mp4 .m4v .mov .mkv .webm .avi .mpg .mpeg .wmv .flv .3gp .ts .mts .ogv".split()
+)
+INDEX_FORMAT = "tempme-video-index"
+INDEX_VERSION = 1
+PathLike = str | os.PathLike
+
+
+class VideoIndexError(ValueError):
+    """An index file that cannot be read, or that does not fit the model or settings it is used with."""
+
+
+def find_videos(sources: Iterable[PathLike]) -> list[Path]:
+    """The video files among ``sources``, absolute, sorted and without repeats.
+
+    A file is taken as given, whatever its extension; a directory is searched recursively for files
+    with one of ``VIDEO_EXTENSIONS`` (any case). Hidden files and folders are left out.
+    """
+    found: set[Path] = set()
+    for source in sources:
+        path = Path(source).expanduser()
+        if path.is_file():
+            found.add(path.resolve())
+        elif path.is_dir():
+            for candidate in path.rglob("*"):
+                relative = candidate.relative_to(path).parts
+                if any(part.startswith(".") for part in relative):
+                    continue
+                if candidate.suffix.lower() in VIDEO_EXTENSIONS and candidate.is_file():
+                    found.add(candidate.resolve())
+        else:
+            raise FileNotFoundError(f"{source}: no such file or directory")
+    if not found:
+        shown = ", ".join(str(source) for source in sources)
+        raise ValueError(f"no video files in {shown} (looked for {', '.join(sorted(VIDEO_EXTENSIONS))})")
+    return sorted(found)
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """Hex digest of a model's config and every weight: equal fingerprints mean equal embeddings.
+
+    Reads every parameter once (about a second for ViT-B/32). Take it before
+    ``optimize_for_inference``, which rewrites the weights.
+    """
+    digest = hashlib.sha256(repr(getattr(model, "config", "")).encode("utf-8"))
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode("utf-8"))
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    rank: int  # 1 = best
+    path: str
+    score: float  # cosine similarity of text and video embeddings
+
+
+@dataclass
+class VideoIndex:
+    """Embedded videos. ``embeddings[i]`` (L2-normalised, float32) is the video at ``paths[i]``.
+
+    ``model``: the fingerprint of the model that embedded them (``"fingerprint"``) and how to load it
+    again (free-form, e.g. its weights file). ``settings``: how the videos were decoded and encoded
+    (frames, framerate, image size, precision); a run that adds videos must use the same.
+    ``skipped``: path -> why that video could not be decoded.
+    """
+
+    paths: list[str]
+    embeddings: torch.Tensor
+    model: dict[str, Any]
+    settings: dict[str, Any]
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.embeddings.dim() != 2 or self.embeddings.shape[0] != len(self.paths):
+            raise VideoIndexError(
+                f"{len(self.paths)} paths but embeddings of shape {tuple(self.embeddings.shape)}"
+            )
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def save(self, path: PathLike) -> Path:
+        """Write the index to ``path`` atomically: a reader sees the old file or the new one."""
+        header = {
+            "version": INDEX_VERSION,
+            "paths": self.paths,
+            "model": self.model,
+            "settings": self.settings,
+            "skipped": self.skipped,
+        }
+        metadata = {"format": INDEX_FORMAT, "index": json.dumps(header)}
+        with atomic_file(path) as temporary:
+            save_file({"embeddings": self.embeddings.float().contiguous()}, str(temporary), metadata=metadata)
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: PathLike) -> "VideoIndex":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such index file (build one with `tempme index`)")
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as error:
+            raise VideoIndexError(f"{path}: not a tempme video index ({error})") from None
+        if metadata.get("format") != INDEX_FORMAT or "embeddings" not in tensors:
+            raise VideoIndexError(f"{path}: not a tempme video index (written by something else)")
+        try:
+            header = json.loads(metadata["index"])
+        except (KeyError, ValueError) as error:
+            raise VideoIndexError(f"{path}: the index header is damaged ({error})") from None
+        if header.get("version") != INDEX_VERSION:
+            raise VideoIndexError(
+                f"{path}: index version {header.get('version')!r}; this tempme reads version {INDEX_VERSION}"
+            )
+        return cls(header["paths"], tensors["embeddings"], header["model"], header["settings"], header["skipped"])
+
+    def search(self, text_features: torch.Tensor, k: int = 10) -> list[list[SearchHit]]:
+        """The ``k`` best videos for each query of ``text_features [Q, D]``, best first."""
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        if len(self) == 0:
+            return [[] for _ in range(text_features.shape[0])]
+        if text_features.dim() != 2 or text_features.shape[1] != self.embeddings.shape[1]:
+            raise VideoIndexError(
+                f"query features of shape {tuple(text_features.shape)} do not fit this index "
+                f"(D={self.embeddings.shape[1]})"
+            )
+        scores = F.normalize(text_features.float(), dim=-1) @ self.embeddings.T
+        best = scores.topk(min(k, len(self)), dim=1)
+        return [
+            [SearchHit(rank + 1, self.paths[i], score) for rank, (score, i) in enumerate(zip(row_scores, row_ids))]
+            for row_scores, row_ids in zip(best.values.tolist(), best.indices.tolist())
+        ]
+
+
+@dataclass
+class IndexUpdate:
+    """What one :func:`update_index` call did."""
+
+    added: int  # videos embedded by this call
+    skipped: dict[str, str]  # path -> reason, for videos of this call that could not be decoded
+    removed: list[str]  # indexed videos whose files are gone, dropped from the index
+    total: int  # videos in the index afterwards
+
+
+def index_settings(model: TempMe, framerate: float, precision: str) -> dict[str, Any]:
+    return {
+        "frames": model.config.frames,
+        "framerate": framerate,
+        "image_size": model.visual.image_size,
+        "precision": precision,
+    }
+
+
+def open_index(path: PathLike, model_info: dict[str, Any], settings: dict[str, Any], dim: int) -> VideoIndex:
+    """The index at ``path`` if it exists and fits this model and these settings, else a new empty one."""
+    path = Path(path)
+    if not path.exists():
+        return VideoIndex([], torch.empty(0, dim), model_info, settings)
+    index = VideoIndex.load(path)
+    if index.model.get("fingerprint") != model_info["fingerprint"]:
+        built_by = {key: value for key, value in index.model.items() if key != "fingerprint"}
+        raise VideoIndexError(
+            f"{path} was built by another model ({json.dumps(built_by)}); "
+            "embeddings of two models cannot be ranked together: write a new index or delete this one"
+        )
+    for key, value in settings.items():
+        if index.settings.get(key) != value:
+            raise VideoIndexError(
+                f"{path} was built with {key}={index.settings.get(key)!r}, this run has {key}={value!r}; "
+                "use the same setting or write a new index"
+            )
+    index.model = model_info  # same weights; the way to load them may have changed (a moved file)
+    return index
+
+
+@torch.no_grad()
+def update_index(
+    model: TempMe,
+    videos: Sequence[PathLike],
+    path: PathLike,
+    *,
+    fingerprint: str | None = None,
+    model_info: dict[str, Any] | None = None,
+    batch_size: int = 16,
+    device: torch.device | str = "cpu",
+    precision: str = "fp32",
+    framerate: float = 1.0,
+    num_workers: int = 0,
+    backend: str = "pyav",
+    save_every: int = 256,
+    progress: bool = True,
+) -> IndexUpdate:
+    """Embed the ``videos`` not yet in the index at ``path`` (created if missing) and save it.
+
+    Args:
+        model: encodes the videos, as it is (``optimize_for_inference`` first makes it faster).
+        fingerprint: :func:`model_fingerprint` of the model as loaded; computed from ``model`` when
+            None, which is wrong if the model was optimised since.
+        model_info: how to load the model again for queries (stored in the index).
+        precision: ``fp32``, ``bf16`` or ``fp16`` autocast.
+        save_every: write the index after about this many new videos.
+    """
+    if batch_size < 1 or save_every < 1:
+        raise ValueError(f"batch_size and save_every must be at least 1, got {batch_size} and {save_every}")
+    device = torch.device(device)
+    _autocast(device, precision)  # refuses an unknown precision before any work
+    model_info = {**(model_info or {}), "fingerprint": fingerprint or model_fingerprint(model)}
+    settings = index_settings(model, framerate, precision)
+    index = open_index(path, model_info, settings, model.config.clip.embed_dim)
+
+    removed = [video for video in index.paths if not Path(video).is_file()]
+    if removed:
+        keep = [i for i, video in enumerate(index.paths) if Path(video).is_file()]
+        index.paths = [index.paths[i] for i in keep]
+        index.embeddings = index.embeddings[keep]
+    indexed = set(index.paths)
+    todo = [path for path in dict.fromkeys(Path(video).resolve() for video in videos) if str(path) not in indexed]
+    for video in todo:
+        index.skipped.pop(str(video), None)  # tried again
+    update = IndexUpdate(0, {}, removed, len(index))
+    if not todo:
+        if removed:
+            index.save(path)
+        return update
+
+    items = [VideoItem(str(video), video) for video in todo]  # the id is the path: it names skipped videos
+    dataset = RetrievalVideos(items, settings["frames"], framerate, settings["image_size"], backend=backend)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=list)
+    model.eval().to(device)
+    new_paths: list[str] = []
+    new_embeddings: list[torch.Tensor] = []
+    unsaved = 0
+
+    def save() -> None:
+        if new_paths:
+            index.paths = index.paths + new_paths
+            index.embeddings = torch.cat([index.embeddings, *new_embeddings])
+            new_paths.clear()
+            new_embeddings.clear()
+        update.total = len(index)
+        index.save(path)
+
+    try:
+        with tqdm(total=len(todo), desc="indexing videos", unit="video", disable=not progress) as bar:
+            for samples in loader:
+                for sample in samples:
+                    if isinstance(sample, SkippedVideo):
+                        index.skipped[str(sample.path)] = update.skipped[str(sample.path)] = sample.reason
+                batch = collate_skip_bad(samples)
+                if batch is not None:
+                    with _autocast(device, precision):
+                        features = model.encode_video(batch["video"].to(device), batch["video_mask"].to(device))
+                    new_embeddings.append(F.normalize(features.float(), dim=-1).cpu())
+                    new_paths.extend(batch["video_id"])
+                    update.added += len(batch["video_id"])
+                unsaved += len(samples)
+                bar.update(len(samples))
+                if unsaved >= save_every:
+                    save()
+                    unsaved = 0
+    finally:
+        save()  # also on Ctrl-C or an error: every finished batch is kept
+    return update
+
+
+def encode_queries(
+    model: TempMe, queries: Sequence[str], device: torch.device | str = "cpu", batch_size: int = 256
+) -> torch.Tensor:
+    """``[Q, D]`` float32 text features of ``queries``."""
+    if not queries or any(not query.strip() for query in queries):
+        raise ValueError("every query must be a non-empty text")
+    model.eval().to(device)
+    chunks = []
+    with torch.no_grad():
+        for start in range(0, len(queries), batch_size):
+            ids, mask = model.tokenize(list(queries[start : start + batch_size]))
+            chunks.append(model.encode_text(ids.to(device), mask.to(device)).float().cpu())
+    return torch.cat(chunks)
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return torch.autocast(device_type=device.type, enabled=False)
+    if precision not in ("bf16", "fp16"):
+        raise ValueError(f"unknown precision {precision!r}; choose fp32, bf16 or fp16")
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)

@@ -1,0 +1,210 @@
+"""``tempme index`` and ``tempme search``: text search over your own videos.
+
+``index`` embeds every video of some folders once into an index file (incremental and resumable);
+``search`` encodes text queries with the same model and ranks the indexed videos.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import torch
+
+INDEX_EPILOG = textwrap.dedent(
+    """\
+    the model (one of):
+      --weights W         CLIP weights: a file (OpenAI .pt, open_clip, Hugging Face, tempme) or a preset
+                          name such as ViT-B/32 (downloaded from the Hugging Face hub when online)
+      --checkpoint PATH   a run trained with `tempme train`: its folder, a checkpoint folder or weights file
+
+    Run it again on the same folders to add new videos: those already indexed are not decoded again, and
+    videos whose files are gone are dropped. An interrupted run keeps every finished batch (the index is
+    written every --save-every videos and on Ctrl-C); the next run carries on. Undecodable videos are
+    listed and tried again next time.
+
+    examples:
+      tempme index ~/videos --weights ViT-B/32 --out videos.index
+      tempme index /data/clips /data/more --checkpoint runs/msrvtt_b32_tempme --out clips.index --device cuda
+      tempme search videos.index "a dog catches a frisbee"
+    """
+)
+
+SEARCH_EPILOG = textwrap.dedent(
+    """\
+    Queries are encoded by the model that built the index (recorded in it). If its weights moved, name
+    them again with --weights or --checkpoint; they must be the same weights.
+
+    examples:
+      tempme search videos.index "a dog catches a frisbee" "people dancing at night" -k 5
+      tempme search videos.index "a goal in a football match" --json
+    """
+)
+
+
+def default_workers() -> int:
+    """Decoding processes: half the cores (the other half encode), at most 8."""
+    return max(0, min(8, (os.cpu_count() or 2) // 2))
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
+    group = parser.add_argument_group("model")
+    choice = group.add_mutually_exclusive_group(required=required)
+    choice.add_argument("--weights", metavar="W", help="CLIP/tempme weights file or preset name (e.g. ViT-B/32)")
+    choice.add_argument("--checkpoint", metavar="PATH", help="a run trained with tempme train (folder or weights file)")
+    group.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... or auto: the GPU where there is one (default)")
+
+
+def register(subparsers) -> None:
+    index = subparsers.add_parser(
+        "index",
+        help="embed your videos once into an index file for text search",
+        description="Decode and embed every video in the given files and folders (searched recursively) "
+        "into one index file that `tempme search` ranks by text.",
+        epilog=INDEX_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    index.add_argument("videos", nargs="+", metavar="VIDEO_OR_FOLDER", help="video files and folders of videos")
+    index.add_argument("--out", required=True, metavar="INDEX", help="the index file, created or extended")
+    add_model_arguments(index, required=True)
+    index.add_argument("--method", choices=("none", "tome", "tempme"), default="tempme",
+                       help="video encoder's merging (default: tempme; with --checkpoint: the trained one)")
+    index.add_argument("--frames", type=int, help="frames sampled per video (default: the model's, 12 for CLIP weights)")
+    index.add_argument("--framerate", type=float, default=1.0, help="candidate frames per second to sample from (default: 1)")
+    index.add_argument("--batch-size", type=int, default=16, help="videos per forward pass (default: 16)")
+    index.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                       help="auto: bf16 on a GPU, fp32 on the CPU (an index keeps the precision it was built with)")
+    index.add_argument("--workers", type=int, default=default_workers(),
+                       help=f"decoding processes (default: {default_workers()}, half the cores)")
+    index.add_argument("--backend", choices=("pyav", "decord"), default="pyav", help="video decoder (default: pyav)")
+    index.add_argument("--save-every", type=int, default=256, metavar="N", help="write the index every N videos (default: 256)")
+    index.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    index.set_defaults(handler=run_index)
+
+    search = subparsers.add_parser(
+        "search",
+        help="rank the videos of an index by text",
+        description="Encode each query with the model that built the index and print the best-matching "
+        "videos with their cosine similarity.",
+        epilog=SEARCH_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    search.add_argument("index", metavar="INDEX", help="an index file written by `tempme index`")
+    search.add_argument("queries", nargs="+", metavar="QUERY", help="text to search for (quote each query)")
+    search.add_argument("-k", "--top", type=int, default=10, help="results per query (default: 10)")
+    add_model_arguments(search, required=False)
+    search.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    search.set_defaults(handler=run_search)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from tempme.bench import resolve_device as checked
+
+    return checked(name)
+
+
+def weights_reference(weights: str) -> str:
+    """An absolute path for a local file or folder, else the name as given (a preset)."""
+    path = Path(weights).expanduser()
+    return str(path.resolve()) if path.exists() else weights
+
+
+def load_search_model(model_info: dict[str, Any]):
+    """The model ``model_info`` describes (``weights`` or ``checkpoint``, ``method``, ``frames``), in eval mode.
+
+    Built under a fixed seed: LoRA's A matrices are random at initialisation, and the index must find
+    the same weights, hence the same fingerprint, every time.
+    """
+    import tempme
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        if model_info.get("checkpoint"):
+            from tempme_train.modeling import build_model, load_trained_weights, train_config_of
+
+            config = train_config_of(model_info["checkpoint"])
+            model = build_model(config, model_info["checkpoint"])
+            load_trained_weights(model, model_info["checkpoint"])
+        else:
+            model = tempme.load_model(model_info["weights"], method=model_info["method"], frames=model_info["frames"])
+    return model.eval()
+
+
+def run_index(args: argparse.Namespace) -> int:
+    from tempme.search import find_videos, model_fingerprint, update_index
+
+    for name in ("batch_size", "save_every"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.frames is not None and args.frames < 1:
+        raise ValueError(f"--frames must be at least 1, got {args.frames}")
+    videos = find_videos(args.videos)
+    device = resolve_device(args.device)
+    precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    if args.checkpoint:
+        from tempme_train.modeling import find_trained_weights
+
+        model_info = {"checkpoint": str(find_trained_weights(args.checkpoint).resolve())}
+    else:
+        model_info = {"weights": weights_reference(args.weights), "method": args.method, "frames": args.frames}
+    model = load_search_model(model_info)
+    model_info.update(method=model.config.merge.method, frames=model.config.frames)
+    fingerprint = model_fingerprint(model)
+    model.optimize_for_inference()  # same embeddings, less compute
+    update = update_index(
+        model, videos, args.out, fingerprint=fingerprint, model_info=model_info, batch_size=args.batch_size,
+        device=device, precision=precision, framerate=args.framerate, num_workers=args.workers,
+        backend=args.backend, save_every=args.save_every, progress=not args.json,
+    )
+    if args.json:
+        print(json.dumps({"index": str(args.out), "found": len(videos), "added": update.added,
+                          "skipped": update.skipped, "removed": update.removed, "total": update.total}))
+        return 0
+    print(f"{args.out}: {update.total} videos indexed ({update.added} new, {len(update.skipped)} undecodable, "
+          f"{len(update.removed)} gone and dropped; {len(videos)} found)")
+    for path, reason in update.skipped.items():
+        print(f"  undecodable: {path}: {reason}")
+    for path in update.removed:
+        print(f"  gone: {path}")
+    return 0
+
+
+def run_search(args: argparse.Namespace) -> int:
+    from tempme.search import VideoIndex, VideoIndexError, encode_queries, model_fingerprint
+
+    if args.top < 1:
+        raise ValueError(f"-k must be at least 1, got {args.top}")
+    index = VideoIndex.load(args.index)
+    model_info = dict(index.model)
+    if args.checkpoint:
+        from tempme_train.modeling import find_trained_weights
+
+        model_info.update(checkpoint=str(find_trained_weights(args.checkpoint).resolve()), weights=None)
+    elif args.weights:
+        model_info.update(weights=weights_reference(args.weights), checkpoint=None)
+    model = load_search_model(model_info)
+    if model_fingerprint(model) != index.model.get("fingerprint"):
+        named = model_info.get("checkpoint") or model_info.get("weights")
+        raise VideoIndexError(
+            f"{args.index} was built by other weights than {named}: queries must be encoded by the model "
+            "that embedded the videos (name its weights with --weights or --checkpoint)"
+        )
+    queries = encode_queries(model, args.queries, resolve_device(args.device))
+    hits = index.search(queries, args.top)
+    if args.json:
+        print(json.dumps([
+            {"query": query, "results": [{"rank": h.rank, "score": round(h.score, 4), "path": h.path} for h in found]}
+            for query, found in zip(args.queries, hits)
+        ]))
+        return 0
+    for query, found in zip(args.queries, hits):
+        print(f"{query!r}: {len(found)} of {len(index)} videos")
+        for hit in found:
+            print(f"  {hit.rank:>3}  {hit.score:6.3f}  {hit.path}")
+    return 0

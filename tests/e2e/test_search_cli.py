@@ -1,0 +1,135 @@
+"""End to end: `tempme index` on a folder of real (tiny) videos, then `tempme search`, through the CLI.
+
+The weights are a tiny random CLIP the test writes as an OpenAI-style state dict (no LoRA in it, so
+the command must build LoRA reproducibly to find the same model again at search time).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tempme
+from tempme.config import CLIPConfig, TextConfig, VisionConfig
+from tempme.data import frames_to_tensor, read_frames
+from tempme.weights import is_adapter_parameter
+from tempme_cli.main import main
+
+from data_fixtures import write_corrupt, write_video
+
+PRESET = "test-tiny-search-cli"
+tempme.register_preset(
+    PRESET,
+    CLIPConfig(
+        embed_dim=16,
+        vision=VisionConfig(width=32, layers=4, heads=2, patch_size=16, image_size=32),
+        text=TextConfig(width=32, layers=1, heads=2),
+    ),
+)
+QUERIES = ["a red square moves left", "a blue circle appears"]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def write_clip_weights(path: Path, seed: int) -> Path:
+    """A random CLIP in OpenAI's plain state-dict layout: no LoRA, no clip positional embeddings."""
+    torch.manual_seed(seed)
+    model = tempme.create_model(PRESET, method="none", frames=4)
+    state = {name: t for name, t in model.state_dict().items() if not is_adapter_parameter(name)}
+    torch.save(state, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("library")
+    for name, frames in (("cats.mp4", 20), ("dogs.mov", 35), ("trips/beach.mkv", 50)):
+        write_video(root / name, num_frames=frames)
+    write_corrupt(root / "broken.mp4")
+    (root / "README.txt").write_text("not a video")
+    return root
+
+
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_index_then_search(library, tmp_path, capsys):
+    weights = write_clip_weights(tmp_path / "clip.pt", seed=0)
+    index = tmp_path / "library.index"
+    args = ["index", str(library), "--weights", str(weights), "--out", str(index), "--frames", "4",
+            "--device", "cpu", "--workers", "0", "--batch-size", "2"]
+    with pytest.warns(UserWarning, match="broken.mp4"):
+        code, out, err = cli(capsys, *args, "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    broken = str((library / "broken.mp4").resolve())
+    assert (report["found"], report["added"], report["total"], list(report["skipped"])) == (4, 3, 3, [broken])
+
+    # A second run decodes nothing new but tries the broken video again, and says so in text.
+    with pytest.warns(UserWarning, match="broken.mp4"):
+        code, out, err = cli(capsys, *args)
+    assert code == 0, err
+    assert "3 videos indexed (0 new, 1 undecodable" in out and f"undecodable: {broken}" in out
+
+    code, out, err = cli(capsys, "search", str(index), *QUERIES, "-k", "2", "--json", "--device", "cpu")
+    assert code == 0, err
+    results = json.loads(out)
+
+    # Expected ranking, computed here without the index: the same weights loaded by the library (the
+    # CLI seeds LoRA's initialisation, and LoRA B = 0 leaves outputs unchanged), frames decoded directly.
+    model = tempme.load_model(weights, method="tempme", frames=4)
+    videos = sorted(p.resolve() for p in library.rglob("*") if p.suffix in (".mp4", ".mov", ".mkv") and p.name != "broken.mp4")
+    with torch.no_grad():
+        video_features = torch.stack([
+            model.encode_video(frames_to_tensor(read_frames(v, 4), 32)[None])[0] for v in videos
+        ])
+        text_features = model.encode_text(QUERIES)
+    scores = F.normalize(text_features, dim=-1) @ F.normalize(video_features, dim=-1).T
+    for query, result, row in zip(QUERIES, results, scores):
+        assert result["query"] == query
+        best = row.argsort(descending=True)[:2]
+        assert [r["path"] for r in result["results"]] == [str(videos[i]) for i in best]
+        assert [r["score"] for r in result["results"]] == pytest.approx(row[best].tolist(), abs=1e-3)
+        assert [r["rank"] for r in result["results"]] == [1, 2]
+
+    code, out, err = cli(capsys, "search", str(index), QUERIES[0], "--device", "cpu")
+    assert code == 0, err
+    assert out.splitlines()[0] == f"{QUERIES[0]!r}: 3 of 3 videos" and len(out.splitlines()) == 4
+
+
+def test_search_refuses_other_weights_and_bad_input(library, tmp_path, capsys):
+    weights = write_clip_weights(tmp_path / "clip.pt", seed=0)
+    index = tmp_path / "one.index"
+    code, _, err = cli(capsys, "index", str(library / "cats.mp4"), "--weights", str(weights), "--out", str(index),
+                       "--frames", "4", "--device", "cpu", "--workers", "0", "--json")
+    assert code == 0, err
+
+    other = write_clip_weights(tmp_path / "other.pt", seed=1)
+    code, _, err = cli(capsys, "search", str(index), "cats", "--weights", str(other))
+    assert code == 2 and "was built by other weights than" in err and "other.pt" in err
+
+    code, _, err = cli(capsys, "index", str(library), "--weights", str(other), "--out", str(index),
+                       "--frames", "4", "--device", "cpu", "--workers", "0")
+    assert code == 2 and "was built by another model" in err
+
+    code, _, err = cli(capsys, "index", str(tmp_path / "nowhere"), "--weights", str(weights), "--out", str(index))
+    assert code == 2 and "nowhere: no such file or directory" in err
+
+    code, _, err = cli(capsys, "search", str(tmp_path / "missing.index"), "cats")
+    assert code == 2 and "no such index file" in err
+
+    code, _, err = cli(capsys, "search", str(index), "cats", "-k", "0")
+    assert code == 2 and "-k must be at least 1" in err
+
+
+def test_index_needs_a_model(library, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["index", str(library), "--out", str(tmp_path / "x.index")])
+    assert "one of the arguments --weights --checkpoint is required" in capsys.readouterr().err

@@ -1,0 +1,252 @@
+"""tempme.search: finding videos, building an index incrementally and resumably, ranking it by text."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+import tempme
+from tempme.config import CLIPConfig, TextConfig, VisionConfig
+from tempme.data import frames_to_tensor, read_frames
+from tempme.search import (
+    VideoIndex,
+    VideoIndexError,
+    encode_queries,
+    find_videos,
+    model_fingerprint,
+    update_index,
+)
+
+from data_fixtures import write_corrupt, write_video
+
+PRESET = "test-tiny-search"
+tempme.register_preset(
+    PRESET,
+    CLIPConfig(
+        embed_dim=16,
+        vision=VisionConfig(width=32, layers=4, heads=2, patch_size=16, image_size=32),
+        text=TextConfig(width=32, layers=1, heads=2),
+    ),
+)
+FRAMES = 4
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def tiny_model(seed: int = 0) -> tempme.TempMe:
+    torch.manual_seed(seed)
+    return tempme.create_model(PRESET, method="tempme", frames=FRAMES).eval()
+
+
+@pytest.fixture(scope="module")
+def video_dir(tmp_path_factory) -> Path:
+    """Four clips that differ in length (so in their sampled frames), one in a subfolder."""
+    root = tmp_path_factory.mktemp("videos")
+    for name, frames in (("a.mp4", 20), ("b.mp4", 30), ("c.mp4", 40), ("sub/d.mp4", 50)):
+        write_video(root / name, num_frames=frames)
+    return root
+
+
+def reference_embedding(model: tempme.TempMe, path: Path) -> torch.Tensor:
+    """The video embedding computed directly: decode, preprocess, encode, normalise."""
+    frames = frames_to_tensor(read_frames(path, FRAMES), model.visual.image_size)
+    with torch.no_grad():
+        return F.normalize(model.encode_video(frames[None]), dim=-1)[0]
+
+
+def copy_videos(source: Path, target: Path) -> Path:
+    shutil.copytree(source, target)
+    return target
+
+
+# ------------------------------------------------------------------------------------- find_videos
+
+
+def test_find_videos_recurses_filters_and_sorts(tmp_path):
+    (tmp_path / "x" / "y").mkdir(parents=True)
+    for name in ("b.MP4", "a.webm", "x/y/c.mkv", "notes.txt", ".hidden.mp4", "x/.cache/d.mp4"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    explicit = tmp_path / "clip.bin"
+    explicit.write_bytes(b"")
+    found = find_videos([tmp_path / "x", tmp_path, explicit])
+    expected = sorted(p.resolve() for p in (tmp_path / "b.MP4", tmp_path / "a.webm", tmp_path / "x/y/c.mkv", explicit))
+    assert found == expected
+
+
+def test_find_videos_errors_name_the_source(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        find_videos([tmp_path / "nowhere"])
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match="no video files in"):
+        find_videos([tmp_path])
+
+
+# ------------------------------------------------------------------------------------- search
+
+
+def test_search_ranks_by_cosine_against_hand_computed_scores():
+    embeddings = F.normalize(torch.tensor([[1.0, 0.0, 0.0], [0.6, 0.8, 0.0], [0.0, 0.0, 1.0]]), dim=-1)
+    index = VideoIndex(["v0", "v1", "v2"], embeddings, {"fingerprint": "x"}, {})
+    hits = index.search(torch.tensor([[0.0, 2.0, 0.0], [3.0, 0.0, 4.0]]), k=2)
+    # Query 1 points along y: v1 (0.8), then v0 and v2 tie at 0; topk breaks the tie either way.
+    assert [h.path for h in hits[0]][0] == "v1" and hits[0][0].score == pytest.approx(0.8)
+    assert hits[0][1].score == pytest.approx(0.0) and [h.rank for h in hits[0]] == [1, 2]
+    # Query 2 is (0.6, 0, 0.8): v2 scores 0.8, v0 0.6, v1 0.36.
+    assert [(h.path, round(h.score, 6)) for h in hits[1]] == [("v2", 0.8), ("v0", 0.6)]
+    assert len(index.search(torch.ones(1, 3), k=10)[0]) == 3  # k beyond the index: all of it
+
+
+def test_search_refuses_bad_queries():
+    index = VideoIndex(["v0"], torch.ones(1, 3), {"fingerprint": "x"}, {})
+    with pytest.raises(ValueError, match="k must be at least 1"):
+        index.search(torch.ones(1, 3), k=0)
+    with pytest.raises(VideoIndexError, match="D=3"):
+        index.search(torch.ones(1, 4))
+    with pytest.raises(VideoIndexError, match="2 paths"):
+        VideoIndex(["a", "b"], torch.ones(1, 3), {}, {})
+
+
+def test_load_refuses_what_is_not_an_index(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such index file"):
+        VideoIndex.load(tmp_path / "missing.index")
+    other = tmp_path / "weights.safetensors"
+    save_file({"embeddings": torch.zeros(1, 2)}, str(other))
+    with pytest.raises(VideoIndexError, match="written by something else"):
+        VideoIndex.load(other)
+    garbage = tmp_path / "garbage.index"
+    garbage.write_bytes(b"\x00" * 100)
+    with pytest.raises(VideoIndexError, match="not a tempme video index"):
+        VideoIndex.load(garbage)
+
+
+def test_save_and_load_round_trip(tmp_path):
+    index = VideoIndex(["/v/a.mp4"], torch.tensor([[0.6, 0.8]]), {"fingerprint": "f", "weights": "w"},
+                       {"frames": 4}, {"/v/bad.mp4": "no video stream"})
+    loaded = VideoIndex.load(index.save(tmp_path / "i.index"))
+    assert loaded.paths == index.paths and torch.equal(loaded.embeddings, index.embeddings)
+    assert (loaded.model, loaded.settings, loaded.skipped) == (index.model, index.settings, index.skipped)
+
+
+# ------------------------------------------------------------------------------------- update_index
+
+
+def test_index_holds_each_videos_own_embedding(video_dir, tmp_path):
+    model = tiny_model()
+    videos = find_videos([video_dir])
+    update = update_index(model, videos, tmp_path / "v.index", batch_size=3, progress=False)
+    assert (update.added, update.skipped, update.removed, update.total) == (4, {}, [], 4)
+    index = VideoIndex.load(tmp_path / "v.index")
+    assert index.paths == [str(v) for v in videos]
+    assert index.settings == {"frames": FRAMES, "framerate": 1.0, "image_size": 32, "precision": "fp32"}
+    assert index.model["fingerprint"] == model_fingerprint(model)
+    for row, video in zip(index.embeddings, videos):
+        torch.testing.assert_close(row, reference_embedding(model, video), atol=1e-5, rtol=1e-5)
+    # The videos differ, so their embeddings do: the test would notice rows in the wrong order.
+    assert torch.cdist(index.embeddings, index.embeddings).triu(1)[0, 1:].min() > 1e-4
+
+    queries = encode_queries(model, ["a red square", "a blue circle"])
+    scores = F.normalize(queries, dim=-1) @ torch.stack([reference_embedding(model, v) for v in videos]).T
+    hits = index.search(queries, k=4)
+    for query_hits, query_scores in zip(hits, scores):
+        assert [h.path for h in query_hits] == [str(videos[i]) for i in query_scores.argsort(descending=True)]
+        assert [h.score for h in query_hits] == pytest.approx(sorted(query_scores.tolist(), reverse=True), abs=1e-5)
+
+
+def test_update_adds_new_videos_only_and_drops_deleted_ones(video_dir, tmp_path):
+    videos = copy_videos(video_dir, tmp_path / "videos")
+    model = tiny_model()
+    index_path = tmp_path / "v.index"
+    update_index(model, find_videos([videos]), index_path, progress=False)
+    before = VideoIndex.load(index_path)
+
+    (videos / "b.mp4").unlink()
+    write_video(videos / "e.mp4", num_frames=25)
+    calls = []
+    original = model.encode_video
+    model.encode_video = lambda frames, mask=None: calls.append(frames.shape[0]) or original(frames, mask)
+    update = update_index(model, find_videos([videos]), index_path, progress=False)
+    assert (update.added, update.removed, update.total) == (1, [str((videos / "b.mp4").resolve())], 4)
+    assert calls == [1]  # only the new video was encoded
+    after = VideoIndex.load(index_path)
+    kept = [p for p in before.paths if not p.endswith("b.mp4")]
+    assert after.paths == kept + [str((videos / "e.mp4").resolve())]
+    for path in kept:
+        torch.testing.assert_close(after.embeddings[after.paths.index(path)], before.embeddings[before.paths.index(path)])
+
+
+def test_interrupted_run_keeps_finished_batches_and_resumes(video_dir, tmp_path):
+    model = tiny_model()
+    videos = find_videos([video_dir])
+    update_index(model, videos, tmp_path / "whole.index", batch_size=1, progress=False)
+
+    original = model.encode_video
+    calls = []
+
+    def interrupted(frames, mask=None):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(frames, mask)
+
+    model.encode_video = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        update_index(model, videos, tmp_path / "resumed.index", batch_size=1, save_every=100, progress=False)
+    partial = VideoIndex.load(tmp_path / "resumed.index")
+    assert partial.paths == [str(v) for v in videos[:2]]  # saved on the way out, though not yet due
+
+    model.encode_video = original
+    update = update_index(model, videos, tmp_path / "resumed.index", batch_size=1, progress=False)
+    assert update.added == 2
+    whole, resumed = VideoIndex.load(tmp_path / "whole.index"), VideoIndex.load(tmp_path / "resumed.index")
+    assert resumed.paths == whole.paths
+    torch.testing.assert_close(resumed.embeddings, whole.embeddings)
+
+
+def test_undecodable_videos_are_listed_and_retried(video_dir, tmp_path):
+    videos = copy_videos(video_dir, tmp_path / "videos")
+    broken = write_corrupt(videos / "broken.mp4")
+    model = tiny_model()
+    with pytest.warns(UserWarning, match="broken"):
+        update = update_index(model, find_videos([videos]), tmp_path / "v.index", batch_size=2, progress=False)
+    assert update.added == 4 and list(update.skipped) == [str(broken.resolve())]
+    index = VideoIndex.load(tmp_path / "v.index")
+    assert str(broken.resolve()) not in index.paths and str(broken.resolve()) in index.skipped
+
+    write_video(broken, num_frames=15)  # mended: the next run picks it up
+    update = update_index(model, find_videos([videos]), tmp_path / "v.index", progress=False)
+    assert (update.added, update.skipped) == (1, {})
+    index = VideoIndex.load(tmp_path / "v.index")
+    assert index.skipped == {} and index.paths[-1] == str(broken.resolve())
+
+
+def test_index_refuses_another_model_or_other_settings(video_dir, tmp_path):
+    videos = find_videos([video_dir])[:1]
+    index_path = tmp_path / "v.index"
+    update_index(tiny_model(seed=0), videos, index_path, model_info={"weights": "first.pt"}, progress=False)
+    with pytest.raises(VideoIndexError, match=r"another model \(\{\"weights\": \"first.pt\"\}\)"):
+        update_index(tiny_model(seed=1), videos, index_path, progress=False)
+    with pytest.raises(VideoIndexError, match="framerate=1.0, this run has framerate=2.0"):
+        update_index(tiny_model(seed=0), videos, index_path, framerate=2.0, progress=False)
+    with pytest.raises(ValueError, match="unknown precision 'fp64'"):
+        update_index(tiny_model(seed=0), videos, tmp_path / "other.index", precision="fp64", progress=False)
+    assert not (tmp_path / "other.index").exists()
+
+
+def test_model_fingerprint_sees_every_weight():
+    model = tiny_model()
+    first = model_fingerprint(model)
+    assert model_fingerprint(tiny_model()) == first
+    with torch.no_grad():
+        next(model.visual.parameters()).view(-1)[0] += 1e-3
+    assert model_fingerprint(model) != first
+
+
+def test_encode_queries_refuses_empty_text():
+    with pytest.raises(ValueError, match="non-empty"):
+        encode_queries(tiny_model(), ["a dog", "  "])
