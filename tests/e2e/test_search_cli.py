@@ -14,22 +14,14 @@ import torch
 import torch.nn.functional as F
 
 import tempme
-from tempme.config import CLIPConfig, TextConfig, VisionConfig
 from tempme.data import frames_to_tensor, read_frames
 from tempme.weights import is_adapter_parameter
 from tempme_cli.main import main
 
 from data_fixtures import write_corrupt, write_video
+from tiny_models import register_tiny_preset
 
-PRESET = "test-tiny-search-cli"
-tempme.register_preset(
-    PRESET,
-    CLIPConfig(
-        embed_dim=16,
-        vision=VisionConfig(width=32, layers=4, heads=2, patch_size=16, image_size=32),
-        text=TextConfig(width=32, layers=1, heads=2),
-    ),
-)
+PRESET = register_tiny_preset("test-tiny-search-cli")
 QUERIES = ["a red square moves left", "a blue circle appears"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -18,22 +18,15 @@ import torch
 import torch.nn.functional as F
 
 import tempme
-from tempme.config import CLIPConfig, TextConfig, VisionConfig
 from tempme.data import frames_to_tensor, read_frames
 from tempme.search import model_fingerprint
 from tempme_cli.main import main
 from tempme_train.modeling import build_model, load_trained_weights, train_config_of
 from tempme_train.config import CONFIG_DIR
 
-PRESET = "test-tiny-e2e"
-tempme.register_preset(
-    PRESET,
-    CLIPConfig(
-        embed_dim=16,
-        vision=VisionConfig(width=32, layers=4, heads=2, patch_size=16, image_size=32),
-        text=TextConfig(width=32, layers=1, heads=2),
-    ),
-)
+from tiny_models import register_tiny_preset
+
+PRESET = register_tiny_preset("test-tiny-e2e")
 TRAIN_IDS = [f"video{i}" for i in range(10)]
 TEST_IDS = ["video20", "video21", "video22"]
 CORRUPT, MISSING = "video2", "video5"

@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import tempme
-from tempme.config import CLIPConfig, TextConfig, VisionConfig
 from tempme.data import frames_to_tensor, read_frames
 from tempme.search import (
     VideoIndex,
@@ -23,16 +22,9 @@ from tempme.search import (
 )
 
 from data_fixtures import write_corrupt, write_video
+from tiny_models import register_tiny_preset
 
-PRESET = "test-tiny-search"
-tempme.register_preset(
-    PRESET,
-    CLIPConfig(
-        embed_dim=16,
-        vision=VisionConfig(width=32, layers=4, heads=2, patch_size=16, image_size=32),
-        text=TextConfig(width=32, layers=1, heads=2),
-    ),
-)
+PRESET = register_tiny_preset("test-tiny-search")
 FRAMES = 4
 
 pytestmark = pytest.mark.usefixtures("one_thread")
