@@ -17,7 +17,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import tempme
 from tempme.data import frames_to_tensor, read_frames
 from tempme.search import model_fingerprint
 from tempme_cli.main import main
