@@ -42,12 +42,18 @@ def write_video(
     fps: int = FPS,
     codec: str = "mpeg4",
     container_format: str | None = None,
+    keyframe_every: int | None = None,
 ) -> Path:
-    """Write a colour-indexed clip; the container follows the extension unless a format is given."""
+    """Write a colour-indexed clip; the container follows the extension unless a format is given.
+
+    ``keyframe_every``: the encoder's GOP size (its default otherwise, often longer than the clip).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), mode="w", format=container_format) as container:
         stream = container.add_stream(codec, rate=Fraction(fps))
         stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, "yuv420p"
+        if keyframe_every is not None:
+            stream.codec_context.gop_size = keyframe_every
         for index in range(num_frames):
             pixels = np.empty((HEIGHT, WIDTH, 3), dtype=np.uint8)
             pixels[...] = frame_colour(index)

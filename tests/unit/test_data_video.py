@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 import pytest
-from data_fixtures import FPS, NUM_FRAMES, build_video_files, frame_index
+from data_fixtures import FPS, NUM_FRAMES, build_video_files, frame_index, write_video
 
 from tempme.data import video as video_module
 from tempme.data.video import VideoDecodeError, read_frames, sample_frame_indices
@@ -83,6 +83,99 @@ class TestSampleFrameIndices:
                 assert indices[0] >= 0 and indices[-1] <= num_frames - 1
 
 
+# 25 s at 10 fps with a keyframe every 10 frames: seeking skips most of the decoding. x264 adds
+# B-frames (decode order differs from presentation order); the webm records no frame count.
+# (mpeg4 is left out: its encoder skips some of these flat frames, so they cannot be told by colour.)
+SEEKABLE = {
+    "x264.mp4": dict(codec="libx264"),
+    "vp9.webm": dict(codec="libvpx-vp9"),
+}
+SEEKABLE_FRAMES = 250
+
+
+@pytest.fixture(scope="module")
+def seekable(tmp_path_factory):
+    root = tmp_path_factory.mktemp("seekable")
+    return {
+        name: write_video(root / name, num_frames=SEEKABLE_FRAMES, keyframe_every=10, **options)
+        for name, options in SEEKABLE.items()
+    }
+
+
+class TestSeeking:
+    @pytest.mark.parametrize("name", list(SEEKABLE))
+    def test_seeking_returns_the_sampled_frames_without_decoding_in_order(self, seekable, name, monkeypatch):
+        def in_order(*args):
+            raise AssertionError("decoded in order, not by seeking")
+
+        monkeypatch.setattr(video_module, "_decode_wanted", in_order)
+        monkeypatch.setattr(video_module, "_count_frames", in_order)
+        for window in ((None, None), (3.0, 17.5)):
+            frames = read_frames(seekable[name], 12, start=window[0], end=window[1])
+            expected = sample_frame_indices(SEEKABLE_FRAMES, FPS, 12, start=window[0], end=window[1])
+            assert [frame_index(f) for f in frames] == expected
+
+    @pytest.mark.parametrize("name", list(SEEKABLE))
+    def test_seeking_gives_the_pixels_of_decoding_in_order(self, seekable, name):
+        path = seekable[name]
+        wanted = {0, 9, 10, 11, 55, 120, 121, 249}  # around keyframes, and the last frame
+        by_seeking = video_module._decode_by_seeking(path, wanted, video_module._packet_times(path))
+        in_order, _ = video_module._decode_wanted(path, wanted)
+        assert sorted(by_seeking) == sorted(wanted)
+        for index in wanted:
+            assert by_seeking[index].tobytes() == in_order[index].tobytes(), index
+
+    def test_seeks_only_where_a_keyframe_lies_ahead(self, seekable, monkeypatch):
+        path = seekable["x264.mp4"]
+        times = video_module._packet_times(path)
+        seeks = []
+        open_container = video_module._open_container
+
+        class SeekSpy:
+            def __init__(self, container):
+                self.container = container
+
+            def __enter__(self):
+                self.container.__enter__()
+                return self
+
+            def __exit__(self, *exc):
+                return self.container.__exit__(*exc)
+
+            def __getattr__(self, name):
+                return getattr(self.container, name)
+
+            def seek(self, offset, **options):
+                seeks.append(offset)
+                return self.container.seek(offset, **options)
+
+        monkeypatch.setattr(video_module, "_open_container", lambda p: SeekSpy(open_container(p)))
+        keyframe_indices = [times.frames.index(k) for k in times.keyframes]  # where x264 put them
+        middle = next(i for i in keyframe_indices if i >= 100 and i + 1 not in keyframe_indices)
+        late = keyframe_indices[-1]
+        frames = video_module._decode_by_seeking(path, {5, middle, middle + 1, late}, times)
+        assert sorted(frames) == [5, middle, middle + 1, late]
+        before_5 = max(k for k in times.keyframes if k <= times.frames[5])
+        # middle + 1 follows middle in the same group of pictures: decoding goes on without a seek.
+        assert seeks == [before_5, times.frames[middle], times.frames[late]]
+
+    def test_a_container_that_seeks_imprecisely_is_decoded_in_order(self, tmp_path):
+        # MPEG-TS seeks by byte position and lands past the keyframe asked for (today's PyAV):
+        # whatever frames seeking cannot place exactly come from decoding in order.
+        path = write_video(tmp_path / "clip.ts", num_frames=SEEKABLE_FRAMES, keyframe_every=10, codec="mpeg2video")
+        frames = read_frames(path, 12)
+        assert [frame_index(f) for f in frames] == sample_frame_indices(SEEKABLE_FRAMES, FPS, 12)
+
+    def test_a_stream_that_breaks_its_timestamps_is_decoded_in_order(self, seekable, monkeypatch):
+        path = seekable["x264.mp4"]
+        times = video_module._packet_times(path)
+        shifted = video_module.PacketTimes([t + 1 for t in times.frames], times.keyframes)
+        assert video_module._decode_by_seeking(path, {5, 100}, shifted) is None
+        monkeypatch.setattr(video_module, "_packet_times", lambda p: shifted)
+        frames = read_frames(path, 12)
+        assert [frame_index(f) for f in frames] == sample_frame_indices(SEEKABLE_FRAMES, FPS, 12)
+
+
 class TestReadFrames:
     def test_mp4_returns_the_sampled_frames(self, video_files):
         frames = read_frames(video_files.mp4, 12)
@@ -99,7 +192,12 @@ class TestReadFrames:
         frames = read_frames(video_files.long, 12)
         assert [frame_index(f) for f in frames] == sample_frame_indices(150, 30.0, 12)
 
-    def test_container_without_frame_count_counts_by_decoding(self, video_files):
+    def test_container_without_frame_count_counts_its_packets(self, video_files):
+        frames = read_frames(video_files.mkv, 12)
+        assert [frame_index(f) for f in frames] == sample_frame_indices(NUM_FRAMES, FPS, 12)
+
+    def test_container_without_frame_count_or_timestamps_counts_by_decoding(self, video_files, monkeypatch):
+        monkeypatch.setattr(video_module, "_packet_times", lambda path: None)
         frames = read_frames(video_files.mkv, 12)
         assert [frame_index(f) for f in frames] == sample_frame_indices(NUM_FRAMES, FPS, 12)
 
