@@ -192,6 +192,8 @@ def index_settings(model: TempMe, framerate: float, precision: str) -> dict[str,
 def open_index(path: PathLike, model_info: dict[str, Any], settings: dict[str, Any], dim: int) -> VideoIndex:
     """The index at ``path`` if it exists and fits this model and these settings, else a new empty one."""
     path = Path(path)
+    if path.is_dir():
+        raise VideoIndexError(f"{path} is a folder; name the index file to write (e.g. {path / 'videos.index'})")
     if not path.exists():
         return VideoIndex([], torch.empty(0, dim), model_info, settings)
     index = VideoIndex.load(path)
@@ -251,6 +253,7 @@ def update_index(
         keep = [i for i, video in enumerate(index.paths) if Path(video).is_file()]
         index.paths = [index.paths[i] for i in keep]
         index.embeddings = index.embeddings[keep]
+    index.skipped = {video: reason for video, reason in index.skipped.items() if Path(video).exists()}
     indexed = set(index.paths)
     todo = [path for path in dict.fromkeys(Path(video).resolve() for video in videos) if str(path) not in indexed]
     for video in todo:

@@ -71,9 +71,10 @@ def register(subparsers) -> None:
     index.add_argument("videos", nargs="+", metavar="VIDEO_OR_FOLDER", help="video files and folders of videos")
     index.add_argument("--out", required=True, metavar="INDEX", help="the index file, created or extended")
     add_model_arguments(index, required=True)
-    index.add_argument("--method", choices=("none", "tome", "tempme"), default="tempme",
-                       help="video encoder's merging (default: tempme; with --checkpoint: the trained one)")
-    index.add_argument("--frames", type=int, help="frames sampled per video (default: the model's, 12 for CLIP weights)")
+    index.add_argument("--method", choices=("none", "tome", "tempme"),
+                       help="video encoder's merging, with --weights (default: tempme; a checkpoint has its own)")
+    index.add_argument("--frames", type=int,
+                       help="frames sampled per video, with --weights (default: the weights' own, else 12)")
     index.add_argument("--framerate", type=float, default=1.0, help="candidate frames per second to sample from (default: 1)")
     index.add_argument("--batch-size", type=int, default=16, help="videos per forward pass (default: 16)")
     index.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
@@ -150,9 +151,11 @@ def run_index(args: argparse.Namespace) -> int:
     if args.checkpoint:
         from tempme_train.modeling import find_trained_weights
 
+        if args.method or args.frames:
+            raise ValueError("--method and --frames go with --weights: a trained checkpoint has its own")
         model_info = {"checkpoint": str(find_trained_weights(args.checkpoint).resolve())}
     else:
-        model_info = {"weights": weights_reference(args.weights), "method": args.method, "frames": args.frames}
+        model_info = {"weights": weights_reference(args.weights), "method": args.method or "tempme", "frames": args.frames}
     model = load_search_model(model_info)
     model_info.update(method=model.config.merge.method, frames=model.config.frames)
     fingerprint = model_fingerprint(model)

@@ -114,6 +114,12 @@ def test_search_refuses_other_weights_and_bad_input(library, tmp_path, capsys):
     code, _, err = cli(capsys, "index", str(tmp_path / "nowhere"), "--weights", str(weights), "--out", str(index))
     assert code == 2 and "nowhere: no such file or directory" in err
 
+    code, _, err = cli(capsys, "index", str(library), "--weights", str(weights), "--out", str(tmp_path))
+    assert code == 2 and "is a folder; name the index file" in err
+
+    code, _, err = cli(capsys, "index", str(library), "--checkpoint", str(weights), "--frames", "8", "--out", str(index))
+    assert code == 2 and "--method and --frames go with --weights" in err
+
     code, _, err = cli(capsys, "search", str(tmp_path / "missing.index"), "cats")
     assert code == 2 and "no such index file" in err
 
