@@ -30,6 +30,7 @@ from tqdm import tqdm
 from .data import RetrievalVideos, SkippedVideo, VideoItem, collate_skip_bad
 from .files import atomic_file
 from .model import TempMe
+from .precision import autocast
 
 VIDEO_EXTENSIONS = frozenset(
     ".mp4 .m4v .mov .mkv .webm .avi .mpg .mpeg .wmv .flv .3gp .ts .mts .ogv".split()
@@ -243,7 +244,7 @@ def update_index(
     if batch_size < 1 or save_every < 1:
         raise ValueError(f"batch_size and save_every must be at least 1, got {batch_size} and {save_every}")
     device = torch.device(device)
-    _autocast(device, precision)  # refuses an unknown precision before any work
+    autocast(device, precision)  # refuses an unknown precision before any work
     model_info = {**(model_info or {}), "fingerprint": fingerprint or model_fingerprint(model)}
     settings = index_settings(model, framerate, precision)
     index = open_index(path, model_info, settings, model.config.clip.embed_dim)
@@ -255,7 +256,7 @@ def update_index(
         index.embeddings = index.embeddings[keep]
     index.skipped = {video: reason for video, reason in index.skipped.items() if Path(video).exists()}
     indexed = set(index.paths)
-    todo = [path for path in dict.fromkeys(Path(video).resolve() for video in videos) if str(path) not in indexed]
+    todo = [video for video in dict.fromkeys(Path(v).resolve() for v in videos) if str(video) not in indexed]
     for video in todo:
         index.skipped.pop(str(video), None)  # tried again
     update = IndexUpdate(0, {}, removed, len(index))
@@ -289,7 +290,7 @@ def update_index(
                         index.skipped[str(sample.path)] = update.skipped[str(sample.path)] = sample.reason
                 batch = collate_skip_bad(samples)
                 if batch is not None:
-                    with _autocast(device, precision):
+                    with autocast(device, precision):
                         features = model.encode_video(batch["video"].to(device), batch["video_mask"].to(device))
                     new_embeddings.append(F.normalize(features.float(), dim=-1).cpu())
                     new_paths.extend(batch["video_id"])
@@ -318,10 +319,3 @@ def encode_queries(
             chunks.append(model.encode_text(ids.to(device), mask.to(device)).float().cpu())
     return torch.cat(chunks)
 
-
-def _autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return torch.autocast(device_type=device.type, enabled=False)
-    if precision not in ("bf16", "fp16"):
-        raise ValueError(f"unknown precision {precision!r}; choose fp32, bf16 or fp16")
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from tempme.precision import PRECISIONS
+
 INDEX_EPILOG = textwrap.dedent(
     """\
     the model (one of):
@@ -77,7 +79,7 @@ def register(subparsers) -> None:
                        help="frames sampled per video, with --weights (default: the weights' own, else 12)")
     index.add_argument("--framerate", type=float, default=1.0, help="candidate frames per second to sample from (default: 1)")
     index.add_argument("--batch-size", type=int, default=16, help="videos per forward pass (default: 16)")
-    index.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+    index.add_argument("--precision", choices=("auto", *PRECISIONS), default="auto",
                        help="auto: bf16 on a GPU, fp32 on the CPU (an index keeps the precision it was built with)")
     index.add_argument("--workers", type=int, default=default_workers(),
                        help=f"decoding processes (default: {default_workers()}, half the cores)")

@@ -10,7 +10,6 @@ evaluated data, so a cached file is reused only for exactly the same model and s
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 from collections.abc import Sequence
@@ -26,6 +25,7 @@ from tqdm import tqdm
 from tempme import TempMe
 from tempme.data import FrameCache, RetrievalVideos, VideoItem, collate_skip_bad, flatten_captions
 from tempme.files import atomic_file
+from tempme.precision import autocast
 from tempme.retrieval import similarity, text_to_video_metrics, video_to_text_metrics
 from tempme.search import model_fingerprint
 
@@ -69,14 +69,6 @@ class Embeddings:
     text: torch.Tensor
     video: torch.Tensor
     present: torch.Tensor  # [N_videos] bool: the video could be decoded
-
-
-def autocast(device: torch.device, precision: str):
-    """Mixed-precision context for ``bf16``/``fp16``; does nothing for ``fp32``."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 @torch.no_grad()

@@ -27,6 +27,8 @@ import torch
 from tqdm import tqdm
 
 from tempme import TempMe
+from tempme.precision import autocast
+from tempme.retrieval import contrastive_loss
 
 from .checkpoint import BEST, CONFIG, LAST, Progress, find_checkpoint, load_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig, load_config, save_config
@@ -41,8 +43,7 @@ from .distributed import (
     init_distributed,
     shutdown,
 )
-from .evaluate import autocast, evaluate
-from tempme.retrieval import contrastive_loss
+from .evaluate import evaluate
 from .modeling import build_model, save_trained_weights, trainable_parameters
 from .optim import build_optimizer, build_scheduler
 from .tracking import MetricsLog, require_tensorboard
