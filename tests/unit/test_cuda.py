@@ -77,3 +77,19 @@ def test_cuda_float32_matches_cpu(monkeypatch):
         cpu = tiny_encoder(device="cpu")(video)
         cuda = tiny_encoder()(video.cuda()).cpu()
     torch.testing.assert_close(cuda, cpu, atol=2e-3, rtol=2e-3)
+
+
+@needs_cuda
+def test_index_on_the_gpu_in_bf16_matches_the_cpu_in_fp32(tmp_path):
+    from data_fixtures import write_video
+
+    from tempme.search import VideoIndex, update_index
+
+    videos = [write_video(tmp_path / f"clip{i}.mp4", num_frames=20 + 10 * i) for i in range(3)]
+    torch.manual_seed(0)
+    model = tempme.create_model("tiny-B/32", frames=12).eval()
+    update_index(model, videos, tmp_path / "cpu.index", progress=False)
+    update_index(model, videos, tmp_path / "gpu.index", device="cuda", precision="bf16", progress=False)
+    cpu, gpu = VideoIndex.load(tmp_path / "cpu.index"), VideoIndex.load(tmp_path / "gpu.index")
+    assert gpu.paths == cpu.paths and gpu.settings["precision"] == "bf16"
+    torch.testing.assert_close(gpu.embeddings, cpu.embeddings, atol=0.05, rtol=0)
