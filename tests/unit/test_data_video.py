@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 from data_fixtures import FPS, NUM_FRAMES, build_video_files, frame_index, write_video
@@ -158,6 +159,31 @@ class TestSeeking:
         before_5 = max(k for k in times.keyframes if k <= times.frames[5])
         # middle + 1 follows middle in the same group of pictures: decoding goes on without a seek.
         assert seeks == [before_5, times.frames[middle], times.frames[late]]
+
+    def test_packet_table_leaves_out_what_the_decoder_drops(self, monkeypatch):
+        class Packet:
+            def __init__(self, pts, size=100, key=False, discard=False):
+                self.pts, self.size, self.is_keyframe, self.is_discard = pts, size, key, discard
+
+        packets = [Packet(-2, key=True, discard=True), Packet(4), Packet(0, key=True), Packet(2), Packet(None, size=0)]
+
+        class Container:
+            streams = type("Streams", (), {"video": [type("Stream", (), {"thread_type": None})()]})()
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                return False
+
+            def demux(self, stream):
+                return iter(packets)
+
+        monkeypatch.setattr(video_module, "_open_container", lambda path: Container())
+        times = video_module._packet_times(Path("fake.mp4"))
+        assert (times.frames, times.keyframes) == ([0, 2, 4], [0])
+        packets.append(Packet(None))
+        assert video_module._packet_times(Path("fake.mp4")) is None  # a frame without a timestamp
 
     def test_a_container_that_seeks_imprecisely_is_decoded_in_order(self, tmp_path):
         # MPEG-TS seeks by byte position and lands past the keyframe asked for (today's PyAV):

@@ -228,7 +228,9 @@ def _packet_times(path: Path) -> PacketTimes | None:
     try:
         with _open_container(path) as container:
             for packet in container.demux(_video_stream(container, path)):
-                if packet.size == 0:  # the end-of-stream marker
+                # Skip the end-of-stream marker, and packets an edit list cuts (the decoder drops their
+                # frames, so counting them would shift every index after them).
+                if packet.size == 0 or packet.is_discard:
                     continue
                 if packet.pts is None:
                     return None
