@@ -63,7 +63,7 @@ def plan(args: argparse.Namespace) -> list[Step]:
              bench(args.big, args.batch, "--cuda-graph", "--methods", "none,tome,tempme,merge-free,plain-vit")),
         Step("big-inference-graph-channels", 90,
              bench(args.big, args.batch, "--cuda-graph", "--methods", "none,tempme", "--size-attention", "channels")),
-        Step("big-training", 120, bench(args.big, args.train_batch, "--train")),
+        Step("big-training", 150, bench(args.big, args.train_batch, "--train", "--methods", "none,tempme,merge-free")),
         # BEST: the size-attention form under which tempme ran faster in the two graph steps above.
         Step("big-inference-compiled", 240,
              bench(args.big, args.batch, "--compile-mode", "reduce-overhead", "--methods", "none,tempme",

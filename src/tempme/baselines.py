@@ -96,7 +96,8 @@ class MergeFreeEncoder(nn.Module):
         self.visual = visual
         self.layers = simulate(visual.plan, visual.merge, visual.positional_embedding.shape[0])
 
-    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+    def forward(self, frames: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``mask`` is accepted, as the video encoder's forward does, and ignored (no padded frames)."""
         videos, num_frames = frames.shape[:2]
         x = self.visual.embed(frames.flatten(0, 1))
         for block, layer in zip(self.visual.transformer.resblocks, self.layers):

@@ -413,8 +413,11 @@ def make_training_step(
     size_attention: str = "bias", compile: bool = False,
 ) -> TrainingStep:
     check_size_attention(size_attention)
-    model = create_model(preset, method=method, frames=frames, device=device).train()
-    model.visual.size_attention = size_attention
+    model = create_model(preset, method="tempme" if method == "merge-free" else method, frames=frames, device=device)
+    model.train().visual.size_attention = size_attention
+    if method == "merge-free":
+        # The video encoder runs on tempme's token shapes with merging free (its outputs mean nothing).
+        model.visual.forward = MergeFreeEncoder(model.visual).forward
     model.set_trainable("lora")
     trainable = [p for p in model.parameters() if p.requires_grad]
     size = model.visual.image_size
@@ -443,8 +446,9 @@ def benchmark_training(
 ) -> list[Result]:
     """Seconds per training step (video and text forward, symmetric InfoNCE, backward, AdamW on
     LoRA + CPE), and the step's memory (optimizer state created in the first call is excluded).
-    ``compile``: the model's forward (and so its backward) through ``torch.compile``."""
-    methods = check_methods(methods, MERGE_METHODS)
+    ``compile``: the model's forward (and so its backward) through ``torch.compile``. Besides the
+    merging methods, ``merge-free`` trains tempme's encoder on its token shapes with merging free."""
+    methods = check_methods(methods, MERGE_METHODS + ("merge-free",))
     check_counts(batch, repeats, warmup)
     setup = Setup(
         mode="training", preset=preset, frames=frames, batch=batch, device=resolve_device(device), dtype=dtype,

@@ -81,7 +81,7 @@ def register(subparsers) -> None:
         "--methods",
         type=method_list,
         help=f"comma-separated, from {', '.join(MERGE_METHODS)}, and for inference {', '.join(BASELINES)} "
-        "(default: none,tome,tempme; with --train: none,tempme)",
+        "(for --train: merge-free only) (default: none,tome,tempme; with --train: none,tempme)",
     )
     parser.add_argument(
         "--baseline",

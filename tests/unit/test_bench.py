@@ -145,6 +145,19 @@ def test_merge_free_encoder_runs_attention_on_tempme_shapes():
         assert merge_free(frames).shape == tempme_encoder(frames).shape
 
 
+def test_merge_free_training_step_trains_lora_on_tempme_shapes():
+    cpu = torch.device("cpu")
+    step = make_training_step("tiny-B/32", "merge-free", frames=12, batch=2, device=cpu, dtype=torch.float32)
+    reference = make_training_step("tiny-B/32", "tempme", frames=12, batch=2, device=cpu, dtype=torch.float32)
+    frames = torch.randn(2, 12, 3, 224, 224)
+    assert attention_shapes(step.model.visual, frames) == attention_shapes(reference.model.visual, frames)
+    before = {name: p.detach().clone() for name, p in step.model.named_parameters()}
+    assert torch.isfinite(step())
+    changed = {name for name, p in step.model.named_parameters() if not torch.equal(p, before[name])}
+    assert any("visual" in name and "lora_b" in name for name in changed)
+    assert all("lora_" in name for name in changed)  # no cross-clip merge: clip embeddings get no gradient
+
+
 def test_size_attention_choice_is_recorded_and_checked():
     (result,) = benchmark_inference("tiny-B/32", ("tempme",), size_attention="channels", **TINY)
     assert result.size_attention == "channels"
