@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,8 @@ SEARCH_EPILOG = textwrap.dedent(
     examples:
       tempme search videos.index "a dog catches a frisbee" "people dancing at night" -k 5
       tempme search videos.index "a goal in a football match" --json
+      tempme search videos.index            # then type one query per line (Ctrl-D ends)
+      tempme search videos.index --json < queries.txt > results.jsonl
     """
 )
 
@@ -97,10 +100,12 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     search.add_argument("index", metavar="INDEX", help="an index file written by `tempme index`")
-    search.add_argument("queries", nargs="+", metavar="QUERY", help="text to search for (quote each query)")
+    search.add_argument("queries", nargs="*", metavar="QUERY",
+                        help="text to search for (quote each query); none: read queries from standard input, "
+                        "one per line, answering each as it comes (the model loads once)")
     search.add_argument("-k", "--top", type=int, default=10, help="results per query (default: 10)")
     add_model_arguments(search, required=False)
-    search.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    search.add_argument("--json", action="store_true", help="print one JSON object per query (JSON lines) instead of a table")
     search.set_defaults(handler=run_search)
 
 
@@ -181,7 +186,7 @@ def run_index(args: argparse.Namespace) -> int:
 
 
 def run_search(args: argparse.Namespace) -> int:
-    from tempme.search import VideoIndex, VideoIndexError, encode_queries, model_fingerprint
+    from tempme.search import VideoIndex, VideoIndexError, model_fingerprint
 
     if args.top < 1:
         raise ValueError(f"-k must be at least 1, got {args.top}")
@@ -200,16 +205,28 @@ def run_search(args: argparse.Namespace) -> int:
             f"{args.index} was built by other weights than {named}: queries must be encoded by the model "
             "that embedded the videos (name its weights with --weights or --checkpoint)"
         )
-    queries = encode_queries(model, args.queries, resolve_device(args.device))
-    hits = index.search(queries, args.top)
-    if args.json:
-        print(json.dumps([
-            {"query": query, "results": [{"rank": h.rank, "score": round(h.score, 4), "path": h.path} for h in found]}
-            for query, found in zip(args.queries, hits)
-        ]))
+    device = resolve_device(args.device)
+    if args.queries:
+        answer(model, index, args.queries, args.top, device, args.json)
         return 0
-    for query, found in zip(args.queries, hits):
+    if sys.stdin.isatty():
+        print(f"{len(index)} videos in {args.index}; type a query and press Enter (Ctrl-D to end)", file=sys.stderr)
+    for line in sys.stdin:
+        if line.strip():
+            answer(model, index, [line.strip()], args.top, device, args.json)
+    return 0
+
+
+def answer(model, index, queries: list[str], top: int, device: torch.device, as_json: bool) -> None:
+    """Print the ``top`` videos for each query: a table, or one JSON object per query (JSON lines)."""
+    from tempme.search import encode_queries
+
+    hits = index.search(encode_queries(model, queries, device), top)
+    for query, found in zip(queries, hits):
+        if as_json:
+            results = [{"rank": h.rank, "score": round(h.score, 4), "path": h.path} for h in found]
+            print(json.dumps({"query": query, "results": results}), flush=True)
+            continue
         print(f"{query!r}: {len(found)} of {len(index)} videos")
         for hit in found:
-            print(f"  {hit.rank:>3}  {hit.score:6.3f}  {hit.path}")
-    return 0
+            print(f"  {hit.rank:>3}  {hit.score:6.3f}  {hit.path}", flush=True)

@@ -6,6 +6,7 @@ the command must build LoRA reproducibly to find the same model again at search 
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -52,7 +53,7 @@ def cli(capsys, *args: str) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
-def test_index_then_search(library, tmp_path, capsys):
+def test_index_then_search(library, tmp_path, capsys, monkeypatch):
     weights = write_clip_weights(tmp_path / "clip.pt", seed=0)
     index = tmp_path / "library.index"
     args = ["index", str(library), "--weights", str(weights), "--out", str(index), "--frames", "4",
@@ -72,7 +73,7 @@ def test_index_then_search(library, tmp_path, capsys):
 
     code, out, err = cli(capsys, "search", str(index), *QUERIES, "-k", "2", "--json", "--device", "cpu")
     assert code == 0, err
-    results = json.loads(out)
+    results = [json.loads(line) for line in out.splitlines()]
 
     # Expected ranking, computed here without the index: the same weights loaded by the library (the
     # CLI seeds LoRA's initialisation, and LoRA B = 0 leaves outputs unchanged), frames decoded directly.
@@ -94,6 +95,12 @@ def test_index_then_search(library, tmp_path, capsys):
     code, out, err = cli(capsys, "search", str(index), QUERIES[0], "--device", "cpu")
     assert code == 0, err
     assert out.splitlines()[0] == f"{QUERIES[0]!r}: 3 of 3 videos" and len(out.splitlines()) == 4
+
+    # No queries on the command line: one per line from standard input, blank lines ignored.
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{QUERIES[1]}\n\n{QUERIES[0]}\n"))
+    code, out, err = cli(capsys, "search", str(index), "-k", "2", "--json", "--device", "cpu")
+    assert code == 0, err
+    assert [json.loads(line) for line in out.splitlines()] == [results[1], results[0]]
 
 
 def test_search_refuses_other_weights_and_bad_input(library, tmp_path, capsys):

@@ -124,7 +124,7 @@ def test_train_stop_resume_and_evaluate(run_config, tmp_path, capsys, monkeypatc
                  "--workers", "0", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["added"] == 3
     assert main(["search", str(index), "test clip number 1", "--json"]) == 0
-    hits = json.loads(capsys.readouterr().out)[0]["results"]
+    hits = json.loads(capsys.readouterr().out)["results"]
     config = train_config_of(output / "best.safetensors")
     model = build_model(config).eval()
     untrained = model_fingerprint(model)
