@@ -63,6 +63,13 @@ def plan(args: argparse.Namespace) -> list[Step]:
              bench(args.big, args.batch, "--cuda-graph", "--methods", "none,tome,tempme,merge-free,plain-vit")),
         Step("big-inference-graph-channels", 90,
              bench(args.big, args.batch, "--cuda-graph", "--methods", "none,tempme", "--size-attention", "channels")),
+        # Which attention kernel suits each size form: the biased one through the memory-efficient
+        # kernel, the size channel (head size 72) through FlashAttention.
+        Step("big-inference-graph-bias-efficient", 60,
+             bench(args.big, args.batch, "--cuda-graph", "--methods", "none,tempme", "--attention-backend", "efficient")),
+        Step("big-inference-graph-channels-flash", 60,
+             bench(args.big, args.batch, "--cuda-graph", "--methods", "none,tempme", "--size-attention", "channels",
+                   "--attention-backend", "flash")),
         Step("big-training", 150, bench(args.big, args.train_batch, "--train", "--methods", "none,tempme,merge-free")),
         # BEST: the size-attention form under which tempme ran faster in the two graph steps above.
         Step("big-inference-compiled", 240,
@@ -92,7 +99,7 @@ def faster_size_attention(run: Run, given: str | None) -> str:
         return given
     speeds = {
         row["size_attention"]: row["videos_per_s"]
-        for step in run.steps if step.report and "--cuda-graph" in step.args
+        for step in run.steps if step.report and "--cuda-graph" in step.args and "--attention-backend" not in step.args
         for row in step.report["results"] if row["method"] == "tempme"
     }
     return "channels" if speeds.get("channels", 0) > speeds.get("bias", float("inf")) else "bias"

@@ -5,7 +5,8 @@
 #
 # Run from the repository root. First the GPU-only tests (tests/unit/test_cuda.py), then the steps of
 # scripts/gpu_bench.py, most wanted first (see its plan()): ViT-B/16, 12 frames, bf16, batch 32
-# inference as CUDA graphs with the baselines and with the size channel, a training step (batch 32),
+# inference as CUDA graphs with the baselines and with the size channel (also with the attention
+# kernel forced: memory-efficient for the bias, flash for the channel), a training step (batch 32),
 # compiled none and tempme (reduce-overhead, with the size-attention form the graph steps found
 # faster), training with the size channel, eager inference with timm's ViT, a profile of tempme,
 # ViT-B/32, compiled baselines. Each step has its own time limit and

@@ -23,6 +23,7 @@ from typing import Callable, Iterable
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -38,6 +39,14 @@ BASELINES = ("plain-vit", "timm-vit", "merge-free")
 SOT_TOKEN, EOT_TOKEN = 49406, 49407
 MIB = 2**20
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
+# scaled_dot_product_attention's kernels; "auto" lets torch choose, as the model does outside benchmarks.
+ATTENTION_BACKENDS = {
+    "auto": None,
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "math": SDPBackend.MATH,
+}
 
 
 @dataclass
@@ -71,6 +80,7 @@ class Result:
     memory_vs_none: float | None = None
     cuda_graph: bool = False  # replayed as a CUDA graph (tempme.cuda_graph)
     compile_mode: str = "default"  # torch.compile's mode, when compiled
+    attention_backend: str = "auto"  # the only SDPA kernel allowed (ATTENTION_BACKENDS), or torch's choice
 
     @property
     def execution(self) -> str:
@@ -94,6 +104,7 @@ class Setup:
     size_attention: str = "bias"
     cuda_graph: bool = False
     compile_mode: str = "default"
+    attention_backend: str = "auto"
 
 
 # ----------------------------------------------------------------------------- devices and timing
@@ -326,6 +337,29 @@ def inference_step(encoder: nn.Module, video: torch.Tensor, cuda_graph: bool = F
     return replay
 
 
+def with_attention_backend(step: Callable[[], object], backend: str, method: str) -> Callable[[], object]:
+    """``step`` run with only ``backend``'s attention kernel allowed (every call, so the first one, which
+    compiles or captures, picks that kernel too); ``auto`` leaves the choice to torch."""
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(ATTENTION_BACKENDS)}")
+    if backend == "auto":
+        return step
+
+    def restricted() -> object:
+        with sdpa_kernel([ATTENTION_BACKENDS[backend]]):
+            try:
+                return step()
+            except RuntimeError as error:
+                if not any(text in str(error) for text in ("No available kernel", "No viable backend")):
+                    raise
+                raise ValueError(
+                    f"attention backend {backend!r} cannot run {method!r} here (device, dtype, head size or "
+                    "an attention bias rule it out); try auto"
+                ) from None
+
+    return restricted
+
+
 def benchmark_inference(
     preset: str,
     methods: Iterable[str] = MERGE_METHODS,
@@ -339,6 +373,7 @@ def benchmark_inference(
     size_attention: str = "bias",
     cuda_graph: bool = False,
     compile_mode: str = "default",
+    attention_backend: str = "auto",
 ) -> list[Result]:
     """Videos per second and memory of the video encoder, every method on the same random videos.
 
@@ -348,13 +383,15 @@ def benchmark_inference(
     in ``torch.compile(dynamic=False, mode=compile_mode)`` (``reduce-overhead`` adds CUDA graphs);
     compilation falls in ``first_call_s``, not in the timings.
     ``cuda_graph`` replays each encoder as a CUDA graph (``tempme.cuda_graph``), captured in the first
-    call. ``size_attention``: see ``build_video_encoder``.
+    call. ``size_attention``: see ``build_video_encoder``. ``attention_backend``: one of
+    ``ATTENTION_BACKENDS``, the only attention kernel allowed (``auto``: torch chooses).
     """
     methods = check_methods(methods, MERGE_METHODS + BASELINES)
     check_counts(batch, repeats, warmup)
     setup = Setup(
         mode="inference", preset=preset, frames=frames, batch=batch, device=resolve_device(device), dtype=dtype,
         compiled=compile, size_attention=size_attention, cuda_graph=cuda_graph, compile_mode=compile_mode,
+        attention_backend=attention_backend,
     )
     if compile_mode not in COMPILE_MODES:
         raise ValueError(f"unknown compile mode {compile_mode!r}; choose one of {', '.join(COMPILE_MODES)}")
@@ -367,7 +404,10 @@ def benchmark_inference(
         m: prepare_encoder(preset, m, frames, setup.device, torch_dtype, compile, size_attention, compile_mode)
         for m in methods
     }
-    steps = {m: inference_step(encoder, video, cuda_graph) for m, encoder in encoders.items()}
+    steps = {
+        m: with_attention_backend(inference_step(encoder, video, cuda_graph), attention_backend, m)
+        for m, encoder in encoders.items()
+    }
     return measure(setup, steps, encoders, repeats, warmup)
 
 
@@ -443,6 +483,7 @@ def benchmark_training(
     warmup: int = 3,
     size_attention: str = "bias",
     compile: bool = False,
+    attention_backend: str = "auto",
 ) -> list[Result]:
     """Seconds per training step (video and text forward, symmetric InfoNCE, backward, AdamW on
     LoRA + CPE), and the step's memory (optimizer state created in the first call is excluded).
@@ -452,7 +493,7 @@ def benchmark_training(
     check_counts(batch, repeats, warmup)
     setup = Setup(
         mode="training", preset=preset, frames=frames, batch=batch, device=resolve_device(device), dtype=dtype,
-        compiled=compile, size_attention=size_attention,
+        compiled=compile, size_attention=size_attention, attention_backend=attention_backend,
     )
     steps = {
         m: make_training_step(
@@ -460,7 +501,8 @@ def benchmark_training(
         )
         for m in methods
     }
-    return measure(setup, steps, {m: step.model for m, step in steps.items()}, repeats, warmup)
+    runs = {m: with_attention_backend(step, attention_backend, m) for m, step in steps.items()}
+    return measure(setup, runs, {m: step.model for m, step in steps.items()}, repeats, warmup)
 
 
 # ----------------------------------------------------------------------------- reporting
@@ -496,6 +538,7 @@ def make_result(setup: Setup, method: str, timing: Timing, step_bytes: int | Non
         size_attention=setup.size_attention,
         cuda_graph=setup.cuda_graph,
         compile_mode=setup.compile_mode,
+        attention_backend=setup.attention_backend,
         first_call_s=timing.first_call_s,
         times_s=timing.times_s,
         median_s=timing.median_s,
@@ -537,6 +580,8 @@ def format_results(results: list[Result]) -> str:
     threads = f", {first.threads} CPU threads" if first.device == "cpu" else ""
     size_attention = f", size attention {first.size_attention}" if first.size_attention != "bias" else ""
     compile_mode = f", compile mode {first.compile_mode}" if first.compiled and first.compile_mode != "default" else ""
+    if first.attention_backend != "auto":
+        compile_mode += f", attention kernel {first.attention_backend}"
     lines = [
         f"{first.mode}: {first.model}, {first.frames} frames, batch {first.batch}, {first.dtype}{size_attention}"
         f"{compile_mode}, "

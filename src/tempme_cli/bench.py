@@ -9,6 +9,7 @@ import torch
 
 from tempme.baselines import TIMM_MODELS, timm_available
 from tempme.bench import (
+    ATTENTION_BACKENDS,
     BASELINES,
     COMPILE_MODES,
     DTYPES,
@@ -107,6 +108,13 @@ def register(subparsers) -> None:
         action="store_true",
         help="replay each encoder as one CUDA graph (captured in the first call; CUDA only, not with --compile)",
     )
+    parser.add_argument(
+        "--attention-backend",
+        choices=list(ATTENTION_BACKENDS),
+        default="auto",
+        help="allow only this scaled_dot_product_attention kernel (default: auto, torch's choice); to see "
+        "which kernel suits the size bias or the size channel",
+    )
     parser.add_argument("--train", action="store_true", help="time a training step instead of inference")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.set_defaults(handler=run)
@@ -141,7 +149,8 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.train:
         results = benchmark_training(
-            args.model, methods, size_attention=args.size_attention, compile=args.compile, **common
+            args.model, methods, size_attention=args.size_attention, compile=args.compile,
+            attention_backend=args.attention_backend, **common,
         )
     else:
         results = benchmark_inference(
@@ -151,6 +160,7 @@ def run(args: argparse.Namespace) -> int:
             compile_mode=args.compile_mode or "default",
             cuda_graph=args.cuda_graph,
             size_attention=args.size_attention,
+            attention_backend=args.attention_backend,
             **common,
         )
     print(json.dumps(report(results)) if args.json else format_results(results))

@@ -166,6 +166,28 @@ def test_size_attention_choice_is_recorded_and_checked():
         benchmark_inference("tiny-B/32", ("tempme",), size_attention="dense", **TINY)
 
 
+def test_attention_backend_restricts_the_kernel_and_is_recorded():
+    from torch.profiler import profile
+
+    from tempme.bench import with_attention_backend
+
+    q = torch.randn(1, 2, 5, 8)
+
+    def kernels(backend):
+        with profile() as prof:
+            with_attention_backend(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q), backend, "x")()
+        return {event.name for event in prof.events() if "scaled_dot_product" in event.name}
+
+    assert any("math" in name for name in kernels("math")) and not any("flash" in name for name in kernels("math"))
+    assert any("flash" in name for name in kernels("flash"))
+    with pytest.raises(ValueError, match="attention backend 'efficient' cannot run 'x' here"):
+        with_attention_backend(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q), "efficient", "x")()
+    with pytest.raises(ValueError, match="unknown attention backend 'fast'"):
+        with_attention_backend(lambda: None, "fast", "x")
+    (result,) = benchmark_inference("tiny-B/32", ("tempme",), attention_backend="math", **TINY)
+    assert result.attention_backend == "math" and "attention kernel math" in format_results([result])
+
+
 def test_unknown_compile_mode_is_refused_before_anything_is_built():
     with pytest.raises(ValueError, match="unknown compile mode 'fastest'"):
         benchmark_inference("tiny-B/32", ("none",), compile=True, compile_mode="fastest", **TINY)
