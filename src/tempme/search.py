@@ -288,6 +288,7 @@ def update_index(
                 for sample in samples:
                     if isinstance(sample, SkippedVideo):
                         index.skipped[str(sample.path)] = update.skipped[str(sample.path)] = sample.reason
+                        bar.set_postfix(undecodable=len(update.skipped), refresh=False)
                 batch = collate_skip_bad(samples)
                 if batch is not None:
                     with autocast(device, precision):

@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -163,15 +164,21 @@ def run_index(args: argparse.Namespace) -> int:
         model_info = {"checkpoint": str(find_trained_weights(args.checkpoint).resolve())}
     else:
         model_info = {"weights": weights_reference(args.weights), "method": args.method or "tempme", "frames": args.frames}
+    if not args.json:
+        source = model_info.get("checkpoint") or model_info["weights"]
+        print(f"{len(videos)} videos found; loading {source} on {device} ({precision})", file=sys.stderr)
     model = load_search_model(model_info)
     model_info.update(method=model.config.merge.method, frames=model.config.frames)
     fingerprint = model_fingerprint(model)
     model.optimize_for_inference()  # same embeddings, less compute
-    update = update_index(
-        model, videos, args.out, fingerprint=fingerprint, model_info=model_info, batch_size=args.batch_size,
-        device=device, precision=precision, framerate=args.framerate, num_workers=args.workers,
-        backend=args.backend, save_every=args.save_every, progress=not args.json,
-    )
+    with warnings.catch_warnings():
+        # Each undecodable video is listed at the end (and counted on the progress bar) instead.
+        warnings.filterwarnings("ignore", message="skipping video", category=UserWarning)
+        update = update_index(
+            model, videos, args.out, fingerprint=fingerprint, model_info=model_info, batch_size=args.batch_size,
+            device=device, precision=precision, framerate=args.framerate, num_workers=args.workers,
+            backend=args.backend, save_every=args.save_every, progress=not args.json,
+        )
     if args.json:
         print(json.dumps({"index": str(args.out), "found": len(videos), "added": update.added,
                           "skipped": update.skipped, "removed": update.removed, "total": update.total}))
