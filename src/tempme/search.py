@@ -5,8 +5,10 @@ the video paths, the decoding settings, and a fingerprint of the model that embe
 queries are always encoded by that same model.
 
 Building is incremental: run it again on the same folder and only videos not yet in the index are
-decoded. It writes the index every ``save_every`` videos and when stopped (Ctrl-C included), so an
-interrupted run loses at most the batch in flight and the next run carries on. Videos that cannot be
+decoded. It writes the index every ``save_every_s`` seconds and when stopped (Ctrl-C included), so an
+interrupted run loses at most the batch in flight and the next run carries on. (By time, not by count:
+each write is the whole file, and on a GPU hundreds of videos a second would otherwise mean as many
+writes.) Videos that cannot be
 decoded are recorded with the reason and tried again on the next run.
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -228,7 +231,7 @@ def update_index(
     framerate: float = 1.0,
     num_workers: int = 0,
     backend: str = "pyav",
-    save_every: int = 256,
+    save_every_s: float = 60.0,
     progress: bool = True,
 ) -> IndexUpdate:
     """Embed the ``videos`` not yet in the index at ``path`` (created if missing) and save it.
@@ -239,10 +242,12 @@ def update_index(
             None, which is wrong if the model was optimised since.
         model_info: how to load the model again for queries (stored in the index).
         precision: ``fp32``, ``bf16`` or ``fp16`` autocast.
-        save_every: write the index after about this many new videos.
+        save_every_s: write the index when this many seconds have passed since it was last written.
     """
-    if batch_size < 1 or save_every < 1:
-        raise ValueError(f"batch_size and save_every must be at least 1, got {batch_size} and {save_every}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if save_every_s < 0:
+        raise ValueError(f"save_every_s must not be negative, got {save_every_s}")
     device = torch.device(device)
     autocast(device, precision)  # refuses an unknown precision before any work
     model_info = {**(model_info or {}), "fingerprint": fingerprint or model_fingerprint(model)}
@@ -271,7 +276,7 @@ def update_index(
     model.eval().to(device)
     new_paths: list[str] = []
     new_embeddings: list[torch.Tensor] = []
-    unsaved = 0
+    last_save = time.monotonic()
 
     def save() -> None:
         if new_paths:
@@ -296,11 +301,10 @@ def update_index(
                     new_embeddings.append(F.normalize(features.float(), dim=-1).cpu())
                     new_paths.extend(batch["video_id"])
                     update.added += len(batch["video_id"])
-                unsaved += len(samples)
                 bar.update(len(samples))
-                if unsaved >= save_every:
+                if time.monotonic() - last_save >= save_every_s:
                     save()
-                    unsaved = 0
+                    last_save = time.monotonic()
     finally:
         save()  # also on Ctrl-C or an error: every finished batch is kept
     return update

@@ -28,7 +28,7 @@ INDEX_EPILOG = textwrap.dedent(
 
     Run it again on the same folders to add new videos: those already indexed are not decoded again, and
     videos whose files are gone are dropped. An interrupted run keeps every finished batch (the index is
-    written every --save-every videos and on Ctrl-C); the next run carries on. Undecodable videos are
+    written every --save-every seconds and on Ctrl-C); the next run carries on. Undecodable videos are
     listed and tried again next time.
 
     examples:
@@ -88,7 +88,8 @@ def register(subparsers) -> None:
     index.add_argument("--workers", type=int, default=default_workers(),
                        help=f"decoding processes (default: {default_workers()}, half the cores)")
     index.add_argument("--backend", choices=("pyav", "decord"), default="pyav", help="video decoder (default: pyav)")
-    index.add_argument("--save-every", type=int, default=256, metavar="N", help="write the index every N videos (default: 256)")
+    index.add_argument("--save-every", type=float, default=60.0, metavar="SECONDS",
+                       help="write the index at least this often while indexing (default: 60)")
     index.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     index.set_defaults(handler=run_index)
 
@@ -148,9 +149,10 @@ def load_search_model(model_info: dict[str, Any]):
 def run_index(args: argparse.Namespace) -> int:
     from tempme.search import find_videos, model_fingerprint, update_index
 
-    for name in ("batch_size", "save_every"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.save_every < 0:
+        raise ValueError(f"--save-every must not be negative, got {args.save_every}")
     if args.frames is not None and args.frames < 1:
         raise ValueError(f"--frames must be at least 1, got {args.frames}")
     videos = find_videos(args.videos)
@@ -177,7 +179,7 @@ def run_index(args: argparse.Namespace) -> int:
         update = update_index(
             model, videos, args.out, fingerprint=fingerprint, model_info=model_info, batch_size=args.batch_size,
             device=device, precision=precision, framerate=args.framerate, num_workers=args.workers,
-            backend=args.backend, save_every=args.save_every, progress=not args.json,
+            backend=args.backend, save_every_s=args.save_every, progress=not args.json,
         )
     if args.json:
         print(json.dumps({"index": str(args.out), "found": len(videos), "added": update.added,

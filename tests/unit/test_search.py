@@ -188,7 +188,7 @@ def test_interrupted_run_keeps_finished_batches_and_resumes(video_dir, tmp_path)
 
     model.encode_video = interrupted
     with pytest.raises(KeyboardInterrupt):
-        update_index(model, videos, tmp_path / "resumed.index", batch_size=1, save_every=100, progress=False)
+        update_index(model, videos, tmp_path / "resumed.index", batch_size=1, save_every_s=3600, progress=False)
     partial = VideoIndex.load(tmp_path / "resumed.index")
     assert partial.paths == [str(v) for v in videos[:2]]  # saved on the way out, though not yet due
 
@@ -198,6 +198,18 @@ def test_interrupted_run_keeps_finished_batches_and_resumes(video_dir, tmp_path)
     whole, resumed = VideoIndex.load(tmp_path / "whole.index"), VideoIndex.load(tmp_path / "resumed.index")
     assert resumed.paths == whole.paths
     torch.testing.assert_close(resumed.embeddings, whole.embeddings)
+
+
+def test_index_is_written_as_it_goes(video_dir, tmp_path, monkeypatch):
+    written = []
+    save = VideoIndex.save
+    monkeypatch.setattr(VideoIndex, "save", lambda self, path: written.append(len(self)) or save(self, path))
+    videos = find_videos([video_dir])
+    update_index(tiny_model(), videos, tmp_path / "v.index", batch_size=1, save_every_s=0, progress=False)
+    assert written == [1, 2, 3, 4, 4]  # after every batch (no time need pass), and once more at the end
+    written.clear()
+    update_index(tiny_model(), videos, tmp_path / "w.index", batch_size=1, save_every_s=3600, progress=False)
+    assert written == [4]
 
 
 def test_undecodable_videos_are_listed_and_retried(video_dir, tmp_path):
