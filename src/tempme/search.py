@@ -180,7 +180,7 @@ class IndexUpdate:
 
     added: int  # videos embedded by this call
     skipped: dict[str, str]  # path -> reason, for videos of this call that could not be decoded
-    removed: list[str]  # indexed videos whose files are gone, dropped from the index
+    removed: list[str]  # indexed videos whose files were deleted (see ``deleted``), dropped from the index
     total: int  # videos in the index afterwards
 
 
@@ -215,6 +215,13 @@ def open_index(path: PathLike, model_info: dict[str, Any], settings: dict[str, A
             )
     index.model = model_info  # same weights; the way to load them may have changed (a moved file)
     return index
+
+
+def deleted(video: str) -> bool:
+    """The file is gone but its folder is there. A missing folder may be a drive that is not mounted
+    now: its videos stay in the index rather than be dropped and embedded all over again."""
+    path = Path(video)
+    return not path.exists() and path.parent.is_dir()
 
 
 @torch.no_grad()
@@ -254,9 +261,9 @@ def update_index(
     settings = index_settings(model, framerate, precision)
     index = open_index(path, model_info, settings, model.config.clip.embed_dim)
 
-    removed = [video for video in index.paths if not Path(video).is_file()]
+    removed = [video for video in index.paths if deleted(video)]
     if removed:
-        keep = [i for i, video in enumerate(index.paths) if Path(video).is_file()]
+        keep = [i for i, video in enumerate(index.paths) if not deleted(video)]
         index.paths = [index.paths[i] for i in keep]
         index.embeddings = index.embeddings[keep]
     index.skipped = {video: reason for video, reason in index.skipped.items() if Path(video).exists()}

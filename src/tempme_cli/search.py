@@ -27,7 +27,7 @@ INDEX_EPILOG = textwrap.dedent(
       --checkpoint PATH   a run trained with `tempme train`: its folder, a checkpoint folder or weights file
 
     Run it again on the same folders to add new videos: those already indexed are not decoded again, and
-    videos whose files are gone are dropped. An interrupted run keeps every finished batch (the index is
+    videos deleted from a folder that is still there are dropped. An interrupted run keeps every finished batch (the index is
     written every --save-every seconds and on Ctrl-C); the next run carries on. Undecodable videos are
     listed and tried again next time.
 
@@ -186,11 +186,11 @@ def run_index(args: argparse.Namespace) -> int:
                           "skipped": update.skipped, "removed": update.removed, "total": update.total}))
         return 0
     print(f"{args.out}: {update.total} videos indexed ({update.added} new, {len(update.skipped)} undecodable, "
-          f"{len(update.removed)} gone and dropped; {len(videos)} found)")
+          f"{len(update.removed)} deleted and dropped; {len(videos)} found)")
     for path, reason in update.skipped.items():
         print(f"  undecodable: {path}: {reason}")
     for path in update.removed:
-        print(f"  gone: {path}")
+        print(f"  deleted: {path}")
     return 0
 
 

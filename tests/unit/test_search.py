@@ -158,12 +158,14 @@ def test_update_adds_new_videos_only_and_drops_deleted_ones(video_dir, tmp_path)
     before = VideoIndex.load(index_path)
 
     (videos / "b.mp4").unlink()
+    shutil.rmtree(videos / "sub")  # gone with its folder, as on a drive not mounted now: kept
     write_video(videos / "e.mp4", num_frames=25)
     calls = []
     original = model.encode_video
     model.encode_video = lambda frames, mask=None: calls.append(frames.shape[0]) or original(frames, mask)
     update = update_index(model, find_videos([videos]), index_path, progress=False)
     assert (update.added, update.removed, update.total) == (1, [str((videos / "b.mp4").resolve())], 4)
+    assert str((videos / "sub" / "d.mp4").resolve()) in VideoIndex.load(index_path).paths
     assert calls == [1]  # only the new video was encoded
     after = VideoIndex.load(index_path)
     kept = [p for p in before.paths if not p.endswith("b.mp4")]
