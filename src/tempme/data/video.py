@@ -230,7 +230,7 @@ def _packet_times(path: Path) -> PacketTimes | None:
             for packet in container.demux(_video_stream(container, path)):
                 # Skip the end-of-stream marker, and packets an edit list cuts (the decoder drops their
                 # frames, so counting them would shift every index after them).
-                if packet.size == 0 or packet.is_discard:
+                if packet.size == 0 or getattr(packet, "is_discard", False):  # older PyAV lacks the flag
                     continue
                 if packet.pts is None:
                     return None
