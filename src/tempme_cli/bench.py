@@ -81,8 +81,8 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--methods",
         type=method_list,
-        help=f"comma-separated, from {', '.join(MERGE_METHODS)}, and for inference {', '.join(BASELINES)} "
-        "(for --train: merge-free only) (default: none,tome,tempme; with --train: none,tempme)",
+        help=f"comma-separated, from {', '.join(MERGE_METHODS)} and the baselines {', '.join(BASELINES)} "
+        "(with --train, merge-free is the only baseline) (default: none,tome,tempme; with --train: none,tempme)",
     )
     parser.add_argument(
         "--baseline",
