@@ -42,7 +42,7 @@ def write_noise_video(path: Path, codec: str, seconds: int, fps: int = 30) -> Pa
 def time_read(path: Path, frames: int, repeats: int, in_order: bool) -> tuple[float, list]:
     packet_times = video_module._packet_times
     if in_order:
-        video_module._packet_times = lambda p: None
+        video_module._packet_times = lambda container, stream: None
     try:
         times, images = [], []
         for _ in range(repeats):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import pytest
 from data_fixtures import FPS, NUM_FRAMES, build_video_files, frame_index, write_video
@@ -103,6 +102,16 @@ def seekable(tmp_path_factory):
     }
 
 
+def packet_times(path):
+    with video_module._open_container(path) as container:
+        return video_module._packet_times(container, video_module._video_stream(container, path))
+
+
+def decode_by_seeking(path, wanted, times):
+    with video_module._open_container(path) as container:
+        return video_module._decode_by_seeking(container, video_module._video_stream(container, path), wanted, times)
+
+
 class TestSeeking:
     @pytest.mark.parametrize("name", list(SEEKABLE))
     def test_seeking_returns_the_sampled_frames_without_decoding_in_order(self, seekable, name, monkeypatch):
@@ -120,7 +129,7 @@ class TestSeeking:
     def test_seeking_gives_the_pixels_of_decoding_in_order(self, seekable, name):
         path = seekable[name]
         wanted = {0, 9, 10, 11, 55, 120, 121, 249}  # around keyframes, and the last frame
-        by_seeking = video_module._decode_by_seeking(path, wanted, video_module._packet_times(path))
+        by_seeking = decode_by_seeking(path, wanted, packet_times(path))
         in_order, _ = video_module._decode_wanted(path, wanted)
         assert sorted(by_seeking) == sorted(wanted)
         for index in wanted:
@@ -128,7 +137,7 @@ class TestSeeking:
 
     def test_seeks_only_where_a_keyframe_lies_ahead(self, seekable, monkeypatch):
         path = seekable["x264.mp4"]
-        times = video_module._packet_times(path)
+        times = packet_times(path)
         seeks = []
         open_container = video_module._open_container
 
@@ -154,13 +163,13 @@ class TestSeeking:
         keyframe_indices = [times.frames.index(k) for k in times.keyframes]  # where x264 put them
         middle = next(i for i in keyframe_indices if i >= 100 and i + 1 not in keyframe_indices)
         late = keyframe_indices[-1]
-        frames = video_module._decode_by_seeking(path, {5, middle, middle + 1, late}, times)
+        frames = decode_by_seeking(path, {5, middle, middle + 1, late}, times)
         assert sorted(frames) == [5, middle, middle + 1, late]
         before_5 = max(k for k in times.keyframes if k <= times.frames[5])
         # middle + 1 follows middle in the same group of pictures: decoding goes on without a seek.
         assert seeks == [before_5, times.frames[middle], times.frames[late]]
 
-    def test_packet_table_leaves_out_what_the_decoder_drops(self, monkeypatch):
+    def test_packet_table_leaves_out_what_the_decoder_drops(self):
         class Packet:
             def __init__(self, pts, size=100, key=False, discard=False):
                 self.pts, self.size, self.is_keyframe, self.is_discard = pts, size, key, discard
@@ -168,22 +177,13 @@ class TestSeeking:
         packets = [Packet(-2, key=True, discard=True), Packet(4), Packet(0, key=True), Packet(2), Packet(None, size=0)]
 
         class Container:
-            streams = type("Streams", (), {"video": [type("Stream", (), {"thread_type": None})()]})()
-
-            def __enter__(self):
-                return self
-
-            def __exit__(self, *exc):
-                return False
-
             def demux(self, stream):
                 return iter(packets)
 
-        monkeypatch.setattr(video_module, "_open_container", lambda path: Container())
-        times = video_module._packet_times(Path("fake.mp4"))
+        times = video_module._packet_times(Container(), stream=None)
         assert (times.frames, times.keyframes) == ([0, 2, 4], [0])
         packets.append(Packet(None))
-        assert video_module._packet_times(Path("fake.mp4")) is None  # a frame without a timestamp
+        assert video_module._packet_times(Container(), stream=None) is None  # a frame without a timestamp
 
     def test_a_container_that_seeks_imprecisely_is_decoded_in_order(self, tmp_path):
         # MPEG-TS seeks by byte position and lands past the keyframe asked for (today's PyAV):
@@ -194,10 +194,10 @@ class TestSeeking:
 
     def test_a_stream_that_breaks_its_timestamps_is_decoded_in_order(self, seekable, monkeypatch):
         path = seekable["x264.mp4"]
-        times = video_module._packet_times(path)
+        times = packet_times(path)
         shifted = video_module.PacketTimes([t + 1 for t in times.frames], times.keyframes)
-        assert video_module._decode_by_seeking(path, {5, 100}, shifted) is None
-        monkeypatch.setattr(video_module, "_packet_times", lambda p: shifted)
+        assert decode_by_seeking(path, {5, 100}, shifted) is None
+        monkeypatch.setattr(video_module, "_packet_times", lambda container, stream: shifted)
         frames = read_frames(path, 12)
         assert [frame_index(f) for f in frames] == sample_frame_indices(SEEKABLE_FRAMES, FPS, 12)
 
@@ -223,7 +223,7 @@ class TestReadFrames:
         assert [frame_index(f) for f in frames] == sample_frame_indices(NUM_FRAMES, FPS, 12)
 
     def test_container_without_frame_count_or_timestamps_counts_by_decoding(self, video_files, monkeypatch):
-        monkeypatch.setattr(video_module, "_packet_times", lambda path: None)
+        monkeypatch.setattr(video_module, "_packet_times", lambda container, stream: None)
         frames = read_frames(video_files.mkv, 12)
         assert [frame_index(f) for f in frames] == sample_frame_indices(NUM_FRAMES, FPS, 12)
 

@@ -220,60 +220,59 @@ class PacketTimes:
     keyframes: list[int]
 
 
-def _packet_times(path: Path) -> PacketTimes | None:
-    """The stream's frame and keyframe timestamps; None when some packet has none or demuxing fails
-    (the caller then decodes in order, which also reports what is wrong with the file)."""
+def _packet_times(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> PacketTimes | None:
+    """The stream's frame and keyframe timestamps, read through to its end; None when some packet has
+    none or demuxing fails (the caller then decodes in order, which also reports what is wrong)."""
     av = _pyav()
     frames, keyframes = [], []
     try:
-        with _open_container(path) as container:
-            for packet in container.demux(_video_stream(container, path)):
-                # Skip the end-of-stream marker, and packets an edit list cuts (the decoder drops their
-                # frames, so counting them would shift every index after them).
-                if packet.size == 0 or getattr(packet, "is_discard", False):  # older PyAV lacks the flag
-                    continue
-                if packet.pts is None:
-                    return None
-                frames.append(packet.pts)
-                if packet.is_keyframe:
-                    keyframes.append(packet.pts)
-    except (av.FFmpegError, OSError, ValueError, VideoDecodeError):
+        for packet in container.demux(stream):
+            # Skip the end-of-stream marker, and packets an edit list cuts (the decoder drops their
+            # frames, so counting them would shift every index after them).
+            if packet.size == 0 or getattr(packet, "is_discard", False):  # older PyAV lacks the flag
+                continue
+            if packet.pts is None:
+                return None
+            frames.append(packet.pts)
+            if packet.is_keyframe:
+                keyframes.append(packet.pts)
+    except (av.FFmpegError, OSError, ValueError):
         return None
     if not keyframes or len(set(frames)) != len(frames):
         return None
     return PacketTimes(sorted(frames), sorted(keyframes))
 
 
-def _decode_by_seeking(path: Path, wanted: set[int], times: PacketTimes) -> dict[int, Image.Image] | None:
+def _decode_by_seeking(
+    container: av.container.InputContainer, stream: av.video.stream.VideoStream, wanted: set[int], times: PacketTimes
+) -> dict[int, Image.Image] | None:
     """The wanted frames (indices into ``times.frames``), each reached by seeking to the keyframe before
     it unless the decoder is already past that keyframe. None when a frame does not come out with the
     timestamp its packet promised: the caller then decodes in order instead.
     """
     av = _pyav()
     frames: dict[int, Image.Image] = {}
+    decoded: Iterator[av.VideoFrame] | None = None
+    last_pts: int | None = None  # of the last frame decoded
     try:
-        with _open_container(path) as container:
-            stream = _video_stream(container, path)
-            decoded: Iterator[av.VideoFrame] | None = None
-            last_pts: int | None = None  # of the last frame decoded
-            for index in sorted(wanted):
-                target = times.frames[index]
-                keyframe = times.keyframes[max(bisect.bisect_right(times.keyframes, target) - 1, 0)]
-                if decoded is None or last_pts is None or keyframe > last_pts:
-                    container.seek(keyframe, stream=stream, backward=True, any_frame=False)
-                    decoded = container.decode(stream)
-                for frame in decoded:
-                    if frame.pts is None:
-                        return None
-                    last_pts = frame.pts
-                    if frame.pts >= target:
-                        break
-                else:
-                    return None  # the stream ended first
-                if frame.pts != target:
+        for index in sorted(wanted):
+            target = times.frames[index]
+            keyframe = times.keyframes[max(bisect.bisect_right(times.keyframes, target) - 1, 0)]
+            if decoded is None or last_pts is None or keyframe > last_pts:
+                container.seek(keyframe, stream=stream, backward=True, any_frame=False)
+                decoded = container.decode(stream)
+            for frame in decoded:
+                if frame.pts is None:
                     return None
-                frames[index] = frame.to_image()
-    except (av.FFmpegError, OSError, ValueError, VideoDecodeError):
+                last_pts = frame.pts
+                if frame.pts >= target:
+                    break
+            else:
+                return None  # the stream ended first
+            if frame.pts != target:
+                return None
+            frames[index] = frame.to_image()
+    except (av.FFmpegError, OSError, ValueError):
         return None
     return frames
 
@@ -281,20 +280,22 @@ def _decode_by_seeking(path: Path, wanted: set[int], times: PacketTimes) -> dict
 def _read_frames_pyav(
     path: Path, max_frames: int, framerate: float, start: float | None, end: float | None
 ) -> list[Image.Image]:
+    # One open container serves the stream's facts, its packet timestamps and seeking: opening and
+    # probing a file costs milliseconds, a fair share of reading 12 frames of a short clip.
     with _open_container(path) as container:
         stream = _video_stream(container, path)
         fps = _stream_fps(stream, path)
         num_frames = _declared_frame_count(stream)
-    times = _packet_times(path)
-    if num_frames <= 0:
-        num_frames = len(times.frames) if times is not None else _count_frames(path)
-    if num_frames <= 0:
-        raise VideoDecodeError(path, "no decodable video frames")
-    indices = sample_frame_indices(num_frames, fps, max_frames, framerate, start, end)
-    if times is not None and max(indices) < len(times.frames):
-        frames = _decode_by_seeking(path, set(indices), times)
-        if frames is not None:
-            return [frames[i] for i in indices]
+        times = _packet_times(container, stream)
+        if num_frames <= 0:
+            num_frames = len(times.frames) if times is not None else _count_frames(path)
+        if num_frames <= 0:
+            raise VideoDecodeError(path, "no decodable video frames")
+        indices = sample_frame_indices(num_frames, fps, max_frames, framerate, start, end)
+        if times is not None and max(indices) < len(times.frames):
+            frames = _decode_by_seeking(container, stream, set(indices), times)
+            if frames is not None:
+                return [frames[i] for i in indices]
     frames, decoded = _decode_wanted(path, set(indices))
     if len(frames) < len(set(indices)):
         # The container over-stated its length: resample over the frames that really exist.
