@@ -261,9 +261,10 @@ def update_index(
     settings = index_settings(model, framerate, precision)
     index = open_index(path, model_info, settings, model.config.clip.embed_dim)
 
-    removed = [video for video in index.paths if deleted(video)]
+    gone = [deleted(video) for video in index.paths]
+    removed = [video for video, is_gone in zip(index.paths, gone) if is_gone]
     if removed:
-        keep = [i for i, video in enumerate(index.paths) if not deleted(video)]
+        keep = [i for i, is_gone in enumerate(gone) if not is_gone]
         index.paths = [index.paths[i] for i in keep]
         index.embeddings = index.embeddings[keep]
     index.skipped = {video: reason for video, reason in index.skipped.items() if Path(video).exists()}
