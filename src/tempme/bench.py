@@ -111,7 +111,9 @@ class Setup:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``cpu`` or ``cuda[:N]``; a clear error where CUDA is not there."""
+    """``cpu``, ``cuda[:N]`` or ``auto`` (the GPU where there is one); a clear error where CUDA is not there."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:

@@ -17,6 +17,7 @@ from tempme.bench import (
     benchmark_training,
     format_results,
     report,
+    resolve_device,
 )
 from tempme.config import MERGE_METHODS, preset_names
 from tempme.model import SIZE_ATTENTION
@@ -135,14 +136,12 @@ def run(args: argparse.Namespace) -> int:
     methods = chosen_methods(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    on_gpu = device.startswith("cuda")
+    device = resolve_device(args.device)
+    on_gpu = device.type == "cuda"
     common = dict(
         frames=args.frames,
         batch=args.batch or (32 if on_gpu else 4),
-        device=device,
+        device=str(device),
         dtype=args.dtype or ("bf16" if on_gpu else "fp32"),
         repeats=args.repeats,
         warmup=args.warmup,

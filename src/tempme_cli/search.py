@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from tempme.bench import resolve_device
 from tempme.precision import PRECISIONS
 
 INDEX_EPILOG = textwrap.dedent(
@@ -109,14 +110,6 @@ def register(subparsers) -> None:
     add_model_arguments(search, required=False)
     search.add_argument("--json", action="store_true", help="print one JSON object per query (JSON lines) instead of a table")
     search.set_defaults(handler=run_search)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    from tempme.bench import resolve_device as checked
-
-    return checked(name)
 
 
 def weights_reference(weights: str) -> str:
