@@ -32,9 +32,9 @@ from .config import MERGE_METHODS, get_preset
 from .cuda_graph import GraphedForward
 from .factory import create_model
 from .model import check_size_attention
+from .precision import DTYPES
 from .retrieval import contrastive_loss
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 BASELINES = ("plain-vit", "timm-vit", "merge-free")
 SOT_TOKEN, EOT_TOKEN = 49406, 49407
 MIB = 2**20
