@@ -14,7 +14,6 @@ decoded are recorded with the reason and tried again on the next run.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -34,6 +33,7 @@ from .data import RetrievalVideos, SkippedVideo, VideoItem, collate_skip_bad
 from .files import atomic_file
 from .model import TempMe
 from .precision import autocast
+from .weights import model_fingerprint
 
 VIDEO_EXTENSIONS = frozenset(
     ".mp4 .m4v .mov .mkv .webm .avi .mpg .mpeg .wmv .flv .3gp .ts .mts .ogv".split()
@@ -71,19 +71,6 @@ def find_videos(sources: Iterable[PathLike]) -> list[Path]:
         shown = ", ".join(str(source) for source in sources)
         raise ValueError(f"no video files in {shown} (looked for {', '.join(sorted(VIDEO_EXTENSIONS))})")
     return sorted(found)
-
-
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """Hex digest of a model's config and every weight: equal fingerprints mean equal embeddings.
-
-    Reads every parameter once (about a second for ViT-B/32). Take it before
-    ``optimize_for_inference``, which rewrites the weights.
-    """
-    digest = hashlib.sha256(repr(getattr(model, "config", "")).encode("utf-8"))
-    for name, tensor in model.state_dict().items():
-        digest.update(name.encode("utf-8"))
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:32]
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ Our layout is OpenAI CLIP's key names plus the adapters ``attn.lora_a`` / ``attn
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -555,6 +556,19 @@ def _shape_hint(model: TempMe, sd: Mapping[str, torch.Tensor], name: str) -> str
     if name == "token_embedding.weight":
         return "the checkpoint has a different vocabulary size"
     return "the checkpoint is a different architecture (width, layers or embedding size)"
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """Hex digest of a model's config and every weight: equal fingerprints mean equal embeddings.
+
+    Reads every parameter once (about a second for ViT-B/32). Take it before
+    ``optimize_for_inference``, which rewrites the weights.
+    """
+    digest = hashlib.sha256(repr(getattr(model, "config", "")).encode("utf-8"))
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode("utf-8"))
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:32]
 
 
 # --------------------------------------------------------------------------------------------------

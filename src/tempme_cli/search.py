@@ -140,7 +140,8 @@ def load_search_model(model_info: dict[str, Any]):
 
 
 def run_index(args: argparse.Namespace) -> int:
-    from tempme.search import find_videos, model_fingerprint, update_index
+    from tempme.search import find_videos, update_index
+    from tempme.weights import model_fingerprint
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
@@ -188,7 +189,8 @@ def run_index(args: argparse.Namespace) -> int:
 
 
 def run_search(args: argparse.Namespace) -> int:
-    from tempme.search import VideoIndex, VideoIndexError, model_fingerprint
+    from tempme.search import VideoIndex, VideoIndexError
+    from tempme.weights import model_fingerprint
 
     if args.top < 1:
         raise ValueError(f"-k must be at least 1, got {args.top}")

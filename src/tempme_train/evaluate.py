@@ -27,7 +27,7 @@ from tempme.data import FrameCache, RetrievalVideos, VideoItem, collate_skip_bad
 from tempme.files import atomic_file
 from tempme.precision import autocast
 from tempme.retrieval import similarity, text_to_video_metrics, video_to_text_metrics
-from tempme.search import model_fingerprint
+from tempme.weights import model_fingerprint
 
 from .config import DataSettings
 
