@@ -17,3 +17,8 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=DTYPES[precision])
+
+
+def default_precision(device: torch.device) -> str:
+    """bf16 on a GPU (tensor cores, no loss scaling needed), fp32 on the CPU."""
+    return "bf16" if device.type == "cuda" else "fp32"

@@ -21,6 +21,7 @@ from tempme.bench import (
 )
 from tempme.config import MERGE_METHODS, preset_names
 from tempme.model import SIZE_ATTENTION
+from tempme.precision import default_precision
 
 EPILOG = """\
 examples:
@@ -142,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
         frames=args.frames,
         batch=args.batch or (32 if on_gpu else 4),
         device=str(device),
-        dtype=args.dtype or ("bf16" if on_gpu else "fp32"),
+        dtype=args.dtype or default_precision(device),
         repeats=args.repeats,
         warmup=args.warmup,
     )

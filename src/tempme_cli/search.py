@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from tempme.bench import resolve_device
-from tempme.precision import PRECISIONS
+from tempme.precision import PRECISIONS, default_precision
 
 INDEX_EPILOG = textwrap.dedent(
     """\
@@ -151,7 +151,7 @@ def run_index(args: argparse.Namespace) -> int:
         raise ValueError(f"--frames must be at least 1, got {args.frames}")
     videos = find_videos(args.videos)
     device = resolve_device(args.device)
-    precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    precision = args.precision if args.precision != "auto" else default_precision(device)
     if args.checkpoint:
         from tempme_train.modeling import find_trained_weights
 
