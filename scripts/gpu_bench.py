@@ -57,12 +57,26 @@ def plan(args: argparse.Namespace) -> list[Step]:
         return ["--model", model, "--batch", str(batch), *common, *extra]
 
     profile = ["--model", args.big, "--batch", str(args.batch), "--frames", str(args.frames),
-               "--device", args.device, "--dtype", args.dtype, "--size-attention", BEST]
+               "--device", args.device, "--dtype", args.dtype]
     return [
         Step("big-inference-graph", 120,
              bench(args.big, args.batch, "--cuda-graph", "--methods", "none,tome,tempme,merge-free,plain-vit")),
         Step("big-inference-graph-channels", 90,
              bench(args.big, args.batch, "--cuda-graph", "--methods", "none,tempme", "--size-attention", "channels")),
+        Step("big-training", 150, bench(args.big, args.train_batch, "--train", "--methods", "none,tempme,merge-free")),
+        Step("big-training-channels", 120, bench(args.big, args.train_batch, "--train", "--size-attention", "channels")),
+        # Where tempme's time goes against merge-free's, part by part (a few seconds each).
+        Step("big-profile-tempme", 60, profile + ["--size-attention", BEST], script="profile_encoder.py"),
+        Step("big-profile-tempme-other", 60, profile + ["--size-attention", OTHER], script="profile_encoder.py"),
+        Step("big-profile-merge-free", 60, profile + ["--method", "merge-free"], script="profile_encoder.py"),
+        # BEST: the size-attention form under which tempme ran faster in the CUDA-graph steps.
+        Step("big-inference-compiled", 240,
+             bench(args.big, args.batch, "--compile-mode", "reduce-overhead", "--methods", "none,tempme",
+                   "--size-attention", BEST)),
+        # none, tome, tempme, plain-vit, timm-vit (where timm imports), merge-free
+        Step("big-inference-eager", 150, bench(args.big, args.batch, "--baseline")),
+        Step("small-inference-graph", 90,
+             bench(args.small, args.batch, "--cuda-graph", "--methods", "none,tome,tempme,merge-free")),
         # Which attention kernel suits each size form: the biased one through the memory-efficient
         # kernel, the size channel (head size 72) through FlashAttention.
         Step("big-inference-graph-bias-efficient", 60,
@@ -70,17 +84,6 @@ def plan(args: argparse.Namespace) -> list[Step]:
         Step("big-inference-graph-channels-flash", 60,
              bench(args.big, args.batch, "--cuda-graph", "--methods", "none,tempme", "--size-attention", "channels",
                    "--attention-backend", "flash")),
-        Step("big-training", 150, bench(args.big, args.train_batch, "--train", "--methods", "none,tempme,merge-free")),
-        # BEST: the size-attention form under which tempme ran faster in the two graph steps above.
-        Step("big-inference-compiled", 240,
-             bench(args.big, args.batch, "--compile-mode", "reduce-overhead", "--methods", "none,tempme",
-                   "--size-attention", BEST)),
-        Step("big-training-channels", 120, bench(args.big, args.train_batch, "--train", "--size-attention", "channels")),
-        # none, tome, tempme, plain-vit, timm-vit (where timm imports), merge-free
-        Step("big-inference-eager", 150, bench(args.big, args.batch, "--baseline")),
-        Step("big-profile-tempme", 60, profile, script="profile_encoder.py"),
-        Step("small-inference-graph", 90,
-             bench(args.small, args.batch, "--cuda-graph", "--methods", "none,tome,tempme,merge-free")),
         Step("big-inference-compiled-baselines", 200,
              bench(args.big, args.batch, "--compile", "--methods", "merge-free,plain-vit")),
         # Likely past the default budget: run it on its own with --steps big-training-compiled.

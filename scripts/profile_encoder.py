@@ -7,17 +7,23 @@ Builds the encoder as ``tempme bench`` does (random weights, optimised for infer
 warm-up calls, profiles ``--calls`` calls and prints the operators that took the most time on the
 device (the GPU, or the CPU for a CPU run), and roughly the share of that time in the operators
 token merging uses (sorting, gathering, scattering ...; a few of them also run elsewhere, so this
-overstates merging a little: ``tempme bench --methods tempme,merge-free`` measures its real cost). Needs src/ on PYTHONPATH or the package
-installed.
+overstates merging a little: ``tempme bench --methods tempme,merge-free`` measures its real cost).
+Then the device time of each part of the encoder: the merge metric's normalisation, the matching,
+applying a merge, joining clips, attention, MLP, layer norms (ranges that this script alone adds
+around those functions; the library carries no profiling code). Needs src/ on PYTHONPATH or the
+package installed.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from torch import nn
+from torch.profiler import ProfilerActivity, profile, record_function
 
+import tempme.model
 from tempme.bench import DTYPES, prepare_encoder, resolve_device, synchronize
 from tempme.config import get_preset
 
@@ -25,6 +31,45 @@ from tempme.config import get_preset
 # in the embedding and the final normalisation too).
 MERGE_OPERATORS = ("sort", "argsort", "gather", "index_select", "index_add_", "max", "index", "arange",
                    "linalg_vector_norm", "clamp_min", "div", "cat", "bmm", "log", "clone")
+
+
+# The encoder's parts, each timed as one range: model-level functions of tempme.model, and modules.
+REGION_FUNCTIONS = {"bipartite_soft_matching": "matching", "normalized_patches": "matching",
+                    "match_patches": "matching", "merge_weighted": "apply merge", "join_clips": "join clips"}
+REGION_MODULES = {"attn": "attention", "mlp": "mlp", "ln_1": "layer norm", "ln_2": "layer norm"}
+REGION_PREFIX = "part: "
+
+
+def in_range(name: str, function):
+    @functools.wraps(function)
+    def wrapped(*args, **kwargs):
+        with record_function(REGION_PREFIX + name):
+            return function(*args, **kwargs)
+
+    return wrapped
+
+
+def annotate_regions(encoder: nn.Module) -> None:
+    """Wrap the encoder's parts in profiler ranges (this process only)."""
+    for function, name in REGION_FUNCTIONS.items():
+        if hasattr(tempme.model, function):
+            setattr(tempme.model, function, in_range(name, getattr(tempme.model, function)))
+    for module in encoder.modules():
+        for child, name in REGION_MODULES.items():
+            part = getattr(module, child, None)
+            if isinstance(part, nn.Module):
+                part.forward = in_range(name, part.forward)
+
+
+def print_regions(events, calls: int, on_device: bool) -> None:
+    """Time per part and call: on the GPU, of the kernels each part launched; on the CPU, wall time."""
+    rows = [(e.key.removeprefix(REGION_PREFIX), (e.device_time_total if on_device else e.cpu_time_total) / 1e3 / calls,
+             e.count // calls) for e in events if e.key.startswith(REGION_PREFIX)]
+    if not rows:
+        return
+    print(f"{'device' if on_device else 'CPU'} time per call, by part of the encoder:")
+    for name, ms, count in sorted(rows, key=lambda row: -row[1]):
+        print(f"  {name:14s} {ms:7.2f} ms  ({count} per call)")
 
 
 def main() -> None:
@@ -44,6 +89,7 @@ def main() -> None:
     dtype = DTYPES[args.dtype]
     size = get_preset(args.model).vision.image_size
     encoder = prepare_encoder(args.model, args.method, args.frames, device, dtype, False, args.size_attention)
+    annotate_regions(encoder)
     video = torch.randn(args.batch, args.frames, 3, size, size, device=device, dtype=dtype)
     with torch.inference_mode():
         for _ in range(3):
@@ -71,6 +117,7 @@ def main() -> None:
           f"{args.calls} calls, {total / 1e3 / args.calls:.1f} ms of {'device' if on_device else 'CPU'} "
           f"time per call in aten operators; merging's operators about {100 * merging / total:.1f}%")
     print(events.table(sort_by=sort_key, row_limit=args.rows, max_name_column_width=60))
+    print_regions(events, args.calls, on_device)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ class MergePlan:
     - ``keep [B, N - r]``: the tokens that survive, in output order:
       CLS tokens, unmerged A tokens (ascending), then all B tokens (original order);
     - ``src [B, r]``: the A tokens merged away;
-    - ``dst [B, r]``: for each of them, the *output* position of the B token it merges into.
+    - ``dst [B, r]``: for each of them, the *output* position of the B token it merges into;
+    - ``b_count``: how many B tokens there are: the last ``b_count`` output positions of every sequence.
 
     The same indices as rows of the flattened input ``[B * N, C]`` (``keep_rows``, ``src_rows``) and
     of the flattened output ``[B * (N - r), C]`` (``dst_rows``): computed once, they serve every
@@ -35,6 +36,7 @@ class MergePlan:
     keep_rows: torch.Tensor
     src_rows: torch.Tensor
     dst_rows: torch.Tensor
+    b_count: int
 
 
 def split_sets(num_cls: int) -> tuple[int, int]:
@@ -51,19 +53,38 @@ def max_merge(num_tokens: int, num_cls: int) -> int:
     return (num_tokens - num_cls) // 2
 
 
+def normalized_patches(metric: torch.Tensor, num_cls: int) -> torch.Tensor:
+    """The patch rows of ``metric [B, N, C]`` scaled to unit length, in float32: ``[B, N - num_cls, C]``.
+
+    Contiguous, so consecutive sequences can be viewed as one joined sequence for free (ClipMe).
+    The norm is read straight from ``metric``'s own dtype and the division writes float32, one pass
+    fewer than converting first; the values equal ``F.normalize(metric.float())``.
+    """
+    patches = metric[:, num_cls:]
+    norm = torch.linalg.vector_norm(patches, dim=-1, keepdim=True, dtype=torch.float32)
+    return torch.div(patches, norm.clamp_min(1e-12))
+
+
 def bipartite_soft_matching(metric: torch.Tensor, r: int, num_cls: int) -> MergePlan:
     """Plan the merge of the ``r`` A tokens most similar to their best B match.
 
     metric: ``[B, N, C]`` features compared by cosine similarity (keys or hidden states).
     The first ``num_cls`` tokens never take part. ``r`` must not exceed ``max_merge(N, num_cls)``.
     """
-    batch, num_tokens = metric.shape[:2]
+    with torch.no_grad():
+        return match_patches(normalized_patches(metric, num_cls), r, num_cls)
+
+
+def match_patches(patches: torch.Tensor, r: int, num_cls: int) -> MergePlan:
+    """``bipartite_soft_matching`` on patches already normalised (``normalized_patches``):
+    ``patches [B, N - num_cls, C]`` of sequences that start with ``num_cls`` CLS tokens."""
+    batch, num_patches = patches.shape[:2]
+    num_tokens = num_cls + num_patches
     if not 0 <= r <= max_merge(num_tokens, num_cls):
-        raise ValueError(f"cannot merge r={r} of {num_tokens - num_cls} patch tokens")
+        raise ValueError(f"cannot merge r={r} of {num_patches} patch tokens")
     a_start, b_start = split_sets(num_cls)
     with torch.no_grad():
-        metric = F.normalize(metric[:, num_cls:].float(), dim=-1)
-        a, b = metric[:, a_start::2], metric[:, b_start::2]
+        a, b = patches[:, a_start::2], patches[:, b_start::2]
         scores = a @ b.transpose(-1, -2)  # [B, |A|, |B|]
         best_score, best_dst = scores.max(dim=-1)
         order = best_score.argsort(dim=-1, descending=True, stable=True)
@@ -71,7 +92,7 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_cls: int) -> Merge
         # Unmerged tokens keep their original order (vanilla ToMe leaves them in score order).
         unmerged = order[:, r:].sort(dim=-1).values
         best_b = best_dst.gather(1, merged)  # indices into B
-        device = metric.device
+        device = patches.device
         a_positions = torch.arange(num_cls + a_start, num_tokens, 2, device=device)
         b_positions = torch.arange(num_cls + b_start, num_tokens, 2, device=device)
         keep = torch.cat(
@@ -93,6 +114,7 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_cls: int) -> Merge
         keep_rows=(keep + input_offset).flatten(),
         src_rows=(src + input_offset).flatten(),
         dst_rows=(dst + sequence * keep.shape[1]).flatten(),
+        b_count=b_positions.shape[0],
     )
 
 
@@ -132,34 +154,64 @@ def merge_weighted(
     ``source [B, N, P]`` (which input patches each token holds) is summed when given.
     Returns ``(x, size, source)`` with ``N - r`` tokens.
 
-    The kept rows are copied out and scaled, and the ``r`` moved rows, scaled, are added onto their
-    destinations: two passes over ``x`` (copy, scale), whatever ``r``.
+    The kept rows are copied out; only the B tokens (the last ``plan.b_count`` of each sequence, the
+    only ones that can receive) are rescaled, and the ``r`` moved rows, scaled, are added onto their
+    destinations. Every other token's share is exactly 1, so the result equals scaling all rows.
     """
     if size is None:
         size = torch.ones(x.shape[0], x.shape[1], 1, device=x.device)
     kept_size, moved_size = gather_rows(size, plan.keep_rows), gather_rows(size, plan.src_rows)
     new_size = add_rows_(kept_size.clone(), plan.dst_rows, moved_size)
-    kept_share = (kept_size / new_size).to(x.dtype)
+    first_b = new_size.shape[1] - plan.b_count
+    b_share = (kept_size[:, first_b:] / new_size[:, first_b:]).to(x.dtype)
     moved_share = (moved_size / gather_rows(new_size, plan.dst_rows)).to(x.dtype)
-    kept = gather_rows(x, plan.keep_rows) * kept_share
-    merged = add_rows_(kept, plan.dst_rows, gather_rows(x, plan.src_rows) * moved_share)
+    merged = gather_rows(x, plan.keep_rows)
+    merged[:, first_b:] *= b_share
+    merged = add_rows_(merged, plan.dst_rows, gather_rows(x, plan.src_rows) * moved_share)
     if source is not None:
         source = merge_sum(plan, source)
     return merged, new_size, source
 
 
-def join_clips(tokens: torch.Tensor, videos: int, clips_joined: int, num_cls: int) -> torch.Tensor:
+def join_clips(
+    tokens: torch.Tensor, videos: int, clips_joined: int, num_cls: int, clip_offset: torch.Tensor | None = None
+) -> torch.Tensor:
     """Concatenate each group of ``clips_joined`` consecutive clips of a video into one clip.
 
     tokens: ``[videos * clips, N, C]`` with clips of a video consecutive. Returns
     ``[videos * clips / f, f * N, C]`` ordered ``[CLS of clip 1 .. CLS of clip f | patches of clip 1 | ..]``.
+    ``clip_offset`` (broadcastable to ``[clips, 1, C]``, ClipMe's clip positional embedding) is added
+    to every token of its clip on the way, in the same pass over the tokens.
     """
     clips_total, num_tokens, channels = tokens.shape
     new_clips = clips_total // (videos * clips_joined)
-    grouped = tokens.reshape(videos * new_clips, clips_joined, num_tokens, channels)
-    cls = grouped[:, :, :num_cls].reshape(videos * new_clips, clips_joined * num_cls, channels)
-    patches = grouped[:, :, num_cls:].reshape(videos * new_clips, -1, channels)
-    return torch.cat([cls, patches], dim=1)
+    grouped = tokens.view(videos, new_clips, clips_joined, num_tokens, channels)
+    joined = tokens.new_empty(videos, new_clips, clips_joined * num_tokens, channels)
+    split = clips_joined * num_cls
+    offset = None if clip_offset is None else clip_offset.reshape(1, new_clips, clips_joined, 1, channels)
+    # Each view is taken just before its write: under autograd the first write makes ``joined`` part
+    # of the graph, and a view taken earlier would still count as a view of a leaf.
+    cls = joined[:, :, :split].view(videos, new_clips, clips_joined, num_cls, channels)
+    copy_plus(cls, grouped[:, :, :, :num_cls], offset)
+    patches = joined[:, :, split:].view(videos, new_clips, clips_joined, num_tokens - num_cls, channels)
+    copy_plus(patches, grouped[:, :, :, num_cls:], offset)
+    return joined.view(videos * new_clips, clips_joined * num_tokens, channels)
+
+
+def copy_plus(out: torch.Tensor, values: torch.Tensor, offset: torch.Tensor | None) -> None:
+    """``out <- values + offset`` (``offset`` may be None), in one pass over the values in eager inference.
+
+    ``out=`` arguments carry no gradient and break a torch.compile graph, so training and compiled
+    code add first and then copy (the compiler fuses the two).
+    """
+    if offset is None:
+        out.copy_(values)
+    elif torch.compiler.is_compiling() or (
+        torch.is_grad_enabled() and (values.requires_grad or offset.requires_grad)
+    ):
+        out.copy_(values + offset)
+    else:
+        torch.add(values, offset, out=out)
 
 
 def imgme_count(num_tokens: int, num_cls: int, r: int) -> int:

@@ -17,7 +17,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .merging import bipartite_soft_matching, imgme_count, join_clips, merge_weighted, proportional_count
+from .merging import (
+    MergePlan,
+    bipartite_soft_matching,
+    imgme_count,
+    join_clips,
+    match_patches,
+    merge_weighted,
+    normalized_patches,
+    proportional_count,
+)
 from .schedule import LayerPlan, build_plan
 
 
@@ -129,6 +138,7 @@ class Attention(nn.Module):
         of its weights, far smaller than padded copies of q, k and v would be): the first extra
         query channel is the constant sqrt(d) (a bias), the first extra key channel is set to log(s_j),
         so the scaled dot product gains exactly log(s_j). The rest are zeros, for aligned head sizes.
+        The out-projection's weights get matching zero columns.
         """
         batch, tokens, width = x.shape
         dim = width // self.heads
@@ -141,9 +151,12 @@ class Attention(nn.Module):
         qkv = qkv.view(batch, tokens, 3, self.heads, dim + HEAD_PAD)
         qkv[:, :, 1, :, dim] = log_size[:, :, None].to(qkv.dtype)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v, scale=dim**-0.5)[..., :dim]
-        out = out.transpose(1, 2).reshape(batch, tokens, width)
-        return self.out_proj(out), k[..., :dim].mean(dim=1) if return_metric else None
+        out = F.scaled_dot_product_attention(q, k, v, scale=dim**-0.5)
+        # v's extra channels are zero, so the output's are too: the out-projection reads them against
+        # zero weight columns rather than a sliced copy of the output being made.
+        out = out.transpose(1, 2).reshape(batch, tokens, self.heads * (dim + HEAD_PAD))
+        out_weight = F.pad(self.out_proj.weight.view(width, self.heads, dim), (0, HEAD_PAD)).flatten(1)
+        return F.linear(out, out_weight, self.out_proj.bias), k[..., :dim].mean(dim=1) if return_metric else None
 
     def pad_heads(self, rows: torch.Tensor) -> torch.Tensor:
         """``[3 * heads * d, ...]`` -> ``[3 * heads * (d + HEAD_PAD), ...]``, zeros after each head's rows."""
@@ -252,29 +265,30 @@ class VisionTransformer(nn.Module):
         position = self.positional_embedding + F.pad(self.class_embedding[None], (0, 0, 0, rows * cols))
         return self.ln_pre(x + position.to(x.dtype))
 
-    def merge_weighted(self, state: VideoTokens, metric: torch.Tensor, r: int) -> VideoTokens:
-        plan = bipartite_soft_matching(metric, r, state.num_cls)
+    def merge_weighted(self, state: VideoTokens, plan: MergePlan) -> VideoTokens:
         x, size, source = merge_weighted(plan, state.x, state.size, state.source)
         return VideoTokens(x, size, source, state.videos, state.num_cls)
 
     def cross_clip_merge(self, state: VideoTokens, block: ResidualBlock, step: LayerPlan) -> VideoTokens:
         """ClipMe, first half: join clips, add CPE, merge across the joined frames on the hidden states."""
         tokens, joined = state.x.shape[1], step.clips_joined
-        r_cross = proportional_count(tokens * joined, state.num_cls * joined, self.merge.cross_merge_ratio)
-        metric = state.x.detach()
-        x = state.x
-        if r_cross > 0 and block.clip_pos_embed is not None:
-            # Added after the metric is taken, so the CPE is averaged into merged tokens but not matched on.
-            grouped = x.view(state.videos, state.clips, tokens, -1) + block.clip_pos_embed.to(x.dtype)
-            x = grouped.view_as(x)
+        joined_cls = state.num_cls * joined
+        r_cross = proportional_count(tokens * joined, joined_cls, self.merge.cross_merge_ratio)
+        # The CPE is added after the metric is taken, so it is averaged into merged tokens but not matched on.
+        clip_offset = block.clip_pos_embed.to(state.x.dtype) if r_cross > 0 and block.clip_pos_embed is not None else None
 
-        def join(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else join_clips(t, state.videos, joined, state.num_cls)
+        def join(t: torch.Tensor | None, offset: torch.Tensor | None = None) -> torch.Tensor | None:
+            return None if t is None else join_clips(t, state.videos, joined, state.num_cls, offset)
 
-        joined_state = VideoTokens(join(x), join(state.size), join(state.source), state.videos, state.num_cls * joined)
+        joined_state = VideoTokens(
+            join(state.x, clip_offset), join(state.size), join(state.source), state.videos, joined_cls
+        )
         if r_cross == 0:
             return joined_state
-        return self.merge_weighted(joined_state, join(metric), r_cross)
+        # Normalised clip by clip, the patch rows of consecutive clips already lie in joined order.
+        patches = normalized_patches(state.x.detach(), state.num_cls)
+        plan = match_patches(patches.view(joined_state.x.shape[0], -1, patches.shape[-1]), r_cross, joined_cls)
+        return self.merge_weighted(joined_state, plan)
 
     def merge_count(self, step: LayerPlan, state: VideoTokens) -> int:
         tokens = state.x.shape[1]
@@ -307,7 +321,7 @@ class VisionTransformer(nn.Module):
             )
             state = VideoTokens(state.x + attn_out, state.size, state.source, videos, state.num_cls)
             if r > 0:
-                state = self.merge_weighted(state, keys, r)
+                state = self.merge_weighted(state, bipartite_soft_matching(keys, r, state.num_cls))
             state = dataclasses.replace(state, x=state.x + block.mlp(block.ln_2(state.x)))
         return state
 
