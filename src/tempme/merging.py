@@ -154,23 +154,32 @@ def merge_weighted(
     ``source [B, N, P]`` (which input patches each token holds) is summed when given.
     Returns ``(x, size, source)`` with ``N - r`` tokens.
 
-    The kept rows are copied out; only the B tokens (the last ``plan.b_count`` of each sequence, the
-    only ones that can receive) are rescaled, and the ``r`` moved rows, scaled, are added onto their
-    destinations. Every other token's share is exactly 1, so the result equals scaling all rows.
+    The kept rows are copied out and rescaled by their share, and the ``r`` moved rows, scaled, are
+    added onto their destinations. Without autograd, only the B tokens (the last ``plan.b_count`` of
+    each sequence, the only ones that can receive) are rescaled, in place: every other share is
+    exactly 1, so the result is the same with half the work. Under autograd the whole copy is scaled
+    out of place, since in-place writes to a slice cost more in the backward pass than they save.
     """
     if size is None:
         size = torch.ones(x.shape[0], x.shape[1], 1, device=x.device)
     kept_size, moved_size = gather_rows(size, plan.keep_rows), gather_rows(size, plan.src_rows)
     new_size = add_rows_(kept_size.clone(), plan.dst_rows, moved_size)
-    first_b = new_size.shape[1] - plan.b_count
-    b_share = (kept_size[:, first_b:] / new_size[:, first_b:]).to(x.dtype)
     moved_share = (moved_size / gather_rows(new_size, plan.dst_rows)).to(x.dtype)
     merged = gather_rows(x, plan.keep_rows)
-    merged[:, first_b:] *= b_share
+    if needs_autograd(x):
+        merged = merged * (kept_size / new_size).to(x.dtype)
+    else:
+        first_b = new_size.shape[1] - plan.b_count
+        merged[:, first_b:] *= (kept_size[:, first_b:] / new_size[:, first_b:]).to(x.dtype)
     merged = add_rows_(merged, plan.dst_rows, gather_rows(x, plan.src_rows) * moved_share)
     if source is not None:
         source = merge_sum(plan, source)
     return merged, new_size, source
+
+
+def needs_autograd(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd records operations on any of ``tensors`` here."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def join_clips(
@@ -181,37 +190,32 @@ def join_clips(
     tokens: ``[videos * clips, N, C]`` with clips of a video consecutive. Returns
     ``[videos * clips / f, f * N, C]`` ordered ``[CLS of clip 1 .. CLS of clip f | patches of clip 1 | ..]``.
     ``clip_offset`` (broadcastable to ``[clips, 1, C]``, ClipMe's clip positional embedding) is added
-    to every token of its clip on the way, in the same pass over the tokens.
+    to every token of its clip on the way.
+
+    Without autograd or a compiler, the sum is written straight into the joined tensor: one pass over
+    the tokens. Otherwise it is computed out of place (``out=`` carries no gradient and breaks a
+    compiled graph; the compiler fuses the two passes anyway).
     """
     clips_total, num_tokens, channels = tokens.shape
     new_clips = clips_total // (videos * clips_joined)
-    grouped = tokens.view(videos, new_clips, clips_joined, num_tokens, channels)
-    joined = tokens.new_empty(videos, new_clips, clips_joined * num_tokens, channels)
-    split = clips_joined * num_cls
+    grouped = tokens.reshape(videos, new_clips, clips_joined, num_tokens, channels)
     offset = None if clip_offset is None else clip_offset.reshape(1, new_clips, clips_joined, 1, channels)
-    # Each view is taken just before its write: under autograd the first write makes ``joined`` part
-    # of the graph, and a view taken earlier would still count as a view of a leaf.
-    cls = joined[:, :, :split].view(videos, new_clips, clips_joined, num_cls, channels)
-    copy_plus(cls, grouped[:, :, :, :num_cls], offset)
-    patches = joined[:, :, split:].view(videos, new_clips, clips_joined, num_tokens - num_cls, channels)
-    copy_plus(patches, grouped[:, :, :, num_cls:], offset)
-    return joined.view(videos * new_clips, clips_joined * num_tokens, channels)
-
-
-def copy_plus(out: torch.Tensor, values: torch.Tensor, offset: torch.Tensor | None) -> None:
-    """``out <- values + offset`` (``offset`` may be None), in one pass over the values in eager inference.
-
-    ``out=`` arguments carry no gradient and break a torch.compile graph, so training and compiled
-    code add first and then copy (the compiler fuses the two).
-    """
-    if offset is None:
-        out.copy_(values)
-    elif torch.compiler.is_compiling() or (
-        torch.is_grad_enabled() and (values.requires_grad or offset.requires_grad)
-    ):
-        out.copy_(values + offset)
-    else:
-        torch.add(values, offset, out=out)
+    cls, patches = grouped[:, :, :, :num_cls], grouped[:, :, :, num_cls:]
+    if needs_autograd(tokens, clip_offset) or torch.compiler.is_compiling():
+        if offset is not None:
+            cls, patches = cls + offset, patches + offset
+        return torch.cat(
+            [cls.reshape(videos * new_clips, -1, channels), patches.reshape(videos * new_clips, -1, channels)], dim=1
+        )
+    joined = tokens.new_empty(videos * new_clips, clips_joined * num_tokens, channels)
+    split = clips_joined * num_cls
+    for part, out in ((cls, joined[:, :split]), (patches, joined[:, split:])):
+        out = out.view(videos, new_clips, clips_joined, -1, channels)
+        if offset is None:
+            out.copy_(part)
+        else:
+            torch.add(part, offset, out=out)
+    return joined
 
 
 def imgme_count(num_tokens: int, num_cls: int, r: int) -> int:

@@ -9,8 +9,10 @@ from tempme.merging import (
     gather_rows,
     imgme_count,
     join_clips,
+    match_patches,
     merge_sum,
     merge_weighted,
+    normalized_patches,
     proportional_count,
 )
 
@@ -150,3 +152,80 @@ def test_weighted_merge_gradients_are_exact():
     size = torch.rand(2, 9, 1, dtype=torch.float64) + 1
     plan = bipartite_soft_matching(torch.randn(2, 9, 3), 3, 1)
     assert torch.autograd.gradcheck(lambda tokens: merge_weighted(plan, tokens, size)[0], (x,))
+
+
+def by_hand_weighted_merge(plan, x, size):
+    """The merge formula token by token: x_b <- (s_b x_b + sum s_a x_a) / (s_b + sum s_a)."""
+    out, out_size = [], []
+    for seq in range(x.shape[0]):
+        total = {int(k): size[seq, k].clone() for k in plan.keep[seq]}
+        weighted = {int(k): size[seq, k] * x[seq, k] for k in plan.keep[seq]}
+        for a, dst in zip(plan.src[seq].tolist(), plan.dst[seq].tolist()):
+            b = int(plan.keep[seq, dst])
+            total[b] += size[seq, a]
+            weighted[b] += size[seq, a] * x[seq, a]
+        keep = plan.keep[seq].tolist()
+        out.append(torch.stack([weighted[k] / total[k] for k in keep]))
+        out_size.append(torch.stack([total[k] for k in keep]))
+    return torch.stack(out), torch.stack(out_size)
+
+
+@pytest.mark.parametrize("with_autograd", [False, True])
+def test_weighted_merge_matches_the_formula_with_and_without_autograd(with_autograd):
+    # Without autograd only the B tokens are rescaled in place; with it the whole copy is scaled.
+    torch.manual_seed(1)
+    x = torch.randn(3, 11, 5, dtype=torch.float64, requires_grad=with_autograd)
+    size = torch.randint(1, 4, (3, 11, 1)).double()
+    plan = bipartite_soft_matching(torch.randn(3, 11, 4), 4, 1)
+    merged, new_size, _ = merge_weighted(plan, x, size)
+    expected, expected_size = by_hand_weighted_merge(plan, x.detach(), size)
+    torch.testing.assert_close(merged.detach(), expected, rtol=1e-12, atol=1e-12)
+    assert torch.equal(new_size, expected_size)
+
+
+def test_both_merge_paths_give_identical_bits():
+    torch.manual_seed(2)
+    x = torch.randn(4, 13, 8)
+    size = torch.randint(1, 5, (4, 13, 1)).float()
+    plan = bipartite_soft_matching(torch.randn(4, 13, 6), 5, 2)
+    plain = merge_weighted(plan, x, size)[0]
+    recorded = merge_weighted(plan, x.clone().requires_grad_(), size)[0]
+    assert torch.equal(plain, recorded.detach())
+
+
+@pytest.mark.parametrize("with_autograd", [False, True])
+def test_join_clips_adds_the_clip_offset_to_every_token_of_its_clip(with_autograd):
+    # 2 videos x 4 clips of 3 tokens (1 CLS), joined in pairs; offset of clip c = 100 * (c + 1).
+    tokens = torch.arange(2 * 4 * 3, dtype=torch.float32).view(8, 3, 1).requires_grad_(with_autograd)
+    offset = (100.0 * torch.arange(1, 5)).view(1, 4, 1, 1).requires_grad_(with_autograd)
+    joined = join_clips(tokens, videos=2, clips_joined=2, num_cls=1, clip_offset=offset)
+    expected = join_clips((tokens.detach().view(2, 4, 3, 1) + offset.detach()).view(8, 3, 1), 2, 2, 1)
+    assert torch.equal(joined.detach(), expected)
+    # video 0, second joined clip = clips 2 and 3: CLS 6 + 300, 9 + 400, then patches 7, 8 (+300), 10, 11 (+400)
+    assert joined[1].flatten().tolist() == [306, 409, 307, 308, 410, 411]
+    if with_autograd:
+        joined.sum().backward()
+        assert torch.equal(tokens.grad, torch.ones_like(tokens))
+        assert offset.grad.flatten().tolist() == [6.0, 6.0, 6.0, 6.0]  # 2 videos x 3 tokens per clip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_normalized_patches_equal_normalising_in_float32(dtype):
+    torch.manual_seed(3)
+    metric = torch.randn(3, 9, 16).to(dtype)
+    patches = normalized_patches(metric, num_cls=2)
+    assert patches.dtype == torch.float32 and patches.is_contiguous()
+    assert torch.equal(patches, torch.nn.functional.normalize(metric[:, 2:].float(), dim=-1))
+
+
+def test_cross_clip_metric_joined_as_a_view_plans_like_the_joined_metric():
+    # ClipMe normalises each clip's patches and views consecutive clips as one joined sequence.
+    torch.manual_seed(4)
+    hidden = torch.randn(2 * 4, 7, 12)  # 2 videos x 4 clips, 1 CLS + 6 patches each
+    joined = join_clips(hidden, videos=2, clips_joined=2, num_cls=1)
+    reference = bipartite_soft_matching(joined, 5, num_cls=2)
+    patches = normalized_patches(hidden, num_cls=1)
+    plan = match_patches(patches.view(4, 12, 12), 5, num_cls=2)
+    for field in ("keep", "src", "dst", "keep_rows", "src_rows", "dst_rows"):
+        assert torch.equal(getattr(plan, field), getattr(reference, field)), field
+    assert plan.b_count == reference.b_count == 6
