@@ -60,7 +60,8 @@ def plan(args: argparse.Namespace) -> list[Step]:
                "--device", args.device, "--dtype", args.dtype]
     return [
         Step("big-inference-graph", 120,
-             bench(args.big, args.batch, "--cuda-graph", "--methods", "none,tome,tempme,merge-free,plain-vit")),
+             bench(args.big, args.batch, "--cuda-graph", "--methods", "none,tome,tempme,merge-free,plain-vit",
+                   "--size-attention", "bias")),
         Step("big-inference-graph-channels", 90,
              bench(args.big, args.batch, "--cuda-graph", "--methods", "none,tempme", "--size-attention", "channels")),
         Step("big-training", 150, bench(args.big, args.train_batch, "--train", "--methods", "none,tempme,merge-free")),

@@ -31,7 +31,7 @@ from .baselines import FrameEncoder, MergeFreeEncoder, PlainViT, timm_encoder
 from .config import MERGE_METHODS, get_preset
 from .cuda_graph import GraphedForward
 from .factory import create_model
-from .model import check_size_attention
+from .model import INFERENCE_SIZE_ATTENTION, check_size_attention
 from .precision import DTYPES
 from .retrieval import contrastive_loss
 
@@ -293,11 +293,13 @@ def check_methods(methods: Iterable[str], allowed: Iterable[str]) -> tuple[str, 
     return methods
 
 
-def build_video_encoder(preset: str, method: str, frames: int, size_attention: str = "bias") -> nn.Module:
+def build_video_encoder(
+    preset: str, method: str, frames: int, size_attention: str = INFERENCE_SIZE_ATTENTION
+) -> nn.Module:
     """``[B, F, 3, H, W]`` -> ``[B, D]``: TempMe's video encoder (optimised for inference) or a baseline.
 
     ``size_attention`` picks how merged encoders add log(size) to the attention logits (one of
-    ``tempme.model.SIZE_ATTENTION``: ``bias``, the model's default, or ``channels``).
+    ``tempme.model.SIZE_ATTENTION``: ``channels``, what ``optimize_for_inference`` picks, or ``bias``).
     """
     check_size_attention(size_attention)
     if method in MERGE_METHODS:
@@ -314,7 +316,7 @@ def build_video_encoder(preset: str, method: str, frames: int, size_attention: s
 
 def prepare_encoder(
     preset: str, method: str, frames: int, device: torch.device, dtype: torch.dtype, compile: bool,
-    size_attention: str = "bias", compile_mode: str = "default",
+    size_attention: str = INFERENCE_SIZE_ATTENTION, compile_mode: str = "default",
 ) -> nn.Module:
     encoder = build_video_encoder(preset, method, frames, size_attention).to(device=device, dtype=dtype).eval()
     return torch.compile(encoder, dynamic=False, mode=compile_mode) if compile else encoder
@@ -372,7 +374,7 @@ def benchmark_inference(
     compile: bool = False,
     repeats: int = 10,
     warmup: int = 3,
-    size_attention: str = "bias",
+    size_attention: str = INFERENCE_SIZE_ATTENTION,
     cuda_graph: bool = False,
     compile_mode: str = "default",
     attention_backend: str = "auto",

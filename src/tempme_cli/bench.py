@@ -20,7 +20,7 @@ from tempme.bench import (
     resolve_device,
 )
 from tempme.config import MERGE_METHODS, preset_names
-from tempme.model import SIZE_ATTENTION
+from tempme.model import INFERENCE_SIZE_ATTENTION, SIZE_ATTENTION
 from tempme.precision import default_precision
 
 EPILOG = """\
@@ -96,9 +96,9 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--size-attention",
         choices=list(SIZE_ATTENTION),
-        default="bias",
         help="how merged tokens' log(size) enters attention: an additive bias, or an extra query/key channel "
-        "that keeps bias-free kernels usable (default: bias)",
+        "that keeps bias-free kernels usable (default: channels for inference, as optimize_for_inference "
+        "sets it; bias for --train, as the trainable model has it)",
     )
     parser.add_argument(
         "--compile-mode",
@@ -149,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.train:
         results = benchmark_training(
-            args.model, methods, size_attention=args.size_attention, compile=args.compile,
+            args.model, methods, size_attention=args.size_attention or "bias", compile=args.compile,
             attention_backend=args.attention_backend, **common,
         )
     else:
@@ -159,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
             compile=args.compile or args.compile_mode is not None,
             compile_mode=args.compile_mode or "default",
             cuda_graph=args.cuda_graph,
-            size_attention=args.size_attention,
+            size_attention=args.size_attention or INFERENCE_SIZE_ATTENTION,
             attention_backend=args.attention_backend,
             **common,
         )

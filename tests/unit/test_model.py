@@ -170,7 +170,9 @@ def test_optimizing_for_inference_keeps_the_embeddings():
     ids, mask = model.tokenize(["a dog runs", "two cats sleep on a sofa"])
     with torch.no_grad():
         video_before, text_before = model.encode_video(video), model.encode_text(ids, mask)
+        assert model.visual.size_attention == "bias"
         model.optimize_for_inference()
+        assert model.visual.size_attention == "channels"
         assert all(isinstance(block.mlp.gelu, torch.nn.SiLU) for block in model.visual.transformer.resblocks)
         assert not any("lora" in name for name, _ in model.named_parameters())
         torch.testing.assert_close(model.encode_video(video), video_before, atol=1e-5, rtol=1e-4)
