@@ -64,6 +64,10 @@ def plan(args: argparse.Namespace) -> list[Step]:
                    "--size-attention", "bias")),
         Step("big-inference-graph-channels", 90,
              bench(args.big, args.batch, "--cuda-graph", "--methods", "none,tempme", "--size-attention", "channels")),
+        # Matching and merging launch many small kernels whose cost does not grow with the batch:
+        # a larger batch shows how much of their cost is fixed (indexing a collection can batch freely).
+        Step("big-inference-graph-batch128", 90,
+             bench(args.big, 4 * args.batch, "--cuda-graph", "--methods", "none,tempme,merge-free")),
         Step("big-training", 150, bench(args.big, args.train_batch, "--train", "--methods", "none,tempme,merge-free")),
         Step("big-training-channels", 120, bench(args.big, args.train_batch, "--train", "--size-attention", "channels")),
         # Where tempme's time goes against merge-free's, part by part (a few seconds each).
@@ -96,6 +100,9 @@ def plan(args: argparse.Namespace) -> list[Step]:
     ]
 
 
+SIZE_ATTENTION_STEPS = ("big-inference-graph", "big-inference-graph-channels")  # bias, channels; same batch
+
+
 def faster_size_attention(run: Run, given: str | None) -> str:
     """``given`` if set, else ``bias`` or ``channels``: whichever gave tempme more videos/s in the
     CUDA-graph steps so far (``bias``, the model's default, until both are measured)."""
@@ -103,7 +110,7 @@ def faster_size_attention(run: Run, given: str | None) -> str:
         return given
     speeds = {
         row["size_attention"]: row["videos_per_s"]
-        for step in run.steps if step.report and "--cuda-graph" in step.args and "--attention-backend" not in step.args
+        for step in run.steps if step.report and step.name in SIZE_ATTENTION_STEPS
         for row in step.report["results"] if row["method"] == "tempme"
     }
     return "channels" if speeds.get("channels", 0) > speeds.get("bias", float("inf")) else "bias"

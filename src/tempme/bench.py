@@ -31,7 +31,7 @@ from .baselines import FrameEncoder, MergeFreeEncoder, PlainViT, timm_encoder
 from .config import MERGE_METHODS, get_preset
 from .cuda_graph import GraphedForward
 from .factory import create_model
-from .model import INFERENCE_SIZE_ATTENTION, check_size_attention
+from .model import INFERENCE_SIZE_ATTENTION, check_size_attention, resolve_size_attention
 from .precision import DTYPES
 from .retrieval import contrastive_loss
 
@@ -299,7 +299,7 @@ def build_video_encoder(
     """``[B, F, 3, H, W]`` -> ``[B, D]``: TempMe's video encoder (optimised for inference) or a baseline.
 
     ``size_attention`` picks how merged encoders add log(size) to the attention logits (one of
-    ``tempme.model.SIZE_ATTENTION``: ``channels``, what ``optimize_for_inference`` picks, or ``bias``).
+    ``tempme.model.SIZE_ATTENTION``: ``auto``, what ``optimize_for_inference`` picks, ``bias`` or ``channels``).
     """
     check_size_attention(size_attention)
     if method in MERGE_METHODS:
@@ -392,9 +392,10 @@ def benchmark_inference(
     """
     methods = check_methods(methods, MERGE_METHODS + BASELINES)
     check_counts(batch, repeats, warmup)
+    device = resolve_device(device)
     setup = Setup(
-        mode="inference", preset=preset, frames=frames, batch=batch, device=resolve_device(device), dtype=dtype,
-        compiled=compile, size_attention=size_attention, cuda_graph=cuda_graph, compile_mode=compile_mode,
+        mode="inference", preset=preset, frames=frames, batch=batch, device=device, dtype=dtype, compiled=compile,
+        size_attention=resolve_size_attention(size_attention, device), cuda_graph=cuda_graph, compile_mode=compile_mode,
         attention_backend=attention_backend,
     )
     if compile_mode not in COMPILE_MODES:
@@ -405,7 +406,7 @@ def benchmark_inference(
     size = get_preset(preset).vision.image_size
     video = torch.randn(batch, frames, 3, size, size, device=setup.device, dtype=torch_dtype)
     encoders = {
-        m: prepare_encoder(preset, m, frames, setup.device, torch_dtype, compile, size_attention, compile_mode)
+        m: prepare_encoder(preset, m, frames, setup.device, torch_dtype, compile, setup.size_attention, compile_mode)
         for m in methods
     }
     steps = {
@@ -495,13 +496,14 @@ def benchmark_training(
     merging methods, ``merge-free`` trains tempme's encoder on its token shapes with merging free."""
     methods = check_methods(methods, MERGE_METHODS + ("merge-free",))
     check_counts(batch, repeats, warmup)
+    device = resolve_device(device)
     setup = Setup(
-        mode="training", preset=preset, frames=frames, batch=batch, device=resolve_device(device), dtype=dtype,
-        compiled=compile, size_attention=size_attention, attention_backend=attention_backend,
+        mode="training", preset=preset, frames=frames, batch=batch, device=device, dtype=dtype, compiled=compile,
+        size_attention=resolve_size_attention(size_attention, device), attention_backend=attention_backend,
     )
     steps = {
         m: make_training_step(
-            preset, m, frames, batch, setup.device, resolve_dtype(dtype), size_attention, compile
+            preset, m, frames, batch, setup.device, resolve_dtype(dtype), setup.size_attention, compile
         )
         for m in methods
     }

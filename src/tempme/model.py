@@ -35,18 +35,27 @@ QUICK_GELU_SCALE = 1.702
 SIZE_ATTENTION = {
     "bias": "an additive attention bias (scaled_dot_product_attention with a mask)",
     "channels": "an extra query/key channel per head, so that bias-free attention kernels apply",
+    "auto": "channels on a GPU, bias elsewhere: whichever measured faster there",
 }
 HEAD_PAD = 8  # extra channels per attention head for the size channel: head sizes stay multiples of 8
 # The form an inference-optimised model uses. On an H100 (ViT-B/16, 12 frames, bf16, CUDA graphs) the
-# size channel ran tempme 5% faster than the bias, and no slower on 2 CPU cores; training steps ran
-# slower with it, so the trainable model keeps the bias (docs/benchmarks.md).
-INFERENCE_SIZE_ATTENTION = "channels"
+# size channel ran tempme 5% faster than the bias; on 2 CPU cores 2-6% slower; training steps ran
+# slower with it on both, so the trainable model keeps the bias (docs/benchmarks.md).
+INFERENCE_SIZE_ATTENTION = "auto"
 
 
 def check_size_attention(name: str) -> None:
     """Refuse a ``size_attention`` that is not one of ``SIZE_ATTENTION``."""
     if name not in SIZE_ATTENTION:
         raise ValueError(f"unknown size attention {name!r}; choose one of {', '.join(SIZE_ATTENTION)}")
+
+
+def resolve_size_attention(name: str, device: torch.device | str) -> str:
+    """``bias`` or ``channels``: what ``name`` (one of ``SIZE_ATTENTION``) means on ``device``."""
+    check_size_attention(name)
+    if name != "auto":
+        return name
+    return "channels" if torch.device(device).type == "cuda" else "bias"
 
 
 class QuickGELU(nn.Module):
@@ -305,7 +314,7 @@ class VisionTransformer(nn.Module):
         self, frames: torch.Tensor, track_source: bool = False, layers: int | None = None
     ) -> VideoTokens:
         """Run the encoder on ``frames [B, F, 3, H, W]``; return the token state after ``layers`` layers."""
-        check_size_attention(self.size_attention)
+        size_attention = resolve_size_attention(self.size_attention, frames.device)
         videos, num_frames = frames.shape[:2]
         x = self.embed(frames.flatten(0, 1))
         source = None
@@ -320,7 +329,7 @@ class VisionTransformer(nn.Module):
             log_size = state.size[..., 0].log() if self.merge.prop_attn and state.size is not None else None
             r = self.merge_count(step, state)  # attention keeps the token count, so it is known already
             attn_out, keys = block.attn(
-                block.ln_1(state.x), log_size=log_size, size_attention=self.size_attention, return_metric=r > 0
+                block.ln_1(state.x), log_size=log_size, size_attention=size_attention, return_metric=r > 0
             )
             state = VideoTokens(state.x + attn_out, state.size, state.source, videos, state.num_cls)
             if r > 0:
@@ -393,8 +402,9 @@ class TempMe(nn.Module):
         return self
 
     def optimize_for_inference(self) -> "TempMe":
-        """Fold LoRA and QuickGELU's scale into the weights, and add log(size) to attention through the
-        size channel (``INFERENCE_SIZE_ATTENTION``): the same outputs with less work.
+        """Fold LoRA and QuickGELU's scale into the weights, and add log(size) to attention in the form
+        that measured faster on the device the video is on (``INFERENCE_SIZE_ATTENTION``, ``auto``): the
+        same outputs with less work.
 
         For deployment and benchmarks. The folded model can no longer be trained or saved as a tempme
         checkpoint (its LoRA is gone and its MLP weights are rescaled). Returns ``self``.

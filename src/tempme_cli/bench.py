@@ -96,9 +96,10 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--size-attention",
         choices=list(SIZE_ATTENTION),
-        help="how merged tokens' log(size) enters attention: an additive bias, or an extra query/key channel "
-        "that keeps bias-free kernels usable (default: channels for inference, as optimize_for_inference "
-        "sets it; bias for --train, as the trainable model has it)",
+        help="how merged tokens' log(size) enters attention: an additive bias, an extra query/key channel "
+        "that keeps bias-free kernels usable, or auto: channels on a GPU and bias on a CPU, whichever "
+        "measured faster there (default: auto for inference, as optimize_for_inference sets it; bias for "
+        "--train, as the trainable model has it)",
     )
     parser.add_argument(
         "--compile-mode",

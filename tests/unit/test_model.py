@@ -5,7 +5,7 @@ import torch
 
 import tempme
 from tempme.factory import build_config
-from tempme.model import TempMe
+from tempme.model import TempMe, resolve_size_attention
 
 
 def with_random_lora(model, seed=0):
@@ -144,6 +144,22 @@ def test_size_channel_form_equals_the_bias_form():
     torch.testing.assert_close(other, with_bias, atol=1e-5, rtol=1e-4)
 
 
+def test_auto_size_attention_is_the_channel_on_a_gpu_and_the_bias_elsewhere():
+    assert resolve_size_attention("auto", "cuda") == "channels"
+    assert resolve_size_attention("auto", torch.device("cuda", 1)) == "channels"
+    assert resolve_size_attention("auto", "cpu") == "bias"
+    assert resolve_size_attention("channels", "cpu") == "channels"
+    torch.manual_seed(0)
+    model = with_random_lora(tempme.create_model("tiny-B/32", frames=12)).eval()
+    video = torch.randn(1, 12, 3, 224, 224)
+    with torch.no_grad():
+        embeddings = {}
+        for form in ("bias", "auto"):
+            model.visual.size_attention = form
+            embeddings[form] = model.encode_video(video)
+    assert torch.equal(embeddings["auto"], embeddings["bias"])
+
+
 def test_unknown_size_attention_is_refused():
     model = tempme.create_model("tiny-B/32", frames=12)
     model.visual.size_attention = "dense"
@@ -172,7 +188,7 @@ def test_optimizing_for_inference_keeps_the_embeddings():
         video_before, text_before = model.encode_video(video), model.encode_text(ids, mask)
         assert model.visual.size_attention == "bias"
         model.optimize_for_inference()
-        assert model.visual.size_attention == "channels"
+        assert model.visual.size_attention == "auto"
         assert all(isinstance(block.mlp.gelu, torch.nn.SiLU) for block in model.visual.transformer.resblocks)
         assert not any("lora" in name for name, _ in model.named_parameters())
         torch.testing.assert_close(model.encode_video(video), video_before, atol=1e-5, rtol=1e-4)
