@@ -23,7 +23,8 @@ class MergePlan:
       CLS tokens, unmerged A tokens (ascending), then all B tokens (original order);
     - ``src [B, r]``: the A tokens merged away;
     - ``dst [B, r]``: for each of them, the *output* position of the B token it merges into;
-    - ``b_count``: how many B tokens there are: the last ``b_count`` output positions of every sequence.
+    - ``b_count``: how many B tokens there are: the last ``b_count`` output positions of every sequence;
+    - ``b_first``: the input position of the first B token (they are every other token from there).
 
     The same indices as rows of the flattened input ``[B * N, C]`` (``keep_rows``, ``src_rows``) and
     of the flattened output ``[B * (N - r), C]`` (``dst_rows``): computed once, they serve every
@@ -37,6 +38,7 @@ class MergePlan:
     src_rows: torch.Tensor
     dst_rows: torch.Tensor
     b_count: int
+    b_first: int
 
 
 def split_sets(num_cls: int) -> tuple[int, int]:
@@ -115,6 +117,7 @@ def match_patches(patches: torch.Tensor, r: int, num_cls: int) -> MergePlan:
         src_rows=(src + input_offset).flatten(),
         dst_rows=(dst + sequence * keep.shape[1]).flatten(),
         b_count=b_positions.shape[0],
+        b_first=num_cls + b_start,
     )
 
 
@@ -154,27 +157,52 @@ def merge_weighted(
     ``source [B, N, P]`` (which input patches each token holds) is summed when given.
     Returns ``(x, size, source)`` with ``N - r`` tokens.
 
-    The kept rows are copied out and rescaled by their share, and the ``r`` moved rows, scaled, are
-    added onto their destinations. Without autograd, only the B tokens (the last ``plan.b_count`` of
-    each sequence, the only ones that can receive) are rescaled, in place: every other share is
-    exactly 1, so the result is the same with half the work. Under autograd the whole copy is scaled
-    out of place, since in-place writes to a slice cost more in the backward pass than they save.
+    The kept rows are copied out, the B tokens among them (the last ``plan.b_count`` of each sequence,
+    the only ones that can receive) are rescaled in place, and the ``r`` moved rows, scaled, are added
+    onto their destinations: every other kept token's share is exactly 1. ``WeightedMerge`` gives it
+    a backward pass of the same kind.
     """
     if size is None:
         size = torch.ones(x.shape[0], x.shape[1], 1, device=x.device)
     kept_size, moved_size = gather_rows(size, plan.keep_rows), gather_rows(size, plan.src_rows)
     new_size = add_rows_(kept_size.clone(), plan.dst_rows, moved_size)
+    first_b = new_size.shape[1] - plan.b_count
+    b_share = (kept_size[:, first_b:] / new_size[:, first_b:]).to(x.dtype)
     moved_share = (moved_size / gather_rows(new_size, plan.dst_rows)).to(x.dtype)
-    merged = gather_rows(x, plan.keep_rows)
-    if needs_autograd(x):
-        merged = merged * (kept_size / new_size).to(x.dtype)
-    else:
-        first_b = new_size.shape[1] - plan.b_count
-        merged[:, first_b:] *= (kept_size[:, first_b:] / new_size[:, first_b:]).to(x.dtype)
-    merged = add_rows_(merged, plan.dst_rows, gather_rows(x, plan.src_rows) * moved_share)
+    merged = WeightedMerge.apply(x, plan, b_share, moved_share)
     if source is not None:
         source = merge_sum(plan, source)
     return merged, new_size, source
+
+
+class WeightedMerge(torch.autograd.Function):
+    """``merge_weighted``'s token arithmetic, ``[B, N, C] -> [B, N - r, C]``, with its own backward pass.
+
+    Every input token is either kept or moved, exactly once, so the gradient is a permutation of the
+    output gradient with the same shares: one row copy and the B tokens' rescaling, instead of
+    autograd's zero-filled scatters for each gather, their sum and a scaled copy of the whole
+    gradient. The shares (from sizes) are constants.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, plan: MergePlan, b_share: torch.Tensor, moved_share: torch.Tensor):
+        ctx.plan, ctx.input_shape = plan, x.shape
+        ctx.save_for_backward(b_share, moved_share)
+        merged = gather_rows(x, plan.keep_rows)
+        merged[:, merged.shape[1] - plan.b_count :] *= b_share
+        return add_rows_(merged, plan.dst_rows, gather_rows(x, plan.src_rows) * moved_share)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        plan, (batch, tokens, channels) = ctx.plan, ctx.input_shape
+        b_share, moved_share = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_x = grad.new_empty(batch, tokens, channels)
+        grad_x.view(-1, channels).index_copy_(0, plan.keep_rows, grad.view(-1, channels))
+        grad_x[:, plan.b_first :: 2] *= b_share
+        moved = gather_rows(grad, plan.dst_rows) * moved_share
+        grad_x.view(-1, channels).index_copy_(0, plan.src_rows, moved.view(-1, channels))
+        return grad_x, None, None, None
 
 
 def needs_autograd(*tensors: torch.Tensor | None) -> bool:

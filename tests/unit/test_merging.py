@@ -172,7 +172,6 @@ def by_hand_weighted_merge(plan, x, size):
 
 @pytest.mark.parametrize("with_autograd", [False, True])
 def test_weighted_merge_matches_the_formula_with_and_without_autograd(with_autograd):
-    # Without autograd only the B tokens are rescaled in place; with it the whole copy is scaled.
     torch.manual_seed(1)
     x = torch.randn(3, 11, 5, dtype=torch.float64, requires_grad=with_autograd)
     size = torch.randint(1, 4, (3, 11, 1)).double()
@@ -183,14 +182,22 @@ def test_weighted_merge_matches_the_formula_with_and_without_autograd(with_autog
     assert torch.equal(new_size, expected_size)
 
 
-def test_both_merge_paths_give_identical_bits():
+def test_weighted_merge_backward_equals_autograd_through_the_plain_formula():
+    # WeightedMerge's own backward against autograd through gathers, products and index_add.
     torch.manual_seed(2)
-    x = torch.randn(4, 13, 8)
     size = torch.randint(1, 5, (4, 13, 1)).float()
     plan = bipartite_soft_matching(torch.randn(4, 13, 6), 5, 2)
-    plain = merge_weighted(plan, x, size)[0]
-    recorded = merge_weighted(plan, x.clone().requires_grad_(), size)[0]
-    assert torch.equal(plain, recorded.detach())
+    upstream = torch.randn(4, 13 - 5, 8)
+    x = torch.randn(4, 13, 8, requires_grad=True)
+    merge_weighted(plan, x, size)[0].backward(upstream)
+
+    plain_x = x.detach().clone().requires_grad_()
+    kept_size, moved_size = gather_rows(size, plan.keep_rows), gather_rows(size, plan.src_rows)
+    new_size = add_rows_(kept_size.clone(), plan.dst_rows, moved_size)
+    kept = gather_rows(plain_x, plan.keep_rows) * (kept_size / new_size)
+    moved = gather_rows(plain_x, plan.src_rows) * (moved_size / gather_rows(new_size, plan.dst_rows))
+    add_rows_(kept, plan.dst_rows, moved).backward(upstream)
+    assert torch.equal(x.grad, plain_x.grad)
 
 
 @pytest.mark.parametrize("with_autograd", [False, True])
