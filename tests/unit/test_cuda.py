@@ -59,7 +59,9 @@ def test_half_precision_on_cuda_agrees_with_float32(dtype):
     video = torch.randn(2, 12, 3, 224, 224, device="cuda")
     with torch.inference_mode():
         reference = tiny_encoder(torch.float32)(video)
-        half_bias = tiny_encoder(dtype)(video.to(dtype))
+        bias_encoder = tiny_encoder(dtype)
+        bias_encoder.size_attention = "bias"  # optimize_for_inference's "auto" is the channel on a GPU
+        half_bias = bias_encoder(video.to(dtype))
         channel_encoder = tiny_encoder(dtype)
         channel_encoder.size_attention = "channels"
         half_channels = channel_encoder(video.to(dtype))
@@ -69,7 +71,8 @@ def test_half_precision_on_cuda_agrees_with_float32(dtype):
 
 @needs_cuda
 def test_cuda_float32_matches_cpu(monkeypatch):
-    # Full float32 everywhere: no TF32 in matrix products or cuDNN kernels.
+    # Full float32 everywhere: no TF32 in matrix products or cuDNN kernels. Each device runs its "auto"
+    # size attention, as users get it: the channel on the GPU, the bias on the CPU.
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     video = torch.randn(2, 12, 3, 224, 224)
