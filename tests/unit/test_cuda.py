@@ -96,3 +96,25 @@ def test_index_on_the_gpu_in_bf16_matches_the_cpu_in_fp32(tmp_path):
     cpu, gpu = VideoIndex.load(tmp_path / "cpu.index"), VideoIndex.load(tmp_path / "gpu.index")
     assert gpu.paths == cpu.paths and gpu.settings["precision"] == "bf16"
     torch.testing.assert_close(gpu.embeddings, cpu.embeddings, atol=0.05, rtol=0)
+
+
+@needs_cuda
+def test_training_gradients_on_cuda_match_the_cpu(monkeypatch):
+    # The merge's own backward pass (WeightedMerge) and the clip joins under autograd, on the GPU.
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    video = torch.randn(2, 12, 3, 224, 224)
+    gradients = {}
+    for device in ("cpu", "cuda"):
+        torch.manual_seed(0)
+        model = tempme.create_model("tiny-B/32", frames=12).to(device).train()
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_b" in name or "clip_pos" in name:
+                    param.normal_(std=0.05)
+        model.encode_video(video.to(device)).square().sum().backward()
+        gradients[device] = {n: p.grad.cpu() for n, p in model.named_parameters() if p.grad is not None}
+    assert any("clip_pos" in name for name in gradients["cuda"])
+    assert gradients["cuda"].keys() == gradients["cpu"].keys()
+    for name, grad in gradients["cpu"].items():
+        torch.testing.assert_close(gradients["cuda"][name], grad, atol=1e-3, rtol=1e-2, msg=name)
