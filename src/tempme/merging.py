@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.autograd.function import once_differentiable
 
 
 @dataclass(frozen=True)
@@ -192,6 +193,7 @@ class WeightedMerge(torch.autograd.Function):
         return add_rows_(merged, plan.dst_rows, gather_rows(x, plan.src_rows) * moved_share)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         plan, (batch, tokens, channels) = ctx.plan, ctx.input_shape
         b_share, moved_share = ctx.saved_tensors
