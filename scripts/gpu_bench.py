@@ -94,6 +94,9 @@ def plan(args: argparse.Namespace) -> list[Step]:
         # Likely past the default budget: run it on its own with --steps big-training-compiled.
         Step("big-training-compiled", 400,
              bench(args.big, args.train_batch, "--train", "--compile", "--size-attention", BEST)),
+        # The compiled encoder's kernels: what compiling fuses, and what it leaves to eager operators.
+        Step("big-profile-tempme-compiled", 240, profile + ["--size-attention", BEST, "--compile"],
+             script="profile_encoder.py"),
         Step("big-inference-compiled-other", 240,
              bench(args.big, args.batch, "--compile-mode", "reduce-overhead", "--methods", "tempme",
                    "--size-attention", OTHER)),

@@ -9,7 +9,7 @@
 # (batch 32) with each form, profiles of tempme in both forms and of merge-free, compiled none and
 # tempme (reduce-overhead, the form the graph steps found faster; compiling tempme takes about
 # 150 s), eager inference with timm's ViT, ViT-B/32, attention kernels forced, compiled baselines
-# and training. In session 4 the steps took 12-35 s each, except compiling. Each step has its own time limit and
+# and training, a profile of compiled tempme. In session 4 the steps took 12-35 s each, except compiling. Each step has its own time limit and
 # all share BUDGET seconds (default 380), so nothing can hang past that. Last, the whole test suite
 # (at most 150 s; SUITE=0 skips it), whose training and evaluation tests then run on CUDA.
 # $OUT/bench.json holds every step's results (rewritten as each step ends), $OUT/bench.log the

@@ -25,6 +25,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import tempme.model
+from tempme.model import SIZE_ATTENTION, resolve_size_attention
 from tempme.bench import DTYPES, prepare_encoder, resolve_device, synchronize
 from tempme.config import get_preset
 
@@ -97,16 +98,22 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="bf16", choices=list(DTYPES))
-    parser.add_argument("--size-attention", default="bias")
+    parser.add_argument("--size-attention", default="auto", choices=list(SIZE_ATTENTION),
+                        help="how log(size) enters attention (default: auto, as optimize_for_inference sets it)")
     parser.add_argument("--calls", type=int, default=3)
     parser.add_argument("--rows", type=int, default=25)
+    parser.add_argument("--compile", action="store_true",
+                        help="profile the torch.compile'd encoder (its fused kernels; no per-part figures)")
     args = parser.parse_args()
 
     device = resolve_device(args.device)
     dtype = DTYPES[args.dtype]
     size = get_preset(args.model).vision.image_size
     encoder = prepare_encoder(args.model, args.method, args.frames, device, dtype, False, args.size_attention)
-    annotate_regions(encoder)
+    if args.compile:
+        encoder = torch.compile(encoder, dynamic=False)
+    else:  # the parts' ranges would split a compiled graph
+        annotate_regions(encoder)
     video = torch.randn(args.batch, args.frames, 3, size, size, device=device, dtype=dtype)
     with torch.inference_mode():
         for _ in range(3):
@@ -130,7 +137,8 @@ def main() -> None:
         self_time(e) for e in events
         if e.key.startswith("aten::") and e.key.removeprefix("aten::") in MERGE_OPERATORS
     )
-    print(f"{args.method} {args.model}, {args.frames} frames, batch {args.batch}, {args.dtype}, {device}: "
+    form = resolve_size_attention(args.size_attention, device)
+    print(f"{args.method}{' compiled' if args.compile else ''} {args.model}, size attention {form}, {args.frames} frames, batch {args.batch}, {args.dtype}, {device}: "
           f"{args.calls} calls, {total / 1e3 / args.calls:.1f} ms of {'device' if on_device else 'CPU'} "
           f"time per call in aten operators; merging's operators about {100 * merging / total:.1f}%")
     print(events.table(sort_by=sort_key, row_limit=args.rows, max_name_column_width=60))
