@@ -1,0 +1,73 @@
+"""The benchmark scripts of scripts/: the GPU plan's bookkeeping, and both scripts run on a CPU."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+sys.path.insert(0, str(SCRIPTS))
+import gpu_bench  # noqa: E402
+
+
+def script_env() -> dict:
+    """The package from src/ first, as scripts/gpu_bench.sh runs it."""
+    src = str(SCRIPTS.parent / "src")
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+
+
+def graph_step(name: str, tempme_speed: float, form: str) -> "gpu_bench.Step":
+    row = {"method": "tempme", "size_attention": form, "videos_per_s": tempme_speed}
+    return gpu_bench.Step(name, 1, ["--cuda-graph"], status="ok", report={"results": [row]})
+
+
+def test_the_faster_size_attention_comes_from_the_two_same_batch_graph_steps():
+    run = gpu_bench.Run(steps=[graph_step("big-inference-graph", 1094, "bias")])
+    assert gpu_bench.faster_size_attention(run, None) == "bias"  # the channel is not measured yet
+    run.steps.append(graph_step("big-inference-graph-channels", 1148, "channels"))
+    assert gpu_bench.faster_size_attention(run, None) == "channels"
+    run.steps.append(graph_step("big-inference-graph-batch128", 500, "channels"))  # another batch: ignored
+    assert gpu_bench.faster_size_attention(run, None) == "channels"
+    assert gpu_bench.faster_size_attention(run, "bias") == "bias"  # given on the command line
+
+
+def test_placeholders_become_the_faster_and_the_other_form():
+    run = gpu_bench.Run(steps=[graph_step("big-inference-graph", 900, "bias"),
+                               graph_step("big-inference-graph-channels", 1000, "channels")])
+    step = gpu_bench.Step("x", 1, ["--size-attention", gpu_bench.BEST, "--then", gpu_bench.OTHER])
+    gpu_bench.resolve_placeholders(step, run, None)
+    assert step.args == ["--size-attention", "channels", "--then", "bias"]
+
+
+def test_the_plan_names_each_step_once_and_orders_the_cheap_steps_first():
+    args = gpu_bench.argparse.Namespace(frames=12, device="cuda", dtype="bf16", repeats=20, warmup=5,
+                                        big="ViT-B/16", small="ViT-B/32", batch=32, train_batch=32)
+    names = [step.name for step in gpu_bench.plan(args)]
+    assert len(names) == len(set(names))
+    assert names[:2] == ["big-inference-graph", "big-inference-graph-channels"]
+    assert names.index("big-training") < names.index("big-inference-compiled")
+
+
+def test_a_step_runs_tempme_bench_and_keeps_its_report(monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", script_env()["PYTHONPATH"])
+    step = gpu_bench.Step("tiny", 120, ["--model", "tiny-B/32", "--batch", "1", "--device", "cpu", "--methods",
+                                        "none", "--repeats", "1", "--warmup", "0", "--json"])
+    gpu_bench.run_step(step, time_left=120)
+    assert step.status == "ok", step.error
+    assert [row["method"] for row in step.report["results"]] == ["none"]
+    skipped = gpu_bench.Step("late", 120, [])
+    gpu_bench.run_step(skipped, time_left=5)  # under 20 s left: not started
+    assert skipped.status == "skipped"
+
+
+@pytest.mark.parametrize("method", ["tempme", "merge-free"])
+def test_profile_script_prints_operators_and_the_encoder_parts(method):
+    command = [sys.executable, str(SCRIPTS / "profile_encoder.py"), "--model", "tiny-B/32", "--batch", "1",
+               "--device", "cpu", "--dtype", "fp32", "--calls", "1", "--rows", "3", "--method", method]
+    out = subprocess.run(command, capture_output=True, text=True, env=script_env(), timeout=300, check=True).stdout
+    assert out.startswith(f"{method} tiny-B/32, size attention bias")
+    parts = out.split("CPU time per call, by part of the encoder:")[1]
+    assert "attention" in parts and "mlp" in parts
+    assert ("matching" in parts and "apply merge" in parts) == (method == "tempme")
