@@ -218,8 +218,8 @@ def join_clips(
 
     tokens: ``[videos * clips, N, C]`` with clips of a video consecutive. Returns
     ``[videos * clips / f, f * N, C]`` ordered ``[CLS of clip 1 .. CLS of clip f | patches of clip 1 | ..]``.
-    ``clip_offset`` (broadcastable to ``[clips, 1, C]``, ClipMe's clip positional embedding) is added
-    to every token of its clip on the way.
+    ``clip_offset`` (one vector per clip, e.g. ClipMe's clip positional embedding ``[1, clips, 1, C]``)
+    is added to every token of its clip on the way.
 
     Without autograd or a compiler, the sum is written straight into the joined tensor: one pass over
     the tokens. Otherwise it is computed out of place (``out=`` carries no gradient and breaks a
