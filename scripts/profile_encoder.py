@@ -8,10 +8,10 @@ warm-up calls, profiles ``--calls`` calls and prints the operators that took the
 device (the GPU, or the CPU for a CPU run), and roughly the share of that time in the operators
 token merging uses (sorting, gathering, scattering ...; a few of them also run elsewhere, so this
 overstates merging a little: ``tempme bench --methods tempme,merge-free`` measures its real cost).
-Then the device time of each part of the encoder: the merge metric's normalisation, the matching,
-applying a merge, joining clips, attention, MLP, layer norms (ranges that this script alone adds
-around those functions; the library carries no profiling code). Needs src/ on PYTHONPATH or the
-package installed.
+Then the time of each part of the encoder: matching (the merge metric's normalisation included),
+applying merges, joining clips, attention, MLP, layer norms (ranges that this script alone adds
+around those functions; the library carries no profiling code; none with ``--compile``). Needs
+src/ on PYTHONPATH or the package installed.
 """
 
 from __future__ import annotations
@@ -109,10 +109,8 @@ def main() -> None:
     device = resolve_device(args.device)
     dtype = DTYPES[args.dtype]
     size = get_preset(args.model).vision.image_size
-    encoder = prepare_encoder(args.model, args.method, args.frames, device, dtype, False, args.size_attention)
-    if args.compile:
-        encoder = torch.compile(encoder, dynamic=False)
-    else:  # the parts' ranges would split a compiled graph
+    encoder = prepare_encoder(args.model, args.method, args.frames, device, dtype, args.compile, args.size_attention)
+    if not args.compile:  # the parts' ranges would split a compiled graph
         annotate_regions(encoder)
     video = torch.randn(args.batch, args.frames, 3, size, size, device=device, dtype=dtype)
     with torch.inference_mode():

@@ -584,13 +584,13 @@ def format_results(results: list[Result]) -> str:
         return "no results"
     first = results[0]
     threads = f", {first.threads} CPU threads" if first.device == "cpu" else ""
-    size_attention = f", size attention {first.size_attention}" if first.size_attention != "bias" else ""
-    compile_mode = f", compile mode {first.compile_mode}" if first.compiled and first.compile_mode != "default" else ""
+    settings = f", size attention {first.size_attention}" if first.size_attention != "bias" else ""
+    if first.compiled and first.compile_mode != "default":
+        settings += f", compile mode {first.compile_mode}"
     if first.attention_backend != "auto":
-        compile_mode += f", attention kernel {first.attention_backend}"
+        settings += f", attention kernel {first.attention_backend}"
     lines = [
-        f"{first.mode}: {first.model}, {first.frames} frames, batch {first.batch}, {first.dtype}{size_attention}"
-        f"{compile_mode}, "
+        f"{first.mode}: {first.model}, {first.frames} frames, batch {first.batch}, {first.dtype}{settings}, "
         f"{first.device_name} ({first.device}{threads}), torch {torch.__version__}",
     ]
     columns = [  # (heading, format, value)
