@@ -17,28 +17,49 @@ from torch.autograd.function import once_differentiable
 
 @dataclass(frozen=True)
 class MergePlan:
-    """Where every token goes in one bipartite merge. Index tensors are int64, positions absolute.
+    """Where every token goes in one bipartite merge of ``batch`` sequences of ``tokens_in`` tokens.
 
-    - ``keep [B, N - r]``: the tokens that survive, in output order:
-      CLS tokens, unmerged A tokens (ascending), then all B tokens (original order);
-    - ``src [B, r]``: the A tokens merged away;
-    - ``dst [B, r]``: for each of them, the *output* position of the B token it merges into;
+    Positions are rows of the flattened tensors (int64): the input ``[batch * tokens_in, C]`` for
+    ``keep_rows`` and ``src_rows``, the output ``[batch * tokens_out, C]`` for ``dst_rows``. Computed
+    once, they serve every tensor merged with this plan (tokens, sizes, source maps).
+
+    - ``keep_rows [batch * tokens_out]``: the tokens that survive, in output order: CLS tokens,
+      unmerged A tokens (ascending), then all B tokens (original order);
+    - ``src_rows [batch * r]``: the A tokens merged away;
+    - ``dst_rows [batch * r]``: for each of them, the output row of the B token it merges into;
     - ``b_count``: how many B tokens there are: the last ``b_count`` output positions of every sequence;
     - ``b_first``: the input position of the first B token (they are every other token from there).
 
-    The same indices as rows of the flattened input ``[B * N, C]`` (``keep_rows``, ``src_rows``) and
-    of the flattened output ``[B * (N - r), C]`` (``dst_rows``): computed once, they serve every
-    tensor merged with this plan (tokens, sizes, source maps).
+    ``keep``, ``src`` and ``dst`` give the same as positions within each sequence, ``[batch, K]``.
     """
 
-    keep: torch.Tensor
-    src: torch.Tensor
-    dst: torch.Tensor
     keep_rows: torch.Tensor
     src_rows: torch.Tensor
     dst_rows: torch.Tensor
+    batch: int
+    tokens_in: int
     b_count: int
     b_first: int
+
+    @property
+    def tokens_out(self) -> int:
+        return self.keep_rows.numel() // self.batch
+
+    def _positions(self, rows: torch.Tensor, tokens: int) -> torch.Tensor:
+        sequence = torch.arange(self.batch, device=rows.device)[:, None]
+        return rows.view(self.batch, -1) - sequence * tokens
+
+    @property
+    def keep(self) -> torch.Tensor:
+        return self._positions(self.keep_rows, self.tokens_in)
+
+    @property
+    def src(self) -> torch.Tensor:
+        return self._positions(self.src_rows, self.tokens_in)
+
+    @property
+    def dst(self) -> torch.Tensor:
+        return self._positions(self.dst_rows, self.tokens_out)
 
 
 def split_sets(num_cls: int) -> tuple[int, int]:
@@ -85,38 +106,31 @@ def match_patches(patches: torch.Tensor, r: int, num_cls: int) -> MergePlan:
     if not 0 <= r <= max_merge(num_tokens, num_cls):
         raise ValueError(f"cannot merge r={r} of {num_patches} patch tokens")
     a_start, b_start = split_sets(num_cls)
+    device = patches.device
     with torch.no_grad():
         a, b = patches[:, a_start::2], patches[:, b_start::2]
         scores = a @ b.transpose(-1, -2)  # [B, |A|, |B|]
-        best_score, best_dst = scores.max(dim=-1)
+        best_score, best_b = scores.max(dim=-1)
         order = best_score.argsort(dim=-1, descending=True, stable=True)
         merged = order[:, :r]  # indices into A
         # Unmerged tokens keep their original order (vanilla ToMe leaves them in score order).
         unmerged = order[:, r:].sort(dim=-1).values
-        best_b = best_dst.gather(1, merged)  # indices into B
-        device = patches.device
-        a_positions = torch.arange(num_cls + a_start, num_tokens, 2, device=device)
-        b_positions = torch.arange(num_cls + b_start, num_tokens, 2, device=device)
-        keep = torch.cat(
-            [
-                torch.arange(num_cls, device=device).expand(batch, -1),
-                a_positions[unmerged],
-                b_positions.expand(batch, -1),
-            ],
-            dim=1,
-        )
-        src = a_positions[merged]
-        dst = best_b + (num_cls + unmerged.shape[1])  # B tokens follow the CLS and unmerged A tokens
-        sequence = torch.arange(batch, device=device)[:, None]
-        input_offset = sequence * num_tokens
+        # Every input row number laid out as the input: its CLS, A and B columns are views of it.
+        # Each index kernel counts on a GPU, where they are small: this layout needs one per index.
+        rows = torch.arange(batch * num_tokens, device=device).view(batch, num_tokens)
+        a_rows = rows[:, num_cls + a_start :: 2]
+        keep_rows = torch.cat([rows[:, :num_cls], a_rows.gather(1, unmerged), rows[:, num_cls + b_start :: 2]], dim=1)
+        tokens_out = num_tokens - r
+        b_first_out = num_cls + unmerged.shape[1]  # B tokens follow the CLS and unmerged A tokens
+        b_first_out_rows = torch.arange(b_first_out, b_first_out + batch * tokens_out, tokens_out, device=device)
+        dst_rows = best_b.gather(1, merged) + b_first_out_rows[:, None]
     return MergePlan(
-        keep=keep,
-        src=src,
-        dst=dst,
-        keep_rows=(keep + input_offset).flatten(),
-        src_rows=(src + input_offset).flatten(),
-        dst_rows=(dst + sequence * keep.shape[1]).flatten(),
-        b_count=b_positions.shape[0],
+        keep_rows=keep_rows.flatten(),
+        src_rows=a_rows.gather(1, merged).flatten(),
+        dst_rows=dst_rows.flatten(),
+        batch=batch,
+        tokens_in=num_tokens,
+        b_count=tokens_out - b_first_out,
         b_first=num_cls + b_start,
     )
 
@@ -157,19 +171,16 @@ def merge_weighted(
     ``source [B, N, P]`` (which input patches each token holds) is summed when given.
     Returns ``(x, size, source)`` with ``N - r`` tokens.
 
-    The kept rows are copied out, the B tokens among them (the last ``plan.b_count`` of each sequence,
-    the only ones that can receive) are rescaled in place, and the ``r`` moved rows, scaled, are added
-    onto their destinations: every other kept token's share is exactly 1. ``WeightedMerge`` gives it
-    a backward pass of the same kind.
+    Computed as ``x_b + sum (s_a / S_b) (x_a - x_b)`` with ``S_b`` the merged size, the same average:
+    the kept rows are copied out and only the ``r`` moved rows are read and written again, where the
+    plain formula rescales every B token. ``WeightedMerge`` gives it a backward pass of the same kind.
     """
     if size is None:
         size = torch.ones(x.shape[0], x.shape[1], 1, device=x.device)
-    kept_size, moved_size = gather_rows(size, plan.keep_rows), gather_rows(size, plan.src_rows)
-    new_size = add_rows_(kept_size.clone(), plan.dst_rows, moved_size)
-    first_b = new_size.shape[1] - plan.b_count
-    b_share = (kept_size[:, first_b:] / new_size[:, first_b:]).to(x.dtype)
-    moved_share = (moved_size / gather_rows(new_size, plan.dst_rows)).to(x.dtype)
-    merged = WeightedMerge.apply(x, plan, b_share, moved_share)
+    moved_size = gather_rows(size, plan.src_rows)
+    new_size = add_rows_(gather_rows(size, plan.keep_rows), plan.dst_rows, moved_size)
+    moved_share = moved_size / gather_rows(new_size, plan.dst_rows)  # float32: in-place products take it as is
+    merged = WeightedMerge.apply(x, plan, moved_share)
     if source is not None:
         source = merge_sum(plan, source)
     return merged, new_size, source
@@ -178,32 +189,38 @@ def merge_weighted(
 class WeightedMerge(torch.autograd.Function):
     """``merge_weighted``'s token arithmetic, ``[B, N, C] -> [B, N - r, C]``, with its own backward pass.
 
-    Every input token is either kept or moved, exactly once, so the gradient is a permutation of the
-    output gradient with the same shares: one row copy and the B tokens' rescaling, instead of
-    autograd's zero-filled scatters for each gather, their sum and a scaled copy of the whole
-    gradient. The shares (from sizes) are constants.
+    Every input token is either kept or moved, exactly once, so the gradient is the output gradient
+    put back in input order, plus the moved tokens' shares: row copies and ``r`` rows of arithmetic,
+    instead of autograd's zero-filled scatters for each gather and their sum. The shares (from sizes)
+    are constants.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, plan: MergePlan, b_share: torch.Tensor, moved_share: torch.Tensor):
+    def forward(ctx, x: torch.Tensor, plan: MergePlan, moved_share: torch.Tensor):
         ctx.plan, ctx.input_shape = plan, x.shape
-        ctx.save_for_backward(b_share, moved_share)
+        ctx.save_for_backward(moved_share)
         merged = gather_rows(x, plan.keep_rows)
-        merged[:, merged.shape[1] - plan.b_count :] *= b_share
-        return add_rows_(merged, plan.dst_rows, gather_rows(x, plan.src_rows) * moved_share)
+        pull = gather_rows(x, plan.src_rows)
+        pull -= gather_rows(merged, plan.dst_rows)
+        pull *= moved_share
+        return add_rows_(merged, plan.dst_rows, pull)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
+        # d out_b / d x_a = s_a / S_b for a merged into b; d out_b / d x_b = 1 - sum of those shares.
         plan, (batch, tokens, channels) = ctx.plan, ctx.input_shape
-        b_share, moved_share = ctx.saved_tensors
+        (moved_share,) = ctx.saved_tensors
         grad = grad.contiguous()
         grad_x = grad.new_empty(batch, tokens, channels)
-        grad_x.view(-1, channels).index_copy_(0, plan.keep_rows, grad.view(-1, channels))
-        grad_x[:, plan.b_first :: 2] *= b_share
-        moved = gather_rows(grad, plan.dst_rows) * moved_share
-        grad_x.view(-1, channels).index_copy_(0, plan.src_rows, moved.view(-1, channels))
-        return grad_x, None, None, None
+        rows = grad_x.view(-1, channels)
+        rows.index_copy_(0, plan.keep_rows, grad.view(-1, channels))
+        moved = gather_rows(grad, plan.dst_rows)
+        moved *= moved_share
+        moved = moved.view(-1, channels)
+        rows.index_copy_(0, plan.src_rows, moved)
+        rows.index_add_(0, plan.keep_rows.index_select(0, plan.dst_rows), moved, alpha=-1)
+        return grad_x, None, None
 
 
 def needs_autograd(*tensors: torch.Tensor | None) -> bool:

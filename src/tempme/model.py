@@ -155,10 +155,9 @@ class Attention(nn.Module):
         """
         batch, tokens, width = x.shape
         dim = width // self.heads
-        bias = self.pad_heads(self.in_proj_bias).view(3, self.heads, dim + HEAD_PAD)
-        query_constant = torch.zeros_like(bias)
-        query_constant[0, :, dim] = dim**0.5
-        qkv = F.linear(x, self.pad_heads(self.in_proj_weight), (bias + query_constant).flatten())
+        bias = self.pad_heads(self.in_proj_bias)
+        bias.view(3, self.heads, dim + HEAD_PAD)[0, :, dim] = dim**0.5  # a fresh copy: written in place
+        qkv = F.linear(x, self.pad_heads(self.in_proj_weight), bias)
         if self.lora_a is not None:
             qkv = qkv + F.linear(F.linear(x, self.lora_a), self.pad_heads(self.lora_b))
         qkv = qkv.view(batch, tokens, 3, self.heads, dim + HEAD_PAD)
