@@ -25,7 +25,7 @@ from pathlib import Path
 from tempme.bench import Result, format_results
 
 
-BEST, OTHER = "<faster size attention>", "<slower size attention>"  # filled in by resolve_placeholders
+BEST, OTHER = "<fastest size attention>", "<second size attention>"  # filled in by resolve_placeholders
 
 
 @dataclass
@@ -64,20 +64,25 @@ def plan(args: argparse.Namespace) -> list[Step]:
                    "--size-attention", "bias")),
         Step("big-inference-graph-channels", 90,
              bench(args.big, args.batch, "--cuda-graph", "--methods", "none,tempme", "--size-attention", "channels")),
-        # Matching and merging launch many small kernels whose cost does not grow with the batch:
-        # a larger batch shows how much of their cost is fixed (indexing a collection can batch freely).
-        Step("big-inference-graph-batch128", 90,
-             bench(args.big, 4 * args.batch, "--cuda-graph", "--methods", "none,tempme,merge-free")),
+        # FlexAttention compiles its kernel on first use (inside the warm-up, before the capture).
+        Step("big-inference-graph-flex", 120,
+             bench(args.big, args.batch, "--cuda-graph", "--methods", "none,tempme", "--size-attention", "flex")),
         Step("big-training", 150, bench(args.big, args.train_batch, "--train", "--methods", "none,tempme,merge-free")),
-        Step("big-training-channels", 120, bench(args.big, args.train_batch, "--train", "--size-attention", "channels")),
-        # Where tempme's time goes against merge-free's, part by part (a few seconds each).
-        Step("big-profile-tempme", 60, profile + ["--size-attention", BEST], script="profile_encoder.py"),
-        Step("big-profile-tempme-other", 60, profile + ["--size-attention", OTHER], script="profile_encoder.py"),
-        Step("big-profile-merge-free", 60, profile + ["--method", "merge-free"], script="profile_encoder.py"),
-        # BEST: the size-attention form under which tempme ran faster in the CUDA-graph steps.
+        # BEST: the size-attention form under which tempme ran fastest in the CUDA-graph steps.
         Step("big-inference-compiled", 240,
              bench(args.big, args.batch, "--compile-mode", "reduce-overhead", "--methods", "none,tempme",
                    "--size-attention", BEST)),
+        # Where tempme's time goes against merge-free's, part by part (a few seconds each).
+        Step("big-profile-tempme", 60, profile + ["--size-attention", BEST], script="profile_encoder.py"),
+        Step("big-training-flex", 150, bench(args.big, args.train_batch, "--train", "--size-attention", "flex")),
+        Step("big-profile-merge-free", 60, profile + ["--method", "merge-free"], script="profile_encoder.py"),
+        # Matching and merging launch many small kernels whose cost does not grow with the batch:
+        # a larger batch shows how much of their cost is fixed (indexing a collection can batch freely).
+        Step("big-inference-graph-batch128", 90,
+             bench(args.big, 4 * args.batch, "--cuda-graph", "--methods", "none,tempme,merge-free",
+                   "--size-attention", BEST)),
+        Step("big-training-channels", 120, bench(args.big, args.train_batch, "--train", "--size-attention", "channels")),
+        Step("big-profile-tempme-other", 60, profile + ["--size-attention", OTHER], script="profile_encoder.py"),
         # none, tome, tempme, plain-vit, timm-vit (where timm imports), merge-free
         Step("big-inference-eager", 150, bench(args.big, args.batch, "--baseline")),
         Step("small-inference-graph", 90,
@@ -103,25 +108,25 @@ def plan(args: argparse.Namespace) -> list[Step]:
     ]
 
 
-SIZE_ATTENTION_STEPS = ("big-inference-graph", "big-inference-graph-channels")  # bias, channels; same batch
+# The CUDA-graph steps that run tempme in each size-attention form on the same batch.
+SIZE_ATTENTION_STEPS = ("big-inference-graph", "big-inference-graph-channels", "big-inference-graph-flex")
+SIZE_ATTENTION_FORMS = ("bias", "channels", "flex")  # the first is the model's default
 
 
-def faster_size_attention(run: Run, given: str | None) -> str:
-    """``given`` if set, else ``bias`` or ``channels``: whichever gave tempme more videos/s in the
-    CUDA-graph steps so far (``bias``, the model's default, until both are measured)."""
-    if given:
-        return given
+def ranked_size_attention(run: Run, given: str | None) -> list[str]:
+    """The size-attention forms, fastest first: by tempme's videos/s in the CUDA-graph steps so far
+    (forms not measured yet after those measured, in ``SIZE_ATTENTION_FORMS`` order), ``given`` first if set."""
     speeds = {
         row["size_attention"]: row["videos_per_s"]
         for step in run.steps if step.report and step.name in SIZE_ATTENTION_STEPS
         for row in step.report["results"] if row["method"] == "tempme"
     }
-    return "channels" if speeds.get("channels", 0) > speeds.get("bias", float("inf")) else "bias"
+    ranked = sorted(SIZE_ATTENTION_FORMS, key=lambda form: (form != given, -speeds.get(form, 0.0)))
+    return ranked
 
 
 def resolve_placeholders(step: Step, run: Run, given: str | None) -> None:
-    best = faster_size_attention(run, given)
-    other = "bias" if best == "channels" else "channels"
+    best, other = ranked_size_attention(run, given)[:2]
     step.args = [best if arg == BEST else other if arg == OTHER else arg for arg in step.args]
 
 
@@ -213,8 +218,8 @@ def main() -> int:
     parser.add_argument("--train-batch", type=int, default=32)
     parser.add_argument("--steps", help="comma-separated step names to run (default: all, in plan order)")
     parser.add_argument("--dtype", default="bf16")
-    parser.add_argument("--faster-size-attention", choices=("bias", "channels"),
-                        help="the form the compiled and profile steps use (default: the faster one in this "
+    parser.add_argument("--faster-size-attention", choices=SIZE_ATTENTION_FORMS,
+                        help="the form the compiled and profile steps use (default: the fastest in this "
                         "run's CUDA-graph steps, else bias); for runs of some --steps after an earlier call")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)

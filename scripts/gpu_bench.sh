@@ -5,13 +5,14 @@
 #
 # Run from the repository root. First the GPU-only tests (tests/unit/test_cuda.py), then the steps of
 # scripts/gpu_bench.py, most wanted first (see its plan()): ViT-B/16, 12 frames, bf16, batch 32
-# inference as CUDA graphs with the baselines (size bias), with the size channel and at batch 128, training steps
-# (batch 32) with each form, profiles of tempme in both forms and of merge-free, compiled none and
-# tempme (reduce-overhead, the form the graph steps found faster; compiling tempme takes about
-# 150 s), eager inference with timm's ViT, ViT-B/32, attention kernels forced, compiled baselines
-# and training, a profile of compiled tempme. In session 4 the steps took 12-35 s each, except compiling. Each step has its own time limit and
-# all share BUDGET seconds (default 380), so nothing can hang past that. Last, the whole test suite
-# (at most 150 s; SUITE=0 skips it), whose training and evaluation tests then run on CUDA.
+# inference as CUDA graphs with the baselines, in each size-attention form (bias, channel, flex),
+# training steps (batch 32), compiled none and tempme (reduce-overhead, the form the graph steps
+# found fastest; compiling tempme took about 150 s), a profile of tempme and of merge-free, training
+# with flex, batch 128, then eager inference with timm's ViT, ViT-B/32, attention kernels forced,
+# compiled baselines and training, a profile of compiled tempme. In session 4 the steps took 12-35 s
+# each, except compiling. Each step has its own time limit and all share BUDGET seconds (default
+# 380), so nothing can hang past that. Last, the whole test suite (at most 150 s; SUITE=0 skips it),
+# whose training and evaluation tests then run on CUDA.
 # $OUT/bench.json holds every step's results (rewritten as each step ends), $OUT/bench.log the
 # output. --steps a,b runs some steps only.
 set -u

@@ -262,7 +262,8 @@ def measure_step_memory(step: Callable[[], object], device: torch.device, compil
     """Bytes of tensor memory ``step`` held at its peak beyond what was allocated before it.
 
     CUDA: ``max_memory_allocated`` after a reset, less what was allocated before. CPU: counted per
-    tensor (``TensorMemoryTracker``); unknown for compiled steps, whose buffers it cannot see.
+    tensor (``TensorMemoryTracker``); unknown for ``compiled`` steps (any compiled part, FlexAttention
+    included), whose buffers it cannot see.
     """
     if device.type == "cuda":
         synchronize(device)
@@ -519,10 +520,11 @@ def measure(
 ) -> list[Result]:
     """Time all steps together, then read each one's memory; ratios are against ``none``."""
     timings = time_interleaved(steps, setup.device, repeats, warmup)
+    partly_compiled = setup.compiled or setup.size_attention == "flex"
     results = []
     for method, step in steps.items():
         # A graph's memory sits in its private pool from the capture on: a replay shows none of it.
-        step_bytes = None if setup.cuda_graph else measure_step_memory(step, setup.device, setup.compiled)
+        step_bytes = None if setup.cuda_graph else measure_step_memory(step, setup.device, partly_compiled)
         results.append(make_result(setup, method, timings[method], step_bytes, models[method]))
     if "none" in timings:
         add_ratios(results, timings)

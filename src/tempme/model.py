@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import flex_attention
 
 from .config import ModelConfig
 from .merging import (
@@ -35,6 +36,7 @@ QUICK_GELU_SCALE = 1.702
 SIZE_ATTENTION = {
     "bias": "an additive attention bias (scaled_dot_product_attention with a mask)",
     "channels": "an extra query/key channel per head, so that bias-free attention kernels apply",
+    "flex": "FlexAttention adding log(size) as a score modification (compiled on first use; no training on CPU)",
     "auto": "channels on a GPU, bias elsewhere: whichever measured faster there",
 }
 HEAD_PAD = 8  # extra channels per attention head for the size channel: head sizes stay multiples of 8
@@ -51,11 +53,35 @@ def check_size_attention(name: str) -> None:
 
 
 def resolve_size_attention(name: str, device: torch.device | str) -> str:
-    """``bias`` or ``channels``: what ``name`` (one of ``SIZE_ATTENTION``) means on ``device``."""
+    """``bias``, ``channels`` or ``flex``: what ``name`` (one of ``SIZE_ATTENTION``) means on ``device``."""
     check_size_attention(name)
     if name != "auto":
         return name
     return "channels" if torch.device(device).type == "cuda" else "bias"
+
+
+# One compiled kernel for every shape: the token count changes from layer to layer, and a static
+# compilation per shape would run into dynamo's recompilation limit.
+compiled_flex_attention = torch.compile(flex_attention, dynamic=True)
+
+
+def flex_size_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_size: torch.Tensor) -> torch.Tensor:
+    """``softmax(q k^T / sqrt(d) + log s_j) v`` for ``q, k, v [B, heads, N, d]``, ``log_size [B, N]``.
+
+    FlexAttention adds log(size) inside its fused kernel, so there is neither a dense bias (which keeps
+    SDPA off its fastest kernels) nor wider heads (the size channel). Inside a ``torch.compile``d model
+    the compiler builds the kernel with the rest; otherwise the kernel is compiled on first use.
+    """
+    if q.device.type == "cpu" and q.requires_grad and torch.is_grad_enabled():
+        raise ValueError("size attention 'flex' cannot train on the CPU (FlexAttention has no CPU backward); use 'bias'")
+    if q.device.type == "cpu":  # the CPU kernel torch 2.13 compiles for strided inputs does not build
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+
+    def add_log_size(score, batch, head, query, key):
+        return score + log_size[batch, key]
+
+    attend = flex_attention if torch.compiler.is_compiling() else compiled_flex_attention
+    return attend(q, k, v, score_mod=add_log_size)
 
 
 class QuickGELU(nn.Module):
@@ -134,11 +160,14 @@ class Attention(nn.Module):
         if self.lora_a is not None:
             qkv = qkv + F.linear(F.linear(x, self.lora_a), self.lora_b)
         q, k, v = qkv.view(batch, tokens, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
-        if log_size is not None:
-            attn_mask = log_size[:, None, None, :]
-        if attn_mask is not None:
-            attn_mask = attn_mask.to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        if log_size is not None and size_attention == "flex":
+            out = flex_size_attention(q, k, v, log_size)
+        else:
+            if log_size is not None:
+                attn_mask = log_size[:, None, None, :]
+            if attn_mask is not None:
+                attn_mask = attn_mask.to(q.dtype)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         out = out.transpose(1, 2).reshape(batch, tokens, width)
         return self.out_proj(out), k.mean(dim=1) if return_metric else None
 

@@ -97,8 +97,9 @@ def register(subparsers) -> None:
         "--size-attention",
         choices=list(SIZE_ATTENTION),
         help="how merged tokens' log(size) enters attention: an additive bias, an extra query/key channel "
-        "that keeps bias-free kernels usable, or auto: channels on a GPU and bias on a CPU, whichever "
-        "measured faster there (default: auto for inference, as optimize_for_inference sets it; bias for "
+        "that keeps bias-free kernels usable, FlexAttention adding it inside its kernel (compiled on first "
+        "use; GPU only for --train), or auto: channels on a GPU and bias on a CPU, whichever measured "
+        "faster there (default: auto for inference, as optimize_for_inference sets it; bias for "
         "--train, as the trainable model has it)",
     )
     parser.add_argument(

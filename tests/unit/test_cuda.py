@@ -1,4 +1,4 @@
-"""GPU paths: CUDA graph replay and half-precision attention agree with the eager reference.
+"""GPU paths: CUDA graph replay, half-precision attention and FlexAttention agree with the eager reference.
 
 The tests marked ``needs_cuda`` run where a GPU is (scripts/gpu_bench.sh runs this file first on the
 GPU machine); on a CPU-only machine only the error checks run.
@@ -54,6 +54,17 @@ def test_graph_replay_equals_eager(dtype):
 
 
 @needs_cuda
+def test_graph_replay_with_flex_attention_equals_eager():
+    # FlexAttention's kernel is compiled in the warm-up calls, before the capture.
+    encoder = tiny_encoder(torch.bfloat16)
+    encoder.size_attention = "flex"
+    video = torch.randn(3, 12, 3, 224, 224, device="cuda", dtype=torch.bfloat16)
+    with torch.inference_mode():
+        expected = encoder(video)
+    torch.testing.assert_close(GraphedForward(encoder, video)(video).clone(), expected, atol=0.05, rtol=0.05)
+
+
+@needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_on_cuda_agrees_with_float32(dtype):
     video = torch.randn(2, 12, 3, 224, 224, device="cuda")
@@ -62,11 +73,32 @@ def test_half_precision_on_cuda_agrees_with_float32(dtype):
         bias_encoder = tiny_encoder(dtype)
         bias_encoder.size_attention = "bias"  # optimize_for_inference's "auto" is the channel on a GPU
         half_bias = bias_encoder(video.to(dtype))
-        channel_encoder = tiny_encoder(dtype)
-        channel_encoder.size_attention = "channels"
-        half_channels = channel_encoder(video.to(dtype))
+        other_forms = {}
+        for form in ("channels", "flex"):
+            encoder = tiny_encoder(dtype)
+            encoder.size_attention = form
+            other_forms[form] = encoder(video.to(dtype))
     torch.testing.assert_close(half_bias.float(), reference, atol=0.05, rtol=0.05)
-    torch.testing.assert_close(half_channels.float(), half_bias.float(), atol=0.05, rtol=0.05)
+    for form, embeddings in other_forms.items():
+        torch.testing.assert_close(embeddings.float(), half_bias.float(), atol=0.05, rtol=0.05, msg=form)
+
+
+@needs_cuda
+def test_flex_size_attention_trains_like_the_bias_on_cuda(monkeypatch):
+    # FlexAttention's backward exists on the GPU only (on the CPU the form refuses to train).
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    video = torch.randn(2, 12, 3, 224, 224, device="cuda")
+    torch.manual_seed(0)
+    model = tempme.create_model("tiny-B/32", frames=12).cuda().train()
+    gradients = {}
+    for form in ("bias", "flex"):
+        model.zero_grad()
+        model.visual.size_attention = form
+        model.encode_video(video).square().sum().backward()
+        gradients[form] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert gradients["flex"].keys() == gradients["bias"].keys()
+    for name, grad in gradients["bias"].items():
+        torch.testing.assert_close(gradients["flex"][name], grad, atol=1e-4, rtol=1e-3, msg=name)
 
 
 @needs_cuda

@@ -5,7 +5,7 @@ import torch
 
 import tempme
 from tempme.factory import build_config
-from tempme.model import TempMe, resolve_size_attention
+from tempme.model import TempMe, flex_size_attention, resolve_size_attention
 
 
 def with_random_lora(model, seed=0):
@@ -132,16 +132,27 @@ def test_unknown_preset_and_setting_are_refused():
         tempme.create_model("tiny-B/32", merge_layer=(8, 9, 10))
 
 
-def test_size_channel_form_equals_the_bias_form():
+@pytest.mark.parametrize("form", ["channels", "flex"])
+def test_size_attention_forms_equal_the_bias_form(form):
     torch.manual_seed(0)
     model = with_random_lora(tempme.create_model("tiny-B/32", frames=12)).eval()
     video = torch.randn(2, 12, 3, 224, 224)
     with torch.no_grad():
         model.visual.size_attention = "bias"
         with_bias = model.encode_video(video)
-        model.visual.size_attention = "channels"
+        model.visual.size_attention = form
         other = model.encode_video(video)
     torch.testing.assert_close(other, with_bias, atol=1e-5, rtol=1e-4)
+
+
+def test_flex_size_attention_adds_log_sizes_and_refuses_cpu_training():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 2, 2, 11, 8).unbind(0)  # [batch, heads, tokens, channels]
+    log_size = torch.rand(2, 11).log1p()  # [batch, keys]
+    expected = torch.softmax(q @ k.transpose(-1, -2) / 8**0.5 + log_size[:, None, None, :], dim=-1) @ v
+    torch.testing.assert_close(flex_size_attention(q, k, v, log_size), expected, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="'flex' cannot train on the CPU.*use 'bias'"):
+        flex_size_attention(q.requires_grad_(), k, v, log_size)
 
 
 def test_auto_size_attention_is_the_channel_on_a_gpu_and_the_bias_elsewhere():

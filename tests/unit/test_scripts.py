@@ -23,22 +23,25 @@ def graph_step(name: str, tempme_speed: float, form: str) -> "gpu_bench.Step":
     return gpu_bench.Step(name, 1, ["--cuda-graph"], status="ok", report={"results": [row]})
 
 
-def test_the_faster_size_attention_comes_from_the_two_same_batch_graph_steps():
+def test_size_attention_forms_rank_by_the_same_batch_graph_steps():
     run = gpu_bench.Run(steps=[graph_step("big-inference-graph", 1094, "bias")])
-    assert gpu_bench.faster_size_attention(run, None) == "bias"  # the channel is not measured yet
+    assert gpu_bench.ranked_size_attention(run, None) == ["bias", "channels", "flex"]  # only bias measured
     run.steps.append(graph_step("big-inference-graph-channels", 1148, "channels"))
-    assert gpu_bench.faster_size_attention(run, None) == "channels"
-    run.steps.append(graph_step("big-inference-graph-batch128", 500, "channels"))  # another batch: ignored
-    assert gpu_bench.faster_size_attention(run, None) == "channels"
-    assert gpu_bench.faster_size_attention(run, "bias") == "bias"  # given on the command line
+    assert gpu_bench.ranked_size_attention(run, None) == ["channels", "bias", "flex"]
+    run.steps.append(graph_step("big-inference-graph-flex", 1120, "flex"))
+    assert gpu_bench.ranked_size_attention(run, None) == ["channels", "flex", "bias"]
+    run.steps.append(graph_step("big-inference-graph-batch128", 5000, "bias"))  # another batch: ignored
+    assert gpu_bench.ranked_size_attention(run, None)[0] == "channels"
+    assert gpu_bench.ranked_size_attention(run, "bias") == ["bias", "channels", "flex"]  # given on the command line
 
 
-def test_placeholders_become_the_faster_and_the_other_form():
+def test_placeholders_become_the_fastest_and_the_second_form():
     run = gpu_bench.Run(steps=[graph_step("big-inference-graph", 900, "bias"),
-                               graph_step("big-inference-graph-channels", 1000, "channels")])
+                               graph_step("big-inference-graph-channels", 1000, "channels"),
+                               graph_step("big-inference-graph-flex", 950, "flex")])
     step = gpu_bench.Step("x", 1, ["--size-attention", gpu_bench.BEST, "--then", gpu_bench.OTHER])
     gpu_bench.resolve_placeholders(step, run, None)
-    assert step.args == ["--size-attention", "channels", "--then", "bias"]
+    assert step.args == ["--size-attention", "channels", "--then", "flex"]
 
 
 def test_the_plan_names_each_step_once_and_orders_the_cheap_steps_first():
@@ -46,8 +49,10 @@ def test_the_plan_names_each_step_once_and_orders_the_cheap_steps_first():
                                         big="ViT-B/16", small="ViT-B/32", batch=32, train_batch=32)
     names = [step.name for step in gpu_bench.plan(args)]
     assert len(names) == len(set(names))
-    assert names[:2] == ["big-inference-graph", "big-inference-graph-channels"]
-    assert names.index("big-training") < names.index("big-inference-compiled")
+    assert names[:3] == ["big-inference-graph", "big-inference-graph-channels", "big-inference-graph-flex"]
+    assert names.index("big-training") < names.index("big-inference-compiled") < names.index("big-profile-tempme")
+    compiled = next(step for step in gpu_bench.plan(args) if step.name == "big-inference-compiled")
+    assert gpu_bench.BEST in compiled.args
 
 
 def test_a_step_runs_tempme_bench_and_keeps_its_report(monkeypatch):
