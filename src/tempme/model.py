@@ -36,7 +36,8 @@ QUICK_GELU_SCALE = 1.702
 SIZE_ATTENTION = {
     "bias": "an additive attention bias (scaled_dot_product_attention with a mask)",
     "channels": "an extra query/key channel per head, so that bias-free attention kernels apply",
-    "flex": "FlexAttention adding log(size) as a score modification (compiled on first use; no training on CPU)",
+    "flex": "FlexAttention adding log(size) as a score modification (its kernel compiled on first use; "
+    "on a CPU, inference only)",
     "auto": "channels on a GPU, bias elsewhere: whichever measured faster there",
 }
 HEAD_PAD = 8  # extra channels per attention head for the size channel: head sizes stay multiples of 8
@@ -72,16 +73,31 @@ def flex_size_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_s
     SDPA off its fastest kernels) nor wider heads (the size channel). Inside a ``torch.compile``d model
     the compiler builds the kernel with the rest; otherwise the kernel is compiled on first use.
     """
-    if q.device.type == "cpu" and q.requires_grad and torch.is_grad_enabled():
-        raise ValueError("size attention 'flex' cannot train on the CPU (FlexAttention has no CPU backward); use 'bias'")
-    if q.device.type == "cpu":  # the CPU kernel torch 2.13 compiles for strided inputs does not build
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    if q.device.type == "cpu":
+        if q.requires_grad and torch.is_grad_enabled():
+            raise ValueError(
+                "size attention 'flex' cannot train on the CPU (FlexAttention has no CPU backward); use 'bias'"
+            )
+        return flex_size_attention_cpu(q, k, v, log_size)
+    attend = flex_attention if torch.compiler.is_compiling() else compiled_flex_attention
+    return attend(q, k, v, score_mod=log_size_score(log_size))
+
+
+@torch.compiler.disable
+def flex_size_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_size: torch.Tensor) -> torch.Tensor:
+    """torch 2.13 builds FlexAttention's CPU kernel for contiguous inputs, and not inside a compiled
+    model's graph (it finds no kernel there): a compiled model leaves this call out of its graph."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    return compiled_flex_attention(q, k, v, score_mod=log_size_score(log_size))
+
+
+def log_size_score(log_size: torch.Tensor):
+    """A FlexAttention ``score_mod`` adding ``log_size [B, N]`` of each key."""
 
     def add_log_size(score, batch, head, query, key):
         return score + log_size[batch, key]
 
-    attend = flex_attention if torch.compiler.is_compiling() else compiled_flex_attention
-    return attend(q, k, v, score_mod=add_log_size)
+    return add_log_size
 
 
 class QuickGELU(nn.Module):
