@@ -8,6 +8,7 @@ every attention layer, and ``clip_pos_embed`` on the ClipMe blocks of the video 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -61,9 +62,12 @@ def resolve_size_attention(name: str, device: torch.device | str) -> str:
     return "channels" if torch.device(device).type == "cuda" else "bias"
 
 
-# One compiled kernel for every shape: the token count changes from layer to layer, and a static
-# compilation per shape would run into dynamo's recompilation limit.
-compiled_flex_attention = torch.compile(flex_attention, dynamic=True)
+@functools.cache
+def compiled_flex_attention():
+    """FlexAttention compiled once for every shape: the token count changes from layer to layer, and a
+    static compilation per shape would run into dynamo's recompilation limit. Built on first use, as
+    importing the compiler takes seconds."""
+    return torch.compile(flex_attention, dynamic=True)
 
 
 def flex_size_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_size: torch.Tensor) -> torch.Tensor:
@@ -78,17 +82,17 @@ def flex_size_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_s
             raise ValueError(
                 "size attention 'flex' cannot train on the CPU (FlexAttention has no CPU backward); use 'bias'"
             )
-        return flex_size_attention_cpu(q, k, v, log_size)
-    attend = flex_attention if torch.compiler.is_compiling() else compiled_flex_attention
+        # Left out of a compiled model's graph (disabling at import would load the compiler, seconds).
+        return torch.compiler.disable(flex_size_attention_cpu)(q, k, v, log_size)
+    attend = flex_attention if torch.compiler.is_compiling() else compiled_flex_attention()
     return attend(q, k, v, score_mod=log_size_score(log_size))
 
 
-@torch.compiler.disable
 def flex_size_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_size: torch.Tensor) -> torch.Tensor:
     """torch 2.13 builds FlexAttention's CPU kernel for contiguous inputs, and not inside a compiled
-    model's graph (it finds no kernel there): a compiled model leaves this call out of its graph."""
+    model's graph (it finds no kernel there): ``flex_size_attention`` runs this outside it."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    return compiled_flex_attention(q, k, v, score_mod=log_size_score(log_size))
+    return compiled_flex_attention()(q, k, v, score_mod=log_size_score(log_size))
 
 
 def log_size_score(log_size: torch.Tensor):
