@@ -26,9 +26,7 @@ class MergePlan:
     - ``keep_rows [batch * tokens_out]``: the tokens that survive, in output order: CLS tokens,
       unmerged A tokens (ascending), then all B tokens (original order);
     - ``src_rows [batch * r]``: the A tokens merged away;
-    - ``dst_rows [batch * r]``: for each of them, the output row of the B token it merges into;
-    - ``b_count``: how many B tokens there are: the last ``b_count`` output positions of every sequence;
-    - ``b_first``: the input position of the first B token (they are every other token from there).
+    - ``dst_rows [batch * r]``: for each of them, the output row of the B token it merges into.
 
     ``keep``, ``src`` and ``dst`` give the same as positions within each sequence, ``[batch, K]``.
     """
@@ -38,8 +36,6 @@ class MergePlan:
     dst_rows: torch.Tensor
     batch: int
     tokens_in: int
-    b_count: int
-    b_first: int
 
     @property
     def tokens_out(self) -> int:
@@ -120,18 +116,17 @@ def match_patches(patches: torch.Tensor, r: int, num_cls: int) -> MergePlan:
         rows = torch.arange(batch * num_tokens, device=device).view(batch, num_tokens)
         a_rows = rows[:, num_cls + a_start :: 2]
         keep_rows = torch.cat([rows[:, :num_cls], a_rows.gather(1, unmerged), rows[:, num_cls + b_start :: 2]], dim=1)
+        src_rows = a_rows.gather(1, merged)
         tokens_out = num_tokens - r
         b_first_out = num_cls + unmerged.shape[1]  # B tokens follow the CLS and unmerged A tokens
         b_first_out_rows = torch.arange(b_first_out, b_first_out + batch * tokens_out, tokens_out, device=device)
         dst_rows = best_b.gather(1, merged) + b_first_out_rows[:, None]
     return MergePlan(
         keep_rows=keep_rows.flatten(),
-        src_rows=a_rows.gather(1, merged).flatten(),
+        src_rows=src_rows.flatten(),
         dst_rows=dst_rows.flatten(),
         batch=batch,
         tokens_in=num_tokens,
-        b_count=tokens_out - b_first_out,
-        b_first=num_cls + b_start,
     )
 
 

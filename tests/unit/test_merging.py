@@ -238,7 +238,6 @@ def test_cross_clip_metric_joined_as_a_view_plans_like_the_joined_metric():
     plan = match_patches(patches.view(4, 12, 12), 5, num_cls=2)
     for field in ("keep", "src", "dst", "keep_rows", "src_rows", "dst_rows"):
         assert torch.equal(getattr(plan, field), getattr(reference, field)), field
-    assert plan.b_count == reference.b_count == 6
 
 
 class OperatorCount(TorchDispatchMode):
