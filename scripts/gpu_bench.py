@@ -58,6 +58,8 @@ def plan(args: argparse.Namespace) -> list[Step]:
 
     profile = ["--model", args.big, "--batch", str(args.batch), "--frames", str(args.frames),
                "--device", args.device, "--dtype", args.dtype]
+    profile_training = ["--model", args.big, "--batch", str(args.train_batch), "--frames", str(args.frames),
+                        "--device", args.device, "--dtype", args.dtype, "--train"]
     return [
         Step("big-inference-graph", 120,
              bench(args.big, args.batch, "--cuda-graph", "--methods", "none,tome,tempme,merge-free,plain-vit",
@@ -74,8 +76,12 @@ def plan(args: argparse.Namespace) -> list[Step]:
                    "--size-attention", BEST)),
         # Where tempme's time goes against merge-free's, part by part (a few seconds each).
         Step("big-profile-tempme", 60, profile + ["--size-attention", BEST], script="profile_encoder.py"),
+        # Training steps part by part, and autograd's backward functions: where training loses to merge-free.
+        Step("big-profile-training", 60, profile_training, script="profile_encoder.py"),
         Step("big-training-flex", 150, bench(args.big, args.train_batch, "--train", "--size-attention", "flex")),
         Step("big-profile-merge-free", 60, profile + ["--method", "merge-free"], script="profile_encoder.py"),
+        Step("big-profile-training-merge-free", 60, profile_training + ["--method", "merge-free"],
+             script="profile_encoder.py"),
         # Matching and merging launch many small kernels whose cost does not grow with the batch:
         # a larger batch shows how much of their cost is fixed (indexing a collection can batch freely).
         Step("big-inference-graph-batch128", 90,

@@ -8,8 +8,9 @@
 # scripts/gpu_bench.py, most wanted first (see its plan()): ViT-B/16, 12 frames, bf16, batch 32
 # inference as CUDA graphs with the baselines, in each size-attention form (bias, channel, flex),
 # training steps (batch 32), compiled none and tempme (reduce-overhead, the form the graph steps
-# found fastest; compiling tempme took about 150 s), a profile of tempme and of merge-free, training
-# with flex, batch 128, then eager inference with timm's ViT, ViT-B/32, attention kernels forced,
+# found fastest; compiling tempme took about 150 s), profiles of tempme's inference and training,
+# training with flex, the same profiles of merge-free, batch 128, then eager inference with timm's
+# ViT, ViT-B/32, attention kernels forced,
 # compiled baselines and training, a profile of compiled tempme. In session 4 the steps took 12-35 s
 # each, except compiling. Each step has its own time limit and all share BUDGET seconds (default
 # 380), so nothing can hang past that. Last, the whole test suite (at most 150 s; SUITE=0 skips it),

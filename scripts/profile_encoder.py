@@ -1,7 +1,8 @@
-"""Where one video encoder's inference time goes: torch.profiler's busiest operators.
+"""Where one video encoder's inference (or training) time goes: torch.profiler's busiest operators.
 
     python3 scripts/profile_encoder.py --model ViT-B/16 --batch 32 --device cuda --dtype bf16
     python3 scripts/profile_encoder.py --model ViT-B/32 --batch 4 --device cpu --dtype fp32 --method none
+    python3 scripts/profile_encoder.py --model ViT-B/16 --batch 32 --device cuda --dtype bf16 --train
 
 Builds the encoder as ``tempme bench`` does (random weights, optimised for inference), runs a few
 warm-up calls, profiles ``--calls`` calls and prints the operators that took the most time on the
@@ -10,8 +11,11 @@ token merging uses (sorting, gathering, scattering ...; a few of them also run e
 overstates merging a little: ``tempme bench --methods tempme,merge-free`` measures its real cost).
 Then the time of each part of the encoder: matching (the merge metric's normalisation included),
 applying merges, joining clips, attention, MLP, layer norms (ranges that this script alone adds
-around those functions; the library carries no profiling code; none with ``--compile``). Needs
-src/ on PYTHONPATH or the package installed.
+around those functions; the library carries no profiling code; none with ``--compile``). With
+``--train``, whole training steps as ``tempme bench --train`` runs them (video and text forward,
+contrastive loss, backward, AdamW), the parts' ranges covering the video encoder's forward pass, and
+then the backward functions autograd ran, by their time. Needs src/ on PYTHONPATH or the package
+installed.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 import tempme.model
 from tempme.model import SIZE_ATTENTION, resolve_size_attention
-from tempme.bench import DTYPES, prepare_encoder, resolve_device, synchronize
+from tempme.bench import DTYPES, make_training_step, prepare_encoder, resolve_device, synchronize
 from tempme.config import get_preset
 
 # Operators that token merging issues; attention, MLP and norms use none of them (cat and div appear
@@ -40,6 +44,7 @@ REGION_FUNCTIONS = {"bipartite_soft_matching": "matching", "normalized_patches":
                     "match_patches": "matching", "merge_weighted": "apply merge", "join_clips": "join clips"}
 REGION_MODULES = {"attn": "attention", "mlp": "mlp", "ln_1": "layer norm", "ln_2": "layer norm"}
 REGION_PREFIX = "part: "
+BACKWARD_PREFIX = "autograd::engine::evaluate_function: "
 
 
 def in_range(name: str, function):
@@ -90,6 +95,21 @@ def print_regions(events, calls: int, on_device: bool) -> None:
             print(f"  {name:14s} {row['cpu']:7.2f} ms  ({row['count']} per call)")
 
 
+def print_backward(events, calls: int, on_device: bool, rows: int) -> None:
+    """Time per call of each backward function autograd ran (its kernels on the GPU, else CPU time)."""
+    timed = [
+        (event.key.removeprefix(BACKWARD_PREFIX), event.count // calls,
+         (event.device_time_total if on_device else event.cpu_time_total) / 1e3 / calls)
+        for event in events if event.key.startswith(BACKWARD_PREFIX)
+    ]
+    if not timed:
+        return
+    total = sum(ms for _, _, ms in timed)
+    print(f"backward functions, {'device' if on_device else 'CPU'} time per call ({total:.2f} ms in all):")
+    for name, count, ms in sorted(timed, key=lambda row: -row[2])[:rows]:
+        print(f"  {name:40s} {ms:7.2f} ms  ({count} per call)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="ViT-B/16")
@@ -98,29 +118,38 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="bf16", choices=list(DTYPES))
-    parser.add_argument("--size-attention", default="auto", choices=list(SIZE_ATTENTION),
-                        help="how log(size) enters attention (default: auto, as optimize_for_inference sets it)")
+    parser.add_argument("--size-attention", choices=list(SIZE_ATTENTION),
+                        help="how log(size) enters attention (default: auto, as optimize_for_inference sets "
+                        "it; bias with --train, as the trainable model has it)")
     parser.add_argument("--calls", type=int, default=3)
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--compile", action="store_true",
                         help="profile the torch.compile'd encoder (its fused kernels; no per-part figures)")
+    parser.add_argument("--train", action="store_true",
+                        help="profile training steps (forward, backward, AdamW) instead of inference")
     args = parser.parse_args()
 
     device = resolve_device(args.device)
     dtype = DTYPES[args.dtype]
-    size = get_preset(args.model).vision.image_size
-    encoder = prepare_encoder(args.model, args.method, args.frames, device, dtype, args.compile, args.size_attention)
+    form = args.size_attention or ("bias" if args.train else "auto")
+    if args.train:
+        step = make_training_step(args.model, args.method, args.frames, args.batch, device, dtype, form, args.compile)
+        encoder, call, mode = step.model.visual, step, torch.enable_grad
+    else:
+        size = get_preset(args.model).vision.image_size
+        encoder = prepare_encoder(args.model, args.method, args.frames, device, dtype, args.compile, form)
+        video = torch.randn(args.batch, args.frames, 3, size, size, device=device, dtype=dtype)
+        call, mode = functools.partial(encoder, video), torch.inference_mode
     if not args.compile:  # the parts' ranges would split a compiled graph
         annotate_regions(encoder)
-    video = torch.randn(args.batch, args.frames, 3, size, size, device=device, dtype=dtype)
-    with torch.inference_mode():
+    with mode():
         for _ in range(3):
-            encoder(video)
+            call()
         synchronize(device)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         with profile(activities=activities) as profiler:
             for _ in range(args.calls):
-                encoder(video)
+                call()
             synchronize(device)
 
     events = profiler.key_averages()
@@ -135,12 +164,13 @@ def main() -> None:
         self_time(e) for e in events
         if e.key.startswith("aten::") and e.key.removeprefix("aten::") in MERGE_OPERATORS
     )
-    form = resolve_size_attention(args.size_attention, device)
-    print(f"{args.method}{' compiled' if args.compile else ''} {args.model}, size attention {form}, {args.frames} frames, batch {args.batch}, {args.dtype}, {device}: "
+    what = f"{args.method}{' compiled' if args.compile else ''}{' training' if args.train else ''}"
+    print(f"{what} {args.model}, size attention {resolve_size_attention(form, device)}, {args.frames} frames, batch {args.batch}, {args.dtype}, {device}: "
           f"{args.calls} calls, {total / 1e3 / args.calls:.1f} ms of {'device' if on_device else 'CPU'} "
           f"time per call in aten operators; merging's operators about {100 * merging / total:.1f}%")
     print(events.table(sort_by=sort_key, row_limit=args.rows, max_name_column_width=60))
     print_regions(events, args.calls, on_device)
+    print_backward(events, args.calls, on_device, args.rows)
 
 
 if __name__ == "__main__":

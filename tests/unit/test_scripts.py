@@ -69,10 +69,23 @@ def test_a_step_runs_tempme_bench_and_keeps_its_report(monkeypatch):
 
 @pytest.mark.parametrize("method", ["tempme", "merge-free"])
 def test_profile_script_prints_operators_and_the_encoder_parts(method):
-    command = [sys.executable, str(SCRIPTS / "profile_encoder.py"), "--model", "tiny-B/32", "--batch", "1",
-               "--device", "cpu", "--dtype", "fp32", "--calls", "1", "--rows", "3", "--method", method]
-    out = subprocess.run(command, capture_output=True, text=True, env=script_env(), timeout=300, check=True).stdout
+    out = run_profile_script("--method", method)
     assert out.startswith(f"{method} tiny-B/32, size attention bias")
     parts = out.split("CPU time per call, by part of the encoder:")[1]
     assert "attention" in parts and "mlp" in parts
     assert ("matching" in parts and "apply merge" in parts) == (method == "tempme")
+    assert "backward functions" not in out
+
+
+def test_profile_script_profiles_training_steps_with_their_backward_functions():
+    out = run_profile_script("--train")
+    assert out.startswith("tempme training tiny-B/32, size attention bias")
+    parts, backward = out.split("CPU time per call, by part of the encoder:")[1].split("backward functions")
+    assert "matching" in parts and "apply merge" in parts
+    assert "WeightedMergeBackward" in backward
+
+
+def run_profile_script(*extra: str) -> str:
+    command = [sys.executable, str(SCRIPTS / "profile_encoder.py"), "--model", "tiny-B/32", "--batch", "1",
+               "--device", "cpu", "--dtype", "fp32", "--calls", "1", "--rows", "30", *extra]
+    return subprocess.run(command, capture_output=True, text=True, env=script_env(), timeout=300, check=True).stdout
