@@ -122,7 +122,7 @@ def main() -> None:
                         help="how log(size) enters attention (default: auto, as optimize_for_inference sets "
                         "it; bias with --train, as the trainable model has it)")
     parser.add_argument("--calls", type=int, default=3)
-    parser.add_argument("--rows", type=int, default=25)
+    parser.add_argument("--rows", type=int, default=40)
     parser.add_argument("--compile", action="store_true",
                         help="profile the torch.compile'd encoder (its fused kernels; no per-part figures)")
     parser.add_argument("--train", action="store_true",
@@ -168,7 +168,9 @@ def main() -> None:
     print(f"{what} {args.model}, size attention {resolve_size_attention(form, device)}, {args.frames} frames, batch {args.batch}, {args.dtype}, {device}: "
           f"{args.calls} calls, {total / 1e3 / args.calls:.1f} ms of {'device' if on_device else 'CPU'} "
           f"time per call in aten operators; merging's operators about {100 * merging / total:.1f}%")
-    print(events.table(sort_by=sort_key, row_limit=args.rows, max_name_column_width=60))
+    # Wide enough for CUDA kernel names: at 60 characters run 4's gather, index and copy kernels
+    # all read "at::native::elementwise_kernel<128, 4, at::native::g...".
+    print(events.table(sort_by=sort_key, row_limit=args.rows, max_name_column_width=140))
     print_regions(events, args.calls, on_device)
     print_backward(events, args.calls, on_device, args.rows)
 
