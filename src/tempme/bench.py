@@ -26,6 +26,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+from tqdm import tqdm
 
 from .baselines import FrameEncoder, MergeFreeEncoder, PlainViT, timm_encoder
 from .config import MERGE_METHODS, get_preset
@@ -172,23 +173,33 @@ def check_counts(batch: int, repeats: int, warmup: int) -> None:
 
 
 def time_interleaved(
-    steps: dict[str, Callable[[], object]], device: torch.device, repeats: int, warmup: int
+    steps: dict[str, Callable[[], object]], device: torch.device, repeats: int, warmup: int,
+    bar: tqdm | None = None,
 ) -> dict[str, Timing]:
     """Time several steps in rounds: a first call (compilation, lazy set-up) and ``warmup`` untimed
-    calls of each, then ``repeats`` rounds that time every step once.
+    calls of each, then ``repeats`` rounds that time every step once. ``bar`` advances once a call.
 
     Round-robin rather than one method after another: load from other processes on a shared machine
     then falls on all methods alike, so their ratios stay fair even when absolute times drift.
     """
-    first = {name: _timed(step, device) for name, step in steps.items()}
+
+    def call(name: str, step: Callable[[], object], timed: bool) -> float | None:
+        if bar is not None:
+            bar.set_postfix_str(name, refresh=False)
+        seconds = _timed(step, device) if timed else step()
+        if bar is not None:
+            bar.update()
+        return seconds
+
+    first = {name: call(name, step, timed=True) for name, step in steps.items()}
     for _ in range(warmup):
-        for step in steps.values():
-            step()
+        for name, step in steps.items():
+            call(name, step, timed=False)
     synchronize(device)
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
         for name, step in steps.items():
-            times[name].append(_timed(step, device))
+            times[name].append(call(name, step, timed=True))
     return {name: Timing(first[name], times[name]) for name in steps}
 
 
@@ -379,6 +390,7 @@ def benchmark_inference(
     cuda_graph: bool = False,
     compile_mode: str = "default",
     attention_backend: str = "auto",
+    progress: bool = False,
 ) -> list[Result]:
     """Videos per second and memory of the video encoder, every method on the same random videos.
 
@@ -390,6 +402,7 @@ def benchmark_inference(
     ``cuda_graph`` replays each encoder as a CUDA graph (``tempme.cuda_graph``), captured in the first
     call. ``size_attention``: see ``build_video_encoder``. ``attention_backend``: one of
     ``ATTENTION_BACKENDS``, the only attention kernel allowed (``auto``: torch chooses).
+    ``progress``: a progress bar on stderr.
     """
     methods = check_methods(methods, MERGE_METHODS + BASELINES)
     check_counts(batch, repeats, warmup)
@@ -414,7 +427,7 @@ def benchmark_inference(
         m: with_attention_backend(inference_step(encoder, video, cuda_graph), attention_backend, m)
         for m, encoder in encoders.items()
     }
-    return measure(setup, steps, encoders, repeats, warmup)
+    return measure(setup, steps, encoders, repeats, warmup, progress)
 
 
 # ----------------------------------------------------------------------------- training
@@ -490,11 +503,13 @@ def benchmark_training(
     size_attention: str = "bias",
     compile: bool = False,
     attention_backend: str = "auto",
+    progress: bool = False,
 ) -> list[Result]:
     """Seconds per training step (video and text forward, symmetric InfoNCE, backward, AdamW on
     LoRA + CPE), and the step's memory (optimizer state created in the first call is excluded).
     ``compile``: the model's forward (and so its backward) through ``torch.compile``. Besides the
-    merging methods, ``merge-free`` trains tempme's encoder on its token shapes with merging free."""
+    merging methods, ``merge-free`` trains tempme's encoder on its token shapes with merging free.
+    ``progress``: a progress bar on stderr."""
     methods = check_methods(methods, MERGE_METHODS + ("merge-free",))
     check_counts(batch, repeats, warmup)
     device = resolve_device(device)
@@ -509,23 +524,31 @@ def benchmark_training(
         for m in methods
     }
     runs = {m: with_attention_backend(step, attention_backend, m) for m, step in steps.items()}
-    return measure(setup, runs, {m: step.model for m, step in steps.items()}, repeats, warmup)
+    return measure(setup, runs, {m: step.model for m, step in steps.items()}, repeats, warmup, progress)
 
 
 # ----------------------------------------------------------------------------- reporting
 
 
 def measure(
-    setup: Setup, steps: dict[str, Callable[[], object]], models: dict[str, nn.Module], repeats: int, warmup: int
+    setup: Setup, steps: dict[str, Callable[[], object]], models: dict[str, nn.Module], repeats: int, warmup: int,
+    progress: bool = False,
 ) -> list[Result]:
-    """Time all steps together, then read each one's memory; ratios are against ``none``."""
-    timings = time_interleaved(steps, setup.device, repeats, warmup)
-    partly_compiled = setup.compiled or setup.size_attention == "flex"
-    results = []
-    for method, step in steps.items():
-        # A graph's memory sits in its private pool from the capture on: a replay shows none of it.
-        step_bytes = None if setup.cuda_graph else measure_step_memory(step, setup.device, partly_compiled)
-        results.append(make_result(setup, method, timings[method], step_bytes, models[method]))
+    """Time all steps together, then read each one's memory; ratios are against ``none``.
+    ``progress``: a progress bar on stderr, one tick per call."""
+    calls = len(steps) * (1 + warmup + repeats + (not setup.cuda_graph))
+    with tqdm(total=calls, desc=f"timing {setup.mode}", unit="call", disable=not progress, leave=False) as bar:
+        timings = time_interleaved(steps, setup.device, repeats, warmup, bar)
+        partly_compiled = setup.compiled or setup.size_attention == "flex"
+        results = []
+        for method, step in steps.items():
+            # A graph's memory sits in its private pool from the capture on: a replay shows none of it.
+            step_bytes = None
+            if not setup.cuda_graph:
+                bar.set_postfix_str(f"{method} memory", refresh=False)
+                step_bytes = measure_step_memory(step, setup.device, partly_compiled)
+                bar.update()
+            results.append(make_result(setup, method, timings[method], step_bytes, models[method]))
     if "none" in timings:
         add_ratios(results, timings)
     return results

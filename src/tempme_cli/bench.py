@@ -148,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
         dtype=args.dtype or default_precision(device),
         repeats=args.repeats,
         warmup=args.warmup,
+        progress=not args.json,
     )
     if args.train:
         results = benchmark_training(

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+import tempme.bench
 from tempme.bench import (
     TensorMemoryTracker,
     benchmark_inference,
@@ -82,11 +83,48 @@ def test_report_is_json_serialisable():
 def test_cli_json_output(capsys):
     argv = ["bench", "--model", "tiny-B/32", "--batch", "1", "--repeats", "1", "--warmup", "0", "--json"]
     assert main(argv + ["--methods", "none,tempme"]) == 0
-    record = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    record = json.loads(captured.out)
     assert [r["method"] for r in record["results"]] == ["none", "tempme"]
     assert all(r["videos_per_s"] > 0 for r in record["results"])
     # Inference times the model as optimize_for_inference leaves it ("auto"), which is the bias on a CPU.
     assert {r["size_attention"] for r in record["results"]} == {"bias"}
+    assert "timing" not in captured.err  # --json: no progress bar
+
+
+def test_cli_table_shows_progress_on_stderr(capsys):
+    argv = ["bench", "--model", "tiny-B/32", "--batch", "1", "--repeats", "2", "--warmup", "1"]
+    assert main(argv + ["--methods", "none,tempme"]) == 0
+    captured = capsys.readouterr()
+    assert "timing inference" in captured.err and "/10 [" in captured.err
+    assert captured.out.startswith("inference: tiny-B/32")
+
+
+def test_progress_ticks_once_per_call(monkeypatch):
+    ticks = []
+
+    class CountingBar:
+        def __init__(self, total, **options):
+            self.total, self.enabled = total, not options["disable"]
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            ticks.append((self.total, self.done, self.enabled))
+
+        done = 0
+
+        def update(self):
+            self.done += 1
+
+        def set_postfix_str(self, text, refresh=True):
+            pass
+
+    monkeypatch.setattr(tempme.bench, "tqdm", CountingBar)
+    benchmark_inference("tiny-B/32", ("none", "tempme"), frames=12, batch=1, repeats=2, warmup=1, progress=True)
+    # 2 methods x (first call + 1 warm-up + 2 timed + 1 memory call)
+    assert ticks == [(10, 10, True)]
 
 
 def test_cli_train_table(capsys):
