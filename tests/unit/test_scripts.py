@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 sys.path.insert(0, str(SCRIPTS))
@@ -89,3 +90,32 @@ def run_profile_script(*extra: str) -> str:
     command = [sys.executable, str(SCRIPTS / "profile_encoder.py"), "--model", "tiny-B/32", "--batch", "1",
                "--device", "cpu", "--dtype", "fp32", "--calls", "1", "--rows", "30", *extra]
     return subprocess.run(command, capture_output=True, text=True, env=script_env(), timeout=300, check=True).stdout
+
+
+def test_merge_variants_compute_the_same_merges():
+    import bench_merging
+
+    from tempme.bench import prepare_encoder
+
+    encoder = prepare_encoder("tiny-B/16", "tempme", 12, torch.device("cpu"), torch.float32, False, "bias")
+    merges = bench_merging.record_merges(encoder, torch.randn(2, 12, 3, 224, 224))
+    # tiny-B/16 at 12 frames: ImgMe merges, then ClipMe's cross-clip and intra-clip merges
+    assert len(merges) == 15 and merges[0].tokens == (24, 197, 64) and not merges[0].sized
+    assert any(m.num_cls > 1 for m in merges)  # joined clips carry several CLS tokens
+    outputs = {}
+    for name, (merge, size_width) in bench_merging.VARIANTS.items():
+        inputs = bench_merging.make_inputs(merges, size_width, torch.device("cpu"), torch.float32)
+        with torch.inference_mode():
+            outputs[name] = bench_merging.sequences(merges, inputs, merge)["both"]()
+    for name, results in outputs.items():
+        for (x, size), (x_ref, size_ref) in zip(results, outputs["library"]):
+            torch.testing.assert_close(x, x_ref, msg=name)
+            torch.testing.assert_close(size[..., :1], size_ref, msg=name)
+
+
+def test_merge_benchmark_script_prints_every_variant():
+    command = [sys.executable, str(SCRIPTS / "bench_merging.py"), "--model", "tiny-B/32", "--batch", "1",
+               "--device", "cpu", "--dtype", "fp32", "--repeats", "1"]
+    out = subprocess.run(command, capture_output=True, text=True, env=script_env(), timeout=300, check=True).stdout
+    assert out.startswith("15 merges of tempme tiny-B/32")
+    assert [line.split()[0] for line in out.splitlines()[2:]] == ["library", "sizes16", "rescale-b"]
