@@ -37,6 +37,7 @@ from tempme.merging import (
     add_rows_,
     gather_rows,
     match_patches,
+    merge_weighted,
     normalized_patches,
     split_sets,
 )
@@ -87,7 +88,7 @@ def record_merges(encoder: torch.nn.Module, video: torch.Tensor) -> list[MergeSh
 
 
 def merge_library(plan, x, size, shape: MergeShape):
-    return tempme.merging.merge_weighted(plan, x, size)[:2]
+    return merge_weighted(plan, x, size)[:2]
 
 
 def merge_sizes16(plan, x, size, shape: MergeShape):

@@ -131,8 +131,7 @@ def ranked_size_attention(run: Run, given: str | None) -> list[str]:
         for step in run.steps if step.report and step.name in SIZE_ATTENTION_STEPS
         for row in step.report["results"] if row["method"] == "tempme"
     }
-    ranked = sorted(SIZE_ATTENTION_FORMS, key=lambda form: (form != given, -speeds.get(form, 0.0)))
-    return ranked
+    return sorted(SIZE_ATTENTION_FORMS, key=lambda form: (form != given, -speeds.get(form, 0.0)))
 
 
 def resolve_placeholders(step: Step, run: Run, given: str | None) -> None:

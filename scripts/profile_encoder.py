@@ -35,8 +35,8 @@ from tempme.config import get_preset
 
 # Operators that token merging issues; attention, MLP and norms use none of them (cat and div appear
 # in the embedding and the final normalisation too).
-MERGE_OPERATORS = ("sort", "argsort", "gather", "index_select", "index_add_", "max", "index", "arange",
-                   "linalg_vector_norm", "clamp_min", "div", "cat", "bmm", "log", "clone")
+MERGE_OPERATORS = ("sort", "argsort", "gather", "index_select", "index_add_", "max", "arange",
+                   "linalg_vector_norm", "clamp_min", "div", "sub_", "mul_", "cat", "bmm", "log")
 
 
 # The encoder's parts, each timed as one range: model-level functions of tempme.model, and modules.

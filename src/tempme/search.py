@@ -305,6 +305,21 @@ def update_index(
     return update
 
 
+def encode_texts(
+    model: TempMe, texts: Sequence[str], device: torch.device | str = "cpu", batch_size: int = 256,
+    precision: str = "fp32", progress: bool = False, desc: str = "encoding texts",
+) -> torch.Tensor:
+    """``[N, D]`` float32 text features of ``texts``, ``batch_size`` at a time (the model's ``max_words``)."""
+    device = torch.device(device)
+    chunks = []
+    with torch.no_grad():
+        for start in tqdm(range(0, len(texts), batch_size), desc=desc, disable=not progress):
+            ids, mask = model.tokenize(list(texts[start : start + batch_size]))
+            with autocast(device, precision):
+                chunks.append(model.encode_text(ids.to(device), mask.to(device)).float().cpu())
+    return torch.cat(chunks)
+
+
 def encode_queries(
     model: TempMe, queries: Sequence[str], device: torch.device | str = "cpu", batch_size: int = 256
 ) -> torch.Tensor:
@@ -312,10 +327,4 @@ def encode_queries(
     if not queries or any(not query.strip() for query in queries):
         raise ValueError("every query must be a non-empty text")
     model.eval().to(device)
-    chunks = []
-    with torch.no_grad():
-        for start in range(0, len(queries), batch_size):
-            ids, mask = model.tokenize(list(queries[start : start + batch_size]))
-            chunks.append(model.encode_text(ids.to(device), mask.to(device)).float().cpu())
-    return torch.cat(chunks)
-
+    return encode_texts(model, queries, device, batch_size)

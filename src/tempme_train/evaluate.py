@@ -27,6 +27,7 @@ from tempme.data import FrameCache, RetrievalVideos, VideoItem, collate_skip_bad
 from tempme.files import atomic_file
 from tempme.precision import autocast
 from tempme.retrieval import similarity, text_to_video_metrics, video_to_text_metrics
+from tempme.search import encode_texts
 from tempme.weights import model_fingerprint
 
 from .config import DataSettings
@@ -72,19 +73,6 @@ class Embeddings:
 
 
 @torch.no_grad()
-def encode_texts(
-    model: TempMe, captions: Sequence[str], batch_size: int, device: torch.device, precision: str, progress: bool
-) -> torch.Tensor:
-    """``[N, D]`` float32 embeddings of ``captions`` (tokenized with the model's ``max_words``)."""
-    chunks = []
-    for start in tqdm(range(0, len(captions), batch_size), desc="encoding captions", disable=not progress):
-        ids, mask = model.tokenize(list(captions[start : start + batch_size]))
-        with autocast(device, precision):
-            chunks.append(model.encode_text(ids.to(device), mask.to(device)).float().cpu())
-    return torch.cat(chunks)
-
-
-@torch.no_grad()
 def encode_videos(
     model: TempMe, eval_set: EvalSet, batch_size: int, device: torch.device, precision: str,
     num_workers: int, progress: bool,
@@ -111,7 +99,7 @@ def embed(
     """Embed every caption and video of ``eval_set`` (the model is put in eval mode)."""
     device = torch.device(device)
     model.eval()
-    text = encode_texts(model, eval_set.captions, batch_size * 8, device, precision, progress)
+    text = encode_texts(model, eval_set.captions, device, batch_size * 8, precision, progress, "encoding captions")
     video, present = encode_videos(model, eval_set, batch_size, device, precision, num_workers, progress)
     return Embeddings(text, video, present)
 
