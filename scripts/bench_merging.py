@@ -11,7 +11,10 @@ the same shapes, with nothing around them, once per variant:
 - ``sizes16``: the same, with token sizes kept 4 wide (16-byte rows) so that their row gathers can
   take the vectorised copy kernel that 4-byte rows cannot;
 - ``rescale-b``: the merge arithmetic of run 4 (every B token rescaled in place, shares cast to the
-  tokens' dtype), for comparison with its profile.
+  tokens' dtype), for comparison with its profile;
+- ``float32-scores``: the library's merges, but matching normalises a half-precision metric to
+  float32 and multiplies in float32, as run 4 did (on a GPU the library keeps the metric's half
+  dtype and takes a tensor-core product with float32 output).
 
 For each variant: the time per batch of all matchings, of all merges (plans made beforehand), and of
 both. On CUDA every sequence is captured as a CUDA graph and replayed, as the encoder runs in the
@@ -112,10 +115,26 @@ def merge_rescale_b(plan, x, size, shape: MergeShape):
     return add_rows_(merged, plan.dst_rows, gather_rows(x, plan.src_rows) * moved_share), new_size
 
 
-VARIANTS: dict[str, tuple[Callable, int]] = {  # merge function, width of the size tensor
-    "library": (merge_library, 1),
-    "sizes16": (merge_sizes16, 4),
-    "rescale-b": (merge_rescale_b, 1),
+def match_library(metric, r, num_cls):
+    return match_patches(normalized_patches(metric, num_cls), r, num_cls)
+
+
+def match_float32(metric, r, num_cls):
+    return match_patches(normalized_patches(metric, num_cls, dtype=torch.float32), r, num_cls)
+
+
+@dataclass(frozen=True)
+class Variant:
+    merge: Callable
+    match: Callable = match_library
+    size_width: int = 1  # of the size tensor
+
+
+VARIANTS = {
+    "library": Variant(merge_library),
+    "sizes16": Variant(merge_sizes16, size_width=4),
+    "rescale-b": Variant(merge_rescale_b),
+    "float32-scores": Variant(merge_library, match=match_float32),
 }
 
 
@@ -140,11 +159,12 @@ def make_inputs(merges: list[MergeShape], size_width: int, device, dtype) -> Inp
     return Inputs([random(m.metric, dtype) for m in merges], [random(m.tokens, dtype) for m in merges], sizes)
 
 
-def sequences(merges: list[MergeShape], inputs: Inputs, merge: Callable) -> dict[str, Callable[[], object]]:
+def sequences(merges: list[MergeShape], inputs: Inputs, variant: Variant) -> dict[str, Callable[[], object]]:
     """The three timed sequences of one variant: matching only, merging only (plans made now), both."""
+    merge = variant.merge
 
     def match(i: int):
-        return match_patches(normalized_patches(inputs.metrics[i], merges[i].num_cls), merges[i].r, merges[i].num_cls)
+        return variant.match(inputs.metrics[i], merges[i].r, merges[i].num_cls)
 
     with torch.inference_mode():
         plans = [match(i) for i in range(len(merges))]
@@ -201,13 +221,13 @@ def main() -> None:
     del encoder
     print(f"{len(merges)} merges of tempme {args.model}, {args.frames} frames, batch {args.batch}, {args.dtype}, "
           f"{device}{' (CUDA graphs)' if device.type == 'cuda' else ''}: ms per batch, median of {args.repeats}")
-    print(f"  {'variant':10s} {'matching':>9s} {'merging':>9s} {'both':>9s}")
+    print(f"  {'variant':14s} {'matching':>9s} {'merging':>9s} {'both':>9s}")
     for name in args.variants.split(","):
-        merge, size_width = VARIANTS[name]
-        inputs = make_inputs(merges, size_width, device, dtype)
+        variant = VARIANTS[name]
+        inputs = make_inputs(merges, variant.size_width, device, dtype)
         timed = {part: 1e3 * time_sequence(run, device, args.repeats)
-                 for part, run in sequences(merges, inputs, merge).items()}
-        print(f"  {name:10s} {timed['matching']:9.3f} {timed['merging']:9.3f} {timed['both']:9.3f}")
+                 for part, run in sequences(merges, inputs, variant).items()}
+        print(f"  {name:14s} {timed['matching']:9.3f} {timed['merging']:9.3f} {timed['both']:9.3f}")
 
 
 if __name__ == "__main__":

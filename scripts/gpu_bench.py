@@ -69,7 +69,7 @@ def plan(args: argparse.Namespace) -> list[Step]:
         # FlexAttention compiles its kernel on first use (inside the warm-up, before the capture).
         Step("big-inference-graph-flex", 120,
              bench(args.big, args.batch, "--cuda-graph", "--methods", "none,tempme", "--size-attention", "flex")),
-        # Matching and merging alone at the encoder's shapes, as CUDA graphs, in three implementations.
+        # Matching and merging alone at the encoder's shapes, as CUDA graphs, in four implementations.
         Step("big-merge-variants", 60, ["--model", args.big, "--batch", str(args.batch), "--frames", str(args.frames),
                                         "--device", args.device, "--dtype", args.dtype],
              script="bench_merging.py"),

@@ -72,16 +72,36 @@ def max_merge(num_tokens: int, num_cls: int) -> int:
     return (num_tokens - num_cls) // 2
 
 
-def normalized_patches(metric: torch.Tensor, num_cls: int) -> torch.Tensor:
-    """The patch rows of ``metric [B, N, C]`` scaled to unit length, in float32: ``[B, N - num_cls, C]``.
+def normalized_patches(metric: torch.Tensor, num_cls: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The patch rows of ``metric [B, N, C]`` scaled to unit length: ``[B, N - num_cls, C]`` in ``dtype``.
 
-    Contiguous, so consecutive sequences can be viewed as one joined sequence for free (ClipMe).
-    The norm is read straight from ``metric``'s own dtype and the division writes float32, one pass
-    fewer than converting first; the values equal ``F.normalize(metric.float())``.
+    Divided in float32 (the norm read straight from ``metric``'s own dtype) and rounded once to
+    ``dtype``. By default float32, except for a half-precision metric on a GPU, which keeps its dtype:
+    ``patch_similarities`` multiplies those on tensor cores with float32 results, where float32
+    inputs take a product several times slower. Contiguous, so consecutive sequences can be viewed
+    as one joined sequence for free (ClipMe). In float32 the values equal ``F.normalize(metric.float())``.
     """
+    if dtype is None:
+        half_on_gpu = metric.is_cuda and metric.dtype in (torch.float16, torch.bfloat16)
+        dtype = metric.dtype if half_on_gpu else torch.float32
     patches = metric[:, num_cls:]
-    norm = torch.linalg.vector_norm(patches, dim=-1, keepdim=True, dtype=torch.float32)
-    return torch.div(patches, norm.clamp_min(1e-12))
+    norm = torch.linalg.vector_norm(patches, dim=-1, keepdim=True, dtype=torch.float32).clamp_min(1e-12)
+    if dtype == torch.float32:
+        return torch.div(patches, norm)
+    # One kernel: the quotient is computed in float32 and rounded as it is written.
+    return torch.div(patches, norm, out=torch.empty(patches.shape, dtype=dtype, device=metric.device))
+
+
+def patch_similarities(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine similarities ``[B, |A|, |B|]`` of normalised patches ``a [B, |A|, C]`` and ``b [B, |B|, C]``,
+    in float32 whatever their dtype: half-precision inputs are multiplied exactly and summed in
+    float32 (on a GPU by one tensor-core product with float32 output), so that scores are not
+    rounded to 8 bits of mantissa, which would tie many of them."""
+    if a.dtype == torch.float32:
+        return a @ b.transpose(-1, -2)
+    if a.is_cuda:
+        return torch.bmm(a, b.transpose(-1, -2), out_dtype=torch.float32)
+    return a.float() @ b.float().transpose(-1, -2)  # the same arithmetic: CPUs have no such product
 
 
 def bipartite_soft_matching(metric: torch.Tensor, r: int, num_cls: int) -> MergePlan:
@@ -105,7 +125,7 @@ def match_patches(patches: torch.Tensor, r: int, num_cls: int) -> MergePlan:
     device = patches.device
     with torch.no_grad():
         a, b = patches[:, a_start::2], patches[:, b_start::2]
-        scores = a @ b.transpose(-1, -2)  # [B, |A|, |B|]
+        scores = patch_similarities(a, b)
         best_score, best_b = scores.max(dim=-1)
         order = best_score.argsort(dim=-1, descending=True, stable=True)
         merged = order[:, :r]  # indices into A

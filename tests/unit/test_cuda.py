@@ -150,3 +150,24 @@ def test_training_gradients_on_cuda_match_the_cpu(monkeypatch):
     assert gradients["cuda"].keys() == gradients["cpu"].keys()
     for name, grad in gradients["cpu"].items():
         torch.testing.assert_close(gradients["cuda"][name], grad, atol=1e-3, rtol=1e-2, msg=name)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_matching_on_cuda_uses_the_cpu_arithmetic(dtype):
+    # On a GPU a half-precision metric stays half (rounded once) and its similarities come out of one
+    # tensor-core product in float32: the CPU's arithmetic (exact products, float32 sums).
+    from tempme.merging import match_patches, normalized_patches, patch_similarities
+
+    torch.manual_seed(0)
+    metric = torch.randn(24, 50, 64).to(dtype)
+    patches = normalized_patches(metric.cuda(), num_cls=1)
+    assert patches.dtype == dtype
+    assert torch.equal(patches.cpu(), normalized_patches(metric, num_cls=1, dtype=dtype))
+    a, b = patches[:, 1::2], patches[:, 0::2]  # strided views, as matching reads them
+    scores = patch_similarities(a, b)
+    assert scores.dtype == torch.float32
+    torch.testing.assert_close(scores.cpu(), patch_similarities(a.cpu(), b.cpu()), atol=1e-6, rtol=1e-6)
+    plan, reference = match_patches(patches, 10, 1), match_patches(patches.cpu(), 10, 1)
+    same_tokens = (plan.src.sort().values.cpu() == reference.src.sort().values).all(dim=1)
+    assert same_tokens.float().mean() > 0.9  # the merged A tokens of each sequence; a near-tie may differ

@@ -16,6 +16,7 @@ from tempme.merging import (
     merge_sum,
     merge_weighted,
     normalized_patches,
+    patch_similarities,
     proportional_count,
 )
 
@@ -226,6 +227,31 @@ def test_normalized_patches_equal_normalising_in_float32(dtype):
     patches = normalized_patches(metric, num_cls=2)
     assert patches.dtype == torch.float32 and patches.is_contiguous()
     assert torch.equal(patches, torch.nn.functional.normalize(metric[:, 2:].float(), dim=-1))
+
+
+def test_normalized_patches_in_half_precision_are_rounded_once():
+    # A half-precision metric on a GPU is normalised in float32 and rounded once to its own dtype.
+    torch.manual_seed(3)
+    metric = torch.randn(3, 9, 16).to(torch.bfloat16)
+    patches = normalized_patches(metric, num_cls=2, dtype=torch.bfloat16)
+    assert patches.dtype == torch.bfloat16 and patches.is_contiguous()
+    expected = torch.nn.functional.normalize(metric[:, 2:].float(), dim=-1).to(torch.bfloat16)
+    assert torch.equal(patches, expected)
+
+
+def test_half_precision_similarities_are_float32_and_keep_close_scores_apart():
+    # Two B tokens whose similarities to the A token differ by less than bf16's spacing near 1
+    # (2^-8): rounded to bf16 they would tie (and the lower index would win); in float32 the better
+    # one wins.
+    a = torch.tensor([[[1.0, 1.0, 1.0]]], dtype=torch.bfloat16)
+    values = torch.tensor([[[0.5, 0.49609375, 2**-10], [0.5, 0.49609375, 1.5 * 2**-10]]])
+    b = values.to(torch.bfloat16)
+    assert torch.equal(b.float(), values)  # the inputs themselves are exact in bf16
+    assert (a @ b.transpose(-1, -2))[0, 0].unique().numel() == 1  # a tie once rounded to bf16
+    scores = patch_similarities(a, b)
+    assert scores.dtype == torch.float32
+    assert scores.argmax().item() == 1
+    torch.testing.assert_close(scores, a.float() @ b.float().transpose(-1, -2), rtol=0, atol=0)
 
 
 def test_cross_clip_metric_joined_as_a_view_plans_like_the_joined_metric():

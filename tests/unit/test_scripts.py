@@ -103,10 +103,10 @@ def test_merge_variants_compute_the_same_merges():
     assert len(merges) == 15 and merges[0].tokens == (24, 197, 64) and not merges[0].sized
     assert any(m.num_cls > 1 for m in merges)  # joined clips carry several CLS tokens
     outputs = {}
-    for name, (merge, size_width) in bench_merging.VARIANTS.items():
-        inputs = bench_merging.make_inputs(merges, size_width, torch.device("cpu"), torch.float32)
+    for name, variant in bench_merging.VARIANTS.items():
+        inputs = bench_merging.make_inputs(merges, variant.size_width, torch.device("cpu"), torch.float32)
         with torch.inference_mode():
-            outputs[name] = bench_merging.sequences(merges, inputs, merge)["both"]()
+            outputs[name] = bench_merging.sequences(merges, inputs, variant)["both"]()
     for name, results in outputs.items():
         for (x, size), (x_ref, size_ref) in zip(results, outputs["library"]):
             torch.testing.assert_close(x, x_ref, msg=name)
@@ -118,4 +118,4 @@ def test_merge_benchmark_script_prints_every_variant():
                "--device", "cpu", "--dtype", "fp32", "--repeats", "1"]
     out = subprocess.run(command, capture_output=True, text=True, env=script_env(), timeout=300, check=True).stdout
     assert out.startswith("15 merges of tempme tiny-B/32")
-    assert [line.split()[0] for line in out.splitlines()[2:]] == ["library", "sizes16", "rescale-b"]
+    assert [line.split()[0] for line in out.splitlines()[2:]] == ["library", "sizes16", "rescale-b", "float32-scores"]
