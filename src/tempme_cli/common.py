@@ -5,6 +5,18 @@ from __future__ import annotations
 import argparse
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default where it says something: not for flags, unset options (None) or
+    help that already names its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        unset = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if unset or "default" in help_text:
+            return help_text
+        return super()._get_help_string(action)
+
+
 def int_list(text: str) -> tuple[int, ...]:
     """'8-9-10' or '8,9,10' -> (8, 9, 10), the authors' dash style included."""
     try:

@@ -12,6 +12,8 @@ import torch
 
 from tempme.config import MERGE_METHODS
 
+from .common import DefaultsHelpFormatter
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -20,12 +22,12 @@ def register(subparsers) -> None:
         description="Generate synthetic videos of moving and appearing shapes whose captions differ only in "
         "direction or order, pretrain a tiny CLIP on still images, fine-tune LoRA adapters once per method "
         "and print recall, reversal accuracy, tokens, GFLOPs and speed. Nothing is downloaded.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of data, initialisation and training")
     parser.add_argument("--quick", action="store_true", help="a much smaller run (seconds) that checks the pipeline")
     parser.add_argument(
-        "--methods", nargs="+", choices=MERGE_METHODS, default=list(MERGE_METHODS), help="methods to fine-tune"
+        "--methods", nargs="+", choices=MERGE_METHODS, default=list(MERGE_METHODS), help="methods to fine-tune (default: none tome tempme)"
     )
     parser.add_argument("--pretrain-steps", type=int, help="pretraining steps (default: 600, --quick: 6)")
     parser.add_argument("--finetune-steps", type=int, help="fine-tuning steps per method (default: 500, --quick: 4)")

@@ -9,7 +9,7 @@ from tempme.config import MERGE_METHODS, preset_names
 from tempme.factory import build_config
 from tempme.flops import FlopReport, count_video_flops
 
-from .common import add_schedule_arguments, schedule_overrides
+from .common import DefaultsHelpFormatter, add_schedule_arguments, schedule_overrides
 
 
 def register(subparsers) -> None:
@@ -19,7 +19,7 @@ def register(subparsers) -> None:
         description="Build the video encoder with random weights (LoRA folded), run one video through a "
         "multiply-accumulate counter (fvcore convention: the paper's GFLOPs) and print the per-layer token "
         "counts. Nothing is downloaded.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     parser.add_argument("--model", default="ViT-B/32", choices=preset_names(), help="architecture preset")
     parser.add_argument("--frames", type=int, default=12, help="frames per video")

@@ -22,15 +22,10 @@ from tempme.precision import PRECISIONS, default_precision
 
 INDEX_EPILOG = textwrap.dedent(
     """\
-    the model (one of):
-      --weights W         CLIP weights: a file (OpenAI .pt, open_clip, Hugging Face, tempme) or a preset
-                          name such as ViT-B/32 (downloaded from the Hugging Face hub when online)
-      --checkpoint PATH   a run trained with `tempme train`: its folder, a checkpoint folder or weights file
-
-    Run it again on the same folders to add new videos: those already indexed are not decoded again, and
-    videos deleted from a folder that is still there are dropped. An interrupted run keeps every finished batch (the index is
-    written every --save-every seconds and on Ctrl-C); the next run carries on. Undecodable videos are
-    listed and tried again next time.
+    Run it again on the same folders to add new videos: those already indexed are not decoded again,
+    and videos deleted from a folder that is still there are dropped. An interrupted run keeps every
+    finished batch (the index is written every --save-every seconds and on Ctrl-C); the next run
+    carries on. Undecodable videos are listed and tried again next time.
 
     examples:
       tempme index ~/videos --weights ViT-B/32 --out videos.index
@@ -59,10 +54,13 @@ def default_workers() -> int:
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
-    group = parser.add_argument_group("model")
+    group = parser.add_argument_group("model" + (" (one of --weights and --checkpoint)" if required else ""))
     choice = group.add_mutually_exclusive_group(required=required)
-    choice.add_argument("--weights", metavar="W", help="CLIP/tempme weights file or preset name (e.g. ViT-B/32)")
-    choice.add_argument("--checkpoint", metavar="PATH", help="a run trained with tempme train (folder or weights file)")
+    choice.add_argument("--weights", metavar="W",
+                        help="CLIP or tempme weights: a file (OpenAI .pt, open_clip, Hugging Face, tempme) or a "
+                        "preset name such as ViT-B/32 (downloaded from the Hugging Face hub when online)")
+    choice.add_argument("--checkpoint", metavar="PATH",
+                        help="a run trained with `tempme train`: its folder, a checkpoint folder or weights file")
     group.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... or auto: the GPU where there is one (default)")
 
 

@@ -40,3 +40,18 @@ def test_console_script_help_runs():
     out = subprocess.run([sys.executable, "-m", "tempme_cli.main", "flops", "--help"],
                          capture_output=True, text=True, check=True).stdout
     assert "multiply-accumulate" in out and "--merge-layers" in out
+
+
+def test_every_subcommand_help_shows_only_meaningful_defaults():
+    import argparse
+
+    from tempme_cli.main import build_parser
+
+    parser = build_parser()
+    subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert {"flops", "bench", "demo", "index", "search", "train", "eval", "prepare"} <= set(subcommands)
+    for name, subparser in subcommands.items():
+        text = subparser.format_help()
+        for noise in ("(default: None)", "(default: False)"):
+            assert noise not in text, f"tempme {name} --help: {noise}"
+    assert "(default: 12)" in subcommands["flops"].format_help()
