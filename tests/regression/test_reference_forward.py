@@ -5,15 +5,7 @@ import torch
 
 import tempme
 from reference_tempme import reference_video_features
-
-
-def randomise_adapters(model, seed=0):
-    """Non-zero LoRA and clip positional embeddings, so every adapter path is exercised."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_b" in name or "clip_pos_embed" in name:
-                param.copy_(0.05 * torch.randn(param.shape, generator=generator))
+from tiny_models import randomise_adapters
 
 
 CASES = [

@@ -10,17 +10,14 @@ import torch
 import tempme
 from tempme.bench import benchmark_inference
 from tempme.cuda_graph import GraphedForward
+from tiny_models import randomise_adapters
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def tiny_encoder(dtype=torch.float32, device="cuda"):
     torch.manual_seed(0)
-    model = tempme.create_model("tiny-B/32", frames=12)
-    with torch.no_grad():  # non-zero LoRA, so folding it matters
-        for name, param in model.named_parameters():
-            if "lora_b" in name:
-                param.normal_(std=0.05)
+    model = randomise_adapters(tempme.create_model("tiny-B/32", frames=12), clip_pos=False)  # folding matters
     return model.optimize_for_inference().visual.to(device=device, dtype=dtype).eval()
 
 
@@ -139,11 +136,7 @@ def test_training_gradients_on_cuda_match_the_cpu(monkeypatch):
     gradients = {}
     for device in ("cpu", "cuda"):
         torch.manual_seed(0)
-        model = tempme.create_model("tiny-B/32", frames=12).to(device).train()
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if "lora_b" in name or "clip_pos" in name:
-                    param.normal_(std=0.05)
+        model = randomise_adapters(tempme.create_model("tiny-B/32", frames=12)).to(device).train()
         model.encode_video(video.to(device)).square().sum().backward()
         gradients[device] = {n: p.grad.cpu() for n, p in model.named_parameters() if p.grad is not None}
     assert any("clip_pos" in name for name in gradients["cuda"])

@@ -6,15 +6,7 @@ import torch
 import tempme
 from tempme.factory import build_config
 from tempme.model import TempMe, flex_size_attention, resolve_size_attention
-
-
-def with_random_lora(model, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_b" in name:
-                param.copy_(0.05 * torch.randn(param.shape, generator=generator))
-    return model
+from tiny_models import randomise_adapters
 
 
 def test_lora_starts_as_identity_and_folding_keeps_outputs():
@@ -28,7 +20,7 @@ def test_lora_starts_as_identity_and_folding_keeps_outputs():
         without_lora.load_state_dict({k: v for k, v in model.state_dict().items() if "lora" not in k})
         torch.testing.assert_close(without_lora.encode_video(video), plain_video)  # B = 0 at init
         torch.testing.assert_close(without_lora.encode_text(ids, mask), plain_text)
-        with_random_lora(model)
+        randomise_adapters(model, clip_pos=False)
         adapted_video, adapted_text = model.encode_video(video), model.encode_text(ids, mask)
         assert not torch.allclose(adapted_video, plain_video, atol=1e-4)
         model.fold_lora()
@@ -94,7 +86,7 @@ def test_source_tracking_accounts_for_every_input_patch_once():
 
 def test_text_padding_does_not_change_the_feature():
     torch.manual_seed(0)
-    model = with_random_lora(tempme.create_model("tiny-B/32", frames=12)).eval()
+    model = randomise_adapters(tempme.create_model("tiny-B/32", frames=12), clip_pos=False).eval()
     short_ids, short_mask = tempme.tokenize(["a red square moves left"], max_words=10)
     long_ids, long_mask = tempme.tokenize(["a red square moves left"], max_words=32)
     with torch.no_grad():
@@ -135,7 +127,7 @@ def test_unknown_preset_and_setting_are_refused():
 @pytest.mark.parametrize("form", ["channels", "flex"])
 def test_size_attention_forms_equal_the_bias_form(form):
     torch.manual_seed(0)
-    model = with_random_lora(tempme.create_model("tiny-B/32", frames=12)).eval()
+    model = randomise_adapters(tempme.create_model("tiny-B/32", frames=12), clip_pos=False).eval()
     video = torch.randn(2, 12, 3, 224, 224)
     with torch.no_grad():
         model.visual.size_attention = "bias"
@@ -161,7 +153,7 @@ def test_auto_size_attention_is_the_channel_on_a_gpu_and_the_bias_elsewhere():
     assert resolve_size_attention("auto", "cpu") == "bias"
     assert resolve_size_attention("channels", "cpu") == "channels"
     torch.manual_seed(0)
-    model = with_random_lora(tempme.create_model("tiny-B/32", frames=12)).eval()
+    model = randomise_adapters(tempme.create_model("tiny-B/32", frames=12), clip_pos=False).eval()
     video = torch.randn(1, 12, 3, 224, 224)
     with torch.no_grad():
         embeddings = {}
@@ -192,7 +184,7 @@ def test_half_precision_models_run_and_agree(dtype):
 
 def test_optimizing_for_inference_keeps_the_embeddings():
     torch.manual_seed(0)
-    model = with_random_lora(tempme.create_model("tiny-B/32", frames=12)).eval()
+    model = randomise_adapters(tempme.create_model("tiny-B/32", frames=12), clip_pos=False).eval()
     video = torch.randn(2, 12, 3, 224, 224)
     ids, mask = model.tokenize(["a dog runs", "two cats sleep on a sofa"])
     with torch.no_grad():
@@ -219,7 +211,7 @@ def test_token_sizes_stay_exact_in_bfloat16():
 
 def test_size_channel_form_trains_like_the_bias_form():
     torch.manual_seed(0)
-    model = with_random_lora(tempme.create_model("tiny-B/32", frames=12))
+    model = randomise_adapters(tempme.create_model("tiny-B/32", frames=12), clip_pos=False)
     video = torch.randn(2, 12, 3, 224, 224)
     gradients = {}
     for in_channels in (False, True):

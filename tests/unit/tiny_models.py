@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 import tempme
 from tempme.config import CLIPConfig, TextConfig, VisionConfig
 
@@ -16,3 +18,14 @@ def register_tiny_preset(name: str) -> str:
     """Register ``TINY_32`` under ``name`` (so configs and ``load_model`` can name it) and return the name."""
     tempme.register_preset(name, TINY_32)
     return name
+
+
+def randomise_adapters(model: torch.nn.Module, seed: int = 0, clip_pos: bool = True) -> torch.nn.Module:
+    """Non-zero LoRA B matrices (and clip positional embeddings unless ``clip_pos`` is False), drawn
+    from ``seed``: at their initial zeros, folding them or their gradient paths would go untested."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_b" in name or (clip_pos and "clip_pos_embed" in name):
+                param.copy_(0.05 * torch.randn(param.shape, generator=generator))
+    return model
