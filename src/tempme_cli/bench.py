@@ -143,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
     on_gpu = device.type == "cuda"
     common = dict(
         frames=args.frames,
-        batch=args.batch or (32 if on_gpu else 4),
+        batch=args.batch if args.batch is not None else (32 if on_gpu else 4),
         device=str(device),
         dtype=args.dtype or default_precision(device),
         repeats=args.repeats,

@@ -58,6 +58,11 @@ def frame_cache(data: DataSettings) -> FrameCache | None:
 
 def load_split(data: DataSettings, split: str, source: str) -> list[VideoItem]:
     """Parse one split's annotations; problems become a ConfigError naming the setting."""
+    # An empty path would name the working directory, which exists: say it is missing instead.
+    if not data.anno_path:
+        raise ConfigError(source, "data.anno_path", data.anno_path, "not set: the annotation folder (or file) is needed")
+    if data.dataset != "custom" and not data.video_dir:
+        raise ConfigError(source, "data.video_dir", data.video_dir, f"not set: {data.dataset} needs its video folder")
     if not Path(data.anno_path).exists():
         raise ConfigError(source, "data.anno_path", data.anno_path, "no such file or folder")
     if data.dataset != "custom" and not Path(data.video_dir).is_dir():

@@ -147,6 +147,8 @@ def test_cli_cuda_without_cuda_is_a_clear_error(capsys):
         (["--methods", "none,fast"], "unknown or no method(s) ['fast']"),
         (["--train", "--compile-mode", "reduce-overhead"], "inference only"),
         (["--train", "--cuda-graph"], "inference only"),
+        (["--batch", "0"], "need batch >= 1"),
+        (["--repeats", "0"], "repeats >= 1"),
     ],
 )
 def test_cli_rejects_bad_options(extra, message, capsys):
