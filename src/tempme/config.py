@@ -155,6 +155,8 @@ def default_merge_config(clip: CLIPConfig, frames: int, method: MergeMethod = "t
     B/32: ImgMe r=2, 30%/10% merged; B/16 (and finer patches): r=10, 40%/20%. 12 frames join 2-2-3,
     64 frames 4-4-4, other counts the most even three-step factorisation.
     """
+    if frames < 1:
+        raise ValueError(f"frames must be at least 1, got {frames}")
     fine_patches = clip.vision.patch_size <= 16
     layers = clip.vision.layers
     return MergeConfig(

@@ -242,6 +242,10 @@ def update_index(
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if save_every_s < 0:
         raise ValueError(f"save_every_s must not be negative, got {save_every_s}")
+    if framerate <= 0:
+        raise ValueError(f"framerate must be positive, got {framerate}")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must not be negative, got {num_workers}")
     device = torch.device(device)
     autocast(device, precision)  # refuses an unknown precision before any work
     model_info = {**(model_info or {}), "fingerprint": fingerprint or model_fingerprint(model)}

@@ -145,6 +145,10 @@ def run_index(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.save_every < 0:
         raise ValueError(f"--save-every must not be negative, got {args.save_every}")
+    if args.framerate <= 0:
+        raise ValueError(f"--framerate must be positive, got {args.framerate}")
+    if args.workers < 0:
+        raise ValueError(f"--workers must not be negative, got {args.workers}")
     if args.frames is not None and args.frames < 1:
         raise ValueError(f"--frames must be at least 1, got {args.frames}")
     videos = find_videos(args.videos)

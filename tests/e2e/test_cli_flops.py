@@ -36,6 +36,11 @@ def test_impossible_schedule_is_one_clear_error(capsys):
     )
 
 
+def test_frame_count_below_one_is_one_clear_error(capsys):
+    assert main(["flops", "--frames", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "tempme flops: error: frames must be at least 1, got 0"
+
+
 def test_console_script_help_runs():
     out = subprocess.run([sys.executable, "-m", "tempme_cli.main", "flops", "--help"],
                          capture_output=True, text=True, check=True).stdout

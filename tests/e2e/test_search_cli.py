@@ -130,6 +130,13 @@ def test_search_refuses_other_weights_and_bad_input(library, tmp_path, capsys):
     code, _, err = cli(capsys, "index", str(library), "--checkpoint", str(weights), "--frames", "8", "--out", str(index))
     assert code == 2 and "--method and --frames go with --weights" in err
 
+    for option, value, message in [("--framerate", "0", "--framerate must be positive"),
+                                   ("--workers", "-1", "--workers must not be negative")]:
+        fresh = tmp_path / "fresh.index"
+        code, _, err = cli(capsys, "index", str(library), "--weights", str(weights), "--out", str(fresh), option, value)
+        assert code == 2 and message in err
+        assert not fresh.exists()  # refused before anything was written
+
     code, _, err = cli(capsys, "search", str(tmp_path / "missing.index"), "cats")
     assert code == 2 and "no such index file" in err
 
