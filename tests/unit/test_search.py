@@ -150,6 +150,18 @@ def test_index_holds_each_videos_own_embedding(video_dir, tmp_path):
         assert [h.score for h in query_hits] == pytest.approx(sorted(query_scores.tolist(), reverse=True), abs=1e-5)
 
 
+@pytest.mark.parametrize("setting, message", [
+    ({"batch_size": 0}, "batch_size must be at least 1"),
+    ({"framerate": 0.0}, "framerate must be positive"),
+    ({"num_workers": -1}, "num_workers must not be negative"),
+    ({"save_every_s": -5}, "save_every_s must not be negative"),
+])
+def test_unusable_index_settings_are_refused_before_any_work(video_dir, tmp_path, setting, message):
+    with pytest.raises(ValueError, match=message):
+        update_index(tiny_model(), find_videos([video_dir]), tmp_path / "v.index", progress=False, **setting)
+    assert not (tmp_path / "v.index").exists()
+
+
 def test_update_adds_new_videos_only_and_drops_deleted_ones(video_dir, tmp_path):
     videos = copy_videos(video_dir, tmp_path / "videos")
     model = tiny_model()
