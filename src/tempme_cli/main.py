@@ -14,11 +14,21 @@ class CLIError(Exception):
     """A user-facing error: printed as one line, exit code 2."""
 
 
+def version_line() -> str:
+    import torch
+
+    import tempme
+
+    cuda = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU build"
+    return f"tempme {tempme.__version__} (torch {torch.__version__}, {cuda}, Python {sys.version.split()[0]})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tempme",
         description="Efficient text-video retrieval with TempMe (CLIP + LoRA + video token merging).",
     )
+    parser.add_argument("--version", action="version", version=version_line())
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMANDS:
         try:

@@ -60,3 +60,19 @@ def test_every_subcommand_help_shows_only_meaningful_defaults():
         for noise in ("(default: None)", "(default: False)"):
             assert noise not in text, f"tempme {name} --help: {noise}"
     assert "(default: 12)" in subcommands["flops"].format_help()
+
+
+def test_version_names_tempme_and_torch(capsys):
+    import importlib.metadata
+
+    import pytest
+    import torch
+
+    import tempme
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"tempme {tempme.__version__} (torch {torch.__version__}")
+    assert importlib.metadata.version("tempme") == tempme.__version__  # pyproject reads the same string
