@@ -1,4 +1,4 @@
-"""`tempme flops` end to end: the command a user runs to check the paper's token and GFLOP figures."""
+"""The `tempme` command end to end: `tempme flops` (the paper's token and GFLOP figures), help texts, version."""
 
 import json
 import subprocess
