@@ -186,7 +186,7 @@ def step_summary(step: Step) -> str:
 
 def compiled_summary(run: Run) -> str:
     """Every compiled result, side by side against compiled ``none`` of the same mode and model."""
-    results = [Result(**row) for step in run.steps if step.report for row in step.report["results"]]
+    results = [result for _, result in step_results(run)]
     groups: dict[tuple[str, str], list[Result]] = {}
     for result in results:
         if result.compiled:
@@ -207,6 +207,52 @@ def compiled_summary(run: Run) -> str:
             "perhaps from another process):\n" + format_results(group)
         )
     return "\n".join(tables)
+
+
+def step_results(run: Run) -> list[tuple[str, Result]]:
+    return [(step.name, Result(**row)) for step in run.steps if step.report for row in step.report["results"]]
+
+
+def describe(step: str, result: Result) -> str:
+    how = result.execution + (f" {result.compile_mode}" if result.compiled and result.compile_mode != "default" else "")
+    return f"{step}: {how}, size attention {result.size_attention}, batch {result.batch}"
+
+
+def verdict(met: bool) -> str:
+    return "MET" if met else "not met"
+
+
+def targets_summary(run: Run, big: str) -> str:
+    """Issue 4's GPU targets, each from ratios measured within one step (one process, alternating
+    rounds), for the model of the main runs."""
+    rows = [(step, r) for step, r in step_results(run) if r.model == big]
+    lines = [f"issue 4's GPU targets, {big} (each ratio within one step):"]
+    tempme = [(step, r) for step, r in rows if r.mode == "inference" and r.method == "tempme"]
+    timed = [(step, r) for step, r in tempme if r.speedup_vs_none is not None]
+    if timed:
+        step, best = max(timed, key=lambda item: item[1].speedup_vs_none)
+        lines.append(f"  tempme >= 1.45x none: {verdict(best.speedup_vs_none >= 1.45)}, best "
+                     f"{best.speedup_vs_none:.2f}x ({describe(step, best)})")
+    if tempme:
+        step, best = max(tempme, key=lambda item: item[1].videos_per_s)
+        lines.append(f"  tempme >= 1300 videos/s (on an H100): {verdict(best.videos_per_s >= 1300)}, best "
+                     f"{best.videos_per_s:.0f} ({describe(step, best)}; {best.device_name})")
+    for step in run.steps:
+        results = {r.method: r for name, r in rows if name == step.name and r.mode == "inference"}
+        plain = [results[m] for m in ("plain-vit", "timm-vit") if m in results]
+        if "none" in results and plain:
+            none = results["none"]
+            ratios = ", ".join(f"{p.method} {none.videos_per_s / p.videos_per_s:.2f}x" for p in plain)
+            met = all(none.videos_per_s >= p.videos_per_s for p in plain)
+            lines.append(f"  none >= a plain fused-attention ViT: {verdict(met)}, none vs {ratios} "
+                         f"({describe(step.name, none)})")
+    for step, r in rows:
+        if r.mode == "training" and r.method == "tempme" and r.speedup_vs_none is not None:
+            memory = f"{r.memory_vs_none:.2f}x" if r.memory_vs_none is not None else "unknown"
+            met = r.speedup_vs_none >= 1.5 and r.memory_vs_none is not None and r.memory_vs_none <= 0.75
+            lines.append(f"  training: tempme >= 1.5x none in <= 0.75x its memory: {verdict(met)}, "
+                         f"{r.speedup_vs_none:.2f}x in {memory} ({describe(step, r)})")
+    return "\n".join(lines) if len(lines) > 1 else lines[0] + " nothing measured"
 
 
 def save(run: Run, out: Path) -> None:
@@ -248,6 +294,7 @@ def main() -> int:
         print(step_summary(step), flush=True)
         save(run, args.out)
     print(compiled_summary(run), flush=True)
+    print(targets_summary(run, args.big), flush=True)
     return 0 if all(step.status == "ok" for step in run.steps) else 1
 
 

@@ -119,3 +119,42 @@ def test_merge_benchmark_script_prints_every_variant():
     out = subprocess.run(command, capture_output=True, text=True, env=script_env(), timeout=300, check=True).stdout
     assert out.startswith("15 merges of tempme tiny-B/32")
     assert [line.split()[0] for line in out.splitlines()[2:]] == ["library", "sizes16", "rescale-b", "float32-scores"]
+
+
+def result_row(method, videos_per_s, speedup=None, mode="inference", memory=None, execution="graph", form="bias"):
+    from tempme.bench import Result
+
+    return Result(mode=mode, model="ViT-B/16", method=method, frames=12, batch=32, device="cuda",
+                  device_name="NVIDIA H100 80GB HBM3", threads=1, dtype="bf16", compiled=execution == "compiled",
+                  size_attention=form, first_call_s=1.0, times_s=[0.03], median_s=32 / videos_per_s,
+                  videos_per_s=videos_per_s, step_memory_mb=None, weights_mb=1.0, speedup_vs_none=speedup,
+                  memory_vs_none=memory, cuda_graph=execution == "graph").to_dict()
+
+
+def test_targets_summary_reports_each_target_from_one_step():
+    def step(name, *rows):
+        return gpu_bench.Step(name, 1, [], status="ok", report={"results": list(rows)})
+
+    run = gpu_bench.Run(steps=[
+        step("big-inference-graph", result_row("none", 980, 1.0), result_row("tempme", 1150, 1.17),
+             result_row("plain-vit", 910, 0.93)),
+        step("big-inference-graph-flex", result_row("none", 975, 1.0), result_row("tempme", 1310, 1.34, form="flex")),
+        step("big-inference-compiled", result_row("none", 1000, 1.0, execution="compiled"),
+             result_row("tempme", 1480, 1.48, execution="compiled", form="flex")),
+        step("big-training", result_row("none", 200, 1.0, mode="training", memory=1.0),
+             result_row("tempme", 300, 1.52, mode="training", memory=0.56)),
+        step("small-inference-graph", result_row("tempme", 9000, 3.0) | {"model": "ViT-B/32"}),  # another model
+    ])
+    summary = gpu_bench.targets_summary(run, "ViT-B/16").splitlines()
+    assert summary[1] == ("  tempme >= 1.45x none: MET, best 1.48x "
+                          "(big-inference-compiled: compiled, size attention flex, batch 32)")
+    assert summary[2].startswith("  tempme >= 1300 videos/s (on an H100): MET, best 1480 (big-inference-compiled")
+    assert summary[3].startswith("  none >= a plain fused-attention ViT: MET, none vs plain-vit 1.08x")
+    assert summary[4].startswith("  training: tempme >= 1.5x none in <= 0.75x its memory: MET, 1.52x in 0.56x")
+    assert len(summary) == 5
+    run.steps = run.steps[:2]
+    summary = gpu_bench.targets_summary(run, "ViT-B/16").splitlines()
+    assert summary[1] == ("  tempme >= 1.45x none: not met, best 1.34x "
+                          "(big-inference-graph-flex: graph, size attention flex, batch 32)")
+    assert "MET, best 1310" in summary[2]
+    assert gpu_bench.targets_summary(gpu_bench.Run(), "ViT-B/16").endswith("nothing measured")
