@@ -159,6 +159,10 @@ def test_bad_settings_fail_before_training_with_the_key_and_value(run_config, tm
     assert "data.video_dir" in error and "/no/such/folder" in error
     assert main(["train", "--config", str(run_config), "optim.lr=fast", "--output", str(tmp_path)]) == 2
     assert "optim.lr" in capsys.readouterr().err and not (tmp_path / "metrics.jsonl").exists()
+    impossible = ["train", "--config", str(run_config), "model.schedule.clips_joined=[2,2,5]", "--output", str(tmp_path)]
+    assert main(impossible) == 2
+    error = capsys.readouterr().err
+    assert "cannot join 5 clips at layer" in error and not (tmp_path / "metrics.jsonl").exists()
     # Unset paths are named as unset (an empty path would otherwise pass as the working directory).
     assert main(["eval", "--config", str(run_config), "data.anno_path=''"]) == 2
     assert "data.anno_path: not set" in capsys.readouterr().err
