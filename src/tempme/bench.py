@@ -34,6 +34,7 @@ from .cuda_graph import GraphedForward
 from .factory import create_model
 from .model import INFERENCE_SIZE_ATTENTION, check_size_attention, resolve_size_attention
 from .precision import DTYPES
+from .progress import progress_bar
 from .retrieval import contrastive_loss
 
 BASELINES = ("plain-vit", "timm-vit", "merge-free")
@@ -537,7 +538,7 @@ def measure(
     """Time all steps together, then read each one's memory; ratios are against ``none``.
     ``progress``: a progress bar on stderr, one tick per call."""
     calls = len(steps) * (1 + warmup + repeats + (not setup.cuda_graph))
-    with tqdm(total=calls, desc=f"timing {setup.mode}", unit="call", disable=not progress, leave=False) as bar:
+    with progress_bar(total=calls, desc=f"timing {setup.mode}", unit="call", disable=not progress, leave=False) as bar:
         timings = time_interleaved(steps, setup.device, repeats, warmup, bar)
         partly_compiled = setup.compiled or setup.size_attention == "flex"
         results = []

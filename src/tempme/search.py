@@ -27,12 +27,12 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from .data import RetrievalVideos, SkippedVideo, VideoItem, collate_skip_bad
 from .files import atomic_file
 from .model import TempMe
 from .precision import autocast
+from .progress import progress_bar
 from .weights import model_fingerprint
 
 VIDEO_EXTENSIONS = frozenset(
@@ -287,7 +287,7 @@ def update_index(
         index.save(path)
 
     try:
-        with tqdm(total=len(todo), desc="indexing videos", unit="video", disable=not progress) as bar:
+        with progress_bar(total=len(todo), desc="indexing videos", unit="video", disable=not progress) as bar:
             for samples in loader:
                 for sample in samples:
                     if isinstance(sample, SkippedVideo):
@@ -317,7 +317,7 @@ def encode_texts(
     device = torch.device(device)
     chunks = []
     with torch.no_grad():
-        for start in tqdm(range(0, len(texts), batch_size), desc=desc, disable=not progress):
+        for start in progress_bar(range(0, len(texts), batch_size), desc=desc, disable=not progress):
             ids, mask = model.tokenize(list(texts[start : start + batch_size]))
             with autocast(device, precision):
                 chunks.append(model.encode_text(ids.to(device), mask.to(device)).float().cpu())

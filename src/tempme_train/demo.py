@@ -32,13 +32,13 @@ from typing import Callable
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from tempme import CLIPConfig, ModelConfig, TempMe, TextConfig, VisionConfig, build_config, register_preset
 from tempme.bench import time_interleaved
 from tempme.config import MERGE_METHODS
 from tempme.flops import count_video_flops
 from tempme.model import is_adapter_parameter
+from tempme.progress import progress_bar
 from tempme.retrieval import contrastive_loss, similarity, text_to_video_metrics, video_to_text_metrics
 from tempme.tokenizer import tokenize
 
@@ -156,7 +156,7 @@ def train_steps(
     scheduler = build_scheduler(optimizer, total_steps=steps, warmup_fraction=0.1)
     model.train()
     losses = []
-    progress = tqdm(range(steps), desc=desc, dynamic_ncols=True)
+    progress = progress_bar(range(steps), desc=desc, dynamic_ncols=True)
     for _ in progress:
         batch = next_batch()
         video = model.encode_video(batch.frames)

@@ -20,12 +20,12 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from tempme import TempMe
 from tempme.data import FrameCache, RetrievalVideos, VideoItem, collate_skip_bad, flatten_captions
 from tempme.files import atomic_file
 from tempme.precision import autocast
+from tempme.progress import progress_bar
 from tempme.retrieval import similarity, text_to_video_metrics, video_to_text_metrics
 from tempme.search import encode_texts
 from tempme.weights import model_fingerprint
@@ -82,7 +82,7 @@ def encode_videos(
     embeddings = torch.zeros(count, model.config.clip.embed_dim)
     present = torch.zeros(count, dtype=torch.bool)
     loader = DataLoader(eval_set.videos, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_skip_bad)
-    for batch in tqdm(loader, desc="encoding videos", disable=not progress):
+    for batch in progress_bar(loader, desc="encoding videos", disable=not progress):
         if batch is None:  # every video of the batch was undecodable
             continue
         with autocast(device, precision):

@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from tempme import TempMe
 from tempme.precision import autocast
+from tempme.progress import progress_bar
 from tempme.retrieval import contrastive_loss
 
 from .checkpoint import BEST, CONFIG, LAST, Progress, find_checkpoint, load_checkpoint, save_checkpoint
@@ -260,7 +260,7 @@ class Trainer:
         stop_after = self.config.run.stop_after
         end = self.total_steps if stop_after is None else min(self.total_steps, stop_after)
         steps_per_epoch = self.sampler.steps_per_epoch
-        bar = tqdm(
+        bar = progress_bar(
             total=self.total_steps, initial=self.progress.step, desc="training", unit="step",
             disable=not (self.world.is_main and self.config.run.progress),
         )

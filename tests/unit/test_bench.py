@@ -121,7 +121,7 @@ def test_progress_ticks_once_per_call(monkeypatch):
         def set_postfix_str(self, text, refresh=True):
             pass
 
-    monkeypatch.setattr(tempme.bench, "tqdm", CountingBar)
+    monkeypatch.setattr(tempme.bench, "progress_bar", CountingBar)
     benchmark_inference("tiny-B/32", ("none", "tempme"), frames=12, batch=1, repeats=2, warmup=1, progress=True)
     # 2 methods x (first call + 1 warm-up + 2 timed + 1 memory call)
     assert ticks == [(10, 10, True)]

@@ -28,6 +28,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..files import atomic_file
+from ..progress import progress_bar
 from .annotations import VideoItem
 from .transforms import resize_short_side
 from .video import SkippedVideo, VideoDecodeError, read_frames
@@ -115,7 +116,7 @@ class FrameCache:
             A :class:`CacheSummary`; undecodable videos are listed, not raised.
         """
         summary = CacheSummary()
-        with tqdm(total=len(items), desc="caching frames", unit="video", disable=not progress) as bar:
+        with progress_bar(total=len(items), desc="caching frames", unit="video", disable=not progress) as bar:
             if num_workers > 0:
                 with ThreadPoolExecutor(max_workers=num_workers) as pool:
                     outcomes = pool.map(self._prepare_one, items)

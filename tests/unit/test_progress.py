@@ -1,0 +1,26 @@
+"""Progress bars: frequent redraws on a terminal, few in a log file."""
+
+import io
+import sys
+
+from tempme.progress import LOG_FILE_INTERVAL_S, progress_bar
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_a_log_file_gets_a_redraw_at_most_every_interval(monkeypatch):
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    with progress_bar(range(3), desc="x") as bar:
+        assert bar.mininterval == LOG_FILE_INTERVAL_S
+        list(bar)
+    with progress_bar(total=2, mininterval=1.0) as bar:  # a caller's own interval stands
+        assert bar.mininterval == 1.0
+
+
+def test_a_terminal_gets_tqdms_usual_redraws(monkeypatch):
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    with progress_bar(total=2) as bar:
+        assert bar.mininterval == 0.1
