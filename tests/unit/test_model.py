@@ -223,3 +223,18 @@ def test_size_channel_form_trains_like_the_bias_form():
     assert gradients[True].keys() == gradients[False].keys()
     for name, grad in gradients[False].items():
         torch.testing.assert_close(gradients[True][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_the_video_encoder_traces_as_one_graph_for_torch_compile(training):
+    # A static per-layer plan, no host synchronisation, no Python loop over tokens: torch.compile sees
+    # the whole encoder as one graph (a break would split it and leave merges uncompiled).
+    model = tempme.create_model("tiny-B/32", frames=12)
+    if training:
+        model.train()
+    else:
+        model.optimize_for_inference().eval()
+    video = torch.randn(2, 12, 3, 224, 224)
+    with torch.inference_mode(not training):
+        explanation = torch._dynamo.explain(model.visual)(video)
+    assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
