@@ -96,7 +96,7 @@ def patch_similarities(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Cosine similarities ``[B, |A|, |B|]`` of normalised patches ``a [B, |A|, C]`` and ``b [B, |B|, C]``,
     in float32 whatever their dtype: half-precision inputs are multiplied exactly and summed in
     float32 (on a GPU by one tensor-core product with float32 output), so that scores are not
-    rounded to 8 bits of mantissa, which would tie many of them."""
+    rounded to half precision (bf16 keeps 8 significant bits), which would tie many of them."""
     if a.dtype == torch.float32:
         return a @ b.transpose(-1, -2)
     if a.is_cuda:
