@@ -92,6 +92,9 @@ def plan(args: argparse.Namespace) -> list[Step]:
              bench(args.big, 4 * args.batch, "--cuda-graph", "--methods", "none,tempme,merge-free",
                    "--size-attention", BEST)),
         Step("big-training-channels", 120, bench(args.big, args.train_batch, "--train", "--size-attention", "channels")),
+        # Training keeps the size bias: which attention kernel runs its forward and backward fastest.
+        Step("big-training-bias-efficient", 120,
+             bench(args.big, args.train_batch, "--train", "--attention-backend", "efficient")),
         Step("big-profile-tempme-other", 60, profile + ["--size-attention", OTHER], script="profile_encoder.py"),
         # none, tome, tempme, plain-vit, timm-vit (where timm imports), merge-free
         Step("big-inference-eager", 150, bench(args.big, args.batch, "--baseline")),
