@@ -144,6 +144,9 @@ def test_targets_summary_reports_each_target_from_one_step():
         step("big-training", result_row("none", 200, 1.0, mode="training", memory=1.0),
              result_row("tempme", 300, 1.52, mode="training", memory=0.56)),
         step("small-inference-graph", result_row("tempme", 9000, 3.0) | {"model": "ViT-B/32"}),  # another model
+        step("big-inference-graph-bias-efficient",  # none forced onto a slower kernel: not a fair ratio
+             result_row("none", 850, 1.0) | {"attention_backend": "efficient"},
+             result_row("tempme", 1500, 1.76) | {"attention_backend": "efficient"}),
     ])
     summary = gpu_bench.targets_summary(run, "ViT-B/16").splitlines()
     assert summary[1] == ("  tempme >= 1.45x none: MET, best 1.48x "
