@@ -168,7 +168,7 @@ def train_steps(
         optimizer.step()
         scheduler.step()
         losses.append(loss.item())
-        progress.set_postfix(loss=f"{loss.item():.3f}")
+        progress.set_postfix(loss=f"{loss.item():.3f}", refresh=False)  # shown at the next redraw
     return losses
 
 

@@ -275,7 +275,7 @@ class Trainer:
                 if result.loss is not None:
                     window.append(result)
                     self.summary.losses.append(result.loss)
-                    bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{result.lr:.2e}")
+                    bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{result.lr:.2e}", refresh=False)
                 if window and (step % self.config.run.log_every == 0 or step == end):
                     self._log_train(step, window)
                     window = []
