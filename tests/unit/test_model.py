@@ -238,3 +238,15 @@ def test_the_video_encoder_traces_as_one_graph_for_torch_compile(training):
     with torch.inference_mode(not training):
         explanation = torch._dynamo.explain(model.visual)(video)
     assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
+
+
+def test_the_compiled_encoder_gives_the_eager_embeddings():
+    # torch.compile is one of the optimised paths: its fused kernels must give the same embeddings
+    # (about a minute on 2 CPU cores, most of it compiling; the GPU tests compile it there too).
+    torch.manual_seed(0)
+    model = randomise_adapters(tempme.create_model("tiny-B/32", frames=12)).optimize_for_inference().eval()
+    video = torch.randn(2, 12, 3, 224, 224)
+    with torch.inference_mode():
+        eager = model.visual(video)
+        compiled = torch.compile(model.visual, dynamic=False)(video)
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-4)
