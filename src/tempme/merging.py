@@ -76,14 +76,11 @@ def normalized_patches(metric: torch.Tensor, num_cls: int, dtype: torch.dtype | 
     """The patch rows of ``metric [B, N, C]`` scaled to unit length: ``[B, N - num_cls, C]`` in ``dtype``.
 
     Divided in float32 (the norm read straight from ``metric``'s own dtype) and rounded once to
-    ``dtype``. By default float32, except for a half-precision metric on a GPU, which keeps its dtype:
-    ``patch_similarities`` multiplies those on tensor cores with float32 results, where float32
-    inputs take a product several times slower. Contiguous, so consecutive sequences can be viewed
-    as one joined sequence for free (ClipMe). In float32 the values equal ``F.normalize(metric.float())``.
+    ``dtype``, by default ``similarity_dtype(metric)``. Contiguous, so consecutive sequences can be
+    viewed as one joined sequence for free (ClipMe). In float32 the values equal
+    ``F.normalize(metric.float())``.
     """
-    if dtype is None:
-        half_on_gpu = metric.is_cuda and metric.dtype in (torch.float16, torch.bfloat16)
-        dtype = metric.dtype if half_on_gpu else torch.float32
+    dtype = dtype or similarity_dtype(metric)
     patches = metric[:, num_cls:]
     norm = torch.linalg.vector_norm(patches, dim=-1, keepdim=True, dtype=torch.float32).clamp_min(1e-12)
     if dtype == torch.float32:
@@ -92,16 +89,30 @@ def normalized_patches(metric: torch.Tensor, num_cls: int, dtype: torch.dtype | 
     return torch.div(patches, norm, out=torch.empty(patches.shape, dtype=dtype, device=metric.device))
 
 
+def similarity_dtype(metric: torch.Tensor) -> torch.dtype:
+    """The dtype in which normalised patches of ``metric`` are multiplied. On a GPU a half type: the
+    metric's own, or autocast's for a float32 metric under autocast (``patch_similarities`` then
+    takes one tensor-core product with float32 results, where float32 inputs run several times
+    slower). Elsewhere float32."""
+    if metric.is_cuda:
+        if metric.dtype in (torch.float16, torch.bfloat16):
+            return metric.dtype
+        if torch.is_autocast_enabled("cuda"):
+            return torch.get_autocast_dtype("cuda")
+    return torch.float32
+
+
 def patch_similarities(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Cosine similarities ``[B, |A|, |B|]`` of normalised patches ``a [B, |A|, C]`` and ``b [B, |B|, C]``,
-    in float32 whatever their dtype: half-precision inputs are multiplied exactly and summed in
-    float32 (on a GPU by one tensor-core product with float32 output), so that scores are not
-    rounded to half precision (bf16 keeps 8 significant bits), which would tie many of them."""
-    if a.dtype == torch.float32:
-        return a @ b.transpose(-1, -2)
-    if a.is_cuda:
-        return torch.bmm(a, b.transpose(-1, -2), out_dtype=torch.float32)
-    return a.float() @ b.float().transpose(-1, -2)  # the same arithmetic: CPUs have no such product
+    in float32 whatever their dtype, under autocast too: half-precision inputs are multiplied exactly
+    and summed in float32 (on a GPU by one tensor-core product with float32 output), so that scores
+    are not rounded to half precision (bf16 keeps 8 significant bits), which would tie many of them."""
+    with torch.autocast(a.device.type, enabled=False):
+        if a.dtype == torch.float32:
+            return a @ b.transpose(-1, -2)
+        if a.is_cuda:
+            return torch.bmm(a, b.transpose(-1, -2), out_dtype=torch.float32)
+        return a.float() @ b.float().transpose(-1, -2)  # the same arithmetic: CPUs have no such product
 
 
 def bipartite_soft_matching(metric: torch.Tensor, r: int, num_cls: int) -> MergePlan:

@@ -163,6 +163,9 @@ def test_half_precision_matching_on_cuda_uses_the_cpu_arithmetic(dtype):
     scores = patch_similarities(a, b)
     assert scores.dtype == torch.float32
     torch.testing.assert_close(scores.cpu(), patch_similarities(a.cpu(), b.cpu()), atol=1e-6, rtol=1e-6)
+    with torch.autocast("cuda", dtype=dtype):  # a float32 metric (hidden states) under autocast: the same
+        assert normalized_patches(metric.float().cuda(), num_cls=1).dtype == dtype
+        assert patch_similarities(a, b).dtype == torch.float32
     plan, reference = match_patches(patches, 10, 1), match_patches(patches.cpu(), 10, 1)
     same_tokens = (plan.src.sort().values.cpu() == reference.src.sort().values).all(dim=1)
     assert same_tokens.float().mean() > 0.9  # the merged A tokens of each sequence; a near-tie may differ

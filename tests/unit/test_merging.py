@@ -254,6 +254,17 @@ def test_half_precision_similarities_are_float32_and_keep_close_scores_apart():
     torch.testing.assert_close(scores, a.float() @ b.float().transpose(-1, -2), rtol=0, atol=0)
 
 
+def test_similarities_stay_float32_under_autocast():
+    # Training and evaluation run under autocast, which would round a float32 product to bf16.
+    a = torch.tensor([[[1.0, 1.0, 1.0]]])
+    b = torch.tensor([[[0.5, 0.49609375, 2**-10], [0.5, 0.49609375, 1.5 * 2**-10]]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert (a @ b.transpose(-1, -2)).dtype == torch.bfloat16  # what autocast does to a plain product
+        scores = patch_similarities(a, b)
+    assert scores.dtype == torch.float32 and scores.argmax().item() == 1
+    assert normalized_patches(a, num_cls=0).dtype == torch.float32  # a CPU multiplies in float32
+
+
 def test_cross_clip_metric_joined_as_a_view_plans_like_the_joined_metric():
     # ClipMe normalises each clip's patches and views consecutive clips as one joined sequence.
     torch.manual_seed(4)
