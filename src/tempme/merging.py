@@ -9,6 +9,7 @@ average, and the sizes feed proportional attention (log-size added to the attent
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -107,7 +108,9 @@ def patch_similarities(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     in float32 whatever their dtype, under autocast too: half-precision inputs are multiplied exactly
     and summed in float32 (on a GPU by one tensor-core product with float32 output), so that scores
     are not rounded to half precision (bf16 keeps 8 significant bits), which would tie many of them."""
-    with torch.autocast(a.device.type, enabled=False):
+    # Autocast exists on CPUs and GPUs (not on the meta device, where FLOPs are counted).
+    no_autocast = torch.autocast(a.device.type, enabled=False) if a.device.type in ("cpu", "cuda") else nullcontext()
+    with no_autocast:
         if a.dtype == torch.float32:
             return a @ b.transpose(-1, -2)
         if a.is_cuda:
