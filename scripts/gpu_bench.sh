@@ -7,7 +7,8 @@
 # Run from the repository root. First the GPU-only tests (tests/unit/test_cuda.py), then the steps of
 # scripts/gpu_bench.py, most wanted first (see its plan()): ViT-B/16, 12 frames, bf16, batch 32
 # inference as CUDA graphs with the baselines, in each size-attention form (bias, channel, flex),
-# matching and merging alone in three implementations (scripts/bench_merging.py), training steps (batch 32), compiled none and tempme (reduce-overhead, the form the graph steps
+# matching and merging alone in four implementations (scripts/bench_merging.py), training steps
+# (batch 32), compiled none and tempme (reduce-overhead, the form the graph steps
 # found fastest; compiling tempme took about 150 s), profiles of tempme's inference and training,
 # training with flex, the same profiles of merge-free, batch 128, then eager inference with timm's
 # ViT, ViT-B/32, attention kernels forced,
