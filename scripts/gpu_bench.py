@@ -256,6 +256,13 @@ def targets_summary(run: Run, big: str) -> str:
             met = r.speedup_vs_none >= 1.5 and r.memory_vs_none is not None and r.memory_vs_none <= 0.75
             lines.append(f"  training: tempme >= 1.5x none in <= 0.75x its memory: {verdict(met)}, "
                          f"{r.speedup_vs_none:.2f}x in {memory} ({describe(step, r)})")
+    checked = [(step, r) for step, r in step_results(run) if r.cosine_vs_eager is not None]
+    if checked:
+        # Issue 4, item 4, on this GPU: bf16 rounding may flip a near-tied merge, so not exactly 1.
+        step, worst = min(checked, key=lambda item: item[1].cosine_vs_eager)
+        lines.append(f"  compiled and graph embeddings = eager ones (cosine >= 0.99): "
+                     f"{verdict(worst.cosine_vs_eager >= 0.99)}, smallest {worst.cosine_vs_eager:.5f} "
+                     f"({worst.method}, {worst.model}, {describe(step, worst)})")
     return "\n".join(lines) if len(lines) > 1 else lines[0] + " nothing measured"
 
 

@@ -83,6 +83,9 @@ class Result:
     cuda_graph: bool = False  # replayed as a CUDA graph (tempme.cuda_graph)
     compile_mode: str = "default"  # torch.compile's mode, when compiled
     attention_backend: str = "auto"  # the only SDPA kernel allowed (ATTENTION_BACKENDS), or torch's choice
+    # Compiled or CUDA-graph inference: the smallest cosine similarity between its embeddings and the
+    # same encoder's run eagerly on the same videos (``cosine_to_eager``); 1.0 is the same directions.
+    cosine_vs_eager: float | None = None
 
     @property
     def execution(self) -> str:
@@ -354,6 +357,17 @@ def inference_step(encoder: nn.Module, video: torch.Tensor, cuda_graph: bool = F
     return replay
 
 
+def cosine_to_eager(step: Callable[[], torch.Tensor], encoder: nn.Module, video: torch.Tensor) -> float:
+    """The smallest cosine similarity, over the videos of ``video``, between the embeddings ``step``
+    gives (a compiled encoder or a CUDA-graph replay of ``encoder``) and ``encoder``'s own eager ones:
+    whether the optimised path computes what the reference does, checked where it is timed."""
+    optimised = step().clone()  # a graph's or cudagraph tree's output buffer is reused by later calls
+    eager = getattr(encoder, "_orig_mod", encoder)  # torch.compile's wrapper keeps the module
+    with torch.inference_mode():
+        reference = eager(video)
+    return torch.nn.functional.cosine_similarity(optimised.float(), reference.float(), dim=-1).min().item()
+
+
 def with_attention_backend(step: Callable[[], object], backend: str, method: str) -> Callable[[], object]:
     """``step`` run with only ``backend``'s attention kernel allowed (every call, so the first one, which
     compiles or captures, picks that kernel too); ``auto`` leaves the choice to torch."""
@@ -401,7 +415,8 @@ def benchmark_inference(
     in ``torch.compile(dynamic=False, mode=compile_mode)`` (``reduce-overhead`` adds CUDA graphs);
     compilation falls in ``first_call_s``, not in the timings.
     ``cuda_graph`` replays each encoder as a CUDA graph (``tempme.cuda_graph``), captured in the first
-    call. ``size_attention``: see ``build_video_encoder``. ``attention_backend``: one of
+    call. Compiled or graph runs also compare their embeddings with eager ones (``cosine_vs_eager``).
+    ``size_attention``: see ``build_video_encoder``. ``attention_backend``: one of
     ``ATTENTION_BACKENDS``, the only attention kernel allowed (``auto``: torch chooses).
     ``progress``: a progress bar on stderr.
     """
@@ -428,7 +443,11 @@ def benchmark_inference(
         m: with_attention_backend(inference_step(encoder, video, cuda_graph), attention_backend, m)
         for m, encoder in encoders.items()
     }
-    return measure(setup, steps, encoders, repeats, warmup, progress)
+    results = measure(setup, steps, encoders, repeats, warmup, progress)
+    if compile or cuda_graph:
+        for result in results:
+            result.cosine_vs_eager = cosine_to_eager(steps[result.method], encoders[result.method], video)
+    return results
 
 
 # ----------------------------------------------------------------------------- training
@@ -637,6 +656,10 @@ def format_results(results: list[Result]) -> str:
         "vs none: median over rounds of none's time / this method's time; "
         "step MiB: the most tensor memory one call held beyond weights and inputs"
     )
+    checked = [r for r in results if r.cosine_vs_eager is not None]
+    if checked:
+        cosines = ", ".join(f"{r.method} {r.cosine_vs_eager:.5f}" for r in checked)
+        lines.append(f"embeddings against the same encoder run eagerly, smallest cosine: {cosines}")
     return "\n".join(lines)
 
 

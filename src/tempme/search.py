@@ -234,7 +234,10 @@ def update_index(
         model: encodes the videos, as it is (``optimize_for_inference`` first makes it faster).
         fingerprint: :func:`model_fingerprint` of the model as loaded; computed from ``model`` when
             None, which is wrong if the model was optimised since.
-        model_info: how to load the model again for queries (stored in the index).
+        model_info: how to load the model again for queries (stored in the index): ``weights`` (a file
+            or preset, as ``tempme.load_model`` takes it) or ``checkpoint`` (a ``tempme train`` run).
+            The method and frame count are recorded from ``model``. Without it, ``tempme search`` needs
+            ``--weights`` or ``--checkpoint`` to find the model.
         precision: ``fp32``, ``bf16`` or ``fp16`` autocast.
         save_every_s: write the index when this many seconds have passed since it was last written.
     """
@@ -248,7 +251,12 @@ def update_index(
         raise ValueError(f"num_workers must not be negative, got {num_workers}")
     device = torch.device(device)
     autocast(device, precision)  # refuses an unknown precision before any work
-    model_info = {**(model_info or {}), "fingerprint": fingerprint or model_fingerprint(model)}
+    model_info = {
+        "method": model.config.merge.method,
+        "frames": model.config.frames,
+        **(model_info or {}),
+        "fingerprint": fingerprint or model_fingerprint(model),
+    }
     settings = index_settings(model, framerate, precision)
     index = open_index(path, model_info, settings, model.config.clip.embed_dim)
 

@@ -51,7 +51,7 @@ def register(subparsers) -> None:
     parser.add_argument("--split", default="test", help="test (the config's test split), val (its validation split) or a split name")
     parser.add_argument("--batch-size", type=int, help="videos per forward pass (default: run.eval_batch_size)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: run.device)")
-    parser.add_argument("--cache-dir", metavar="DIR", help="embedding cache (default: $TEMPME_CACHE/embeddings)")
+    parser.add_argument("--cache-dir", metavar="DIR", help="embedding cache (default: embeddings/ in $TEMPME_CACHE, else in ~/.cache/tempme)")
     parser.add_argument("--no-cache", action="store_true", help="neither read nor write cached embeddings")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.set_defaults(handler=run)
@@ -88,7 +88,7 @@ def resolve_config(args: argparse.Namespace, trained: Path | None) -> TrainConfi
 
 
 def embedding_cache(args: argparse.Namespace) -> Path | None:
-    """--cache-dir, else ``$TEMPME_CACHE/embeddings`` (beside downloaded weights); None with --no-cache."""
+    """--cache-dir, else ``embeddings/`` in the weights cache (``cache_dir()``); None with --no-cache."""
     from tempme.weights import cache_dir
 
     if args.no_cache:

@@ -133,7 +133,9 @@ def load_search_model(model_info: dict[str, Any]):
             model = build_model(config, model_info["checkpoint"])
             load_trained_weights(model, model_info["checkpoint"])
         else:
-            model = tempme.load_model(model_info["weights"], method=model_info["method"], frames=model_info["frames"])
+            model = tempme.load_model(
+                model_info["weights"], method=model_info.get("method", "tempme"), frames=model_info.get("frames")
+            )
     return model.eval()
 
 
@@ -204,6 +206,11 @@ def run_search(args: argparse.Namespace) -> int:
         model_info.update(checkpoint=str(find_trained_weights(args.checkpoint).resolve()), weights=None)
     elif args.weights:
         model_info.update(weights=weights_reference(args.weights), checkpoint=None)
+    if not (model_info.get("checkpoint") or model_info.get("weights")):
+        raise VideoIndexError(
+            f"{args.index} does not record which weights built it (it was written from Python without "
+            "model_info): name them with --weights or --checkpoint"
+        )
     model = load_search_model(model_info)
     if model_fingerprint(model) != index.model.get("fingerprint"):
         named = model_info.get("checkpoint") or model_info.get("weights")

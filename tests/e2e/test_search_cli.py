@@ -148,3 +148,30 @@ def test_index_needs_a_model(library, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["index", str(library), "--out", str(tmp_path / "x.index")])
     assert "one of the arguments --weights --checkpoint is required" in capsys.readouterr().err
+
+
+def test_an_index_written_from_python_is_searchable_from_the_command_line(library, tmp_path, capsys):
+    from tempme.search import find_videos, update_index
+
+    weights = write_clip_weights(tmp_path / "clip.pt", seed=0)
+    videos = find_videos([library / "cats.mp4", library / "dogs.mov"])
+    with torch.random.fork_rng():
+        torch.manual_seed(0)  # the seed `tempme search` loads weights under: LoRA's A starts random
+        model = tempme.load_model(weights, method="tempme", frames=4).eval()
+
+    # As README's Python example: model_info names the weights, so the index says how to load them.
+    named = tmp_path / "named.index"
+    update_index(model, videos, named, model_info={"weights": str(weights)}, progress=False)
+    code, out, err = cli(capsys, "search", str(named), QUERIES[0], "--json", "--device", "cpu")
+    assert code == 0, err
+    assert len(json.loads(out)["results"]) == 2
+
+    # Without model_info the index holds the method and frames, not the weights: one clear error,
+    # and naming them is enough.
+    unnamed = tmp_path / "unnamed.index"
+    update_index(model, videos, unnamed, progress=False)
+    code, _, err = cli(capsys, "search", str(unnamed), QUERIES[0])
+    assert code == 2 and "does not record which weights built it" in err and "--weights" in err
+    code, out, err = cli(capsys, "search", str(unnamed), QUERIES[0], "--weights", str(weights), "--json")
+    assert code == 0, err
+    assert json.loads(out)["results"] == json.loads(cli(capsys, "search", str(named), QUERIES[0], "--json")[1])["results"]

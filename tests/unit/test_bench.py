@@ -10,6 +10,7 @@ import tempme.bench
 from tempme.bench import (
     TensorMemoryTracker,
     benchmark_inference,
+    cosine_to_eager,
     benchmark_training,
     format_results,
     make_training_step,
@@ -32,6 +33,35 @@ def test_inference_reports_every_method_with_ratios():
     assert results[0].speedup_vs_none == 1.0
     table = format_results(results)
     assert all(method in table for method in methods)
+
+
+def test_optimised_embeddings_are_compared_with_the_eager_encoders():
+    torch.manual_seed(0)
+    encoder = tempme.bench.build_video_encoder("tiny-B/32", "tempme", frames=4).eval()
+    video = torch.randn(2, 4, 3, 224, 224)
+    with torch.inference_mode():
+        expected = encoder(video)
+
+    class Compiled:  # what torch.compile returns keeps the module as _orig_mod
+        _orig_mod = encoder
+
+    assert cosine_to_eager(lambda: expected, Compiled(), video) == pytest.approx(1.0, abs=1e-6)
+    # One video's embedding pointing elsewhere is what the smallest cosine must show.
+    astray = expected.clone()
+    astray[1] = torch.roll(astray[1], 1)
+    cosine = torch.nn.functional.cosine_similarity(astray[1], expected[1], dim=0).item()
+    assert cosine < 0.9
+    assert cosine_to_eager(lambda: astray, encoder, video) == pytest.approx(cosine, abs=1e-6)
+
+
+def test_the_table_shows_how_far_optimised_embeddings_are_from_eager_ones():
+    results = benchmark_inference("tiny-B/32", ("none", "tempme"), **TINY)
+    assert all(r.cosine_vs_eager is None for r in results)  # eager runs compare nothing
+    assert "smallest cosine" not in format_results(results)
+    results[0].cosine_vs_eager, results[1].cosine_vs_eager = 1.0, 0.99871
+    assert format_results(results).splitlines()[-1] == (
+        "embeddings against the same encoder run eagerly, smallest cosine: none 1.00000, tempme 0.99871"
+    )
 
 
 def test_inference_in_bf16():

@@ -51,6 +51,13 @@ def test_graph_replay_equals_eager(dtype):
 
 
 @needs_cuda
+def test_bench_compares_graph_embeddings_with_eager_ones():
+    results = benchmark_inference("tiny-B/32", ("none", "tempme"), frames=12, batch=3, device="cuda", dtype="bf16",
+                                  cuda_graph=True, repeats=1, warmup=0)
+    assert all(0.99 <= r.cosine_vs_eager <= 1.0 + 1e-3 for r in results), [r.cosine_vs_eager for r in results]
+
+
+@needs_cuda
 def test_graph_replay_with_flex_attention_equals_eager():
     # FlexAttention's kernel is compiled in the warm-up calls, before the capture.
     encoder = tiny_encoder(torch.bfloat16)

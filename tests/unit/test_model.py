@@ -242,7 +242,8 @@ def test_the_video_encoder_traces_as_one_graph_for_torch_compile(training):
 
 def test_the_compiled_encoder_gives_the_eager_embeddings():
     # torch.compile is one of the optimised paths: its fused kernels must give the same embeddings
-    # (about a minute on 2 CPU cores, most of it compiling; the GPU tests compile it there too).
+    # (about a minute on 2 CPU cores, most of it compiling). On a GPU, `tempme bench --compile`
+    # compares its embeddings with eager ones where it times them (cosine_vs_eager).
     torch.manual_seed(0)
     model = randomise_adapters(tempme.create_model("tiny-B/32", frames=12)).optimize_for_inference().eval()
     video = torch.randn(2, 12, 3, 224, 224)

@@ -121,14 +121,15 @@ def test_merge_benchmark_script_prints_every_variant():
     assert [line.split()[0] for line in out.splitlines()[2:]] == ["library", "sizes16", "rescale-b", "float32-scores"]
 
 
-def result_row(method, videos_per_s, speedup=None, mode="inference", memory=None, execution="graph", form="bias"):
+def result_row(method, videos_per_s, speedup=None, mode="inference", memory=None, execution="graph", form="bias",
+               cosine=None):
     from tempme.bench import Result
 
     return Result(mode=mode, model="ViT-B/16", method=method, frames=12, batch=32, device="cuda",
                   device_name="NVIDIA H100 80GB HBM3", threads=1, dtype="bf16", compiled=execution == "compiled",
                   size_attention=form, first_call_s=1.0, times_s=[0.03], median_s=32 / videos_per_s,
                   videos_per_s=videos_per_s, step_memory_mb=None, weights_mb=1.0, speedup_vs_none=speedup,
-                  memory_vs_none=memory, cuda_graph=execution == "graph").to_dict()
+                  memory_vs_none=memory, cuda_graph=execution == "graph", cosine_vs_eager=cosine).to_dict()
 
 
 def test_targets_summary_reports_each_target_from_one_step():
@@ -136,11 +137,11 @@ def test_targets_summary_reports_each_target_from_one_step():
         return gpu_bench.Step(name, 1, [], status="ok", report={"results": list(rows)})
 
     run = gpu_bench.Run(steps=[
-        step("big-inference-graph", result_row("none", 980, 1.0), result_row("tempme", 1150, 1.17),
-             result_row("plain-vit", 910, 0.93)),
+        step("big-inference-graph", result_row("none", 980, 1.0, cosine=1.0), result_row("tempme", 1150, 1.17, cosine=0.999),
+             result_row("plain-vit", 910, 0.93, cosine=1.0)),
         step("big-inference-graph-flex", result_row("none", 975, 1.0), result_row("tempme", 1310, 1.34, form="flex")),
-        step("big-inference-compiled", result_row("none", 1000, 1.0, execution="compiled"),
-             result_row("tempme", 1480, 1.48, execution="compiled", form="flex")),
+        step("big-inference-compiled", result_row("none", 1000, 1.0, execution="compiled", cosine=0.9999),
+             result_row("tempme", 1480, 1.48, execution="compiled", form="flex", cosine=0.995)),
         step("big-training", result_row("none", 200, 1.0, mode="training", memory=1.0),
              result_row("tempme", 300, 1.52, mode="training", memory=0.56)),
         step("small-inference-graph", result_row("tempme", 9000, 3.0) | {"model": "ViT-B/32"}),  # another model
@@ -154,10 +155,14 @@ def test_targets_summary_reports_each_target_from_one_step():
     assert summary[2].startswith("  tempme >= 1300 videos/s (on an H100): MET, best 1480 (big-inference-compiled")
     assert summary[3].startswith("  none >= a plain fused-attention ViT: MET, none vs plain-vit 1.08x")
     assert summary[4].startswith("  training: tempme >= 1.5x none in <= 0.75x its memory: MET, 1.52x in 0.56x")
-    assert len(summary) == 5
+    assert summary[5] == ("  compiled and graph embeddings = eager ones (cosine >= 0.99): MET, smallest 0.99500 "
+                          "(tempme, ViT-B/16, big-inference-compiled: compiled, size attention flex, batch 32)")
+    assert len(summary) == 6
     run.steps = run.steps[:2]
+    run.steps[0].report["results"][1]["cosine_vs_eager"] = 0.97  # a merge decided otherwise: too far
     summary = gpu_bench.targets_summary(run, "ViT-B/16").splitlines()
     assert summary[1] == ("  tempme >= 1.45x none: not met, best 1.34x "
                           "(big-inference-graph-flex: graph, size attention flex, batch 32)")
     assert "MET, best 1310" in summary[2]
+    assert "(cosine >= 0.99): not met, smallest 0.97000 (tempme" in summary[4]
     assert gpu_bench.targets_summary(gpu_bench.Run(), "ViT-B/16").endswith("nothing measured")
