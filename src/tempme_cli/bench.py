@@ -48,7 +48,10 @@ See docs/benchmarks.md."""
 
 
 def method_list(text: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in text.split(",") if part.strip())
+    methods = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not methods:
+        raise argparse.ArgumentTypeError(f"no method named in {text!r}")
+    return methods
 
 
 def register(subparsers) -> None:
@@ -137,7 +140,9 @@ def chosen_methods(args: argparse.Namespace) -> tuple[str, ...]:
 
 def run(args: argparse.Namespace) -> int:
     methods = chosen_methods(args)
-    if args.threads:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     on_gpu = device.type == "cuda"

@@ -12,7 +12,9 @@ import torch
 
 from tempme.config import MERGE_METHODS
 
-from .common import DefaultsHelpFormatter
+from tempme.files import atomic_file
+
+from .common import DefaultsHelpFormatter, check_output_folder
 
 
 def register(subparsers) -> None:
@@ -55,14 +57,18 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
             overrides[name] = value
     config = dataclasses.replace(config, **overrides)
+    # Both are written after minutes of work: refuse unusable ones now.
+    for option, folder in (("--output", args.output), ("--save-dir", args.save_dir)):
+        if folder is not None:
+            check_output_folder(folder, option)
 
     if args.save_dir is not None:
         paths = save_videos(make_test_set(config), args.save_dir)
         print(f"wrote {len(paths)} test videos to {args.save_dir}", file=sys.stderr)
     result = run_demo(config)
     if args.output is not None:
-        args.output.mkdir(parents=True, exist_ok=True)
-        (args.output / "results.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        with atomic_file(args.output / "results.json") as temporary:
+            temporary.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:

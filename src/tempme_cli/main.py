@@ -38,19 +38,43 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue
         module.register(subparsers)
+    parser.set_defaults(command_parsers=subparsers.choices)
     return parser
+
+
+def parse_arguments(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """``parser.parse_args``, except that ``KEY=VALUE`` config overrides may also follow options
+    (``tempme train --config c.yaml --output run optim.lr=1e-4``), which argparse alone refuses."""
+    args, extra = parser.parse_known_args(argv)
+    if not extra:
+        return args
+    command_parser = args.command_parsers.get(args.command, parser)
+    if hasattr(args, "overrides") and all("=" in item and not item.startswith("-") for item in extra):
+        args.overrides = [*args.overrides, *extra]
+        return args
+    command_parser.error(f"unrecognized arguments: {' '.join(extra)}")
+
+
+def describe_os_error(error: OSError) -> str:
+    """'Permission denied: /some/file' rather than '[Errno 13] Permission denied: '/some/file''."""
+    if error.strerror and error.filename:
+        return f"{error.strerror}: {error.filename}"
+    return str(error)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_arguments(parser, argv)
     if not getattr(args, "handler", None):
         parser.print_help()
         return 1
     try:
         return args.handler(args) or 0
-    except (CLIError, ValueError, TypeError, FileNotFoundError) as error:
+    except (CLIError, ValueError, TypeError) as error:
         print(f"tempme {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a file or folder that cannot be read or written: one line, not a traceback
+        print(f"tempme {args.command}: error: {describe_os_error(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"tempme {args.command}: interrupted", file=sys.stderr)

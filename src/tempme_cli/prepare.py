@@ -40,12 +40,17 @@ def run(args: argparse.Namespace) -> int:
     from tempme.data import check_videos_exist
     from tempme_train.data import frame_cache, split_items
 
+    from .common import check_output_folder
     from .train import config_from_args
 
     config = config_from_args(args)
     cache = frame_cache(config.data)
     if cache is None:
         raise ValueError(f"{args.config}: data.frame_cache is not set; say where to store the frames (data.frame_cache=DIR)")
+    check_output_folder(cache.folder, "data.frame_cache")
+    workers = config.data.num_workers if args.workers is None else args.workers
+    if workers < 0:
+        raise ValueError(f"--workers (or data.num_workers) must not be negative, got {workers}")
     # A video can belong to several splits (a held-out validation set is part of train); cache it once.
     items = {}
     for name in args.splits:
@@ -54,7 +59,6 @@ def run(args: argparse.Namespace) -> int:
             items.setdefault((item.video_id, item.start, item.end), item)
     missing = check_videos_exist(items.values())
     present = [item for item in items.values() if item.path.is_file()]
-    workers = config.data.num_workers if args.workers is None else args.workers
     summary = cache.prepare(present, num_workers=workers)
     print(f"frame cache {cache.folder}: {summary.ok} videos cached, {len(summary.skipped)} undecodable, {len(missing)} missing")
     for skipped in summary.skipped:

@@ -20,6 +20,8 @@ import torch
 from tempme.bench import resolve_device
 from tempme.precision import PRECISIONS, default_precision
 
+from .common import check_finite, check_output_file
+
 INDEX_EPILOG = textwrap.dedent(
     """\
     Run it again on the same folders to add new videos: those already indexed are not decoded again,
@@ -145,14 +147,15 @@ def run_index(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    check_finite(args.save_every, "--save-every")
     if args.save_every < 0:
         raise ValueError(f"--save-every must not be negative, got {args.save_every}")
-    if args.framerate <= 0:
-        raise ValueError(f"--framerate must be positive, got {args.framerate}")
+    check_finite(args.framerate, "--framerate", positive=True)
     if args.workers < 0:
         raise ValueError(f"--workers must not be negative, got {args.workers}")
     if args.frames is not None and args.frames < 1:
         raise ValueError(f"--frames must be at least 1, got {args.frames}")
+    check_output_file(args.out, "--out", example_name="videos.index")
     videos = find_videos(args.videos)
     device = resolve_device(args.device)
     precision = args.precision if args.precision != "auto" else default_precision(device)

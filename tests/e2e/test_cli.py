@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tempme_cli.main import main
 
 
@@ -76,3 +78,67 @@ def test_version_names_tempme_and_torch(capsys):
     out = capsys.readouterr().out
     assert out.startswith(f"tempme {tempme.__version__} (torch {torch.__version__}")
     assert importlib.metadata.version("tempme") == tempme.__version__  # pyproject reads the same string
+
+
+def test_config_overrides_may_follow_options():
+    from tempme_cli.main import build_parser, parse_arguments
+
+    args = parse_arguments(build_parser(), ["train", "--config", "c.yaml", "optim.lr=1e-4", "--output", "run",
+                                            "run.log_every=1"])
+    assert args.overrides == ["optim.lr=1e-4", "run.log_every=1"] and args.output == "run"
+
+
+def test_unknown_options_show_the_subcommands_usage(capsys):
+    for argv in (["train", "--config", "c.yaml", "--bogus"], ["flops", "optim.lr=1"]):  # flops takes no overrides
+        try:
+            main(argv)
+        except SystemExit as exit:
+            assert exit.code == 2
+        else:
+            raise AssertionError(f"{argv} was accepted")
+        err = capsys.readouterr().err
+        assert err.startswith(f"usage: tempme {argv[0]} ") and f"unrecognized arguments: {argv[-1]}" in err
+
+
+def test_files_that_cannot_be_written_are_one_line_before_any_work(tmp_path, capsys):
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    assert main(["demo", "--quick", "--output", str(not_a_folder)]) == 2
+    assert capsys.readouterr().err == f"tempme demo: error: --output {not_a_folder} is a file; name a folder\n"
+    assert main(["demo", "--quick", "--save-dir", str(not_a_folder / "videos")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"tempme demo: error: --save-dir {not_a_folder / 'videos'}: cannot write there (")
+    # The index is checked before the model loads: these weights do not even exist.
+    assert main(["index", str(tmp_path), "--weights", str(tmp_path / "none.pt"),
+                 "--out", str(not_a_folder / "x.index")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"tempme index: error: --out {not_a_folder / 'x.index'}: cannot write in {not_a_folder} (")
+    assert err.count("\n") == 1
+
+
+def test_an_os_error_is_one_line_without_a_traceback(monkeypatch, capsys):
+    from tempme_cli import main as cli
+
+    def denied(args):
+        raise PermissionError(13, "Permission denied", "/data/videos.index")
+
+    build = cli.build_parser
+
+    def build_with_a_failing_flops():
+        parser = build()
+        parser.get_default("command_parsers")["flops"].set_defaults(handler=denied)
+        return parser
+
+    monkeypatch.setattr(cli, "build_parser", build_with_a_failing_flops)
+    assert main(["flops"]) == 2
+    assert capsys.readouterr().err == "tempme flops: error: Permission denied: /data/videos.index\n"
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--framerate", "nan", "--framerate must be a positive number, got nan"),
+    ("--framerate", "inf", "--framerate must be a positive number, got inf"),
+    ("--save-every", "nan", "--save-every must be a finite number, got nan"),
+])
+def test_index_refuses_numbers_that_are_not_numbers(tmp_path, option, value, message, capsys):
+    assert main(["index", str(tmp_path), "--weights", "x.pt", "--out", str(tmp_path / "x.index"), option, value]) == 2
+    assert message in capsys.readouterr().err

@@ -125,12 +125,12 @@ def test_search_refuses_other_weights_and_bad_input(library, tmp_path, capsys):
     assert code == 2 and "nowhere: no such file or directory" in err
 
     code, _, err = cli(capsys, "index", str(library), "--weights", str(weights), "--out", str(tmp_path))
-    assert code == 2 and "is a folder; name the index file" in err
+    assert code == 2 and "is a folder; name the file to write" in err and "videos.index" in err
 
     code, _, err = cli(capsys, "index", str(library), "--checkpoint", str(weights), "--frames", "8", "--out", str(index))
     assert code == 2 and "--method and --frames go with --weights" in err
 
-    for option, value, message in [("--framerate", "0", "--framerate must be positive"),
+    for option, value, message in [("--framerate", "0", "--framerate must be a positive number, got 0"),
                                    ("--workers", "-1", "--workers must not be negative")]:
         fresh = tmp_path / "fresh.index"
         code, _, err = cli(capsys, "index", str(library), "--weights", str(weights), "--out", str(fresh), option, value)

@@ -179,11 +179,19 @@ def test_cli_cuda_without_cuda_is_a_clear_error(capsys):
         (["--train", "--cuda-graph"], "inference only"),
         (["--batch", "0"], "need batch >= 1"),
         (["--repeats", "0"], "repeats >= 1"),
+        (["--threads", "-2"], "--threads must be at least 1, got -2"),
+        (["--threads", "0"], "--threads must be at least 1, got 0"),
     ],
 )
 def test_cli_rejects_bad_options(extra, message, capsys):
     assert main(["bench", "--model", "tiny-B/32", *extra]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_cli_refuses_a_method_list_that_names_none(capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["bench", "--model", "tiny-B/32", "--methods", ","])
+    assert exit.value.code == 2 and "no method named in ','" in capsys.readouterr().err
 
 
 def test_timm_baseline_where_timm_imports():
