@@ -1,24 +1,110 @@
-"""Writing files so that a reader never sees half of one."""
+"""Writing files so that a reader never sees half of one, with the permissions a plain write would give."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 
+def current_umask() -> int:
+    """The process's umask (e.g. ``0o022``).
+
+    Linux shows it in ``/proc/self/status``. Elsewhere the only way to read it is to set it and set it
+    back (``os.umask``), and a file another thread creates in between gets the wrong permissions; so
+    that is the fallback only.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _mode_for(path: Path, fresh: int) -> int:
+    """The permissions ``path`` keeps when replaced, or ``fresh & ~umask`` for a new one."""
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        return fresh & ~current_umask()
+
+
+def check_readable(path: str | os.PathLike) -> None:
+    """Raise the OS's own error (``PermissionError``, ``IsADirectoryError`` ...) if ``path`` cannot be opened.
+
+    For readers whose libraries lose it: safetensors reports every file it cannot open as
+    "No such file or directory", which sends a user looking for a file that is there.
+    """
+    with open(path, "rb"):
+        pass
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` to write; when the block ends without error, it replaces
-    ``path`` in one rename. An interrupted or failed write leaves ``path`` as it was and no temporary file."""
+    ``path`` in one rename. An interrupted or failed write leaves ``path`` as it was and no temporary file.
+
+    Permissions: a new file gets what ``open(path, "w")`` would give (``0o666`` less the umask), not the
+    owner-only ``0o600`` of a temporary file. A replaced file keeps its own permissions, as text
+    editors do, so a file the user made readable to others stays readable. Its owner and group are
+    those of whoever writes it (only root could keep another user's).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
     try:
         yield Path(temporary)
+        # Read just before the rename, so a mode changed while writing is the one kept.
+        os.chmod(temporary, _mode_for(path, 0o666))
         os.replace(temporary, path)
     finally:
         Path(temporary).unlink(missing_ok=True)
+
+
+def temporary_directory_for(target: str | os.PathLike) -> Path:
+    """A new, empty directory beside ``target``, to fill and then rename onto it (an atomic directory write).
+
+    It gets the permissions ``target`` has, or for a new one those of ``mkdir`` (``0o777`` less the
+    umask), instead of the owner-only ``0o700`` of ``tempfile.mkdtemp``, which would otherwise stay
+    on ``target`` after the rename. The caller renames it into place, or removes it on failure.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    # The owner keeps full access even if ``target`` had less: the caller must be able to fill it.
+    os.chmod(temporary, _mode_for(target, 0o777) | stat.S_IRWXU)
+    return temporary
+
+
+def check_folder(path: str | os.PathLike, what: str, writable: bool = True) -> None:
+    """Raise ValueError (``what``, the path and the reason, one line) unless ``path`` is a folder or
+    can be created as one, and, with ``writable``, files can be written in it.
+
+    Run before any work, so that an unusable output folder fails in a second rather than after the
+    run. Creates nothing that stays: the write test is a temporary file in the nearest existing folder.
+    """
+    path = Path(path).expanduser()
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        if existing == path:
+            raise ValueError(f"{what} {path}: exists and is not a folder")
+        raise ValueError(f"{what} {path}: cannot be created, {existing} is a file")
+    if not writable:
+        return
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        where = "" if existing == path else f" (cannot create it in {existing})"
+        raise ValueError(f"{what} {path}: not writable{where}: {error.strerror or error}") from None

@@ -16,4 +16,6 @@ def progress_bar(iterable: Iterable | None = None, **options) -> tqdm:
     second; when stderr is a file or a pipe, at most every ``LOG_FILE_INTERVAL_S`` seconds."""
     if not sys.stderr.isatty():
         options.setdefault("mininterval", LOG_FILE_INTERVAL_S)
+        # A second bar would be drawn below the first with cursor-up codes: garbage in a log file.
+        options.setdefault("position", 0)
     return tqdm(iterable, **options)

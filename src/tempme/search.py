@@ -29,7 +29,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from torch.utils.data import DataLoader
 
 from .data import RetrievalVideos, SkippedVideo, VideoItem, collate_skip_bad
-from .files import atomic_file
+from .files import atomic_file, check_readable
 from .model import TempMe
 from .precision import autocast
 from .progress import progress_bar
@@ -124,6 +124,11 @@ class VideoIndex:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such index file (build one with `tempme index`)")
+        try:
+            # safetensors reports every file it cannot open as missing; opening it first gives the real reason.
+            check_readable(path)
+        except OSError as error:
+            raise VideoIndexError(f"{path}: cannot read the index ({error.strerror or error})") from None
         try:
             with safe_open(str(path), framework="pt") as handle:
                 metadata = handle.metadata() or {}

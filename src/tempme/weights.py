@@ -34,7 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .config import CLIPConfig, ModelConfig, TextConfig, VisionConfig, get_preset, preset_names
-from .files import atomic_file
+from .files import atomic_file, check_readable
 from .model import TempMe, is_adapter_parameter
 
 PathLike = str | os.PathLike
@@ -118,8 +118,11 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], str]:
         return _read_hf_dir(path), "hf-dir"
     if not path.is_file():
         raise WeightsError(f"{path}: no such file or directory")
-    with path.open("rb") as handle:
-        head = handle.read(9)
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(9)
+    except OSError as err:
+        raise WeightsError(f"{path}: cannot read ({err.strerror or err})") from None
     if not head:
         raise WeightsError(f"{path}: the file is empty")
     if head.startswith(b"PK\x03\x04"):
@@ -223,6 +226,11 @@ def _read_shards(index: Path) -> dict[str, torch.Tensor]:
 
 def read_metadata(path: PathLike) -> dict[str, str]:
     """The string metadata of a safetensors file (``{}`` when it has none)."""
+    try:
+        # safetensors reports every file it cannot open as missing; opening it first gives the real reason.
+        check_readable(path)
+    except OSError as err:
+        raise WeightsError(f"{path}: cannot read ({err.strerror or err})") from None
     try:
         with safe_open(str(path), framework="pt") as handle:
             return dict(handle.metadata() or {})
@@ -754,5 +762,5 @@ def _hf_heads(path: Path) -> tuple[int, int] | None:
     try:
         config = json.loads(config_file.read_text())
         return config["vision_config"]["num_attention_heads"], config["text_config"]["num_attention_heads"]
-    except (ValueError, KeyError, TypeError) as err:
+    except (OSError, ValueError, KeyError, TypeError) as err:
         raise WeightsError(f"{config_file}: cannot read the head counts ({err!r})") from None

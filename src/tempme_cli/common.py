@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import math
-import tempfile
 from pathlib import Path
+
+from tempme.files import check_folder
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -53,37 +54,13 @@ def schedule_overrides(args: argparse.Namespace) -> dict:
     return overrides
 
 
-def why_not_writable(folder: Path) -> str | None:
-    """None if a file can be created in ``folder`` (made if missing), else the reason it cannot."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as error:
-        return error.strerror or str(error)
-    return None
-
-
-def check_output_folder(folder: str | Path, option: str) -> Path:
-    """Make sure ``folder`` can take output files before long work, whose results would otherwise be
-    lost when written at the end. Creates it; returns it as a Path."""
-    folder = Path(folder).expanduser()
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"{option} {folder} is a file; name a folder")
-    reason = why_not_writable(folder)
-    if reason:
-        raise ValueError(f"{option} {folder}: cannot write there ({reason})")
-    return folder
-
-
 def check_output_file(path: str | Path, option: str, example_name: str = "out") -> None:
-    """``check_output_folder`` for the folder of the output file ``path``, which must not be a folder."""
+    """Refuse, before any work, an output file ``path`` that is a folder or whose folder cannot be
+    made or written to (``tempme.files.check_folder``)."""
     path = Path(path).expanduser()
     if path.is_dir():
         raise ValueError(f"{option} {path} is a folder; name the file to write (e.g. {path / example_name})")
-    reason = why_not_writable(path.parent)
-    if reason:
-        raise ValueError(f"{option} {path}: cannot write in {path.parent} ({reason})")
+    check_folder(path.parent, f"{option} {path}: its folder")
 
 def check_finite(value: float, option: str, positive: bool = False) -> None:
     """Refuse nan and infinities (argparse's float() takes them), and with ``positive`` values <= 0."""

@@ -12,9 +12,9 @@ import torch
 
 from tempme.config import MERGE_METHODS
 
-from tempme.files import atomic_file
+from tempme.files import atomic_file, check_folder
 
-from .common import DefaultsHelpFormatter, check_output_folder
+from .common import DefaultsHelpFormatter
 
 
 def register(subparsers) -> None:
@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     # Both are written after minutes of work: refuse unusable ones now.
     for option, folder in (("--output", args.output), ("--save-dir", args.save_dir)):
         if folder is not None:
-            check_output_folder(folder, option)
+            check_folder(folder, option)
 
     if args.save_dir is not None:
         paths = save_videos(make_test_set(config), args.save_dir)

@@ -5,17 +5,19 @@ from __future__ import annotations
 import argparse
 import json
 import textwrap
+import warnings
 from pathlib import Path
 from typing import Any
 
-from tempme_train.config import TrainConfig, apply_overrides, load_config, with_settings
+from tempme_train.config import ConfigError, TrainConfig, apply_overrides, load_config, with_settings
 
 EPILOG = textwrap.dedent(
     """\
     what is evaluated:
       --checkpoint PATH   a trained run: its folder (best.safetensors), a checkpoint folder (last/) or a
                           weights file written by tempme train. Adapters are applied on top of the base
-                          weights named in the training config stored with them.
+                          weights named in the training config stored with them; --weights may give
+                          those same weights from another place (other weights are refused).
       --weights W         CLIP or tempme weights (a file or a preset name such as ViT-B/32): zero-shot.
       --config CONFIG     the model and data of a training config (its model.weights, zero-shot unless
                           --checkpoint is given too; then CONFIG replaces the stored config).
@@ -88,12 +90,75 @@ def resolve_config(args: argparse.Namespace, trained: Path | None) -> TrainConfi
 
 
 def embedding_cache(args: argparse.Namespace) -> Path | None:
-    """--cache-dir, else ``embeddings/`` in the weights cache (``cache_dir()``); None with --no-cache."""
+    """--cache-dir, else ``embeddings/`` in the weights cache (``cache_dir()``); None with --no-cache.
+
+    A --cache-dir that cannot be a folder (it, or a folder above it, is a file) is an error now,
+    before the encoding. A read-only one still serves cached embeddings: failing to write a new file
+    there is a warning (see ``tempme_train.evaluate.evaluate``), as it is for the default folder.
+    """
     from tempme.weights import cache_dir
+    from tempme.files import check_folder
 
     if args.no_cache:
         return None
-    return Path(args.cache_dir) if args.cache_dir else cache_dir() / "embeddings"
+    if not args.cache_dir:
+        return cache_dir() / "embeddings"
+    check_folder(args.cache_dir, "--cache-dir", writable=False)
+    return Path(args.cache_dir)
+
+
+def stored_config(trained: Path) -> TrainConfig | None:
+    """The training config recorded in a weights file written by tempme train (None for other files)."""
+    from tempme_train.modeling import recorded_metadata, train_config_of
+
+    return train_config_of(trained) if "train_config" in recorded_metadata(trained) else None
+
+
+def check_weights_option(trained: Path, weights: str) -> None:
+    """--weights with --checkpoint is allowed only to give the base weights the adapters were trained
+    on from another place (a moved file, a local copy of a preset): ``tempme_train.modeling.check_base``
+    then compares the backbones. Files holding every weight need no base, and adapters that record
+    no base fingerprint (older files) cannot be checked, so there any other weights are refused."""
+    from tempme_train.modeling import BASE_FINGERPRINT, recorded_metadata
+
+    stored = stored_config(trained)
+    if stored is None:
+        return  # not from tempme train: what it holds is read as it is, with --weights as the base
+    if stored.model.trainable == "full":
+        raise ValueError(
+            f"--weights {weights}: {trained} holds every weight of its fine-tuned model, so base weights "
+            "would be ignored; leave --weights out"
+        )
+    if BASE_FINGERPRINT not in recorded_metadata(trained) and weights != stored.model.weights:
+        raise ValueError(
+            f"--weights {weights}: {trained} does not record which base weights its adapters fit (its config "
+            f"names {stored.model.weights or 'the seeded random ' + stored.model.preset}), so other weights "
+            "cannot be checked; leave --weights out"
+        )
+
+
+def custom_split_warning(config: TrainConfig, split: str, trained: Path | None) -> str | None:
+    """A warning when a custom-format evaluation runs on the pairs the checkpoint was trained on.
+
+    The custom format has no splits: every split name reads the whole annotation file. (``val``
+    without a held-out set is warned about where the split is built.)
+    """
+    from tempme_train.config import HOLDOUT
+
+    data = config.data
+    stored = stored_config(trained) if trained is not None and data.dataset == "custom" and split != "val" else None
+    if stored is None or stored.data.dataset != "custom":
+        return None
+    if Path(stored.data.anno_path).resolve() != Path(data.anno_path).resolve():
+        return None  # evaluated on another file: a real test
+    held_out = ""
+    if stored.data.val_split == HOLDOUT:
+        held_out = f" (all but its {stored.data.holdout_videos} held-out videos)"
+    return (
+        f"data.dataset=custom has no {split} split: these numbers are on {data.anno_path}, the file "
+        f"{trained} was trained on{held_out}, so they measure fit to the training pairs, not test "
+        "performance; evaluate on an annotation file of other videos (--anno-path)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -101,37 +166,56 @@ def run(args: argparse.Namespace) -> int:
     from tempme_train.data import drop_missing_videos, frame_cache, split_items
     from tempme_train.distributed import WorldInfo
     from tempme_train.evaluate import EvalSet, evaluate
-    from tempme_train.modeling import build_model, find_trained_weights, load_trained_weights
+    from tempme_train.modeling import build_model, check_base, find_trained_weights, load_trained_weights
     from tempme_train.train import resolve_device
 
     if not (args.config or args.checkpoint or args.weights):
         raise ValueError("say what to evaluate: --checkpoint PATH, --weights W or --config CONFIG")
     trained = find_trained_weights(args.checkpoint) if args.checkpoint else None
+    if trained is not None and args.weights:
+        check_weights_option(trained, args.weights)
     config = resolve_config(args, trained)
     source = args.config or str(trained or "command line")
-
-    items = split_items(config.data, args.split, source)
-    items, missing = drop_missing_videos(items, config.data.strict, args.split, source)
-    eval_set = EvalSet.from_items(items, config.data, f"{config.data.dataset}/{args.split}", frame_cache(config.data))
-    model = build_model(config, source)
+    # Everything that can be checked without work is checked before the encoding starts.
+    try:
+        device = resolve_device(config.run.device, WorldInfo(), source)
+        cache = embedding_cache(args)
+        items = split_items(config.data, args.split, source)
+        items, missing = drop_missing_videos(items, config.data.strict, args.split, source)
+        warning = custom_split_warning(config, args.split, trained)
+        if warning:
+            warnings.warn(warning, stacklevel=1)
+        eval_set = EvalSet.from_items(items, config.data, f"{config.data.dataset}/{args.split}", frame_cache(config.data))
+        model = build_model(config, source)
+    except ConfigError as error:
+        # These checks know one source; the value may come from an option or a KEY=VALUE override.
+        raise config.blame(error) from None
+    base = config.model.weights or f"random {config.model.preset}"
+    stored = stored_config(trained) if trained is not None else None
+    adapters = stored is not None and stored.model.trainable == "lora"  # applied on top of base
     if trained is not None:
+        check_base(model, trained, base)
         load_trained_weights(model, trained)
     model.optimize_for_inference()  # the same embeddings, faster; this model is not trained further
-    device = resolve_device(config.run.device, WorldInfo())
     results = evaluate(
         model.to(device), eval_set, config.run.eval_batch_size, device, config.optim.precision,
-        config.data.num_workers, cache_dir=embedding_cache(args), progress=not args.json,
+        config.data.num_workers, cache_dir=cache, progress=not args.json,
     )
     results.update(
         split=args.split, dataset=config.data.dataset, missing=missing,
-        weights=str(trained) if trained else config.model.weights or f"random {config.model.preset}",
+        weights=str(trained) if trained else base,
         paper={"t2v": config.paper.t2v, "v2t": config.paper.v2t},
     )
+    if adapters:
+        results["base_weights"] = base
+    if warning:
+        results["warning"] = warning
     if args.json:
         print(json.dumps(results))
         return 0
+    on_base = f" (adapters on {base})" if adapters else ""
     print(f"{results['dataset']} {args.split}: {results['num_captions']} captions, {results['num_videos']} videos; "
-          f"weights: {results['weights']}")
+          f"weights: {results['weights']}{on_base}")
     print(format_metrics_table(results["t2v"], results["v2t"]))
     if config.paper.t2v:
         print("paper t2v: " + ", ".join(f"{key} {value}" for key, value in config.paper.t2v.items()))

@@ -38,16 +38,16 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from tempme.data import check_videos_exist
+    from tempme.files import check_folder
     from tempme_train.data import frame_cache, split_items
 
-    from .common import check_output_folder
     from .train import config_from_args
 
     config = config_from_args(args)
     cache = frame_cache(config.data)
     if cache is None:
         raise ValueError(f"{args.config}: data.frame_cache is not set; say where to store the frames (data.frame_cache=DIR)")
-    check_output_folder(cache.folder, "data.frame_cache")
+    check_folder(cache.folder, "data.frame_cache")
     workers = config.data.num_workers if args.workers is None else args.workers
     if workers < 0:
         raise ValueError(f"--workers (or data.num_workers) must not be negative, got {workers}")

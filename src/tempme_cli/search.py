@@ -214,6 +214,13 @@ def run_search(args: argparse.Namespace) -> int:
             f"{args.index} does not record which weights built it (it was written from Python without "
             "model_info): name them with --weights or --checkpoint"
         )
+    recorded = Path(model_info.get("checkpoint") or model_info["weights"])
+    if not (args.checkpoint or args.weights) and recorded.is_absolute() and not recorded.exists():
+        # Presets are recorded by name (relative): only files and folders can have moved.
+        raise VideoIndexError(
+            f"{args.index} was built with the weights at {recorded}, which are not there any more: name "
+            "where they are now with --weights (or --checkpoint for a `tempme train` run)"
+        )
     model = load_search_model(model_info)
     if model_fingerprint(model) != index.model.get("fingerprint"):
         named = model_info.get("checkpoint") or model_info.get("weights")

@@ -16,9 +16,9 @@ happened between the two renames.)
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,9 +28,13 @@ import numpy as np
 import torch
 
 from tempme import TempMe
+from tempme.files import temporary_directory_for
 
 from .config import TrainConfig, save_config
 from .modeling import load_trained_weights, save_trained_weights
+
+# What torch.load raises for a truncated or otherwise damaged file (it names no single type).
+_DAMAGED_FILE_ERRORS = (RuntimeError, EOFError, OSError, pickle.UnpicklingError, KeyError, TypeError, ValueError)
 
 LAST = "last"
 BEST = "best.safetensors"
@@ -73,8 +77,7 @@ def restore_rng_states(states: dict[str, Any]) -> None:
 
 def write_directory_atomically(target: Path, write: Callable[[Path], None]) -> None:
     """Fill a fresh temporary directory with ``write(tmp)``, then move it to ``target``."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    temp = temporary_directory_for(target)
     try:
         write(temp)
     except BaseException:
@@ -106,8 +109,12 @@ def save_checkpoint(
     scaler: torch.amp.GradScaler,
     progress: Progress,
     steps_per_epoch: int,
+    base_fingerprint: str | None = None,
 ) -> None:
-    """Write a resumable checkpoint to ``directory`` (atomically)."""
+    """Write a resumable checkpoint to ``directory`` (atomically).
+
+    ``base_fingerprint``: see :func:`tempme_train.modeling.save_trained_weights`.
+    """
     state = {
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
@@ -120,7 +127,7 @@ def save_checkpoint(
     }
 
     def write(temp: Path) -> None:
-        save_trained_weights(model, temp / WEIGHTS, config)
+        save_trained_weights(model, temp / WEIGHTS, config, base_fingerprint)
         torch.save(state, temp / STATE)
         save_config(config, temp / CONFIG)
 
@@ -134,12 +141,26 @@ def load_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler,
 ) -> Progress:
-    """Restore everything :func:`save_checkpoint` wrote; returns the run's progress."""
-    load_trained_weights(model, directory / WEIGHTS)
-    # Our own file with Python objects (RNG states), so the full unpickler is needed.
-    state = torch.load(directory / STATE, map_location="cpu", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    scaler.load_state_dict(state["scaler"])
-    restore_rng_states(state["rng"])
-    return Progress(**state["progress"])
+    """Restore everything :func:`save_checkpoint` wrote; returns the run's progress.
+
+    A damaged file (truncated by a full disk or a copy cut short) is a ValueError naming it.
+    """
+    remedy = (
+        f"resume from an earlier copy of {directory} (put it in its place), or start over "
+        "in a new output folder"
+    )
+    try:
+        load_trained_weights(model, directory / WEIGHTS)
+    except ValueError as error:  # tempme.weights.WeightsError: unreadable or not this model's
+        raise ValueError(f"cannot resume: {directory / WEIGHTS} is damaged ({error}); {remedy}") from None
+    try:
+        # Our own file with Python objects (RNG states), so the full unpickler is needed.
+        state = torch.load(directory / STATE, map_location="cpu", weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        restore_rng_states(state["rng"])
+        return Progress(**state["progress"])
+    except _DAMAGED_FILE_ERRORS as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"cannot resume: {directory / STATE} is damaged ({reason}); {remedy}") from None

@@ -7,6 +7,8 @@ block with the numbers the paper reports for that setting. A file may start from
 Every key and value is checked against the dataclass fields below: an unknown key or a value of the
 wrong type raises :class:`ConfigError` naming the file, the key path (``optim.lr``) and the value.
 Command-line overrides (``optim.lr=1e-4``) are parsed with ``yaml.safe_load`` and checked the same way.
+A config remembers which override or option set each value (:meth:`TrainConfig.source_of`), so that
+an error names the source of the bad value, not the file it started from.
 
 The bundled configs (one per row of the paper's main tables) live in ``tempme_train/configs``;
 :func:`list_configs` names them and :func:`load_config` accepts those names as well as paths.
@@ -18,6 +20,7 @@ import dataclasses
 import re
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -35,11 +38,18 @@ HOLDOUT = "holdout"
 
 
 class ConfigError(ValueError):
-    """A config value that is unknown, of the wrong type or unusable; names where it came from."""
+    """A config value that is unknown, of the wrong type or unusable; names where it came from.
 
-    def __init__(self, source: str, key: str, value: Any, reason: str):
-        self.source, self.key, self.value, self.reason = source, key, value, reason
-        super().__init__(f"{source}: {key}: {reason} (got {_short_repr(value)})")
+    The message is ``source: key: reason (got value)``. ``key`` None leaves it out (a problem with a
+    whole file); ``show_value=False`` leaves out the value, for a ``reason`` that already shows it.
+    """
+
+    def __init__(self, source: str, key: str | None, value: Any, reason: str, *, show_value: bool = True):
+        self.source, self.key, self.value, self.reason, self.show_value = source, key, value, reason, show_value
+        message = f"{source}: {key}: {reason}" if key is not None else f"{source}: {reason}"
+        if show_value:
+            message += f" (got {_short_repr(value)})"
+        super().__init__(message)
 
 
 def _short_repr(value: Any, limit: int = 80) -> str:
@@ -168,9 +178,87 @@ class TrainConfig:
     run: RunSettings = field(default_factory=RunSettings)
     paper: PaperResults = field(default_factory=PaperResults)
 
+    # Where values came from, for error messages: setting key -> source, e.g. {"": "run.yaml",
+    # "optim.epochs": "run.yaml", "optim.lr": "command-line override 'optim.lr=1e-4'"}, where "" stands
+    # for the settings left at their defaults.
+    # Filled in by load_config, apply_overrides, with_settings and config_from_dict. Deliberately not
+    # annotated, so it is no dataclass field: it is not a setting, so it is not saved, not compared, and
+    # cannot be set from a file. (dataclasses.replace drops it; errors then name the caller's source.)
+    origins = types.MappingProxyType({})
+
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML-friendly data (tuples become lists)."""
         return _plain(dataclasses.asdict(self))
+
+    def source_of(self, key: str, default: str = "config") -> str:
+        """Where setting ``key`` (``optim.lr``, ``model.schedule.merge_layers[0]``) got its value: the
+        override or option that set it or a section above it, else the file, else ``default``."""
+        return _source_in(self.origins, key, default)
+
+    def blame(self, error: ConfigError) -> ConfigError:
+        """``error``, naming where this config got the value of ``error.key`` as its source.
+
+        For code that checks a loaded config further and only knows the config file: wrap that work in
+        ``except ConfigError as error: raise config.blame(error) from None``.
+        """
+        return _blame(self.origins, error)
+
+
+def _source_in(origins: Mapping[str, str], key: str, default: str) -> str:
+    key = re.sub(r"\[\d+\]", "", key)  # a list element comes from where its list came from
+    # A setting comes from where it or the section above it was set ...
+    parts = key.split(".")
+    for end in range(len(parts), 0, -1):
+        name = ".".join(parts[:end])
+        if name in origins:
+            return origins[name]
+    # ... and a section from where the settings in it were set (model.schedule from an override of
+    # model.schedule.merge_layers).
+    below = dict.fromkeys(source for name, source in origins.items() if name.startswith(key + "."))
+    if below:
+        return " and ".join(below)
+    return origins.get("", default)
+
+
+def _blame(origins: Mapping[str, str], error: ConfigError) -> ConfigError:
+    if error.key is None:
+        return error
+    source = _source_in(origins, error.key, error.source)
+    if source == error.source:
+        return error
+    return ConfigError(source, error.key, error.value, error.reason, show_value=error.show_value)
+
+
+def _set_origin(origins: dict[str, str], key: str, source: str) -> None:
+    """Record that ``source`` set ``key``, and so everything under it."""
+    for name in [name for name in origins if name.startswith(key + ".")]:
+        del origins[name]
+    origins[key] = source
+
+
+def describe_yaml_error(error: yaml.YAMLError, text: str | None = None) -> str:
+    """A YAML syntax error in one line, saying where (line and column, from 1) and what, e.g.
+    ``invalid YAML at line 3, column 2: mapping values are not allowed here``. ``text``: the YAML read.
+
+    PyYAML's own text spans several lines, with an excerpt of the input under a caret.
+    """
+    if isinstance(error, yaml.MarkedYAMLError) and error.problem_mark is not None:
+        mark = error.problem_mark
+        message = f"invalid YAML at line {mark.line + 1}, column {mark.column + 1}: {error.problem}"
+        if error.context:
+            message += f" ({error.context}"
+            if error.context_mark is not None:
+                start = error.context_mark
+                message += f" that starts at line {start.line + 1}, column {start.column + 1}"
+            message += ")"
+        return message
+    if isinstance(error, yaml.reader.ReaderError) and text is not None:
+        # A control character (as in a binary file that happens to be valid UTF-8); only its offset is given.
+        line = text.count("\n", 0, error.position) + 1
+        column = error.position - text.rfind("\n", 0, error.position)
+        return f"invalid YAML at line {line}, column {column}: character #x{error.character:04x} ({error.reason})"
+    lines = str(error).strip().splitlines()
+    return f"invalid YAML: {lines[0] if lines else type(error).__name__}"
 
 
 def _plain(value: Any) -> Any:
@@ -278,26 +366,53 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
     )
 
 
-def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """The mapping in ``path`` with its ``base:`` chain merged underneath."""
+def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict[str, Any], dict[str, str]]:
+    """The mapping in ``path`` with its ``base:`` chain merged underneath, and which file set which
+    setting (see ``TrainConfig.origins``)."""
     if path.resolve() in chain:
         raise ConfigError(str(path), "base", str(path), "config files include each other in a loop")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = path.read_bytes()
+    except OSError as error:
+        raise ConfigError(str(path), None, None, f"cannot read ({error.strerror or error})", show_value=False) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        # A video or other binary file named by mistake.
+        line = raw.count(b"\n", 0, error.start) + 1
+        reason = f"not UTF-8 text (byte 0x{raw[error.start]:02x} on line {line}); a config is a YAML text file"
+        raise ConfigError(str(path), None, None, reason, show_value=False) from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise ConfigError(str(path), "<file>", str(path), f"invalid YAML: {error}") from None
+        raise ConfigError(str(path), None, None, describe_yaml_error(error, text), show_value=False) from None
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError(str(path), "<top level>", data, "expected a mapping of sections")
     base = data.pop("base", None)
     if base is None:
-        return data
+        return data, {key: str(path) for key in _setting_keys(data)}
     if not isinstance(base, str):
         raise ConfigError(str(path), "base", base, "expected a file name")
     base_path = path.parent / base
     if not base_path.is_file():
         raise ConfigError(str(path), "base", base, f"file not found: {base_path}")
-    return _deep_merge(_read_yaml(base_path, chain + (path.resolve(),)), data)
+    base_data, origins = _read_yaml(base_path, chain + (path.resolve(),))
+    for key in _setting_keys(data):
+        _set_origin(origins, key, str(path))
+    return _deep_merge(base_data, data), origins
+
+
+def _setting_keys(data: dict[str, Any], prefix: str = "") -> list[str]:
+    """The dotted keys of the values in ``data`` (``optim.lr``), following nested mappings down."""
+    keys = []
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            keys.extend(_setting_keys(value, name + "."))
+        else:
+            keys.append(name)
+    return keys
 
 
 def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -319,7 +434,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as error:
-        raise ConfigError(source, key, raw, f"invalid YAML value: {error}") from None
+        raise ConfigError(source, key, raw, describe_yaml_error(error, raw)) from None
     return key.strip().split("."), value
 
 
@@ -333,19 +448,31 @@ def _apply_override(data: dict[str, Any], keys: list[str], value: Any) -> None:
     node[keys[-1]] = value
 
 
-def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> TrainConfig:
-    """A checked :class:`TrainConfig` from plain data (raises ConfigError)."""
-    config = _build(TrainConfig, data, source, "")
-    check_values(config, source)
+def config_from_dict(
+    data: dict[str, Any], source: str = "<dict>", origins: Mapping[str, str] | None = None
+) -> TrainConfig:
+    """A checked :class:`TrainConfig` from plain data (raises ConfigError).
+
+    ``origins``: which source set which settings (see ``TrainConfig.origins``); the rest came from
+    ``source``. An error names the source of the setting it is about.
+    """
+    origins = {"": source, **(origins or {})}
+    try:
+        config = _build(TrainConfig, data, source, "")
+        config.origins = origins
+        check_values(config, source)
+    except ConfigError as error:
+        raise _blame(origins, error) from None
     return config
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """Load a config file (or a bundled config name; ``None``: all defaults) and apply overrides."""
     if path is None:
-        return apply_overrides(TrainConfig(), overrides)
+        return apply_overrides(config_from_dict({}, "default settings"), overrides)
     file = resolve_config_path(path)
-    return apply_overrides(config_from_dict(_read_yaml(file), str(file)), overrides)
+    data, origins = _read_yaml(file)
+    return apply_overrides(config_from_dict(data, str(file), origins), overrides)
 
 
 def apply_overrides(config: TrainConfig, overrides: list[str] | tuple[str, ...]) -> TrainConfig:
@@ -353,25 +480,32 @@ def apply_overrides(config: TrainConfig, overrides: list[str] | tuple[str, ...])
 
     Each override is type-checked on its own, so an error names the override that caused it; the
     checks across settings (``data.max_frames == model.frames`` ...) run once all are applied, so
-    related settings can be changed together.
+    related settings can be changed together, and blame the override that set the value they name.
     """
-    data = config.to_dict()
+    if not overrides:
+        return config
+    data, origins = config.to_dict(), dict(config.origins)
     for text in overrides:
         keys, value = parse_override(text)
+        source = f"command-line override {text!r}"
         _apply_override(data, keys, value)
-        _build(TrainConfig, data, f"command-line override {text!r}", "")
-    return config_from_dict(data, "command-line overrides " + " ".join(overrides)) if overrides else config
+        _set_origin(origins, ".".join(keys), source)
+        _build(TrainConfig, data, source, "")
+    return config_from_dict(data, config.source_of("", "command-line overrides"), origins)
 
 
 def with_settings(config: TrainConfig, settings: dict[str, Any], source: str) -> TrainConfig:
     """A copy of ``config`` with ``{"data.video_dir": value, ...}`` set and checked like file values.
 
     For values that come from program code or command-line options (paths need no YAML quoting).
+    ``source`` (``"--output"``) is named by errors about these settings; errors about the others
+    still name where those came from.
     """
-    data = config.to_dict()
+    data, origins = config.to_dict(), dict(config.origins)
     for key, value in settings.items():
         _apply_override(data, key.split("."), value)
-    return config_from_dict(data, source)
+        _set_origin(origins, key, source)
+    return config_from_dict(data, config.source_of("", source), origins)
 
 
 def save_config(config: TrainConfig, path: str | Path) -> None:
@@ -391,7 +525,12 @@ def check_values(config: TrainConfig, source: str) -> None:
 
     def require(condition: bool, key: str, value: Any, reason: str) -> None:
         if not condition:
-            raise ConfigError(source, key, value, reason)
+            raise config.blame(ConfigError(source, key, value, reason))
+
+    def set_by(other: str, key: str) -> str:
+        """For a check of two settings that names ``key``: where ``other`` was set, if elsewhere."""
+        where = config.source_of(other, source)
+        return f", set by {where}" if where != config.source_of(key, source) else ""
 
     positive = {
         "model.frames": model.frames,
@@ -406,14 +545,15 @@ def check_values(config: TrainConfig, source: str) -> None:
     for key, value in positive.items():
         require(value > 0, key, value, "must be positive")
     require(data.max_frames == model.frames, "data.max_frames", data.max_frames,
-            f"must equal model.frames ({model.frames}): the merge schedule is built for that many frames")
+            f"must equal model.frames ({model.frames}{set_by('model.frames', 'data.max_frames')}): "
+            "the merge schedule is built for that many frames")
     require(model.lora_rank >= 0, "model.lora_rank", model.lora_rank, "must be >= 0")
     require(data.framerate > 0, "data.framerate", data.framerate, "must be positive")
     require(data.num_workers >= 0, "data.num_workers", data.num_workers, "must be >= 0")
     require(data.holdout_videos >= 0, "data.holdout_videos", data.holdout_videos, "must be >= 0")
     if data.val_split == HOLDOUT:
         require(data.holdout_videos > 0, "data.holdout_videos", data.holdout_videos,
-                "must be positive when data.val_split is 'holdout'")
+                f"must be positive when data.val_split is 'holdout'{set_by('data.val_split', 'data.holdout_videos')}")
     require(optim.lr > 0, "optim.lr", optim.lr, "must be positive")
     require(optim.weight_decay >= 0, "optim.weight_decay", optim.weight_decay, "must be >= 0")
     require(optim.eps > 0, "optim.eps", optim.eps, "must be positive")

@@ -32,6 +32,7 @@ from tempme.tokenizer import tokenize
 
 from .config import HOLDOUT, ConfigError, DataSettings, TrainConfig
 from .evaluate import EvalSet
+from .workers import loader_workers
 
 _LISTED = 10  # missing videos named in a message
 
@@ -70,7 +71,10 @@ def load_split(data: DataSettings, split: str, source: str) -> list[VideoItem]:
     try:
         items = load_dataset(data.dataset, data.anno_path, data.video_dir or None, split)
     except AnnotationError as error:
-        raise ConfigError(source, "data.anno_path", data.anno_path, f"bad {split} annotations: {error}") from error
+        # The error names the file, field and value already; the folder would read as the bad value.
+        raise ConfigError(
+            source, "data.anno_path", data.anno_path, f"bad {split} annotations: {error}", show_value=False
+        ) from error
     except FileNotFoundError as error:
         raise ConfigError(source, "data.anno_path", data.anno_path, str(error)) from error
     except ValueError as error:  # unknown dataset name
@@ -81,9 +85,20 @@ def load_split(data: DataSettings, split: str, source: str) -> list[VideoItem]:
 
 
 def train_and_val_items(data: DataSettings, source: str) -> tuple[list[VideoItem], list[VideoItem]]:
-    """The training videos and the validation videos (a split, or held out from training)."""
+    """The training videos and the validation videos (a split, or held out from training).
+
+    The custom format has no splits: its one file serves every split name, so a validation "split"
+    would be the training pairs. That is warned about (once per call), naming the file.
+    """
     train_items = load_split(data, data.train_split, source)
     if data.val_split != HOLDOUT:
+        if data.dataset == "custom":
+            warnings.warn(
+                f"data.dataset=custom has no splits: validation reads the training pairs of {data.anno_path}, "
+                "so validation R@1 (and the choice of best.safetensors) measures fit, not generalisation; "
+                "set data.val_split=holdout and data.holdout_videos=N to validate on N videos kept out of training",
+                stacklevel=2,
+            )
         return train_items, load_split(data, data.val_split, source)
     if data.holdout_videos >= len(train_items):
         raise ConfigError(
@@ -199,7 +214,7 @@ def make_train_loader(dataset: Dataset, sampler: EpochSampler, num_workers: int,
         SeededSamples(dataset),
         batch_size=sampler.local_batch,
         sampler=sampler,
-        num_workers=num_workers,
+        num_workers=loader_workers(num_workers),
         collate_fn=collate_skip_bad,
         pin_memory=pin_memory,
         drop_last=True,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from tempme.search import encode_texts
 from tempme.weights import model_fingerprint
 
 from .config import DataSettings
+from .workers import loader_workers
 
 
 @dataclass
@@ -81,7 +83,9 @@ def encode_videos(
     count = len(eval_set.video_ids)
     embeddings = torch.zeros(count, model.config.clip.embed_dim)
     present = torch.zeros(count, dtype=torch.bool)
-    loader = DataLoader(eval_set.videos, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_skip_bad)
+    loader = DataLoader(
+        eval_set.videos, batch_size=batch_size, num_workers=loader_workers(num_workers), collate_fn=collate_skip_bad
+    )
     for batch in progress_bar(loader, desc="encoding videos", disable=not progress):
         if batch is None:  # every video of the batch was undecodable
             continue
@@ -114,10 +118,15 @@ def cache_key(model: TempMe, eval_set: EvalSet, precision: str) -> str:
 
 
 def load_cached(path: Path) -> Embeddings | None:
+    """The cached embeddings, or None when there are none (or the file is damaged: recomputed)."""
     if not path.is_file():
         return None
-    tensors = load_file(str(path))
-    return Embeddings(tensors["text"], tensors["video"], tensors["present"])
+    try:
+        tensors = load_file(str(path))
+        return Embeddings(tensors["text"], tensors["video"], tensors["present"])
+    except Exception as error:  # noqa: BLE001 - safetensors raises its own error type, OS errors, KeyError
+        warnings.warn(f"ignoring the damaged embedding cache file {path} ({error}); computing the embeddings again")
+        return None
 
 
 def save_cached(path: Path, embeddings: Embeddings) -> None:
@@ -178,7 +187,14 @@ def evaluate(
     if embeddings is None:
         embeddings = embed(model, eval_set, batch_size, device, precision, num_workers, progress)
         if cache_path is not None:
-            save_cached(cache_path, embeddings)
+            try:
+                save_cached(cache_path, embeddings)
+            except OSError as error:
+                # The cache only saves time next run: losing it must not cost the metrics just computed.
+                warnings.warn(
+                    f"could not write the embedding cache {cache_path} ({error}); the metrics are not affected"
+                )
+                cache_path = None
     results = retrieval_results(embeddings, eval_set)
     results["cache"] = str(cache_path) if cache_path else None
     return results

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import torch
 
 from tempme import TempMe, create_model, load_model
+from tempme.schedule import ScheduleError
 
 from .config import ConfigError, TrainConfig, config_from_dict
 
 TRAINED_FILES = ("weights.safetensors", "best.safetensors")  # in a checkpoint folder, in a run folder
+BASE_FINGERPRINT = "base_fingerprint"  # metadata key of an adapters-only file: which backbone it fits
 
 
 def build_model(config: TrainConfig, source: str = "config") -> TempMe:
@@ -29,9 +32,14 @@ def build_model(config: TrainConfig, source: str = "config") -> TempMe:
             model = load_model(settings.weights, method=settings.method, frames=settings.frames, **kwargs)
         else:
             model = create_model(settings.preset, method=settings.method, frames=settings.frames, **kwargs)
+    except ScheduleError as error:  # blamed on the schedule's settings, wherever they were set
+        key = "model.schedule" if settings.schedule.as_kwargs() else "model.method"
+        value = settings.schedule.as_kwargs() or settings.method
+        raise ConfigError(config.source_of(key, source), key, value, str(error)) from error
     except (TypeError, ValueError) as error:
-        # Unknown presets, impossible merge schedules, max_words beyond the context length ...
-        raise ConfigError(source, "model", settings.weights or settings.preset, str(error)) from error
+        # Unknown presets, unreadable weights, max_words beyond the context length ...
+        key = "model.weights" if settings.weights else "model.preset"
+        raise ConfigError(config.source_of(key, source), key, settings.weights or settings.preset, str(error)) from error
     if model.visual.image_size != config.data.image_size:
         raise ConfigError(
             source, "data.image_size", config.data.image_size,
@@ -46,17 +54,66 @@ def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter
     return {name: param for name, param in model.named_parameters() if param.requires_grad}
 
 
-def save_trained_weights(model: TempMe, path: str | Path, config: TrainConfig) -> None:
+def base_fingerprint(model: TempMe) -> str:
+    """Hex digest of the backbone: every weight except the adapters (LoRA, clip positional embeddings).
+
+    Adapters only make sense on the backbone they were trained on; an adapters-only file records
+    this digest so that loading it on top of other weights can be refused (:func:`check_base`).
+    Reads every weight once (about a second for ViT-B/32): take it once per run.
+    """
+    from tempme.model import is_adapter_parameter
+
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        if not is_adapter_parameter(name):
+            digest.update(name.encode("utf-8"))
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+def save_trained_weights(model: TempMe, path: str | Path, config: TrainConfig, base: str | None = None) -> None:
     """Write what the run trained as a tempme weights file (atomic, model config in the metadata).
 
     LoRA runs store the adapters only (LoRA and clip positional embeddings, about 2 MB); they are
     applied on top of ``model.weights`` (or the seeded random model) when loaded with
-    :func:`load_trained_weights`. Full fine-tuning stores every weight.
+    :func:`load_trained_weights`. Full fine-tuning stores every weight. ``base``: the
+    :func:`base_fingerprint` of the model before training, recorded in adapters-only files
+    (computed here when not given).
     """
     from tempme.weights import save_weights
 
+    adapters_only = config.model.trainable == "lora"
     extra = {"train_config": json.dumps(config.to_dict())}
-    save_weights(model, path, adapters_only=config.model.trainable == "lora", extra_metadata=extra)
+    if adapters_only:
+        extra[BASE_FINGERPRINT] = base or base_fingerprint(model)
+    save_weights(model, path, adapters_only=adapters_only, extra_metadata=extra)
+
+
+def recorded_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata tempme train records in its safetensors files; ``{}`` for other weights files
+    (a torch ``.pt`` has none), which are then taken as they are."""
+    from tempme.weights import read_metadata
+
+    try:
+        return read_metadata(path)
+    except ValueError:
+        return {}
+
+
+def check_base(model: TempMe, trained: str | Path, base_weights: str) -> None:
+    """Refuse to apply an adapters-only file to a backbone other than the one it was trained on.
+
+    ``base_weights`` names the backbone ``model`` was built from (for the message). Files that hold
+    every weight replace the backbone anyway; older files that record no fingerprint are not checked.
+    """
+    recorded = recorded_metadata(trained).get(BASE_FINGERPRINT)
+    if recorded is not None and recorded != base_fingerprint(model):
+        trained_on = train_config_of(trained).model
+        raise ValueError(
+            f"{trained} holds adapters trained on {trained_on.weights or 'the random ' + trained_on.preset}, "
+            f"not on {base_weights} (their weights differ): give the same base weights, or none to use "
+            "the ones the training config names"
+        )
 
 
 def load_trained_weights(model: TempMe, path: str | Path) -> None:

@@ -7,6 +7,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tempme.files import atomic_file
+
 from .config import ConfigError
 
 METRICS_FILE = "metrics.jsonl"
@@ -26,16 +28,20 @@ def require_tensorboard(source: str) -> None:
 class MetricsLog:
     """Appends records like ``{"kind": "train", "step": 10, "loss": 2.1, ...}`` (rank 0 only).
 
-    Appending keeps the records of earlier sessions of a resumed run in the same file.
+    Appending keeps the records of earlier sessions of a resumed run in the same file. ``start_step``
+    is the step the run (re)starts from: records of later steps, written by a session that stopped
+    before checkpointing them, describe steps that are about to be trained again and are dropped
+    first, so every step appears once (TensorBoard drops its own with ``purge_step``).
     """
 
-    def __init__(self, output_dir: Path, tensorboard: bool = False):
+    def __init__(self, output_dir: Path, tensorboard: bool = False, start_step: int = 0):
         self.path = output_dir / METRICS_FILE
+        drop_records_after(self.path, start_step)
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(output_dir / "tensorboard"))
+            self.writer = SummaryWriter(str(output_dir / "tensorboard"), purge_step=start_step + 1)
 
     def write(self, kind: str, step: int, values: dict[str, Any]) -> None:
         record = {"kind": kind, "step": step, "time": round(time.time(), 3), **values}
@@ -60,3 +66,28 @@ def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, float]:
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             flat[name] = float(value)
     return flat
+
+
+def drop_records_after(path: Path, step: int) -> None:
+    """Rewrite the metrics file ``path`` (atomically) without the records of steps after ``step``.
+
+    A last line cut short (the process was killed while writing it) is dropped too; other lines
+    that are not JSON are kept as they are. Nothing is written when nothing is dropped.
+    """
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            if number < len(lines):
+                kept.append(line)
+            continue
+        if not (isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] > step):
+            kept.append(line)
+    if len(kept) == len(lines):
+        return
+    with atomic_file(path) as temporary:
+        temporary.write_text("".join(line + "\n" for line in kept), encoding="utf-8")

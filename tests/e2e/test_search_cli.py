@@ -137,6 +137,13 @@ def test_search_refuses_other_weights_and_bad_input(library, tmp_path, capsys):
         assert code == 2 and message in err
         assert not fresh.exists()  # refused before anything was written
 
+    moved = tmp_path / "moved.pt"
+    weights.rename(moved)
+    code, _, err = cli(capsys, "search", str(index), "cats")
+    assert code == 2 and f"built with the weights at {weights}, which are not there any more" in err
+    code, out, err = cli(capsys, "search", str(index), "cats", "--weights", str(moved))
+    assert code == 0 and "1 of 1 videos" in out, err
+
     code, _, err = cli(capsys, "search", str(tmp_path / "missing.index"), "cats")
     assert code == 2 and "no such index file" in err
 

@@ -163,6 +163,11 @@ def test_bad_settings_fail_before_training_with_the_key_and_value(run_config, tm
     assert main(impossible) == 2
     error = capsys.readouterr().err
     assert "cannot join 5 clips at layer" in error and not (tmp_path / "metrics.jsonl").exists()
+    # Named as the override that set it, with its value, not as the config file or the weights.
+    assert error.startswith(
+        "tempme train: error: command-line override 'model.schedule.clips_joined=[2,2,5]': model.schedule: "
+    )
+    assert error.endswith("(got {'clips_joined': [2, 2, 5]})\n")
     # Unset paths are named as unset (an empty path would otherwise pass as the working directory).
     assert main(["eval", "--config", str(run_config), "data.anno_path=''"]) == 2
     assert "data.anno_path: not set" in capsys.readouterr().err
@@ -171,3 +176,103 @@ def test_bad_settings_fail_before_training_with_the_key_and_value(run_config, tm
     strict = ["train", "--config", str(run_config), "data.strict=true", "--output", str(tmp_path)]
     assert main(strict) == 2
     assert f"{MISSING}.mp4" in capsys.readouterr().err
+
+
+# --- bad input and unusable places fail in one line, before the work ---------------------------
+
+
+def custom_captions(path: Path, video_ids: list[str], videos: Path) -> Path:
+    """A custom-format CSV of the fixture's clips (absolute paths), one caption each."""
+    rows = [f"{videos / vid}.mp4,clip {i} of a {['red', 'blue', 'green'][i % 3]} scene" for i, vid in enumerate(video_ids)]
+    path.write_text("video,caption\n" + "\n".join(rows) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def custom_run(run_config, tmp_path_factory) -> tuple[Path, Path]:
+    """A short run on custom data validated on its own training pairs: (annotation file, run folder)."""
+    root = tmp_path_factory.mktemp("custom")
+    good = [vid for vid in TRAIN_IDS if vid not in (CORRUPT, MISSING)]
+    captions = custom_captions(root / "captions.csv", good, run_config.parent / "videos")
+    output = root / "run"
+    command = ["train", "--config", str(run_config), "data.dataset=custom", f"data.anno_path={captions}",
+               "data.val_split=val", "optim.epochs=1", "--output", str(output)]
+    with pytest.warns(UserWarning, match=f"validation reads the training pairs of {captions}"):
+        assert main(command) == 0
+    return captions, output
+
+
+def one_error_line(capsys) -> str:
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "Traceback" not in error, error
+    return error
+
+
+def test_strict_runs_stop_on_an_undecodable_video_with_one_line(run_config, tmp_path, capsys):
+    videos = run_config.parent / "videos"
+    # The four training videos fill the one batch of an epoch, so the first step reads the corrupt one.
+    captions = custom_captions(tmp_path / "captions.csv", ["video0", "video1", CORRUPT, "video3", "video4"], videos)
+    # No loader workers: an abandoned worker takes torch 5 s to stop (the worker path is checked in
+    # test_data_dataset.py).
+    custom = [f"data.anno_path={captions}", "data.dataset=custom", "data.holdout_videos=1", "data.strict=true",
+              "data.num_workers=0"]
+    assert main(["train", "--config", str(run_config), *custom, "--output", str(tmp_path / "run")]) == 2
+    error = one_error_line(capsys)
+    assert f"cannot decode video {videos / CORRUPT}.mp4: unreadable container" in error
+    assert main(["eval", "--config", str(run_config), *custom, "--no-cache", "--json"]) == 2  # --json: no bars
+    assert f"{CORRUPT}.mp4: unreadable container" in one_error_line(capsys)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch without CUDA")
+def test_cuda_on_a_cpu_only_torch_is_one_line(run_config, tmp_path, capsys):
+    assert main(["train", "--config", str(run_config), "run.device=cuda", "--output", str(tmp_path / "run")]) == 2
+    assert "run.device: CUDA is not available" in one_error_line(capsys)
+    assert not (tmp_path / "run").exists()
+    assert main(["eval", "--config", str(run_config), "--device", "cuda:1"]) == 2
+    assert "run.device: CUDA is not available" in one_error_line(capsys)
+
+
+def test_unusable_output_and_cache_folders(run_config, tmp_path, capsys, monkeypatch):
+    taken = tmp_path / "taken"
+    taken.write_text("a file, not a folder")
+    assert main(["train", "--config", str(run_config), "--output", str(taken)]) == 2
+    assert f"--output {taken}: exists and is not a folder" in one_error_line(capsys)
+    assert main(["eval", "--config", str(run_config), "--cache-dir", str(taken)]) == 2
+    assert f"--cache-dir {taken}" in one_error_line(capsys)
+    # The default cache cannot be written: the metrics still come, with a warning.
+    monkeypatch.setenv("TEMPME_CACHE", str(taken / "cache"))
+    with pytest.warns(UserWarning, match="could not write the embedding cache"):
+        assert main(["eval", "--config", str(run_config), "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert results["num_videos"] == 3 and "R1" in results["t2v"] and results["cache"] is None
+
+
+def test_custom_eval_on_the_training_file_says_the_numbers_are_training_pairs(custom_run, capsys):
+    captions, output = custom_run
+    with pytest.warns(UserWarning, match="measure fit to the training pairs"):
+        assert main(["eval", "--checkpoint", str(output), "--json", "--no-cache"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert str(captions) in results["warning"] and results["num_videos"] == len(TRAIN_IDS) - 2  # all good ones
+
+
+def test_checkpoint_adapters_go_only_on_their_own_base_weights(custom_run, tmp_path, capsys):
+    from tempme.weights import save_weights
+
+    _, output = custom_run
+    config = train_config_of(output / "best.safetensors")
+    base = build_model(config)  # the seeded random backbone the run trained on
+    save_weights(base, tmp_path / "base.safetensors")
+    with torch.no_grad():
+        next(p for name, p in base.named_parameters() if "lora" not in name).add_(0.5)
+    save_weights(base, tmp_path / "other.safetensors")
+
+    evaluate = ["eval", "--checkpoint", str(output), "--json", "--no-cache", "--split", "val"]
+    assert main([*evaluate, "--weights", str(tmp_path / "other.safetensors")]) == 2
+    error = one_error_line(capsys)
+    assert "other.safetensors" in error and "trained on the random" in error
+    # The same weights from a file are accepted, give the same numbers and are named in the report.
+    assert main(evaluate) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert main([*evaluate, "--weights", str(tmp_path / "base.safetensors")]) == 0
+    moved = json.loads(capsys.readouterr().out)
+    assert moved["t2v"] == plain["t2v"] and moved["base_weights"] == str(tmp_path / "base.safetensors")

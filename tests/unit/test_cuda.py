@@ -176,3 +176,11 @@ def test_half_precision_matching_on_cuda_uses_the_cpu_arithmetic(dtype):
     plan, reference = match_patches(patches, 10, 1), match_patches(patches.cpu(), 10, 1)
     same_tokens = (plan.src.sort().values.cpu() == reference.src.sort().values).all(dim=1)
     assert same_tokens.float().mean() > 0.9  # the merged A tokens of each sequence; a near-tie may differ
+
+
+@needs_cuda
+def test_a_gpu_the_machine_lacks_is_a_clear_error():
+    from tempme.bench import resolve_device
+
+    with pytest.raises(ValueError, match="does not exist: this machine has"):
+        resolve_device(f"cuda:{torch.cuda.device_count()}")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -121,6 +123,24 @@ class TestMsrvtt:
         ):
             load_msrvtt(tmp_path, tmp_path, "train")
 
+    @pytest.mark.parametrize(
+        "entry, field, shown",
+        [
+            ({"video_id": "video0"}, "sentences[0].caption", "(the field is missing)"),
+            ({"video_id": "video0", "caption": None}, "sentences[0].caption", "(got None)"),
+            ({"video_id": "video0", "caption": 5}, "sentences[0].caption", "(got 5)"),
+            (5, "sentences[0]", "(got 5)"),
+        ],
+    )
+    def test_a_bad_sentence_names_the_field_and_its_value_once(self, tmp_path, entry, field, shown):
+        (tmp_path / "MSRVTT_train.9k.csv").write_text("video_id\nvideo0\n")
+        (tmp_path / "MSRVTT_data.json").write_text(json.dumps({"sentences": [entry]}))
+        with pytest.raises(AnnotationError) as info:
+            load_msrvtt(tmp_path, tmp_path, "train")
+        message = str(info.value)
+        assert message.startswith(f"{tmp_path / 'MSRVTT_data.json'}: field '{field}': expected ")
+        assert message.endswith(shown) and message.count("(") == 1
+
     def test_json_without_sentences(self, tmp_path):
         (tmp_path / "MSRVTT_train.9k.csv").write_text("video_id\nvideo0\n")
         (tmp_path / "MSRVTT_data.json").write_text(json.dumps([1, 2]))
@@ -146,6 +166,49 @@ class TestMsrvtt:
     def test_missing_file(self, tmp_path):
         with pytest.raises(FileNotFoundError, match="MSRVTT_train.9k.csv"):
             load_msrvtt(tmp_path, tmp_path, "train")
+
+
+# A video, a zip or a Windows-1252 export named as an annotation file: bytes that are not UTF-8.
+NOT_UTF8 = b"video_id\nvideo0\nvid\xe9o1\n"
+
+
+@pytest.mark.parametrize(
+    "name, load",
+    [
+        ("MSRVTT_train.9k.csv", lambda d: load_dataset("msrvtt", d, d, "train")),
+        ("val_list.txt", lambda d: load_dataset("didemo", d, d, "val")),
+        ("val_ids.json", lambda d: load_dataset("activitynet", d, d, "val")),
+        ("LSMDC16_annos_val.csv", lambda d: load_dataset("lsmdc", d, d, "val")),
+        ("anno.csv", lambda d: load_dataset("custom", d / "anno.csv", None)),
+        ("anno.jsonl", lambda d: load_dataset("custom", d / "anno.jsonl", None)),
+    ],
+)
+def test_a_file_that_is_not_utf8_text_is_named(tmp_path, name, load):
+    (tmp_path / name).write_bytes(NOT_UTF8)
+    with pytest.raises(AnnotationError) as info:  # not the codec's bare UnicodeDecodeError
+        load(tmp_path)
+    assert str(info.value) == (
+        f"{tmp_path / name}: line 3: not UTF-8 text (byte 0xe9); annotation files must be UTF-8 text"
+    )
+
+
+def test_an_unreadable_file_says_why(tmp_path, monkeypatch):
+    path = tmp_path / "anno.csv"
+    path.write_text("video,caption\na.mp4,hello\n")
+    if os.geteuid() != 0:
+        path.chmod(0)
+    else:  # root reads any file: make reading it fail as it would for another user
+        real_read_bytes = Path.read_bytes
+
+        def refusing_read_bytes(self):
+            if self == path:
+                raise PermissionError(errno.EACCES, "Permission denied", str(self))
+            return real_read_bytes(self)
+
+        monkeypatch.setattr(Path, "read_bytes", refusing_read_bytes)
+    with pytest.raises(AnnotationError) as info:
+        load_custom(path)
+    assert str(info.value) == f"{path}: cannot read (Permission denied)"
 
 
 class TestDidemo:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+import os
+import stat
+
 import numpy as np
 import pytest
 from data_fixtures import FPS, NUM_FRAMES, build_video_files, frame_index
@@ -93,3 +97,28 @@ def test_unreadable_entry_is_dropped(items, tmp_path):
     path.parent.mkdir(parents=True)
     path.write_bytes(b"not a numpy file")
     assert cache.get(items[0]) is None and not path.exists()
+
+
+def test_entries_get_the_mode_of_a_plain_write(items, tmp_path):
+    previous = os.umask(0o027)
+    try:
+        cache = FrameCache(tmp_path, max_frames=4, image_size=24)
+        cache.get_or_create(items[0])
+        # 0o666 less the umask, as np.save to a plain file gives; not the temporary file's 0o600.
+        assert stat.S_IMODE(cache.path_for(items[0]).stat().st_mode) == 0o640
+    finally:
+        os.umask(previous)
+
+
+def test_an_entry_it_may_not_read_is_reported_not_deleted(items, tmp_path, monkeypatch):
+    cache = FrameCache(tmp_path, max_frames=4, image_size=24)
+    cache.get_or_create(items[0])
+    path = cache.path_for(items[0])
+
+    def refuse(file, *args, **kwargs):  # as np.load fails for another user's 0o600 file (root reads any)
+        raise PermissionError(errno.EACCES, "Permission denied", str(file))
+
+    monkeypatch.setattr(cache_module.np, "load", refuse)
+    with pytest.raises(PermissionError, match="Permission denied"):
+        cache.get(items[0])
+    assert path.exists()

@@ -77,6 +77,15 @@ def test_strict_reraises(mixed_items):
         _pairs(mixed_items, strict=True)[2]
 
 
+def test_strict_error_from_a_loader_worker_is_one_line_naming_the_file(mixed_items, video_files):
+    videos = RetrievalVideos(mixed_items[:2], max_frames=FRAMES, image_size=SIZE, strict=True)
+    loader = DataLoader(videos, batch_size=2, num_workers=1, collate_fn=collate_skip_bad)
+    with pytest.raises(VideoDecodeError) as info:
+        next(iter(loader))
+    message = str(info.value)
+    assert "\n" not in message and str(video_files.corrupt) in message and "unreadable container" in message
+
+
 def test_collate_drops_bad_samples_and_reports_them(mixed_items):
     dataset = _pairs(mixed_items)
     with warnings.catch_warnings():

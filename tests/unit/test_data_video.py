@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import sys
 
 import pytest
@@ -255,6 +256,24 @@ class TestReadFrames:
     def test_missing_file(self, tmp_path):
         with pytest.raises(VideoDecodeError, match="file not found"):
             read_frames(tmp_path / "absent.mp4", 4)
+
+    def test_decode_errors_are_value_errors_that_survive_other_processes(self, video_files):
+        # A ValueError, so the command line prints it as one line instead of a traceback.
+        with pytest.raises(ValueError) as info:
+            read_frames(video_files.corrupt, 4)
+        error = info.value
+        # Pickled to or from a worker process: still the file and the reason.
+        copy = pickle.loads(pickle.dumps(error))
+        assert type(copy) is VideoDecodeError and (copy.path, copy.reason) == (error.path, error.reason)
+        # torch's DataLoader re-raises a worker's error as type(error)(worker traceback text).
+        report = (
+            "Caught VideoDecodeError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+            '  File "x.py", line 1, in f\n    raise VideoDecodeError(path, reason)\n'
+            f"tempme.data.video.VideoDecodeError: {error}\n"
+        )
+        rebuilt = VideoDecodeError(report)
+        assert str(rebuilt) == f"cannot decode video {video_files.corrupt}: {error.reason}"
+        assert rebuilt.path == video_files.corrupt and "unreadable container" in rebuilt.reason
 
     def test_unknown_backend(self, video_files):
         with pytest.raises(ValueError, match="unknown video backend"):

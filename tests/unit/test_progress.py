@@ -24,3 +24,16 @@ def test_a_terminal_gets_tqdms_usual_redraws(monkeypatch):
     monkeypatch.setattr(sys, "stderr", Terminal())
     with progress_bar(total=2) as bar:
         assert bar.mininterval == 0.1
+
+
+def test_nested_bars_in_a_log_file_draw_no_cursor_movements(monkeypatch):
+    # A validation bar inside the training bar: tqdm places a second bar on the next line and moves
+    # back up with escape codes, which a log file shows as garbage.
+    log = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", log)
+    with progress_bar(total=2, desc="training", mininterval=0) as outer:
+        outer.update()
+        with progress_bar(range(3), desc="validation", mininterval=0) as inner:
+            list(inner)
+        outer.update()
+    assert "validation" in log.getvalue() and "\x1b[A" not in log.getvalue()

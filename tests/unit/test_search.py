@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import builtins
+import errno
+import os
 import shutil
+import stat
 from pathlib import Path
 
 import pytest
@@ -115,6 +119,37 @@ def test_load_refuses_what_is_not_an_index(tmp_path):
     garbage.write_bytes(b"\x00" * 100)
     with pytest.raises(VideoIndexError, match="not a tempme video index"):
         VideoIndex.load(garbage)
+
+
+def deny_reading(path: Path, monkeypatch) -> None:
+    """Make ``path`` unreadable: by its mode, or for root (who reads any file) by failing ``open`` on it."""
+    if os.geteuid() != 0:
+        path.chmod(0)
+        return
+    real_open = builtins.open
+
+    def refusing_open(file, *args, **kwargs):
+        if os.fspath(file) == os.fspath(path):
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", refusing_open)
+
+
+def test_an_unreadable_index_is_reported_as_unreadable_not_missing(tmp_path, monkeypatch):
+    path = VideoIndex([], torch.empty(0, 2), {}, {}).save(tmp_path / "out.index")
+    deny_reading(path, monkeypatch)
+    with pytest.raises(VideoIndexError) as caught:
+        VideoIndex.load(path)
+    assert str(caught.value) == f"{path}: cannot read the index (Permission denied)"
+
+
+def test_saving_again_keeps_the_mode_the_user_gave_the_index(tmp_path):
+    path = VideoIndex([], torch.empty(0, 2), {}, {}).save(tmp_path / "out.index")
+    path.chmod(0o644)  # shared with other users
+    VideoIndex(["/v/a.mp4"], torch.ones(1, 2), {}, {}).save(path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert VideoIndex.load(path).paths == ["/v/a.mp4"]
 
 
 def test_save_and_load_round_trip(tmp_path):
@@ -247,7 +282,7 @@ def test_index_refuses_another_model_or_other_settings(video_dir, tmp_path):
     videos = find_videos([video_dir])[:1]
     index_path = tmp_path / "v.index"
     update_index(tiny_model(seed=0), videos, index_path, model_info={"weights": "first.pt"}, progress=False)
-    with pytest.raises(VideoIndexError, match=r"another model \(\{\"weights\": \"first.pt\"\}\)"):
+    with pytest.raises(VideoIndexError, match=r"another model \(\{.*\"weights\": \"first.pt\"\}\)"):
         update_index(tiny_model(seed=1), videos, index_path, progress=False)
     with pytest.raises(VideoIndexError, match="framerate=1.0, this run has framerate=2.0"):
         update_index(tiny_model(seed=0), videos, index_path, framerate=2.0, progress=False)

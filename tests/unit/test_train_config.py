@@ -1,5 +1,7 @@
 """Training config: loading, bundled configs, and errors that name the file, key and value."""
 
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ from tempme_train.config import (
     list_configs,
     load_config,
     save_config,
+    with_settings,
 )
 
 
@@ -115,3 +118,114 @@ def test_malformed_override_and_unknown_config_name():
         load_config(None, ["optim.lr"])
     with pytest.raises(FileNotFoundError, match="msrvtt_b32_tempme"):
         load_config("no_such_config")
+
+
+def test_saved_config_gets_the_mode_of_a_plain_write_and_keeps_a_changed_one(tmp_path):
+    previous = os.umask(0o027)
+    try:
+        path = tmp_path / "config.yaml"
+        save_config(TrainConfig(), path)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640  # 0o666 less the umask
+        path.chmod(0o644)
+        save_config(TrainConfig(), path)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    finally:
+        os.umask(previous)
+
+
+def test_a_yaml_syntax_error_is_one_line_with_file_line_and_column(tmp_path):
+    path = write(tmp_path / "run.yaml", "optim:\n  lr: 1.0e-3\n epochs: 2\n")  # epochs indented by one space
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(f"{path}: invalid YAML at line 3, column 2: ")
+    assert "expected <block end>" in message  # PyYAML's name for the problem
+
+
+def test_a_control_character_is_placed_by_line_and_column(tmp_path):
+    path = write(tmp_path / "run.yaml", "optim:\n  lr: 1\x00\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert str(caught.value).startswith(f"{path}: invalid YAML at line 2, column 8: character #x0000 ")
+
+
+def test_an_override_with_a_yaml_syntax_error_is_one_line():
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, ["model.schedule.merge_layers=[8, 9"])
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith("command-line override 'model.schedule.merge_layers=[8, 9': model.schedule.merge_layers: ")
+    # The sequence is still open where the text ends, after its 5th character.
+    assert "invalid YAML at line 1, column 6: " in message and message.endswith("(got '[8, 9')")
+
+
+def test_a_config_that_is_not_utf8_text_is_named(tmp_path):
+    path = tmp_path / "some.mp4"
+    path.write_bytes(b"\x00\x00\x00\x18ftypmp42\n\xcf\x80\xff")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert str(caught.value) == f"{path}: not UTF-8 text (byte 0xff on line 2); a config is a YAML text file"
+
+
+def test_an_error_in_a_base_file_names_the_base_file(tmp_path):
+    base = write(tmp_path / "base.yaml", "optim:\n  lr: fast\n")
+    write(tmp_path / "run.yaml", "base: base.yaml\noptim:\n  epochs: 2\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(tmp_path / "run.yaml")
+    assert str(caught.value) == f"{base}: optim.lr: expected a number (got 'fast')"
+
+
+def test_a_check_across_settings_names_the_override_that_set_each_value(tmp_path):
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, ["optim.lr=1e-4", "data.max_frames=13"])
+    assert str(caught.value).startswith("command-line override 'data.max_frames=13': data.max_frames: ")
+    assert "optim.lr" not in str(caught.value)  # not all overrides: the one that set the bad value
+    path = write(tmp_path / "run.yaml", "model:\n  frames: 12\ndata:\n  max_frames: 12\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, ["model.frames=16"])
+    assert str(caught.value) == (
+        f"{path}: data.max_frames: must equal model.frames (16, set by command-line override 'model.frames=16'): "
+        "the merge schedule is built for that many frames (got 12)"
+    )
+
+
+def test_a_config_knows_which_source_set_each_value(tmp_path):
+    path = write(tmp_path / "run.yaml", "model:\n  frames: 12\n  schedule:\n    tome_r: 2\n")
+    config = load_config(path, ["model.schedule.merge_layers=[20]", "optim.lr=1e-4"])
+    config = with_settings(config, {"run.output_dir": "out"}, "--output")
+    override = "command-line override 'model.schedule.merge_layers=[20]'"
+    assert config.source_of("model.schedule.merge_layers") == config.source_of("model.schedule.merge_layers[0]") == override
+    assert config.source_of("model.schedule.tome_r") == config.source_of("model.frames") == str(path)
+    assert config.source_of("model.schedule") == f"{path} and {override}"  # both set part of it
+    assert config.source_of("optim.lr") == "command-line override 'optim.lr=1e-4'"
+    assert config.source_of("run.output_dir") == "--output"
+    assert config.source_of("optim.epochs") == str(path)  # a default: blamed on the config file
+    # A later check that only knows the file blames the override that set the value it names.
+    error = ConfigError(str(path), "model.schedule.merge_layers", [20], "merge layer 20 is out of range")
+    assert str(config.blame(error)) == f"{override}: model.schedule.merge_layers: merge layer 20 is out of range (got [20])"
+    error = ConfigError(str(path), "model.frames", 12, "too few")
+    assert config.blame(error) is error
+    # The record is no setting: not saved, not compared.
+    assert config == load_config(path, ["model.schedule.merge_layers=[20]", "optim.lr=1e-4", "run.output_dir=out"])
+    assert "origins" not in config.to_dict()
+
+
+def test_options_are_blamed_only_for_their_own_values(tmp_path):
+    path = write(tmp_path / "run.yaml", "model:\n  frames: 12\n")
+    config = load_config(path)
+    with pytest.raises(ConfigError) as caught:
+        with_settings(config, {"model.frames": 0, "data.max_frames": 0}, "--frames")
+    assert str(caught.value) == "--frames: model.frames: must be positive (got 0)"
+    with pytest.raises(ConfigError) as caught:
+        with_settings(config, {"model.frames": 16}, "--frames")
+    assert str(caught.value).startswith(f"{path}: data.max_frames: must equal model.frames (16, set by --frames)")
+
+
+def test_an_error_may_leave_out_the_value_when_its_reason_shows_it():
+    reason = "bad train annotations: /a/MSRVTT_data.json: field 'sentences[0].caption': expected a string (got 5)"
+    error = ConfigError("run.yaml", "data.anno_path", "/a", reason, show_value=False)
+    assert str(error) == f"run.yaml: data.anno_path: {reason}"
+    assert str(ConfigError("run.yaml", None, None, "cannot read (Permission denied)", show_value=False)) == (
+        "run.yaml: cannot read (Permission denied)"
+    )

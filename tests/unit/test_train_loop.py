@@ -11,6 +11,7 @@ import json
 import math
 import os
 import socket
+import warnings
 from pathlib import Path
 
 import pytest
@@ -343,3 +344,168 @@ def test_compiled_training_follows_the_eager_run(tmp_path, monkeypatch):
     assert traced, "the training forward did not go through torch.compile"
     assert through_compile.steps == eager.steps == 2
     assert through_compile.losses == pytest.approx(eager.losses, rel=1e-4)
+
+
+# --- interruption, resumption and what a run refuses up front -------------------------------------
+
+
+def checkpoint_step(output_dir: Path) -> int:
+    return torch.load(output_dir / LAST / "state.pt", weights_only=False)["progress"]["step"]
+
+
+def train_steps_logged(output_dir: Path) -> list[int]:
+    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return [record["step"] for record in records if record["kind"] == "train"]
+
+
+def test_ctrl_c_saves_the_last_whole_step_and_the_resumed_run_matches_an_uninterrupted_one(
+    tmp_path, monkeypatch, capsys
+):
+    import importlib
+    import signal
+
+    train_module = importlib.import_module("tempme_train.train")  # the package exports train() by that name
+
+    data = synthetic_data(24)  # 3 steps per epoch, 9 in all; last/ is written at each epoch end
+    full = tiny_config(tmp_path / "full", run={"deterministic": True})
+    train(full, data=data)
+
+    # Ctrl-C arrives during step 5's optimizer update, after the parameters moved and before the step
+    # is counted: the run must finish that update, write last/ at step 5 (not keep epoch 1's step 3)
+    # and stop with KeyboardInterrupt.
+    real_build = train_module.build_optimizer
+    updates = []
+
+    def build_with_a_ctrl_c(*args, **kwargs):
+        optimizer = real_build(*args, **kwargs)
+
+        def after_update(optimizer, args, kwargs):
+            updates.append(1)
+            if len(updates) == 5:
+                os.kill(os.getpid(), signal.SIGINT)
+
+        optimizer.register_step_post_hook(after_update)
+        return optimizer
+
+    monkeypatch.setattr(train_module, "build_optimizer", build_with_a_ctrl_c)
+    parts = tiny_config(tmp_path / "parts", run={"deterministic": True})
+    with pytest.raises(KeyboardInterrupt):
+        train(parts, data=data)
+    assert checkpoint_step(tmp_path / "parts") == 5
+    message = capsys.readouterr().err
+    assert "interrupted after step 5/9" in message and "--resume" in message
+    monkeypatch.setattr(train_module, "build_optimizer", real_build)
+
+    resumed = train(parts, resume=True, data=data)
+    assert resumed.steps == 9 and len(resumed.losses) == 4
+    assert train_steps_logged(tmp_path / "parts") == list(range(1, 10))
+    expected, got = trained_state(tmp_path / "full", full), trained_state(tmp_path / "parts", parts)
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+
+
+def test_resume_drops_the_records_of_steps_after_the_checkpoint(tmp_path):
+    data = synthetic_data()
+    train(tiny_config(tmp_path, run={"stop_after": 1}), data=data)
+    assert checkpoint_step(tmp_path) == 1
+    # What a session killed after two more steps (and mid-line) leaves behind.
+    with open(tmp_path / "metrics.jsonl", "a") as metrics:
+        metrics.write(json.dumps({"kind": "train", "step": 2, "loss": 999.0}) + "\n")
+        metrics.write(json.dumps({"kind": "train", "step": 3, "loss": 999.0}) + "\n")
+        metrics.write('{"kind": "train", "st')
+    train(tiny_config(tmp_path, run={"stop_after": 3}), resume=True, data=data)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]  # every line is whole JSON again
+    assert train_steps_logged(tmp_path) == [1, 2, 3]
+    assert all(record.get("loss") != 999.0 for record in records)
+
+
+def test_a_damaged_checkpoint_is_named_with_what_to_do(tmp_path):
+    data = synthetic_data()
+    train(tiny_config(tmp_path, run={"stop_after": 1}), data=data)
+    state = tmp_path / LAST / "state.pt"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])  # a copy cut short
+    with pytest.raises(ValueError) as info:
+        train(tiny_config(tmp_path), resume=True, data=data)
+    message = str(info.value)
+    assert str(state) in message and "damaged" in message and "start over" in message
+
+
+def test_devices_this_machine_lacks_are_refused_naming_the_setting(monkeypatch):
+    from tempme_train.distributed import WorldInfo
+    from tempme_train.train import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="run.device: CUDA is not available"):
+        resolve_device("cuda", WorldInfo(), "my.yaml")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match="1 GPU .*cuda:9 does not exist"):
+        resolve_device("cuda:9", WorldInfo(), "my.yaml")
+    assert resolve_device("cuda", WorldInfo()) == torch.device("cuda:0")
+    assert resolve_device("cpu", WorldInfo()) == torch.device("cpu")
+
+
+@pytest.mark.parametrize("where", ["file", "below a file"])
+def test_an_output_folder_that_cannot_be_written_fails_before_any_work(tmp_path, where):
+    blocker = tmp_path / "taken"
+    blocker.write_text("not a folder")
+    output = blocker if where == "file" else blocker / "run"
+    # No data given and no annotations configured: the output folder must be refused first.
+    with pytest.raises(ValueError, match=f"run.output_dir {output}: .*(not a folder|is a file)"):
+        train(tiny_config(output))
+
+
+def test_adapters_record_their_backbone_and_refuse_another(tmp_path):
+    from tempme_train.modeling import check_base
+
+    config = tiny_config(tmp_path, optim={"epochs": 1})
+    train(config, data=synthetic_data())
+    check_base(build_model(config), tmp_path / "best.safetensors", "the same random model")
+    other = build_model(tiny_config(tmp_path, optim={"seed": 1}))  # another random backbone
+    with pytest.raises(ValueError, match="trained on the random .* not on another backbone"):
+        check_base(other, tmp_path / "best.safetensors", "another backbone")
+
+
+def test_custom_data_validated_on_its_training_pairs_is_warned_about(tmp_path):
+    from data_fixtures import build_custom
+
+    from tempme_train.data import train_and_val_items
+
+    annotations = build_custom(tmp_path).anno_dir / "captions.csv"
+    same_file = tiny_config(tmp_path, data={"dataset": "custom", "anno_path": str(annotations)})
+    with pytest.warns(UserWarning, match=f"validation reads the training pairs of {annotations}"):
+        train_items, val_items = train_and_val_items(same_file.data, "test config")
+    assert [item.video_id for item in val_items] == [item.video_id for item in train_items]
+    held_out = tiny_config(
+        tmp_path, data={"dataset": "custom", "anno_path": str(annotations), "val_split": "holdout", "holdout_videos": 1}
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train_items, val_items = train_and_val_items(held_out.data, "test config")
+    assert len(train_items) == len(val_items) == 1
+
+
+def test_a_log_file_gets_no_cursor_codes_or_worker_warnings(tmp_path, capsys):
+    from tempme_train.workers import available_cpus
+
+    # Validation inside training (eval_every) would nest bars; more workers than CPUs make torch warn.
+    config = tiny_config(
+        tmp_path, optim={"epochs": 1}, run={"progress": True, "eval_every": 1},
+        data={"num_workers": available_cpus() + 2},
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(config, data=synthetic_data())
+    assert "\x1b[A" not in capsys.readouterr().err  # captured stderr is not a terminal
+    assert not [w for w in caught if "worker processes" in str(w.message)]
+
+
+def test_an_unwritable_embedding_cache_only_warns(tmp_path):
+    blocker = tmp_path / "taken"
+    blocker.write_text("not a folder")
+    model = build_model(tiny_config(tmp_path))
+    data = synthetic_data(8)
+    with pytest.warns(UserWarning, match="could not write the embedding cache"):
+        results = evaluate(model, data.val, batch_size=4, cache_dir=blocker / "cache", progress=False)
+    assert results["cache"] is None and results["num_videos"] == 8 and "R1" in results["t2v"]

@@ -5,8 +5,12 @@ layout each producer uses (key names written out below, not taken from the code 
 the Hugging Face files, which the regression test checks against transformers itself).
 """
 
+import builtins
+import errno
+import io
 import json
 import os
+import stat
 import warnings
 import zipfile
 
@@ -241,6 +245,44 @@ def test_save_weights_extra_metadata_and_no_leftovers(model, tmp_path):
     meta = read_metadata(path)
     assert (meta["epoch"], meta["note"]) == ("3", "hi")
     assert os.listdir(path.parent) == ["w.safetensors"]
+
+
+def test_save_weights_gives_the_mode_of_a_plain_write_and_keeps_a_changed_one(model, tmp_path):
+    previous = os.umask(0o027)
+    try:
+        path = save_weights(model, tmp_path / "best.safetensors", adapters_only=True)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640  # 0o666 less the umask, not mkstemp's 0o600
+        path.chmod(0o644)
+        save_weights(model, path, adapters_only=True)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    finally:
+        os.umask(previous)
+
+
+def deny_reading(path, monkeypatch) -> None:
+    """Make ``path`` unreadable: by its mode, or for root (who reads any file) by failing ``open`` on it."""
+    if os.geteuid() != 0:
+        path.chmod(0)
+        return
+    real_open = builtins.open
+
+    def refusing_open(file, *args, **kwargs):
+        if os.fspath(file) == os.fspath(path):
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", refusing_open)
+    monkeypatch.setattr(io, "open", refusing_open)  # what Path.open calls
+
+
+@pytest.mark.parametrize("read", [read_metadata, load_weights], ids=["read_metadata", "load_weights"])
+def test_an_unreadable_file_is_reported_as_unreadable_not_missing(files, tmp_path, monkeypatch, read):
+    path = tmp_path / "best.safetensors"
+    path.write_bytes(files["ours_adapters"].read_bytes())
+    deny_reading(path, monkeypatch)
+    with pytest.raises(WeightsError) as caught:
+        read(path)
+    assert str(caught.value) == f"{path}: cannot read (Permission denied)"
 
 
 # --- conversion details, written out independently ------------------------------------------------

@@ -13,6 +13,7 @@ not stop loading: items still point at the expected path, and
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -50,6 +51,10 @@ LSMDC_BROKEN_CLIPS = frozenset(
     }
 )
 _MISSING_LISTED = 5
+# Markers for AnnotationError's value: none was given (nothing to show), or the field is not in the
+# record at all (which "(got None)" would misreport as a JSON null).
+_NO_VALUE = object()
+_ABSENT = object()
 
 
 @dataclass
@@ -76,19 +81,21 @@ class AnnotationError(ValueError):
         *,
         line: int | None = None,
         field: str | None = None,
-        value: Any = None,
+        value: Any = _NO_VALUE,
     ):
         self.path = Path(path)
         self.line = line
         self.field = field
-        self.value = value
+        self.value = None if value is _NO_VALUE or value is _ABSENT else value
         where = [str(self.path)]
         if line is not None:
             where.append(f"line {line}")
         if field is not None:
             where.append(f"field {field!r}")
         message = ": ".join(where) + f": {reason}"
-        if value is not None:
+        if value is _ABSENT:
+            message += " (the field is missing)"
+        elif value is not _NO_VALUE:
             message += f" (got {_shorten(value)})"
         super().__init__(message)
 
@@ -111,17 +118,39 @@ def _require_file(path: Path, what: str) -> Path:
     return path
 
 
-def _read_json(path: Path) -> Any:
+def _read_text(path: Path) -> str:
+    """The whole file as text, line ends as Python's ``open`` gives them. Read in one go so that a file
+    that cannot be read or is not UTF-8 (a video or zip named by mistake) is one AnnotationError
+    naming it, wherever in the file the bad byte is."""
     try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
+        data = path.read_bytes()
+    except OSError as err:
+        raise AnnotationError(path, f"cannot read ({err.strerror or err})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        reason = f"not UTF-8 text (byte 0x{data[err.start]:02x}); annotation files must be UTF-8 text"
+        raise AnnotationError(path, reason, line=line) from None
+
+
+def _read_json(path: Path, text: str | None = None) -> Any:
+    """The JSON document in ``path`` (``text``: its contents, when already read)."""
+    try:
+        return json.loads(_read_text(path) if text is None else text)
     except json.JSONDecodeError as err:
         raise AnnotationError(path, f"invalid JSON ({err.msg})", line=err.lineno) from err
 
 
+def _field(record: dict[str, Any], key: str) -> Any:
+    """``record[key]``, or :data:`_ABSENT` when the record has no such key."""
+    return record.get(key, _ABSENT)
+
+
 def _read_csv(path: Path, columns: Sequence[str]) -> list[tuple[int, dict[str, str]]]:
     """``(line number, row)`` of a CSV with a header; the ``columns`` must exist and be non-empty."""
-    with open(path, newline="", encoding="utf-8") as handle:
+    # newline="": the csv module handles line ends itself (quoted fields may hold them).
+    with io.StringIO(_read_text(path), newline="") as handle:
         reader = csv.DictReader(handle)
         header = reader.fieldnames
         if not header:
@@ -136,7 +165,11 @@ def _read_csv(path: Path, columns: Sequence[str]) -> list[tuple[int, dict[str, s
             for name in columns:
                 if row[name] is None or not row[name].strip():
                     raise AnnotationError(
-                        path, "empty or missing value", line=reader.line_num, field=name, value=row[name]
+                        path,
+                        "empty or missing value",
+                        line=reader.line_num,
+                        field=name,
+                        value=_ABSENT if row[name] is None else row[name],  # None: the row is short
                     )
             rows.append((reader.line_num, row))
     return rows
@@ -144,8 +177,7 @@ def _read_csv(path: Path, columns: Sequence[str]) -> list[tuple[int, dict[str, s
 
 def _read_lines(path: Path) -> list[str]:
     """Non-blank lines, stripped."""
-    with open(path, encoding="utf-8") as handle:
-        return [line.strip() for line in handle if line.strip()]
+    return [line.strip() for line in io.StringIO(_read_text(path), newline=None) if line.strip()]
 
 
 def _expect(condition: bool, path: Path, reason: str, **where: Any) -> None:
@@ -217,15 +249,10 @@ def _msrvtt_sentences(path: Path) -> list[tuple[str, str]]:
     )
     pairs = []
     for i, entry in enumerate(sentences):
+        _expect(isinstance(entry, dict), path, "expected an object", field=f"sentences[{i}]", value=entry)
         for key in ("video_id", "caption"):
-            value = entry.get(key) if isinstance(entry, dict) else None
-            _expect(
-                isinstance(value, str),
-                path,
-                "expected a string",
-                field=f"sentences[{i}].{key}",
-                value=value,
-            )
+            value = _field(entry, key)
+            _expect(isinstance(value, str), path, "expected a string", field=f"sentences[{i}].{key}", value=value)
         pairs.append((entry["video_id"], entry["caption"]))
     return pairs
 
@@ -269,8 +296,9 @@ def _didemo_descriptions(path: Path) -> list[tuple[str, str]]:
     )
     pairs = []
     for i, entry in enumerate(data):
+        _expect(isinstance(entry, dict), path, "expected an object", field=f"[{i}]", value=entry)
         for key in ("video", "description"):
-            value = entry.get(key) if isinstance(entry, dict) else None
+            value = _field(entry, key)
             _expect(isinstance(value, str), path, "expected a string", field=f"[{i}].{key}", value=value)
         pairs.append((entry["video"], entry["description"]))
     return pairs
@@ -319,7 +347,7 @@ def _activitynet_ids(path: Path) -> list[str]:
 def _activitynet_entry(path: Path, key: str, entry: Any) -> tuple[str, float | None]:
     """Paragraph and duration of one ``train.json``/``val_1.json`` entry."""
     _expect(isinstance(entry, dict), path, "expected an object", field=key, value=entry)
-    sentences = entry.get("sentences")
+    sentences = _field(entry, "sentences")
     _expect(
         isinstance(sentences, list) and bool(sentences) and all(isinstance(s, str) for s in sentences),
         path,
@@ -375,7 +403,7 @@ def load_activitynet(
 def _lsmdc_rows(path: Path) -> list[tuple[str, str]]:
     """``(clip_id, sentence)`` from a headerless 6-field TSV."""
     pairs = []
-    with open(path, encoding="utf-8") as handle:
+    with io.StringIO(_read_text(path), newline=None) as handle:
         for number, line in enumerate(handle, start=1):
             line = line.strip()
             if not line:
@@ -413,9 +441,9 @@ def _custom_csv(path: Path) -> list[tuple[str, str]]:
 
 def _custom_records(path: Path) -> list[tuple[dict[str, Any], Any]]:
     """JSON records (a JSON list, or JSON lines), each with where it came from (line or list index)."""
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
     if text.lstrip().startswith("["):
-        return [({"field": f"[{i}]."}, record) for i, record in enumerate(_read_json(path))]
+        return [({"field": f"[{i}]."}, record) for i, record in enumerate(_read_json(path, text))]
     records = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -435,7 +463,7 @@ def _custom_record_captions(path: Path, where: dict[str, Any], record: Any) -> t
         raise AnnotationError(
             path, "expected an object", line=line, field=prefix.rstrip(".") or None, value=record
         )
-    video = record.get("video")
+    video = _field(record, "video")
     if not (isinstance(video, str) and video.strip()):
         raise AnnotationError(
             path, "expected a video path string", line=line, field=f"{prefix}video", value=video
@@ -447,11 +475,11 @@ def _custom_record_captions(path: Path, where: dict[str, Any], record: Any) -> t
         )
         key, reason = "captions", "expected a non-empty list of non-empty strings"
     else:
-        texts = [record.get("caption")]
+        texts = [_field(record, "caption")]
         valid = isinstance(texts[0], str) and bool(texts[0].strip())
         key, reason = "caption", "expected a non-empty string (or a 'captions' list)"
     if not valid:
-        raise AnnotationError(path, reason, line=line, field=f"{prefix}{key}", value=record.get(key))
+        raise AnnotationError(path, reason, line=line, field=f"{prefix}{key}", value=_field(record, key))
     return video.strip(), texts
 
 

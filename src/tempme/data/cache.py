@@ -83,6 +83,10 @@ class FrameCache:
             array = np.load(path)
         except FileNotFoundError:
             return None
+        except PermissionError:
+            # Not damaged: someone else's entry (e.g. written before files got group/other read
+            # permission). Deleting and rebuilding it would hide the problem, or fail halfway.
+            raise
         except (OSError, ValueError, EOFError):
             # Atomic writes make this rare (e.g. a damaged disk); dropping the entry lets it be rebuilt.
             path.unlink(missing_ok=True)

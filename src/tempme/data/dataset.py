@@ -9,7 +9,8 @@ Undecodable videos: by default a sample whose video raises
 warning naming the file) that :func:`collate_skip_bad` drops, reporting the video ids in the
 batch's ``"skipped"`` list. ``dataset.skipped_ids`` also collects them, but only in the process
 that decoded them: with DataLoader workers, gather ids from ``batch["skipped"]`` instead.
-With ``strict=True`` the error propagates.
+With ``strict=True`` the error propagates, also out of a DataLoader worker: the main process gets a
+``VideoDecodeError`` with the worker's message (file and reason), not torch's RuntimeError.
 """
 
 from __future__ import annotations

@@ -31,13 +31,42 @@ if TYPE_CHECKING:
 BACKENDS = ("pyav", "decord")
 
 
-class VideoDecodeError(Exception):
-    """A video file that cannot be decoded: missing, empty, corrupt or without a video stream."""
+_MESSAGE_START = "cannot decode video "
 
-    def __init__(self, path: str | os.PathLike, reason: str):
+
+class VideoDecodeError(ValueError):
+    """A video file that cannot be decoded: missing, empty, corrupt or without a video stream.
+
+    A ValueError (bad input data), so the command line prints it as one line naming the file and the
+    reason. ``VideoDecodeError(message)`` with the message alone rebuilds the error from its text:
+    that is how a DataLoader worker's error reaches the main process (see :meth:`_from_text`).
+    """
+
+    def __init__(self, path: str | os.PathLike, reason: str | None = None):
+        if reason is None:
+            path, reason = self._from_text(str(path))
         self.path = Path(path)
         self.reason = reason
-        super().__init__(f"cannot decode video {self.path}: {reason}")
+        super().__init__(f"{_MESSAGE_START}{self.path}: {reason}")
+
+    def __reduce__(self):
+        # Pickled (to or from a worker process) as path and reason, not as the formatted message.
+        return type(self), (self.path, self.reason)
+
+    @staticmethod
+    def _from_text(text: str) -> tuple[str, str]:
+        """Path and reason from a message, or from a DataLoader worker's report of one.
+
+        torch's DataLoader re-raises a worker's error in the main process as ``type(error)(text)``,
+        where ``text`` is the worker's whole traceback ending in our message. Keeping only that
+        message gives the user one line again. The path is taken to end at the first ": ".
+        """
+        lines = [line for line in text.splitlines() if _MESSAGE_START in line]
+        if not lines:
+            return "<unknown video>", text.strip() or "undecodable"
+        message = lines[-1].split(_MESSAGE_START, 1)[1]
+        path, separator, reason = message.partition(": ")
+        return path, reason if separator else "undecodable"
 
 
 @dataclass(frozen=True)
