@@ -15,6 +15,7 @@ decoded are recorded with the reason and tried again on the next run.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Iterable, Sequence
@@ -248,10 +249,10 @@ def update_index(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    if save_every_s < 0:
-        raise ValueError(f"save_every_s must not be negative, got {save_every_s}")
-    if framerate <= 0:
-        raise ValueError(f"framerate must be positive, got {framerate}")
+    if not save_every_s >= 0:  # nan included
+        raise ValueError(f"save_every_s must be a number >= 0, got {save_every_s}")
+    if not 0 < framerate < math.inf:
+        raise ValueError(f"framerate must be a positive number, got {framerate}")
     if num_workers < 0:
         raise ValueError(f"num_workers must not be negative, got {num_workers}")
     device = torch.device(device)

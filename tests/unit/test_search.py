@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import builtins
-import errno
-import os
 import shutil
 import stat
 from pathlib import Path
@@ -26,6 +23,7 @@ from tempme.search import (
 )
 
 from data_fixtures import write_corrupt, write_video
+from file_fixtures import deny_reading
 from tiny_models import register_tiny_preset
 
 PRESET = register_tiny_preset("test-tiny-search")
@@ -121,21 +119,6 @@ def test_load_refuses_what_is_not_an_index(tmp_path):
         VideoIndex.load(garbage)
 
 
-def deny_reading(path: Path, monkeypatch) -> None:
-    """Make ``path`` unreadable: by its mode, or for root (who reads any file) by failing ``open`` on it."""
-    if os.geteuid() != 0:
-        path.chmod(0)
-        return
-    real_open = builtins.open
-
-    def refusing_open(file, *args, **kwargs):
-        if os.fspath(file) == os.fspath(path):
-            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(file))
-        return real_open(file, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "open", refusing_open)
-
-
 def test_an_unreadable_index_is_reported_as_unreadable_not_missing(tmp_path, monkeypatch):
     path = VideoIndex([], torch.empty(0, 2), {}, {}).save(tmp_path / "out.index")
     deny_reading(path, monkeypatch)
@@ -187,9 +170,12 @@ def test_index_holds_each_videos_own_embedding(video_dir, tmp_path):
 
 @pytest.mark.parametrize("setting, message", [
     ({"batch_size": 0}, "batch_size must be at least 1"),
-    ({"framerate": 0.0}, "framerate must be positive"),
+    ({"framerate": 0.0}, "framerate must be a positive number, got 0.0"),
+    ({"framerate": float("nan")}, "framerate must be a positive number, got nan"),
+    ({"framerate": float("inf")}, "framerate must be a positive number, got inf"),
     ({"num_workers": -1}, "num_workers must not be negative"),
-    ({"save_every_s": -5}, "save_every_s must not be negative"),
+    ({"save_every_s": -5}, "save_every_s must be a number >= 0, got -5"),
+    ({"save_every_s": float("nan")}, "save_every_s must be a number >= 0, got nan"),
 ])
 def test_unusable_index_settings_are_refused_before_any_work(video_dir, tmp_path, setting, message):
     with pytest.raises(ValueError, match=message):

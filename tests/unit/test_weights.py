@@ -5,9 +5,6 @@ layout each producer uses (key names written out below, not taken from the code 
 the Hugging Face files, which the regression test checks against transformers itself).
 """
 
-import builtins
-import errno
-import io
 import json
 import os
 import stat
@@ -37,6 +34,8 @@ from tempme.weights import (
     to_hf_layout,
     to_tempme_layout,
 )
+
+from file_fixtures import deny_reading
 
 PRESET = "tiny-B/32"
 FRAMES = 12  # ClipMe layers 8, 9, 10 then see 12, 6 and 3 clips
@@ -257,22 +256,6 @@ def test_save_weights_gives_the_mode_of_a_plain_write_and_keeps_a_changed_one(mo
         assert stat.S_IMODE(path.stat().st_mode) == 0o644
     finally:
         os.umask(previous)
-
-
-def deny_reading(path, monkeypatch) -> None:
-    """Make ``path`` unreadable: by its mode, or for root (who reads any file) by failing ``open`` on it."""
-    if os.geteuid() != 0:
-        path.chmod(0)
-        return
-    real_open = builtins.open
-
-    def refusing_open(file, *args, **kwargs):
-        if os.fspath(file) == os.fspath(path):
-            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(file))
-        return real_open(file, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "open", refusing_open)
-    monkeypatch.setattr(io, "open", refusing_open)  # what Path.open calls
 
 
 @pytest.mark.parametrize("read", [read_metadata, load_weights], ids=["read_metadata", "load_weights"])
