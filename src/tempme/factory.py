@@ -19,9 +19,11 @@ def build_config(
     frames: int = 12,
     lora_rank: int = 8,
     max_words: int = 32,
+    schedule: MergeConfig | None = None,
     **merge_overrides,
 ) -> ModelConfig:
-    """The paper's defaults for this backbone and frame count, with any schedule field overridden.
+    """``schedule`` (by default the paper's for this backbone, frame count and method), with any of
+    its fields overridden.
 
     Overrides are ``MergeConfig`` fields: ``tome_r``, ``merge_layers``, ``clips_joined``,
     ``cross_merge_ratio``, ``intra_merge_ratio``, ``clip_pos_embed``, ``prop_attn``.
@@ -31,10 +33,12 @@ def build_config(
     unknown = set(merge_overrides) - MERGE_FIELDS
     if unknown:
         raise TypeError(f"unknown schedule setting(s) {sorted(unknown)}; valid: {sorted(MERGE_FIELDS - {'method'})}")
+    if isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 0:
+        raise ValueError(f"lora_rank must be an integer >= 0 (0: no LoRA), got {lora_rank!r}")
     for name in ("merge_layers", "clips_joined"):
         if name in merge_overrides:
             merge_overrides[name] = tuple(merge_overrides[name])
-    merge = default_merge_config(clip, frames, method).replace(**merge_overrides)
+    merge = (schedule or default_merge_config(clip, frames, method)).replace(**merge_overrides)
     return ModelConfig(clip=clip, merge=merge, lora=LoRAConfig(rank=lora_rank), frames=frames, max_words=max_words)
 
 
@@ -54,29 +58,35 @@ def create_model(
 
 def load_model(
     weights: str | Path,
-    method: str = "tempme",
+    method: str | None = None,
     frames: int | None = None,
     device: str | torch.device = "cpu",
     **kwargs,
 ) -> TempMe:
     """Load CLIP weights (OpenAI, open_clip, Hugging Face, the authors' or tempme checkpoints) or a preset name.
 
-    The architecture is read from the weights. A tempme checkpoint brings its own schedule and frame
-    count unless overridden here. LoRA and clip positional embeddings found in the weights are loaded;
-    otherwise they keep their initial values (LoRA B = 0, CPE = 0), which leaves CLIP's outputs unchanged.
+    The architecture is read from the weights. A tempme checkpoint brings its own method, frame count
+    and schedule: ``method`` and ``frames`` default to its own, schedule settings given here change
+    only those settings, and another method or frame count starts from the paper's schedule for it.
+    Other weights default to ``method="tempme"`` and the paper's schedule. LoRA and clip positional
+    embeddings found in the weights are loaded; otherwise they keep their initial values (LoRA B = 0,
+    CPE = 0), which leaves CLIP's outputs unchanged.
     """
     from .weights import load_state_dict_into, load_weights
 
     loaded = load_weights(weights)
     saved = loaded.model_config
-    if saved is not None and frames in (None, saved.frames) and method == saved.merge.method and not kwargs:
+    method = method or (saved.merge.method if saved else "tempme")
+    frames = frames or (saved.frames if saved else None) or loaded.frames or 12
+    own_schedule = saved is not None and (method, frames) == (saved.merge.method, saved.frames)
+    if own_schedule and not kwargs:
         config = saved
     else:
-        frames = frames or (saved.frames if saved else None) or loaded.frames or 12
-        kwargs.setdefault("lora_rank", loaded.lora_rank or 8)
+        kwargs.setdefault("lora_rank", saved.lora.rank if saved else loaded.lora_rank or 8)
         if saved is not None:
             kwargs.setdefault("max_words", saved.max_words)
-        config = build_config(loaded.clip_config, method=method, frames=frames, **kwargs)
+        schedule = saved.merge if own_schedule else None
+        config = build_config(loaded.clip_config, method=method, frames=frames, schedule=schedule, **kwargs)
     model = TempMe(config)
     load_state_dict_into(model, loaded.state_dict)
     return model.to(device).eval()

@@ -100,10 +100,15 @@ class FlopReport:
 def count_video_flops(config: ModelConfig, preset: str = "") -> FlopReport:
     """Run one video through a freshly built encoder (LoRA folded) and count its MACs.
 
+    ``config``: a ``ModelConfig``, or a model built from one (``model.config`` is read).
     Runs on the meta device: every shape in the encoder is fixed by the plan, so no values are needed
     and nothing is allocated. (On meta, fused attention decomposes into ``bmm``s; the count is the same.)
     """
     from .model import VisionTransformer
+
+    config = getattr(config, "config", config)
+    if not isinstance(config, ModelConfig):
+        raise TypeError(f"count_video_flops takes a ModelConfig or a TempMe model, got {type(config).__name__}")
 
     vision = config.clip.vision
     with torch.device("meta"):

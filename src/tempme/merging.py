@@ -76,15 +76,16 @@ def max_merge(num_tokens: int, num_cls: int) -> int:
 def normalized_patches(metric: torch.Tensor, num_cls: int, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The patch rows of ``metric [B, N, C]`` scaled to unit length: ``[B, N - num_cls, C]`` in ``dtype``.
 
-    Divided in float32 (the norm read straight from ``metric``'s own dtype) and rounded once to
-    ``dtype``, by default ``similarity_dtype(metric)``. Contiguous, so consecutive sequences can be
-    viewed as one joined sequence for free (ClipMe). In float32 the values equal
-    ``F.normalize(metric.float())``.
+    Divided in float32 (float64 for a float64 metric; the norm read straight from ``metric``'s own
+    dtype) and rounded once to ``dtype``, by default ``similarity_dtype(metric)``. Contiguous, so
+    consecutive sequences can be viewed as one joined sequence for free (ClipMe). In float32 the
+    values equal ``F.normalize(metric.float())``.
     """
     dtype = dtype or similarity_dtype(metric)
     patches = metric[:, num_cls:]
-    norm = torch.linalg.vector_norm(patches, dim=-1, keepdim=True, dtype=torch.float32).clamp_min(1e-12)
-    if dtype == torch.float32:
+    exact = torch.float64 if metric.dtype == torch.float64 else torch.float32
+    norm = torch.linalg.vector_norm(patches, dim=-1, keepdim=True, dtype=exact).clamp_min(1e-12)
+    if dtype == exact:
         return torch.div(patches, norm)
     # One kernel: the quotient is computed in float32 and rounded as it is written.
     return torch.div(patches, norm, out=torch.empty(patches.shape, dtype=dtype, device=metric.device))
@@ -94,7 +95,9 @@ def similarity_dtype(metric: torch.Tensor) -> torch.dtype:
     """The dtype in which normalised patches of ``metric`` are multiplied. On a GPU a half type: the
     metric's own, or autocast's for a float32 metric under autocast (``patch_similarities`` then
     takes one tensor-core product with float32 results, where float32 inputs run several times
-    slower). Elsewhere float32."""
+    slower). Elsewhere float32, or float64 for a float64 metric."""
+    if metric.dtype == torch.float64:
+        return torch.float64
     if metric.is_cuda:
         if metric.dtype in (torch.float16, torch.bfloat16):
             return metric.dtype
@@ -105,13 +108,13 @@ def similarity_dtype(metric: torch.Tensor) -> torch.dtype:
 
 def patch_similarities(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Cosine similarities ``[B, |A|, |B|]`` of normalised patches ``a [B, |A|, C]`` and ``b [B, |B|, C]``,
-    in float32 whatever their dtype, under autocast too: half-precision inputs are multiplied exactly
+    in float32 whatever their dtype (float64 for float64), under autocast too: half-precision inputs are multiplied exactly
     and summed in float32 (on a GPU by one tensor-core product with float32 output), so that scores
     are not rounded to half precision (bf16 keeps 8 significant bits), which would tie many of them."""
     # Autocast exists on CPUs and GPUs (not on the meta device, where FLOPs are counted).
     no_autocast = torch.autocast(a.device.type, enabled=False) if a.device.type in ("cpu", "cuda") else nullcontext()
     with no_autocast:
-        if a.dtype == torch.float32:
+        if a.dtype in (torch.float32, torch.float64):
             return a @ b.transpose(-1, -2)
         if a.is_cuda:
             return torch.bmm(a, b.transpose(-1, -2), out_dtype=torch.float32)
@@ -140,7 +143,11 @@ def match_patches(patches: torch.Tensor, r: int, num_cls: int) -> MergePlan:
     with torch.no_grad():
         a, b = patches[:, a_start::2], patches[:, b_start::2]
         scores = patch_similarities(a, b)
-        best_score, best_b = scores.max(dim=-1)
+        if b.shape[1] == 0:  # at most one patch: nothing to match with, and r is 0
+            best_score = scores.new_zeros(scores.shape[:2])
+            best_b = torch.zeros(scores.shape[:2], dtype=torch.long, device=device)
+        else:
+            best_score, best_b = scores.max(dim=-1)
         order = best_score.argsort(dim=-1, descending=True, stable=True)
         merged = order[:, :r]  # indices into A
         # Unmerged tokens keep their original order (vanilla ToMe leaves them in score order).

@@ -358,10 +358,31 @@ class VisionTransformer(nn.Module):
             return proportional_count(tokens, state.num_cls, self.merge.intra_merge_ratio)
         return 0
 
+    def check_frames(self, frames: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """Raise a message naming what is wrong with ``frames`` (and ``mask``) for this encoder, where the
+        forward pass would fail deep inside with a shape error, or run on a wrong frame count."""
+        size = self.image_size
+        expected = f"[batch, {self.frames}, 3, {size}, {size}]"
+        if not isinstance(frames, torch.Tensor):
+            raise TypeError(f"frames must be a float tensor shaped {expected}, got {type(frames).__name__}")
+        if not frames.is_floating_point():
+            raise TypeError(f"frames must be a float tensor of CLIP-normalised pixels, got dtype {frames.dtype}")
+        if frames.dim() != 5 or tuple(frames.shape[2:]) != (3, size, size):
+            raise ValueError(f"frames must be shaped {expected}, got {list(frames.shape)}")
+        if frames.shape[1] != self.frames:
+            raise ValueError(
+                f"this model was built for {self.frames} frames (its merge schedule and clip positional "
+                f"embeddings depend on it), got {frames.shape[1]}; sample {self.frames} frames or build "
+                f"the model with frames={frames.shape[1]}"
+            )
+        if mask is not None and tuple(mask.shape) != tuple(frames.shape[:2]):
+            raise ValueError(f"video mask must be shaped {list(frames.shape[:2])}, got {list(mask.shape)}")
+
     def forward_tokens(
         self, frames: torch.Tensor, track_source: bool = False, layers: int | None = None
     ) -> VideoTokens:
         """Run the encoder on ``frames [B, F, 3, H, W]``; return the token state after ``layers`` layers."""
+        self.check_frames(frames)
         size_attention = resolve_size_attention(self.size_attention, frames.device)
         videos, num_frames = frames.shape[:2]
         x = self.embed(frames.flatten(0, 1))
@@ -449,6 +470,12 @@ class TempMe(nn.Module):
                 module.fold_lora()
         return self
 
+    @property
+    def activation_folded(self) -> bool:
+        """Whether ``optimize_for_inference`` moved QuickGELU's scale into the MLP weights (which then
+        hold other values than the checkpoint's)."""
+        return any(isinstance(m, ResidualBlock) and isinstance(m.mlp.gelu, nn.SiLU) for m in self.modules())
+
     def optimize_for_inference(self) -> "TempMe":
         """Fold LoRA and QuickGELU's scale into the weights, and add log(size) to attention in the form
         that measured faster on the device the video is on (``INFERENCE_SIZE_ATTENTION``, ``auto``): the
@@ -464,25 +491,9 @@ class TempMe(nn.Module):
                 module.fold_activation_scale()
         return self
 
-    def check_video(self, frames: torch.Tensor, mask: torch.Tensor | None) -> None:
-        size = self.visual.image_size
-        expected = f"[batch, {self.visual.frames}, 3, {size}, {size}]"
-        if not isinstance(frames, torch.Tensor) or not frames.is_floating_point():
-            raise TypeError(f"frames must be a float tensor shaped {expected}, got {type(frames).__name__}")
-        if frames.dim() != 5 or tuple(frames.shape[2:]) != (3, size, size):
-            raise ValueError(f"frames must be shaped {expected}, got {list(frames.shape)}")
-        if frames.shape[1] != self.visual.frames:
-            raise ValueError(
-                f"this model was built for {self.visual.frames} frames (its merge schedule and clip positional "
-                f"embeddings depend on it), got {frames.shape[1]}; sample {self.visual.frames} frames or build "
-                f"the model with frames={frames.shape[1]}"
-            )
-        if mask is not None and tuple(mask.shape) != tuple(frames.shape[:2]):
-            raise ValueError(f"video mask must be shaped {list(frames.shape[:2])}, got {list(mask.shape)}")
-
     def encode_video(self, frames: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """CLIP-normalised frames ``[B, F, 3, H, W]`` (optional mask ``[B, F]``) -> ``[B, embed_dim]``."""
-        self.check_video(frames, mask)
+        self.visual.check_frames(frames, mask)
         return self.visual(frames.to(self.visual.conv1.weight.dtype), mask)
 
     def tokenize(self, texts: str | list[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -43,6 +43,9 @@ def similarity(
         raise ValueError(
             f"embedding sizes differ: text D={text_emb.shape[1]}, video D={video_emb.shape[1]}"
         )
+    if text_emb.dtype != video_emb.dtype:  # e.g. half-precision queries against a float32 index
+        dtype = torch.promote_types(text_emb.dtype, video_emb.dtype)
+        text_emb, video_emb = text_emb.to(dtype), video_emb.to(dtype)
     return scale * F.normalize(text_emb, dim=-1) @ F.normalize(video_emb, dim=-1).T
 
 
@@ -216,7 +219,7 @@ def format_metrics_table(t2v: dict, v2t: dict) -> str:
     return "\n".join([fmt(header), rule] + [fmt(r) for r in rows])
 
 
-def contrastive_loss(text: torch.Tensor, video: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+def contrastive_loss(text: torch.Tensor, video: torch.Tensor, logit_scale: torch.Tensor | float) -> torch.Tensor:
     """Symmetric InfoNCE: pair i is (text i, video i); every other pairing in the batch is a negative.
 
     Args:
@@ -233,6 +236,7 @@ def contrastive_loss(text: torch.Tensor, video: torch.Tensor, logit_scale: torch
         raise ValueError(f"expected matching [B, D] text and video embeddings, got {list(text.shape)} and {list(video.shape)}")
     text = F.normalize(text.float(), dim=-1)
     video = F.normalize(video.float(), dim=-1)
+    logit_scale = torch.as_tensor(logit_scale, device=text.device)
     logits = logit_scale.detach().float().exp() * text @ video.T
     targets = torch.arange(logits.shape[0], device=logits.device)
     return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2

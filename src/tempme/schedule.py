@@ -46,8 +46,35 @@ class LayerPlan:
         return self.cls_in * self.clips_joined
 
 
+def check_setting_types(merge: MergeConfig) -> None:
+    """Raise ``ScheduleError`` naming a setting of the wrong type: ``tome_r=2.5`` would fail deep in
+    the forward pass, and ``prop_attn="no"`` would quietly count as true."""
+
+    def is_int(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    wrong = []
+    if not is_int(merge.tome_r):
+        wrong.append(("tome_r", merge.tome_r, "an integer"))
+    for name in ("merge_layers", "clips_joined"):
+        value = getattr(merge, name)
+        if not isinstance(value, (tuple, list)) or not all(is_int(item) for item in value):
+            wrong.append((name, value, "a sequence of integers"))
+    for name in ("cross_merge_ratio", "intra_merge_ratio"):
+        value = getattr(merge, name)
+        if not (is_int(value) or isinstance(value, float)):
+            wrong.append((name, value, "a number"))
+    for name in ("clip_pos_embed", "prop_attn"):
+        if not isinstance(getattr(merge, name), bool):
+            wrong.append((name, getattr(merge, name), "True or False"))
+    if wrong:
+        name, value, expected = wrong[0]
+        raise ScheduleError(f"{name} must be {expected}, got {value!r}")
+
+
 def validate_merge_config(merge: MergeConfig, depth: int, frames: int) -> None:
     """Raise ``ScheduleError`` with a readable message if ``merge`` cannot run."""
+    check_setting_types(merge)
     if merge.method not in MERGE_METHODS:
         raise ScheduleError(f"unknown merge method {merge.method!r}; choose one of {', '.join(MERGE_METHODS)}")
     if frames < 1:

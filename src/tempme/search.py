@@ -339,10 +339,13 @@ def encode_texts(
 
 
 def encode_queries(
-    model: TempMe, queries: Sequence[str], device: torch.device | str = "cpu", batch_size: int = 256
+    model: TempMe, queries: str | Sequence[str], device: torch.device | str = "cpu", batch_size: int = 256
 ) -> torch.Tensor:
-    """``[Q, D]`` float32 text features of ``queries``."""
-    if not queries or any(not query.strip() for query in queries):
+    """``[Q, D]`` float32 text features of ``queries`` (one text: ``Q = 1``). Puts ``model`` in eval
+    mode on ``device``."""
+    if isinstance(queries, str):
+        queries = [queries]  # not one query per character
+    if not queries or any(not isinstance(query, str) or not query.strip() for query in queries):
         raise ValueError("every query must be a non-empty text")
     model.eval().to(device)
     return encode_texts(model, queries, device, batch_size)

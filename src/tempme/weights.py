@@ -567,13 +567,20 @@ def _shape_hint(model: TempMe, sd: Mapping[str, torch.Tensor], name: str) -> str
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
-    """Hex digest of a model's config and every weight: equal fingerprints mean equal embeddings.
+    """Hex digest of a model's config and every weight that counts: equal fingerprints mean equal embeddings.
 
+    A LoRA A matrix whose B is all zeros is left out: it is drawn at random whenever a model is
+    built, yet changes nothing (B A = 0), so loading the same weights twice gives one fingerprint.
     Reads every parameter once (about a second for ViT-B/32). Take it before
     ``optimize_for_inference``, which rewrites the weights.
     """
+    state = model.state_dict()
+    unused = {name[: -len("lora_b")] + "lora_a" for name, tensor in state.items()
+              if name.endswith("lora_b") and not tensor.any()}
     digest = hashlib.sha256(repr(getattr(model, "config", "")).encode("utf-8"))
-    for name, tensor in model.state_dict().items():
+    for name, tensor in state.items():
+        if name in unused:
+            continue
         digest.update(name.encode("utf-8"))
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:32]
@@ -590,8 +597,15 @@ def save_weights(
 
     Metadata: ``format`` = ``tempme`` and ``model_config`` (JSON of the ModelConfig), plus
     ``extra_metadata`` (non-string values JSON-encoded; it cannot override those two).
+    A model after ``optimize_for_inference`` is refused: its MLP weights are rescaled for SiLU, and
+    loaded back as a checkpoint they would run under QuickGELU and give other embeddings.
     """
     path = Path(path)
+    if model.activation_folded:
+        raise WeightsError(
+            f"{path}: this model was optimised for inference (its MLP weights are rescaled): save the "
+            "weights before optimize_for_inference, or use fold_lora alone, which keeps them loadable"
+        )
     tensors = {
         name: tensor.detach().cpu().contiguous()
         for name, tensor in model.state_dict().items()

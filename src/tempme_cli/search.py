@@ -79,7 +79,8 @@ def register(subparsers) -> None:
     index.add_argument("--out", required=True, metavar="INDEX", help="the index file, created or extended")
     add_model_arguments(index, required=True)
     index.add_argument("--method", choices=("none", "tome", "tempme"),
-                       help="video encoder's merging, with --weights (default: tempme; a checkpoint has its own)")
+                       help="video encoder's merging, with --weights (default: a tempme weights file's own, else tempme; "
+                       "a --checkpoint has its own)")
     index.add_argument("--frames", type=int,
                        help="frames sampled per video, with --weights (default: the weights' own, else 12)")
     index.add_argument("--framerate", type=float, default=1.0, help="candidate frames per second to sample from (default: 1)")
@@ -119,25 +120,17 @@ def weights_reference(weights: str) -> str:
 
 
 def load_search_model(model_info: dict[str, Any]):
-    """The model ``model_info`` describes (``weights`` or ``checkpoint``, ``method``, ``frames``), in eval mode.
-
-    Built under a fixed seed: LoRA's A matrices are random at initialisation, and the index must find
-    the same weights, hence the same fingerprint, every time.
-    """
+    """The model ``model_info`` describes (``weights`` or ``checkpoint``, ``method``, ``frames``), in eval mode."""
     import tempme
 
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        if model_info.get("checkpoint"):
-            from tempme_train.modeling import build_model, load_trained_weights, train_config_of
+    if model_info.get("checkpoint"):
+        from tempme_train.modeling import build_model, load_trained_weights, train_config_of
 
-            config = train_config_of(model_info["checkpoint"])
-            model = build_model(config, model_info["checkpoint"])
-            load_trained_weights(model, model_info["checkpoint"])
-        else:
-            model = tempme.load_model(
-                model_info["weights"], method=model_info.get("method", "tempme"), frames=model_info.get("frames")
-            )
+        config = train_config_of(model_info["checkpoint"])
+        model = build_model(config, model_info["checkpoint"])
+        load_trained_weights(model, model_info["checkpoint"])
+    else:
+        model = tempme.load_model(model_info["weights"], method=model_info.get("method"), frames=model_info.get("frames"))
     return model.eval()
 
 
@@ -166,7 +159,7 @@ def run_index(args: argparse.Namespace) -> int:
             raise ValueError("--method and --frames go with --weights: a trained checkpoint has its own")
         model_info = {"checkpoint": str(find_trained_weights(args.checkpoint).resolve())}
     else:
-        model_info = {"weights": weights_reference(args.weights), "method": args.method or "tempme", "frames": args.frames}
+        model_info = {"weights": weights_reference(args.weights), "method": args.method, "frames": args.frames}
     if not args.json:
         source = model_info.get("checkpoint") or model_info["weights"]
         print(f"{len(videos)} videos found; loading {source} on {device} ({precision})", file=sys.stderr)

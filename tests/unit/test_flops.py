@@ -52,3 +52,12 @@ def test_linear_layers_dominate_as_in_the_spec_breakdown():
     report = gflops("ViT-B/32", 12, "none")
     assert report.by_op["addmm"] == pytest.approx(50.96, abs=0.01)
     assert report.by_op["patch_embedding"] == pytest.approx(1.39, abs=0.01)
+
+
+def test_a_model_counts_as_its_config():
+    import tempme
+
+    model = tempme.create_model("tiny-B/32", frames=4)
+    assert count_video_flops(model).gflops == count_video_flops(model.config).gflops
+    with pytest.raises(TypeError, match="ModelConfig or a TempMe model, got str"):
+        count_video_flops("ViT-B/32")

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import tempme
 from tempme.merging import (
     add_rows_,
     bipartite_soft_matching,
@@ -304,3 +305,27 @@ def test_a_merge_costs_few_small_operators(dtype):
     assert sum(matching.counts.values()) <= 14, matching.counts
     assert sum(merging.counts.values()) <= 11, merging.counts
     assert "copy_" not in merging.counts and "clone" not in merging.counts  # no dtype casts, no extra copies
+
+
+@pytest.mark.parametrize("patches", [0, 1])
+def test_merging_nothing_where_no_patch_has_a_partner_keeps_every_token(patches):
+    tokens = torch.randn(3, 1 + patches, 8)
+    plan = bipartite_soft_matching(tokens, 0, num_cls=1)
+    merged, size, _ = merge_weighted(plan, tokens, None)
+    assert torch.equal(merged, tokens) and torch.equal(size, torch.ones(3, 1 + patches, 1))
+
+
+def test_a_float64_model_merges_in_float64():
+    # Matching divides in at least float32: a float64 metric keeps float64 (narrowing it is an error).
+    torch.manual_seed(0)
+    model = tempme.create_model("tiny-B/32", frames=4).eval()
+    video = torch.randn(2, 4, 3, 224, 224)
+    with torch.no_grad():
+        single = model.encode_video(video)
+        double = model.double().encode_video(video.double())
+    assert double.dtype == torch.float64
+    torch.testing.assert_close(double.float(), single, atol=1e-5, rtol=1e-4)
+    metric = torch.randn(2, 9, 4, dtype=torch.float64)
+    assert normalized_patches(metric, 1).dtype == torch.float64
+    expected = torch.nn.functional.normalize(metric[:, 1:], dim=-1)
+    torch.testing.assert_close(normalized_patches(metric, 1), expected, atol=1e-15, rtol=0)

@@ -196,3 +196,19 @@ def test_format_metrics_table():
         "Video->Text", "33.3", "100.0", "100.0", "100.0", "3.0", "2.7", "233.3"
     ]
     assert len({len(line) for line in lines}) == 1  # columns aligned
+
+
+def test_similarity_of_half_precision_queries_against_float32_videos():
+    torch.manual_seed(0)
+    text, video = torch.randn(3, 8), torch.randn(5, 8)
+    mixed = similarity(text.half(), video)
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, similarity(text.half().float(), video))
+
+
+def test_contrastive_loss_takes_a_plain_number_as_logit_scale():
+    from tempme.retrieval import contrastive_loss
+
+    torch.manual_seed(0)
+    text, video = torch.randn(4, 8), torch.randn(4, 8)
+    assert contrastive_loss(text, video, math.log(100)) == contrastive_loss(text, video, torch.tensor(math.log(100)))

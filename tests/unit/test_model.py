@@ -105,13 +105,15 @@ def test_wrong_video_shapes_get_one_clear_error(shape, message):
     model = tempme.create_model("tiny-B/32", frames=12)
     with pytest.raises(ValueError, match=message):
         model.encode_video(torch.zeros(shape))
+    with pytest.raises(ValueError, match=message):  # the token-level API the README shows, too
+        model.visual.forward_tokens(torch.zeros(shape))
 
 
 def test_wrong_mask_and_dtype_are_refused():
     model = tempme.create_model("tiny-B/32", frames=12)
     with pytest.raises(ValueError, match="video mask must be shaped \\[1, 12\\]"):
         model.encode_video(torch.zeros(1, 12, 3, 224, 224), torch.ones(1, 11))
-    with pytest.raises(TypeError, match="float tensor"):
+    with pytest.raises(TypeError, match="float tensor of CLIP-normalised pixels, got dtype torch.uint8"):
         model.encode_video(torch.zeros(1, 12, 3, 224, 224, dtype=torch.uint8))
     with pytest.raises(ValueError, match="token ids must be shaped"):
         model.encode_text(torch.zeros(5, dtype=torch.long))

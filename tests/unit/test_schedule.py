@@ -97,6 +97,13 @@ def test_balanced_factors():
     ({"intra_merge_ratio": -0.1}, "intra_merge_ratio=-0.1 is outside"),
     ({"tome_r": -1}, "tome_r must be >= 0"),
     ({"method": "fast"}, "unknown merge method 'fast'"),
+    # Wrong types, named before they fail deep in the forward pass or pass as true.
+    ({"tome_r": 2.5}, "tome_r must be an integer, got 2.5"),
+    ({"tome_r": True}, "tome_r must be an integer, got True"),
+    ({"merge_layers": (8, 9, 10.0)}, r"merge_layers must be a sequence of integers, got \(8, 9, 10.0\)"),
+    ({"cross_merge_ratio": "0.3"}, "cross_merge_ratio must be a number, got '0.3'"),
+    ({"prop_attn": "no"}, "prop_attn must be True or False, got 'no'"),
+    ({"clip_pos_embed": 0}, "clip_pos_embed must be True or False, got 0"),
 ])
 def test_impossible_schedules_are_refused_at_build_time(overrides, message):
     with pytest.raises(ScheduleError, match=message):

@@ -286,6 +286,31 @@ def test_model_fingerprint_sees_every_weight():
     assert model_fingerprint(model) != first
 
 
+def test_the_same_weights_loaded_twice_have_one_fingerprint(tmp_path):
+    # LoRA's A is drawn at random whenever a model is built; with B = 0 it changes nothing, and the
+    # README's "run update_index again" must find the index that the same weights built.
+    clip = {name: t for name, t in tiny_model().state_dict().items() if "lora_" not in name}
+    torch.save(clip, tmp_path / "clip.pt")
+    loaded = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        loaded.append(tempme.load_model(tmp_path / "clip.pt", frames=FRAMES))
+    assert not torch.equal(loaded[0].visual.transformer.resblocks[0].attn.lora_a,
+                           loaded[1].visual.transformer.resblocks[0].attn.lora_a)
+    assert model_fingerprint(loaded[0]) == model_fingerprint(loaded[1])
+    for model in loaded:  # trained adapters: A now matters
+        with torch.no_grad():
+            model.visual.transformer.resblocks[0].attn.lora_b.fill_(0.01)
+    assert model_fingerprint(loaded[0]) != model_fingerprint(loaded[1])
+
+
+def test_one_query_as_a_string_is_one_query():
+    model = tiny_model()
+    one = encode_queries(model, "a dog catches a frisbee")
+    assert one.shape[0] == 1
+    torch.testing.assert_close(one, encode_queries(model, ["a dog catches a frisbee"]))
+
+
 def test_encode_queries_refuses_empty_text():
     with pytest.raises(ValueError, match="non-empty"):
         encode_queries(tiny_model(), ["a dog", "  "])

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+import tempme
 from tempme.config import CLIPConfig, LoRAConfig, ModelConfig, TextConfig, default_merge_config, get_preset
 from tempme.model import TempMe, is_adapter_parameter
 from tempme.weights import (
@@ -527,3 +528,24 @@ def test_failed_download_says_where_to_put_the_file(cache, monkeypatch):
     message = str(info.value)
     assert "network unreachable" in message and str(cache / "ViT-L-14.pt") in message
     assert "openai/clip-vit-large-patch14" in message
+
+
+def test_a_checkpoint_brings_its_method_and_keeps_its_schedule_where_one_setting_changes(tmp_path):
+    torch.manual_seed(0)
+    saved = tempme.create_model(PRESET, method="tome", frames=FRAMES, tome_r=5, prop_attn=False)
+    path = save_weights(saved, tmp_path / "tome.safetensors")
+    assert tempme.load_model(path).config == saved.config  # its method, not tempme's
+    changed = tempme.load_model(path, prop_attn=True).config.merge
+    assert (changed.method, changed.tome_r, changed.prop_attn) == ("tome", 5, True)  # tome_r stays 5
+    # Another method starts from the paper's schedule for it.
+    other = tempme.load_model(path, method="tempme").config.merge
+    assert other == default_merge_config(get_preset(PRESET), FRAMES, "tempme")
+
+
+def test_a_model_optimised_for_inference_is_not_saved_as_a_checkpoint(tmp_path):
+    model = tempme.create_model(PRESET, frames=FRAMES).optimize_for_inference()
+    with pytest.raises(WeightsError, match="optimised for inference"):
+        save_weights(model, tmp_path / "folded.safetensors")
+    assert not (tmp_path / "folded.safetensors").exists()
+    folded_lora = tempme.create_model(PRESET, frames=FRAMES).fold_lora()  # weights stay loadable
+    assert save_weights(folded_lora, tmp_path / "lora-folded.safetensors").is_file()
