@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
 
 from tempme.files import check_folder
@@ -67,3 +68,9 @@ def check_finite(value: float, option: str, positive: bool = False) -> None:
     if not math.isfinite(value) or (positive and value <= 0):
         wanted = "a positive number" if positive else "a finite number"
         raise ValueError(f"{option} must be {wanted}, got {value}")
+
+
+def show_progress(args: argparse.Namespace) -> bool:
+    """Progress bars (on stderr) for long work: always on a terminal; with ``--json`` not into a log
+    file or pipe, where a script reads the output."""
+    return not getattr(args, "json", False) or sys.stderr.isatty()

@@ -48,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise ValueError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    if not 0 <= args.seed < 2**32:  # what numpy's and Python's generators, seeded from it, accept
+        raise ValueError(f"--seed must be between 0 and 2**32 - 1, got {args.seed}")
     config = DemoConfig.quick(args.seed) if args.quick else DemoConfig(seed=args.seed)
     overrides = {"methods": tuple(dict.fromkeys(args.methods))}
     for name in ("pretrain_steps", "finetune_steps"):

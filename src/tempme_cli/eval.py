@@ -11,6 +11,8 @@ from typing import Any
 
 from tempme_train.config import ConfigError, TrainConfig, apply_overrides, load_config, with_settings
 
+from .common import show_progress
+
 EPILOG = textwrap.dedent(
     """\
     what is evaluated:
@@ -199,7 +201,7 @@ def run(args: argparse.Namespace) -> int:
     model.optimize_for_inference()  # the same embeddings, faster; this model is not trained further
     results = evaluate(
         model.to(device), eval_set, config.run.eval_batch_size, device, config.optim.precision,
-        config.data.num_workers, cache_dir=cache, progress=not args.json,
+        config.data.num_workers, cache_dir=cache, progress=show_progress(args),
     )
     results.update(
         split=args.split, dataset=config.data.dataset, missing=missing,

@@ -47,8 +47,18 @@ def format_report(report: FlopReport) -> str:
     return "\n".join(lines)
 
 
+# The schedule settings each method reads; the others would be ignored without a word.
+USED_BY = {"none": set(), "tome": {"tome_r", "prop_attn"}}
+
+
 def run(args: argparse.Namespace) -> int:
-    config = build_config(args.model, method=args.method, frames=args.frames, **schedule_overrides(args))
+    overrides = schedule_overrides(args)
+    unused = sorted(set(overrides) - USED_BY.get(args.method, set(overrides)))
+    if unused:
+        flags = {"clip_pos_embed": "--no-clip-pos-embed", "prop_attn": "--no-prop-attn"}
+        options = ", ".join(flags.get(name, "--" + name.replace("_", "-")) for name in unused)
+        raise ValueError(f"{options}: no effect with --method {args.method} (it does not read that setting)")
+    config = build_config(args.model, method=args.method, frames=args.frames, **overrides)
     report = count_video_flops(config, preset=args.model)
     if args.json:
         print(json.dumps({

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 SUBCOMMANDS = ("flops", "bench", "prepare", "train", "eval", "search", "demo")  # search: index and search
 
@@ -62,12 +63,20 @@ def describe_os_error(error: OSError) -> str:
     return str(error)
 
 
+def one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings as the user's messages they are: Python's default adds the file, line and source
+    line of the code that warned (often inside torch's data loader), which say nothing to a user."""
+    return f"tempme: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parse_arguments(parser, argv)
     if not getattr(args, "handler", None):
         parser.print_help()
         return 1
+    format_warning = warnings.formatwarning
+    warnings.formatwarning = one_line_warning  # DataLoader workers fork from here and inherit it
     try:
         return args.handler(args) or 0
     except (CLIError, ValueError, TypeError) as error:
@@ -79,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"tempme {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = format_warning
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import torch
 from tempme.bench import resolve_device
 from tempme.precision import PRECISIONS, default_precision
 
-from .common import check_finite, check_output_file
+from .common import check_finite, check_output_file, show_progress
 
 INDEX_EPILOG = textwrap.dedent(
     """\
@@ -173,7 +173,7 @@ def run_index(args: argparse.Namespace) -> int:
         update = update_index(
             model, videos, args.out, fingerprint=fingerprint, model_info=model_info, batch_size=args.batch_size,
             device=device, precision=precision, framerate=args.framerate, num_workers=args.workers,
-            backend=args.backend, save_every_s=args.save_every, progress=not args.json,
+            backend=args.backend, save_every_s=args.save_every, progress=show_progress(args),
         )
     if args.json:
         print(json.dumps({"index": str(args.out), "found": len(videos), "added": update.added,

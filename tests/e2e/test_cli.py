@@ -142,3 +142,34 @@ def test_an_os_error_is_one_line_without_a_traceback(monkeypatch, capsys):
 def test_index_refuses_numbers_that_are_not_numbers(tmp_path, option, value, message, capsys):
     assert main(["index", str(tmp_path), "--weights", "x.pt", "--out", str(tmp_path / "x.index"), option, value]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_warnings_are_one_line_messages(monkeypatch):
+    import warnings
+
+    from tempme_cli import main as cli
+
+    shown = []
+
+    def warns(args):  # how Python prints a warning while the command runs (pytest captures the real one)
+        shown.append(warnings.formatwarning("skipping video /data/a.mp4: empty", UserWarning, "fetch.py", 54))
+
+    build = cli.build_parser
+
+    def build_with_a_warning():
+        parser = build()
+        parser.get_default("command_parsers")["flops"].set_defaults(handler=warns)
+        return parser
+
+    monkeypatch.setattr(cli, "build_parser", build_with_a_warning)
+    assert main(["flops"]) == 0
+    assert shown == ["tempme: warning: skipping video /data/a.mp4: empty\n"]  # no file, line or source
+    assert warnings.formatwarning is not cli.one_line_warning  # restored for the caller
+
+
+def test_flops_refuses_schedule_options_the_method_ignores(capsys):
+    assert main(["flops", "--method", "none", "--merge-layers", "1-2", "--no-prop-attn"]) == 2
+    assert "--merge-layers, --no-prop-attn: no effect with --method none" in capsys.readouterr().err
+    assert main(["flops", "--method", "tome", "--clips-joined", "2-2"]) == 2
+    assert "--clips-joined: no effect with --method tome" in capsys.readouterr().err
+    assert main(["flops", "--method", "tome", "--tome-r", "3"]) == 0  # tome reads r

@@ -156,3 +156,9 @@ def test_quick_demo_from_the_cli(tmp_path, capsys):
     assert len(written) == 8
     with av.open(str(written[0])) as container:
         assert sum(1 for _ in container.decode(video=0)) == WORLD.frames
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**64)])
+def test_a_seed_the_generators_cannot_take_is_refused_by_name(seed, capsys):
+    assert main(["demo", "--quick", "--seed", seed]) == 2
+    assert f"--seed must be between 0 and 2**32 - 1, got {seed}" in capsys.readouterr().err
