@@ -4,12 +4,12 @@ An index is one safetensors file: the L2-normalised video embeddings ``[N, D]`` 
 the video paths, the decoding settings, and a fingerprint of the model that embedded them, so that
 queries are always encoded by that same model.
 
-Building is incremental: run it again on the same folder and only videos not yet in the index are
-decoded. It writes the index every ``save_every_s`` seconds and when stopped (Ctrl-C included), so an
-interrupted run loses at most the batch in flight and the next run carries on. (By time, not by count:
-each write is the whole file, and on a GPU hundreds of videos a second would otherwise mean as many
-writes.) Videos that cannot be
-decoded are recorded with the reason and tried again on the next run.
+Building is incremental: run it again on the same folder and only videos not yet in the index, or
+whose file changed since it was embedded (another size or modification time), are decoded. It writes
+the index every ``save_every_s`` seconds and when stopped (Ctrl-C included), so an interrupted run
+loses at most the batch in flight and the next run carries on. (By time, not by count: each write is
+the whole file, and on a GPU hundreds of videos a second would otherwise mean as many writes.) Videos
+that cannot be decoded are recorded with the reason and tried again on the next run.
 """
 
 from __future__ import annotations
@@ -36,8 +36,9 @@ from .precision import autocast
 from .progress import progress_bar
 from .weights import model_fingerprint
 
+# Containers FFmpeg (so PyAV) reads; .m2ts/.mts are AVCHD camera files (MPEG transport streams).
 VIDEO_EXTENSIONS = frozenset(
-    ".mp4 .m4v .mov .mkv .webm .avi .mpg .mpeg .wmv .flv .3gp .ts .mts .ogv".split()
+    ".mp4 .m4v .mov .mkv .webm .avi .mpg .mpeg .m2v .vob .wmv .flv .3gp .3g2 .ts .mts .m2ts .ogv".split()
 )
 INDEX_FORMAT = "tempme-video-index"
 INDEX_VERSION = 1
@@ -48,24 +49,50 @@ class VideoIndexError(ValueError):
     """An index file that cannot be read, or that does not fit the model or settings it is used with."""
 
 
+# What to do about an index this version cannot use: its embeddings cannot be trusted or read, and
+# building a new one from the videos is always possible.
+_REBUILD = "index the videos again into a new file (tempme index FOLDER ... --out NEW.index)"
+
+
+def _walk_videos(folder: Path) -> Iterable[Path]:
+    """Files with a video extension under ``folder``, following symbolic links to folders.
+
+    A folder is entered once however many links lead to it (by device and inode), so a link to one
+    of its own parents ends instead of looping forever. Hidden files and folders are left out.
+    """
+    seen: set[tuple[int, int]] = set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        try:
+            info = os.stat(root)
+        except OSError:  # vanished or unreadable while walking: os.walk skips it too
+            dirs[:] = []
+            continue
+        if (info.st_dev, info.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((info.st_dev, info.st_ino))
+        dirs[:] = sorted(name for name in dirs if not name.startswith("."))
+        for name in files:
+            candidate = Path(root) / name
+            if not name.startswith(".") and candidate.suffix.lower() in VIDEO_EXTENSIONS and candidate.is_file():
+                yield candidate
+
+
 def find_videos(sources: Iterable[PathLike]) -> list[Path]:
-    """The video files among ``sources``, absolute, sorted and without repeats.
+    """The video files among ``sources``, absolute (symbolic links resolved), sorted and without repeats.
 
     A file is taken as given, whatever its extension; a directory is searched recursively for files
-    with one of ``VIDEO_EXTENSIONS`` (any case). Hidden files and folders are left out.
+    with one of ``VIDEO_EXTENSIONS`` (any case), following links to folders. Hidden files and folders
+    are left out.
     """
+    sources = list(sources)
     found: set[Path] = set()
     for source in sources:
         path = Path(source).expanduser()
         if path.is_file():
             found.add(path.resolve())
         elif path.is_dir():
-            for candidate in path.rglob("*"):
-                relative = candidate.relative_to(path).parts
-                if any(part.startswith(".") for part in relative):
-                    continue
-                if candidate.suffix.lower() in VIDEO_EXTENSIONS and candidate.is_file():
-                    found.add(candidate.resolve())
+            found.update(candidate.resolve() for candidate in _walk_videos(path))
         else:
             raise FileNotFoundError(f"{source}: no such file or directory")
     if not found:
@@ -88,7 +115,10 @@ class VideoIndex:
     ``model``: the fingerprint of the model that embedded them (``"fingerprint"``) and how to load it
     again (free-form, e.g. its weights file). ``settings``: how the videos were decoded and encoded
     (frames, framerate, image size, precision); a run that adds videos must use the same.
-    ``skipped``: path -> why that video could not be decoded.
+    ``skipped``: path -> why that video could not be decoded. ``files``: path -> ``[size, mtime_ns]``
+    of the file when it was embedded, so that a changed file is embedded again. Indexes written before
+    this was recorded lack it (and older tempme versions adding to an index leave it out): a video
+    without an entry counts as changed, so it is embedded once more and recorded.
     """
 
     paths: list[str]
@@ -96,6 +126,7 @@ class VideoIndex:
     model: dict[str, Any]
     settings: dict[str, Any]
     skipped: dict[str, str] = field(default_factory=dict)
+    files: dict[str, list[int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.embeddings.dim() != 2 or self.embeddings.shape[0] != len(self.paths):
@@ -114,6 +145,7 @@ class VideoIndex:
             "model": self.model,
             "settings": self.settings,
             "skipped": self.skipped,
+            "files": self.files,
         }
         metadata = {"format": INDEX_FORMAT, "index": json.dumps(header)}
         with atomic_file(path) as temporary:
@@ -142,11 +174,29 @@ class VideoIndex:
             header = json.loads(metadata["index"])
         except (KeyError, ValueError) as error:
             raise VideoIndexError(f"{path}: the index header is damaged ({error})") from None
+        if not isinstance(header, dict):
+            raise VideoIndexError(f"{path}: the index header is damaged (not a JSON object); {_REBUILD}") from None
         if header.get("version") != INDEX_VERSION:
             raise VideoIndexError(
-                f"{path}: index version {header.get('version')!r}; this tempme reads version {INDEX_VERSION}"
+                f"{path}: index version {header.get('version')!r}; this tempme reads version {INDEX_VERSION}: "
+                f"{_REBUILD}"
             )
-        return cls(header["paths"], tensors["embeddings"], header["model"], header["settings"], header["skipped"])
+        header.setdefault("files", {})  # not recorded by older versions: see the class docstring
+        for key, kind in (("paths", list), ("model", dict), ("settings", dict), ("skipped", dict), ("files", dict)):
+            if key not in header:
+                raise VideoIndexError(f"{path}: the index header is damaged (no {key!r} entry); {_REBUILD}")
+            if not isinstance(header[key], kind):
+                shape = "list" if kind is list else "object"
+                raise VideoIndexError(
+                    f"{path}: the index header is damaged ({key!r} is not a JSON {shape}); {_REBUILD}"
+                )
+        try:
+            return cls(
+                header["paths"], tensors["embeddings"], header["model"], header["settings"], header["skipped"],
+                header["files"],
+            )
+        except VideoIndexError as error:  # e.g. the paths and embeddings disagree in number
+            raise VideoIndexError(f"{path}: {error}; {_REBUILD}") from None
 
     def search(self, text_features: torch.Tensor, k: int = 10) -> list[list[SearchHit]]:
         """The ``k`` best videos for each query of ``text_features [Q, D]``, best first."""
@@ -171,10 +221,13 @@ class VideoIndex:
 class IndexUpdate:
     """What one :func:`update_index` call did."""
 
-    added: int  # videos embedded by this call
+    added: int  # videos new to the index, embedded by this call
     skipped: dict[str, str]  # path -> reason, for videos of this call that could not be decoded
     removed: list[str]  # indexed videos whose files were deleted (see ``deleted``), dropped from the index
     total: int  # videos in the index afterwards
+    # Indexed videos whose file changed (size or modification time), embedded again by this call. One
+    # that no longer decodes leaves the index and is listed in ``skipped`` instead.
+    updated: list[str] = field(default_factory=list)
 
 
 def index_settings(model: TempMe, framerate: float, precision: str) -> dict[str, Any]:
@@ -210,11 +263,37 @@ def open_index(path: PathLike, model_info: dict[str, Any], settings: dict[str, A
     return index
 
 
-def deleted(video: str) -> bool:
-    """The file is gone but its folder is there. A missing folder may be a drive that is not mounted
-    now: its videos stay in the index rather than be dropped and embedded all over again."""
+def file_stamp(video: PathLike) -> list[int] | None:
+    """``[size, mtime_ns]`` of a file, as :attr:`VideoIndex.files` records it; None when it cannot be
+    looked at (missing, or on a drive that is not mounted)."""
+    try:
+        info = os.stat(video)
+    except OSError:
+        return None
+    return [info.st_size, info.st_mtime_ns]
+
+
+def deleted(video: str, sources: Sequence[PathLike] | None = None) -> bool:
+    """Whether an indexed video's file was deleted, so that it leaves the index.
+
+    ``sources``: the files and folders this run was given (``tempme index FOLDER ...``). A missing
+    video inside a source folder that exists was deleted, however deep: a deleted subfolder takes its
+    videos with it. A missing source folder may be a drive that is not mounted now: its videos stay
+    in the index rather than be dropped and embedded all over again.
+
+    Videos outside every source folder (indexed by an earlier run from other folders), and all videos
+    when ``sources`` is None, only go when the file is gone but its own folder is there, as a missing
+    folder there may equally be an unmounted drive.
+    """
     path = Path(video)
-    return not path.exists() and path.parent.is_dir()
+    if path.exists():
+        return False
+    for source in sources or ():
+        # Indexed paths are resolved (find_videos resolves links), so the source must be too.
+        root = Path(source).expanduser().resolve()
+        if path.is_relative_to(root) and root != path:
+            return root.is_dir()  # a folder that is not there (now) keeps its videos
+    return path.parent.is_dir()
 
 
 @torch.no_grad()
@@ -233,8 +312,14 @@ def update_index(
     backend: str = "pyav",
     save_every_s: float = 60.0,
     progress: bool = True,
+    sources: Sequence[PathLike] | None = None,
 ) -> IndexUpdate:
     """Embed the ``videos`` not yet in the index at ``path`` (created if missing) and save it.
+
+    Indexed videos whose file changed since they were embedded (another size or modification time,
+    or none recorded: an index written by an older tempme) are embedded again, whether or not they are
+    among ``videos``: the index must not rank a file by what it used to hold. Indexed videos whose
+    file was deleted are dropped (see :func:`deleted`).
 
     Args:
         model: encodes the videos, as it is (``optimize_for_inference`` first makes it faster).
@@ -246,6 +331,8 @@ def update_index(
             ``--weights`` or ``--checkpoint`` to find the model.
         precision: ``fp32``, ``bf16`` or ``fp16`` autocast.
         save_every_s: write the index when this many seconds have passed since it was last written.
+        sources: the folders (and files) ``videos`` were found in, as given to :func:`find_videos`;
+            they decide which missing videos were deleted (see :func:`deleted`).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -266,15 +353,25 @@ def update_index(
     settings = index_settings(model, framerate, precision)
     index = open_index(path, model_info, settings, model.config.clip.embed_dim)
 
-    gone = [deleted(video) for video in index.paths]
+    gone = [deleted(video, sources) for video in index.paths]
     removed = [video for video, is_gone in zip(index.paths, gone) if is_gone]
     if removed:
         keep = [i for i, is_gone in enumerate(gone) if not is_gone]
         index.paths = [index.paths[i] for i in keep]
         index.embeddings = index.embeddings[keep]
+        for video in removed:
+            index.files.pop(video, None)
     index.skipped = {video: reason for video, reason in index.skipped.items() if Path(video).exists()}
+    # A file that cannot be looked at now (stamp None: e.g. an unmounted drive) keeps its embedding.
+    changed = [
+        video for video in index.paths
+        if (stamp := file_stamp(video)) is not None and index.files.get(video) != stamp
+    ]
     indexed = set(index.paths)
-    todo = [video for video in dict.fromkeys(Path(v).resolve() for v in videos) if str(video) not in indexed]
+    new = [video for video in dict.fromkeys(Path(v).resolve() for v in videos) if str(video) not in indexed]
+    todo = new + [Path(video) for video in changed]
+    # Stamped before decoding: a file that changes while it is decoded is seen as changed next run.
+    stamps = {str(video): file_stamp(video) for video in todo}
     for video in todo:
         index.skipped.pop(str(video), None)  # tried again
     update = IndexUpdate(0, {}, removed, len(index))
@@ -289,14 +386,33 @@ def update_index(
     model.eval().to(device)
     new_paths: list[str] = []
     new_embeddings: list[torch.Tensor] = []
+    undecodable: list[str] = []  # indexed videos that changed and no longer decode: their rows go
     last_save = time.monotonic()
 
     def save() -> None:
-        if new_paths:
-            index.paths = index.paths + new_paths
-            index.embeddings = torch.cat([index.embeddings, *new_embeddings])
+        # A changed video's new embedding replaces its row in place (the order stays as it was); a
+        # new video's is appended. Until then the old row and old stamp stay, so an interrupted run
+        # leaves that video looking changed, and the next run embeds it again.
+        if new_paths or undecodable:
+            embeddings = index.embeddings.clone()
+            fresh = torch.cat(new_embeddings) if new_embeddings else embeddings[:0]
+            row_of = {video: row for row, video in enumerate(index.paths)}
+            appended = []
+            for j, video in enumerate(new_paths):
+                if video in row_of:
+                    embeddings[row_of[video]] = fresh[j]
+                else:
+                    appended.append(j)
+                index.files[video] = stamps[video]
+            gone_now = set(undecodable)
+            keep = [row for row, video in enumerate(index.paths) if video not in gone_now]
+            index.paths = [index.paths[row] for row in keep] + [new_paths[j] for j in appended]
+            index.embeddings = torch.cat([embeddings[keep], fresh[appended]])
+            for video in gone_now:
+                index.files.pop(video, None)
             new_paths.clear()
             new_embeddings.clear()
+            undecodable.clear()
         update.total = len(index)
         index.save(path)
 
@@ -306,6 +422,8 @@ def update_index(
                 for sample in samples:
                     if isinstance(sample, SkippedVideo):
                         index.skipped[str(sample.path)] = update.skipped[str(sample.path)] = sample.reason
+                        if str(sample.path) in indexed:
+                            undecodable.append(str(sample.path))
                         bar.set_postfix(undecodable=len(update.skipped), refresh=False)
                 batch = collate_skip_bad(samples)
                 if batch is not None:
@@ -313,7 +431,11 @@ def update_index(
                         features = model.encode_video(batch["video"].to(device), batch["video_mask"].to(device))
                     new_embeddings.append(F.normalize(features.float(), dim=-1).cpu())
                     new_paths.extend(batch["video_id"])
-                    update.added += len(batch["video_id"])
+                    for video in batch["video_id"]:
+                        if video in indexed:
+                            update.updated.append(video)
+                        else:
+                            update.added += 1
                 bar.update(len(samples))
                 if time.monotonic() - last_save >= save_every_s:
                     save()

@@ -85,9 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:  # a file or folder that cannot be read or written: one line, not a traceback
         print(f"tempme {args.command}: error: {describe_os_error(error)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         print(f"tempme {args.command}: interrupted", file=sys.stderr)
-        return 130
+        # A SIGTERM that training turned into an interrupt exits as a terminated process does.
+        return 143 if type(interrupt).__name__ == "TrainingTerminated" else 130
     finally:
         warnings.formatwarning = format_warning
 

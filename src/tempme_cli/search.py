@@ -25,7 +25,9 @@ from .common import check_finite, check_output_file, show_progress
 INDEX_EPILOG = textwrap.dedent(
     """\
     Run it again on the same folders to add new videos: those already indexed are not decoded again,
-    and videos deleted from a folder that is still there are dropped. An interrupted run keeps every
+    videos whose file changed (size or modification time) are embedded again, and videos deleted
+    from a folder given here that is still there are dropped (an index from an older tempme is
+    embedded again once). An interrupted run keeps every
     finished batch (the index is written every --save-every seconds and on Ctrl-C); the next run
     carries on. Undecodable videos are listed and tried again next time.
 
@@ -173,14 +175,18 @@ def run_index(args: argparse.Namespace) -> int:
         update = update_index(
             model, videos, args.out, fingerprint=fingerprint, model_info=model_info, batch_size=args.batch_size,
             device=device, precision=precision, framerate=args.framerate, num_workers=args.workers,
-            backend=args.backend, save_every_s=args.save_every, progress=show_progress(args),
+            backend=args.backend, save_every_s=args.save_every, progress=show_progress(args), sources=args.videos,
         )
     if args.json:
         print(json.dumps({"index": str(args.out), "found": len(videos), "added": update.added,
-                          "skipped": update.skipped, "removed": update.removed, "total": update.total}))
+                          "updated": update.updated, "skipped": update.skipped, "removed": update.removed,
+                          "total": update.total}))
         return 0
-    print(f"{args.out}: {update.total} videos indexed ({update.added} new, {len(update.skipped)} undecodable, "
-          f"{len(update.removed)} deleted and dropped; {len(videos)} found)")
+    print(f"{args.out}: {update.total} videos indexed ({update.added} new, {len(update.updated)} changed and "
+          f"embedded again, {len(update.skipped)} undecodable, {len(update.removed)} deleted and dropped; "
+          f"{len(videos)} found)")
+    for path in update.updated:
+        print(f"  changed, embedded again: {path}")
     for path, reason in update.skipped.items():
         print(f"  undecodable: {path}: {reason}")
     for path in update.removed:

@@ -72,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"steps: {summary.steps}/{summary.total_steps}" + (" (stopped early; continue with --resume)" if summary.stopped_early else ""))
     if summary.best_val_r1 is not None:
         print(f"best validation t2v R@1: {summary.best_val_r1:.1f} at step {summary.best_step} -> {summary.best_weights}")
+    if summary.final_weights:
+        print(f"final weights: {summary.final_weights}")
     print(f"last checkpoint: {summary.last_checkpoint}")
     for label, videos in (("missing", summary.missing_videos), ("undecodable (skipped)", summary.skipped_videos)):
         if videos:

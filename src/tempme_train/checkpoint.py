@@ -51,6 +51,18 @@ class Progress:
     best_r1: float | None = None  # best validation t2v R@1 so far
     best_step: int | None = None
     skipped_videos: list[str] = field(default_factory=list)  # undecodable videos seen so far
+    # The validation (and checkpoint) that falls due at ``step`` has not finished: set when it starts,
+    # cleared when it ends, so a run stopped during it (Ctrl-C) runs it on --resume instead of
+    # finishing without it.
+    validation_due: bool = False
+    # Steps whose global batch held at least one decodable sample: 0 after a whole epoch means
+    # nothing can be trained. None: not recorded (a checkpoint from before this field).
+    steps_with_data: int | None = 0
+    # Which training set the steps index into: the number of (video, caption) pairs and, where the
+    # dataset lists its videos, a digest of the pairs' video ids. A resumed run must see the same
+    # set, or the epochs, the batch order and the learning-rate schedule silently change.
+    train_size: int | None = None
+    train_digest: str | None = None
 
     def epoch(self, steps_per_epoch: int) -> int:
         return self.step // steps_per_epoch
@@ -160,7 +172,9 @@ def load_checkpoint(
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         restore_rng_states(state["rng"])
-        return Progress(**state["progress"])
+        # Fields a checkpoint written before they existed lacks: unknown, not zero.
+        recorded = {"steps_with_data": None, **state["progress"]}
+        return Progress(**recorded)
     except _DAMAGED_FILE_ERRORS as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(f"cannot resume: {directory / STATE} is damaged ({reason}); {remedy}") from None

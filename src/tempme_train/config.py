@@ -17,6 +17,7 @@ The bundled configs (one per row of the paper's main tables) live in ``tempme_tr
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -317,10 +318,16 @@ def _coerce_scalar(value: Any, hint: type, source: str, key: str) -> Any:
         raise ConfigError(source, key, value, "expected an integer")
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str) and _FLOAT_TEXT.match(value.strip()):
-            return float(value)
-        raise ConfigError(source, key, value, "expected a number")
+            number = float(value)
+        elif isinstance(value, str) and _FLOAT_TEXT.match(value.strip()):
+            number = float(value)  # "1e999" overflows to inf here
+        else:
+            raise ConfigError(source, key, value, "expected a number")
+        # YAML spells infinity and NaN .inf and .nan; no setting means either, and NaN even passes
+        # range checks (every comparison with it is False), to surface only as a NaN loss mid-run.
+        if not math.isfinite(number):
+            raise ConfigError(source, key, value, "expected a finite number")
+        return number
     if hint is str:
         if isinstance(value, str):
             return value

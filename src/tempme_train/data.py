@@ -9,6 +9,8 @@ DataLoader workers and a run on a different number of processes all see the same
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 import warnings
 from collections.abc import Iterator
@@ -23,6 +25,7 @@ from tempme.data import (
     AnnotationError,
     FrameCache,
     RetrievalPairs,
+    SkippedVideo,
     VideoItem,
     check_videos_exist,
     collate_skip_bad,
@@ -134,6 +137,7 @@ def prepare_training_data(config: TrainConfig, source: str = "config") -> TrainD
     train_items, val_items = train_and_val_items(data, source)
     train_items, missing_train = drop_missing_videos(train_items, data.strict, "training", source)
     val_items, missing_val = drop_missing_videos(val_items, data.strict, "validation", source)
+    check_validation_items(val_items, len(missing_val), data, source)
     cache = frame_cache(data)
     train_set = RetrievalPairs(
         train_items, tokenize, data.max_words, data.max_frames, data.framerate, data.image_size,
@@ -142,6 +146,58 @@ def prepare_training_data(config: TrainConfig, source: str = "config") -> TrainD
     val_name = f"{data.dataset}/{data.val_split}" + (str(data.holdout_videos) if data.val_split == HOLDOUT else "")
     val_set = EvalSet.from_items(val_items, data, val_name, cache)
     return TrainData(train_set, val_set, missing_train + missing_val)
+
+
+def check_validation_items(items: list[VideoItem], missing: int, data: DataSettings, source: str) -> None:
+    """Refuse a validation set with no video or no caption left, before the first step.
+
+    Found only at the first epoch end it would cost that epoch and stop the run without a
+    checkpoint (evaluation cannot rank an empty set).
+    """
+    if not items:
+        # load_split refuses an empty split and train_and_val_items an empty hold-out, so an empty
+        # set here means every video of it is missing (the warning above names them).
+        if data.val_split == HOLDOUT:
+            raise ConfigError(
+                source, "data.holdout_videos", data.holdout_videos,
+                f"nothing to validate on: all {missing} held-out videos (the last of the "
+                f"{data.train_split} split in {data.anno_path}) are missing; restore them or hold out more",
+            )
+        raise ConfigError(
+            source, "data.val_split", data.val_split,
+            f"nothing to validate on: all {missing} videos of that split in {data.anno_path} are missing",
+        )
+    where = "the held-out videos" if data.val_split == HOLDOUT else f"the {data.val_split} split"
+    if not any(item.captions for item in items):
+        raise ConfigError(
+            source, "data.anno_path", data.anno_path,
+            f"nothing to validate on: the {len(items)} videos of {where} have no captions in {data.anno_path}",
+            show_value=False,
+        )
+
+
+def training_set_identity(dataset: Dataset) -> tuple[int, str | None]:
+    """``(number of samples, digest of their video ids)`` recorded in checkpoints.
+
+    The digest needs a dataset that lists its samples like :class:`tempme.data.RetrievalPairs`
+    (``items`` and ``pairs``); for other datasets (tests, custom pipelines) it is ``None`` and only
+    the size is compared on resume.
+    """
+    items, pairs = getattr(dataset, "items", None), getattr(dataset, "pairs", None)
+    if items is None or pairs is None:
+        return len(dataset), None
+    ids = [items[video_index].video_id for video_index, _ in pairs]
+    return len(dataset), hashlib.sha256(json.dumps(ids).encode("utf-8")).hexdigest()[:16]
+
+
+def collate_train(samples: list[Any]) -> dict[str, Any]:
+    """:func:`tempme.data.collate_skip_bad`, except that a batch of only undecodable videos still
+    names them: ``{"skipped": [ids]}`` with no tensors (collate_skip_bad returns None, and the ids
+    would be lost, so such videos would never be reported)."""
+    batch = collate_skip_bad(samples)
+    if batch is None:
+        return {"skipped": [sample.video_id for sample in samples if isinstance(sample, SkippedVideo)]}
+    return batch
 
 
 class SeededSamples(Dataset):
@@ -209,13 +265,14 @@ class EpochSampler(Sampler[tuple[int, int]]):
 
 
 def make_train_loader(dataset: Dataset, sampler: EpochSampler, num_workers: int, pin_memory: bool) -> DataLoader:
-    """Batches of ``sampler.local_batch`` samples; undecodable videos are dropped by the collate function."""
+    """Batches of ``sampler.local_batch`` samples; undecodable videos are dropped by the collate function
+    (see :func:`collate_train`: a batch may hold no sample, only ``"skipped"``)."""
     return DataLoader(
         SeededSamples(dataset),
         batch_size=sampler.local_batch,
         sampler=sampler,
         num_workers=loader_workers(num_workers),
-        collate_fn=collate_skip_bad,
+        collate_fn=collate_train,
         pin_memory=pin_memory,
         drop_last=True,
     )

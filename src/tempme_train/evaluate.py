@@ -4,8 +4,10 @@ A video may have several captions (MSRVTT training videos have 20); text-to-vide
 each caption, video-to-text counts the best-ranked of the video's captions. Videos that cannot be
 decoded are left out together with their captions, and listed in the result.
 
-Embeddings can be cached on disk: the file name is a hash of the model's weights and config and of the
-evaluated data, so a cached file is reused only for exactly the same model and split.
+Embeddings can be cached on disk: the file name is a hash of the model's weights and config, of the
+evaluated data (ids, captions, and each video file's path, size and modification time) and of the
+settings that turn files into frames, so a cached file is reused only for exactly the same model,
+split and video files.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import hashlib
 import json
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from tempme import TempMe
 from tempme.data import FrameCache, RetrievalVideos, VideoItem, collate_skip_bad, flatten_captions
+from tempme.data.cache import file_state
 from tempme.files import atomic_file
 from tempme.precision import autocast
 from tempme.progress import progress_bar
@@ -40,8 +43,9 @@ class EvalSet:
     """The videos and captions of one split.
 
     ``videos[i]`` is ``{"video": [F, 3, S, S], "video_mask": [F], "index": i, ...}`` for video
-    ``video_ids[i]``; caption ``j`` describes video ``caption_to_video[j]``. ``name`` and
-    ``fingerprint`` (the preprocessing settings) enter the embedding-cache key.
+    ``video_ids[i]``; caption ``j`` describes video ``caption_to_video[j]``. ``name``,
+    ``fingerprint`` (the preprocessing settings) and ``items`` (the video files and sampling
+    windows; empty when the videos are not read from files) enter the embedding-cache key.
     """
 
     name: str
@@ -50,6 +54,7 @@ class EvalSet:
     captions: list[str]
     caption_to_video: list[int]
     fingerprint: str = ""
+    items: list[VideoItem] = field(default_factory=list)
 
     @classmethod
     def from_items(
@@ -61,8 +66,16 @@ class EvalSet:
             frame_cache=frame_cache, backend=data.backend, strict=data.strict,
         )
         captions, caption_to_video = flatten_captions(items)
-        fingerprint = f"frames={data.max_frames} rate={data.framerate} size={data.image_size} words={data.max_words}"
-        return cls(name, videos, [item.video_id for item in items], captions, caption_to_video, fingerprint)
+        # Everything besides the files that changes what comes out: the decoder, where frames come
+        # from (a frame cache stores resized frames), and strict mode (which raises where a
+        # non-strict run skips: a cached result with skipped videos must not stand in for it).
+        cache = str(frame_cache.folder.resolve()) if frame_cache is not None else "none"
+        fingerprint = (
+            f"frames={data.max_frames} rate={data.framerate} size={data.image_size} words={data.max_words} "
+            f"backend={data.backend} strict={data.strict} frame_cache={cache}"
+        )
+        ids = [item.video_id for item in items]
+        return cls(name, videos, ids, captions, caption_to_video, fingerprint, list(items))
 
 
 @dataclass
@@ -109,11 +122,19 @@ def embed(
 
 
 def cache_key(model: TempMe, eval_set: EvalSet, precision: str) -> str:
-    """Hex digest of everything the embeddings depend on: weights, model config, data and precision."""
+    """Hex digest of everything the embeddings depend on: weights, model config, data and precision.
+
+    The data includes each video file as it is now (resolved path, size, modification time, or a
+    marker for a missing file) and its sampling window: another ``data.video_dir``, or a video
+    mended or edited since, gives another key, so skipped videos and embeddings are never reused
+    from other files. The files are looked at when the key is taken, before any decoding.
+    """
     digest = hashlib.sha256(model_fingerprint(model).encode("utf-8"))
     for part in (eval_set.name, eval_set.fingerprint, precision):
         digest.update(part.encode("utf-8"))
-    digest.update(json.dumps([eval_set.video_ids, eval_set.captions, eval_set.caption_to_video]).encode("utf-8"))
+    files = [[file_state(item.path), item.start, item.end] for item in eval_set.items]
+    data = [eval_set.video_ids, eval_set.captions, eval_set.caption_to_video, files]
+    digest.update(json.dumps(data).encode("utf-8"))
     return digest.hexdigest()[:32]
 
 
@@ -179,6 +200,12 @@ def evaluate(
     Returns:
         See :func:`retrieval_results`; also ``"cache"``: the cache file used, if any.
     """
+    if not eval_set.video_ids or not eval_set.captions:
+        # Found here, not as an empty torch.cat deep in the encoding.
+        raise ValueError(
+            f"{eval_set.name}: nothing to evaluate ({len(eval_set.video_ids)} videos, "
+            f"{len(eval_set.captions)} captions)"
+        )
     cache_path = None
     embeddings = None
     if cache_dir is not None:

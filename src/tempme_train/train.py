@@ -7,7 +7,8 @@ One call, :func:`train`, runs a whole (or resumed) run from a :class:`TrainConfi
    global batch shared by all processes (see ``distributed.py`` for how gradients are combined);
 3. validate every ``run.eval_every`` steps and at each epoch end on the validation split, keeping
    ``best.safetensors`` (highest text-to-video R@1) and a resumable ``last/`` checkpoint;
-4. on Ctrl-C, write ``last/`` at the last completed step before stopping.
+4. on Ctrl-C, SIGTERM or an error, write ``last/`` at the last completed step before stopping
+   (not when the loss diverged: those parameters are worth nothing).
 
 Outputs in ``run.output_dir``: ``config.yaml``, ``metrics.jsonl``, ``best.safetensors``, ``last/``
 and optionally ``tensorboard/``. Launch several processes with ``torchrun``; rank 0 logs,
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import signal
 import sys
@@ -39,13 +41,14 @@ from .checkpoint import (
     BEST,
     CONFIG,
     LAST,
+    WEIGHTS,
     Progress,
     find_checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
 from .config import ConfigError, TrainConfig, load_config, save_config
-from .data import EpochSampler, TrainData, make_train_loader, prepare_training_data
+from .data import EpochSampler, TrainData, make_train_loader, prepare_training_data, training_set_identity
 from .distributed import (
     WorldInfo,
     all_gather_objects,
@@ -82,9 +85,31 @@ class TrainSummary:
     best_step: int | None = None
     last_val: dict[str, Any] | None = None
     best_weights: str | None = None
+    # Written only when there is no validation set (so no best.safetensors): the finished run's weights.
+    final_weights: str | None = None
     last_checkpoint: str | None = None
     skipped_videos: list[str] = field(default_factory=list)
     missing_videos: list[str] = field(default_factory=list)
+
+
+class TrainingTerminated(KeyboardInterrupt):
+    """SIGTERM (a batch scheduler's stop, ``kill``) during training: handled like Ctrl-C."""
+
+
+class TrainingDiverged(ValueError):
+    """The loss became NaN or infinite; ``last/`` is left as it was (see :meth:`Trainer.step`)."""
+
+
+class NoTrainingData(ValueError):
+    """No step had a single decodable training sample: nothing can be learnt."""
+
+
+class TrainingStopped(ValueError):
+    """A bad-input error (ValueError or OSError) that stopped training after ``last/`` was written.
+
+    Its message is the original one followed by where the run stands and how to continue, so the
+    command line still prints one line; the original error is its ``__cause__``.
+    """
 
 
 @dataclass(frozen=True)
@@ -127,27 +152,58 @@ def resolve_device(name: str, world: WorldInfo, source: str = "config") -> torch
     return device
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 @contextlib.contextmanager
 def interrupts_deferred():
-    """Hold Ctrl-C (SIGINT) back until the block ends, then deliver it.
+    """Hold Ctrl-C (SIGINT) and SIGTERM back until the block ends, then deliver them.
 
     Wraps the optimizer update: stopped half-way, some parameters would hold the new step and
     others the old one while the step counter says neither, and the checkpoint written on the
     interrupt would match no step. Only the main thread may set signal handlers; elsewhere (and
-    under a non-Python handler) the block runs unprotected.
+    under a non-Python handler) a signal is not held back.
     """
-    previous = signal.getsignal(signal.SIGINT)
-    if threading.current_thread() is not threading.main_thread() or previous is None:
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
+    previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    held = [signum for signum, handler in previous.items() if handler is not None]
     received = []
-    signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    for signum in held:
+        signal.signal(signum, lambda signum, frame: received.append(signum))
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum in held:
+            signal.signal(signum, previous[signum])
         if received:
-            signal.raise_signal(signal.SIGINT)  # to the handler that was there: KeyboardInterrupt by default
+            signal.raise_signal(received[0])  # to the handler that was there: KeyboardInterrupt for Ctrl-C
+
+
+@contextlib.contextmanager
+def sigterm_interrupts():
+    """While the block runs, SIGTERM raises :class:`TrainingTerminated` (a KeyboardInterrupt).
+
+    By default SIGTERM kills the process at once, losing every step since the last checkpoint;
+    batch schedulers send it before the job's time runs out. As an exception it reaches the
+    handler that writes ``last/``. The previous handler comes back after the block. Left as it
+    is off the main thread (no handlers can be set there), when ignored (SIG_IGN) or when not
+    set from Python.
+    """
+    previous = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread() or previous in (None, signal.SIG_IGN):
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise TrainingTerminated("SIGTERM")
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def compute_gradients(
@@ -205,6 +261,7 @@ class Trainer:
         if config.run.tensorboard:
             require_tensorboard(source)
         self.data = data if data is not None else prepare_training_data(config, source)
+        _check_validation_set(self.data)
         optim = config.optim
         self.sampler = EpochSampler(len(self.data.train), optim.batch_size, world.world_size, world.rank, optim.seed)
         model = build_model(config, source)
@@ -224,8 +281,11 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, self.total_steps, optim.warmup)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=optim.precision == "fp16")
         self.progress = Progress()
+        train_size, train_digest = training_set_identity(self.data.train)
         if checkpoint is not None:
             self.progress = load_checkpoint(checkpoint, self.model, self.optimizer, self.scheduler, self.scaler)
+            _check_same_training_set(self.progress, train_size, train_digest, checkpoint)
+        self.progress.train_size, self.progress.train_digest = train_size, train_digest
         self.saved_step = self.progress.step  # the step last/ holds
         self.log = None
         if world.is_main:
@@ -266,14 +326,23 @@ class Trainer:
     # --- one step ---------------------------------------------------------------------------
 
     def step(self, batch: dict[str, Any] | None) -> StepResult:
-        """One optimizer step on the global batch; its loss joins ``window`` (the steps not yet logged)."""
+        """One optimizer step on the global batch; its loss joins ``window`` (the steps not yet logged).
+
+        Raises TrainingDiverged, before updating anything, when the loss is not finite.
+        """
         if batch is not None:
             self._local_skipped.update(batch["skipped"])
+            if "video" not in batch:  # every video of the batch was undecodable (see data.collate_train)
+                batch = None
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.zero_grad(set_to_none=True)
         loss = compute_gradients(
             self.forward_model, batch, self.params, self.device, self.config.optim.precision, self.scaler
         )
+        # The loss is the global batch's, so every process stops here alike. Later steps could only
+        # spread the NaN into every parameter, and validation would fail an epoch later.
+        if loss is not None and not math.isfinite(loss):
+            raise self._diverged(loss)
         with interrupts_deferred():  # all of the update and its record, or none of it
             if loss is not None:
                 if self.config.optim.grad_clip > 0:
@@ -288,13 +357,50 @@ class Trainer:
                 warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
                 self.scheduler.step()
             self.progress.step += 1
+            if loss is not None and self.progress.steps_with_data is not None:
+                self.progress.steps_with_data += 1
             result = StepResult(loss, lr)
             if loss is not None:
                 self.window.append(result)
                 self.summary.losses.append(loss)
         return result
 
+    def _diverged(self, loss: float) -> TrainingDiverged:
+        optim = self.config.optim
+        advice = "lower optim.lr"
+        if optim.precision == "fp16":
+            advice += " or use optim.precision=bf16 or fp32 (fp16 overflows easily)"
+        kept = (
+            f"{self.output / LAST} still holds step {self.saved_step}" if self.saved_step > 0
+            else "no checkpoint was written"
+        )
+        return TrainingDiverged(
+            f"training diverged at step {self.progress.step + 1}/{self.total_steps}: the loss is {loss} "
+            f"(optim.lr={optim.lr}, optim.precision={optim.precision}); {advice} and start a new run "
+            f"(--resume keeps the settings); {kept}"
+        )
+
+    def _check_some_data(self) -> None:
+        """Raise NoTrainingData when no step so far had a decodable sample (on every process alike:
+        the count follows the global-batch loss)."""
+        if self.progress.steps_with_data != 0:  # None: not recorded by the checkpoint resumed from
+            return
+        skipped = sorted(set().union(*all_gather_objects(sorted(self._local_skipped))))
+        shown = ", ".join(skipped[:10]) + (f" and {len(skipped) - 10} more" if len(skipped) > 10 else "")
+        raise NoTrainingData(
+            f"no training data: every video read in the {self.progress.step} steps so far was undecodable "
+            f"({len(skipped)} videos: {shown}); replace or re-encode them (tempme prepare lists them) "
+            "or check data.video_dir"
+        )
+
     # --- validation and checkpoints -------------------------------------------------------------
+
+    def validate_and_save(self) -> None:
+        """Validate and write ``last/``; until both are done, ``last/`` records the validation as due."""
+        self.progress.validation_due = True  # saved as such if the run stops in between
+        self.validate()
+        self.progress.validation_due = False
+        self.save()
 
     def validate(self) -> None:
         """Rank 0 evaluates the validation split and keeps ``best.safetensors``; others wait."""
@@ -309,12 +415,13 @@ class Trainer:
                 progress=self.config.run.progress and sys.stderr.isatty(),
             )
             r1 = results["t2v"]["R1"]
-            self.log.write("val", self.progress.step, {"t2v": results["t2v"], "v2t": results["v2t"]})
             self.summary.last_val = results
             if self.progress.best_r1 is None or r1 > self.progress.best_r1:
                 # The file first: interrupted in between, progress still names the previous best.
                 save_trained_weights(self.model, self.output / BEST, self.config, self.base_fingerprint)
                 self.progress.best_r1, self.progress.best_step = r1, self.progress.step
+            # Last: stopped before this, the validation is run again on --resume, and logged once.
+            self.log.write("val", self.progress.step, {"t2v": results["t2v"], "v2t": results["v2t"]})
             self.summary.best_val_r1, self.summary.best_step = self.progress.best_r1, self.progress.best_step
         self.model.train()
         barrier()
@@ -334,27 +441,31 @@ class Trainer:
             self.progress, self.sampler.steps_per_epoch, self.base_fingerprint,
         )
 
-    def save_interrupted(self) -> None:
-        """On Ctrl-C: rank 0 writes ``last/`` at the last completed step and says so.
+    def save_stopped(self) -> str | None:
+        """On Ctrl-C, SIGTERM or an error: rank 0 writes ``last/`` at the last completed step.
 
-        No collectives: the other processes are being interrupted too, so waiting for them could hang.
+        No collectives: the other processes are being stopped too, so waiting for them could hang.
         Their parameters equal rank 0's after every step; only their skipped-video lists are left out.
+        (A step stopped part-way has not touched the parameters: the update itself is protected by
+        :func:`interrupts_deferred`, and errors come from reading data or computing the loss.)
+
+        Returns:
+            What to tell the user (``None`` on other processes and before the first step, where a
+            checkpoint would only make the next start need --resume).
         """
-        if not self.world.is_main:
-            return
         step = self.progress.step
-        if step == 0:  # nothing trained; a checkpoint would only make the next start need --resume
-            print("training interrupted before the first step; nothing to save", file=sys.stderr)
-            return
+        if not self.world.is_main or step == 0:
+            return None
         if self.saved_step != step:
             self.progress.skipped_videos = sorted(set(self.progress.skipped_videos) | self._local_skipped)
-            self._write_last()
+            try:
+                self._write_last()
+            except Exception as error:  # noqa: BLE001 - e.g. a full disk; the first error matters more
+                kept = f"it still holds step {self.saved_step}" if self.saved_step else "there is none"
+                return f"could not save {self.output / LAST} at step {step} ({error}); {kept}"
             self.saved_step = step
-        print(
-            f"training interrupted after step {step}/{self.total_steps}: saved {self.output / LAST}; "
-            "continue with --resume",
-            file=sys.stderr,
-        )
+        due = " (its validation still due: it runs first)" if self.progress.validation_due else ""
+        return f"saved {self.output / LAST} at step {step}/{self.total_steps}{due}; continue with --resume"
 
     # --- the loop ----------------------------------------------------------------------------
 
@@ -365,18 +476,50 @@ class Trainer:
             total=self.total_steps, initial=self.progress.step, desc="training", unit="step",
             disable=not (self.world.is_main and self.config.run.progress),
         )
-        try:
-            self._train_until(end, bar)
-        except KeyboardInterrupt:
-            bar.close()
-            if self.window:
-                self._log_train(self.progress.step, self.window)
-            self.save_interrupted()
-            raise
+        with sigterm_interrupts():
+            try:
+                if self.progress.validation_due:  # the session that reached this step stopped during it
+                    self.validate_and_save()
+                self._train_until(end, bar)
+                if self.saved_step != self.progress.step:
+                    self.save()
+            except BaseException as error:
+                bar.close()
+                if self.window:
+                    self._log_train(self.progress.step, self.window)
+                self._stopped(error)  # raises
         bar.close()
-        if self.saved_step != self.progress.step:
-            self.save()
+        self._save_final_weights()
         return self._finish()
+
+    def _stopped(self, error: BaseException) -> None:
+        """Save what can be saved after ``error`` stopped the loop, say so, and raise."""
+        if isinstance(error, (TrainingDiverged, NoTrainingData)):
+            raise error  # nothing worth keeping since the last checkpoint; the message says what is left
+        if isinstance(error, KeyboardInterrupt):
+            how = "terminated (SIGTERM)" if isinstance(error, TrainingTerminated) else "interrupted"
+            if self.world.is_main and self.progress.step == 0:
+                print(f"training {how} before the first step; nothing to save", file=sys.stderr)
+            saved = self.save_stopped()
+            if saved is not None:
+                print(f"training {how} after step {self.progress.step}/{self.total_steps}: {saved}", file=sys.stderr)
+            raise error
+        saved = self.save_stopped()
+        if saved is None:
+            raise error
+        if isinstance(error, (ValueError, OSError)):
+            # Bad input (an undecodable video under data.strict, a full disk): the command line prints
+            # a ValueError as one line, so where the run stands goes on that line.
+            reason = f"{error.strerror}: {error.filename}" if isinstance(error, OSError) and error.filename else error
+            raise TrainingStopped(f"{reason} (training stopped: {saved} once that is fixed)") from error
+        print(f"training stopped by an error after step {self.progress.step}/{self.total_steps}: {saved}", file=sys.stderr)
+        raise error
+
+    def _save_final_weights(self) -> None:
+        """A finished run without validation has no best.safetensors: keep its final weights beside
+        last/ instead, so the run folder itself can be evaluated (``tempme eval --checkpoint RUN``)."""
+        if self.data.val is None and self.world.is_main and self.progress.step == self.total_steps:
+            save_trained_weights(self.model, self.output / WEIGHTS, self.config, self.base_fingerprint)
 
     def _train_until(self, end: int, bar) -> None:
         """Steps, with logging, validation and checkpoints as they fall due, until step ``end``."""
@@ -393,10 +536,12 @@ class Trainer:
                     self._log_train(step, self.window)
                     self.window.clear()
                 epoch_end = step % steps_per_epoch == 0
+                if epoch_end or step >= end:
+                    # A whole epoch without a decodable sample: every later one is the same.
+                    self._check_some_data()
                 eval_due = self.config.run.eval_every and step % self.config.run.eval_every == 0
                 if epoch_end or eval_due:
-                    self.validate()
-                    self.save()
+                    self.validate_and_save()
                 if step >= end:
                     break
 
@@ -417,10 +562,37 @@ class Trainer:
         summary.skipped_videos = list(self.progress.skipped_videos)
         summary.last_checkpoint = str(self.output / LAST)
         summary.best_weights = str(self.output / BEST) if (self.output / BEST).is_file() else None
+        summary.final_weights = str(self.output / WEIGHTS) if (self.output / WEIGHTS).is_file() else None
         if self.log is not None:
             self.log.write("summary", self.progress.step, _summary_record(summary))
             self.log.close()
         return summary
+
+
+def _check_validation_set(data: TrainData) -> None:
+    """A validation set without a video or a caption would fail only at the first epoch end."""
+    val = data.val
+    if val is not None and not (val.video_ids and val.captions):
+        raise ValueError(
+            f"nothing to validate on: the validation set {val.name} has {len(val.video_ids)} videos and "
+            f"{len(val.captions)} captions; at least one of each is needed"
+        )
+
+
+def _check_same_training_set(progress: Progress, size: int, digest: str | None, checkpoint: Path) -> None:
+    """Refuse to resume on another training set: the steps index into it, so the epochs, the batch
+    order and the learning-rate schedule would change without a word."""
+    remedy = "restore the training data as it was, or start a new run in another output folder"
+    if progress.train_size is not None and progress.train_size != size:
+        raise ValueError(
+            f"cannot resume: the training set now has {size} (video, caption) pairs, {checkpoint} was "
+            f"trained on {progress.train_size} (videos added, removed or missing?); {remedy}"
+        )
+    if progress.train_digest is not None and digest is not None and progress.train_digest != digest:
+        raise ValueError(
+            f"cannot resume: the training set has the {size} pairs {checkpoint} was trained on, but of other "
+            f"videos; {remedy}"
+        )
 
 
 def _summary_record(summary: TrainSummary) -> dict[str, Any]:

@@ -72,7 +72,7 @@ def test_index_then_search(library, tmp_path, capsys, monkeypatch):
     # A second run decodes nothing new but tries the broken video again, and says so in text.
     code, out, err = cli(capsys, *args)
     assert code == 0, err
-    assert "3 videos indexed (0 new, 1 undecodable" in out and f"undecodable: {broken}" in out
+    assert "3 videos indexed (0 new, 0 changed and embedded again, 1 undecodable" in out and f"undecodable: {broken}" in out
 
     code, out, err = cli(capsys, "search", str(index), *QUERIES, "-k", "2", "--json", "--device", "cpu")
     assert code == 0, err
@@ -180,3 +180,25 @@ def test_an_index_written_from_python_is_searchable_from_the_command_line(librar
     code, out, err = cli(capsys, "search", str(unnamed), QUERIES[0], "--weights", str(weights), "--json")
     assert code == 0, err
     assert json.loads(out)["results"] == json.loads(cli(capsys, "search", str(named), QUERIES[0], "--json")[1])["results"]
+
+
+def test_reindexing_embeds_changed_videos_again_and_drops_deleted_subfolders(tmp_path, capsys):
+    import shutil
+
+    library = tmp_path / "library"
+    write_video(library / "a.mp4", num_frames=20)
+    write_video(library / "trips" / "b.mp4", num_frames=30)
+    weights = write_clip_weights(tmp_path / "clip.pt", seed=0)
+    index = tmp_path / "lib.index"
+    args = ["index", str(library), "--weights", str(weights), "--out", str(index), "--frames", "4",
+            "--device", "cpu", "--workers", "0", "--json"]
+    code, out, err = cli(capsys, *args)
+    assert code == 0 and json.loads(out)["added"] == 2, err
+
+    write_video(library / "a.mp4", num_frames=45)  # another clip under the same name
+    shutil.rmtree(library / "trips")  # a subfolder deleted inside a folder that is still there
+    code, out, err = cli(capsys, *args)
+    report = json.loads(out)
+    assert code == 0, err
+    assert report["updated"] == [str((library / "a.mp4").resolve())] and report["added"] == 0
+    assert report["removed"] == [str((library / "trips" / "b.mp4").resolve())] and report["total"] == 1

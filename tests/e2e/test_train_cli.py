@@ -276,3 +276,16 @@ def test_checkpoint_adapters_go_only_on_their_own_base_weights(custom_run, tmp_p
     assert main([*evaluate, "--weights", str(tmp_path / "base.safetensors")]) == 0
     moved = json.loads(capsys.readouterr().out)
     assert moved["t2v"] == plain["t2v"] and moved["base_weights"] == str(tmp_path / "base.safetensors")
+
+
+def test_a_validation_set_with_every_video_missing_fails_before_training(run_config, tmp_path, capsys):
+    videos = run_config.parent / "videos"
+    # The held-out video is the last one of the file, and it is the missing one.
+    captions = custom_captions(tmp_path / "captions.csv", ["video0", "video1", "video3", "video4", MISSING], videos)
+    command = ["train", "--config", str(run_config), f"data.anno_path={captions}", "data.dataset=custom",
+               "data.holdout_videos=1", "data.num_workers=0", "--output", str(tmp_path / "run")]
+    with pytest.warns(UserWarning, match=MISSING):
+        assert main(command) == 2
+    error = one_error_line(capsys)
+    assert "data.holdout_videos" in error and "nothing to validate on" in error and str(captions) in error
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

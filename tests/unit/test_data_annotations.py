@@ -400,3 +400,128 @@ class TestDispatchAndVideoChecks:
         message = str(info.value)
         assert message.startswith("8 of 8 videos are missing")
         assert "v4.mp4" in message and "v5.mp4" not in message and "and 3 more" in message
+
+
+# --- CSV rows, captions and durations that used to pass silently ------------------------------
+
+
+class TestCsvFields:
+    def test_an_unquoted_comma_is_refused_with_the_fix(self, tmp_path):
+        path = tmp_path / "anno.csv"
+        path.write_text("video,caption\nclips/a.mp4,a red car\nclips/a.mp4,a car,extra\n", encoding="utf-8")
+        with pytest.raises(AnnotationError) as info:
+            load_custom(path)
+        message = str(info.value)
+        assert message.startswith(f"{path}: line 3: 3 fields but the header has 2 columns")
+        assert "must be quoted" in message and "'clips/a.mp4,a car,extra'" in message
+
+    def test_a_quoted_comma_is_part_of_the_caption(self, tmp_path):
+        path = tmp_path / "anno.csv"
+        path.write_text('video,caption\nclips/a.mp4,"a car, a road"\n', encoding="utf-8")
+        assert load_custom(path)[0].captions == ["a car, a road"]
+
+    def test_msrvtt_test_rows_with_extra_fields_are_refused(self, tmp_path):
+        (tmp_path / "MSRVTT_JSFUSION_test.csv").write_text(
+            "key,vid_key,video_id,sentence\nret0,msr1,video1,a man, a dog\n", encoding="utf-8"
+        )
+        with pytest.raises(AnnotationError, match=r"MSRVTT_JSFUSION_test.csv: line 2: 5 fields but the header has 4"):
+            load_msrvtt(tmp_path, tmp_path, "test")
+
+    @pytest.mark.parametrize("closed", [True, False])
+    def test_an_overlong_field_names_the_file_and_line(self, tmp_path, closed):
+        long = '"' + "x" * 140_000 + ('"' if closed else "")
+        path = tmp_path / "anno.csv"
+        path.write_text(f"video,caption\nclips/a.mp4,a car\nclips/b.mp4,{long}\nclips/c.mp4,c\n", encoding="utf-8")
+        with pytest.raises(AnnotationError) as info:  # not the csv module's bare _csv.Error
+            load_custom(path)
+        assert str(info.value).startswith(f"{path}: line 3: malformed CSV (a field longer than")
+
+    def test_a_byte_order_mark_is_not_part_of_the_first_column(self, tmp_path):
+        path = tmp_path / "anno.csv"
+        path.write_bytes(b"\xef\xbb\xbfvideo,caption\r\nclips/a.mp4,a red car\r\n")  # Excel's "CSV UTF-8"
+        items = load_custom(path)
+        assert [(i.video_id, i.captions) for i in items] == [("clips/a.mp4", ["a red car"])]
+
+    def test_a_byte_order_mark_does_not_shift_the_bad_byte_reported(self, tmp_path):
+        path = tmp_path / "anno.csv"
+        path.write_bytes(b"\xef\xbb\xbfvideo,caption\nclips/a.mp4,caf\xe9\n")  # Latin-1, not UTF-8
+        with pytest.raises(AnnotationError, match=r"line 2: not UTF-8 text \(byte 0xe9\)"):
+            load_custom(path)
+
+    def test_one_file_written_three_ways_is_one_video(self, tmp_path):
+        path = tmp_path / "anno.csv"
+        absolute = tmp_path / "clips" / "a.mp4"
+        path.write_text(
+            f"video,caption\nclips/a.mp4,one\n./clips/a.mp4,two\n{absolute},three\nclips/b.mp4,four\n",
+            encoding="utf-8",
+        )
+        items = load_custom(path)
+        assert [(i.video_id, i.captions) for i in items] == [
+            ("clips/a.mp4", ["one", "two", "three"]),
+            ("clips/b.mp4", ["four"]),
+        ]
+
+
+class TestEmptyAndImpossibleValues:
+    @pytest.mark.parametrize("duration", ["NaN", "Infinity", "-Infinity", "-5", "0"])
+    def test_activitynet_duration_must_be_positive_and_finite(self, tmp_path, duration):
+        (tmp_path / "val_ids.json").write_text(json.dumps(["v_x"]))
+        # Written by hand: NaN and Infinity are what Python's json accepts though JSON has neither.
+        (tmp_path / "val_1.json").write_text(f'{{"v_x": {{"duration": {duration}, "sentences": ["One."]}}}}')
+        with pytest.raises(AnnotationError) as info:
+            load_activitynet(tmp_path, tmp_path, "val")
+        assert str(info.value).startswith(
+            f"{tmp_path / 'val_1.json'}: field 'v_x.duration': expected a positive, finite number of seconds"
+        )
+
+    def test_activitynet_sentences_that_are_all_empty(self, tmp_path):
+        (tmp_path / "val_ids.json").write_text(json.dumps(["v_x"]))
+        (tmp_path / "val_1.json").write_text(json.dumps({"v_x": {"duration": 3, "sentences": ["", " "]}}))
+        with pytest.raises(AnnotationError, match=r"val_1.json: field 'v_x.sentences': the sentences are all empty"):
+            load_activitynet(tmp_path, tmp_path, "val")
+
+    @pytest.mark.parametrize("description", ["", "   "])
+    def test_didemo_empty_description(self, tmp_path, description):
+        (tmp_path / "val_list.txt").write_text("a.mp4\n")
+        (tmp_path / "val_data.json").write_text(
+            json.dumps([{"video": "a.mp4", "description": "fine"}, {"video": "a.mp4", "description": description}])
+        )
+        with pytest.raises(AnnotationError, match=r"val_data.json: field '\[1\].description': expected a non-empty"):
+            load_didemo(tmp_path, tmp_path, "val")
+
+    def test_msrvtt_empty_caption(self, tmp_path):
+        (tmp_path / "MSRVTT_train.7k.csv").write_text("video_id\nvideo0\n")
+        (tmp_path / "MSRVTT_data.json").write_text(
+            json.dumps({"sentences": [{"video_id": "video0", "caption": " "}]})
+        )
+        with pytest.raises(AnnotationError, match=r"field 'sentences\[0\].caption': expected a non-empty string"):
+            load_msrvtt(tmp_path, tmp_path, "train7k")
+
+    @pytest.mark.parametrize("sentence", ["", "   ", "\u3000"])
+    def test_lsmdc_blank_sentence_is_called_empty(self, tmp_path, sentence):
+        rows = [f"{LSMDC_CLIP}\t0\t1\t0\t1\tSOMEONE flies.", f"{LSMDC_CLIP_2}\t0\t1\t0\t1\t{sentence}"]
+        (tmp_path / "LSMDC16_annos_val.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+        with pytest.raises(AnnotationError, match=r"LSMDC16_annos_val.csv: line 2: field 'SENTENCE': empty sentence"):
+            load_lsmdc(tmp_path, tmp_path, "val")
+
+    def test_lsmdc_trailing_tabs_are_not_fields(self, tmp_path):
+        (tmp_path / "LSMDC16_annos_val.csv").write_text(f"{LSMDC_CLIP}\t0\t1\t0\t1\tSOMEONE flies. \t\n")
+        assert load_lsmdc(tmp_path, tmp_path, "val")[0].captions == ["SOMEONE flies."]
+
+    @pytest.mark.parametrize(
+        ("files", "load", "named"),
+        [
+            ({"test_list.txt": "\n", "test_data.json": "[]"}, lambda d: load_didemo(d, d, "test"), "test_list.txt"),
+            ({"val_ids.json": "[]", "val_1.json": "{}"}, lambda d: load_activitynet(d, d, "val"), "val_ids.json"),
+            ({"MSRVTT_JSFUSION_test.csv": "key,vid_key,video_id,sentence\n"}, lambda d: load_msrvtt(d, d, "test"),
+             "MSRVTT_JSFUSION_test.csv"),
+            ({"MSRVTT_train.7k.csv": "video_id\n"}, lambda d: load_msrvtt(d, d, "train7k"), "MSRVTT_train.7k.csv"),
+            ({"LSMDC16_annos_val.csv": ""}, lambda d: load_lsmdc(d, d, "val"), "LSMDC16_annos_val.csv"),
+        ],
+    )
+    def test_an_empty_split_file_is_named(self, tmp_path, files, load, named):
+        for name, text in files.items():
+            (tmp_path / name).write_text(text)
+        with pytest.raises(AnnotationError) as info:
+            load(tmp_path)
+        assert str(info.value).startswith(f"{tmp_path / named}: no ")

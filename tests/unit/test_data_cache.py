@@ -8,7 +8,7 @@ import stat
 
 import numpy as np
 import pytest
-from data_fixtures import FPS, NUM_FRAMES, build_video_files, frame_index
+from data_fixtures import FPS, NUM_FRAMES, build_video_files, frame_index, write_corrupt, write_video
 
 from tempme.data import cache as cache_module
 from tempme.data.annotations import VideoItem
@@ -122,3 +122,37 @@ def test_an_entry_it_may_not_read_is_reported_not_deleted(items, tmp_path, monke
     with pytest.raises(PermissionError, match="Permission denied"):
         cache.get(items[0])
     assert path.exists()
+
+
+def test_the_same_id_in_two_folders_is_two_entries(tmp_path):
+    # Two annotation files (or two data.video_dir values) naming clips/x.mp4: one good, one corrupt.
+    good = write_video(tmp_path / "a" / "clips" / "x.mp4")
+    corrupt = write_corrupt(tmp_path / "b" / "clips" / "x.mp4")
+    cache = FrameCache(tmp_path / "cache", max_frames=4, image_size=24)
+    assert len(cache.get_or_create(VideoItem("clips/x.mp4", good))) == 4
+    with pytest.raises(VideoDecodeError, match="corrupt|unreadable"):
+        cache.get_or_create(VideoItem("clips/x.mp4", corrupt))
+    summary = cache.prepare([VideoItem("clips/x.mp4", corrupt)], progress=False)
+    assert summary.ok == 0 and [s.path for s in summary.skipped] == [corrupt]
+    assert cache.path_for(VideoItem("clips/x.mp4", good)).name.startswith("clips_x.mp4-")  # still readable
+
+
+def test_a_replaced_video_is_decoded_again(tmp_path):
+    video = write_video(tmp_path / "clip.mp4", num_frames=NUM_FRAMES)
+    cache = FrameCache(tmp_path / "cache", max_frames=4, image_size=24)
+    item = VideoItem("clip", video)
+    before = [frame_index(f) for f in cache.get_or_create(item)]
+    assert before == sample_frame_indices(NUM_FRAMES, FPS, 4)
+    write_video(video, num_frames=20)  # edited in place: another length, so other frames
+    assert cache.get(item) is None
+    assert [frame_index(f) for f in cache.get_or_create(item)] == sample_frame_indices(20, FPS, 4)
+
+
+def test_a_touched_video_of_the_same_size_is_a_new_entry(tmp_path):
+    video = write_video(tmp_path / "clip.mp4")
+    cache = FrameCache(tmp_path / "cache", max_frames=4, image_size=24)
+    item = VideoItem("clip", video)
+    cache.get_or_create(item)
+    info = video.stat()
+    os.utime(video, ns=(info.st_atime_ns, info.st_mtime_ns + 1_000_000_000))
+    assert cache.get(item) is None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import stat
 from pathlib import Path
@@ -9,12 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, safe_open, save_file
 
 import tempme
 from tempme.data import frames_to_tensor, read_frames
 from tempme.search import (
     VideoIndex,
+    VIDEO_EXTENSIONS,
     VideoIndexError,
     encode_queries,
     find_videos,
@@ -81,6 +84,28 @@ def test_find_videos_errors_name_the_source(tmp_path):
         find_videos([tmp_path])
 
 
+def test_find_videos_follows_linked_folders_without_looping(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    write_video(elsewhere / "x.mp4", num_frames=5)
+    (elsewhere / "back").symlink_to(tmp_path / "library", target_is_directory=True)  # a cycle
+    library = tmp_path / "library"
+    (library / "sub").mkdir(parents=True)
+    (library / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (library / "sub" / "again").symlink_to(library, target_is_directory=True)  # a link to a parent
+    (library / "sub" / "y.m2ts").write_bytes(b"")
+    found = find_videos([library])
+    assert found == sorted([(elsewhere / "x.mp4").resolve(), (library / "sub" / "y.m2ts").resolve()])
+
+
+def test_video_extensions_cover_the_containers_pyav_reads(tmp_path):
+    for extension in (".m2ts", ".mts", ".ts", ".mpg", ".mpeg", ".wmv", ".flv", ".3gp"):
+        assert extension in VIDEO_EXTENSIONS
+    # An AVCHD camera file (MPEG transport stream): found, and decoded.
+    clip = write_video(tmp_path / "camera" / "00001.M2TS", num_frames=10, container_format="mpegts")
+    assert find_videos([tmp_path / "camera"]) == [clip.resolve()]
+    assert len(read_frames(clip, 4)) == 4
+
+
 # ------------------------------------------------------------------------------------- search
 
 
@@ -135,12 +160,51 @@ def test_saving_again_keeps_the_mode_the_user_gave_the_index(tmp_path):
     assert VideoIndex.load(path).paths == ["/v/a.mp4"]
 
 
+def rewrite_header(path: Path, change) -> None:
+    """Rewrite an index file's JSON header with ``change(header)`` applied, keeping its embeddings."""
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    header = json.loads(metadata["index"])
+    change(header)
+    save_file(load_file(str(path)), str(path), metadata={**metadata, "index": json.dumps(header)})
+
+
+@pytest.mark.parametrize("key", ["paths", "model", "settings", "skipped"])
+def test_a_header_without_a_key_is_one_clear_error(tmp_path, key):
+    path = VideoIndex(["/v/a.mp4"], torch.ones(1, 2), {}, {}).save(tmp_path / "i.index")
+    rewrite_header(path, lambda header: header.pop(key))
+    with pytest.raises(VideoIndexError) as caught:
+        VideoIndex.load(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: the index header is damaged (no '{key}' entry)")
+    assert "into a new file" in message
+
+
+def test_a_header_of_the_wrong_shape_names_the_file(tmp_path):
+    path = VideoIndex(["/v/a.mp4"], torch.ones(1, 2), {}, {}).save(tmp_path / "i.index")
+    rewrite_header(path, lambda header: header.update(paths=["/v/a.mp4", "/v/b.mp4"]))
+    with pytest.raises(VideoIndexError, match=f"^{path}: 2 paths but embeddings of shape"):
+        VideoIndex.load(path)
+    rewrite_header(path, lambda header: header.update(skipped=["x"]))
+    with pytest.raises(VideoIndexError, match="'skipped' is not a JSON object"):
+        VideoIndex.load(path)
+
+
+def test_another_index_version_says_what_to_do(tmp_path):
+    path = VideoIndex([], torch.empty(0, 2), {}, {}).save(tmp_path / "i.index")
+    rewrite_header(path, lambda header: header.update(version=0))
+    with pytest.raises(VideoIndexError, match="index version 0; this tempme reads version 1: index the videos "
+                       r"again into a new file \(tempme index FOLDER ... --out NEW.index\)"):
+        VideoIndex.load(path)
+
+
 def test_save_and_load_round_trip(tmp_path):
     index = VideoIndex(["/v/a.mp4"], torch.tensor([[0.6, 0.8]]), {"fingerprint": "f", "weights": "w"},
                        {"frames": 4}, {"/v/bad.mp4": "no video stream"})
     loaded = VideoIndex.load(index.save(tmp_path / "i.index"))
     assert loaded.paths == index.paths and torch.equal(loaded.embeddings, index.embeddings)
     assert (loaded.model, loaded.settings, loaded.skipped) == (index.model, index.settings, index.skipped)
+    assert loaded.files == {}
 
 
 # ------------------------------------------------------------------------------------- update_index
@@ -191,7 +255,7 @@ def test_update_adds_new_videos_only_and_drops_deleted_ones(video_dir, tmp_path)
     before = VideoIndex.load(index_path)
 
     (videos / "b.mp4").unlink()
-    shutil.rmtree(videos / "sub")  # gone with its folder, as on a drive not mounted now: kept
+    shutil.rmtree(videos / "sub")  # without sources, a missing folder may be an unmounted drive: kept
     write_video(videos / "e.mp4", num_frames=25)
     calls = []
     original = model.encode_video
@@ -314,3 +378,102 @@ def test_one_query_as_a_string_is_one_query():
 def test_encode_queries_refuses_empty_text():
     with pytest.raises(ValueError, match="non-empty"):
         encode_queries(tiny_model(), ["a dog", "  "])
+
+
+# ------------------------------------------------------------------------------------- changed files
+
+
+def count_encoded(model: tempme.TempMe) -> list[int]:
+    """Make ``model`` record how many videos each encode_video call gets."""
+    calls: list[int] = []
+    original = model.encode_video
+    model.encode_video = lambda frames, mask=None: calls.append(frames.shape[0]) or original(frames, mask)
+    return calls
+
+
+def test_a_replaced_video_is_embedded_again_in_its_place(video_dir, tmp_path):
+    videos = copy_videos(video_dir, tmp_path / "videos")
+    model = tiny_model()
+    index_path = tmp_path / "v.index"
+    update_index(model, find_videos([videos]), index_path, progress=False)
+    before = VideoIndex.load(index_path)
+    replaced = (videos / "b.mp4").resolve()
+    write_video(replaced, num_frames=45)  # overwritten by another clip
+
+    calls = count_encoded(model)
+    update = update_index(model, find_videos([videos]), index_path, progress=False)
+    assert (update.added, update.updated, update.removed, update.total) == (0, [str(replaced)], [], 4)
+    assert calls == [1]
+    after = VideoIndex.load(index_path)
+    assert after.paths == before.paths
+    row = after.paths.index(str(replaced))
+    torch.testing.assert_close(after.embeddings[row], reference_embedding(model, replaced), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(after.embeddings[row], before.embeddings[row], atol=1e-4)
+    assert after.files[str(replaced)] == [replaced.stat().st_size, replaced.stat().st_mtime_ns]
+    # Nothing changed since: nothing is embedded.
+    calls.clear()
+    again = update_index(model, find_videos([videos]), index_path, progress=False)
+    assert (again.added, again.updated, calls) == (0, [], [])
+
+
+def test_a_touched_video_of_the_same_size_is_embedded_again(video_dir, tmp_path):
+    videos = copy_videos(video_dir, tmp_path / "videos")
+    model = tiny_model()
+    index_path = tmp_path / "v.index"
+    update_index(model, find_videos([videos]), index_path, progress=False)
+    touched = (videos / "a.mp4").resolve()
+    info = touched.stat()
+    os.utime(touched, ns=(info.st_atime_ns, info.st_mtime_ns + 1_000_000_000))
+    update = update_index(model, find_videos([videos]), index_path, progress=False)
+    assert update.updated == [str(touched)] and update.added == 0
+
+
+def test_a_changed_video_that_no_longer_decodes_leaves_the_index(video_dir, tmp_path):
+    videos = copy_videos(video_dir, tmp_path / "videos")
+    model = tiny_model()
+    index_path = tmp_path / "v.index"
+    update_index(model, find_videos([videos]), index_path, progress=False)
+    broken = write_corrupt((videos / "c.mp4").resolve())
+    with pytest.warns(UserWarning, match="c.mp4"):
+        update = update_index(model, find_videos([videos]), index_path, progress=False)
+    assert list(update.skipped) == [str(broken)] and update.updated == [] and update.total == 3
+    index = VideoIndex.load(index_path)
+    assert str(broken) not in index.paths and str(broken) not in index.files and str(broken) in index.skipped
+
+
+def test_an_index_without_file_stamps_is_embedded_again_once(video_dir, tmp_path):
+    model = tiny_model()
+    index_path = tmp_path / "v.index"
+    videos = find_videos([video_dir])
+    update_index(model, videos, index_path, progress=False)
+    rewrite_header(index_path, lambda header: header.pop("files"))  # as an older tempme wrote it
+    assert VideoIndex.load(index_path).files == {}
+    update = update_index(model, videos, index_path, progress=False)
+    assert update.updated == [str(v) for v in videos] and update.added == 0
+    assert update_index(model, videos, index_path, progress=False).updated == []
+
+
+def test_deleted_subfolders_of_a_source_leave_the_index(video_dir, tmp_path):
+    videos = copy_videos(video_dir, tmp_path / "videos")
+    model = tiny_model()
+    index_path = tmp_path / "v.index"
+    update_index(model, find_videos([videos]), index_path, progress=False, sources=[videos])
+    gone = str((videos / "sub" / "d.mp4").resolve())
+    shutil.rmtree(videos / "sub")
+    update = update_index(model, find_videos([videos]), index_path, progress=False, sources=[videos])
+    assert update.removed == [gone] and update.total == 3
+    assert gone not in VideoIndex.load(index_path).paths
+
+
+def test_videos_of_a_missing_source_stay_in_the_index(video_dir, tmp_path):
+    drive, other = tmp_path / "drive", tmp_path / "other"
+    copy_videos(video_dir, drive)
+    write_video(other / "e.mp4", num_frames=25)
+    model = tiny_model()
+    index_path = tmp_path / "v.index"
+    update_index(model, find_videos([drive, other]), index_path, progress=False, sources=[drive, other])
+    drive.rename(tmp_path / "unmounted")  # the drive is not there now, its mount point neither
+    update = update_index(model, find_videos([other]), index_path, progress=False, sources=[drive, other])
+    assert (update.removed, update.total) == ([], 5)
+    update = update_index(model, find_videos([other]), index_path, progress=False, sources=[other])
+    assert (update.removed, update.total) == ([], 5)

@@ -229,3 +229,13 @@ def test_an_error_may_leave_out_the_value_when_its_reason_shows_it():
     assert str(ConfigError("run.yaml", None, None, "cannot read (Permission denied)", show_value=False)) == (
         "run.yaml: cannot read (Permission denied)"
     )
+
+
+@pytest.mark.parametrize("override", ["optim.lr=.inf", "optim.lr=.nan", "optim.lr=1e999", "optim.grad_clip=.inf",
+                                      "data.framerate=-.inf"])
+def test_non_finite_numbers_are_refused(override):
+    key, value = override.split("=")
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, [override])
+    assert caught.value.key == key and "expected a finite number" in str(caught.value)
+    assert str(caught.value).startswith(f"command-line override '{override}': {key}: ")

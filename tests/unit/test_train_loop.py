@@ -509,3 +509,193 @@ def test_an_unwritable_embedding_cache_only_warns(tmp_path):
     with pytest.warns(UserWarning, match="could not write the embedding cache"):
         results = evaluate(model, data.val, batch_size=4, cache_dir=blocker / "cache", progress=False)
     assert results["cache"] is None and results["num_videos"] == 8 and "R1" in results["t2v"]
+
+
+# --- stopping part-way keeps what was done; unusable data and divergence stop early -------------------
+
+
+def checkpoint_progress(output_dir: Path) -> dict:
+    return torch.load(output_dir / LAST / "state.pt", weights_only=False)["progress"]
+
+
+def interrupt_validation(monkeypatch, error: BaseException, calls: int = 1) -> None:
+    """Make the ``calls``-th validation of a run raise ``error`` (later ones run normally)."""
+    import importlib
+
+    train_module = importlib.import_module("tempme_train.train")
+    real_evaluate = train_module.evaluate
+    seen = []
+
+    def evaluate_or_raise(*args, **kwargs):
+        seen.append(1)
+        if len(seen) == calls:
+            raise error
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "evaluate", evaluate_or_raise)
+
+
+def val_steps_logged(output_dir: Path) -> list[int]:
+    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return [record["step"] for record in records if record["kind"] == "val"]
+
+
+def test_ctrl_c_during_the_last_validation_leaves_it_to_the_resumed_run(tmp_path, monkeypatch):
+    data = synthetic_data()  # 2 steps per epoch, 1 epoch: the only validation is at the last step
+    config = tiny_config(tmp_path, optim={"epochs": 1})
+    interrupt_validation(monkeypatch, KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        train(config, data=data)
+    assert checkpoint_step(tmp_path) == 2 and checkpoint_progress(tmp_path)["validation_due"]
+    assert not (tmp_path / "best.safetensors").exists()
+    monkeypatch.undo()
+
+    resumed = train(config, resume=True, data=data)
+    assert resumed.steps == 2 and resumed.losses == []  # no step trained again
+    assert resumed.best_step == 2 and (tmp_path / "best.safetensors").is_file()
+    assert val_steps_logged(tmp_path) == [2]
+    assert not checkpoint_progress(tmp_path)["validation_due"]
+
+
+def test_a_run_without_validation_leaves_weights_the_run_folder_can_be_evaluated_by(tmp_path):
+    from tempme_train.modeling import find_trained_weights
+
+    summary = train(tiny_config(tmp_path, optim={"epochs": 1}), data=TrainData(SyntheticPairs(16), None))
+    assert summary.best_weights is None and summary.final_weights == str(tmp_path / "weights.safetensors")
+    assert find_trained_weights(tmp_path) == tmp_path / "weights.safetensors"
+    config = tiny_config(tmp_path, optim={"epochs": 1})
+    final = build_model(config)
+    load_trained_weights(final, tmp_path / "weights.safetensors")
+    last = trained_state(tmp_path, config)  # the finished run's parameters
+    for name, param in trainable_parameters(final).items():
+        assert torch.equal(param, last[name]), name
+
+
+def test_an_error_during_training_saves_the_steps_done_and_says_how_to_resume(tmp_path, monkeypatch):
+    from tempme.data import VideoDecodeError
+
+    data = synthetic_data()  # 2 steps per epoch; the first checkpoint would be at step 2
+    config = tiny_config(tmp_path, optim={"epochs": 2})
+    interrupt_validation(monkeypatch, VideoDecodeError("held/v9.mp4", "unreadable container"))
+    with pytest.raises(ValueError) as info:
+        train(config, data=data)
+    message = str(info.value)
+    assert "\n" not in message and "held/v9.mp4: unreadable container" in message
+    assert f"saved {tmp_path / LAST} at step 2/4" in message and "--resume" in message
+    assert checkpoint_step(tmp_path) == 2 and checkpoint_progress(tmp_path)["validation_due"]
+    monkeypatch.undo()
+    resumed = train(config, resume=True, data=data)
+    assert resumed.steps == 4 and len(resumed.losses) == 2 and val_steps_logged(tmp_path) == [2, 4]
+
+
+def test_sigterm_is_handled_like_ctrl_c_and_the_handler_is_restored(tmp_path, monkeypatch, capsys):
+    import importlib
+    import signal
+
+    train_module = importlib.import_module("tempme_train.train")
+    real_build = train_module.build_optimizer
+    updates = []
+
+    def build_with_a_sigterm(*args, **kwargs):
+        optimizer = real_build(*args, **kwargs)
+
+        def after_update(optimizer, args, kwargs):
+            updates.append(1)
+            if len(updates) == 3:
+                os.kill(os.getpid(), signal.SIGTERM)  # during step 3's update: it completes first
+
+        optimizer.register_step_post_hook(after_update)
+        return optimizer
+
+    monkeypatch.setattr(train_module, "build_optimizer", build_with_a_sigterm)
+
+    def outside_training(signum, frame):  # stands in for the default, which would end pytest itself
+        raise RuntimeError("SIGTERM reached the handler outside training")
+
+    before = signal.signal(signal.SIGTERM, outside_training)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(tiny_config(tmp_path), data=synthetic_data())  # 6 steps; checkpoints at 2, 4, 6
+        assert signal.getsignal(signal.SIGTERM) is outside_training
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert checkpoint_step(tmp_path) == 3
+    message = capsys.readouterr().err
+    assert "SIGTERM" in message and "after step 3/6" in message and "--resume" in message
+
+
+def test_an_empty_validation_set_is_refused_before_the_first_step(tmp_path):
+    pairs = SyntheticPairs(16)
+    empty = EvalSet("synthetic/none", SyntheticVideos(pairs), [], [], [])
+    with pytest.raises(ValueError, match="nothing to validate on: the validation set synthetic/none has 0 videos"):
+        train(tiny_config(tmp_path), data=TrainData(pairs, empty))
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_a_diverging_loss_stops_at_once_naming_the_step_and_the_settings(tmp_path):
+    from tempme_train.train import TrainingDiverged
+
+    config = tiny_config(tmp_path, optim={"lr": 1e30, "warmup": 0.0})
+    with pytest.raises(TrainingDiverged) as info:
+        train(config, data=synthetic_data())
+    message = str(info.value)
+    assert "diverged at step 2/6" in message and "nan" in message
+    assert "optim.lr=1e+30" in message and "optim.precision=fp32" in message
+    assert find_checkpoint(tmp_path) is None  # the diverged parameters are not kept
+    assert train_steps_logged(tmp_path) == [1]
+
+
+def test_divergence_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import importlib
+
+    train_module = importlib.import_module("tempme_train.train")
+    real_compute = train_module.compute_gradients
+    calls = []
+
+    def nan_at_step_three(*args, **kwargs):
+        calls.append(1)
+        loss = real_compute(*args, **kwargs)
+        return math.inf if len(calls) == 3 else loss
+
+    monkeypatch.setattr(train_module, "compute_gradients", nan_at_step_three)
+    with pytest.raises(ValueError, match=f"diverged at step 3/6: the loss is inf .*{tmp_path / LAST} still holds step 2"):
+        train(tiny_config(tmp_path), data=synthetic_data())
+    assert checkpoint_step(tmp_path) == 2
+
+
+class AllUndecodable(SyntheticPairs):
+    def __getitem__(self, i: int):
+        return SkippedVideo(f"v{i}", Path(f"v{i}.mp4"), "corrupt")
+
+
+def test_batches_of_only_undecodable_videos_are_reported_and_no_data_at_all_fails(tmp_path):
+    from tempme_train.data import collate_train
+
+    batch = collate_train([AllUndecodable(2)[0], AllUndecodable(2)[1]])
+    assert batch == {"skipped": ["v0", "v1"]}
+    with pytest.raises(ValueError, match="no training data: .*16 videos: v0, v1, v10") as info:
+        train(tiny_config(tmp_path, optim={"epochs": 3}), data=TrainData(AllUndecodable(16), synthetic_data().val))
+    named = str(info.value).split("16 videos: ")[1].split(" and 6 more")[0]
+    assert len(named.split(", ")) == 10  # the first 10 are named, the rest counted
+    assert not (tmp_path / "best.safetensors").exists() and find_checkpoint(tmp_path) is None
+
+
+def test_resume_refuses_a_changed_training_set(tmp_path):
+    from tempme_train.data import training_set_identity
+
+    train(tiny_config(tmp_path, run={"stop_after": 1}), data=synthetic_data(16))
+    with pytest.raises(ValueError, match="training set now has 24 .*trained on 16 .*start a new run"):
+        train(tiny_config(tmp_path), resume=True, data=synthetic_data(24))
+    assert checkpoint_step(tmp_path) == 1
+
+    class Listed:  # shaped like RetrievalPairs: items and (video, caption) pairs
+        def __init__(self, ids):
+            self.items = [type("Item", (), {"video_id": vid})() for vid in ids]
+            self.pairs = [(v, "a caption") for v in range(len(ids))]
+
+        def __len__(self):
+            return len(self.pairs)
+
+    same, moved = training_set_identity(Listed(["a", "b"])), training_set_identity(Listed(["a", "c"]))
+    assert same[0] == moved[0] == 2 and same[1] != moved[1]
+    assert same == training_set_identity(Listed(["a", "b"]))

@@ -12,6 +12,7 @@ not stop loading: items still point at the expected path, and
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
@@ -121,11 +122,14 @@ def _require_file(path: Path, what: str) -> Path:
 def _read_text(path: Path) -> str:
     """The whole file as text, line ends as Python's ``open`` gives them. Read in one go so that a file
     that cannot be read or is not UTF-8 (a video or zip named by mistake) is one AnnotationError
-    naming it, wherever in the file the bad byte is."""
+    naming it, wherever in the file the bad byte is. A UTF-8 byte order mark at the start (Excel's
+    "CSV UTF-8", Windows Notepad) is dropped: it would otherwise stick to the first column's name."""
     try:
         data = path.read_bytes()
     except OSError as err:
         raise AnnotationError(path, f"cannot read ({err.strerror or err})") from None
+    # Stripped by hand rather than decoded as "utf-8-sig", whose error offsets would not count the mark.
+    data = data.removeprefix(codecs.BOM_UTF8)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -142,17 +146,29 @@ def _read_json(path: Path, text: str | None = None) -> Any:
         raise AnnotationError(path, f"invalid JSON ({err.msg})", line=err.lineno) from err
 
 
+def _expect_texts(entry: dict, keys: tuple[str, ...], path: Path, where: str) -> None:
+    """Each of ``keys`` of the object ``entry`` (at ``where`` in ``path``) holds a non-empty string."""
+    for key in keys:
+        value = _field(entry, key)
+        _expect(isinstance(value, str) and bool(value.strip()), path, "expected a non-empty string",
+                field=f"{where}.{key}", value=value)
+
+
 def _field(record: dict[str, Any], key: str) -> Any:
     """``record[key]``, or :data:`_ABSENT` when the record has no such key."""
     return record.get(key, _ABSENT)
 
 
 def _read_csv(path: Path, columns: Sequence[str]) -> list[tuple[int, dict[str, str]]]:
-    """``(line number, row)`` of a CSV with a header; the ``columns`` must exist and be non-empty."""
+    """``(line number, row)`` of a CSV with a header; the ``columns`` must exist and be non-empty.
+
+    A row with more fields than the header has columns is refused: it is nearly always a caption with
+    an unquoted comma, which would otherwise lose everything after that comma without a word.
+    """
     # newline="": the csv module handles line ends itself (quoted fields may hold them).
     with io.StringIO(_read_text(path), newline="") as handle:
         reader = csv.DictReader(handle)
-        header = reader.fieldnames
+        header = _csv_step(path, reader, lambda: reader.fieldnames)
         if not header:
             raise AnnotationError(
                 path, f"empty file, expected a header with columns {list(columns)}", line=1
@@ -161,7 +177,17 @@ def _read_csv(path: Path, columns: Sequence[str]) -> list[tuple[int, dict[str, s
         if missing:
             raise AnnotationError(path, f"missing column(s) {missing}", line=1, value=",".join(header))
         rows = []
-        for row in reader:
+        while (row := _csv_step(path, reader, lambda: next(reader, None))) is not None:
+            if None in row:  # DictReader puts the fields beyond the header's columns under None
+                extra = row.pop(None)
+                count = len(header) + len(extra)
+                raise AnnotationError(
+                    path,
+                    f"{count} fields but the header has {len(header)} columns {header}; a caption that "
+                    'holds a comma must be quoted, e.g. clips/a.mp4,"a car, a road"',
+                    line=reader.line_num,
+                    value=",".join([*(row[name] for name in header), *extra]),
+                )
             for name in columns:
                 if row[name] is None or not row[name].strip():
                     raise AnnotationError(
@@ -175,9 +201,34 @@ def _read_csv(path: Path, columns: Sequence[str]) -> list[tuple[int, dict[str, s
     return rows
 
 
+def _csv_step(path: Path, reader: csv.DictReader, step: Callable[[], Any]) -> Any:
+    """``step()`` (reading the header or a row), a malformed CSV becoming one AnnotationError.
+
+    The line named is where the record began: for a quote that is never closed, which swallows the
+    rest of the file into one field until it passes the csv module's field size limit, that is the
+    line to look at.
+    """
+    first_line = reader.line_num + 1
+    try:
+        return step()
+    except csv.Error as err:
+        reason = str(err)
+        if "field larger than field limit" in reason:
+            reason = (
+                f"a field longer than {csv.field_size_limit()} characters, more than any caption needs; "
+                "is a closing quote missing?"
+            )
+        raise AnnotationError(path, f"malformed CSV ({reason})", line=first_line) from None
+
+
 def _read_lines(path: Path) -> list[str]:
     """Non-blank lines, stripped."""
     return [line.strip() for line in io.StringIO(_read_text(path), newline=None) if line.strip()]
+
+
+def _require_entries(entries: Sequence[Any], path: Path, what: str) -> None:
+    """Refuse a split file that lists nothing, naming it (an empty split would fail later, nameless)."""
+    _expect(bool(entries), path, f"no {what} in this file; is it the right split file, or was it cut short?")
 
 
 def _expect(condition: bool, path: Path, reason: str, **where: Any) -> None:
@@ -250,9 +301,7 @@ def _msrvtt_sentences(path: Path) -> list[tuple[str, str]]:
     pairs = []
     for i, entry in enumerate(sentences):
         _expect(isinstance(entry, dict), path, "expected an object", field=f"sentences[{i}]", value=entry)
-        for key in ("video_id", "caption"):
-            value = _field(entry, key)
-            _expect(isinstance(value, str), path, "expected a string", field=f"sentences[{i}].{key}", value=value)
+        _expect_texts(entry, ("video_id", "caption"), path, f"sentences[{i}]")
         pairs.append((entry["video_id"], entry["caption"]))
     return pairs
 
@@ -268,10 +317,12 @@ def load_msrvtt(anno_dir: str | os.PathLike, video_dir: str | os.PathLike, split
     csv_path = _require_file(anno_dir / MSRVTT_SPLITS[split], f"MSRVTT {split} split file")
     if split == "test":
         rows = _read_csv(csv_path, ("video_id", "sentence"))
+        _require_entries(rows, csv_path, "rows after the header")
         captions = _group_captions((row["video_id"].strip(), row["sentence"]) for _, row in rows)
         video_ids = list(captions)
     else:
         video_ids = [row["video_id"].strip() for _, row in _read_csv(csv_path, ("video_id",))]
+        _require_entries(video_ids, csv_path, "video ids after the header")
         json_path = _require_file(anno_dir / MSRVTT_DATA_JSON, "MSRVTT sentences file")
         wanted = set(video_ids)
         captions = _group_captions(pair for pair in _msrvtt_sentences(json_path) if pair[0] in wanted)
@@ -297,9 +348,7 @@ def _didemo_descriptions(path: Path) -> list[tuple[str, str]]:
     pairs = []
     for i, entry in enumerate(data):
         _expect(isinstance(entry, dict), path, "expected an object", field=f"[{i}]", value=entry)
-        for key in ("video", "description"):
-            value = _field(entry, key)
-            _expect(isinstance(value, str), path, "expected a string", field=f"[{i}].{key}", value=value)
+        _expect_texts(entry, ("video", "description"), path, f"[{i}]")
         pairs.append((entry["video"], entry["description"]))
     return pairs
 
@@ -319,7 +368,9 @@ def load_didemo(anno_dir: str | os.PathLike, video_dir: str | os.PathLike, split
     """
     anno_dir, video_dir = Path(anno_dir), Path(video_dir)
     _check_split(split, DIDEMO_SPLITS, "DiDeMo", anno_dir)
-    listed = _read_lines(_require_file(anno_dir / f"{split}_list.txt", f"DiDeMo {split} list"))
+    list_path = _require_file(anno_dir / f"{split}_list.txt", f"DiDeMo {split} list")
+    listed = _read_lines(list_path)
+    _require_entries(listed, list_path, "video names (one per line)")
     json_path = _require_file(anno_dir / f"{split}_data.json", f"DiDeMo {split} annotations")
     wanted = set(listed)
     descriptions = _group_captions(pair for pair in _didemo_descriptions(json_path) if pair[0] in wanted)
@@ -341,6 +392,7 @@ def _activitynet_ids(path: Path) -> list[str]:
     _expect(isinstance(ids, list), path, "expected a JSON list of video ids", value=type(ids).__name__)
     for i, video_id in enumerate(ids):
         _expect(isinstance(video_id, str), path, "expected a string", field=f"[{i}]", value=video_id)
+    _require_entries(ids, path, "video ids")
     return ids
 
 
@@ -363,8 +415,19 @@ def _activitynet_entry(path: Path, key: str, entry: Any) -> tuple[str, float | N
         field=f"{key}.duration",
         value=duration,
     )
+    # JSON as Python reads it allows NaN and Infinity; neither, nor a length of 0 s or less, can
+    # bound frame sampling (0 to ceil(duration)).
+    _expect(
+        duration is None or (math.isfinite(duration) and duration > 0),
+        path,
+        "expected a positive, finite number of seconds",
+        field=f"{key}.duration",
+        value=duration,
+    )
     # Later sentences usually start with a space; joining keeps the reference's double spaces.
-    return " ".join(sentences), duration
+    paragraph = " ".join(sentences)
+    _expect(bool(paragraph.strip()), path, "the sentences are all empty", field=f"{key}.sentences", value=sentences)
+    return paragraph, duration
 
 
 def load_activitynet(
@@ -405,17 +468,20 @@ def _lsmdc_rows(path: Path) -> list[tuple[str, str]]:
     pairs = []
     with io.StringIO(_read_text(path), newline=None) as handle:
         for number, line in enumerate(handle, start=1):
-            line = line.strip()
-            if not line:
+            if not line.strip():
                 continue
-            fields = line.split("\t")
+            # Only the line end is cut before splitting: stripping all whitespace would also take the
+            # tab before a blank sentence, and report a missing field instead of the empty sentence.
+            row = line.rstrip("\r\n")
+            fields = row.split("\t")
+            while len(fields) > 6 and not fields[-1].strip():
+                fields.pop()  # trailing tabs, as some spreadsheet exports add
             if len(fields) != 6:
                 reason = f"expected 6 tab-separated fields, found {len(fields)}"
-                raise AnnotationError(path, reason, line=number, value=line)
-            _expect(
-                bool(fields[5].strip()), path, "empty sentence", line=number, field="SENTENCE", value=line
-            )
-            pairs.append((fields[0], fields[5]))
+                raise AnnotationError(path, reason, line=number, value=row)
+            _expect(bool(fields[5].strip()), path, "empty sentence", line=number, field="SENTENCE", value=row)
+            pairs.append((fields[0].strip(), fields[5].rstrip()))  # as before: trailing whitespace cut
+    _require_entries(pairs, path, "annotation rows")
     return pairs
 
 
@@ -498,7 +564,8 @@ def load_custom(path: str | os.PathLike, video_root: str | os.PathLike | None = 
     (one row per caption; repeated videos are grouped), or ``.jsonl``/``.json`` holding JSON
     lines or a JSON list of ``{"video": ..., "caption": ...}`` / ``{"video": ..., "captions": [...]}``.
     Relative video paths are resolved against ``video_root`` (default: the annotation file's
-    folder); the video id is the path exactly as written in the file.
+    folder). Rows that name the same file in different ways (``clips/a.mp4``, ``./clips/a.mp4``,
+    an absolute path, a symbolic link) are one video, whose id is the path exactly as first written.
     """
     path = _require_file(Path(path), "custom annotation file")
     root = Path(video_root) if video_root is not None else path.parent
@@ -509,7 +576,14 @@ def load_custom(path: str | os.PathLike, video_root: str | os.PathLike | None = 
     else:
         raise AnnotationError(path, "unsupported extension; use .csv, .json or .jsonl", value=path.suffix)
     _expect(bool(pairs), path, "no annotations found")
-    return [VideoItem(video, root / video, texts) for video, texts in _group_captions(pairs).items()]
+    # Grouped by the file each path names, not by its spelling: otherwise one file would be several
+    # videos, each a wrong answer to the others' captions in evaluation.
+    files = {video: (root / video).resolve() for video in dict.fromkeys(video for video, _ in pairs)}
+    first_spelling: dict[Path, str] = {}
+    for video, file in files.items():
+        first_spelling.setdefault(file, video)
+    grouped = _group_captions((first_spelling[files[video]], text) for video, text in pairs)
+    return [VideoItem(video, root / video, texts) for video, texts in grouped.items()]
 
 
 # --- dispatch and video checks -------------------------------------------------------------

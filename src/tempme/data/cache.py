@@ -11,6 +11,12 @@ its other ops act the same at any resolution, up to resampling detail.
 Files live in ``root/m{max_frames}_r{framerate}_s{image_size}/`` so different sampling
 settings never share entries, and are written atomically (temporary file + ``os.replace``),
 so concurrent DataLoader workers or an interrupted run never leave a partial file behind.
+
+An entry belongs to one video *file*, not to a video id: its name hashes the id, the file's
+resolved path, size and modification time, and the sampling window. So two annotation files that
+list the same id for different files, an edited or replaced video, or another ``data.video_dir``
+all decode again instead of reusing frames of another file. Entries written by older versions (keyed
+by id and window only) are simply never found again; delete the cache folder to reclaim their space.
 """
 
 from __future__ import annotations
@@ -34,6 +40,21 @@ from .transforms import resize_short_side
 from .video import SkippedVideo, VideoDecodeError, read_frames
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def file_state(path: str | os.PathLike) -> str:
+    """``"<resolved path>|<size>|<mtime in ns>"`` of a file; for a file that cannot be looked at
+    (missing, or in a folder it may not read), the resolved path and the error's name instead.
+
+    Two calls give the same text only for the same file, unchanged in between (as far as its size
+    and modification time tell): what caches of decoded or embedded videos are keyed by.
+    """
+    resolved = Path(path).expanduser().resolve()
+    try:
+        info = resolved.stat()
+    except OSError as error:  # missing, or unreadable: decoding will say which
+        return f"{resolved}|{type(error).__name__}"
+    return f"{resolved}|{info.st_size}|{info.st_mtime_ns}"
 
 
 @dataclass
@@ -70,15 +91,22 @@ class FrameCache:
         self.folder = self.root / f"m{max_frames}_r{framerate:g}_s{image_size}"
 
     def path_for(self, item: VideoItem) -> Path:
-        """Cache file of an item: a readable, file-system-safe id plus a hash of the full key."""
-        key = f"{item.video_id}|{item.start}|{item.end}"
-        digest = hashlib.sha1(key.encode("utf-8")).hexdigest()[:10]
+        """Cache file of an item: a readable, file-system-safe id plus a hash of the full key.
+
+        The key holds the video file's state (see :func:`file_state`), so the entry of a file that
+        changed since, or of another file under the same id, is not this one.
+        """
+        key = f"{item.video_id}|{file_state(item.path)}|{item.start}|{item.end}"
+        digest = hashlib.sha1(key.encode("utf-8")).hexdigest()[:16]
         readable = _UNSAFE.sub("_", item.video_id)[:80]
         return self.folder / f"{readable}-{digest}.npy"
 
     def get(self, item: VideoItem) -> list[Image.Image] | None:
         """The cached frames of ``item``, or ``None`` when they are not cached (or unreadable)."""
-        path = self.path_for(item)
+        return self._load(self.path_for(item))
+
+    @staticmethod
+    def _load(path: Path) -> list[Image.Image] | None:
         try:
             array = np.load(path)
         except FileNotFoundError:
@@ -99,10 +127,13 @@ class FrameCache:
         Raises:
             VideoDecodeError: the video cannot be decoded.
         """
-        frames = self.get(item)
+        # The key is taken before decoding: if the file changes while it is decoded, the entry is
+        # stored under the old state and the next read decodes the new file again.
+        path = self.path_for(item)
+        frames = self._load(path)
         if frames is None:
             frames = self._decode(item)
-            self._write(self.path_for(item), np.stack([np.asarray(frame) for frame in frames]))
+            self._write(path, np.stack([np.asarray(frame) for frame in frames]))
         return frames
 
     def prepare(

@@ -1,0 +1,100 @@
+"""The eval embedding cache (tempme_train.evaluate) is keyed by the video files, not only by their ids."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+import tempme
+from tempme.data import load_custom
+from tempme.data.cache import FrameCache
+from tempme.data.video import BACKENDS, VideoDecodeError
+from tempme_train.config import DataSettings
+from tempme_train.evaluate import EvalSet, cache_key, evaluate
+
+from data_fixtures import write_corrupt, write_video
+from tiny_models import register_tiny_preset
+
+PRESET = register_tiny_preset("test-tiny-eval-cache")
+FRAMES = 4
+
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore:skipping video")]
+
+
+@pytest.fixture(scope="module")
+def model() -> tempme.TempMe:
+    return tempme.create_model(PRESET, method="tempme", frames=FRAMES).eval()
+
+
+def annotations(root: Path) -> Path:
+    path = root / "captions.csv"
+    path.write_text("video,caption\nclips/a.mp4,a red car\nclips/b.mp4,a blue boat\n", encoding="utf-8")
+    return path
+
+
+def settings(**changes) -> DataSettings:
+    return DataSettings(dataset="custom", max_frames=FRAMES, image_size=32, num_workers=0, **changes)
+
+
+def run(model, anno: Path, video_dir: Path, cache: Path, frame_cache: FrameCache | None = None, **data):
+    eval_set = EvalSet.from_items(load_custom(anno, video_dir), settings(**data), "custom/test", frame_cache)
+    return evaluate(model, eval_set, batch_size=2, cache_dir=cache, progress=False)
+
+
+def test_another_video_dir_is_not_answered_from_the_cache(model, tmp_path):
+    anno = annotations(tmp_path)
+    broken, good = tmp_path / "A", tmp_path / "B"
+    write_video(broken / "clips" / "a.mp4")
+    write_corrupt(broken / "clips" / "b.mp4")
+    write_video(good / "clips" / "a.mp4")
+    write_video(good / "clips" / "b.mp4", num_frames=30)
+    first = run(model, anno, broken, tmp_path / "cache")
+    assert first["skipped"] == ["clips/b.mp4"]
+    second = run(model, anno, good, tmp_path / "cache")
+    assert second["skipped"] == [] and second["num_videos"] == 2
+    assert second["cache"] != first["cache"]
+    # The same folder again is answered from the cache.
+    assert run(model, anno, good, tmp_path / "cache")["cache"] == second["cache"]
+
+
+def test_a_mended_video_is_embedded_again(model, tmp_path):
+    anno = annotations(tmp_path)
+    write_video(tmp_path / "clips" / "a.mp4")
+    corrupt = write_corrupt(tmp_path / "clips" / "b.mp4")
+    assert run(model, anno, tmp_path, tmp_path / "cache")["skipped"] == ["clips/b.mp4"]
+    write_video(corrupt, num_frames=30)
+    assert run(model, anno, tmp_path, tmp_path / "cache")["skipped"] == []
+
+
+def test_a_touched_video_is_embedded_again(model, tmp_path):
+    anno = annotations(tmp_path)
+    write_video(tmp_path / "clips" / "a.mp4")
+    video = write_video(tmp_path / "clips" / "b.mp4")
+    first = run(model, anno, tmp_path, tmp_path / "cache")
+    info = video.stat()
+    os.utime(video, ns=(info.st_atime_ns, info.st_mtime_ns + 1_000_000_000))  # same size, newer
+    assert run(model, anno, tmp_path, tmp_path / "cache")["cache"] != first["cache"]
+
+
+def test_a_strict_run_is_not_answered_by_a_lenient_one(model, tmp_path):
+    anno = annotations(tmp_path)
+    write_video(tmp_path / "clips" / "a.mp4")
+    write_corrupt(tmp_path / "clips" / "b.mp4")
+    assert run(model, anno, tmp_path, tmp_path / "cache")["skipped"] == ["clips/b.mp4"]
+    with pytest.raises(VideoDecodeError, match="b.mp4"):
+        run(model, anno, tmp_path, tmp_path / "cache", strict=True)
+
+
+def test_frame_cache_and_decoder_settings_enter_the_key(model, tmp_path):
+    anno = annotations(tmp_path)
+    write_video(tmp_path / "clips" / "a.mp4")
+    write_video(tmp_path / "clips" / "b.mp4", num_frames=30)
+    plain = run(model, anno, tmp_path, tmp_path / "cache")["cache"]
+    frames = FrameCache(tmp_path / "frames", FRAMES, 1.0, 32)
+    assert run(model, anno, tmp_path, tmp_path / "cache", frames)["cache"] != plain
+    # (Not run: decord is an optional dependency.)
+    items = load_custom(anno, tmp_path)
+    keys = {cache_key(model, EvalSet.from_items(items, settings(backend=b), "custom/test"), "fp32") for b in BACKENDS}
+    assert len(keys) == len(BACKENDS)
