@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from collections.abc import Iterable
 from typing import Literal
 
 MergeMethod = Literal["none", "tome", "tempme"]
@@ -68,6 +69,13 @@ class MergeConfig:
 
     def replace(self, **changes) -> "MergeConfig":
         return dataclasses.replace(self, **changes)
+
+
+def settings_ignored_by(method: str, names: Iterable[str]) -> list[str]:
+    """Those of the schedule settings ``names`` that ``method`` never reads (``none`` merges nothing;
+    ``tome`` has ImgMe's ``tome_r`` in every layer and proportional attention, no ClipMe)."""
+    read = {"none": set(), "tome": {"tome_r", "prop_attn"}}.get(method)
+    return [] if read is None else sorted(set(names) - read)
 
 
 @dataclass(frozen=True)

@@ -108,3 +108,13 @@ def check_folder(path: str | os.PathLike, what: str, writable: bool = True) -> N
     except OSError as error:
         where = "" if existing == path else f" (cannot create it in {existing})"
         raise ValueError(f"{what} {path}: not writable{where}: {error.strerror or error}") from None
+
+
+def file_stamp(path: str | os.PathLike) -> list[int] | None:
+    """``[size, mtime in ns]`` of a file: what tells a changed file from the one a cache or an index
+    saw. None when it cannot be looked at (missing, unreadable folder, a drive not mounted)."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return [info.st_size, info.st_mtime_ns]

@@ -53,23 +53,19 @@ def check_setting_types(merge: MergeConfig) -> None:
     def is_int(value) -> bool:
         return isinstance(value, int) and not isinstance(value, bool)
 
-    wrong = []
-    if not is_int(merge.tome_r):
-        wrong.append(("tome_r", merge.tome_r, "an integer"))
+    def check(name: str, valid: bool, expected: str) -> None:
+        if not valid:
+            raise ScheduleError(f"{name} must be {expected}, got {getattr(merge, name)!r}")
+
+    check("tome_r", is_int(merge.tome_r), "an integer")
     for name in ("merge_layers", "clips_joined"):
         value = getattr(merge, name)
-        if not isinstance(value, (tuple, list)) or not all(is_int(item) for item in value):
-            wrong.append((name, value, "a sequence of integers"))
+        check(name, isinstance(value, (tuple, list)) and all(is_int(item) for item in value), "a sequence of integers")
     for name in ("cross_merge_ratio", "intra_merge_ratio"):
         value = getattr(merge, name)
-        if not (is_int(value) or isinstance(value, float)):
-            wrong.append((name, value, "a number"))
+        check(name, is_int(value) or isinstance(value, float), "a number")
     for name in ("clip_pos_embed", "prop_attn"):
-        if not isinstance(getattr(merge, name), bool):
-            wrong.append((name, getattr(merge, name), "True or False"))
-    if wrong:
-        name, value, expected = wrong[0]
-        raise ScheduleError(f"{name} must be {expected}, got {value!r}")
+        check(name, isinstance(getattr(merge, name), bool), "True or False")
 
 
 def validate_merge_config(merge: MergeConfig, depth: int, frames: int) -> None:

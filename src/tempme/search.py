@@ -30,7 +30,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from torch.utils.data import DataLoader
 
 from .data import RetrievalVideos, SkippedVideo, VideoItem, collate_skip_bad
-from .files import atomic_file, check_readable
+from .files import atomic_file, check_readable, file_stamp
 from .model import TempMe
 from .precision import autocast
 from .progress import progress_bar
@@ -263,16 +263,6 @@ def open_index(path: PathLike, model_info: dict[str, Any], settings: dict[str, A
     return index
 
 
-def file_stamp(video: PathLike) -> list[int] | None:
-    """``[size, mtime_ns]`` of a file, as :attr:`VideoIndex.files` records it; None when it cannot be
-    looked at (missing, or on a drive that is not mounted)."""
-    try:
-        info = os.stat(video)
-    except OSError:
-        return None
-    return [info.st_size, info.st_mtime_ns]
-
-
 def deleted(video: str, sources: Sequence[PathLike] | None = None) -> bool:
     """Whether an indexed video's file was deleted, so that it leaves the index.
 
@@ -281,9 +271,10 @@ def deleted(video: str, sources: Sequence[PathLike] | None = None) -> bool:
     videos with it. A missing source folder may be a drive that is not mounted now: its videos stay
     in the index rather than be dropped and embedded all over again.
 
-    Videos outside every source folder (indexed by an earlier run from other folders), and all videos
-    when ``sources`` is None, only go when the file is gone but its own folder is there, as a missing
-    folder there may equally be an unmounted drive.
+    Videos outside every source folder (indexed by an earlier run from other folders, or reached
+    through a symlinked subfolder: indexed paths are resolved), and all videos when ``sources`` is
+    None, only go when the file is gone but its own folder is there, as a missing folder there may
+    equally be an unmounted drive.
     """
     path = Path(video)
     if path.exists():
@@ -345,9 +336,9 @@ def update_index(
     device = torch.device(device)
     autocast(device, precision)  # refuses an unknown precision before any work
     model_info = {
-        "method": model.config.merge.method,
-        "frames": model.config.frames,
         **(model_info or {}),
+        "method": model.config.merge.method,  # what the model is, whatever the caller passed
+        "frames": model.config.frames,
         "fingerprint": fingerprint or model_fingerprint(model),
     }
     settings = index_settings(model, framerate, precision)

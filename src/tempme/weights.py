@@ -24,7 +24,7 @@ import pickle
 import re
 import warnings
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -577,10 +577,14 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     state = model.state_dict()
     unused = {name[: -len("lora_b")] + "lora_a" for name, tensor in state.items()
               if name.endswith("lora_b") and not tensor.any()}
-    digest = hashlib.sha256(repr(getattr(model, "config", "")).encode("utf-8"))
-    for name, tensor in state.items():
-        if name in unused:
-            continue
+    tensors = ((name, tensor) for name, tensor in state.items() if name not in unused)
+    return tensors_digest(tensors, prefix=repr(getattr(model, "config", "")))
+
+
+def tensors_digest(tensors: Iterable[tuple[str, torch.Tensor]], prefix: str = "") -> str:
+    """32 hex digits of SHA-256 over ``prefix`` and each tensor's name and exact bytes, in order."""
+    digest = hashlib.sha256(prefix.encode("utf-8"))
+    for name, tensor in tensors:
         digest.update(name.encode("utf-8"))
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:32]

@@ -55,7 +55,7 @@ def schedule_overrides(args: argparse.Namespace) -> dict:
     return overrides
 
 
-def check_output_file(path: str | Path, option: str, example_name: str = "out") -> None:
+def check_output_file(path: str | Path, option: str, example_name: str) -> None:
     """Refuse, before any work, an output file ``path`` that is a folder or whose folder cannot be
     made or written to (``tempme.files.check_folder``)."""
     path = Path(path).expanduser()

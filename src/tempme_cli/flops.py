@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from tempme.config import MERGE_METHODS, preset_names
+from tempme.config import MERGE_METHODS, preset_names, settings_ignored_by
 from tempme.factory import build_config
 from tempme.flops import FlopReport, count_video_flops
 
@@ -47,13 +47,9 @@ def format_report(report: FlopReport) -> str:
     return "\n".join(lines)
 
 
-# The schedule settings each method reads; the others would be ignored without a word.
-USED_BY = {"none": set(), "tome": {"tome_r", "prop_attn"}}
-
-
 def run(args: argparse.Namespace) -> int:
     overrides = schedule_overrides(args)
-    unused = sorted(set(overrides) - USED_BY.get(args.method, set(overrides)))
+    unused = settings_ignored_by(args.method, overrides)  # they would change nothing, without a word
     if unused:
         flags = {"clip_pos_embed": "--no-clip-pos-embed", "prop_attn": "--no-prop-attn"}
         options = ", ".join(flags.get(name, "--" + name.replace("_", "-")) for name in unused)

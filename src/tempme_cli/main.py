@@ -87,8 +87,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as interrupt:
         print(f"tempme {args.command}: interrupted", file=sys.stderr)
+        from tempme_train.train import TrainingTerminated  # imported only here: other commands skip it
+
         # A SIGTERM that training turned into an interrupt exits as a terminated process does.
-        return 143 if type(interrupt).__name__ == "TrainingTerminated" else 130
+        return 143 if isinstance(interrupt, TrainingTerminated) else 130
     finally:
         warnings.formatwarning = format_warning
 

@@ -166,7 +166,6 @@ def run_index(args: argparse.Namespace) -> int:
         source = model_info.get("checkpoint") or model_info["weights"]
         print(f"{len(videos)} videos found; loading {source} on {device} ({precision})", file=sys.stderr)
     model = load_search_model(model_info)
-    model_info.update(method=model.config.merge.method, frames=model.config.frames)
     fingerprint = model_fingerprint(model)
     model.optimize_for_inference()  # same embeddings, less compute
     with warnings.catch_warnings():

@@ -155,7 +155,9 @@ def load_checkpoint(
 ) -> Progress:
     """Restore everything :func:`save_checkpoint` wrote; returns the run's progress.
 
-    A damaged file (truncated by a full disk or a copy cut short) is a ValueError naming it.
+    Each failure is a ValueError that names the file and says which it is: unreadable weights, a
+    damaged state file (truncated by a full disk or a copy cut short), or a state that does not fit
+    this run (other trainable parameters, another number of processes).
     """
     remedy = (
         f"resume from an earlier copy of {directory} (put it in its place), or start over "
@@ -163,11 +165,14 @@ def load_checkpoint(
     )
     try:
         load_trained_weights(model, directory / WEIGHTS)
-    except ValueError as error:  # tempme.weights.WeightsError: unreadable or not this model's
-        raise ValueError(f"cannot resume: {directory / WEIGHTS} is damaged ({error}); {remedy}") from None
+    except ValueError as error:  # tempme.weights.WeightsError: it says whether unreadable or another model's
+        raise ValueError(f"cannot resume from {directory / WEIGHTS}: {error}; {remedy}") from None
     try:
         # Our own file with Python objects (RNG states), so the full unpickler is needed.
         state = torch.load(directory / STATE, map_location="cpu", weights_only=False)
+    except _DAMAGED_FILE_ERRORS as error:
+        raise ValueError(f"cannot resume: {directory / STATE} is damaged ({_first_line(error)}); {remedy}") from None
+    try:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
@@ -175,6 +180,14 @@ def load_checkpoint(
         # Fields a checkpoint written before they existed lacks: unknown, not zero.
         recorded = {"steps_with_data": None, **state["progress"]}
         return Progress(**recorded)
-    except _DAMAGED_FILE_ERRORS as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"cannot resume: {directory / STATE} is damaged ({reason}); {remedy}") from None
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        raise ValueError(
+            f"cannot resume from {directory}: its saved state does not fit this run ({_first_line(error)}); "
+            "resume with the settings and number of processes it was saved with, or start over in a new "
+            "output folder"
+        ) from None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -13,7 +12,9 @@ from tempme.schedule import ScheduleError
 
 from .config import ConfigError, TrainConfig, config_from_dict
 
-TRAINED_FILES = ("weights.safetensors", "best.safetensors")  # in a checkpoint folder, in a run folder
+# weights.safetensors: in a checkpoint folder, or in a run folder after a run without validation;
+# best.safetensors: in a run folder.
+TRAINED_FILES = ("weights.safetensors", "best.safetensors")
 BASE_FINGERPRINT = "base_fingerprint"  # metadata key of an adapters-only file: which backbone it fits
 
 
@@ -62,13 +63,9 @@ def base_fingerprint(model: TempMe) -> str:
     Reads every weight once (about a second for ViT-B/32): take it once per run.
     """
     from tempme.model import is_adapter_parameter
+    from tempme.weights import tensors_digest
 
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        if not is_adapter_parameter(name):
-            digest.update(name.encode("utf-8"))
-            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:32]
+    return tensors_digest((name, t) for name, t in model.state_dict().items() if not is_adapter_parameter(name))
 
 
 def save_trained_weights(model: TempMe, path: str | Path, config: TrainConfig, base: str | None = None) -> None:
@@ -128,8 +125,8 @@ def load_trained_weights(model: TempMe, path: str | Path) -> None:
 
 
 def find_trained_weights(path: str | Path) -> Path:
-    """The weights file of ``path``: the file itself, a checkpoint's ``weights.safetensors`` or a
-    run folder's ``best.safetensors``."""
+    """The weights file of ``path``: the file itself, a checkpoint's ``weights.safetensors`` (also in
+    a run folder after a run without validation) or a run folder's ``best.safetensors``."""
     path = Path(path)
     if path.is_file():
         return path

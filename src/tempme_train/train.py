@@ -61,7 +61,7 @@ from .distributed import (
     world_from_env,
 )
 from .evaluate import evaluate
-from .modeling import base_fingerprint, build_model, save_trained_weights, trainable_parameters
+from .modeling import base_fingerprint, build_model, check_base, save_trained_weights, trainable_parameters
 from .optim import build_optimizer, build_scheduler
 from .tracking import MetricsLog, require_tensorboard
 
@@ -283,6 +283,8 @@ class Trainer:
         self.progress = Progress()
         train_size, train_digest = training_set_identity(self.data.train)
         if checkpoint is not None:
+            # Adapters trained on another backbone would resume as if nothing had changed.
+            check_base(self.model, checkpoint / WEIGHTS, config.model.weights or f"the random {config.model.preset}")
             self.progress = load_checkpoint(checkpoint, self.model, self.optimizer, self.scheduler, self.scaler)
             _check_same_training_set(self.progress, train_size, train_digest, checkpoint)
         self.progress.train_size, self.progress.train_digest = train_size, train_digest
@@ -487,7 +489,11 @@ class Trainer:
                 bar.close()
                 if self.window:
                     self._log_train(self.progress.step, self.window)
-                self._stopped(error)  # raises
+                try:
+                    self._stopped(error)  # raises
+                finally:
+                    if self.log is not None:
+                        self.log.close()  # flushes TensorBoard's records of the steps just logged
         bar.close()
         self._save_final_weights()
         return self._finish()

@@ -289,3 +289,24 @@ def test_a_validation_set_with_every_video_missing_fails_before_training(run_con
     error = one_error_line(capsys)
     assert "data.holdout_videos" in error and "nothing to validate on" in error and str(captions) in error
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_resume_refuses_adapters_whose_base_weights_were_replaced(run_config, custom_run, tmp_path, capsys):
+    from tempme.weights import save_weights
+
+    captions, done = custom_run
+    base = build_model(train_config_of(done / "best.safetensors"))
+    weights = save_weights(base, tmp_path / "base.safetensors")
+    output = tmp_path / "run"
+    command = ["train", "--config", str(run_config), "data.dataset=custom", f"data.anno_path={captions}",
+               "data.val_split=val", "optim.epochs=1", f"model.weights={weights}", "--output", str(output)]
+    with pytest.warns(UserWarning, match="validation reads the training pairs"):
+        assert main([*command, "run.stop_after=1"]) == 0
+    capsys.readouterr()
+    with torch.no_grad():  # the file at the same path now holds another backbone
+        next(p for name, p in base.named_parameters() if "lora" not in name).add_(0.5)
+    save_weights(base, weights)
+    with pytest.warns(UserWarning, match="validation reads the training pairs"):
+        assert main([*command, "run.stop_after=2", "--resume"]) == 2
+    error = one_error_line(capsys)
+    assert f"{output / 'last' / 'weights.safetensors'} holds adapters trained on" in error, error

@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from ..files import atomic_file
+from ..files import atomic_file, file_stamp
 from ..progress import progress_bar
 from .annotations import VideoItem
 from .transforms import resize_short_side
@@ -44,17 +44,16 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 def file_state(path: str | os.PathLike) -> str:
     """``"<resolved path>|<size>|<mtime in ns>"`` of a file; for a file that cannot be looked at
-    (missing, or in a folder it may not read), the resolved path and the error's name instead.
+    (missing, or in a folder it may not read), the resolved path and a marker instead.
 
     Two calls give the same text only for the same file, unchanged in between (as far as its size
     and modification time tell): what caches of decoded or embedded videos are keyed by.
     """
     resolved = Path(path).expanduser().resolve()
-    try:
-        info = resolved.stat()
-    except OSError as error:  # missing, or unreadable: decoding will say which
-        return f"{resolved}|{type(error).__name__}"
-    return f"{resolved}|{info.st_size}|{info.st_mtime_ns}"
+    stamp = file_stamp(resolved)
+    if stamp is None:  # missing, or unreadable: decoding will say which
+        return f"{resolved}|unavailable"
+    return f"{resolved}|{stamp[0]}|{stamp[1]}"
 
 
 @dataclass
