@@ -44,6 +44,8 @@ Memory: 'step MiB' is the most tensor memory one call held beyond the weights an
 max_memory_allocated minus what was allocated before, not available for CUDA graphs; CPU: counted
 per tensor, not the process's resident size, and not available when compiled); 'weights MiB' is the
 model's parameters and buffers.
+Compiled and CUDA-graph inference runs also compare their embeddings with the same encoder run eagerly
+(smallest cosine: the table's last line, cosine_vs_eager in JSON).
 See docs/benchmarks.md."""
 
 

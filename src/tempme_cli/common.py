@@ -32,7 +32,10 @@ def int_list(text: str) -> tuple[int, ...]:
 
 def add_schedule_arguments(parser: argparse.ArgumentParser) -> None:
     """Merge-schedule overrides; unset ones take the paper's defaults for the backbone and frame count."""
-    group = parser.add_argument_group("merge schedule (defaults: the paper's, per backbone and frame count)")
+    group = parser.add_argument_group(
+        "merge schedule (defaults: the paper's, per backbone and frame count; tome reads only --tome-r and "
+        "--no-prop-attn, none reads none: options a method does not read are refused)"
+    )
     group.add_argument("--tome-r", type=int, help="ImgMe tokens merged per frame per layer (paper: 2 for B/32, 10 for B/16)")
     group.add_argument("--merge-layers", type=int_list, help="0-indexed ClipMe layers, e.g. 8-9-10")
     group.add_argument("--clips-joined", type=int_list, help="clips joined at each ClipMe layer, e.g. 2-2-3 (12 frames)")

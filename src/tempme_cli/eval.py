@@ -40,7 +40,8 @@ def register(subparsers) -> None:
         help="retrieval metrics (R@1/5/10/50, MdR, MnR, RSum) on a benchmark split",
         description="Embed every caption and video of a split and report text-to-video and video-to-text "
         "retrieval metrics. Embeddings are cached on disk, keyed by a hash of the weights, the model config "
-        "and the data, and reused when present.",
+        "and the data (each video file's path, size and modification time included, so a changed video is "
+        "embedded again), and reused when present.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

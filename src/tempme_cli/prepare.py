@@ -8,7 +8,10 @@ import textwrap
 EPILOG = textwrap.dedent(
     """\
     The cache folder is data.frame_cache; training and evaluation with the same config then read the
-    sampled, resized frames from it instead of decoding the videos again.
+    sampled, resized frames from it instead of decoding the videos again. Entries are keyed by each
+    video file's path, size and modification time: an edited, replaced or moved video is decoded
+    again, and entries of tempme versions before 2026-11-27 are not reused (delete the folder to
+    reclaim the space).
 
     example:
       tempme prepare --config msrvtt_b32_tempme data.frame_cache=cache/frames data.video_dir=/data/msrvtt/videos

@@ -26,9 +26,10 @@ INDEX_EPILOG = textwrap.dedent(
     """\
     Run it again on the same folders to add new videos: those already indexed are not decoded again,
     videos whose file changed (size or modification time) are embedded again, and videos deleted
-    from a folder given here that is still there are dropped (an index from an older tempme is
-    embedded again once). An interrupted run keeps every
-    finished batch (the index is written every --save-every seconds and on Ctrl-C); the next run
+    under a folder given here (whole subfolders too) are dropped; only a given folder that is itself
+    missing (an unmounted drive) keeps its videos. Symbolic links to folders are followed. An index
+    built by tempme before 2026-11-27 has another model fingerprint and is refused: write a new one.
+    An interrupted run keeps every finished batch (the index is written every --save-every seconds and on Ctrl-C); the next run
     carries on. Undecodable videos are listed and tried again next time.
 
     examples:

@@ -49,7 +49,9 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_config_arguments(parser)
-    parser.add_argument("--resume", action="store_true", help="continue the run in the output folder from its last/ checkpoint")
+    parser.add_argument("--resume", action="store_true", help="continue the run in the output folder from its last/ checkpoint (written at each validation "
+                        "and on Ctrl-C, SIGTERM or an error); model, optim and sampling settings, training set "
+                        "and base weights must be unchanged")
     parser.add_argument("--output", metavar="DIR", help="output folder (overrides run.output_dir)")
     parser.set_defaults(handler=run)
 
