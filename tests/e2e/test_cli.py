@@ -116,21 +116,26 @@ def test_files_that_cannot_be_written_are_one_line_before_any_work(tmp_path, cap
                    "exists and is not a folder\n")
 
 
-def test_an_os_error_is_one_line_without_a_traceback(monkeypatch, capsys):
+def run_flops_as(handler, monkeypatch) -> int:
+    """``tempme flops`` with its handler replaced by ``handler``: how main() treats what a command does."""
     from tempme_cli import main as cli
-
-    def denied(args):
-        raise PermissionError(13, "Permission denied", "/data/videos.index")
 
     build = cli.build_parser
 
-    def build_with_a_failing_flops():
+    def build_with_handler():
         parser = build()
-        parser.get_default("command_parsers")["flops"].set_defaults(handler=denied)
+        parser.get_default("command_parsers")["flops"].set_defaults(handler=handler)
         return parser
 
-    monkeypatch.setattr(cli, "build_parser", build_with_a_failing_flops)
-    assert main(["flops"]) == 2
+    monkeypatch.setattr(cli, "build_parser", build_with_handler)
+    return main(["flops"])
+
+
+def test_an_os_error_is_one_line_without_a_traceback(monkeypatch, capsys):
+    def denied(args):
+        raise PermissionError(13, "Permission denied", "/data/videos.index")
+
+    assert run_flops_as(denied, monkeypatch) == 2
     assert capsys.readouterr().err == "tempme flops: error: Permission denied: /data/videos.index\n"
 
 
@@ -154,15 +159,7 @@ def test_warnings_are_one_line_messages(monkeypatch):
     def warns(args):  # how Python prints a warning while the command runs (pytest captures the real one)
         shown.append(warnings.formatwarning("skipping video /data/a.mp4: empty", UserWarning, "fetch.py", 54))
 
-    build = cli.build_parser
-
-    def build_with_a_warning():
-        parser = build()
-        parser.get_default("command_parsers")["flops"].set_defaults(handler=warns)
-        return parser
-
-    monkeypatch.setattr(cli, "build_parser", build_with_a_warning)
-    assert main(["flops"]) == 0
+    assert run_flops_as(warns, monkeypatch) == 0
     assert shown == ["tempme: warning: skipping video /data/a.mp4: empty\n"]  # no file, line or source
     assert warnings.formatwarning is not cli.one_line_warning  # restored for the caller
 
