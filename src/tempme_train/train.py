@@ -181,6 +181,36 @@ def interrupts_deferred():
             signal.raise_signal(received[0])  # to the handler that was there: KeyboardInterrupt for Ctrl-C
 
 
+def check_processes_agree(states: list[tuple[int, str, int]]) -> None:
+    """Raise on every process unless all of them (``states`` in rank order: training pairs, their
+    digest, the step resumed from) start from the same data and step."""
+    if any(state != states[0] for state in states):
+        described = "; ".join(f"rank {rank}: {size} pairs, step {step}" for rank, (size, _, step) in enumerate(states))
+        raise ValueError(
+            f"the training processes do not see the same data or checkpoint ({described}): every node "
+            "must have the same annotation files, videos and output folder"
+        )
+
+
+@contextlib.contextmanager
+def signals_ignored():
+    """Ctrl-C and SIGTERM do nothing while the block runs: the save after a stop must not itself be
+    stopped by the next signal (torchrun and batch schedulers often send one to every process)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    for signum, handler in previous.items():
+        if handler is not None:
+            signal.signal(signum, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            if handler is not None:
+                signal.signal(signum, handler)
+
+
 @contextlib.contextmanager
 def sigterm_interrupts():
     """While the block runs, SIGTERM raises :class:`TrainingTerminated` (a KeyboardInterrupt).
@@ -288,6 +318,9 @@ class Trainer:
             self.progress = load_checkpoint(checkpoint, self.model, self.optimizer, self.scheduler, self.scaler)
             _check_same_training_set(self.progress, train_size, train_digest, checkpoint)
         self.progress.train_size, self.progress.train_digest = train_size, train_digest
+        # Each process built its own data and read the checkpoint itself: if they disagree (videos
+        # missing on one node), their collectives would wait on each other for good.
+        check_processes_agree(all_gather_objects((train_size, train_digest, self.progress.step)))
         self.saved_step = self.progress.step  # the step last/ holds
         self.log = None
         if world.is_main:
@@ -486,14 +519,15 @@ class Trainer:
                 if self.saved_step != self.progress.step:
                     self.save()
             except BaseException as error:
-                bar.close()
-                if self.window:
-                    self._log_train(self.progress.step, self.window)
-                try:
-                    self._stopped(error)  # raises
-                finally:
-                    if self.log is not None:
-                        self.log.close()  # flushes TensorBoard's records of the steps just logged
+                with signals_ignored():
+                    bar.close()
+                    if self.window:
+                        self._log_train(self.progress.step, self.window)
+                    try:
+                        self._stopped(error)  # raises
+                    finally:
+                        if self.log is not None:
+                            self.log.close()  # flushes TensorBoard's records of the steps just logged
         bar.close()
         self._save_final_weights()
         return self._finish()

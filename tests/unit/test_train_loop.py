@@ -699,3 +699,25 @@ def test_resume_refuses_a_changed_training_set(tmp_path):
     same, moved = training_set_identity(Listed(["a", "b"])), training_set_identity(Listed(["a", "c"]))
     assert same[0] == moved[0] == 2 and same[1] != moved[1]
     assert same == training_set_identity(Listed(["a", "b"]))
+
+
+def test_processes_that_see_different_data_or_steps_are_refused_on_every_rank():
+    from tempme_train.train import check_processes_agree
+
+    check_processes_agree([(16, "abc", 4), (16, "abc", 4)])
+    for other in [(24, "abd", 4), (16, "abc", 6)]:  # videos missing on one node; another checkpoint
+        with pytest.raises(ValueError, match="rank 0: 16 pairs, step 4; rank 1: .*same annotation files"):
+            check_processes_agree([(16, "abc", 4), other])
+
+
+def test_a_second_signal_does_not_stop_the_save_after_a_stop():
+    import signal
+
+    from tempme_train.train import signals_ignored
+
+    before = signal.getsignal(signal.SIGINT)
+    with signals_ignored():
+        signal.raise_signal(signal.SIGINT)  # Ctrl-C again, or torchrun's signal, during the save
+        signal.raise_signal(signal.SIGTERM)
+        finished = True
+    assert finished and signal.getsignal(signal.SIGINT) is before
