@@ -382,7 +382,12 @@ class Trainer:
             if loss is not None:
                 if self.config.optim.grad_clip > 0:
                     self.scaler.unscale_(self.optimizer)
-                    torch.nn.utils.clip_grad_norm_(self.params, self.config.optim.grad_clip)
+                    norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.optim.grad_clip)
+                    # A finite loss can still have NaN gradients, which the update would spread into
+                    # the weights (and last/). With fp16 loss scaling an overflow is expected now and
+                    # then: the scaler skips that update itself.
+                    if not self.scaler.is_enabled() and not torch.isfinite(norm):
+                        raise self._diverged(loss, what="gradient norm", value=norm.item())
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
             # The schedule advances even on an empty batch, so it stays tied to the data position. (Also
@@ -400,7 +405,7 @@ class Trainer:
                 self.summary.losses.append(loss)
         return result
 
-    def _diverged(self, loss: float) -> TrainingDiverged:
+    def _diverged(self, loss: float, what: str = "loss", value: float | None = None) -> TrainingDiverged:
         optim = self.config.optim
         advice = "lower optim.lr"
         if optim.precision == "fp16":
@@ -410,7 +415,8 @@ class Trainer:
             else "no checkpoint was written"
         )
         return TrainingDiverged(
-            f"training diverged at step {self.progress.step + 1}/{self.total_steps}: the loss is {loss} "
+            f"training diverged at step {self.progress.step + 1}/{self.total_steps}: the {what} is "
+            f"{loss if value is None else value} "
             f"(optim.lr={optim.lr}, optim.precision={optim.precision}); {advice} and start a new run "
             f"(--resume keeps the settings); {kept}"
         )

@@ -721,3 +721,26 @@ def test_a_second_signal_does_not_stop_the_save_after_a_stop():
         signal.raise_signal(signal.SIGTERM)
         finished = True
     assert finished and signal.getsignal(signal.SIGINT) is before
+
+
+def test_nan_gradients_with_a_finite_loss_stop_training_before_the_update(tmp_path, monkeypatch):
+    import importlib
+
+    from tempme_train.train import TrainingDiverged
+
+    train_module = importlib.import_module("tempme_train.train")
+    real_compute = train_module.compute_gradients
+    calls = []
+
+    def nan_gradients_at_step_two(model, batch, params, *args, **kwargs):
+        calls.append(1)
+        loss = real_compute(model, batch, params, *args, **kwargs)
+        if len(calls) == 2:
+            params[0].grad.view(-1)[0] = math.nan
+        return loss
+
+    monkeypatch.setattr(train_module, "compute_gradients", nan_gradients_at_step_two)
+    config = tiny_config(tmp_path, optim={"warmup": 0.0})
+    with pytest.raises(TrainingDiverged, match="diverged at step 2/6: the gradient norm is nan"):
+        train(config, data=synthetic_data())
+    assert find_checkpoint(tmp_path) is None  # nothing was saved with NaN weights
