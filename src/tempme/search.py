@@ -353,16 +353,14 @@ def update_index(
         for video in removed:
             index.files.pop(video, None)
     index.skipped = {video: reason for video, reason in index.skipped.items() if Path(video).exists()}
+    # Stamped before decoding: a file that changes while it is decoded is seen as changed next run.
+    stamps = {video: file_stamp(video) for video in index.paths}
     # A file that cannot be looked at now (stamp None: e.g. an unmounted drive) keeps its embedding.
-    changed = [
-        video for video in index.paths
-        if (stamp := file_stamp(video)) is not None and index.files.get(video) != stamp
-    ]
+    changed = [video for video, stamp in stamps.items() if stamp is not None and index.files.get(video) != stamp]
     indexed = set(index.paths)
     new = [video for video in dict.fromkeys(Path(v).resolve() for v in videos) if str(video) not in indexed]
+    stamps.update({str(video): file_stamp(video) for video in new})
     todo = new + [Path(video) for video in changed]
-    # Stamped before decoding: a file that changes while it is decoded is seen as changed next run.
-    stamps = {str(video): file_stamp(video) for video in todo}
     for video in todo:
         index.skipped.pop(str(video), None)  # tried again
     update = IndexUpdate(0, {}, removed, len(index))

@@ -61,6 +61,15 @@ def copy_videos(source: Path, target: Path) -> Path:
     return target
 
 
+def index_a_copy(video_dir: Path, tmp_path: Path, **options) -> tuple[Path, tempme.TempMe, Path]:
+    """``(videos, model, index path)``: a copy of the test videos, indexed once, for tests that change it."""
+    videos = copy_videos(video_dir, tmp_path / "videos")
+    model = tiny_model()
+    index_path = tmp_path / "v.index"
+    update_index(model, find_videos([videos]), index_path, progress=False, **options)
+    return videos, model, index_path
+
+
 # ------------------------------------------------------------------------------------- find_videos
 
 
@@ -248,10 +257,7 @@ def test_unusable_index_settings_are_refused_before_any_work(video_dir, tmp_path
 
 
 def test_update_adds_new_videos_only_and_drops_deleted_ones(video_dir, tmp_path):
-    videos = copy_videos(video_dir, tmp_path / "videos")
-    model = tiny_model()
-    index_path = tmp_path / "v.index"
-    update_index(model, find_videos([videos]), index_path, progress=False)
+    videos, model, index_path = index_a_copy(video_dir, tmp_path)
     before = VideoIndex.load(index_path)
 
     (videos / "b.mp4").unlink()
@@ -392,10 +398,7 @@ def count_encoded(model: tempme.TempMe) -> list[int]:
 
 
 def test_a_replaced_video_is_embedded_again_in_its_place(video_dir, tmp_path):
-    videos = copy_videos(video_dir, tmp_path / "videos")
-    model = tiny_model()
-    index_path = tmp_path / "v.index"
-    update_index(model, find_videos([videos]), index_path, progress=False)
+    videos, model, index_path = index_a_copy(video_dir, tmp_path)
     before = VideoIndex.load(index_path)
     replaced = (videos / "b.mp4").resolve()
     write_video(replaced, num_frames=45)  # overwritten by another clip
@@ -417,10 +420,7 @@ def test_a_replaced_video_is_embedded_again_in_its_place(video_dir, tmp_path):
 
 
 def test_a_touched_video_of_the_same_size_is_embedded_again(video_dir, tmp_path):
-    videos = copy_videos(video_dir, tmp_path / "videos")
-    model = tiny_model()
-    index_path = tmp_path / "v.index"
-    update_index(model, find_videos([videos]), index_path, progress=False)
+    videos, model, index_path = index_a_copy(video_dir, tmp_path)
     touched = (videos / "a.mp4").resolve()
     info = touched.stat()
     os.utime(touched, ns=(info.st_atime_ns, info.st_mtime_ns + 1_000_000_000))
@@ -429,10 +429,7 @@ def test_a_touched_video_of_the_same_size_is_embedded_again(video_dir, tmp_path)
 
 
 def test_a_changed_video_that_no_longer_decodes_leaves_the_index(video_dir, tmp_path):
-    videos = copy_videos(video_dir, tmp_path / "videos")
-    model = tiny_model()
-    index_path = tmp_path / "v.index"
-    update_index(model, find_videos([videos]), index_path, progress=False)
+    videos, model, index_path = index_a_copy(video_dir, tmp_path)
     broken = write_corrupt((videos / "c.mp4").resolve())
     with pytest.warns(UserWarning, match="c.mp4"):
         update = update_index(model, find_videos([videos]), index_path, progress=False)
@@ -454,10 +451,7 @@ def test_an_index_without_file_stamps_is_embedded_again_once(video_dir, tmp_path
 
 
 def test_deleted_subfolders_of_a_source_leave_the_index(video_dir, tmp_path):
-    videos = copy_videos(video_dir, tmp_path / "videos")
-    model = tiny_model()
-    index_path = tmp_path / "v.index"
-    update_index(model, find_videos([videos]), index_path, progress=False, sources=[videos])
+    videos, model, index_path = index_a_copy(video_dir, tmp_path, sources=[tmp_path / "videos"])
     gone = str((videos / "sub" / "d.mp4").resolve())
     shutil.rmtree(videos / "sub")
     update = update_index(model, find_videos([videos]), index_path, progress=False, sources=[videos])
