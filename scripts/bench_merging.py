@@ -33,7 +33,8 @@ from typing import Callable
 import torch
 
 import tempme.model
-from tempme.bench import DTYPES, prepare_encoder, resolve_device, synchronize
+from tempme.bench import DTYPES, prepare_encoder, synchronize
+from tempme.devices import resolve_device
 from tempme.config import get_preset
 from tempme.merging import (
     WeightedMerge,

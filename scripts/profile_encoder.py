@@ -30,7 +30,8 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 import tempme.model
 from tempme.model import SIZE_ATTENTION, resolve_size_attention
-from tempme.bench import DTYPES, make_training_step, prepare_encoder, resolve_device, synchronize
+from tempme.bench import DTYPES, make_training_step, prepare_encoder, synchronize
+from tempme.devices import resolve_device
 from tempme.config import get_preset
 
 # Operators that token merging issues; attention, MLP and norms use none of them (cat and div appear

@@ -31,6 +31,7 @@ from tqdm import tqdm
 from .baselines import FrameEncoder, MergeFreeEncoder, PlainViT, timm_encoder
 from .config import MERGE_METHODS, get_preset
 from .cuda_graph import GraphedForward
+from .devices import resolve_device
 from .factory import create_model
 from .model import INFERENCE_SIZE_ATTENTION, check_size_attention, resolve_size_attention
 from .precision import DTYPES
@@ -113,27 +114,6 @@ class Setup:
 
 
 # ----------------------------------------------------------------------------- devices and timing
-
-
-def resolve_device(name: str) -> torch.device:
-    """``cpu``, ``cuda[:N]`` or ``auto`` (the GPU where there is one); a clear error where CUDA is not there."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown device {name!r}; use cpu or cuda") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
-            f"device {name!r} asked for, but CUDA is not available (torch {torch.__version__}, "
-            f"built with CUDA {torch.version.cuda or 'none'}); use --device cpu"
-        )
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"unsupported device {name!r}; use cpu or cuda")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        count = torch.cuda.device_count()
-        raise ValueError(f"device {name!r} does not exist: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}")
-    return device
 
 
 def resolve_dtype(name: str) -> torch.dtype:

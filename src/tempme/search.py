@@ -18,7 +18,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -287,6 +287,127 @@ def deleted(video: str, sources: Sequence[PathLike] | None = None) -> bool:
     return path.parent.is_dir()
 
 
+def check_index_options(
+    *,
+    batch_size: int,
+    framerate: float,
+    num_workers: int,
+    save_every_s: float,
+    names: Mapping[str, str] | None = None,
+) -> None:
+    """Refuse settings :func:`update_index` cannot work with, raising ValueError.
+
+    ``names``: what to call each setting in the message, by keyword (e.g. ``{"batch_size":
+    "--batch-size"}``), so that a command can check its options before loading a model; settings not
+    in it are called by their keyword.
+    """
+    def name(keyword: str) -> str:
+        return (names or {}).get(keyword, keyword)
+
+    if batch_size < 1:
+        raise ValueError(f"{name('batch_size')} must be at least 1, got {batch_size}")
+    if not save_every_s >= 0:  # nan included
+        raise ValueError(f"{name('save_every_s')} must be a number >= 0, got {save_every_s}")
+    if not 0 < framerate < math.inf:
+        raise ValueError(f"{name('framerate')} must be a positive number, got {framerate}")
+    if num_workers < 0:
+        raise ValueError(f"{name('num_workers')} must not be negative, got {num_workers}")
+
+
+def _drop_videos(index: VideoIndex, videos: set[str]) -> None:
+    """Take ``videos`` out of ``index``: their rows, paths and file stamps. The other rows keep their order."""
+    if not videos:
+        return
+    keep = [row for row, video in enumerate(index.paths) if video not in videos]
+    index.paths = [index.paths[row] for row in keep]
+    index.embeddings = index.embeddings[keep]
+    for video in videos:
+        index.files.pop(video, None)
+
+
+def _drop_deleted_videos(index: VideoIndex, sources: Sequence[PathLike] | None) -> list[str]:
+    """Take the videos whose files were deleted (see :func:`deleted`) out of ``index``; returns their
+    paths, in index order."""
+    removed = [video for video in index.paths if deleted(video, sources)]
+    _drop_videos(index, set(removed))
+    return removed
+
+
+def _videos_to_embed(
+    index: VideoIndex, videos: Sequence[PathLike]
+) -> tuple[list[Path], list[str], dict[str, list[int] | None]]:
+    """``(new, changed, stamps)``: what this run embeds, and the file stamps to record once it has.
+
+    ``new``: the ``videos`` not in ``index``, resolved, without repeats, in the given order.
+    ``changed``: indexed videos whose file's ``[size, mtime_ns]`` differs from the one recorded when
+    they were embedded (or none was recorded), in index order. ``stamps``: path -> :func:`file_stamp`
+    of every indexed and new video (None: the file cannot be looked at now).
+    """
+    # Stamped before decoding: a file that changes while it is decoded is seen as changed next run.
+    stamps = {video: file_stamp(video) for video in index.paths}
+    # A file that cannot be looked at now (stamp None: e.g. an unmounted drive) keeps its embedding.
+    changed = [video for video, stamp in stamps.items() if stamp is not None and index.files.get(video) != stamp]
+    indexed = set(index.paths)
+    new = [video for video in dict.fromkeys(Path(v).resolve() for v in videos) if str(video) not in indexed]
+    stamps.update({str(video): file_stamp(video) for video in new})
+    return new, changed, stamps
+
+
+class _PendingResults:
+    """The results of the batches run since the index was last written, until :meth:`apply_to` puts
+    them in it: embeddings of new and changed videos, and changed videos that no longer decode.
+
+    An embedded video's file stamp is recorded only with its embedding, so that a run interrupted
+    before that leaves the video looking changed (or new), and the next run embeds it again.
+    """
+
+    def __init__(self, stamps: dict[str, list[int] | None]) -> None:
+        self.stamps = stamps  # path -> [size, mtime_ns] taken before decoding (see _videos_to_embed)
+        self.paths: list[str] = []  # embedded videos, in the order of the rows of ``embeddings``
+        self.embeddings: list[torch.Tensor] = []  # one [B, D] L2-normalised float32 CPU tensor per batch
+        self.undecodable: list[str] = []  # see add_undecodable
+
+    def add_embedded(self, paths: Sequence[str], embeddings: torch.Tensor) -> None:
+        """Keep ``embeddings [len(paths), D]``, row ``i`` that of ``paths[i]``."""
+        self.paths.extend(paths)
+        self.embeddings.append(embeddings)
+
+    def add_undecodable(self, path: str) -> None:
+        """An indexed video whose file changed and no longer decodes: its row, the embedding of what the
+        file used to hold, goes."""
+        self.undecodable.append(path)
+
+    def apply_to(self, index: VideoIndex) -> None:
+        """Write the pending results into ``index``, then forget them.
+
+        An indexed (changed) video's new embedding replaces its row in place, so the order stays as it
+        was; a new video's is appended. Undecodable videos leave the index.
+        """
+        if not (self.paths or self.undecodable):
+            return
+        embeddings = index.embeddings.clone()
+        fresh = torch.cat(self.embeddings) if self.embeddings else embeddings[:0]  # [len(self.paths), D]
+        row_of = {video: row for row, video in enumerate(index.paths)}
+        appended: list[int] = []  # positions in self.paths of the videos new to the index
+        for j, video in enumerate(self.paths):
+            if video in row_of:
+                embeddings[row_of[video]] = fresh[j]
+            else:
+                appended.append(j)
+            index.files[video] = self.stamps[video]
+        index.paths = index.paths + [self.paths[j] for j in appended]
+        index.embeddings = torch.cat([embeddings, fresh[appended]])
+        _drop_videos(index, set(self.undecodable))
+        self.paths, self.embeddings, self.undecodable = [], [], []
+
+
+def _embed_batch(model: TempMe, batch: dict[str, Any], device: torch.device, precision: str) -> torch.Tensor:
+    """``[B, D]`` L2-normalised float32 embeddings, on the CPU, of a batch from ``collate_skip_bad``."""
+    with autocast(device, precision):
+        features = model.encode_video(batch["video"].to(device), batch["video_mask"].to(device))
+    return F.normalize(features.float(), dim=-1).cpu()
+
+
 @torch.no_grad()
 def update_index(
     model: TempMe,
@@ -325,14 +446,7 @@ def update_index(
         sources: the folders (and files) ``videos`` were found in, as given to :func:`find_videos`;
             they decide which missing videos were deleted (see :func:`deleted`).
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    if not save_every_s >= 0:  # nan included
-        raise ValueError(f"save_every_s must be a number >= 0, got {save_every_s}")
-    if not 0 < framerate < math.inf:
-        raise ValueError(f"framerate must be a positive number, got {framerate}")
-    if num_workers < 0:
-        raise ValueError(f"num_workers must not be negative, got {num_workers}")
+    check_index_options(batch_size=batch_size, framerate=framerate, num_workers=num_workers, save_every_s=save_every_s)
     device = torch.device(device)
     autocast(device, precision)  # refuses an unknown precision before any work
     model_info = {
@@ -344,25 +458,14 @@ def update_index(
     settings = index_settings(model, framerate, precision)
     index = open_index(path, model_info, settings, model.config.clip.embed_dim)
 
-    gone = [deleted(video, sources) for video in index.paths]
-    removed = [video for video, is_gone in zip(index.paths, gone) if is_gone]
-    if removed:
-        keep = [i for i, is_gone in enumerate(gone) if not is_gone]
-        index.paths = [index.paths[i] for i in keep]
-        index.embeddings = index.embeddings[keep]
-        for video in removed:
-            index.files.pop(video, None)
-    index.skipped = {video: reason for video, reason in index.skipped.items() if Path(video).exists()}
-    # Stamped before decoding: a file that changes while it is decoded is seen as changed next run.
-    stamps = {video: file_stamp(video) for video in index.paths}
-    # A file that cannot be looked at now (stamp None: e.g. an unmounted drive) keeps its embedding.
-    changed = [video for video, stamp in stamps.items() if stamp is not None and index.files.get(video) != stamp]
-    indexed = set(index.paths)
-    new = [video for video in dict.fromkeys(Path(v).resolve() for v in videos) if str(video) not in indexed]
-    stamps.update({str(video): file_stamp(video) for video in new})
+    removed = _drop_deleted_videos(index, sources)
+    new, changed, stamps = _videos_to_embed(index, videos)
     todo = new + [Path(video) for video in changed]
-    for video in todo:
-        index.skipped.pop(str(video), None)  # tried again
+    retried = {str(video) for video in todo}
+    # A deleted video's reason goes with it; a retried video's is recorded again below if it still fails.
+    index.skipped = {
+        video: reason for video, reason in index.skipped.items() if Path(video).exists() and video not in retried
+    }
     update = IndexUpdate(0, {}, removed, len(index))
     if not todo:
         if removed:
@@ -373,64 +476,37 @@ def update_index(
     dataset = RetrievalVideos(items, settings["frames"], framerate, settings["image_size"], backend=backend)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=list)
     model.eval().to(device)
-    new_paths: list[str] = []
-    new_embeddings: list[torch.Tensor] = []
-    undecodable: list[str] = []  # indexed videos that changed and no longer decode: their rows go
+    changed_set = set(changed)
+    pending = _PendingResults(stamps)
     last_save = time.monotonic()
-
-    def save() -> None:
-        # A changed video's new embedding replaces its row in place (the order stays as it was); a
-        # new video's is appended. Until then the old row and old stamp stay, so an interrupted run
-        # leaves that video looking changed, and the next run embeds it again.
-        if new_paths or undecodable:
-            embeddings = index.embeddings.clone()
-            fresh = torch.cat(new_embeddings) if new_embeddings else embeddings[:0]
-            row_of = {video: row for row, video in enumerate(index.paths)}
-            appended = []
-            for j, video in enumerate(new_paths):
-                if video in row_of:
-                    embeddings[row_of[video]] = fresh[j]
-                else:
-                    appended.append(j)
-                index.files[video] = stamps[video]
-            gone_now = set(undecodable)
-            keep = [row for row, video in enumerate(index.paths) if video not in gone_now]
-            index.paths = [index.paths[row] for row in keep] + [new_paths[j] for j in appended]
-            index.embeddings = torch.cat([embeddings[keep], fresh[appended]])
-            for video in gone_now:
-                index.files.pop(video, None)
-            new_paths.clear()
-            new_embeddings.clear()
-            undecodable.clear()
-        update.total = len(index)
-        index.save(path)
-
     try:
         with progress_bar(total=len(todo), desc="indexing videos", unit="video", disable=not progress) as bar:
             for samples in loader:
                 for sample in samples:
                     if isinstance(sample, SkippedVideo):
-                        index.skipped[str(sample.path)] = update.skipped[str(sample.path)] = sample.reason
-                        if str(sample.path) in indexed:
-                            undecodable.append(str(sample.path))
+                        video = str(sample.path)
+                        index.skipped[video] = update.skipped[video] = sample.reason
+                        if video in changed_set:
+                            pending.add_undecodable(video)
                         bar.set_postfix(undecodable=len(update.skipped), refresh=False)
                 batch = collate_skip_bad(samples)
                 if batch is not None:
-                    with autocast(device, precision):
-                        features = model.encode_video(batch["video"].to(device), batch["video_mask"].to(device))
-                    new_embeddings.append(F.normalize(features.float(), dim=-1).cpu())
-                    new_paths.extend(batch["video_id"])
+                    pending.add_embedded(batch["video_id"], _embed_batch(model, batch, device, precision))
                     for video in batch["video_id"]:
-                        if video in indexed:
+                        if video in changed_set:
                             update.updated.append(video)
                         else:
                             update.added += 1
                 bar.update(len(samples))
                 if time.monotonic() - last_save >= save_every_s:
-                    save()
+                    pending.apply_to(index)
+                    index.save(path)
                     last_save = time.monotonic()
     finally:
-        save()  # also on Ctrl-C or an error: every finished batch is kept
+        # Also on Ctrl-C or an error: every finished batch is kept, and the next run carries on.
+        pending.apply_to(index)
+        index.save(path)
+    update.total = len(index)
     return update
 
 

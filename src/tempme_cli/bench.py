@@ -17,11 +17,12 @@ from tempme.bench import (
     benchmark_training,
     format_results,
     report,
-    resolve_device,
 )
 from tempme.config import MERGE_METHODS, preset_names
 from tempme.model import INFERENCE_SIZE_ATTENTION, SIZE_ATTENTION
 from tempme.precision import default_precision
+
+from .common import device_option
 
 EPILOG = """\
 examples:
@@ -146,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise ValueError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    device = device_option(args.device)
     on_gpu = device.type == "cuda"
     common = dict(
         frames=args.frames,

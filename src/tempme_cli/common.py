@@ -7,6 +7,9 @@ import math
 import sys
 from pathlib import Path
 
+import torch
+
+from tempme.devices import DeviceUnavailable, resolve_device
 from tempme.files import check_folder
 
 
@@ -77,3 +80,11 @@ def show_progress(args: argparse.Namespace) -> bool:
     """Progress bars (on stderr) for long work: always on a terminal; with ``--json`` not into a log
     file or pipe, where a script reads the output."""
     return not getattr(args, "json", False) or sys.stderr.isatty()
+
+
+def device_option(name: str) -> torch.device:
+    """The device ``--device NAME`` names, or a ValueError naming the option (before any work)."""
+    try:
+        return resolve_device(name)
+    except DeviceUnavailable as error:
+        raise ValueError(f"--device {name}: {error}") from None

@@ -17,10 +17,9 @@ from typing import Any
 
 import torch
 
-from tempme.bench import resolve_device
 from tempme.precision import PRECISIONS, default_precision
 
-from .common import check_finite, check_output_file, show_progress
+from .common import check_finite, check_output_file, device_option, show_progress
 
 INDEX_EPILOG = textwrap.dedent(
     """\
@@ -137,23 +136,30 @@ def load_search_model(model_info: dict[str, Any]):
     return model.eval()
 
 
+# update_index's keyword -> the `tempme index` option that sets it, for error messages.
+INDEX_OPTION_NAMES = {
+    "batch_size": "--batch-size",
+    "framerate": "--framerate",
+    "num_workers": "--workers",
+    "save_every_s": "--save-every",
+}
+
+
 def run_index(args: argparse.Namespace) -> int:
-    from tempme.search import find_videos, update_index
+    from tempme.search import check_index_options, find_videos, update_index
     from tempme.weights import model_fingerprint
 
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    # argparse's float() takes nan and inf; update_index would take inf (write only at the end), this
+    # command has always refused it.
     check_finite(args.save_every, "--save-every")
-    if args.save_every < 0:
-        raise ValueError(f"--save-every must not be negative, got {args.save_every}")
-    check_finite(args.framerate, "--framerate", positive=True)
-    if args.workers < 0:
-        raise ValueError(f"--workers must not be negative, got {args.workers}")
+    # update_index checks these too, but only once the model has loaded, and by their Python names.
+    check_index_options(batch_size=args.batch_size, framerate=args.framerate, num_workers=args.workers,
+                        save_every_s=args.save_every, names=INDEX_OPTION_NAMES)
     if args.frames is not None and args.frames < 1:
         raise ValueError(f"--frames must be at least 1, got {args.frames}")
     check_output_file(args.out, "--out", example_name="videos.index")
     videos = find_videos(args.videos)
-    device = resolve_device(args.device)
+    device = device_option(args.device)
     precision = args.precision if args.precision != "auto" else default_precision(device)
     if args.checkpoint:
         from tempme_train.modeling import find_trained_weights
@@ -227,7 +233,7 @@ def run_search(args: argparse.Namespace) -> int:
             f"{args.index} was built by other weights than {named}: queries must be encoded by the model "
             "that embedded the videos (name its weights with --weights or --checkpoint)"
         )
-    device = resolve_device(args.device)
+    device = device_option(args.device)
     if args.queries:
         answer(model, index, args.queries, args.top, device, args.json)
         return 0

@@ -20,9 +20,10 @@ nothing).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,6 +93,49 @@ def barrier() -> None:
     """Wait for every process (no-op in a single process)."""
     if _active():
         dist.barrier()
+
+
+class FailedElsewhere(RuntimeError):
+    """Another process failed in a block of :func:`failures_shared`; the message names it and its error."""
+
+
+class BadInputElsewhere(FailedElsewhere, ValueError):
+    """As :class:`FailedElsewhere`, for bad input there (a ValueError or OSError, which the command
+    line prints as one line)."""
+
+
+@contextlib.contextmanager
+def failures_shared() -> Iterator[None]:
+    """Run a block of this process's own work, then stop every process if any of them failed in it.
+
+    The block's end is a collective (it also serves as a barrier): every process learns whether
+    another one raised an Exception in its block. The failed process raises its own error; the others
+    raise :class:`FailedElsewhere` (or :class:`BadInputElsewhere`) naming its rank and error. Without
+    this an error on one process (a video it alone reads, a full disk on rank 0) leaves the others
+    waiting in their next collective for one that has gone: with NCCL, until the collective timeout.
+    A process stopped by a signal (KeyboardInterrupt) does not take part: signals reach every process.
+    """
+    error: Exception | None = None
+    try:
+        yield
+    except Exception as raised:  # noqa: BLE001 - raised again below, on this process or as the others' cause
+        error = raised
+    if not _active():
+        if error is not None:
+            raise error
+        return
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    failed = torch.tensor([float(error is not None)], device=device)
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    if failed.item() == 0:
+        return
+    described = None if error is None else (f"{type(error).__name__}: {error}", isinstance(error, (ValueError, OSError)))
+    reports = all_gather_objects(described)
+    if error is not None:
+        raise error
+    rank, (message, bad_input) = next((rank, report) for rank, report in enumerate(reports) if report is not None)
+    kind = BadInputElsewhere if bad_input else FailedElsewhere
+    raise kind(f"process {rank} of {len(reports)} failed: {message}")
 
 
 class _GatherWithGrad(torch.autograd.Function):

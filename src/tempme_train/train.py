@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from tempme import TempMe
+from tempme import TempMe, devices
 from tempme.files import check_folder
 from tempme.precision import autocast
 from tempme.progress import progress_bar
@@ -54,8 +54,8 @@ from .distributed import (
     all_gather_objects,
     all_gather_with_grad,
     all_reduce_gradients,
-    barrier,
     broadcast_parameters,
+    failures_shared,
     init_distributed,
     shutdown,
     world_from_env,
@@ -121,35 +121,12 @@ class StepResult:
 
 
 def resolve_device(name: str, world: WorldInfo, source: str = "config") -> torch.device:
-    """``auto``: this process's GPU when there is one (``cuda:LOCAL_RANK``), else the CPU.
-
-    A device this machine lacks (CUDA on a CPU-only torch, ``cuda:9`` on a one-GPU machine, MPS off
-    a Mac) is a ConfigError naming ``run.device``, before any work: torch itself would fail only at
-    the first tensor moved there, with an assertion. (``tempme.bench.resolve_device`` checks the same
-    for the index, search and bench commands.)
-    """
-    if name == "auto":
-        return torch.device(f"cuda:{world.local_rank}" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            build = f"built with CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
-            raise ConfigError(
-                source, "run.device", name,
-                f"CUDA is not available (torch {torch.__version__}, {build}); use cpu or auto",
-            )
-        if device.index is None:
-            device = torch.device(f"cuda:{world.local_rank}")
-        count = torch.cuda.device_count()
-        if device.index >= count:
-            raise ConfigError(
-                source, "run.device", name,
-                f"this machine has {count} GPU{'s' if count != 1 else ''} (cuda:0 to cuda:{count - 1}); "
-                f"{device} does not exist",
-            )
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(source, "run.device", name, "MPS (Apple GPU) is not available here; use cpu or auto")
-    return device
+    """``run.device`` for this process (``auto`` and ``cuda`` are ``cuda:LOCAL_RANK``), or a ConfigError
+    naming it where this machine lacks that device (see :func:`tempme.devices.resolve_device`)."""
+    try:
+        return devices.resolve_device(name, world.local_rank, kinds=("cpu", "cuda", "mps"))
+    except devices.DeviceUnavailable as error:
+        raise ConfigError(source, "run.device", name, str(error)) from None
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -238,7 +215,7 @@ def sigterm_interrupts():
 
 def compute_gradients(
     model: TempMe,
-    batch: dict[str, Any] | None,
+    batch: dict[str, Any] | Exception | None,
     params: list[torch.nn.Parameter],
     device: torch.device,
     precision: str = "fp32",
@@ -251,21 +228,25 @@ def compute_gradients(
 
     Afterwards ``params`` hold the gradient of the global-batch loss (summed over processes), scaled
     by ``scaler`` if given. ``batch`` is ``None`` when all its videos were undecodable; the process
-    still takes part in the collectives.
+    still takes part in the collectives. It is the exception raised while reading it when that failed:
+    raised here, where every process learns of it (:func:`failures_shared`) and stops too.
 
     Returns:
         The global-batch loss, or ``None`` when the global batch has no sample at all.
     """
-    if batch is None:
-        video = text = torch.zeros(0, model.config.clip.embed_dim, device=device)
-    else:
-        with autocast(device, precision):
-            video, text = model(
-                batch["video"].to(device, non_blocking=True),
-                batch["text_ids"].to(device, non_blocking=True),
-                batch["text_mask"].to(device, non_blocking=True),
-                batch["video_mask"].to(device, non_blocking=True),
-            )
+    with failures_shared():  # before the first collective: a process that failed would never reach it
+        if isinstance(batch, Exception):
+            raise batch
+        if batch is None:
+            video = text = torch.zeros(0, model.config.clip.embed_dim, device=device)
+        else:
+            with autocast(device, precision):
+                video, text = model(
+                    batch["video"].to(device, non_blocking=True),
+                    batch["text_ids"].to(device, non_blocking=True),
+                    batch["text_mask"].to(device, non_blocking=True),
+                    batch["video_mask"].to(device, non_blocking=True),
+                )
     # Gather in float32 so every process contributes the same dtype and the loss is computed in fp32.
     video = all_gather_with_grad(video.float())
     text = all_gather_with_grad(text.float())
@@ -284,49 +265,51 @@ class Trainer:
     def __init__(self, config: TrainConfig, world: WorldInfo, resume: bool, data: TrainData | None, source: str):
         self.config, self.world = config, world
         self.output = Path(config.run.output_dir)
-        self.device = resolve_device(config.run.device, world, source)
-        if world.is_main:
-            check_folder(self.output, f"{source}: run.output_dir")
-        checkpoint = self._check_output(resume, source)
-        if config.run.tensorboard:
-            require_tensorboard(source)
-        self.data = data if data is not None else prepare_training_data(config, source)
-        _check_validation_set(self.data)
         optim = config.optim
-        self.sampler = EpochSampler(len(self.data.train), optim.batch_size, world.world_size, world.rank, optim.seed)
-        model = build_model(config, source)
-        # Recorded in adapters-only files, so they are never applied to another backbone; the
-        # backbone does not train, so one digest serves the whole run.
-        self.base_fingerprint = base_fingerprint(model) if config.model.trainable == "lora" else None
-        self.model = model.to(self.device)
-        # The compiled wrapper shares the model's parameters; only the training forward goes through it.
-        self.forward_model = torch.compile(self.model, dynamic=False) if config.run.compile else self.model
-        self.params = list(trainable_parameters(self.model).values())
-        broadcast_parameters(self.params)
-        self.loader = make_train_loader(
-            self.data.train, self.sampler, config.data.num_workers, pin_memory=self.device.type == "cuda"
-        )
-        self.total_steps = self.sampler.steps_per_epoch * optim.epochs
-        self.optimizer = build_optimizer(self.params, optim.lr, optim.betas, optim.eps, optim.weight_decay)
-        self.scheduler = build_scheduler(self.optimizer, self.total_steps, optim.warmup)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=optim.precision == "fp16")
-        self.progress = Progress()
-        train_size, train_digest = training_set_identity(self.data.train)
-        if checkpoint is not None:
-            # Adapters trained on another backbone would resume as if nothing had changed.
-            check_base(self.model, checkpoint / WEIGHTS, config.model.weights or f"the random {config.model.preset}")
-            self.progress = load_checkpoint(checkpoint, self.model, self.optimizer, self.scheduler, self.scaler)
-            _check_same_training_set(self.progress, train_size, train_digest, checkpoint)
-        self.progress.train_size, self.progress.train_digest = train_size, train_digest
+        with failures_shared():  # each process checks its own device, files and data
+            self.device = resolve_device(config.run.device, world, source)
+            if world.is_main:
+                check_folder(self.output, f"{source}: run.output_dir")
+            checkpoint = self._check_output(resume, source)
+            if config.run.tensorboard:
+                require_tensorboard(source)
+            self.data = data if data is not None else prepare_training_data(config, source)
+            _check_validation_set(self.data)
+            self.sampler = EpochSampler(len(self.data.train), optim.batch_size, world.world_size, world.rank, optim.seed)
+            model = build_model(config, source)
+            # Recorded in adapters-only files, so they are never applied to another backbone; the
+            # backbone does not train, so one digest serves the whole run.
+            self.base_fingerprint = base_fingerprint(model) if config.model.trainable == "lora" else None
+            self.model = model.to(self.device)
+            self.params = list(trainable_parameters(self.model).values())
+            self.total_steps = self.sampler.steps_per_epoch * optim.epochs
+            self.optimizer = build_optimizer(self.params, optim.lr, optim.betas, optim.eps, optim.weight_decay)
+            self.scheduler = build_scheduler(self.optimizer, self.total_steps, optim.warmup)
+            self.scaler = torch.amp.GradScaler(self.device.type, enabled=optim.precision == "fp16")
+            self.progress = Progress()
+            train_size, train_digest = training_set_identity(self.data.train)
+            if checkpoint is not None:
+                # Adapters trained on another backbone would resume as if nothing had changed.
+                check_base(self.model, checkpoint / WEIGHTS, config.model.weights or f"the random {config.model.preset}")
+                self.progress = load_checkpoint(checkpoint, self.model, self.optimizer, self.scheduler, self.scaler)
+                _check_same_training_set(self.progress, train_size, train_digest, checkpoint)
         # Each process built its own data and read the checkpoint itself: if they disagree (videos
         # missing on one node), their collectives would wait on each other for good.
         check_processes_agree(all_gather_objects((train_size, train_digest, self.progress.step)))
+        broadcast_parameters(self.params)  # a fresh run's random LoRA weights must start out equal
+        # The compiled wrapper shares the model's parameters; only the training forward goes through it.
+        self.forward_model = torch.compile(self.model, dynamic=False) if config.run.compile else self.model
+        self.loader = make_train_loader(
+            self.data.train, self.sampler, config.data.num_workers, pin_memory=self.device.type == "cuda"
+        )
+        self.progress.train_size, self.progress.train_digest = train_size, train_digest
         self.saved_step = self.progress.step  # the step last/ holds
         self.log = None
-        if world.is_main:
-            self.output.mkdir(parents=True, exist_ok=True)
-            save_config(config, self.output / CONFIG)
-            self.log = MetricsLog(self.output, config.run.tensorboard, start_step=self.progress.step)
+        with failures_shared():
+            if world.is_main:
+                self.output.mkdir(parents=True, exist_ok=True)
+                save_config(config, self.output / CONFIG)
+                self.log = MetricsLog(self.output, config.run.tensorboard, start_step=self.progress.step)
         self.summary = TrainSummary(
             str(self.output), self.progress.step, self.total_steps, False,
             best_val_r1=self.progress.best_r1, best_step=self.progress.best_step,
@@ -360,12 +343,12 @@ class Trainer:
 
     # --- one step ---------------------------------------------------------------------------
 
-    def step(self, batch: dict[str, Any] | None) -> StepResult:
+    def step(self, batch: dict[str, Any] | Exception | None) -> StepResult:
         """One optimizer step on the global batch; its loss joins ``window`` (the steps not yet logged).
 
         Raises TrainingDiverged, before updating anything, when the loss is not finite.
         """
-        if batch is not None:
+        if isinstance(batch, dict):
             self._local_skipped.update(batch["skipped"])
             if "video" not in batch:  # every video of the batch was undecodable (see data.collate_train)
                 batch = None
@@ -447,34 +430,37 @@ class Trainer:
         """Rank 0 evaluates the validation split and keeps ``best.safetensors``; others wait."""
         if self.data.val is None:
             return
-        if self.world.is_main:
-            # Validation's bars would nest under the training bar, which tqdm draws with cursor-up
-            # codes: fine on a terminal, garbage in a log file. There the training bar is enough.
-            results = evaluate(
-                self.model, self.data.val, self.config.run.eval_batch_size, self.device,
-                self.config.optim.precision, self.config.data.num_workers,
-                progress=self.config.run.progress and sys.stderr.isatty(),
-            )
-            r1 = results["t2v"]["R1"]
-            self.summary.last_val = results
-            if self.progress.best_r1 is None or r1 > self.progress.best_r1:
-                # The file first: interrupted in between, progress still names the previous best.
-                save_trained_weights(self.model, self.output / BEST, self.config, self.base_fingerprint)
-                self.progress.best_r1, self.progress.best_step = r1, self.progress.step
-            # Last: stopped before this, the validation is run again on --resume, and logged once.
-            self.log.write("val", self.progress.step, {"t2v": results["t2v"], "v2t": results["v2t"]})
-            self.summary.best_val_r1, self.summary.best_step = self.progress.best_r1, self.progress.best_step
+        with failures_shared():  # the others wait here for rank 0, and stop if it fails
+            if self.world.is_main:
+                self._validate_here()
         self.model.train()
-        barrier()
+
+    def _validate_here(self) -> None:
+        # Validation's bars would nest under the training bar, which tqdm draws with cursor-up
+        # codes: fine on a terminal, garbage in a log file. There the training bar is enough.
+        results = evaluate(
+            self.model, self.data.val, self.config.run.eval_batch_size, self.device,
+            self.config.optim.precision, self.config.data.num_workers,
+            progress=self.config.run.progress and sys.stderr.isatty(),
+        )
+        r1 = results["t2v"]["R1"]
+        self.summary.last_val = results
+        if self.progress.best_r1 is None or r1 > self.progress.best_r1:
+            # The file first: interrupted in between, progress still names the previous best.
+            save_trained_weights(self.model, self.output / BEST, self.config, self.base_fingerprint)
+            self.progress.best_r1, self.progress.best_step = r1, self.progress.step
+        # Last: stopped before this, the validation is run again on --resume, and logged once.
+        self.log.write("val", self.progress.step, {"t2v": results["t2v"], "v2t": results["v2t"]})
+        self.summary.best_val_r1, self.summary.best_step = self.progress.best_r1, self.progress.best_step
 
     def save(self) -> None:
         """Write ``last/`` (rank 0), after collecting every process's skipped videos."""
         skipped = set().union(*all_gather_objects(sorted(self._local_skipped)))
         self.progress.skipped_videos = sorted(skipped)
-        if self.world.is_main:
-            self._write_last()
+        with failures_shared():
+            if self.world.is_main:
+                self._write_last()
         self.saved_step = self.progress.step  # on every process: they decide alike whether to save
-        barrier()
 
     def _write_last(self) -> None:
         save_checkpoint(
@@ -572,7 +558,7 @@ class Trainer:
         steps_per_epoch = self.sampler.steps_per_epoch
         while self.progress.step < end:
             self.sampler.set_epoch(self.progress.epoch(steps_per_epoch), self.progress.batch_in_epoch(steps_per_epoch))
-            for batch in self.loader:
+            for batch in self._batches():
                 result = self.step(batch)
                 step = self.progress.step
                 bar.update(1)
@@ -590,6 +576,22 @@ class Trainer:
                     self.validate_and_save()
                 if step >= end:
                     break
+
+    def _batches(self):
+        """The loader's batches, or in place of one the exception that reading it raised.
+
+        :meth:`step` raises it again where every process learns of it: a video that one process
+        alone reads can be undecodable (``data.strict``) or gone.
+        """
+        batches = iter(self.loader)
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except Exception as error:  # noqa: BLE001 - raised again by step()
+                batch = error
+            yield batch
 
     def _log_train(self, step: int, window: list[StepResult]) -> None:
         """Mean loss over the steps since the last record, and the latest learning rate."""

@@ -168,7 +168,29 @@ def test_cli_train_table(capsys):
 @NO_CUDA
 def test_cli_cuda_without_cuda_is_a_clear_error(capsys):
     assert main(["bench", "--model", "tiny-B/32", "--device", "cuda"]) == 2
-    assert "CUDA is not available" in capsys.readouterr().err
+    assert "--device cuda: CUDA is not available" in capsys.readouterr().err
+
+
+def test_device_names_are_checked_against_this_machine(monkeypatch):
+    from tempme.devices import DeviceUnavailable, resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto", local_rank=3) == torch.device("cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(DeviceUnavailable, match="unknown device 'gpu'; use auto or cpu or cuda"):
+        resolve_device("gpu")
+    with pytest.raises(DeviceUnavailable, match="unsupported device 'mps'"):
+        resolve_device("mps")  # bench, index and search run on CPUs and CUDA GPUs only
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(DeviceUnavailable, match="MPS .* not available"):
+        resolve_device("mps", kinds=("cpu", "mps"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("auto", local_rank=1) == torch.device("cuda:1")
+    assert resolve_device("cuda", local_rank=1) == torch.device("cuda:1")  # this process's GPU under torchrun
+    assert resolve_device("cuda:0", local_rank=1) == torch.device("cuda:0")
+    with pytest.raises(DeviceUnavailable, match=r"2 GPUs \(cuda:0 to cuda:1\); cuda:2 does not exist"):
+        resolve_device("cuda:2")
 
 
 @pytest.mark.parametrize(

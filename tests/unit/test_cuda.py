@@ -180,7 +180,8 @@ def test_half_precision_matching_on_cuda_uses_the_cpu_arithmetic(dtype):
 
 @needs_cuda
 def test_a_gpu_the_machine_lacks_is_a_clear_error():
-    from tempme.bench import resolve_device
+    from tempme.devices import DeviceUnavailable, resolve_device
 
-    with pytest.raises(ValueError, match="does not exist: this machine has"):
-        resolve_device(f"cuda:{torch.cuda.device_count()}")
+    count = torch.cuda.device_count()
+    with pytest.raises(DeviceUnavailable, match=f"this machine has {count} GPU.*cuda:{count} does not exist"):
+        resolve_device(f"cuda:{count}")

@@ -256,6 +256,47 @@ def test_two_processes_give_the_gradients_and_training_of_one_process(tmp_path):
     assert (tmp_path / "run" / "best.safetensors").is_file()
 
 
+class CorruptOnOneProcess(SyntheticPairs):
+    """Process 1 cannot read its third batch (one of its videos is corrupt); process 0 reads all of its own."""
+
+    reads = 0
+
+    def __getitem__(self, i: int):
+        self.reads += 1
+        if torch.distributed.get_rank() == 1 and self.reads > 8:  # 4 samples a step on each of 2 processes
+            raise ValueError(f"v{i}.mp4: corrupt video")
+        return super().__getitem__(i)
+
+
+def corrupt_video_worker(rank: int, port: int, folder: str) -> None:
+    """Train until process 1 fails; write what each process raised to ``rank<N>.txt``."""
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    data = synthetic_data()
+    data.train = CorruptOnOneProcess(16)
+    try:
+        train(tiny_config(Path(folder) / "run", run={"device": "cpu"}), data=data)
+        outcome = "finished"
+    except Exception as error:  # noqa: BLE001 - the test reads it
+        outcome = f"{type(error).__name__}: {error}"
+    (Path(folder) / f"rank{rank}.txt").write_text(outcome)
+    torch.distributed.destroy_process_group()
+
+
+def test_an_error_on_one_process_stops_all_of_them_and_rank_0_saves_the_steps_done(tmp_path):
+    # Without sharing the error, process 0 would wait for process 1 in the step's gather (with
+    # NCCL until the collective timeout) and, at best, fail on the lost connection, not naming it.
+    mp.spawn(corrupt_video_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+
+    own = (tmp_path / "rank1.txt").read_text()
+    assert own.startswith("ValueError: v") and own.endswith(".mp4: corrupt video")
+    told = (tmp_path / "rank0.txt").read_text()
+    assert told.startswith(f"TrainingStopped: process 1 of 2 failed: {own}"), told
+    assert f"saved {tmp_path / 'run' / LAST} at step 2/6" in told and "--resume" in told
+    assert checkpoint_step(tmp_path / "run") == 2
+
+
 def test_sampler_shards_cover_the_single_process_batches():
     single = list(EpochSampler(20, global_batch=8, seed=3))
     shards = [list(EpochSampler(20, global_batch=8, world_size=2, rank=r, seed=3)) for r in (0, 1)]

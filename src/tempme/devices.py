@@ -1,0 +1,49 @@
+"""Which torch device a setting names, checked against this machine before any work starts.
+
+torch itself accepts ``cuda:9`` on a one-GPU machine, or ``cuda`` on a CPU-only build, and fails only
+at the first tensor moved there, with an assertion that names no setting.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class DeviceUnavailable(ValueError):
+    """The device asked for does not exist here; the message says why and what to use instead."""
+
+
+def resolve_device(name: str, local_rank: int = 0, kinds: tuple[str, ...] = ("cpu", "cuda")) -> torch.device:
+    """The device ``name`` names: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` (or another of ``kinds``).
+
+    ``auto`` is this process's GPU when CUDA is available, else the CPU. A bare ``cuda`` is this
+    process's GPU: ``cuda:local_rank`` (torchrun starts one process per GPU).
+
+    Raises:
+        DeviceUnavailable: an unknown name, a kind not in ``kinds``, CUDA or MPS where this torch
+            has none, or a GPU index beyond the machine's GPUs.
+    """
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    choices = " or ".join(("auto", *kinds))
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DeviceUnavailable(f"unknown device {name!r}; use {choices}") from None
+    if device.type not in kinds:
+        raise DeviceUnavailable(f"unsupported device {name!r}; use {choices}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = f"built with CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+            raise DeviceUnavailable(f"CUDA is not available (torch {torch.__version__}, {build}); use cpu or auto")
+        if device.index is None:
+            device = torch.device(f"cuda:{local_rank}")
+        count = torch.cuda.device_count()
+        if device.index >= count:
+            raise DeviceUnavailable(
+                f"this machine has {count} GPU{'s' if count != 1 else ''} (cuda:0 to cuda:{count - 1}); "
+                f"{device} does not exist"
+            )
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceUnavailable("MPS (Apple GPU) is not available here; use cpu or auto")
+    return device
