@@ -522,7 +522,7 @@ def encode_texts(
             ids, mask = model.tokenize(list(texts[start : start + batch_size]))
             with autocast(device, precision):
                 chunks.append(model.encode_text(ids.to(device), mask.to(device)).float().cpu())
-    return torch.cat(chunks)
+    return torch.cat(chunks) if chunks else torch.zeros(0, model.config.clip.embed_dim)
 
 
 def encode_queries(

@@ -167,7 +167,7 @@ def custom_split_warning(config: TrainConfig, split: str, trained: Path | None) 
 def run(args: argparse.Namespace) -> int:
     from tempme.retrieval import format_metrics_table
     from tempme_train.data import drop_missing_videos, frame_cache, split_items
-    from tempme_train.distributed import WorldInfo
+    from tempme_train.distributed import process_group, world_from_env
     from tempme_train.evaluate import EvalSet, evaluate
     from tempme_train.modeling import build_model, check_base, find_trained_weights, load_trained_weights
     from tempme_train.train import resolve_device
@@ -181,7 +181,8 @@ def run(args: argparse.Namespace) -> int:
     source = args.config or str(trained or "command line")
     # Everything that can be checked without work is checked before the encoding starts.
     try:
-        device = resolve_device(config.run.device, WorldInfo(), source)
+        world = world_from_env()  # under torchrun each process embeds its share of the split
+        device = resolve_device(config.run.device, world, source)
         cache = embedding_cache(args)
         items = split_items(config.data, args.split, source)
         items, missing = drop_missing_videos(items, config.data.strict, args.split, source)
@@ -200,10 +201,13 @@ def run(args: argparse.Namespace) -> int:
         check_base(model, trained, base)
         load_trained_weights(model, trained)
     model.optimize_for_inference()  # the same embeddings, faster; this model is not trained further
-    results = evaluate(
-        model.to(device), eval_set, config.run.eval_batch_size, device, config.optim.precision,
-        config.data.num_workers, cache_dir=cache, progress=show_progress(args),
-    )
+    with process_group(device.type == "cuda"):
+        results = evaluate(
+            model.to(device), eval_set, config.run.eval_batch_size, device, config.optim.precision,
+            config.data.num_workers, cache_dir=cache, progress=show_progress(args),
+        )
+    if not world.is_main:
+        return 0
     results.update(
         split=args.split, dataset=config.data.dataset, missing=missing,
         weights=str(trained) if trained else base,

@@ -43,7 +43,7 @@ class WorldInfo:
 
     @property
     def is_main(self) -> bool:
-        """Rank 0 logs, evaluates and writes checkpoints."""
+        """Rank 0 logs and writes the checkpoints and metrics."""
         return self.rank == 0
 
     @property
@@ -74,7 +74,7 @@ def init_distributed(use_cuda: bool) -> WorldInfo:
             backend="nccl" if use_cuda else "gloo",
             rank=world.rank,
             world_size=world.world_size,
-            # Rank 0 validates (decoding every validation video) while the others wait at a barrier.
+            # The others wait while rank 0 writes checkpoints, and a slow node's decoding can hold all up.
             timeout=datetime.timedelta(minutes=COLLECTIVE_TIMEOUT_MINUTES),
         )
     return world
@@ -85,6 +85,19 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def process_group(use_cuda: bool) -> Iterator[WorldInfo]:
+    """:func:`init_distributed` for the block; the group is closed after it unless it existed before
+    (a caller, e.g. a test harness, that created it closes it)."""
+    existed = dist.is_available() and dist.is_initialized()
+    world = init_distributed(use_cuda)
+    try:
+        yield world
+    finally:
+        if world.distributed and not existed:
+            shutdown()
+
+
 def _active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -93,6 +106,36 @@ def barrier() -> None:
     """Wait for every process (no-op in a single process)."""
     if _active():
         dist.barrier()
+
+
+def _collective_device() -> torch.device:
+    """Where tensors for a collective must be: this process's GPU with NCCL, the CPU with Gloo."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def is_main_process() -> bool:
+    """Rank 0, or the only process."""
+    return not _active() or dist.get_rank() == 0
+
+
+def share(count: int) -> range:
+    """This process's share of ``count`` items: every W-th from its rank (``range(count)`` alone)."""
+    if not _active():
+        return range(count)
+    return range(dist.get_rank(), count, dist.get_world_size())
+
+
+def sum_over_processes(tensor: torch.Tensor) -> torch.Tensor:
+    """The elementwise sum of every process's ``tensor`` (same shape everywhere), on its own device.
+
+    Joins results computed over :func:`share`: each process fills its rows, leaving the others zero.
+    Booleans are summed as integers and come back as booleans (any process's True).
+    """
+    if not _active():
+        return tensor
+    summed = tensor.to(_collective_device(), torch.int32 if tensor.dtype == torch.bool else tensor.dtype, copy=True)
+    dist.all_reduce(summed, op=dist.ReduceOp.SUM)
+    return (summed > 0 if tensor.dtype == torch.bool else summed).to(tensor.device)
 
 
 class FailedElsewhere(RuntimeError):
@@ -124,8 +167,7 @@ def failures_shared() -> Iterator[None]:
         if error is not None:
             raise error
         return
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    failed = torch.tensor([float(error is not None)], device=device)
+    failed = torch.tensor([float(error is not None)], device=_collective_device())
     dist.all_reduce(failed, op=dist.ReduceOp.MAX)
     if failed.item() == 0:
         return

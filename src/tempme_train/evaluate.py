@@ -4,6 +4,10 @@ A video may have several captions (MSRVTT training videos have 20); text-to-vide
 each caption, video-to-text counts the best-ranked of the video's captions. Videos that cannot be
 decoded are left out together with their captions, and listed in the result.
 
+Under torchrun every process embeds its share of the captions and videos (every W-th, see
+``distributed.share``) and all of them end with the whole set, so validating during a multi-GPU run,
+or ``tempme eval`` on several GPUs, takes 1/W of the time.
+
 Embeddings can be cached on disk: the file name is a hash of the model's weights and config, of the
 evaluated data (ids, captions, and each video file's path, size and modification time) and of the
 settings that turn files into frames, so a cached file is reused only for exactly the same model,
@@ -22,7 +26,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from tempme import TempMe
 from tempme.data import FrameCache, RetrievalVideos, VideoItem, collate_skip_bad, flatten_captions
@@ -35,6 +39,7 @@ from tempme.search import encode_texts
 from tempme.weights import model_fingerprint
 
 from .config import DataSettings
+from .distributed import all_gather_objects, failures_shared, is_main_process, share, sum_over_processes
 from .workers import loader_workers
 
 
@@ -92,13 +97,14 @@ def encode_videos(
     model: TempMe, eval_set: EvalSet, batch_size: int, device: torch.device, precision: str,
     num_workers: int, progress: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[N_videos, D]`` float32 embeddings and the ``[N_videos]`` mask of decodable videos."""
+    """``[N_videos, D]`` float32 embeddings and the ``[N_videos]`` mask of decodable videos, filled in
+    this process's share of the rows only (zeros elsewhere)."""
     count = len(eval_set.video_ids)
     embeddings = torch.zeros(count, model.config.clip.embed_dim)
     present = torch.zeros(count, dtype=torch.bool)
-    loader = DataLoader(
-        eval_set.videos, batch_size=batch_size, num_workers=loader_workers(num_workers), collate_fn=collate_skip_bad
-    )
+    # Samples carry their own "index", so the rows they fill are right whatever the subset.
+    videos = Subset(eval_set.videos, share(count))
+    loader = DataLoader(videos, batch_size=batch_size, num_workers=loader_workers(num_workers), collate_fn=collate_skip_bad)
     for batch in progress_bar(loader, desc="encoding videos", disable=not progress):
         if batch is None:  # every video of the batch was undecodable
             continue
@@ -113,12 +119,23 @@ def embed(
     model: TempMe, eval_set: EvalSet, batch_size: int = 16, device: torch.device | str = "cpu",
     precision: str = "fp32", num_workers: int = 0, progress: bool = True,
 ) -> Embeddings:
-    """Embed every caption and video of ``eval_set`` (the model is put in eval mode)."""
+    """Embed every caption and video of ``eval_set`` (the model is put in eval mode).
+
+    With several processes, each embeds its share and every one returns the whole set.
+    """
     device = torch.device(device)
     model.eval()
-    text = encode_texts(model, eval_set.captions, device, batch_size * 8, precision, progress, "encoding captions")
-    video, present = encode_videos(model, eval_set, batch_size, device, precision, num_workers, progress)
-    return Embeddings(text, video, present)
+    progress = progress and is_main_process()
+    captions = share(len(eval_set.captions))
+    with failures_shared():  # a video only this process reads can fail (data.strict): stop them all
+        own_text = encode_texts(
+            model, [eval_set.captions[i] for i in captions], device, batch_size * 8, precision, progress,
+            "encoding captions",
+        )
+        video, present = encode_videos(model, eval_set, batch_size, device, precision, num_workers, progress)
+    text = torch.zeros(len(eval_set.captions), model.config.clip.embed_dim)
+    text[list(captions)] = own_text
+    return Embeddings(sum_over_processes(text), sum_over_processes(video), sum_over_processes(present))
 
 
 def cache_key(model: TempMe, eval_set: EvalSet, precision: str) -> str:
@@ -196,6 +213,7 @@ def evaluate(
         batch_size: videos per forward pass (captions go 8x as many at a time).
         precision: ``fp32``, ``bf16`` or ``fp16`` autocast for the encoders.
         cache_dir: reuse or store the embeddings here (keyed by :func:`cache_key`); ``None``: no cache.
+            With several processes, they all read it (or all embed, if one lacks it) and rank 0 writes it.
 
     Returns:
         See :func:`retrieval_results`; also ``"cache"``: the cache file used, if any.
@@ -211,9 +229,12 @@ def evaluate(
     if cache_dir is not None:
         cache_path = Path(cache_dir) / f"{cache_key(model, eval_set, precision)}.safetensors"
         embeddings = load_cached(cache_path)
+        # Every process embeds its share, or none does: a cache on one node's own disk can differ.
+        if not all(all_gather_objects(embeddings is not None)):
+            embeddings = None
     if embeddings is None:
         embeddings = embed(model, eval_set, batch_size, device, precision, num_workers, progress)
-        if cache_path is not None:
+        if cache_path is not None and is_main_process():
             try:
                 save_cached(cache_path, embeddings)
             except OSError as error:

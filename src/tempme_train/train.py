@@ -11,8 +11,8 @@ One call, :func:`train`, runs a whole (or resumed) run from a :class:`TrainConfi
    (not when the loss diverged: those parameters are worth nothing).
 
 Outputs in ``run.output_dir``: ``config.yaml``, ``metrics.jsonl``, ``best.safetensors``, ``last/``
-and optionally ``tensorboard/``. Launch several processes with ``torchrun``; rank 0 logs,
-validates and writes files while the others wait.
+and optionally ``tensorboard/``. Launch several processes with ``torchrun``: each validates on its
+share of the videos; rank 0 logs and writes files while the others wait.
 """
 
 from __future__ import annotations
@@ -56,8 +56,7 @@ from .distributed import (
     all_reduce_gradients,
     broadcast_parameters,
     failures_shared,
-    init_distributed,
-    shutdown,
+    process_group,
     world_from_env,
 )
 from .evaluate import evaluate
@@ -427,15 +426,9 @@ class Trainer:
         self.save()
 
     def validate(self) -> None:
-        """Rank 0 evaluates the validation split and keeps ``best.safetensors``; others wait."""
+        """Evaluate the validation split (each process its share) and keep ``best.safetensors`` (rank 0)."""
         if self.data.val is None:
             return
-        with failures_shared():  # the others wait here for rank 0, and stop if it fails
-            if self.world.is_main:
-                self._validate_here()
-        self.model.train()
-
-    def _validate_here(self) -> None:
         # Validation's bars would nest under the training bar, which tqdm draws with cursor-up
         # codes: fine on a terminal, garbage in a log file. There the training bar is enough.
         results = evaluate(
@@ -445,13 +438,18 @@ class Trainer:
         )
         r1 = results["t2v"]["R1"]
         self.summary.last_val = results
-        if self.progress.best_r1 is None or r1 > self.progress.best_r1:
-            # The file first: interrupted in between, progress still names the previous best.
-            save_trained_weights(self.model, self.output / BEST, self.config, self.base_fingerprint)
-            self.progress.best_r1, self.progress.best_step = r1, self.progress.step
-        # Last: stopped before this, the validation is run again on --resume, and logged once.
-        self.log.write("val", self.progress.step, {"t2v": results["t2v"], "v2t": results["v2t"]})
+        best = self.progress.best_r1 is None or r1 > self.progress.best_r1
+        with failures_shared():  # the others wait for rank 0's files, and stop if writing them fails
+            if best:
+                # The file first: interrupted in between, progress still names the previous best.
+                if self.world.is_main:
+                    save_trained_weights(self.model, self.output / BEST, self.config, self.base_fingerprint)
+                self.progress.best_r1, self.progress.best_step = r1, self.progress.step
+            if self.world.is_main:
+                # Last: stopped before this, the validation is run again on --resume, and logged once.
+                self.log.write("val", self.progress.step, {"t2v": results["t2v"], "v2t": results["v2t"]})
         self.summary.best_val_r1, self.summary.best_step = self.progress.best_r1, self.progress.best_step
+        self.model.train()
 
     def save(self) -> None:
         """Write ``last/`` (rank 0), after collecting every process's skipped videos."""
@@ -707,17 +705,10 @@ def train(config: TrainConfig, resume: bool = False, data: TrainData | None = No
 def _train(config: TrainConfig, resume: bool, data: TrainData | None, source: str) -> TrainSummary:
     # Checked before anything starts (the process group included); the Trainer resolves it again.
     use_cuda = resolve_device(config.run.device, world_from_env(), source).type == "cuda"
-    # Leave a process group that the caller created (e.g. a test harness) for the caller to close.
-    group_existed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    world = init_distributed(use_cuda)
-    try:
-        with deterministic_algorithms(config.run.deterministic):
-            if config.optim.batch_size % world.world_size:
-                raise ConfigError(
-                    source, "optim.batch_size", config.optim.batch_size,
-                    f"the global batch must split evenly over {world.world_size} processes",
-                )
-            return Trainer(config, world, resume, data, source).run()
-    finally:
-        if world.distributed and not group_existed:
-            shutdown()
+    with process_group(use_cuda) as world, deterministic_algorithms(config.run.deterministic):
+        if config.optim.batch_size % world.world_size:
+            raise ConfigError(
+                source, "optim.batch_size", config.optim.batch_size,
+                f"the global batch must split evenly over {world.world_size} processes",
+            )
+        return Trainer(config, world, resume, data, source).run()

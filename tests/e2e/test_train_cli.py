@@ -144,6 +144,37 @@ def test_zero_shot_eval_prints_a_table(run_config, capsys, tmp_path):
     assert "Text->Video" in printed and "Video->Text" in printed and "R@1" in printed
 
 
+def eval_worker(rank: int, port: int, config: str, folder: str) -> None:
+    """``tempme eval`` as process ``rank`` of 2 (what torchrun sets up); its output goes to files."""
+    import contextlib
+    import os
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
+    with open(Path(folder) / f"out{rank}.txt", "w") as out, contextlib.redirect_stdout(out):
+        code = main(["eval", "--config", config, "--json", "--no-cache", "--batch-size", "1"])
+    (Path(folder) / f"code{rank}.txt").write_text(str(code))
+
+
+def test_eval_under_torchrun_splits_the_videos_and_rank_0_reports_what_one_process_would(run_config, tmp_path, capsys):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(eval_worker, args=(port, str(run_config), str(tmp_path)), nprocs=2, join=True)
+    assert [(tmp_path / f"code{rank}.txt").read_text() for rank in (0, 1)] == ["0", "0"]
+    assert (tmp_path / "out1.txt").read_text() == ""  # only rank 0 reports
+    shared = json.loads((tmp_path / "out0.txt").read_text())
+
+    assert main(["eval", "--config", str(run_config), "--json", "--no-cache", "--batch-size", "1"]) == 0
+    alone = json.loads(capsys.readouterr().out)
+    assert shared["num_videos"] == alone["num_videos"] == len(TEST_IDS)
+    assert shared["t2v"] == alone["t2v"] and shared["v2t"] == alone["v2t"]
+
+
 def test_prepare_fills_the_frame_cache_and_lists_bad_videos(run_config, tmp_path, capsys):
     cache = tmp_path / "frames"
     assert main(["prepare", "--config", str(run_config), f"data.frame_cache={cache}", "--workers", "0"]) == 0

@@ -25,7 +25,7 @@ from tempme.data import SkippedVideo, collate_skip_bad
 from tempme_train.checkpoint import LAST, find_checkpoint
 from tempme_train.config import ConfigError, TrainConfig, config_from_dict
 from tempme_train.data import EpochSampler, TrainData
-from tempme_train.evaluate import EvalSet, evaluate
+from tempme_train.evaluate import EvalSet, embed, evaluate
 from tempme.retrieval import contrastive_loss
 from tempme_train.modeling import build_model, load_trained_weights, trainable_parameters
 from tempme_train.train import compute_gradients, train
@@ -218,6 +218,21 @@ def gradients(world_size: int, rank: int) -> dict:
     return {"loss": loss, "grads": {name: p.grad for name, p in params.items()}}
 
 
+def evaluations(cache: Path) -> dict:
+    """Embeddings and metrics of 7 videos (an odd count: the shares differ), then the same from the cache."""
+    model = build_model(tiny_config(Path("unused")))
+    pairs = SyntheticPairs(7)
+    videos = SyntheticVideos(pairs)
+    eval_set = EvalSet("synthetic/odd", videos, [f"v{i}" for i in range(7)], pairs.captions, list(range(7)))
+    embeddings = embed(model, eval_set, batch_size=2)
+    read = videos.reads
+    first = evaluate(model, eval_set, batch_size=2, cache_dir=cache)
+    reads = videos.reads
+    again = evaluate(model, eval_set, batch_size=2, cache_dir=cache)
+    return {"text": embeddings.text, "video": embeddings.video, "present": embeddings.present,
+            "first": first, "again": again, "read": read, "read_again": videos.reads - reads}
+
+
 def distributed_worker(rank: int, world_size: int, port: int, folder: str) -> None:
     """One of two processes: save the gradients of one global batch, then run a whole training."""
     torch.set_num_threads(1)
@@ -226,9 +241,10 @@ def distributed_worker(rank: int, world_size: int, port: int, folder: str) -> No
     )
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
     result = gradients(world_size, rank)
-    if rank == 0:
-        torch.save(result, Path(folder) / "gradients.pt")
-    train(tiny_config(Path(folder) / "run", run={"eval_every": 2, "device": "cpu"}), data=synthetic_data())
+    result["evaluations"] = evaluations(Path(folder) / "cache")
+    torch.save(result, Path(folder) / f"gradients{rank}.pt")
+    summary = train(tiny_config(Path(folder) / "run", run={"eval_every": 2, "device": "cpu"}), data=synthetic_data())
+    torch.save(summary.last_val, Path(folder) / f"validation{rank}.pt")
     torch.distributed.destroy_process_group()
 
 
@@ -242,7 +258,18 @@ def test_two_processes_give_the_gradients_and_training_of_one_process(tmp_path):
     # Both checks share one pair of processes: starting them costs more than the checks.
     mp.spawn(distributed_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
 
-    one, two = gradients(1, 0), torch.load(tmp_path / "gradients.pt")
+    one, two = gradients(1, 0), torch.load(tmp_path / "gradients0.pt")
+    # Each process embedded its share of the captions and videos; both end with all of them.
+    alone = evaluations(tmp_path / "single-cache")
+    for rank in (0, 1):
+        shared = torch.load(tmp_path / f"gradients{rank}.pt")["evaluations"]
+        for key in ("text", "video"):
+            assert shared[key].shape == alone[key].shape and torch.allclose(shared[key], alone[key], atol=1e-5), key
+        assert shared["present"].tolist() == [True] * 7
+        assert shared["read"] == [4, 3][rank]  # videos 0, 2, 4, 6 and 1, 3, 5
+        assert shared["first"]["t2v"] == alone["first"]["t2v"] and shared["first"]["v2t"] == alone["first"]["v2t"]
+        assert shared["again"]["cache"] == shared["first"]["cache"] and shared["read_again"] == 0
+        assert shared["again"]["t2v"] == shared["first"]["t2v"]
     assert two["loss"] == pytest.approx(one["loss"], abs=1e-6)
     assert one["grads"].keys() == two["grads"].keys()
     for name, grad in one["grads"].items():
@@ -254,6 +281,9 @@ def test_two_processes_give_the_gradients_and_training_of_one_process(tmp_path):
     for name in single:
         assert torch.allclose(single[name], double[name], atol=1e-5), name
     assert (tmp_path / "run" / "best.safetensors").is_file()
+    # Both processes validated (each its share) and got the same metrics.
+    validation = [torch.load(tmp_path / f"validation{rank}.pt") for rank in (0, 1)]
+    assert validation[0]["t2v"] == validation[1]["t2v"] and validation[0]["num_videos"] == 16
 
 
 class CorruptOnOneProcess(SyntheticPairs):
