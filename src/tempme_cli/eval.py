@@ -28,6 +28,8 @@ EPILOG = textwrap.dedent(
       tempme eval --checkpoint runs/msrvtt_b32_tempme
       tempme eval --checkpoint runs/msrvtt_b32_tempme data.anno_path=/data/anno data.video_dir=/data/videos
       tempme eval --weights ViT-B/32 --dataset msrvtt --anno-path /data/anno --video-dir /data/videos --json
+      torchrun --nproc_per_node 4 -m tempme_cli.main eval --checkpoint runs/msrvtt_b32_tempme
+                          (each GPU embeds a quarter of the split; rank 0 prints the metrics)
     """
 )
 
