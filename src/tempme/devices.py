@@ -24,26 +24,33 @@ def resolve_device(name: str, local_rank: int = 0, kinds: tuple[str, ...] = ("cp
             has none, or a GPU index beyond the machine's GPUs.
     """
     if name == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    choices = " or ".join(("auto", *kinds))
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise DeviceUnavailable(f"unknown device {name!r}; use {choices}") from None
-    if device.type not in kinds:
-        raise DeviceUnavailable(f"unsupported device {name!r}; use {choices}")
-    if device.type == "cuda":
         if not torch.cuda.is_available():
+            return torch.device("cpu")
+        device = torch.device("cuda", local_rank)
+    else:
+        choices = " or ".join(("auto", *kinds))
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise DeviceUnavailable(f"unknown device {name!r}; use {choices}") from None
+        if device.type not in kinds:
+            raise DeviceUnavailable(f"unsupported device {name!r}; use {choices}")
+        if device.type == "cuda" and not torch.cuda.is_available():
             build = f"built with CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
             raise DeviceUnavailable(f"CUDA is not available (torch {torch.__version__}, {build}); use cpu or auto")
-        if device.index is None:
-            device = torch.device(f"cuda:{local_rank}")
-        count = torch.cuda.device_count()
-        if device.index >= count:
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise DeviceUnavailable("MPS (Apple GPU) is not available here; use cpu or auto")
+    if device.type != "cuda":
+        return device
+    count = torch.cuda.device_count()
+    gpus = f"this machine has {count} GPU{'s' if count != 1 else ''} (cuda:0 to cuda:{count - 1})"
+    if device.index is None or name == "auto":
+        if local_rank >= count:
             raise DeviceUnavailable(
-                f"this machine has {count} GPU{'s' if count != 1 else ''} (cuda:0 to cuda:{count - 1}); "
-                f"{device} does not exist"
+                f"{gpus}, none left for process {local_rank} on it (LOCAL_RANK); start at most {count} "
+                "processes per machine (torchrun --nproc_per_node)"
             )
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise DeviceUnavailable("MPS (Apple GPU) is not available here; use cpu or auto")
+        return torch.device("cuda", local_rank)
+    if device.index >= count:
+        raise DeviceUnavailable(f"{gpus}; {device} does not exist")
     return device

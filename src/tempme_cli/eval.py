@@ -172,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
     from tempme_train.distributed import process_group, world_from_env
     from tempme_train.evaluate import EvalSet, evaluate
     from tempme_train.modeling import build_model, check_base, find_trained_weights, load_trained_weights
-    from tempme_train.train import resolve_device
+    from tempme_train.train import run_device
 
     if not (args.config or args.checkpoint or args.weights):
         raise ValueError("say what to evaluate: --checkpoint PATH, --weights W or --config CONFIG")
@@ -184,12 +184,12 @@ def run(args: argparse.Namespace) -> int:
     # Everything that can be checked without work is checked before the encoding starts.
     try:
         world = world_from_env()  # under torchrun each process embeds its share of the split
-        device = resolve_device(config.run.device, world, source)
+        device = run_device(config.run.device, world, source)
         cache = embedding_cache(args)
         items = split_items(config.data, args.split, source)
         items, missing = drop_missing_videos(items, config.data.strict, args.split, source)
         warning = custom_split_warning(config, args.split, trained)
-        if warning:
+        if warning and world.is_main:  # once, not once per process
             warnings.warn(warning, stacklevel=1)
         eval_set = EvalSet.from_items(items, config.data, f"{config.data.dataset}/{args.split}", frame_cache(config.data))
         model = build_model(config, source)

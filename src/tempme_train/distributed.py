@@ -1,4 +1,5 @@
-"""Multi-process training helpers; every function is a no-op in a single process.
+"""Helpers for training and evaluating in several processes (torchrun); in a single process every
+function runs its local work only.
 
 How gradients are combined (and why it is exact)
 -------------------------------------------------
@@ -29,6 +30,15 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+if dist.is_available():
+    # Before any process group exists, on purpose: torch.distributed.nn.functional takes the default
+    # group as default arguments when first imported, and torch imports it lazily (building the
+    # optimizer reaches it), after init_process_group. Those defaults would keep the Gloo group and
+    # its threads alive past destroy_process_group() into interpreter shutdown, where a thread
+    # freeing the last collective's tensor aborts the process ("terminate called without an
+    # active exception") after a run that finished well.
+    import torch.distributed.nn  # noqa: F401
 
 COLLECTIVE_TIMEOUT_MINUTES = 60
 
@@ -102,12 +112,6 @@ def _active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def barrier() -> None:
-    """Wait for every process (no-op in a single process)."""
-    if _active():
-        dist.barrier()
-
-
 def _collective_device() -> torch.device:
     """Where tensors for a collective must be: this process's GPU with NCCL, the CPU with Gloo."""
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
@@ -158,16 +162,18 @@ def failures_shared() -> Iterator[None]:
     waiting in their next collective for one that has gone: with NCCL, until the collective timeout.
     A process stopped by a signal (KeyboardInterrupt) does not take part: signals reach every process.
     """
+    # Made before the block: after a GPU out-of-memory error, allocating it could fail too.
+    failed = torch.zeros(1, device=_collective_device()) if _active() else None
     error: Exception | None = None
     try:
         yield
     except Exception as raised:  # noqa: BLE001 - raised again below, on this process or as the others' cause
         error = raised
-    if not _active():
+    if failed is None:
         if error is not None:
             raise error
         return
-    failed = torch.tensor([float(error is not None)], device=_collective_device())
+    failed.fill_(float(error is not None))
     dist.all_reduce(failed, op=dist.ReduceOp.MAX)
     if failed.item() == 0:
         return

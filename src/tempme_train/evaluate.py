@@ -6,7 +6,7 @@ decoded are left out together with their captions, and listed in the result.
 
 Under torchrun every process embeds its share of the captions and videos (every W-th, see
 ``distributed.share``) and all of them end with the whole set, so validating during a multi-GPU run,
-or ``tempme eval`` on several GPUs, takes 1/W of the time.
+or ``tempme eval`` on several GPUs, splits the work W ways.
 
 Embeddings can be cached on disk: the file name is a hash of the model's weights and config, of the
 evaluated data (ids, captions, and each video file's path, size and modification time) and of the
@@ -121,7 +121,8 @@ def embed(
 ) -> Embeddings:
     """Embed every caption and video of ``eval_set`` (the model is put in eval mode).
 
-    With several processes, each embeds its share and every one returns the whole set.
+    Where a process group is set up, every process must call it (it ends with collectives): each
+    embeds its share and every one returns the whole set.
     """
     device = torch.device(device)
     model.eval()
@@ -136,6 +137,28 @@ def embed(
     text = torch.zeros(len(eval_set.captions), model.config.clip.embed_dim)
     text[list(captions)] = own_text
     return Embeddings(sum_over_processes(text), sum_over_processes(video), sum_over_processes(present))
+
+
+def eval_set_identity(eval_set: EvalSet) -> tuple[int, int, str]:
+    """``(videos, captions, digest)`` of the ids, captions and which video each caption describes.
+
+    Processes that split a set between them must hold the same one: a video missing on one node's
+    disk (left out, unless ``data.strict``) would shift every row after it.
+    """
+    data = [eval_set.video_ids, eval_set.captions, eval_set.caption_to_video]
+    digest = hashlib.sha256(json.dumps(data).encode("utf-8")).hexdigest()[:16]
+    return len(eval_set.video_ids), len(eval_set.captions), digest
+
+
+def _check_same_set_everywhere(eval_set: EvalSet, identities: list[tuple[int, int, str]]) -> None:
+    if any(identity != identities[0] for identity in identities):
+        described = "; ".join(
+            f"rank {rank}: {videos} videos, {captions} captions" for rank, (videos, captions, _) in enumerate(identities)
+        )
+        raise ValueError(
+            f"{eval_set.name}: the processes do not see the same videos and captions ({described}); every "
+            "node must have the same annotation files and videos"
+        )
 
 
 def cache_key(model: TempMe, eval_set: EvalSet, precision: str) -> str:
@@ -209,6 +232,9 @@ def evaluate(
 ) -> dict[str, Any]:
     """Text-to-video and video-to-text retrieval metrics of ``model`` on ``eval_set``.
 
+    Where a process group is set up, every process must call it, with the same ``eval_set`` (checked):
+    each embeds its share (see :func:`embed`) and every one returns the metrics.
+
     Args:
         batch_size: videos per forward pass (captions go 8x as many at a time).
         precision: ``fp32``, ``bf16`` or ``fp16`` autocast for the encoders.
@@ -229,9 +255,11 @@ def evaluate(
     if cache_dir is not None:
         cache_path = Path(cache_dir) / f"{cache_key(model, eval_set, precision)}.safetensors"
         embeddings = load_cached(cache_path)
-        # Every process embeds its share, or none does: a cache on one node's own disk can differ.
-        if not all(all_gather_objects(embeddings is not None)):
-            embeddings = None
+    states = all_gather_objects((eval_set_identity(eval_set), embeddings is not None))
+    _check_same_set_everywhere(eval_set, [identity for identity, _ in states])
+    # Every process embeds its share, or none does: a cache on one node's own disk can differ.
+    if not all(cached for _, cached in states):
+        embeddings = None
     if embeddings is None:
         embeddings = embed(model, eval_set, batch_size, device, precision, num_workers, progress)
         if cache_path is not None and is_main_process():

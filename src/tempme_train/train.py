@@ -59,7 +59,7 @@ from .distributed import (
     process_group,
     world_from_env,
 )
-from .evaluate import evaluate
+from .evaluate import eval_set_identity, evaluate
 from .modeling import base_fingerprint, build_model, check_base, save_trained_weights, trainable_parameters
 from .optim import build_optimizer, build_scheduler
 from .tracking import MetricsLog, require_tensorboard
@@ -112,6 +112,15 @@ class TrainingStopped(ValueError):
 
 
 @dataclass(frozen=True)
+class UnreadBatch:
+    """Stands for a batch whose reading raised ``error`` (a video only this process reads can be
+    undecodable under ``data.strict``, or gone): :func:`compute_gradients` raises it where every
+    process learns of it."""
+
+    error: Exception
+
+
+@dataclass(frozen=True)
 class StepResult:
     """``loss``: the global-batch loss (``None`` when the batch had no sample); ``lr``: the rate used."""
 
@@ -119,7 +128,7 @@ class StepResult:
     lr: float
 
 
-def resolve_device(name: str, world: WorldInfo, source: str = "config") -> torch.device:
+def run_device(name: str, world: WorldInfo, source: str = "config") -> torch.device:
     """``run.device`` for this process (``auto`` and ``cuda`` are ``cuda:LOCAL_RANK``), or a ConfigError
     naming it where this machine lacks that device (see :func:`tempme.devices.resolve_device`)."""
     try:
@@ -157,11 +166,15 @@ def interrupts_deferred():
             signal.raise_signal(received[0])  # to the handler that was there: KeyboardInterrupt for Ctrl-C
 
 
-def check_processes_agree(states: list[tuple[int, str, int]]) -> None:
+def check_processes_agree(states: list[tuple[int, str | None, int, tuple[int, int, str] | None]]) -> None:
     """Raise on every process unless all of them (``states`` in rank order: training pairs, their
-    digest, the step resumed from) start from the same data and step."""
+    digest, the step resumed from, :func:`eval_set_identity` of the validation set) start from the
+    same data and step."""
     if any(state != states[0] for state in states):
-        described = "; ".join(f"rank {rank}: {size} pairs, step {step}" for rank, (size, _, step) in enumerate(states))
+        described = "; ".join(
+            f"rank {rank}: {size} pairs, {val[0] if val else 0} validation videos, step {step}"
+            for rank, (size, _, step, val) in enumerate(states)
+        )
         raise ValueError(
             f"the training processes do not see the same data or checkpoint ({described}): every node "
             "must have the same annotation files, videos and output folder"
@@ -214,7 +227,7 @@ def sigterm_interrupts():
 
 def compute_gradients(
     model: TempMe,
-    batch: dict[str, Any] | Exception | None,
+    batch: dict[str, Any] | UnreadBatch | None,
     params: list[torch.nn.Parameter],
     device: torch.device,
     precision: str = "fp32",
@@ -227,15 +240,15 @@ def compute_gradients(
 
     Afterwards ``params`` hold the gradient of the global-batch loss (summed over processes), scaled
     by ``scaler`` if given. ``batch`` is ``None`` when all its videos were undecodable; the process
-    still takes part in the collectives. It is the exception raised while reading it when that failed:
-    raised here, where every process learns of it (:func:`failures_shared`) and stops too.
+    still takes part in the collectives. An :class:`UnreadBatch` error is raised here, where every
+    process learns of it (:func:`failures_shared`) and stops too.
 
     Returns:
         The global-batch loss, or ``None`` when the global batch has no sample at all.
     """
     with failures_shared():  # before the first collective: a process that failed would never reach it
-        if isinstance(batch, Exception):
-            raise batch
+        if isinstance(batch, UnreadBatch):
+            raise batch.error
         if batch is None:
             video = text = torch.zeros(0, model.config.clip.embed_dim, device=device)
         else:
@@ -251,9 +264,10 @@ def compute_gradients(
     text = all_gather_with_grad(text.float())
     if video.shape[0] == 0:
         return None
-    loss = contrastive_loss(text, video, model.logit_scale)
-    if loss.requires_grad:  # False on a process whose own batch was empty
-        (scaler.scale(loss) if scaler is not None else loss).backward()
+    with failures_shared():  # the backward pass is where a GPU runs out of memory
+        loss = contrastive_loss(text, video, model.logit_scale)
+        if loss.requires_grad:  # False on a process whose own batch was empty
+            (scaler.scale(loss) if scaler is not None else loss).backward()
     all_reduce_gradients(params)
     return loss.item()
 
@@ -266,7 +280,7 @@ class Trainer:
         self.output = Path(config.run.output_dir)
         optim = config.optim
         with failures_shared():  # each process checks its own device, files and data
-            self.device = resolve_device(config.run.device, world, source)
+            self.device = run_device(config.run.device, world, source)
             if world.is_main:
                 check_folder(self.output, f"{source}: run.output_dir")
             checkpoint = self._check_output(resume, source)
@@ -294,7 +308,8 @@ class Trainer:
                 _check_same_training_set(self.progress, train_size, train_digest, checkpoint)
         # Each process built its own data and read the checkpoint itself: if they disagree (videos
         # missing on one node), their collectives would wait on each other for good.
-        check_processes_agree(all_gather_objects((train_size, train_digest, self.progress.step)))
+        val = eval_set_identity(self.data.val) if self.data.val is not None else None
+        check_processes_agree(all_gather_objects((train_size, train_digest, self.progress.step, val)))
         broadcast_parameters(self.params)  # a fresh run's random LoRA weights must start out equal
         # The compiled wrapper shares the model's parameters; only the training forward goes through it.
         self.forward_model = torch.compile(self.model, dynamic=False) if config.run.compile else self.model
@@ -342,7 +357,7 @@ class Trainer:
 
     # --- one step ---------------------------------------------------------------------------
 
-    def step(self, batch: dict[str, Any] | Exception | None) -> StepResult:
+    def step(self, batch: dict[str, Any] | UnreadBatch | None) -> StepResult:
         """One optimizer step on the global batch; its loss joins ``window`` (the steps not yet logged).
 
         Raises TrainingDiverged, before updating anything, when the loss is not finite.
@@ -361,17 +376,10 @@ class Trainer:
         if loss is not None and not math.isfinite(loss):
             raise self._diverged(loss)
         with interrupts_deferred():  # all of the update and its record, or none of it
-            if loss is not None:
-                if self.config.optim.grad_clip > 0:
-                    self.scaler.unscale_(self.optimizer)
-                    norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.optim.grad_clip)
-                    # A finite loss can still have NaN gradients, which the update would spread into
-                    # the weights (and last/). With fp16 loss scaling an overflow is expected now and
-                    # then: the scaler skips that update itself.
-                    if not self.scaler.is_enabled() and not torch.isfinite(norm):
-                        raise self._diverged(loss, what="gradient norm", value=norm.item())
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
+            # The optimizer's state, made at the first update, can exhaust one GPU's memory.
+            with failures_shared():
+                if loss is not None:
+                    self._update(loss)
             # The schedule advances even on an empty batch, so it stays tied to the data position. (Also
             # when fp16 loss scaling skipped the optimizer step for overflowing gradients, which torch
             # warns about as if the calls were out of order: they are not.)
@@ -386,6 +394,18 @@ class Trainer:
                 self.window.append(result)
                 self.summary.losses.append(loss)
         return result
+
+    def _update(self, loss: float) -> None:
+        if self.config.optim.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.optim.grad_clip)
+            # A finite loss can still have NaN gradients, which the update would spread into the
+            # weights (and last/). With fp16 loss scaling an overflow is expected now and then: the
+            # scaler skips that update itself.
+            if not self.scaler.is_enabled() and not torch.isfinite(norm):
+                raise self._diverged(loss, what="gradient norm", value=norm.item())
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
 
     def _diverged(self, loss: float, what: str = "loss", value: float | None = None) -> TrainingDiverged:
         optim = self.config.optim
@@ -512,7 +532,10 @@ class Trainer:
                 with signals_ignored():
                     bar.close()
                     if self.window:
-                        self._log_train(self.progress.step, self.window)
+                        try:
+                            self._log_train(self.progress.step, self.window)
+                        except Exception as log_error:  # noqa: BLE001 - e.g. the full disk that stopped training
+                            print(f"could not log the last steps ({log_error})", file=sys.stderr)
                     try:
                         self._stopped(error)  # raises
                     finally:
@@ -563,7 +586,8 @@ class Trainer:
                 if result.loss is not None:
                     bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{result.lr:.2e}", refresh=False)
                 if self.window and (step % self.config.run.log_every == 0 or step == end):
-                    self._log_train(step, self.window)
+                    with failures_shared():  # rank 0 writes: a full disk there must stop every process
+                        self._log_train(step, self.window)
                     self.window.clear()
                 epoch_end = step % steps_per_epoch == 0
                 if epoch_end or step >= end:
@@ -576,19 +600,23 @@ class Trainer:
                     break
 
     def _batches(self):
-        """The loader's batches, or in place of one the exception that reading it raised.
+        """The loader's batches, or in place of one an :class:`UnreadBatch` with the error reading it raised.
 
         :meth:`step` raises it again where every process learns of it: a video that one process
         alone reads can be undecodable (``data.strict``) or gone.
         """
-        batches = iter(self.loader)
+        try:
+            batches = iter(self.loader)  # starts the loader's worker processes
+        except Exception as error:  # noqa: BLE001 - raised again by step()
+            yield UnreadBatch(error)
+            return
         while True:
             try:
                 batch = next(batches)
             except StopIteration:
                 return
             except Exception as error:  # noqa: BLE001 - raised again by step()
-                batch = error
+                batch = UnreadBatch(error)
             yield batch
 
     def _log_train(self, step: int, window: list[StepResult]) -> None:
@@ -704,7 +732,7 @@ def train(config: TrainConfig, resume: bool = False, data: TrainData | None = No
 
 def _train(config: TrainConfig, resume: bool, data: TrainData | None, source: str) -> TrainSummary:
     # Checked before anything starts (the process group included); the Trainer resolves it again.
-    use_cuda = resolve_device(config.run.device, world_from_env(), source).type == "cuda"
+    use_cuda = run_device(config.run.device, world_from_env(), source).type == "cuda"
     with process_group(use_cuda) as world, deterministic_algorithms(config.run.deterministic):
         if config.optim.batch_size % world.world_size:
             raise ConfigError(

@@ -191,6 +191,9 @@ def test_device_names_are_checked_against_this_machine(monkeypatch):
     assert resolve_device("cuda:0", local_rank=1) == torch.device("cuda:0")
     with pytest.raises(DeviceUnavailable, match=r"2 GPUs \(cuda:0 to cuda:1\); cuda:2 does not exist"):
         resolve_device("cuda:2")
+    for name in ("auto", "cuda"):  # torchrun started more processes than there are GPUs
+        with pytest.raises(DeviceUnavailable, match="none left for process 2 .*--nproc_per_node"):
+            resolve_device(name, local_rank=2)
 
 
 @pytest.mark.parametrize(

@@ -246,6 +246,9 @@ def distributed_worker(rank: int, world_size: int, port: int, folder: str) -> No
     summary = train(tiny_config(Path(folder) / "run", run={"eval_every": 2, "device": "cpu"}), data=synthetic_data())
     torch.save(summary.last_val, Path(folder) / f"validation{rank}.pt")
     torch.distributed.destroy_process_group()
+    # The group's threads must end here, not during interpreter shutdown (where they can abort it).
+    threads = [(Path("/proc/self/task") / task / "comm").read_text().strip() for task in os.listdir("/proc/self/task")]
+    (Path(folder) / f"threads{rank}.json").write_text(json.dumps(threads))
 
 
 def free_port() -> int:
@@ -281,6 +284,10 @@ def test_two_processes_give_the_gradients_and_training_of_one_process(tmp_path):
     for name in single:
         assert torch.allclose(single[name], double[name], atol=1e-5), name
     assert (tmp_path / "run" / "best.safetensors").is_file()
+    if Path("/proc/self/task").is_dir():  # Linux
+        for rank in (0, 1):
+            threads = json.loads((tmp_path / f"threads{rank}.json").read_text())
+            assert not [name for name in threads if "gloo" in name], threads
     # Both processes validated (each its share) and got the same metrics.
     validation = [torch.load(tmp_path / f"validation{rank}.pt") for rank in (0, 1)]
     assert validation[0]["t2v"] == validation[1]["t2v"] and validation[0]["num_videos"] == 16
@@ -298,13 +305,31 @@ class CorruptOnOneProcess(SyntheticPairs):
         return super().__getitem__(i)
 
 
-def corrupt_video_worker(rank: int, port: int, folder: str) -> None:
-    """Train until process 1 fails; write what each process raised to ``rank<N>.txt``."""
+def failing_worker(rank: int, port: int, folder: str, failure: str) -> None:
+    """Train while process 1 fails as ``failure`` says; write what each process raised to ``rank<N>.txt``."""
+    import importlib
+
+    train_module = importlib.import_module("tempme_train.train")  # the package exports train() by that name
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
     data = synthetic_data()
-    data.train = CorruptOnOneProcess(16)
+    if failure == "corrupt video":
+        data.train = CorruptOnOneProcess(16)
+    elif failure == "out of memory" and rank == 1:
+        real_loss, calls = train_module.contrastive_loss, []
+
+        def loss_out_of_memory_at_step_2(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:
+                raise RuntimeError("CUDA out of memory (simulated)")
+            return real_loss(*args, **kwargs)
+
+        train_module.contrastive_loss = loss_out_of_memory_at_step_2
+    elif failure == "validation video missing" and rank == 1:
+        pairs = SyntheticPairs(16)
+        data.val = EvalSet("synthetic/val", SyntheticVideos(pairs), [f"v{i}" for i in range(15)], pairs.captions[:15],
+                           list(range(15)))
     try:
         train(tiny_config(Path(folder) / "run", run={"device": "cpu"}), data=data)
         outcome = "finished"
@@ -317,7 +342,7 @@ def corrupt_video_worker(rank: int, port: int, folder: str) -> None:
 def test_an_error_on_one_process_stops_all_of_them_and_rank_0_saves_the_steps_done(tmp_path):
     # Without sharing the error, process 0 would wait for process 1 in the step's gather (with
     # NCCL until the collective timeout) and, at best, fail on the lost connection, not naming it.
-    mp.spawn(corrupt_video_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(failing_worker, args=(free_port(), str(tmp_path), "corrupt video"), nprocs=2, join=True)
 
     own = (tmp_path / "rank1.txt").read_text()
     assert own.startswith("ValueError: v") and own.endswith(".mp4: corrupt video")
@@ -325,6 +350,25 @@ def test_an_error_on_one_process_stops_all_of_them_and_rank_0_saves_the_steps_do
     assert told.startswith(f"TrainingStopped: process 1 of 2 failed: {own}"), told
     assert f"saved {tmp_path / 'run' / LAST} at step 2/6" in told and "--resume" in told
     assert checkpoint_step(tmp_path / "run") == 2
+
+
+def test_running_out_of_memory_in_one_process_backward_pass_stops_all_of_them(tmp_path):
+    mp.spawn(failing_worker, args=(free_port(), str(tmp_path), "out of memory"), nprocs=2, join=True)
+
+    assert (tmp_path / "rank1.txt").read_text() == "RuntimeError: CUDA out of memory (simulated)"
+    told = (tmp_path / "rank0.txt").read_text()
+    assert told == "FailedElsewhere: process 1 of 2 failed: RuntimeError: CUDA out of memory (simulated)"
+    assert checkpoint_step(tmp_path / "run") == 1  # saved by rank 0 on the way out
+
+
+def test_processes_with_different_validation_sets_are_refused_before_training(tmp_path):
+    # Each process validates its share of the rows: a video missing on one node would shift them all.
+    mp.spawn(failing_worker, args=(free_port(), str(tmp_path), "validation video missing"), nprocs=2, join=True)
+
+    for rank in (0, 1):
+        told = (tmp_path / f"rank{rank}.txt").read_text()
+        assert "rank 0: 16 pairs, 16 validation videos, step 0; rank 1: 16 pairs, 15 validation videos" in told
+    assert find_checkpoint(tmp_path / "run") is None
 
 
 def test_sampler_shards_cover_the_single_process_batches():
@@ -504,17 +548,17 @@ def test_a_damaged_checkpoint_is_named_with_what_to_do(tmp_path):
 
 def test_devices_this_machine_lacks_are_refused_naming_the_setting(monkeypatch):
     from tempme_train.distributed import WorldInfo
-    from tempme_train.train import resolve_device
+    from tempme_train.train import run_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match="run.device: CUDA is not available"):
-        resolve_device("cuda", WorldInfo(), "my.yaml")
+        run_device("cuda", WorldInfo(), "my.yaml")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(ConfigError, match="1 GPU .*cuda:9 does not exist"):
-        resolve_device("cuda:9", WorldInfo(), "my.yaml")
-    assert resolve_device("cuda", WorldInfo()) == torch.device("cuda:0")
-    assert resolve_device("cpu", WorldInfo()) == torch.device("cpu")
+        run_device("cuda:9", WorldInfo(), "my.yaml")
+    assert run_device("cuda", WorldInfo()) == torch.device("cuda:0")
+    assert run_device("cpu", WorldInfo()) == torch.device("cpu")
 
 
 @pytest.mark.parametrize("where", ["file", "below a file"])
@@ -775,10 +819,14 @@ def test_resume_refuses_a_changed_training_set(tmp_path):
 def test_processes_that_see_different_data_or_steps_are_refused_on_every_rank():
     from tempme_train.train import check_processes_agree
 
-    check_processes_agree([(16, "abc", 4), (16, "abc", 4)])
-    for other in [(24, "abd", 4), (16, "abc", 6)]:  # videos missing on one node; another checkpoint
-        with pytest.raises(ValueError, match="rank 0: 16 pairs, step 4; rank 1: .*same annotation files"):
-            check_processes_agree([(16, "abc", 4), other])
+    val = (5, 7, "v1")
+    check_processes_agree([(16, "abc", 4, val), (16, "abc", 4, val)])
+    # Videos missing on one node (training or validation); another checkpoint.
+    for other in [(24, "abd", 4, val), (16, "abc", 4, (4, 6, "v2")), (16, "abc", 6, val)]:
+        with pytest.raises(
+            ValueError, match="rank 0: 16 pairs, 5 validation videos, step 4; rank 1: .*same annotation files"
+        ):
+            check_processes_agree([(16, "abc", 4, val), other])
 
 
 def test_a_second_signal_does_not_stop_the_save_after_a_stop():
