@@ -151,8 +151,15 @@ class BadInputElsewhere(FailedElsewhere, ValueError):
     line prints as one line)."""
 
 
+@dataclass
+class SharedEnd:
+    """What every process learnt at the end of a :func:`failures_shared` block."""
+
+    stop_requested: bool = False  # some process asked to stop (see failures_shared)
+
+
 @contextlib.contextmanager
-def failures_shared() -> Iterator[None]:
+def failures_shared(stop_requested: bool = False) -> Iterator[SharedEnd]:
     """Run a block of this process's own work, then stop every process if any of them failed in it.
 
     The block's end is a collective (it also serves as a barrier): every process learns whether
@@ -161,21 +168,29 @@ def failures_shared() -> Iterator[None]:
     this an error on one process (a video it alone reads, a full disk on rank 0) leaves the others
     waiting in their next collective for one that has gone: with NCCL, until the collective timeout.
     A process stopped by a signal (KeyboardInterrupt) does not take part: signals reach every process.
+
+    ``stop_requested`` (a signal this process holds back, see ``tempme_train.train.stops_held``)
+    travels with the same collective: the yielded :class:`SharedEnd` says afterwards whether any
+    process asked, so that all of them stop after the same step.
     """
     # Made before the block: after a GPU out-of-memory error, allocating it could fail too.
     failed = torch.zeros(1, device=_collective_device()) if _active() else None
+    end = SharedEnd()
     error: Exception | None = None
     try:
-        yield
+        yield end
     except Exception as raised:  # noqa: BLE001 - raised again below, on this process or as the others' cause
         error = raised
     if failed is None:
         if error is not None:
             raise error
+        end.stop_requested = stop_requested
         return
-    failed.fill_(float(error is not None))
+    failed.fill_(2.0 if error is not None else float(stop_requested))
     dist.all_reduce(failed, op=dist.ReduceOp.MAX)
-    if failed.item() == 0:
+    state = failed.item()
+    if state < 2:
+        end.stop_requested = state == 1
         return
     described = None if error is None else (f"{type(error).__name__}: {error}", isinstance(error, (ValueError, OSError)))
     reports = all_gather_objects(described)

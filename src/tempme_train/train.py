@@ -8,7 +8,9 @@ One call, :func:`train`, runs a whole (or resumed) run from a :class:`TrainConfi
 3. validate every ``run.eval_every`` steps and at each epoch end on the validation split, keeping
    ``best.safetensors`` (highest text-to-video R@1) and a resumable ``last/`` checkpoint;
 4. on Ctrl-C, SIGTERM or an error, write ``last/`` at the last completed step before stopping
-   (not when the loss diverged: those parameters are worth nothing).
+   (not when the loss diverged: those parameters are worth nothing). With several processes, an
+   error or a signal on one of them stops all of them at the same point (``failures_shared``,
+   :func:`stops_held`), so that none waits in a collective for another that has gone.
 
 Outputs in ``run.output_dir``: ``config.yaml``, ``metrics.jsonl``, ``best.safetensors``, ``last/``
 and optionally ``tensorboard/``. Launch several processes with ``torchrun``: each validates on its
@@ -95,6 +97,10 @@ class TrainingTerminated(KeyboardInterrupt):
     """SIGTERM (a batch scheduler's stop, ``kill``) during training: handled like Ctrl-C."""
 
 
+class StopShared(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM reached one of several processes; all of them stop after the same step."""
+
+
 class TrainingDiverged(ValueError):
     """The loss became NaN or infinite; ``last/`` is left as it was (see :meth:`Trainer.step`)."""
 
@@ -141,29 +147,34 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 @contextlib.contextmanager
-def interrupts_deferred():
-    """Hold Ctrl-C (SIGINT) and SIGTERM back until the block ends, then deliver them.
+def stops_held(hold: bool = True):
+    """With ``hold``, Ctrl-C and SIGTERM are recorded in the yielded list instead of acted on until
+    the block ends; then the first is delivered, unless the block raised (it stops the run anyway).
 
-    Wraps the optimizer update: stopped half-way, some parameters would hold the new step and
-    others the old one while the step counter says neither, and the checkpoint written on the
-    interrupt would match no step. Only the main thread may set signal handlers; elsewhere (and
-    under a non-Python handler) a signal is not held back.
+    Used (1) around each optimizer update: stopped half-way, some parameters would hold the new step
+    and others the old one while the step counter says neither, and the checkpoint written on the
+    interrupt would match no step; (2) in a multi-process run, around the whole loop:
+    :meth:`Trainer.step` shares held signals with the other processes, so that all stop after the
+    same step. Stopped at once, a process could leave the others blocked in a collective it never
+    joins: with NCCL, rank 0 among them, unable to save. Validation is held too (the checkpoint is
+    written before it, so if torchrun kills the processes during it, nothing is lost). Only the main
+    thread may set signal handlers; elsewhere (and under a non-Python handler) nothing is held.
     """
-    if threading.current_thread() is not threading.main_thread():
-        yield
+    received: list[int] = []
+    if not hold or threading.current_thread() is not threading.main_thread():
+        yield received
         return
     previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
     held = [signum for signum, handler in previous.items() if handler is not None]
-    received = []
     for signum in held:
         signal.signal(signum, lambda signum, frame: received.append(signum))
     try:
-        yield
+        yield received
     finally:
         for signum in held:
             signal.signal(signum, previous[signum])
-        if received:
-            signal.raise_signal(received[0])  # to the handler that was there: KeyboardInterrupt for Ctrl-C
+    if received:
+        signal.raise_signal(received[0])  # to the handler that was there: KeyboardInterrupt for Ctrl-C
 
 
 def check_processes_agree(states: list[tuple[int, str | None, int, tuple[int, int, str] | None]]) -> None:
@@ -357,10 +368,12 @@ class Trainer:
 
     # --- one step ---------------------------------------------------------------------------
 
-    def step(self, batch: dict[str, Any] | UnreadBatch | None) -> StepResult:
+    def step(self, batch: dict[str, Any] | UnreadBatch | None, held_signals: list[int] | None = None) -> StepResult:
         """One optimizer step on the global batch; its loss joins ``window`` (the steps not yet logged).
 
-        Raises TrainingDiverged, before updating anything, when the loss is not finite.
+        Raises TrainingDiverged, before updating anything, when the loss is not finite; StopShared
+        after the step when a stop signal was held back (``held_signals``, see :func:`stops_held`)
+        on this or another process.
         """
         if isinstance(batch, dict):
             self._local_skipped.update(batch["skipped"])
@@ -375,9 +388,10 @@ class Trainer:
         # spread the NaN into every parameter, and validation would fail an epoch later.
         if loss is not None and not math.isfinite(loss):
             raise self._diverged(loss)
-        with interrupts_deferred():  # all of the update and its record, or none of it
+        with stops_held():  # all of the update and its record, or none of it
             # The optimizer's state, made at the first update, can exhaust one GPU's memory.
-            with failures_shared():
+            stop_requested = bool(held_signals)  # including any that came during this step
+            with failures_shared(stop_requested) as shared:
                 if loss is not None:
                     self._update(loss)
             # The schedule advances even on an empty batch, so it stays tied to the data position. (Also
@@ -393,6 +407,8 @@ class Trainer:
             if loss is not None:
                 self.window.append(result)
                 self.summary.losses.append(loss)
+        if shared.stop_requested:
+            raise StopShared(f"Ctrl-C or SIGTERM reached {'this' if stop_requested else 'another'} process")
         return result
 
     def _update(self, loss: float) -> None:
@@ -441,6 +457,8 @@ class Trainer:
     def validate_and_save(self) -> None:
         """Validate and write ``last/``; until both are done, ``last/`` records the validation as due."""
         self.progress.validation_due = True  # saved as such if the run stops in between
+        if self.data.val is not None and self.world.distributed:
+            self.save()  # stops are held during validation (stops_held): torchrun may kill the processes
         self.validate()
         self.progress.validation_due = False
         self.save()
@@ -492,7 +510,7 @@ class Trainer:
         No collectives: the other processes are being stopped too, so waiting for them could hang.
         Their parameters equal rank 0's after every step; only their skipped-video lists are left out.
         (A step stopped part-way has not touched the parameters: the update itself is protected by
-        :func:`interrupts_deferred`, and errors come from reading data or computing the loss.)
+        :func:`stops_held`, and errors come from reading data or computing the loss.)
 
         Returns:
             What to tell the user (``None`` on other processes and before the first step, where a
@@ -523,9 +541,10 @@ class Trainer:
         )
         with sigterm_interrupts():
             try:
-                if self.progress.validation_due:  # the session that reached this step stopped during it
-                    self.validate_and_save()
-                self._train_until(end, bar)
+                with stops_held(self.world.distributed) as received:
+                    if self.progress.validation_due:  # the session that reached this step stopped during it
+                        self.validate_and_save()
+                    self._train_until(end, bar, received)
                 if self.saved_step != self.progress.step:
                     self.save()
             except BaseException as error:
@@ -551,6 +570,8 @@ class Trainer:
             raise error  # nothing worth keeping since the last checkpoint; the message says what is left
         if isinstance(error, KeyboardInterrupt):
             how = "terminated (SIGTERM)" if isinstance(error, TrainingTerminated) else "interrupted"
+            if isinstance(error, StopShared):
+                how = f"stopped ({error})"
             if self.world.is_main and self.progress.step == 0:
                 print(f"training {how} before the first step; nothing to save", file=sys.stderr)
             saved = self.save_stopped()
@@ -574,13 +595,16 @@ class Trainer:
         if self.data.val is None and self.world.is_main and self.progress.step == self.total_steps:
             save_trained_weights(self.model, self.output / WEIGHTS, self.config, self.base_fingerprint)
 
-    def _train_until(self, end: int, bar) -> None:
-        """Steps, with logging, validation and checkpoints as they fall due, until step ``end``."""
+    def _train_until(self, end: int, bar, received: list[int]) -> None:
+        """Steps, with logging, validation and checkpoints as they fall due, until step ``end``.
+
+        ``received``: the stop signals held back (see :func:`stops_held`), shared at each step.
+        """
         steps_per_epoch = self.sampler.steps_per_epoch
         while self.progress.step < end:
             self.sampler.set_epoch(self.progress.epoch(steps_per_epoch), self.progress.batch_in_epoch(steps_per_epoch))
             for batch in self._batches():
-                result = self.step(batch)
+                result = self.step(batch, received)
                 step = self.progress.step
                 bar.update(1)
                 if result.loss is not None:

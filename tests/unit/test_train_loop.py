@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import socket
 import warnings
 from pathlib import Path
@@ -326,6 +327,16 @@ def failing_worker(rank: int, port: int, folder: str, failure: str) -> None:
             return real_loss(*args, **kwargs)
 
         train_module.contrastive_loss = loss_out_of_memory_at_step_2
+    elif failure == "sigterm" and rank == 1:
+        real_loss, calls = train_module.contrastive_loss, []
+
+        def sigterm_during_step_2(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:
+                os.kill(os.getpid(), signal.SIGTERM)  # a batch scheduler's stop, reaching this process first
+            return real_loss(*args, **kwargs)
+
+        train_module.contrastive_loss = sigterm_during_step_2
     elif failure == "validation video missing" and rank == 1:
         pairs = SyntheticPairs(16)
         data.val = EvalSet("synthetic/val", SyntheticVideos(pairs), [f"v{i}" for i in range(15)], pairs.captions[:15],
@@ -333,7 +344,7 @@ def failing_worker(rank: int, port: int, folder: str, failure: str) -> None:
     try:
         train(tiny_config(Path(folder) / "run", run={"device": "cpu"}), data=data)
         outcome = "finished"
-    except Exception as error:  # noqa: BLE001 - the test reads it
+    except BaseException as error:  # noqa: BLE001 - the test reads it (KeyboardInterrupt included)
         outcome = f"{type(error).__name__}: {error}"
     (Path(folder) / f"rank{rank}.txt").write_text(outcome)
     torch.distributed.destroy_process_group()
@@ -359,6 +370,18 @@ def test_running_out_of_memory_in_one_process_backward_pass_stops_all_of_them(tm
     told = (tmp_path / "rank0.txt").read_text()
     assert told == "FailedElsewhere: process 1 of 2 failed: RuntimeError: CUDA out of memory (simulated)"
     assert checkpoint_step(tmp_path / "run") == 1  # saved by rank 0 on the way out
+
+
+def test_sigterm_reaching_one_process_stops_all_of_them_after_the_same_step(tmp_path, capfd):
+    # Acted on at once, the signal would leave the others blocked in the step's collectives (with
+    # NCCL, rank 0 among them, unable to save); held until the step's end, it stops them all there.
+    mp.spawn(failing_worker, args=(free_port(), str(tmp_path), "sigterm"), nprocs=2, join=True)
+
+    assert (tmp_path / "rank1.txt").read_text() == "StopShared: Ctrl-C or SIGTERM reached this process"
+    assert (tmp_path / "rank0.txt").read_text() == "StopShared: Ctrl-C or SIGTERM reached another process"
+    assert checkpoint_step(tmp_path / "run") == 2  # the step during which the signal came, completed
+    assert f"training stopped (Ctrl-C or SIGTERM reached another process) after step 2/6: saved {tmp_path / 'run' / LAST}" \
+        in capfd.readouterr().err
 
 
 def test_processes_with_different_validation_sets_are_refused_before_training(tmp_path):
