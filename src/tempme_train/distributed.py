@@ -167,7 +167,8 @@ def failures_shared(stop_requested: bool = False) -> Iterator[SharedEnd]:
     raise :class:`FailedElsewhere` (or :class:`BadInputElsewhere`) naming its rank and error. Without
     this an error on one process (a video it alone reads, a full disk on rank 0) leaves the others
     waiting in their next collective for one that has gone: with NCCL, until the collective timeout.
-    A process stopped by a signal (KeyboardInterrupt) does not take part: signals reach every process.
+    A KeyboardInterrupt in the block is not shared: it stops this process at once (in a training
+    loop under torchrun, signals are held and shared instead: ``stop_requested``).
 
     ``stop_requested`` (a signal this process holds back, see ``tempme_train.train.stops_held``)
     travels with the same collective: the yielded :class:`SharedEnd` says afterwards whether any

@@ -101,6 +101,10 @@ class StopShared(KeyboardInterrupt):
     """Ctrl-C or SIGTERM reached one of several processes; all of them stop after the same step."""
 
 
+class TerminationShared(StopShared, TrainingTerminated):
+    """:class:`StopShared` on a process that SIGTERM reached itself (the command exits as SIGTERM's)."""
+
+
 class TrainingDiverged(ValueError):
     """The loss became NaN or infinite; ``last/`` is left as it was (see :meth:`Trainer.step`)."""
 
@@ -165,7 +169,8 @@ def stops_held(hold: bool = True):
         yield received
         return
     previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
-    held = [signum for signum, handler in previous.items() if handler is not None]
+    # An ignored signal (SIGINT under `torchrun ... &` in a script) stays ignored.
+    held = [signum for signum, handler in previous.items() if handler not in (None, signal.SIG_IGN)]
     for signum in held:
         signal.signal(signum, lambda signum, frame: received.append(signum))
     try:
@@ -390,7 +395,8 @@ class Trainer:
             raise self._diverged(loss)
         with stops_held():  # all of the update and its record, or none of it
             # The optimizer's state, made at the first update, can exhaust one GPU's memory.
-            stop_requested = bool(held_signals)  # including any that came during this step
+            # Signals from here on (held by this block) are shared at the next step.
+            stop_requested = bool(held_signals)
             with failures_shared(stop_requested) as shared:
                 if loss is not None:
                     self._update(loss)
@@ -408,7 +414,11 @@ class Trainer:
                 self.window.append(result)
                 self.summary.losses.append(loss)
         if shared.stop_requested:
-            raise StopShared(f"Ctrl-C or SIGTERM reached {'this' if stop_requested else 'another'} process")
+            if not stop_requested:
+                raise StopShared("Ctrl-C or SIGTERM reached another process")
+            name = signal.Signals(held_signals[0]).name
+            kind = TerminationShared if held_signals[0] == signal.SIGTERM else StopShared
+            raise kind(f"{name} reached this process")
         return result
 
     def _update(self, loss: float) -> None:
@@ -545,8 +555,11 @@ class Trainer:
                     if self.progress.validation_due:  # the session that reached this step stopped during it
                         self.validate_and_save()
                     self._train_until(end, bar, received)
-                if self.saved_step != self.progress.step:
-                    self.save()
+                    if self.saved_step != self.progress.step:
+                        self.save()
+                    # Held since the last step's update, a signal has no step left to stop after:
+                    # every process finishes alike, the run saved.
+                    received.clear()
             except BaseException as error:
                 with signals_ignored():
                     bar.close()

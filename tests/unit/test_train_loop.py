@@ -337,12 +337,22 @@ def failing_worker(rank: int, port: int, folder: str, failure: str) -> None:
             return real_loss(*args, **kwargs)
 
         train_module.contrastive_loss = sigterm_during_step_2
+    elif failure == "sigterm after the last update" and rank == 1:
+        real_log = train_module.Trainer._log_train
+
+        def sigterm_while_logging_step_3(self, step, window):
+            if step == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return real_log(self, step, window)
+
+        train_module.Trainer._log_train = sigterm_while_logging_step_3
     elif failure == "validation video missing" and rank == 1:
         pairs = SyntheticPairs(16)
         data.val = EvalSet("synthetic/val", SyntheticVideos(pairs), [f"v{i}" for i in range(15)], pairs.captions[:15],
                            list(range(15)))
     try:
-        train(tiny_config(Path(folder) / "run", run={"device": "cpu"}), data=data)
+        stop_after = 3 if failure == "sigterm after the last update" else None
+        train(tiny_config(Path(folder) / "run", run={"device": "cpu", "stop_after": stop_after}), data=data)
         outcome = "finished"
     except BaseException as error:  # noqa: BLE001 - the test reads it (KeyboardInterrupt included)
         outcome = f"{type(error).__name__}: {error}"
@@ -377,11 +387,19 @@ def test_sigterm_reaching_one_process_stops_all_of_them_after_the_same_step(tmp_
     # NCCL, rank 0 among them, unable to save); held until the step's end, it stops them all there.
     mp.spawn(failing_worker, args=(free_port(), str(tmp_path), "sigterm"), nprocs=2, join=True)
 
-    assert (tmp_path / "rank1.txt").read_text() == "StopShared: Ctrl-C or SIGTERM reached this process"
+    assert (tmp_path / "rank1.txt").read_text() == "TerminationShared: SIGTERM reached this process"
     assert (tmp_path / "rank0.txt").read_text() == "StopShared: Ctrl-C or SIGTERM reached another process"
     assert checkpoint_step(tmp_path / "run") == 2  # the step during which the signal came, completed
     assert f"training stopped (Ctrl-C or SIGTERM reached another process) after step 2/6: saved {tmp_path / 'run' / LAST}" \
         in capfd.readouterr().err
+
+
+def test_a_signal_after_the_last_update_lets_every_process_finish(tmp_path):
+    # Nothing is left to stop after: the others must not be left alone in the final save's collectives.
+    mp.spawn(failing_worker, args=(free_port(), str(tmp_path), "sigterm after the last update"), nprocs=2, join=True)
+
+    assert [(tmp_path / f"rank{rank}.txt").read_text() for rank in (0, 1)] == ["finished", "finished"]
+    assert checkpoint_step(tmp_path / "run") == 3
 
 
 def test_processes_with_different_validation_sets_are_refused_before_training(tmp_path):
