@@ -314,6 +314,29 @@ def check_index_options(
         raise ValueError(f"{name('num_workers')} must not be negative, got {num_workers}")
 
 
+def physical_memory() -> int | None:
+    """Bytes of memory this machine has, or None where the system does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows), or no such name
+        return None
+
+
+def check_batch_fits_in_memory(frames: int, image_size: int, batch_size: int) -> None:
+    """Refuse a batch whose decoded frames alone (float32) exceed the machine's memory.
+
+    The process would otherwise be killed for memory part-way, with no message (``--frames 100000``).
+    """
+    needed = batch_size * frames * 3 * image_size * image_size * 4
+    available = physical_memory()
+    if available is not None and needed > available:
+        raise ValueError(
+            f"{frames} frames of {image_size}x{image_size} pixels for each of {batch_size} videos take "
+            f"{needed / 2**30:.0f} GiB as one batch, more than this machine's {available / 2**30:.0f} GiB; "
+            "use fewer frames or a smaller batch"
+        )
+
+
 def _drop_videos(index: VideoIndex, videos: set[str]) -> None:
     """Take ``videos`` out of ``index``: their rows, paths and file stamps. The other rows keep their order."""
     if not videos:
@@ -456,6 +479,7 @@ def update_index(
         "fingerprint": fingerprint or model_fingerprint(model),
     }
     settings = index_settings(model, framerate, precision)
+    check_batch_fits_in_memory(settings["frames"], settings["image_size"], batch_size)
     index = open_index(path, model_info, settings, model.config.clip.embed_dim)
 
     removed = _drop_deleted_videos(index, sources)

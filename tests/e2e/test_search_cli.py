@@ -130,6 +130,13 @@ def test_search_refuses_other_weights_and_bad_input(library, tmp_path, capsys):
     code, _, err = cli(capsys, "index", str(library), "--checkpoint", str(weights), "--frames", "8", "--out", str(index))
     assert code == 2 and "--method and --frames go with --weights" in err
 
+    # Decoded, a batch would need some 100 TB: refused in one line instead of killed for memory part-way.
+    huge = tmp_path / "huge.index"
+    code, _, err = cli(capsys, "index", str(library), "--weights", str(weights), "--out", str(huge), "--method", "none",
+                       "--frames", "100000", "--batch-size", "100000", "--device", "cpu", "--workers", "0")
+    assert code == 2 and "100000 frames of" in err and "GiB as one batch, more than this machine's" in err, err
+    assert not huge.exists()
+
     for option, value, message in [("--framerate", "0", "--framerate must be a positive number, got 0"),
                                    ("--workers", "-1", "--workers must not be negative")]:
         fresh = tmp_path / "fresh.index"
