@@ -29,7 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 from torch.utils.data import DataLoader
 
-from .data import RetrievalVideos, SkippedVideo, VideoItem, collate_skip_bad
+from .data import RetrievalVideos, SkippedVideo, VideoItem, check_batch_fits_in_memory, collate_skip_bad
 from .files import atomic_file, check_readable, file_stamp
 from .model import TempMe
 from .precision import autocast
@@ -312,29 +312,6 @@ def check_index_options(
         raise ValueError(f"{name('framerate')} must be a positive number, got {framerate}")
     if num_workers < 0:
         raise ValueError(f"{name('num_workers')} must not be negative, got {num_workers}")
-
-
-def physical_memory() -> int | None:
-    """Bytes of memory this machine has, or None where the system does not say."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):  # no sysconf (Windows), or no such name
-        return None
-
-
-def check_batch_fits_in_memory(frames: int, image_size: int, batch_size: int) -> None:
-    """Refuse a batch whose decoded frames alone (float32) exceed the machine's memory.
-
-    The process would otherwise be killed for memory part-way, with no message (``--frames 100000``).
-    """
-    needed = batch_size * frames * 3 * image_size * image_size * 4
-    available = physical_memory()
-    if available is not None and needed > available:
-        raise ValueError(
-            f"{frames} frames of {image_size}x{image_size} pixels for each of {batch_size} videos take "
-            f"{needed / 2**30:.0f} GiB as one batch, more than this machine's {available / 2**30:.0f} GiB; "
-            "use fewer frames or a smaller batch"
-        )
 
 
 def _drop_videos(index: VideoIndex, videos: set[str]) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import types
 import typing
@@ -29,6 +30,7 @@ from typing import Any, Literal
 import yaml
 
 from tempme.files import atomic_file
+from tempme.data import check_batch_fits_in_memory
 
 CONFIG_DIR = Path(__file__).with_name("configs")
 
@@ -554,6 +556,12 @@ def check_values(config: TrainConfig, source: str) -> None:
     require(data.max_frames == model.frames, "data.max_frames", data.max_frames,
             f"must equal model.frames ({model.frames}{set_by('model.frames', 'data.max_frames')}): "
             "the merge schedule is built for that many frames")
+    # The most videos one process decodes at once: its share of a training batch, or an evaluation batch.
+    videos = max(optim.batch_size // int(os.environ.get("WORLD_SIZE", 1)), run.eval_batch_size)
+    try:
+        check_batch_fits_in_memory(data.max_frames, data.image_size, videos)
+    except ValueError as error:
+        require(False, "data.max_frames", data.max_frames, str(error))
     require(model.lora_rank >= 0, "model.lora_rank", model.lora_rank, "must be >= 0")
     require(data.framerate > 0, "data.framerate", data.framerate, "must be positive")
     require(data.num_workers >= 0, "data.num_workers", data.num_workers, "must be >= 0")

@@ -10,6 +10,7 @@ from tempme_train.config import (
     ConfigError,
     TrainConfig,
     apply_overrides,
+    config_from_dict,
     list_configs,
     load_config,
     save_config,
@@ -239,3 +240,17 @@ def test_non_finite_numbers_are_refused(override):
         load_config(None, [override])
     assert caught.value.key == key and "expected a finite number" in str(caught.value)
     assert str(caught.value).startswith(f"command-line override '{override}': {key}: ")
+
+
+def test_frames_whose_batch_cannot_fit_in_memory_are_refused_naming_data_max_frames(monkeypatch):
+    import tempme.data.dataset as dataset
+
+    settings = {"model": {"frames": 12}, "data": {"max_frames": 12}, "optim": {"batch_size": 8},
+                "run": {"eval_batch_size": 4}}
+    config_from_dict(settings, "run.yaml")  # 8 x 12 x 3 x 224 x 224 x 4 bytes: 55 MiB
+    monkeypatch.setattr(dataset, "physical_memory", lambda: 50 * 2**20)
+    with pytest.raises(ValueError, match="run.yaml: data.max_frames: 12 frames of 224x224 pixels for each of 8 "
+                                         "videos take 55 MiB as one batch, more than this machine's 50 MiB"):
+        config_from_dict(settings, "run.yaml")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # each process decodes 4 training videos, as for evaluation: 28 MiB
+    config_from_dict(settings, "run.yaml")

@@ -14,7 +14,14 @@ from .annotations import (
     require_videos,
 )
 from .cache import CacheSummary, FrameCache
-from .dataset import RetrievalPairs, RetrievalVideos, collate_skip_bad, flatten_captions
+from .dataset import (
+    RetrievalPairs,
+    RetrievalVideos,
+    check_batch_fits_in_memory,
+    collate_skip_bad,
+    flatten_captions,
+    physical_memory,
+)
 from .randaugment import AugmentStep, VideoRandAugment
 from .transforms import CLIP_MEAN, CLIP_STD, clip_preprocess, frames_to_tensor
 from .video import SkippedVideo, VideoDecodeError, read_frames, sample_frame_indices
@@ -33,6 +40,7 @@ __all__ = [
     "VideoDecodeError",
     "VideoItem",
     "VideoRandAugment",
+    "check_batch_fits_in_memory",
     "check_videos_exist",
     "clip_preprocess",
     "collate_skip_bad",
@@ -44,6 +52,7 @@ __all__ = [
     "load_didemo",
     "load_lsmdc",
     "load_msrvtt",
+    "physical_memory",
     "read_frames",
     "require_videos",
     "sample_frame_indices",

@@ -15,6 +15,7 @@ With ``strict=True`` the error propagates, also out of a DataLoader worker: the 
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -212,3 +213,30 @@ def _stack(values: list[Any]) -> Any:
     if isinstance(values[0], int):
         return torch.tensor(values, dtype=torch.long)
     return values
+
+
+def physical_memory() -> int | None:
+    """Bytes of memory this machine has, or None where the system does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows), or no such name
+        return None
+
+
+def check_batch_fits_in_memory(frames: int, image_size: int, batch_size: int) -> None:
+    """Refuse a batch whose decoded frames alone (float32) exceed the machine's memory.
+
+    The process would otherwise be killed for memory part-way, with no message (``--frames 100000``).
+    """
+    needed = batch_size * frames * 3 * image_size * image_size * 4
+    available = physical_memory()
+    if available is not None and needed > available:
+        raise ValueError(
+            f"{frames} frames of {image_size}x{image_size} pixels for each of {batch_size} videos take "
+            f"{_readable_size(needed)} as one batch, more than this machine's {_readable_size(available)}; "
+            "use fewer frames or a smaller batch"
+        )
+
+
+def _readable_size(size: int) -> str:
+    return f"{size / 2**30:.0f} GiB" if size >= 2**30 else f"{size / 2**20:.0f} MiB"
