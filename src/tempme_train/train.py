@@ -151,6 +151,25 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 @contextlib.contextmanager
+def handlers_replaced(handler, signums: tuple[int, ...] = STOP_SIGNALS):
+    """While the block runs, ``handler`` handles each of ``signums``; the previous handlers come back
+    after it. Left as they are: ignored signals (SIGINT under `torchrun ... &` in a script), handlers
+    not set from Python, and everything off the main thread (no handlers can be set there)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.getsignal(signum) for signum in signums}
+    replaced = [signum for signum, old in previous.items() if old not in (None, signal.SIG_IGN)]
+    for signum in replaced:
+        signal.signal(signum, handler)
+    try:
+        yield
+    finally:
+        for signum in replaced:
+            signal.signal(signum, previous[signum])
+
+
+@contextlib.contextmanager
 def stops_held(hold: bool = True):
     """With ``hold``, Ctrl-C and SIGTERM are recorded in the yielded list instead of acted on until
     the block ends; then the first is delivered, unless the block raised (it stops the run anyway).
@@ -161,23 +180,15 @@ def stops_held(hold: bool = True):
     :meth:`Trainer.step` shares held signals with the other processes, so that all stop after the
     same step. Stopped at once, a process could leave the others blocked in a collective it never
     joins: with NCCL, rank 0 among them, unable to save. Validation is held too (the checkpoint is
-    written before it, so if torchrun kills the processes during it, nothing is lost). Only the main
-    thread may set signal handlers; elsewhere (and under a non-Python handler) nothing is held.
+    written before it, so if torchrun kills the processes during it, nothing is lost). What
+    :func:`handlers_replaced` leaves as it is is not held.
     """
     received: list[int] = []
-    if not hold or threading.current_thread() is not threading.main_thread():
+    if not hold:
         yield received
         return
-    previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
-    # An ignored signal (SIGINT under `torchrun ... &` in a script) stays ignored.
-    held = [signum for signum, handler in previous.items() if handler not in (None, signal.SIG_IGN)]
-    for signum in held:
-        signal.signal(signum, lambda signum, frame: received.append(signum))
-    try:
+    with handlers_replaced(lambda signum, frame: received.append(signum)):
         yield received
-    finally:
-        for signum in held:
-            signal.signal(signum, previous[signum])
     if received:
         signal.raise_signal(received[0])  # to the handler that was there: KeyboardInterrupt for Ctrl-C
 
@@ -201,19 +212,8 @@ def check_processes_agree(states: list[tuple[int, str | None, int, tuple[int, in
 def signals_ignored():
     """Ctrl-C and SIGTERM do nothing while the block runs: the save after a stop must not itself be
     stopped by the next signal (torchrun and batch schedulers often send one to every process)."""
-    if threading.current_thread() is not threading.main_thread():
+    with handlers_replaced(signal.SIG_IGN):
         yield
-        return
-    previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
-    for signum, handler in previous.items():
-        if handler is not None:
-            signal.signal(signum, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            if handler is not None:
-                signal.signal(signum, handler)
 
 
 @contextlib.contextmanager
@@ -222,23 +222,14 @@ def sigterm_interrupts():
 
     By default SIGTERM kills the process at once, losing every step since the last checkpoint;
     batch schedulers send it before the job's time runs out. As an exception it reaches the
-    handler that writes ``last/``. The previous handler comes back after the block. Left as it
-    is off the main thread (no handlers can be set there), when ignored (SIG_IGN) or when not
-    set from Python.
+    handler that writes ``last/`` (see :func:`handlers_replaced` for when it is left alone).
     """
-    previous = signal.getsignal(signal.SIGTERM)
-    if threading.current_thread() is not threading.main_thread() or previous in (None, signal.SIG_IGN):
-        yield
-        return
 
     def terminate(signum, frame):
         raise TrainingTerminated("SIGTERM")
 
-    signal.signal(signal.SIGTERM, terminate)
-    try:
+    with handlers_replaced(terminate, (signal.SIGTERM,)):
         yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def compute_gradients(
@@ -394,9 +385,9 @@ class Trainer:
         if loss is not None and not math.isfinite(loss):
             raise self._diverged(loss)
         with stops_held():  # all of the update and its record, or none of it
-            # The optimizer's state, made at the first update, can exhaust one GPU's memory.
             # Signals from here on (held by this block) are shared at the next step.
             stop_requested = bool(held_signals)
+            # The optimizer's state, made at the first update, can exhaust one GPU's memory.
             with failures_shared(stop_requested) as shared:
                 if loss is not None:
                     self._update(loss)
