@@ -505,6 +505,25 @@ def test_compiled_training_follows_the_eager_run(tmp_path, monkeypatch):
 # --- interruption, resumption and what a run refuses up front -------------------------------------
 
 
+def signalling_optimizer(build_optimizer, signum: int, update: int):
+    """``build_optimizer`` whose optimizer sends this process ``signum`` right after its ``update``-th
+    update: after the parameters moved, before the step is counted."""
+    updates = []
+
+    def build(*args, **kwargs):
+        optimizer = build_optimizer(*args, **kwargs)
+
+        def after_update(optimizer, args, kwargs):
+            updates.append(1)
+            if len(updates) == update:
+                os.kill(os.getpid(), signum)
+
+        optimizer.register_step_post_hook(after_update)
+        return optimizer
+
+    return build
+
+
 def checkpoint_step(output_dir: Path) -> int:
     return torch.load(output_dir / LAST / "state.pt", weights_only=False)["progress"]["step"]
 
@@ -530,20 +549,7 @@ def test_ctrl_c_saves_the_last_whole_step_and_the_resumed_run_matches_an_uninter
     # is counted: the run must finish that update, write last/ at step 5 (not keep epoch 1's step 3)
     # and stop with KeyboardInterrupt.
     real_build = train_module.build_optimizer
-    updates = []
-
-    def build_with_a_ctrl_c(*args, **kwargs):
-        optimizer = real_build(*args, **kwargs)
-
-        def after_update(optimizer, args, kwargs):
-            updates.append(1)
-            if len(updates) == 5:
-                os.kill(os.getpid(), signal.SIGINT)
-
-        optimizer.register_step_post_hook(after_update)
-        return optimizer
-
-    monkeypatch.setattr(train_module, "build_optimizer", build_with_a_ctrl_c)
+    monkeypatch.setattr(train_module, "build_optimizer", signalling_optimizer(real_build, signal.SIGINT, update=5))
     parts = tiny_config(tmp_path / "parts", run={"deterministic": True})
     with pytest.raises(KeyboardInterrupt):
         train(parts, data=data)
@@ -749,21 +755,10 @@ def test_sigterm_is_handled_like_ctrl_c_and_the_handler_is_restored(tmp_path, mo
     import signal
 
     train_module = importlib.import_module("tempme_train.train")
-    real_build = train_module.build_optimizer
-    updates = []
-
-    def build_with_a_sigterm(*args, **kwargs):
-        optimizer = real_build(*args, **kwargs)
-
-        def after_update(optimizer, args, kwargs):
-            updates.append(1)
-            if len(updates) == 3:
-                os.kill(os.getpid(), signal.SIGTERM)  # during step 3's update: it completes first
-
-        optimizer.register_step_post_hook(after_update)
-        return optimizer
-
-    monkeypatch.setattr(train_module, "build_optimizer", build_with_a_sigterm)
+    # During step 3's update: it completes first.
+    monkeypatch.setattr(
+        train_module, "build_optimizer", signalling_optimizer(train_module.build_optimizer, signal.SIGTERM, update=3)
+    )
 
     def outside_training(signum, frame):  # stands in for the default, which would end pytest itself
         raise RuntimeError("SIGTERM reached the handler outside training")
