@@ -74,6 +74,13 @@ def plan(args: argparse.Namespace) -> list[Step]:
                                         "--device", args.device, "--dtype", args.dtype],
              script="bench_merging.py"),
         Step("big-training", 150, bench(args.big, args.train_batch, "--train", "--methods", "none,tempme,merge-free")),
+        # The video encoder's forward and backward passes replayed as CUDA graphs: how much of each
+        # step is kernel launches (eager tempme training left the GPU idle in matching and merging).
+        Step("big-training-graph", 120,
+             bench(args.big, args.train_batch, "--train", "--cuda-graph", "--methods", "none,tempme,merge-free")),
+        # Twice the batch: costs per step that do not grow with it (launches) weigh half as much.
+        Step("big-training-batch64", 150,
+             bench(args.big, 2 * args.train_batch, "--train", "--methods", "none,tempme,merge-free")),
         # BEST: the size-attention form under which tempme ran fastest in the CUDA-graph steps.
         Step("big-inference-compiled", 240,
              bench(args.big, args.batch, "--compile-mode", "reduce-overhead", "--methods", "none,tempme",

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from .baselines import FrameEncoder, MergeFreeEncoder, PlainViT, timm_encoder
 from .config import MERGE_METHODS, get_preset
-from .cuda_graph import GraphedForward
+from .cuda_graph import GraphedForward, graph_for_training
 from .devices import resolve_device
 from .factory import create_model
 from .model import INFERENCE_SIZE_ATTENTION, check_size_attention, resolve_size_attention
@@ -321,6 +321,11 @@ def prepare_encoder(
     return torch.compile(encoder, dynamic=False, mode=compile_mode) if compile else encoder
 
 
+def check_graph_setup(setup: Setup) -> None:
+    if setup.cuda_graph and (setup.device.type != "cuda" or setup.compiled):
+        raise ValueError("CUDA graphs need a CUDA device and an uncompiled model (--device cuda, no --compile)")
+
+
 def inference_step(encoder: nn.Module, video: torch.Tensor, cuda_graph: bool = False) -> Callable[[], torch.Tensor]:
     """One encoder call on ``video``; with ``cuda_graph``, a graph replay, captured in the first call."""
     if not cuda_graph:
@@ -413,8 +418,7 @@ def benchmark_inference(
     )
     if compile_mode not in COMPILE_MODES:
         raise ValueError(f"unknown compile mode {compile_mode!r}; choose one of {', '.join(COMPILE_MODES)}")
-    if cuda_graph and (setup.device.type != "cuda" or compile):
-        raise ValueError("CUDA graphs need a CUDA device and an uncompiled model (--device cuda, no --compile)")
+    check_graph_setup(setup)
     torch_dtype = resolve_dtype(dtype)
     size = get_preset(preset).vision.image_size
     video = torch.randn(batch, frames, 3, size, size, device=setup.device, dtype=torch_dtype)
@@ -448,7 +452,7 @@ def random_captions(batch: int, length: int, device: torch.device) -> torch.Tens
 class TrainingStep:
     """One contrastive step of the paper's fine-tuning: only LoRA and clip positional embeddings
     train (AdamW); float32 weights under autocast, with loss scaling for fp16. ``forward`` is the
-    model itself or its ``torch.compile``d wrapper (same parameters)."""
+    model itself, its ``torch.compile``d wrapper (same parameters) or ``GraphedTrainingForward``."""
 
     model: nn.Module
     forward: Callable
@@ -457,10 +461,12 @@ class TrainingStep:
     video: torch.Tensor
     captions: torch.Tensor
     dtype: torch.dtype
+    autocast_cache: bool = True  # CUDA graphs replay without autocast's cache of cast weights
 
     def __call__(self) -> torch.Tensor:
         device_type = self.video.device.type
-        with torch.autocast(device_type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+        mixed = self.dtype != torch.float32
+        with torch.autocast(device_type, dtype=self.dtype, enabled=mixed, cache_enabled=self.autocast_cache):
             video, text = self.forward(self.video, self.captions)
             loss = contrastive_loss(text, video, self.model.logit_scale)
         self.optimizer.zero_grad(set_to_none=True)
@@ -470,9 +476,22 @@ class TrainingStep:
         return loss.detach()
 
 
+class GraphedTrainingForward:
+    """The model's training forward with the video encoder's forward and backward passes replayed as
+    CUDA graphs (``graph_for_training``), captured in the first call; the text encoder runs eagerly."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype):
+        self.model, self.dtype, self.visual = model, dtype, None
+
+    def __call__(self, frames: torch.Tensor, captions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.visual is None:
+            self.visual = graph_for_training(self.model.visual, frames, self.dtype)
+        return self.visual(frames), self.model.encode_text(captions)
+
+
 def make_training_step(
     preset: str, method: str, frames: int, batch: int, device: torch.device, dtype: torch.dtype,
-    size_attention: str = "bias", compile: bool = False,
+    size_attention: str = "bias", compile: bool = False, cuda_graph: bool = False,
 ) -> TrainingStep:
     check_size_attention(size_attention)
     model = create_model(preset, method="tempme" if method == "merge-free" else method, frames=frames, device=device)
@@ -483,14 +502,20 @@ def make_training_step(
     model.set_trainable("lora")
     trainable = [p for p in model.parameters() if p.requires_grad]
     size = model.visual.image_size
+    forward = model
+    if compile:
+        forward = torch.compile(model, dynamic=False)
+    elif cuda_graph:
+        forward = GraphedTrainingForward(model, dtype)
     return TrainingStep(
         model=model,
-        forward=torch.compile(model, dynamic=False) if compile else model,
+        forward=forward,
         optimizer=torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.2),
         scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
         video=torch.randn(batch, frames, 3, size, size, device=device),
         captions=random_captions(batch, model.config.max_words, device),
         dtype=dtype,
+        autocast_cache=not cuda_graph,
     )
 
 
@@ -505,6 +530,7 @@ def benchmark_training(
     warmup: int = 3,
     size_attention: str = "bias",
     compile: bool = False,
+    cuda_graph: bool = False,
     attention_backend: str = "auto",
     progress: bool = False,
 ) -> list[Result]:
@@ -512,17 +538,21 @@ def benchmark_training(
     LoRA + CPE), and the step's memory (optimizer state created in the first call is excluded).
     ``compile``: the model's forward (and so its backward) through ``torch.compile``. Besides the
     merging methods, ``merge-free`` trains tempme's encoder on its token shapes with merging free.
+    ``cuda_graph``: the video encoder's forward and backward passes replayed as CUDA graphs
+    (``GraphedTrainingForward``; the step's memory is then not measured).
     ``progress``: a progress bar on stderr."""
     methods = check_methods(methods, MERGE_METHODS + ("merge-free",))
     check_counts(batch, repeats, warmup)
     device = resolve_device(device)
     setup = Setup(
         mode="training", preset=preset, frames=frames, batch=batch, device=device, dtype=dtype, compiled=compile,
-        size_attention=resolve_size_attention(size_attention, device), attention_backend=attention_backend,
+        size_attention=resolve_size_attention(size_attention, device), cuda_graph=cuda_graph,
+        attention_backend=attention_backend,
     )
+    check_graph_setup(setup)
     steps = {
         m: make_training_step(
-            preset, m, frames, batch, setup.device, resolve_dtype(dtype), setup.size_attention, compile
+            preset, m, frames, batch, setup.device, resolve_dtype(dtype), setup.size_attention, compile, cuda_graph
         )
         for m in methods
     }

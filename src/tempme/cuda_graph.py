@@ -1,4 +1,4 @@
-"""Replay the video encoder's forward pass as one CUDA graph.
+"""Replay the video encoder's forward pass as one CUDA graph (and, for training, its backward pass as another).
 
 TempMe's encoder launches several hundred small kernels per call (every merge matches, sorts,
 gathers and scatters), and in its last layers, where few tokens are left, launching them takes the
@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from torch import nn
 
 
 class GraphedForward:
@@ -48,3 +49,22 @@ class GraphedForward:
         self.static_input.copy_(x)
         self.graph.replay()
         return self.static_output
+
+
+def graph_for_training(module: nn.Module, example: torch.Tensor, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Capture ``module``'s forward and backward passes on inputs shaped like ``example`` as CUDA
+    graphs (``torch.cuda.make_graphed_callables``), for training steps that launch the same kernels
+    every time. Returns ``module`` itself, whose forward now replays the graphs while it stays in the
+    training state it was captured in; parameter gradients accumulate as in eager mode.
+
+    ``dtype``: autocast's, when steps run under ``torch.autocast(..., cache_enabled=False)``: graphs
+    cannot share autocast's cache of cast weights between steps. Call with one tensor shaped and typed
+    like ``example``.
+    """
+    if not example.is_cuda:
+        raise ValueError(f"CUDA graphs need a CUDA input, got one on {example.device}")
+    mixed = dtype != torch.float32
+    with torch.autocast("cuda", dtype=dtype, enabled=mixed, cache_enabled=False):
+        # Parameters the forward leaves unused (the merge-free baseline ignores clip positional
+        # embeddings) get no gradient, as in eager mode, instead of an error.
+        return torch.cuda.make_graphed_callables(module, (example,), allow_unused_input=True)

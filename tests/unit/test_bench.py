@@ -201,7 +201,9 @@ def test_device_names_are_checked_against_this_machine(monkeypatch):
     [
         (["--methods", "none,fast"], "unknown or no method(s) ['fast']"),
         (["--train", "--compile-mode", "reduce-overhead"], "inference only"),
-        (["--train", "--cuda-graph"], "inference only"),
+        (["--train", "--baseline"], "inference only"),
+        (["--train", "--cuda-graph", "--device", "cpu"], "CUDA graphs need a CUDA device"),
+        (["--train", "--cuda-graph", "--compile", "--device", "cpu"], "an uncompiled model"),
         (["--batch", "0"], "need batch >= 1"),
         (["--repeats", "0"], "repeats >= 1"),
         (["--threads", "-2"], "--threads must be at least 1, got -2"),
