@@ -478,14 +478,15 @@ class TrainingStep:
 
 class GraphedTrainingForward:
     """The model's training forward with the video encoder's forward and backward passes replayed as
-    CUDA graphs (``graph_for_training``), captured in the first call; the text encoder runs eagerly."""
+    CUDA graphs (``graph_for_training``), captured in the first call; the text encoder runs eagerly.
+    ``allow_unused``: for an encoder that leaves some trainable parameters unused (merge-free)."""
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype):
-        self.model, self.dtype, self.visual = model, dtype, None
+    def __init__(self, model: nn.Module, dtype: torch.dtype, allow_unused: bool = False):
+        self.model, self.dtype, self.allow_unused, self.visual = model, dtype, allow_unused, None
 
     def __call__(self, frames: torch.Tensor, captions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.visual is None:
-            self.visual = graph_for_training(self.model.visual, frames, self.dtype)
+            self.visual = graph_for_training(self.model.visual, frames, self.dtype, self.allow_unused)
         return self.visual(frames), self.model.encode_text(captions)
 
 
@@ -494,6 +495,8 @@ def make_training_step(
     size_attention: str = "bias", compile: bool = False, cuda_graph: bool = False,
 ) -> TrainingStep:
     check_size_attention(size_attention)
+    if compile and cuda_graph:
+        raise ValueError("CUDA graphs need an uncompiled model: choose compile or cuda_graph")
     model = create_model(preset, method="tempme" if method == "merge-free" else method, frames=frames, device=device)
     model.train().visual.size_attention = size_attention
     if method == "merge-free":
@@ -506,7 +509,7 @@ def make_training_step(
     if compile:
         forward = torch.compile(model, dynamic=False)
     elif cuda_graph:
-        forward = GraphedTrainingForward(model, dtype)
+        forward = GraphedTrainingForward(model, dtype, allow_unused=method == "merge-free")
     return TrainingStep(
         model=model,
         forward=forward,

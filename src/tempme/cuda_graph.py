@@ -51,20 +51,24 @@ class GraphedForward:
         return self.static_output
 
 
-def graph_for_training(module: nn.Module, example: torch.Tensor, dtype: torch.dtype = torch.float32) -> nn.Module:
+def graph_for_training(
+    module: nn.Module, example: torch.Tensor, dtype: torch.dtype = torch.float32, allow_unused: bool = False
+) -> nn.Module:
     """Capture ``module``'s forward and backward passes on inputs shaped like ``example`` as CUDA
     graphs (``torch.cuda.make_graphed_callables``), for training steps that launch the same kernels
     every time. Returns ``module`` itself, whose forward now replays the graphs while it stays in the
-    training state it was captured in; parameter gradients accumulate as in eager mode.
+    training state it was captured in (in the other state it runs eagerly).
 
-    ``dtype``: autocast's, when steps run under ``torch.autocast(..., cache_enabled=False)``: graphs
-    cannot share autocast's cache of cast weights between steps. Call with one tensor shaped and typed
-    like ``example``.
+    Call it with one tensor shaped and typed like ``example``; another shape is an error, so a short
+    last batch needs an eager model. ``dtype``: autocast's, when steps run under
+    ``torch.autocast(..., cache_enabled=False)`` (graphs cannot use autocast's cache of cast weights).
+    Parameter gradients are the graph's own buffers: set them to None before every backward pass
+    (``zero_grad(set_to_none=True)``); a second backward pass into existing gradients does not add
+    up as in eager mode. ``allow_unused``: parameters that the forward does not use get no gradient,
+    instead of an error (the merge-free baseline ignores clip positional embeddings).
     """
     if not example.is_cuda:
         raise ValueError(f"CUDA graphs need a CUDA input, got one on {example.device}")
     mixed = dtype != torch.float32
     with torch.autocast("cuda", dtype=dtype, enabled=mixed, cache_enabled=False):
-        # Parameters the forward leaves unused (the merge-free baseline ignores clip positional
-        # embeddings) get no gradient, as in eager mode, instead of an error.
-        return torch.cuda.make_graphed_callables(module, (example,), allow_unused_input=True)
+        return torch.cuda.make_graphed_callables(module, (example,), allow_unused_input=allow_unused)
