@@ -78,12 +78,12 @@ def _walk_videos(folder: Path) -> Iterable[Path]:
                 yield candidate
 
 
-def find_videos(sources: Iterable[PathLike]) -> list[Path]:
+def find_videos(sources: Iterable[PathLike], allow_empty: bool = False) -> list[Path]:
     """The video files among ``sources``, absolute (symbolic links resolved), sorted and without repeats.
 
     A file is taken as given, whatever its extension; a directory is searched recursively for files
     with one of ``VIDEO_EXTENSIONS`` (any case), following links to folders. Hidden files and folders
-    are left out.
+    are left out. Finding none is an error unless ``allow_empty``.
     """
     sources = list(sources)
     found: set[Path] = set()
@@ -95,7 +95,7 @@ def find_videos(sources: Iterable[PathLike]) -> list[Path]:
             found.update(candidate.resolve() for candidate in _walk_videos(path))
         else:
             raise FileNotFoundError(f"{source}: no such file or directory")
-    if not found:
+    if not found and not allow_empty:
         shown = ", ".join(str(source) for source in sources)
         raise ValueError(f"no video files in {shown} (looked for {', '.join(sorted(VIDEO_EXTENSIONS))})")
     return sorted(found)
@@ -149,47 +149,22 @@ class VideoIndex:
         }
         metadata = {"format": INDEX_FORMAT, "index": json.dumps(header)}
         with atomic_file(path) as temporary:
-            save_file({"embeddings": self.embeddings.float().contiguous()}, str(temporary), metadata=metadata)
+            try:
+                save_file({"embeddings": self.embeddings.float().contiguous()}, str(temporary), metadata=metadata)
+            except SafetensorError as error:  # a full disk, say: its message names no file
+                raise OSError(f"cannot write {path} ({error}); the index there is as it was before") from None
         return Path(path)
 
     @classmethod
     def load(cls, path: PathLike) -> "VideoIndex":
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such index file (build one with `tempme index`)")
+        header = read_index_header(path)
         try:
-            # safetensors reports every file it cannot open as missing; opening it first gives the real reason.
-            check_readable(path)
-        except OSError as error:
-            raise VideoIndexError(f"{path}: cannot read the index ({error.strerror or error})") from None
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                metadata = handle.metadata() or {}
             tensors = load_file(str(path))
         except (SafetensorError, OSError, ValueError) as error:
             raise VideoIndexError(f"{path}: not a tempme video index ({error})") from None
-        if metadata.get("format") != INDEX_FORMAT or "embeddings" not in tensors:
+        if "embeddings" not in tensors:
             raise VideoIndexError(f"{path}: not a tempme video index (written by something else)")
-        try:
-            header = json.loads(metadata["index"])
-        except (KeyError, ValueError) as error:
-            raise VideoIndexError(f"{path}: the index header is damaged ({error})") from None
-        if not isinstance(header, dict):
-            raise VideoIndexError(f"{path}: the index header is damaged (not a JSON object); {_REBUILD}") from None
-        if header.get("version") != INDEX_VERSION:
-            raise VideoIndexError(
-                f"{path}: index version {header.get('version')!r}; this tempme reads version {INDEX_VERSION}: "
-                f"{_REBUILD}"
-            )
-        header.setdefault("files", {})  # not recorded by older versions: see the class docstring
-        for key, kind in (("paths", list), ("model", dict), ("settings", dict), ("skipped", dict), ("files", dict)):
-            if key not in header:
-                raise VideoIndexError(f"{path}: the index header is damaged (no {key!r} entry); {_REBUILD}")
-            if not isinstance(header[key], kind):
-                shape = "list" if kind is list else "object"
-                raise VideoIndexError(
-                    f"{path}: the index header is damaged ({key!r} is not a JSON {shape}); {_REBUILD}"
-                )
         try:
             return cls(
                 header["paths"], tensors["embeddings"], header["model"], header["settings"], header["skipped"],
@@ -215,6 +190,44 @@ class VideoIndex:
             [SearchHit(rank + 1, self.paths[i], score) for rank, (score, i) in enumerate(zip(row_scores, row_ids))]
             for row_scores, row_ids in zip(best.values.tolist(), best.indices.tolist())
         ]
+
+
+def read_index_header(path: PathLike) -> dict[str, Any]:
+    """The header of the index at ``path`` (``paths``, ``model``, ``settings``, ``skipped``, ``files``),
+    checked, without reading its embeddings."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such index file (build one with `tempme index`)")
+    try:
+        # safetensors reports every file it cannot open as missing; opening it first gives the real reason.
+        check_readable(path)
+    except OSError as error:
+        raise VideoIndexError(f"{path}: cannot read the index ({error.strerror or error})") from None
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise VideoIndexError(f"{path}: not a tempme video index ({error})") from None
+    if metadata.get("format") != INDEX_FORMAT:
+        raise VideoIndexError(f"{path}: not a tempme video index (written by something else)")
+    try:
+        header = json.loads(metadata["index"])
+    except (KeyError, ValueError) as error:
+        raise VideoIndexError(f"{path}: the index header is damaged ({error})") from None
+    if not isinstance(header, dict):
+        raise VideoIndexError(f"{path}: the index header is damaged (not a JSON object); {_REBUILD}") from None
+    if header.get("version") != INDEX_VERSION:
+        raise VideoIndexError(
+            f"{path}: index version {header.get('version')!r}; this tempme reads version {INDEX_VERSION}: {_REBUILD}"
+        )
+    header.setdefault("files", {})  # not recorded by older versions: see VideoIndex
+    for key, kind in (("paths", list), ("model", dict), ("settings", dict), ("skipped", dict), ("files", dict)):
+        if key not in header:
+            raise VideoIndexError(f"{path}: the index header is damaged (no {key!r} entry); {_REBUILD}")
+        if not isinstance(header[key], kind):
+            shape = "list" if kind is list else "object"
+            raise VideoIndexError(f"{path}: the index header is damaged ({key!r} is not a JSON {shape}); {_REBUILD}")
+    return header
 
 
 @dataclass
@@ -249,8 +262,11 @@ def open_index(path: PathLike, model_info: dict[str, Any], settings: dict[str, A
     index = VideoIndex.load(path)
     if index.model.get("fingerprint") != model_info["fingerprint"]:
         built_by = {key: value for key, value in index.model.items() if key != "fingerprint"}
+        differing = [f"{key}={model_info[key]!r}" for key in ("method", "frames")
+                     if key in model_info and key in built_by and model_info[key] != built_by[key]]
+        this_run = f" (this run's model has {', '.join(differing)})" if differing else ""
         raise VideoIndexError(
-            f"{path} was built by another model ({json.dumps(built_by)}); "
+            f"{path} was built by another model ({json.dumps(built_by)}){this_run}; "
             "embeddings of two models cannot be ranked together: write a new index or delete this one"
         )
     for key, value in settings.items():
@@ -263,8 +279,11 @@ def open_index(path: PathLike, model_info: dict[str, Any], settings: dict[str, A
     return index
 
 
-def deleted(video: str, sources: Sequence[PathLike] | None = None) -> bool:
+def deleted(video: str, sources: Sequence[PathLike] | None = None, prune: bool = False) -> bool:
     """Whether an indexed video's file was deleted, so that it leaves the index.
+
+    ``prune``: every missing file counts as deleted, wherever it was (a folder moved or removed for
+    good). Otherwise:
 
     ``sources``: the files and folders this run was given (``tempme index FOLDER ...``). A missing
     video inside a source folder that exists was deleted, however deep: a deleted subfolder takes its
@@ -279,6 +298,8 @@ def deleted(video: str, sources: Sequence[PathLike] | None = None) -> bool:
     path = Path(video)
     if path.exists():
         return False
+    if prune:
+        return True
     for source in sources or ():
         # Indexed paths are resolved (find_videos resolves links), so the source must be too.
         root = Path(source).expanduser().resolve()
@@ -325,10 +346,10 @@ def _drop_videos(index: VideoIndex, videos: set[str]) -> None:
         index.files.pop(video, None)
 
 
-def _drop_deleted_videos(index: VideoIndex, sources: Sequence[PathLike] | None) -> list[str]:
+def _drop_deleted_videos(index: VideoIndex, sources: Sequence[PathLike] | None, prune: bool) -> list[str]:
     """Take the videos whose files were deleted (see :func:`deleted`) out of ``index``; returns their
     paths, in index order."""
-    removed = [video for video in index.paths if deleted(video, sources)]
+    removed = [video for video in index.paths if deleted(video, sources, prune)]
     _drop_videos(index, set(removed))
     return removed
 
@@ -425,6 +446,7 @@ def update_index(
     save_every_s: float = 60.0,
     progress: bool = True,
     sources: Sequence[PathLike] | None = None,
+    prune: bool = False,
 ) -> IndexUpdate:
     """Embed the ``videos`` not yet in the index at ``path`` (created if missing) and save it.
 
@@ -445,6 +467,7 @@ def update_index(
         save_every_s: write the index when this many seconds have passed since it was last written.
         sources: the folders (and files) ``videos`` were found in, as given to :func:`find_videos`;
             they decide which missing videos were deleted (see :func:`deleted`).
+        prune: drop every indexed video whose file is missing, wherever it was (see :func:`deleted`).
     """
     check_index_options(batch_size=batch_size, framerate=framerate, num_workers=num_workers, save_every_s=save_every_s)
     device = torch.device(device)
@@ -459,7 +482,7 @@ def update_index(
     check_batch_fits_in_memory(settings["frames"], settings["image_size"], batch_size)
     index = open_index(path, model_info, settings, model.config.clip.embed_dim)
 
-    removed = _drop_deleted_videos(index, sources)
+    removed = _drop_deleted_videos(index, sources, prune)
     new, changed, stamps = _videos_to_embed(index, videos)
     todo = new + [Path(video) for video in changed]
     retried = {str(video) for video in todo}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import warnings
 
@@ -70,7 +71,11 @@ def one_line_warning(message, category, filename, lineno, line=None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    try:
+        parser = build_parser()  # imports torch: seconds in which Ctrl-C is likely
+    except KeyboardInterrupt:
+        print("tempme: interrupted", file=sys.stderr)
+        return 130
     args = parse_arguments(parser, argv)
     if not getattr(args, "handler", None):
         parser.print_help()
@@ -82,6 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     except (CLIError, ValueError, TypeError) as error:
         print(f"tempme {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader of our output went away (`tempme search ... | head`): stop quietly, as Unix tools
+        # do. Standard output now leads nowhere, so that flushing it at exit raises nothing either.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE: what a shell reports for a tool that SIGPIPE stopped
     except OSError as error:  # a file or folder that cannot be read or written: one line, not a traceback
         print(f"tempme {args.command}: error: {describe_os_error(error)}", file=sys.stderr)
         return 2

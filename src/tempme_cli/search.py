@@ -25,8 +25,9 @@ INDEX_EPILOG = textwrap.dedent(
     """\
     Run it again on the same folders to add new videos: those already indexed are not decoded again,
     videos whose file changed (size or modification time) are embedded again, and videos deleted
-    under a folder given here (whole subfolders too) are dropped; only a given folder that is itself
-    missing (an unmounted drive) keeps its videos. Symbolic links to folders are followed. An index
+    under a folder given here (whole subfolders too) are dropped; a given folder that is itself
+    missing (an unmounted drive) keeps its videos, with a warning, unless --prune. Unset --frames,
+    --framerate, --precision and --method follow the index. Symbolic links to folders are followed. An index
     built by tempme before 2026-11-27 has another model fingerprint and is refused: write a new one.
     An interrupted run keeps every finished batch (the index is written every --save-every seconds and on Ctrl-C); the next run
     carries on. Undecodable videos are listed and tried again next time.
@@ -81,14 +82,21 @@ def register(subparsers) -> None:
     index.add_argument("--out", required=True, metavar="INDEX", help="the index file, created or extended")
     add_model_arguments(index, required=True)
     index.add_argument("--method", choices=("none", "tome", "tempme"),
-                       help="video encoder's merging, with --weights (default: a tempme weights file's own, else tempme; "
-                       "a --checkpoint has its own)")
+                       help="video encoder's merging, with --weights (default: the index's own, else a tempme "
+                       "weights file's own, else tempme; a --checkpoint has its own)")
     index.add_argument("--frames", type=int,
-                       help="frames sampled per video, with --weights (default: the weights' own, else 12)")
-    index.add_argument("--framerate", type=float, default=1.0, help="candidate frames per second to sample from (default: 1)")
+                       help="frames sampled per video, with --weights (default: the index's own, else the "
+                       "weights' own, else 12)")
+    index.add_argument("--framerate", type=float,
+                       help="candidate frames per second to sample from (default: the index's own, else 1)")
     index.add_argument("--batch-size", type=int, default=16, help="videos per forward pass (default: 16)")
     index.add_argument("--precision", choices=("auto", *PRECISIONS), default="auto",
-                       help="auto: bf16 on a GPU, fp32 on the CPU (an index keeps the precision it was built with)")
+                       help="auto: the index's own, else bf16 on a GPU and fp32 on the CPU (an index keeps the "
+                       "precision it was built with)")
+    index.add_argument("--prune", action="store_true",
+                       help="also drop indexed videos under a missing given folder, and missing ones anywhere "
+                       "(for a folder moved or removed for good; without it, a missing folder may be an "
+                       "unmounted drive and keeps its videos)")
     index.add_argument("--workers", type=int, default=default_workers(),
                        help=f"decoding processes (default: {default_workers()}, half the cores)")
     index.add_argument("--backend", choices=("pyav", "decord"), default="pyav", help="video decoder (default: pyav)")
@@ -145,22 +153,54 @@ INDEX_OPTION_NAMES = {
 }
 
 
+def saved_count(path: str) -> int:
+    """How many videos the index file at ``path`` holds (0 where there is none to read)."""
+    from tempme.search import VideoIndexError, read_index_header
+
+    try:
+        return len(read_index_header(path)["paths"])
+    except (OSError, VideoIndexError):
+        return 0
+
+
+def find_index_sources(sources: list[str], index_exists: bool, prune: bool) -> list[Path]:
+    """The videos of ``sources`` (``find_videos``). When updating an existing index, a missing source
+    (an unmounted drive, or a folder moved for good: see --prune) is passed over with a warning while
+    another source is there (or --prune has work to do), and finding no video is no error: the run
+    still drops deleted videos."""
+    from tempme.search import find_videos
+
+    present = [source for source in sources if Path(source).expanduser().exists()]
+    if not index_exists or not (present or prune):
+        return find_videos(sources)  # the error that names the first missing source
+    for source in sources:
+        if source not in present:
+            kept = "are dropped (--prune)" if prune else "stay in the index (--prune drops them)"
+            warnings.warn(f"{source}: no such file or folder; the videos indexed from it {kept}")
+    return find_videos(present, allow_empty=True)
+
+
 def run_index(args: argparse.Namespace) -> int:
-    from tempme.search import check_index_options, find_videos, update_index
+    from tempme.search import check_index_options, read_index_header, update_index
     from tempme.weights import model_fingerprint
 
     # argparse's float() takes nan and inf; update_index would take inf (write only at the end), this
     # command has always refused it.
     check_finite(args.save_every, "--save-every")
     # update_index checks these too, but only once the model has loaded, and by their Python names.
-    check_index_options(batch_size=args.batch_size, framerate=args.framerate, num_workers=args.workers,
-                        save_every_s=args.save_every, names=INDEX_OPTION_NAMES)
+    check_index_options(batch_size=args.batch_size, framerate=1.0 if args.framerate is None else args.framerate,
+                        num_workers=args.workers, save_every_s=args.save_every, names=INDEX_OPTION_NAMES)
     if args.frames is not None and args.frames < 1:
         raise ValueError(f"--frames must be at least 1, got {args.frames}")
     check_output_file(args.out, "--out", example_name="videos.index")
-    videos = find_videos(args.videos)
+    # An existing index decides the settings left unset, so that updating it needs no more options
+    # than the first run did.
+    existing = read_index_header(args.out) if Path(args.out).is_file() else None
+    videos = find_index_sources(args.videos, existing is not None, args.prune)
     device = device_option(args.device)
-    precision = args.precision if args.precision != "auto" else default_precision(device)
+    recorded = existing["settings"] if existing else {}
+    precision = args.precision if args.precision != "auto" else recorded.get("precision", default_precision(device))
+    framerate = args.framerate if args.framerate is not None else recorded.get("framerate", 1.0)
     if args.checkpoint:
         from tempme_train.modeling import find_trained_weights
 
@@ -168,21 +208,34 @@ def run_index(args: argparse.Namespace) -> int:
             raise ValueError("--method and --frames go with --weights: a trained checkpoint has its own")
         model_info = {"checkpoint": str(find_trained_weights(args.checkpoint).resolve())}
     else:
-        model_info = {"weights": weights_reference(args.weights), "method": args.method, "frames": args.frames}
+        built_by = existing["model"] if existing else {}
+        model_info = {
+            "weights": weights_reference(args.weights),
+            "method": args.method or built_by.get("method"),
+            "frames": args.frames or built_by.get("frames"),
+        }
     if not args.json:
         source = model_info.get("checkpoint") or model_info["weights"]
-        print(f"{len(videos)} videos found; loading {source} on {device} ({precision})", file=sys.stderr)
+        found = f"{len(videos)} video{'s' if len(videos) != 1 else ''} found"
+        print(f"{found}; loading {source} on {device} ({precision})", file=sys.stderr)
     model = load_search_model(model_info)
     fingerprint = model_fingerprint(model)
     model.optimize_for_inference()  # same embeddings, less compute
     with warnings.catch_warnings():
         # Each undecodable video is listed at the end (and counted on the progress bar) instead.
         warnings.filterwarnings("ignore", message="skipping video", category=UserWarning)
-        update = update_index(
-            model, videos, args.out, fingerprint=fingerprint, model_info=model_info, batch_size=args.batch_size,
-            device=device, precision=precision, framerate=args.framerate, num_workers=args.workers,
-            backend=args.backend, save_every_s=args.save_every, progress=show_progress(args), sources=args.videos,
-        )
+        try:
+            update = update_index(
+                model, videos, args.out, fingerprint=fingerprint, model_info=model_info, batch_size=args.batch_size,
+                device=device, precision=precision, framerate=framerate, num_workers=args.workers,
+                backend=args.backend, save_every_s=args.save_every, progress=show_progress(args),
+                sources=args.videos, prune=args.prune,
+            )
+        except KeyboardInterrupt:
+            saved = saved_count(args.out)
+            print(f"{args.out}: {saved} video{'s' if saved != 1 else ''} indexed, every finished batch saved; "
+                  "run the same command again to carry on", file=sys.stderr)
+            raise
     if args.json:
         print(json.dumps({"index": str(args.out), "found": len(videos), "added": update.added,
                           "updated": update.updated, "skipped": update.skipped, "removed": update.removed,
@@ -245,10 +298,23 @@ def run_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def warn_if_truncated(model, query: str) -> None:
+    """The text encoder reads ``max_words`` tokens, start and end included: say when a query is longer."""
+    from tempme.tokenizer import get_tokenizer
+
+    room = model.config.max_words - 2
+    tokens = len(get_tokenizer().encode(query))
+    if tokens > room:
+        shown = textwrap.shorten(query, width=60, placeholder=" ...")
+        warnings.warn(f"query {shown!r} has {tokens} tokens; the model reads the first {room} and ignores the rest")
+
+
 def answer(model, index, queries: list[str], top: int, device: torch.device, as_json: bool) -> None:
     """Print the ``top`` videos for each query: a table, or one JSON object per query (JSON lines)."""
     from tempme.search import encode_queries
 
+    for query in queries:
+        warn_if_truncated(model, query)
     hits = index.search(encode_queries(model, queries, device), top)
     for query, found in zip(queries, hits):
         if as_json:

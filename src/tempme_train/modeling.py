@@ -130,6 +130,8 @@ def find_trained_weights(path: str | Path) -> Path:
     path = Path(path)
     if path.is_file():
         return path
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or folder")
     for name in TRAINED_FILES:
         if (path / name).is_file():
             return path / name
@@ -138,9 +140,14 @@ def find_trained_weights(path: str | Path) -> Path:
 
 def train_config_of(weights_file: str | Path) -> TrainConfig:
     """The training config stored in a file written by :func:`save_trained_weights`."""
-    from tempme.weights import read_metadata
+    from tempme.weights import WeightsError, read_metadata
 
-    stored = read_metadata(weights_file).get("train_config")
+    try:
+        stored = read_metadata(weights_file).get("train_config")
+    except WeightsError as error:
+        raise WeightsError(
+            f"{error}: not a checkpoint written by tempme train (for CLIP or other weights, use --weights)"
+        ) from None
     if stored is None:
         raise ValueError(f"{weights_file} does not record its training config (not written by tempme train); pass --config")
     return config_from_dict(json.loads(stored), f"training config stored in {weights_file}")

@@ -170,3 +170,12 @@ def test_flops_refuses_schedule_options_the_method_ignores(capsys):
     assert main(["flops", "--method", "tome", "--clips-joined", "2-2"]) == 2
     assert "--clips-joined: no effect with --method tome" in capsys.readouterr().err
     assert main(["flops", "--method", "tome", "--tome-r", "3"]) == 0  # tome reads r
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly():
+    """`tempme ... | head`: once the reader has closed the pipe, writing fails; no error message, exit 141."""
+    process = subprocess.Popen([sys.executable, "-m", "tempme_cli.main", "flops", "--model", "ViT-B/16"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()  # at once: the command is still importing torch, long before it writes
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 141 and b"error" not in err.lower() and b"Traceback" not in err, err

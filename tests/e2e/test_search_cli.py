@@ -99,6 +99,16 @@ def test_index_then_search(library, tmp_path, capsys, monkeypatch):
     assert code == 0, err
     assert out.splitlines()[0] == f"{QUERIES[0]!r}: 3 of 3 videos" and len(out.splitlines()) == 4
 
+    # 41 tokens; the text encoder reads 30 between start and end. Shown cut to 60 characters.
+    long_query = " ".join(["dog"] * 40) + " cat"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code, _, err = cli(capsys, "search", str(index), long_query, QUERIES[0], "--device", "cpu")
+    assert code == 0, err
+    assert [str(w.message) for w in caught if "tokens" in str(w.message)] == [
+        "query 'dog dog dog dog dog dog dog dog dog dog dog dog dog dog ...' has 41 tokens; the model reads "
+        "the first 30 and ignores the rest"]
+
     # No queries on the command line: one per line from standard input, blank lines ignored.
     monkeypatch.setattr("sys.stdin", io.StringIO(f"{QUERIES[1]}\n\n{QUERIES[0]}\n"))
     code, out, err = cli(capsys, "search", str(index), "-k", "2", "--json", "--device", "cpu")
@@ -129,6 +139,13 @@ def test_search_refuses_other_weights_and_bad_input(library, tmp_path, capsys):
 
     code, _, err = cli(capsys, "index", str(library), "--checkpoint", str(weights), "--frames", "8", "--out", str(index))
     assert code == 2 and "--method and --frames go with --weights" in err
+
+    fresh = tmp_path / "fresh.index"
+    code, _, err = cli(capsys, "index", str(library), "--checkpoint", str(weights), "--out", str(fresh),
+                       "--device", "cpu", "--workers", "0")
+    assert code == 2 and "not a checkpoint written by tempme train (for CLIP or other weights, use --weights)" in err
+    code, _, err = cli(capsys, "index", str(library), "--checkpoint", str(tmp_path / "nosuch"), "--out", str(fresh))
+    assert code == 2 and f"{tmp_path / 'nosuch'}: no such file or folder" in err, err
 
     # Decoded, a batch would need some 100 TB: refused in one line instead of killed for memory part-way.
     huge = tmp_path / "huge.index"
@@ -209,3 +226,75 @@ def test_reindexing_embeds_changed_videos_again_and_drops_deleted_subfolders(tmp
     assert code == 0, err
     assert report["updated"] == [str((library / "a.mp4").resolve())] and report["added"] == 0
     assert report["removed"] == [str((library / "trips" / "b.mp4").resolve())] and report["total"] == 1
+
+
+def test_updating_an_index_follows_its_settings_and_copes_with_missing_folders(tmp_path, capsys):
+    """Updating needs no more options than building did: frames, framerate and precision come from the
+    index. A missing folder beside others is passed over with a warning (its videos stay: it may be
+    an unmounted drive), an emptied folder loses its videos, and --prune drops those of a folder
+    moved for good."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    write_video(first / "a.mp4", num_frames=20)
+    write_video(second / "b.mp4", num_frames=30)
+    write_video(second / "c.mp4", num_frames=25)
+    weights = write_clip_weights(tmp_path / "clip.pt", seed=0)
+    index = tmp_path / "lib.index"
+    common = ["--weights", str(weights), "--out", str(index), "--device", "cpu", "--workers", "0", "--json"]
+    code, out, err = cli(capsys, "index", str(first), str(second), *common, "--frames", "4", "--framerate", "2",
+                         "--precision", "bf16")
+    assert code == 0 and json.loads(out)["added"] == 3, err
+
+    write_video(first / "d.mp4", num_frames=22)
+    code, out, err = cli(capsys, "index", str(first), *common)  # no --frames, --framerate, --precision
+    assert code == 0 and json.loads(out)["added"] == 1, err
+    settings = tempme.search.VideoIndex.load(index).settings
+    assert (settings["frames"], settings["framerate"], settings["precision"]) == (4, 2.0, "bf16")
+
+    code, _, err = cli(capsys, "index", str(first), *common, "--frames", "6")  # said explicitly: refused
+    assert code == 2 and "this run's model has frames=6" in err, err
+
+    moved = tmp_path / "moved"
+    second.rename(moved)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code, out, err = cli(capsys, "index", str(first), str(second), *common)
+    assert code == 0, err
+    assert any(f"{second}: no such file or folder" in str(w.message) and "stay in the index" in str(w.message)
+               for w in caught)
+    assert json.loads(out)["total"] == 4 and json.loads(out)["removed"] == []  # b and c kept
+
+    code, out, err = cli(capsys, "index", str(moved), *common, "--prune")  # same videos, new place
+    report = json.loads(out)
+    assert code == 0, err
+    assert sorted(Path(p).name for p in report["removed"]) == ["b.mp4", "c.mp4"] and report["added"] == 2
+    assert sorted(Path(p).parent for p in tempme.search.VideoIndex.load(index).paths) == [
+        first.resolve(), first.resolve(), moved.resolve(), moved.resolve()]
+
+    for video in moved.iterdir():
+        video.unlink()
+    code, out, err = cli(capsys, "index", str(moved), *common)  # emptied: its videos go, no error
+    assert code == 0 and json.loads(out)["total"] == 2 and len(json.loads(out)["removed"]) == 2, err
+
+    code, _, err = cli(capsys, "index", str(tmp_path / "nowhere"), *common)  # nothing given exists
+    assert code == 2 and "nowhere: no such file or directory" in err
+
+
+def test_ctrl_c_while_indexing_says_what_was_saved(library, tmp_path, capsys, monkeypatch):
+    import tempme.search as search
+
+    embed, calls = search._embed_batch, []
+
+    def interrupted_second_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return embed(*args, **kwargs)
+
+    monkeypatch.setattr(search, "_embed_batch", interrupted_second_batch)
+    weights = write_clip_weights(tmp_path / "clip.pt", seed=0)
+    index = tmp_path / "lib.index"
+    code, _, err = cli(capsys, "index", str(library), "--weights", str(weights), "--out", str(index), "--frames", "4",
+                       "--batch-size", "1", "--device", "cpu", "--workers", "0")
+    assert code == 130
+    assert f"{index}: 1 video indexed, every finished batch saved; run the same command again" in err, err
+    assert "interrupted" in err
