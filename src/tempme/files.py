@@ -118,3 +118,35 @@ def file_stamp(path: str | os.PathLike) -> list[int] | None:
     except OSError:
         return None
     return [info.st_size, info.st_mtime_ns]
+
+
+class LockHeld(Exception):
+    """Another process holds the lock that ``exclusive_lock`` asked for."""
+
+
+@contextlib.contextmanager
+def exclusive_lock(target: str | os.PathLike) -> Iterator[None]:
+    """Hold an advisory lock for writing ``target`` during the block, or raise ``LockHeld`` at once if
+    another process (or another open of it in this one) holds it.
+
+    The lock is on a hidden file beside ``target`` (``.NAME.lock``), not on ``target`` itself, which
+    atomic writes replace. The operating system releases it when its holder exits, even when killed,
+    so no stale lock outlives a crash; the empty lock file stays. Where ``fcntl`` is missing
+    (Windows), nothing is locked.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LockHeld(str(target)) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

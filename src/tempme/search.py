@@ -18,7 +18,8 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from torch.utils.data import DataLoader
 
 from .data import RetrievalVideos, SkippedVideo, VideoItem, check_batch_fits_in_memory, collate_skip_bad
-from .files import atomic_file, check_readable, file_stamp
+from .files import LockHeld, atomic_file, check_readable, exclusive_lock, file_stamp
 from .model import TempMe
 from .precision import autocast
 from .progress import progress_bar
@@ -252,11 +253,15 @@ def index_settings(model: TempMe, framerate: float, precision: str) -> dict[str,
     }
 
 
+def _check_not_a_folder(path: Path) -> None:
+    if path.is_dir():
+        raise VideoIndexError(f"{path} is a folder; name the index file to write (e.g. {path / 'videos.index'})")
+
+
 def open_index(path: PathLike, model_info: dict[str, Any], settings: dict[str, Any], dim: int) -> VideoIndex:
     """The index at ``path`` if it exists and fits this model and these settings, else a new empty one."""
     path = Path(path)
-    if path.is_dir():
-        raise VideoIndexError(f"{path} is a folder; name the index file to write (e.g. {path / 'videos.index'})")
+    _check_not_a_folder(path)
     if not path.exists():
         return VideoIndex([], torch.empty(0, dim), model_info, settings)
     index = VideoIndex.load(path)
@@ -422,6 +427,19 @@ class _PendingResults:
         self.paths, self.embeddings, self.undecodable = [], [], []
 
 
+@contextmanager
+def _index_lock(path: PathLike) -> Iterator[None]:
+    _check_not_a_folder(Path(path))  # before a lock file is made beside it
+    try:
+        with exclusive_lock(path):
+            yield
+    except LockHeld:
+        raise VideoIndexError(
+            f"{path} is being updated by another process (another `tempme index` run?); run this again once it "
+            "has finished"
+        ) from None
+
+
 def _embed_batch(model: TempMe, batch: dict[str, Any], device: torch.device, precision: str) -> torch.Tensor:
     """``[B, D]`` L2-normalised float32 embeddings, on the CPU, of a batch from ``collate_skip_bad``."""
     with autocast(device, precision):
@@ -480,58 +498,61 @@ def update_index(
     }
     settings = index_settings(model, framerate, precision)
     check_batch_fits_in_memory(settings["frames"], settings["image_size"], batch_size)
-    index = open_index(path, model_info, settings, model.config.clip.embed_dim)
+    # Two runs on one index would each write what they embedded over the other's: the second waits
+    # for no one and stops at once.
+    with _index_lock(path):
+        index = open_index(path, model_info, settings, model.config.clip.embed_dim)
 
-    removed = _drop_deleted_videos(index, sources, prune)
-    new, changed, stamps = _videos_to_embed(index, videos)
-    todo = new + [Path(video) for video in changed]
-    retried = {str(video) for video in todo}
-    # A deleted video's reason goes with it; a retried video's is recorded again below if it still fails.
-    index.skipped = {
-        video: reason for video, reason in index.skipped.items() if Path(video).exists() and video not in retried
-    }
-    update = IndexUpdate(0, {}, removed, len(index))
-    if not todo:
-        if removed:
+        removed = _drop_deleted_videos(index, sources, prune)
+        new, changed, stamps = _videos_to_embed(index, videos)
+        todo = new + [Path(video) for video in changed]
+        retried = {str(video) for video in todo}
+        # A deleted video's reason goes with it; a retried video's is recorded again below if it still fails.
+        index.skipped = {
+            video: reason for video, reason in index.skipped.items() if Path(video).exists() and video not in retried
+        }
+        update = IndexUpdate(0, {}, removed, len(index))
+        if not todo:
+            if removed:
+                index.save(path)
+            return update
+
+        items = [VideoItem(str(video), video) for video in todo]  # the id is the path: it names skipped videos
+        dataset = RetrievalVideos(items, settings["frames"], framerate, settings["image_size"], backend=backend)
+        loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=list)
+        model.eval().to(device)
+        changed_set = set(changed)
+        pending = _PendingResults(stamps)
+        last_save = time.monotonic()
+        try:
+            with progress_bar(total=len(todo), desc="indexing videos", unit="video", disable=not progress) as bar:
+                for samples in loader:
+                    for sample in samples:
+                        if isinstance(sample, SkippedVideo):
+                            video = str(sample.path)
+                            index.skipped[video] = update.skipped[video] = sample.reason
+                            if video in changed_set:
+                                pending.add_undecodable(video)
+                            bar.set_postfix(undecodable=len(update.skipped), refresh=False)
+                    batch = collate_skip_bad(samples)
+                    if batch is not None:
+                        pending.add_embedded(batch["video_id"], _embed_batch(model, batch, device, precision))
+                        for video in batch["video_id"]:
+                            if video in changed_set:
+                                update.updated.append(video)
+                            else:
+                                update.added += 1
+                    bar.update(len(samples))
+                    if time.monotonic() - last_save >= save_every_s:
+                        pending.apply_to(index)
+                        index.save(path)
+                        last_save = time.monotonic()
+        finally:
+            # Also on Ctrl-C or an error: every finished batch is kept, and the next run carries on.
+            pending.apply_to(index)
             index.save(path)
+        update.total = len(index)
         return update
-
-    items = [VideoItem(str(video), video) for video in todo]  # the id is the path: it names skipped videos
-    dataset = RetrievalVideos(items, settings["frames"], framerate, settings["image_size"], backend=backend)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=list)
-    model.eval().to(device)
-    changed_set = set(changed)
-    pending = _PendingResults(stamps)
-    last_save = time.monotonic()
-    try:
-        with progress_bar(total=len(todo), desc="indexing videos", unit="video", disable=not progress) as bar:
-            for samples in loader:
-                for sample in samples:
-                    if isinstance(sample, SkippedVideo):
-                        video = str(sample.path)
-                        index.skipped[video] = update.skipped[video] = sample.reason
-                        if video in changed_set:
-                            pending.add_undecodable(video)
-                        bar.set_postfix(undecodable=len(update.skipped), refresh=False)
-                batch = collate_skip_bad(samples)
-                if batch is not None:
-                    pending.add_embedded(batch["video_id"], _embed_batch(model, batch, device, precision))
-                    for video in batch["video_id"]:
-                        if video in changed_set:
-                            update.updated.append(video)
-                        else:
-                            update.added += 1
-                bar.update(len(samples))
-                if time.monotonic() - last_save >= save_every_s:
-                    pending.apply_to(index)
-                    index.save(path)
-                    last_save = time.monotonic()
-    finally:
-        # Also on Ctrl-C or an error: every finished batch is kept, and the next run carries on.
-        pending.apply_to(index)
-        index.save(path)
-    update.total = len(index)
-    return update
 
 
 def encode_texts(

@@ -88,3 +88,16 @@ def test_a_temporary_directory_gets_the_mode_of_mkdir_or_of_its_target(tmp_path,
     target.mkdir()
     os.chmod(target, 0o705)
     assert mode(temporary_directory_for(target)) == 0o705
+
+
+def test_exclusive_lock_refuses_a_second_holder_until_released(tmp_path):
+    from tempme.files import LockHeld, exclusive_lock
+
+    target = tmp_path / "out" / "videos.index"  # its folder is made for the lock file
+    with exclusive_lock(target):
+        with pytest.raises(LockHeld):
+            with exclusive_lock(target):
+                pass
+    with exclusive_lock(target):  # released when the block ended
+        pass
+    assert not target.exists() and (tmp_path / "out" / ".videos.index.lock").exists()

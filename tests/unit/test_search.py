@@ -471,3 +471,40 @@ def test_videos_of_a_missing_source_stay_in_the_index(video_dir, tmp_path):
     assert (update.removed, update.total) == ([], 5)
     update = update_index(model, find_videos([other]), index_path, progress=False, sources=[other])
     assert (update.removed, update.total) == ([], 5)
+
+
+def test_an_index_that_cannot_be_written_is_an_os_error_naming_it(tmp_path, monkeypatch):
+    """safetensors reports a full disk as its own error, naming no file: the save names the index and
+    leaves the file there as it was."""
+    from safetensors import SafetensorError
+
+    import tempme.search as search
+
+    path = tmp_path / "videos.index"
+    index = search.VideoIndex(["/v/a.mp4"], torch.ones(1, 4), {"fingerprint": "f"}, {"frames": 4})
+    index.save(path)
+    before = path.read_bytes()
+
+    def disk_full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: No space left on device (os error 28)")
+
+    monkeypatch.setattr(search, "save_file", disk_full)
+    with pytest.raises(OSError, match=f"cannot write {path} .*No space left on device.*as it was before"):
+        search.VideoIndex(["/v/b.mp4"], torch.zeros(1, 4), {"fingerprint": "f"}, {"frames": 4}).save(path)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["videos.index"]
+
+
+def test_a_second_run_on_an_index_being_updated_stops_at_once(video_dir, tmp_path):
+    """Two runs on one index would each save what they embedded over the other's work: while one
+    holds the index's lock, another is refused before decoding anything, and the index is untouched."""
+    from tempme.files import exclusive_lock
+
+    model, index = tiny_model(), tmp_path / "videos.index"
+    videos = find_videos([video_dir])
+    update_index(model, videos[:1], index, progress=False)
+    before = index.read_bytes()
+    with exclusive_lock(index):  # what a run in another process holds while it works
+        with pytest.raises(VideoIndexError, match="being updated by another process"):
+            update_index(model, videos, index, progress=False)
+    assert index.read_bytes() == before
+    assert update_index(model, videos, index, progress=False).added == len(videos) - 1  # free again
