@@ -197,6 +197,8 @@ def read_index_header(path: PathLike) -> dict[str, Any]:
     """The header of the index at ``path`` (``paths``, ``model``, ``settings``, ``skipped``, ``files``),
     checked, without reading its embeddings."""
     path = Path(path)
+    if path.is_dir():
+        raise VideoIndexError(f"{path} is a folder, not an index file (`tempme index` writes those)")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such index file (build one with `tempme index`)")
     try:

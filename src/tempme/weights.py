@@ -22,6 +22,8 @@ import math
 import os
 import pickle
 import re
+import socket
+import urllib.parse
 import warnings
 import zipfile
 from collections.abc import Iterable, Mapping
@@ -714,11 +716,29 @@ def _hub_cached(repo: str) -> Path | None:
     return Path(found) if isinstance(found, str) else None
 
 
+def _hub_unreachable() -> str | None:
+    """Why the hub surely cannot be reached, found at once, or None. huggingface_hub retries a failed
+    connection for half a minute; a host name that does not resolve (no network) is known in a moment.
+    Behind a proxy the proxy resolves names, so nothing is checked."""
+    proxies = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+    if any(os.environ.get(variable) for variable in proxies):
+        return None
+    host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError as err:
+        return f"cannot resolve {host}: {err.strerror or err}"
+    return None
+
+
 def _download(repo: str, where: str) -> Path:
     try:
         from huggingface_hub import hf_hub_download
     except ImportError:
         raise WeightsError(f"huggingface_hub is not installed, so {repo} cannot be downloaded; {where}") from None
+    unreachable = _hub_unreachable()
+    if unreachable:
+        raise WeightsError(f"cannot download model.safetensors from {repo} ({unreachable}); {where}")
     try:
         return Path(hf_hub_download(repo_id=repo, filename="model.safetensors", cache_dir=str(cache_dir())))
     except Exception as err:  # noqa: BLE001 - network, HTTP and filesystem errors all end the same way

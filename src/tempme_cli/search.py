@@ -114,7 +114,7 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     search.add_argument("index", metavar="INDEX", help="an index file written by `tempme index`")
-    search.add_argument("queries", nargs="*", metavar="QUERY",
+    search.add_argument("queries", nargs="*", default=[], metavar="QUERY",
                         help="text to search for (quote each query); none: read queries from standard input, "
                         "one per line, answering each as it comes (the model loads once)")
     search.add_argument("-k", "--top", type=int, default=10, help="results per query (default: 10)")

@@ -171,6 +171,10 @@ def test_search_refuses_other_weights_and_bad_input(library, tmp_path, capsys):
     code, _, err = cli(capsys, "search", str(tmp_path / "missing.index"), "cats")
     assert code == 2 and "no such index file" in err
 
+    with pytest.raises(SystemExit):  # argparse's usage error; QUERY is optional (stdin), INDEX is not
+        main(["search"])
+    assert capsys.readouterr().err.endswith("the following arguments are required: INDEX\n")
+
     code, _, err = cli(capsys, "search", str(index), "cats", "-k", "0")
     assert code == 2 and "-k must be at least 1" in err
 

@@ -143,6 +143,8 @@ def test_search_refuses_bad_queries():
 def test_load_refuses_what_is_not_an_index(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such index file"):
         VideoIndex.load(tmp_path / "missing.index")
+    with pytest.raises(VideoIndexError, match=f"{tmp_path} is a folder, not an index file"):
+        VideoIndex.load(tmp_path)
     other = tmp_path / "weights.safetensors"
     save_file({"embeddings": torch.zeros(1, 2)}, str(other))
     with pytest.raises(VideoIndexError, match="written by something else"):

@@ -512,6 +512,7 @@ def test_download_goes_through_hf_hub(cache, monkeypatch, files):
         return str(files["hf_dir"] / "model.safetensors")
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    monkeypatch.setattr("socket.getaddrinfo", lambda host, port: [("a resolved", host, port)])  # online
     assert resolve_weights("ViT-B/32") == files["hf_dir"] / "model.safetensors"
     assert calls == [("openai/clip-vit-base-patch32", "model.safetensors", str(cache))]
 
@@ -523,6 +524,7 @@ def test_failed_download_says_where_to_put_the_file(cache, monkeypatch):
         raise OSError("network unreachable")
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_network)
+    monkeypatch.setattr("socket.getaddrinfo", lambda host, port: [("a resolved", host, port)])
     with pytest.raises(WeightsError) as info:
         resolve_weights("ViT-L/14")
     message = str(info.value)
@@ -549,3 +551,34 @@ def test_a_model_optimised_for_inference_is_not_saved_as_a_checkpoint(tmp_path):
     assert not (tmp_path / "folded.safetensors").exists()
     folded_lora = tempme.create_model(PRESET, frames=FRAMES).fold_lora()  # weights stay loadable
     assert save_weights(folded_lora, tmp_path / "lora-folded.safetensors").is_file()
+
+
+def test_a_hub_that_does_not_resolve_fails_at_once(cache, monkeypatch):
+    """huggingface_hub would retry for half a minute: a host name that does not resolve ends it at once,
+    and a proxy, which resolves names itself, is left to try."""
+    import socket
+
+    import huggingface_hub
+
+    def unresolvable(host, port):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr("socket.getaddrinfo", unresolvable)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", pytest.fail)
+    for variable in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HF_ENDPOINT"):
+        monkeypatch.delenv(variable, raising=False)
+    with pytest.raises(WeightsError) as info:
+        resolve_weights("ViT-B/32")
+    message = str(info.value)
+    assert "cannot resolve huggingface.co: Name or service not known" in message
+    assert str(cache / "ViT-B-32.pt") in message
+
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.example.org")
+    with pytest.raises(WeightsError, match="cannot resolve hub.example.org"):
+        resolve_weights("ViT-B/32")
+
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")
+    downloads = []
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda **kwargs: downloads.append(kwargs) or "x")
+    resolve_weights("ViT-B/32")
+    assert len(downloads) == 1
