@@ -23,14 +23,16 @@ from .common import check_finite, check_output_file, device_option, show_progres
 
 INDEX_EPILOG = textwrap.dedent(
     """\
-    Run it again on the same folders to add new videos: those already indexed are not decoded again,
-    videos whose file changed (size or modification time) are embedded again, and videos deleted
-    under a folder given here (whole subfolders too) are dropped; a given folder that is itself
-    missing (an unmounted drive) keeps its videos, with a warning, unless --prune. Unset --frames,
-    --framerate, --precision and --method follow the index. Symbolic links to folders are followed. An index
-    built by tempme before 2026-11-27 has another model fingerprint and is refused: write a new one.
-    An interrupted run keeps every finished batch (the index is written every --save-every seconds and on Ctrl-C); the next run
-    carries on. Undecodable videos are listed and tried again next time.
+    Run it again on the same folders to add new videos: those already indexed are not decoded
+    again, videos whose file changed (size or modification time) are embedded again, and videos
+    deleted under a folder given here (whole subfolders too) are dropped; a given folder that is
+    itself missing (an unmounted drive) keeps its videos, with a warning, unless --prune. Unset
+    --frames, --framerate, --precision and --method follow the index. Symbolic links to folders are
+    followed; hidden files and folders (names starting with a dot) are left out. An index built by
+    tempme before 2026-11-27 has another model fingerprint and is refused: write a new one. An
+    interrupted run keeps every finished batch (the index is written every --save-every seconds and
+    on Ctrl-C); the next run carries on. One run at a time per index: a second stops at once.
+    Undecodable videos are listed and tried again next time.
 
     examples:
       tempme index ~/videos --weights ViT-B/32 --out videos.index
