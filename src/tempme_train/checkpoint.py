@@ -63,6 +63,8 @@ class Progress:
     # set, or the epochs, the batch order and the learning-rate schedule silently change.
     train_size: int | None = None
     train_digest: str | None = None
+    # And of their captions, in order (None: not listed, or a checkpoint from before this field).
+    train_captions_digest: str | None = None
 
     def epoch(self, steps_per_epoch: int) -> int:
         return self.step // steps_per_epoch

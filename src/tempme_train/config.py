@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 import yaml
 
+from tempme.config import settings_ignored_by
 from tempme.files import atomic_file
 from tempme.data import check_batch_fits_in_memory
 
@@ -562,6 +563,11 @@ def check_values(config: TrainConfig, source: str) -> None:
         check_batch_fits_in_memory(data.max_frames, data.image_size, videos)
     except ValueError as error:
         require(False, "data.max_frames", data.max_frames, str(error))
+    # An ablation whose setting the method never reads would train the same model as without it.
+    for name in settings_ignored_by(model.method, model.schedule.as_kwargs()):
+        require(False, f"model.schedule.{name}", getattr(model.schedule, name),
+                f"no effect with model.method={model.method}{set_by('model.method', f'model.schedule.{name}')} "
+                "(it does not read that setting)")
     require(model.lora_rank >= 0, "model.lora_rank", model.lora_rank, "must be >= 0")
     require(data.framerate > 0, "data.framerate", data.framerate, "must be positive")
     require(data.num_workers >= 0, "data.num_workers", data.num_workers, "must be >= 0")

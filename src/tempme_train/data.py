@@ -190,6 +190,16 @@ def training_set_identity(dataset: Dataset) -> tuple[int, str | None]:
     return len(dataset), hashlib.sha256(json.dumps(ids).encode("utf-8")).hexdigest()[:16]
 
 
+def training_captions_digest(dataset: Dataset) -> str | None:
+    """A digest of the captions of the samples, in order, where the dataset lists them (see
+    :func:`training_set_identity`): the same videos with edited captions are another training set."""
+    pairs = getattr(dataset, "pairs", None)
+    if getattr(dataset, "items", None) is None or pairs is None:
+        return None
+    captions = [caption for _, caption in pairs]
+    return hashlib.sha256(json.dumps(captions).encode("utf-8")).hexdigest()[:16]
+
+
 def collate_train(samples: list[Any]) -> dict[str, Any]:
     """:func:`tempme.data.collate_skip_bad`, except that a batch of only undecodable videos still
     names them: ``{"skipped": [ids]}`` with no tensors (collate_skip_bad returns None, and the ids

@@ -50,7 +50,14 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import ConfigError, TrainConfig, load_config, save_config
-from .data import EpochSampler, TrainData, make_train_loader, prepare_training_data, training_set_identity
+from .data import (
+    EpochSampler,
+    TrainData,
+    make_train_loader,
+    prepare_training_data,
+    training_captions_digest,
+    training_set_identity,
+)
 from .distributed import (
     WorldInfo,
     all_gather_objects,
@@ -193,9 +200,9 @@ def stops_held(hold: bool = True):
         signal.raise_signal(received[0])  # to the handler that was there: KeyboardInterrupt for Ctrl-C
 
 
-def check_processes_agree(states: list[tuple[int, str | None, int, tuple[int, int, str] | None]]) -> None:
+def check_processes_agree(states: list[tuple[int, Any, int, tuple[int, int, str] | None]]) -> None:
     """Raise on every process unless all of them (``states`` in rank order: training pairs, their
-    digest, the step resumed from, :func:`eval_set_identity` of the validation set) start from the
+    digests, the step resumed from, :func:`eval_set_identity` of the validation set) start from the
     same data and step."""
     if any(state != states[0] for state in states):
         described = "; ".join(
@@ -308,15 +315,17 @@ class Trainer:
             self.scaler = torch.amp.GradScaler(self.device.type, enabled=optim.precision == "fp16")
             self.progress = Progress()
             train_size, train_digest = training_set_identity(self.data.train)
+            captions_digest = training_captions_digest(self.data.train)
             if checkpoint is not None:
                 # Adapters trained on another backbone would resume as if nothing had changed.
                 check_base(self.model, checkpoint / WEIGHTS, config.model.weights or f"the random {config.model.preset}")
                 self.progress = load_checkpoint(checkpoint, self.model, self.optimizer, self.scheduler, self.scaler)
-                _check_same_training_set(self.progress, train_size, train_digest, checkpoint)
+                _check_same_training_set(self.progress, train_size, train_digest, captions_digest, checkpoint)
         # Each process built its own data and read the checkpoint itself: if they disagree (videos
         # missing on one node), their collectives would wait on each other for good.
         val = eval_set_identity(self.data.val) if self.data.val is not None else None
-        check_processes_agree(all_gather_objects((train_size, train_digest, self.progress.step, val)))
+        digests = (train_digest, captions_digest)
+        check_processes_agree(all_gather_objects((train_size, digests, self.progress.step, val)))
         broadcast_parameters(self.params)  # a fresh run's random LoRA weights must start out equal
         # The compiled wrapper shares the model's parameters; only the training forward goes through it.
         self.forward_model = torch.compile(self.model, dynamic=False) if config.run.compile else self.model
@@ -324,6 +333,7 @@ class Trainer:
             self.data.train, self.sampler, config.data.num_workers, pin_memory=self.device.type == "cuda"
         )
         self.progress.train_size, self.progress.train_digest = train_size, train_digest
+        self.progress.train_captions_digest = captions_digest
         self.saved_step = self.progress.step  # the step last/ holds
         self.log = None
         with failures_shared():
@@ -347,6 +357,15 @@ class Trainer:
                 raise ValueError(
                     f"{self.output} already holds a training run ({checkpoint}); "
                     "pass --resume to continue it or choose another output folder"
+                )
+            # A run whose last/ was removed (to save space, say) still has trained weights that a new run
+            # would overwrite. (A run stopped before its first checkpoint left only its config and
+            # metrics: starting again over them loses nothing.)
+            weights = [name for name in (BEST, WEIGHTS) if (self.output / name).exists()]
+            if weights:
+                raise ValueError(
+                    f"{self.output} holds the trained weights of another run ({', '.join(weights)}) and no "
+                    "checkpoint to resume from; choose another output folder, or move them away first"
                 )
             return None
         if checkpoint is None:
@@ -681,7 +700,9 @@ def _check_validation_set(data: TrainData) -> None:
         )
 
 
-def _check_same_training_set(progress: Progress, size: int, digest: str | None, checkpoint: Path) -> None:
+def _check_same_training_set(
+    progress: Progress, size: int, digest: str | None, captions_digest: str | None, checkpoint: Path
+) -> None:
     """Refuse to resume on another training set: the steps index into it, so the epochs, the batch
     order and the learning-rate schedule would change without a word."""
     remedy = "restore the training data as it was, or start a new run in another output folder"
@@ -694,6 +715,12 @@ def _check_same_training_set(progress: Progress, size: int, digest: str | None, 
         raise ValueError(
             f"cannot resume: the training set has the {size} pairs {checkpoint} was trained on, but of other "
             f"videos; {remedy}"
+        )
+    recorded = progress.train_captions_digest
+    if recorded is not None and captions_digest is not None and recorded != captions_digest:
+        raise ValueError(
+            f"cannot resume: the training set has the videos {checkpoint} was trained on, but other captions "
+            f"(the annotation file was edited?); {remedy}"
         )
 
 

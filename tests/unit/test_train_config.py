@@ -254,3 +254,16 @@ def test_frames_whose_batch_cannot_fit_in_memory_are_refused_naming_data_max_fra
         config_from_dict(settings, "run.yaml")
     monkeypatch.setenv("WORLD_SIZE", "2")  # each process decodes 4 training videos, as for evaluation: 28 MiB
     config_from_dict(settings, "run.yaml")
+
+
+@pytest.mark.parametrize(
+    "name, override, setting",
+    [("msrvtt_b32_none", "model.schedule.tome_r=3", "tome_r"),
+     ("msrvtt_b32_tome", "model.schedule.merge_layers=[6, 8, 10]", "merge_layers"),
+     ("msrvtt_b32_tome", "model.schedule.cross_merge_ratio=0.5", "cross_merge_ratio")],
+)
+def test_an_ablation_the_method_ignores_is_refused(name, override, setting):
+    """It would train the same model as without the setting while config.yaml recorded the ablation."""
+    with pytest.raises(ConfigError, match=rf"model\.schedule\.{setting}: no effect with model\.method="):
+        load_config(name, [override])
+    load_config(name.replace("_none", "_tempme").replace("_tome", "_tempme"), [override])  # tempme reads it

@@ -196,6 +196,23 @@ def test_resume_refuses_other_settings_and_fresh_runs_refuse_old_folders(tmp_pat
     assert find_checkpoint(tmp_path) == tmp_path / LAST
 
 
+def test_a_fresh_run_refuses_a_folder_with_trained_weights_and_no_checkpoint(tmp_path):
+    """With last/ removed (to save space, say) the weights are still there: a new run would overwrite
+    them. Config and metrics alone (a run stopped before its first checkpoint) are started over."""
+    import shutil
+
+    data = synthetic_data()
+    train(tiny_config(tmp_path, optim={"epochs": 1}), data=data)
+    shutil.rmtree(tmp_path / LAST)
+    trained = sorted(path.name for path in tmp_path.glob("*.safetensors"))
+    assert trained
+    with pytest.raises(ValueError, match=f"holds the trained weights of another run \\({', '.join(trained)}\\)"):
+        train(tiny_config(tmp_path, optim={"epochs": 1}), data=data)
+    for name in trained:
+        (tmp_path / name).unlink()
+    assert train(tiny_config(tmp_path, optim={"epochs": 1}), data=data).steps > 0
+
+
 def test_undecodable_videos_are_skipped_and_reported(tmp_path):
     summary = train(tiny_config(tmp_path, optim={"epochs": 1}), data=synthetic_data(bad=3))
     assert summary.skipped_videos == ["v3"] and summary.steps == 2
@@ -899,3 +916,29 @@ def test_nan_gradients_with_a_finite_loss_stop_training_before_the_update(tmp_pa
     with pytest.raises(TrainingDiverged, match="diverged at step 2/6: the gradient norm is nan"):
         train(config, data=synthetic_data())
     assert find_checkpoint(tmp_path) is None  # nothing was saved with NaN weights
+
+
+def test_resume_refuses_the_same_videos_with_other_captions(tmp_path):
+    """An edited annotation file keeps the videos and the number of pairs; the step numbers would then
+    index into other captions. A checkpoint from before captions were recorded still resumes."""
+    from tempme_train.checkpoint import Progress
+    from tempme_train.data import training_captions_digest, training_set_identity
+    from tempme_train.train import _check_same_training_set
+
+    class Pairs:
+        def __init__(self, captions):
+            self.items = [tempme.data.VideoItem("v0", Path("v0.mp4")), tempme.data.VideoItem("v1", Path("v1.mp4"))]
+            self.pairs = list(enumerate(captions))
+
+        def __len__(self):
+            return len(self.pairs)
+
+    trained, edited = Pairs(["a dog runs", "a cat sleeps"]), Pairs(["a dog runs", "a cat eats"])
+    size, videos = training_set_identity(trained)
+    assert training_set_identity(edited) == (size, videos)  # same videos: only the captions tell them apart
+    progress = Progress(train_size=size, train_digest=videos, train_captions_digest=training_captions_digest(trained))
+    _check_same_training_set(progress, size, videos, training_captions_digest(trained), tmp_path)
+    with pytest.raises(ValueError, match="cannot resume: .* but other captions"):
+        _check_same_training_set(progress, size, videos, training_captions_digest(edited), tmp_path)
+    older = Progress(train_size=size, train_digest=videos)  # written before captions were recorded
+    _check_same_training_set(older, size, videos, training_captions_digest(edited), tmp_path)
