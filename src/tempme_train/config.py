@@ -2,7 +2,8 @@
 
 A config file has four sections (``model``, ``data``, ``optim``, ``run``) and an optional ``paper``
 block with the numbers the paper reports for that setting. A file may start from another one with
-``base: other.yaml`` (a path relative to the file); its values are merged in, the file's own win.
+``base: other.yaml`` (a path relative to the file, or a bundled config's name such as
+``msrvtt_b32_tempme``); its values are merged in, the file's own win.
 
 Every key and value is checked against the dataclass fields below: an unknown key or a value of the
 wrong type raises :class:`ConfigError` naming the file, the key path (``optim.lr``) and the value.
@@ -240,6 +241,26 @@ def _set_origin(origins: dict[str, str], key: str, source: str) -> None:
     origins[key] = source
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load``'s loader, except that a key given twice in one mapping is an error: PyYAML
+    keeps the last silently, so a second ``model:`` section would drop the first."""
+
+    def construct_mapping(self, node, deep=False):
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                if key in first_line:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"{key!r} is given twice (first on line {first_line[key] + 1})",
+                        key_node.start_mark,
+                    )
+                first_line[key] = key_node.start_mark.line
+            except TypeError:  # an unhashable key: the base class says so
+                pass
+        return super().construct_mapping(node, deep)
+
+
 def describe_yaml_error(error: yaml.YAMLError, text: str | None = None) -> str:
     """A YAML syntax error in one line, saying where (line and column, from 1) and what, e.g.
     ``invalid YAML at line 3, column 2: mapping values are not allowed here``. ``text``: the YAML read.
@@ -393,7 +414,7 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict[str, Any]
         reason = f"not UTF-8 text (byte 0x{raw[error.start]:02x} on line {line}); a config is a YAML text file"
         raise ConfigError(str(path), None, None, reason, show_value=False) from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a safe loader
     except yaml.YAMLError as error:
         raise ConfigError(str(path), None, None, describe_yaml_error(error, text), show_value=False) from None
     data = {} if data is None else data
@@ -405,8 +426,14 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict[str, Any]
     if not isinstance(base, str):
         raise ConfigError(str(path), "base", base, "expected a file name")
     base_path = path.parent / base
+    bundled = CONFIG_DIR / f"{base.removesuffix('.yaml')}.yaml"
+    if not base_path.is_file() and "/" not in base and bundled.is_file():
+        base_path = bundled  # a bundled config by name, as --config takes it
     if not base_path.is_file():
-        raise ConfigError(str(path), "base", base, f"file not found: {base_path}")
+        raise ConfigError(
+            str(path), "base", base,
+            f"file not found: {base_path} (a path relative to this file, or a bundled config: {', '.join(list_configs())})",
+        )
     base_data, origins = _read_yaml(base_path, chain + (path.resolve(),))
     for key in _setting_keys(data):
         _set_origin(origins, key, str(path))

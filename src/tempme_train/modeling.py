@@ -135,7 +135,10 @@ def find_trained_weights(path: str | Path) -> Path:
     for name in TRAINED_FILES:
         if (path / name).is_file():
             return path / name
-    raise FileNotFoundError(f"{path}: not a weights file, and holds none of {', '.join(TRAINED_FILES)}")
+    hint = ""
+    if (path / "last" / TRAINED_FILES[0]).is_file():  # a run stopped before its first validation
+        hint = f"; its last checkpoint is {path / 'last'} (name that)"
+    raise FileNotFoundError(f"{path}: not a weights file, and holds none of {', '.join(TRAINED_FILES)}{hint}")
 
 
 def train_config_of(weights_file: str | Path) -> TrainConfig:

@@ -267,3 +267,26 @@ def test_an_ablation_the_method_ignores_is_refused(name, override, setting):
     with pytest.raises(ConfigError, match=rf"model\.schedule\.{setting}: no effect with model\.method="):
         load_config(name, [override])
     load_config(name.replace("_none", "_tempme").replace("_tome", "_tempme"), [override])  # tempme reads it
+
+
+def test_a_key_given_twice_is_refused_naming_both_lines(tmp_path):
+    """PyYAML keeps the last of two equal keys: a second model section would silently drop the first."""
+    path = tmp_path / "twice.yaml"
+    path.write_text("model:\n  frames: 12\noptim:\n  lr: 1.0e-4\nmodel:\n  lora_rank: 4\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml: invalid YAML at line 5, column 1: 'model' is given twice "
+                                          r"\(first on line 1\)"):
+        load_config(path)
+    path.write_text("optim:\n  lr: 1.0e-4\n  lr: 2.0e-4\n")
+    with pytest.raises(ConfigError, match="'lr' is given twice"):
+        load_config(path)
+
+
+def test_base_may_name_a_bundled_config(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("base: msrvtt_b32_tome\noptim:\n  epochs: 1\n")
+    config = load_config(path)
+    assert config.model.method == "tome" and config.optim.epochs == 1
+    assert config.optim.lr == load_config("msrvtt_b32_tome").optim.lr
+    path.write_text("base: msrvtt_b32_tomee\n")
+    with pytest.raises(ConfigError, match="file not found: .*msrvtt_b32_tomee .*or a bundled config: .*msrvtt_b32_tome"):
+        load_config(path)

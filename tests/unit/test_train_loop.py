@@ -942,3 +942,16 @@ def test_resume_refuses_the_same_videos_with_other_captions(tmp_path):
         _check_same_training_set(progress, size, videos, training_captions_digest(edited), tmp_path)
     older = Progress(train_size=size, train_digest=videos)  # written before captions were recorded
     _check_same_training_set(older, size, videos, training_captions_digest(edited), tmp_path)
+
+
+def test_a_run_without_trained_weights_points_at_its_last_checkpoint(tmp_path):
+    """A run stopped before its first validation has no best.safetensors, only last/."""
+    from tempme_train.modeling import find_trained_weights
+
+    (tmp_path / "run" / "last").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="holds none of weights.safetensors, best.safetensors$"):
+        find_trained_weights(tmp_path / "run")
+    (tmp_path / "run" / "last" / "weights.safetensors").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=f"its last checkpoint is {tmp_path / 'run' / 'last'} \\(name that\\)"):
+        find_trained_weights(tmp_path / "run")
+    assert find_trained_weights(tmp_path / "run" / "last") == tmp_path / "run" / "last" / "weights.safetensors"
