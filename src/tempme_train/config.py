@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 import yaml
 
-from tempme.config import settings_ignored_by
+from tempme.config import TextConfig, settings_ignored_by
 from tempme.files import atomic_file
 from tempme.data import check_batch_fits_in_memory
 
@@ -581,6 +581,9 @@ def check_values(config: TrainConfig, source: str) -> None:
     }
     for key, value in positive.items():
         require(value > 0, key, value, "must be positive")
+    context = TextConfig().context_length  # every CLIP's, bundled or loaded
+    require(data.max_words <= context, "data.max_words", data.max_words,
+            f"CLIP's text encoder reads at most {context} tokens, start and end included")
     require(data.max_frames == model.frames, "data.max_frames", data.max_frames,
             f"must equal model.frames ({model.frames}{set_by('model.frames', 'data.max_frames')}): "
             "the merge schedule is built for that many frames")

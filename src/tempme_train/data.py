@@ -31,6 +31,7 @@ from tempme.data import (
     collate_skip_bad,
     load_dataset,
 )
+from tempme.data.annotations import UnknownSplit
 from tempme.tokenizer import tokenize
 
 from .config import HOLDOUT, ConfigError, DataSettings, TrainConfig
@@ -60,8 +61,9 @@ def frame_cache(data: DataSettings) -> FrameCache | None:
     return FrameCache(data.frame_cache, data.max_frames, data.framerate, data.image_size, data.backend)
 
 
-def load_split(data: DataSettings, split: str, source: str) -> list[VideoItem]:
-    """Parse one split's annotations; problems become a ConfigError naming the setting."""
+def load_split(data: DataSettings, split: str, source: str, split_key: str = "split") -> list[VideoItem]:
+    """Parse one split's annotations; problems become a ConfigError naming the setting (``split_key``:
+    the one that named ``split``, such as ``data.val_split``)."""
     # An empty path would name the working directory, which exists: say it is missing instead.
     if not data.anno_path:
         raise ConfigError(source, "data.anno_path", data.anno_path, "not set: the annotation folder (or file) is needed")
@@ -73,6 +75,8 @@ def load_split(data: DataSettings, split: str, source: str) -> list[VideoItem]:
         raise ConfigError(source, "data.video_dir", data.video_dir, "no such folder")
     try:
         items = load_dataset(data.dataset, data.anno_path, data.video_dir or None, split)
+    except UnknownSplit as error:
+        raise ConfigError(source, split_key, split, str(error), show_value=False) from error
     except AnnotationError as error:
         # The error names the file, field and value already; the folder would read as the bad value.
         raise ConfigError(
@@ -93,7 +97,7 @@ def train_and_val_items(data: DataSettings, source: str) -> tuple[list[VideoItem
     The custom format has no splits: its one file serves every split name, so a validation "split"
     would be the training pairs. That is warned about (once per call), naming the file.
     """
-    train_items = load_split(data, data.train_split, source)
+    train_items = load_split(data, data.train_split, source, "data.train_split")
     if data.val_split != HOLDOUT:
         if data.dataset == "custom":
             warnings.warn(
@@ -102,7 +106,7 @@ def train_and_val_items(data: DataSettings, source: str) -> tuple[list[VideoItem
                 "set data.val_split=holdout and data.holdout_videos=N to validate on N videos kept out of training",
                 stacklevel=2,
             )
-        return train_items, load_split(data, data.val_split, source)
+        return train_items, load_split(data, data.val_split, source, "data.val_split")
     if data.holdout_videos >= len(train_items):
         raise ConfigError(
             source, "data.holdout_videos", data.holdout_videos,
@@ -134,7 +138,10 @@ def prepare_training_data(config: TrainConfig, source: str = "config") -> TrainD
     missing videos; without ``strict`` missing videos are reported and left out.
     """
     data = config.data
-    train_items, val_items = train_and_val_items(data, source)
+    try:
+        train_items, val_items = train_and_val_items(data, source)
+    except ConfigError as error:  # named after the override that set the split or folder, if one did
+        raise config.blame(error) from None
     train_items, missing_train = drop_missing_videos(train_items, data.strict, "training", source)
     val_items, missing_val = drop_missing_videos(val_items, data.strict, "validation", source)
     check_validation_items(val_items, len(missing_val), data, source)
@@ -288,10 +295,12 @@ def make_train_loader(dataset: Dataset, sampler: EpochSampler, num_workers: int,
     )
 
 
-def split_items(data: DataSettings, split: str, source: str) -> list[VideoItem]:
+def split_items(data: DataSettings, split: str, source: str, split_key: str = "split") -> list[VideoItem]:
     """Videos of ``split``: ``val`` is the config's validation set (held out or not), ``test`` the
-    config's test split, anything else a split name of the dataset."""
+    config's test split, anything else a split name of the dataset (given by ``split_key``)."""
     if split == "val":
         return train_and_val_items(data, source)[1]
-    return load_split(data, data.test_split if split == "test" else split, source)
+    if split == "test":
+        return load_split(data, data.test_split, source, "data.test_split")
+    return load_split(data, split, source, split_key)
 

@@ -207,6 +207,14 @@ def test_bad_settings_fail_before_training_with_the_key_and_value(run_config, tm
     strict = ["train", "--config", str(run_config), "data.strict=true", "--output", str(tmp_path)]
     assert main(strict) == 2
     assert f"{MISSING}.mp4" in capsys.readouterr().err
+    # The setting that is wrong, not the one a later check happened to read.
+    assert main(["train", "--config", str(run_config), "data.max_words=100", "--output", str(tmp_path)]) == 2
+    assert ("command-line override 'data.max_words=100': data.max_words: CLIP's text encoder reads at most 77 "
+            "tokens") in capsys.readouterr().err
+    assert main(["train", "--config", str(run_config), "data.val_split=dev", "--output", str(tmp_path)]) == 2
+    assert "command-line override 'data.val_split=dev': data.val_split: " in capsys.readouterr().err
+    assert main(["eval", "--config", str(run_config), "--split", "bogus", "--no-cache"]) == 2
+    assert "--split: " in capsys.readouterr().err
 
 
 # --- bad input and unusable places fail in one line, before the work ---------------------------

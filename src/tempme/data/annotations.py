@@ -236,10 +236,14 @@ def _expect(condition: bool, path: Path, reason: str, **where: Any) -> None:
         raise AnnotationError(path, reason, **where)
 
 
+class UnknownSplit(AnnotationError):
+    """A split name the dataset does not have (the annotations themselves may be fine)."""
+
+
 def _check_split(split: str, choices: Iterable[str], dataset: str, anno_dir: Path) -> None:
     choices = list(choices)
     if split not in choices:
-        raise AnnotationError(anno_dir, f"unknown {dataset} split {split!r}; choose one of {choices}")
+        raise UnknownSplit(anno_dir, f"unknown {dataset} split {split!r}; choose one of {choices}")
 
 
 def _index_files(video_dir: Path, key: Callable[[str], str]) -> dict[str, Path]:
