@@ -159,7 +159,9 @@ class TestMsrvtt:
         (tmp_path / "MSRVTT_train.9k.csv").write_text("video_id\nvideo0\nvideo8\n")
         sentences = {"sentences": [{"caption": "x", "video_id": "video0"}]}
         (tmp_path / "MSRVTT_data.json").write_text(json.dumps(sentences))
-        with pytest.warns(UserWarning, match=r"1 video\(s\).*video8"):
+        listed_in, no_captions_in = tmp_path / "MSRVTT_train.9k.csv", tmp_path / "MSRVTT_data.json"
+        with pytest.warns(UserWarning, match=rf"1 video\(s\) listed in {listed_in} have no captions in "
+                                             rf"{no_captions_in} .*video8"):
             items = load_msrvtt(tmp_path, tmp_path, "train")
         assert [item.video_id for item in items] == ["video0"]
 

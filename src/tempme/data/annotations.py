@@ -268,11 +268,12 @@ def _group_captions(pairs: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
     return grouped
 
 
-def _warn_without_captions(listed: Sequence[str], captions: Container[str], source: Path) -> None:
+def _warn_without_captions(listed: Sequence[str], list_path: Path, captions: Container[str], source: Path) -> None:
+    """Warn of the videos that ``list_path`` lists but ``source`` gives no captions for."""
     lacking = [video_id for video_id in listed if video_id not in captions]
     if lacking:
         warnings.warn(
-            f"{len(lacking)} video(s) listed in {source} have no captions and are left out "
+            f"{len(lacking)} video(s) listed in {list_path} have no captions in {source} and are left out "
             f"(first: {lacking[:_MISSING_LISTED]})",
             stacklevel=3,
         )
@@ -330,7 +331,7 @@ def load_msrvtt(anno_dir: str | os.PathLike, video_dir: str | os.PathLike, split
         json_path = _require_file(anno_dir / MSRVTT_DATA_JSON, "MSRVTT sentences file")
         wanted = set(video_ids)
         captions = _group_captions(pair for pair in _msrvtt_sentences(json_path) if pair[0] in wanted)
-        _warn_without_captions(video_ids, captions, json_path)
+        _warn_without_captions(video_ids, csv_path, captions, json_path)
     return [
         VideoItem(video_id, _msrvtt_path(video_dir, video_id), captions[video_id])
         for video_id in dict.fromkeys(video_ids)
@@ -378,7 +379,7 @@ def load_didemo(anno_dir: str | os.PathLike, video_dir: str | os.PathLike, split
     json_path = _require_file(anno_dir / f"{split}_data.json", f"DiDeMo {split} annotations")
     wanted = set(listed)
     descriptions = _group_captions(pair for pair in _didemo_descriptions(json_path) if pair[0] in wanted)
-    _warn_without_captions(listed, descriptions, json_path)
+    _warn_without_captions(listed, list_path, descriptions, json_path)
     files = _index_files(video_dir, lambda name: name)
     start, end = DIDEMO_WINDOW
     return [
@@ -445,13 +446,14 @@ def load_activitynet(
     anno_dir, video_dir = Path(anno_dir), Path(video_dir)
     _check_split(split, ACTIVITYNET_SPLITS, "ActivityNet", anno_dir)
     ids_name, data_name = ACTIVITYNET_SPLITS[split]
-    keys = _activitynet_ids(_require_file(anno_dir / ids_name, f"ActivityNet {split} ids"))
+    ids_path = _require_file(anno_dir / ids_name, f"ActivityNet {split} ids")
+    keys = _activitynet_ids(ids_path)
     data_path = _require_file(anno_dir / data_name, f"ActivityNet {split} annotations")
     data = _read_json(data_path)
     _expect(
         isinstance(data, dict), data_path, "expected an object keyed by video id", value=type(data).__name__
     )
-    _warn_without_captions(keys, data, data_path)
+    _warn_without_captions(keys, ids_path, data, data_path)
     files = _index_files(video_dir, _file_stem)
     items = []
     for key in dict.fromkeys(keys):
