@@ -19,3 +19,8 @@ def progress_bar(iterable: Iterable | None = None, **options) -> tqdm:
         # A second bar would be drawn below the first with cursor-up codes: garbage in a log file.
         options.setdefault("position", 0)
     return tqdm(iterable, **options)
+
+
+def print_above_bars(message: str) -> None:
+    """Print a line to stderr above any progress bar, which is drawn again below it."""
+    tqdm.write(message, file=sys.stderr)

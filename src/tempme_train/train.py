@@ -36,7 +36,7 @@ import torch
 from tempme import TempMe, devices
 from tempme.files import check_folder
 from tempme.precision import autocast
-from tempme.progress import progress_bar
+from tempme.progress import print_above_bars, progress_bar
 from tempme.retrieval import contrastive_loss
 
 from .checkpoint import (
@@ -286,6 +286,14 @@ def compute_gradients(
     return loss.item()
 
 
+def validation_line(step: int, total_steps: int, results: dict[str, Any], best: bool) -> str:
+    """One line for a validation's results, printed while training runs (metrics.jsonl has them all)."""
+    t2v, v2t = results["t2v"], results["v2t"]
+    recalls = " ".join(f"R@{k} {t2v[f'R{k}']:.1f}" for k in (1, 5, 10))
+    note = " (best so far)" if best else ""
+    return f"validation at step {step}/{total_steps}: text-to-video {recalls}, video-to-text R@1 {v2t['R1']:.1f}{note}"
+
+
 class Trainer:
     """Holds one run's model, optimizer, data and progress; :meth:`run` trains to the end."""
 
@@ -497,6 +505,8 @@ class Trainer:
         r1 = results["t2v"]["R1"]
         self.summary.last_val = results
         best = self.progress.best_r1 is None or r1 > self.progress.best_r1
+        if self.world.is_main and self.config.run.progress:
+            print_above_bars(validation_line(self.progress.step, self.total_steps, results, best))
         with failures_shared():  # the others wait for rank 0's files, and stop if writing them fails
             if best:
                 # The file first: interrupted in between, progress still names the previous best.

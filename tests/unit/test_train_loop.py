@@ -955,3 +955,17 @@ def test_a_run_without_trained_weights_points_at_its_last_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match=f"its last checkpoint is {tmp_path / 'run' / 'last'} \\(name that\\)"):
         find_trained_weights(tmp_path / "run")
     assert find_trained_weights(tmp_path / "run" / "last") == tmp_path / "run" / "last" / "weights.safetensors"
+
+
+def test_validations_are_printed_while_training(tmp_path, capsys):
+    """R@k is on the screen as training goes, not only in metrics.jsonl once it has ended."""
+    config = tiny_config(tmp_path, optim={"epochs": 2}, run={"progress": True})
+    train(config, data=synthetic_data())
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("validation at step")]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    validations = [r for r in records if r["kind"] == "val"]
+    assert len(lines) == len(validations) == 2, lines
+    first = validations[0]["t2v"]
+    assert lines[0].startswith(f"validation at step {validations[0]['step']}/")
+    assert f"text-to-video R@1 {first['R1']:.1f} R@5 {first['R5']:.1f} R@10 {first['R10']:.1f}" in lines[0]
+    assert lines[0].endswith("(best so far)")
