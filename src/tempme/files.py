@@ -6,6 +6,7 @@ import contextlib
 import os
 import stat
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -132,7 +133,7 @@ def exclusive_lock(target: str | os.PathLike) -> Iterator[None]:
     The lock is on a hidden file beside ``target`` (``.NAME.lock``), not on ``target`` itself, which
     atomic writes replace. The operating system releases it when its holder exits, even when killed,
     so no stale lock outlives a crash; the empty lock file stays. Where ``fcntl`` is missing
-    (Windows), nothing is locked.
+    (Windows) or the file system has no locks, nothing is locked (the latter with a warning).
     """
     try:
         import fcntl
@@ -141,11 +142,17 @@ def exclusive_lock(target: str | os.PathLike) -> Iterator[None]:
         return
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{target.name}.lock", "a") as handle:
+    lock_file = target.parent / f".{target.name}.lock"
+    with open(lock_file, "a") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise LockHeld(str(target)) from None
+        except OSError as error:  # a file system without locks (some NFS, CIFS, FUSE): go on unlocked
+            warnings.warn(f"cannot lock {lock_file} ({error.strerror or error}): nothing stops two runs writing "
+                          f"{target} at once")
+            yield
+            return
         try:
             yield
         finally:

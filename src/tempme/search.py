@@ -18,6 +18,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -286,7 +287,9 @@ def open_index(path: PathLike, model_info: dict[str, Any], settings: dict[str, A
     return index
 
 
-def deleted(video: str, sources: Sequence[PathLike] | None = None, prune: bool = False) -> bool:
+def deleted(
+    video: str, sources: Sequence[PathLike] | None = None, prune: bool = False, absent: Iterable[Path] = ()
+) -> bool:
     """Whether an indexed video's file was deleted, so that it leaves the index.
 
     ``prune``: every missing file counts as deleted, wherever it was (a folder moved or removed for
@@ -295,7 +298,9 @@ def deleted(video: str, sources: Sequence[PathLike] | None = None, prune: bool =
     ``sources``: the files and folders this run was given (``tempme index FOLDER ...``). A missing
     video inside a source folder that exists was deleted, however deep: a deleted subfolder takes its
     videos with it. A missing source folder may be a drive that is not mounted now: its videos stay
-    in the index rather than be dropped and embedded all over again.
+    in the index rather than be dropped and embedded all over again. So do those of the folders in
+    ``absent`` (resolved), which exist but hold no video now: an unmounted drive often leaves its
+    mount point behind as an empty folder (see :func:`absent_sources`).
 
     Videos outside every source folder (indexed by an earlier run from other folders, or reached
     through a symlinked subfolder: indexed paths are resolved), and all videos when ``sources`` is
@@ -311,8 +316,28 @@ def deleted(video: str, sources: Sequence[PathLike] | None = None, prune: bool =
         # Indexed paths are resolved (find_videos resolves links), so the source must be too.
         root = Path(source).expanduser().resolve()
         if path.is_relative_to(root) and root != path:
-            return root.is_dir()  # a folder that is not there (now) keeps its videos
+            return root.is_dir() and root not in absent  # a folder not there (now) keeps its videos
     return path.parent.is_dir()
+
+
+def absent_sources(
+    index: VideoIndex, sources: Sequence[PathLike], videos: Sequence[PathLike], prune: bool
+) -> set[Path]:
+    """The source folders, resolved, that hold videos of ``index`` but where this run found none
+    (``videos``): missing, or empty now. Their videos stay (see :func:`deleted`) unless ``prune``;
+    each is warned about, saying which."""
+    found = [Path(video) for video in videos]
+    absent = set()
+    for source in sources:
+        root = Path(source).expanduser().resolve()
+        indexed = sum(1 for video in index.paths if Path(video).is_relative_to(root) and Path(video) != root)
+        if not indexed or any(video.is_relative_to(root) for video in found):
+            continue  # a deleted file given by name is reported as deleted, not warned about
+        why = "holds no videos now (an empty mount point?)" if root.is_dir() else "is not there (now)"
+        fate = "leave the index (--prune)" if prune else "stay in the index (--prune drops them)"
+        warnings.warn(f"{source} {why}: the {indexed} video(s) indexed from it {fate}", stacklevel=3)
+        absent.add(root)
+    return set() if prune else absent
 
 
 def check_index_options(
@@ -353,10 +378,12 @@ def _drop_videos(index: VideoIndex, videos: set[str]) -> None:
         index.files.pop(video, None)
 
 
-def _drop_deleted_videos(index: VideoIndex, sources: Sequence[PathLike] | None, prune: bool) -> list[str]:
+def _drop_deleted_videos(
+    index: VideoIndex, sources: Sequence[PathLike] | None, prune: bool, absent: set[Path]
+) -> list[str]:
     """Take the videos whose files were deleted (see :func:`deleted`) out of ``index``; returns their
     paths, in index order."""
-    removed = [video for video in index.paths if deleted(video, sources, prune)]
+    removed = [video for video in index.paths if deleted(video, sources, prune, absent)]
     _drop_videos(index, set(removed))
     return removed
 
@@ -505,7 +532,8 @@ def update_index(
     with _index_lock(path):
         index = open_index(path, model_info, settings, model.config.clip.embed_dim)
 
-        removed = _drop_deleted_videos(index, sources, prune)
+        absent = absent_sources(index, sources or (), videos, prune)
+        removed = _drop_deleted_videos(index, sources, prune, absent)
         new, changed, stamps = _videos_to_embed(index, videos)
         todo = new + [Path(video) for video in changed]
         retried = {str(video) for video in todo}

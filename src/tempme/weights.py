@@ -720,7 +720,7 @@ def _hub_unreachable() -> str | None:
     """Why the hub surely cannot be reached, found at once, or None. huggingface_hub retries a failed
     connection for half a minute; a host name that does not resolve (no network) is known in a moment.
     Behind a proxy the proxy resolves names, so nothing is checked."""
-    proxies = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+    proxies = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
     if any(os.environ.get(variable) for variable in proxies):
         return None
     host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname

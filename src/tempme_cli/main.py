@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import select
 import sys
 import warnings
 
@@ -64,6 +65,16 @@ def describe_os_error(error: OSError) -> str:
     return str(error)
 
 
+def stdout_reader_gone() -> bool:
+    """Whether standard output is a pipe whose reading end was closed (the poll reports an error)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll (Windows), or no real stdout
+        return False
+
+
 def one_line_warning(message, category, filename, lineno, line=None) -> str:
     """Warnings as the user's messages they are: Python's default adds the file, line and source
     line of the code that warned (often inside torch's data loader), which say nothing to a user."""
@@ -87,10 +98,15 @@ def main(argv: list[str] | None = None) -> int:
     except (CLIError, ValueError, TypeError) as error:
         print(f"tempme {args.command}: error: {error}", file=sys.stderr)
         return 2
-    except BrokenPipeError:
+    except BrokenPipeError as error:
+        if not stdout_reader_gone():  # another pipe: an error like any other
+            print(f"tempme {args.command}: error: {describe_os_error(error)}", file=sys.stderr)
+            return 2
         # The reader of our output went away (`tempme search ... | head`): stop quietly, as Unix tools
         # do. Standard output now leads nowhere, so that flushing it at exit raises nothing either.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
         return 141  # 128 + SIGPIPE: what a shell reports for a tool that SIGPIPE stopped
     except OSError as error:  # a file or folder that cannot be read or written: one line, not a traceback
         print(f"tempme {args.command}: error: {describe_os_error(error)}", file=sys.stderr)

@@ -26,12 +26,12 @@ INDEX_EPILOG = textwrap.dedent(
     Run it again on the same folders to add new videos: those already indexed are not decoded
     again, videos whose file changed (size or modification time) are embedded again, and videos
     deleted under a folder given here (whole subfolders too) are dropped; a given folder that is
-    itself missing (an unmounted drive) keeps its videos, with a warning, unless --prune. Unset
+    missing or empty now (an unmounted drive) keeps its videos, with a warning, unless --prune. Unset
     --frames, --framerate, --precision and --method follow the index. Symbolic links to folders are
     followed; hidden files and folders (names starting with a dot) are left out. An index built by
     tempme before 2026-11-27 has another model fingerprint and is refused: write a new one. An
     interrupted run keeps every finished batch (the index is written every --save-every seconds and
-    on Ctrl-C); the next run carries on. One run at a time per index: a second stops at once.
+    on Ctrl-C); the next run carries on. One run at a time per index: a second stops before it embeds.
     Undecodable videos are listed and tried again next time.
 
     examples:
@@ -96,9 +96,9 @@ def register(subparsers) -> None:
                        help="auto: the index's own, else bf16 on a GPU and fp32 on the CPU (an index keeps the "
                        "precision it was built with)")
     index.add_argument("--prune", action="store_true",
-                       help="also drop indexed videos under a missing given folder, and missing ones anywhere "
-                       "(for a folder moved or removed for good; without it, a missing folder may be an "
-                       "unmounted drive and keeps its videos)")
+                       help="drop every indexed video whose file is missing, under a missing or empty given "
+                       "folder too (for a folder moved or removed for good; without it, such a folder may be "
+                       "an unmounted drive and keeps its videos)")
     index.add_argument("--workers", type=int, default=default_workers(),
                        help=f"decoding processes (default: {default_workers()}, half the cores)")
     index.add_argument("--backend", choices=("pyav", "decord"), default="pyav", help="video decoder (default: pyav)")
@@ -167,18 +167,14 @@ def saved_count(path: str) -> int:
 
 def find_index_sources(sources: list[str], index_exists: bool, prune: bool) -> list[Path]:
     """The videos of ``sources`` (``find_videos``). When updating an existing index, a missing source
-    (an unmounted drive, or a folder moved for good: see --prune) is passed over with a warning while
-    another source is there (or --prune has work to do), and finding no video is no error: the run
-    still drops deleted videos."""
+    (an unmounted drive, or a folder moved for good: see --prune) is passed over while another source
+    is there (or --prune has work to do), and finding no video is no error: ``update_index`` says
+    what becomes of the videos indexed from such sources."""
     from tempme.search import find_videos
 
     present = [source for source in sources if Path(source).expanduser().exists()]
     if not index_exists or not (present or prune):
         return find_videos(sources)  # the error that names the first missing source
-    for source in sources:
-        if source not in present:
-            kept = "are dropped (--prune)" if prune else "stay in the index (--prune drops them)"
-            warnings.warn(f"{source}: no such file or folder; the videos indexed from it {kept}")
     return find_videos(present, allow_empty=True)
 
 

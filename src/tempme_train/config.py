@@ -248,6 +248,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         first_line: dict[Any, int] = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`, expanded by the base class
+                continue
             key = self.construct_object(key_node, deep=True)
             try:
                 if key in first_line:
@@ -426,9 +428,9 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict[str, Any]
     if not isinstance(base, str):
         raise ConfigError(str(path), "base", base, "expected a file name")
     base_path = path.parent / base
-    bundled = CONFIG_DIR / f"{base.removesuffix('.yaml')}.yaml"
-    if not base_path.is_file() and "/" not in base and bundled.is_file():
-        base_path = bundled  # a bundled config by name, as --config takes it
+    bundled = CONFIG_DIR / f"{base}.yaml"
+    if not base_path.is_file() and Path(base).name == base and not Path(base).suffix and bundled.is_file():
+        base_path = bundled  # a bundled config by name (no folder, no .yaml), as --config takes it
     if not base_path.is_file():
         raise ConfigError(
             str(path), "base", base,
@@ -556,6 +558,21 @@ def save_config(config: TrainConfig, path: str | Path) -> None:
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
+def check_schedule_is_read(config: TrainConfig, source: str) -> None:
+    """Refuse schedule settings that ``model.method`` never reads: an ablation that would train the
+    same model as without them, while ``config.yaml`` recorded it. For new runs only: the configs
+    stored with runs trained before this check must still load."""
+    model = config.model
+    for name in settings_ignored_by(model.method, model.schedule.as_kwargs()):
+        key = f"model.schedule.{name}"
+        method_from = config.source_of("model.method", source)
+        set_by = f", set by {method_from}" if method_from != config.source_of(key, source) else ""
+        raise config.blame(ConfigError(
+            source, key, getattr(model.schedule, name),
+            f"no effect with model.method={model.method}{set_by} (it does not read that setting)",
+        ))
+
+
 def check_values(config: TrainConfig, source: str) -> None:
     """Settings that type-check but cannot work together."""
     model, data, optim, run = config.model, config.data, config.optim, config.run
@@ -593,11 +610,6 @@ def check_values(config: TrainConfig, source: str) -> None:
         check_batch_fits_in_memory(data.max_frames, data.image_size, videos)
     except ValueError as error:
         require(False, "data.max_frames", data.max_frames, str(error))
-    # An ablation whose setting the method never reads would train the same model as without it.
-    for name in settings_ignored_by(model.method, model.schedule.as_kwargs()):
-        require(False, f"model.schedule.{name}", getattr(model.schedule, name),
-                f"no effect with model.method={model.method}{set_by('model.method', f'model.schedule.{name}')} "
-                "(it does not read that setting)")
     require(model.lora_rank >= 0, "model.lora_rank", model.lora_rank, "must be >= 0")
     require(data.framerate > 0, "data.framerate", data.framerate, "must be positive")
     require(data.num_workers >= 0, "data.num_workers", data.num_workers, "must be >= 0")

@@ -204,7 +204,8 @@ def training_captions_digest(dataset: Dataset) -> str | None:
     if getattr(dataset, "items", None) is None or pairs is None:
         return None
     captions = [caption for _, caption in pairs]
-    return hashlib.sha256(json.dumps(captions).encode("utf-8")).hexdigest()[:16]
+    # repr for what JSON cannot write (a custom dataset's caption objects).
+    return hashlib.sha256(json.dumps(captions, default=repr).encode("utf-8")).hexdigest()[:16]
 
 
 def collate_train(samples: list[Any]) -> dict[str, Any]:

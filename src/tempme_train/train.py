@@ -49,7 +49,7 @@ from .checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from .config import ConfigError, TrainConfig, load_config, save_config
+from .config import ConfigError, TrainConfig, check_schedule_is_read, load_config, save_config
 from .data import (
     EpochSampler,
     TrainData,
@@ -306,6 +306,8 @@ class Trainer:
             if world.is_main:
                 check_folder(self.output, f"{source}: run.output_dir")
             checkpoint = self._check_output(resume, source)
+            if checkpoint is None:
+                check_schedule_is_read(config, source)
             if config.run.tensorboard:
                 require_tensorboard(source)
             self.data = data if data is not None else prepare_training_data(config, source)

@@ -179,3 +179,13 @@ def test_a_reader_that_stops_early_ends_the_command_quietly():
     process.stdout.close()  # at once: the command is still importing torch, long before it writes
     _, err = process.communicate(timeout=120)
     assert process.returncode == 141 and b"error" not in err.lower() and b"Traceback" not in err, err
+
+
+def test_a_broken_pipe_that_is_not_standard_output_is_an_error(monkeypatch, capsys):
+    """Only a closed standard output ends a command quietly; another pipe's failure is reported."""
+    def writes_to_a_closed_pipe(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr("tempme_cli.flops.run", writes_to_a_closed_pipe)
+    assert main(["flops"]) == 2
+    assert "tempme flops: error: [Errno 32] Broken pipe" in capsys.readouterr().err

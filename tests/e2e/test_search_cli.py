@@ -234,9 +234,8 @@ def test_reindexing_embeds_changed_videos_again_and_drops_deleted_subfolders(tmp
 
 def test_updating_an_index_follows_its_settings_and_copes_with_missing_folders(tmp_path, capsys):
     """Updating needs no more options than building did: frames, framerate and precision come from the
-    index. A missing folder beside others is passed over with a warning (its videos stay: it may be
-    an unmounted drive), an emptied folder loses its videos, and --prune drops those of a folder
-    moved for good."""
+    index. A missing or emptied folder is passed over with a warning (its videos stay: it may be an
+    unmounted drive), and --prune drops the videos of a folder moved for good."""
     first, second = tmp_path / "first", tmp_path / "second"
     write_video(first / "a.mp4", num_frames=20)
     write_video(second / "b.mp4", num_frames=30)
@@ -263,8 +262,8 @@ def test_updating_an_index_follows_its_settings_and_copes_with_missing_folders(t
         warnings.simplefilter("always")
         code, out, err = cli(capsys, "index", str(first), str(second), *common)
     assert code == 0, err
-    assert any(f"{second}: no such file or folder" in str(w.message) and "stay in the index" in str(w.message)
-               for w in caught)
+    assert [str(w.message) for w in caught if str(second) in str(w.message)] == [
+        f"{second} is not there (now): the 2 video(s) indexed from it stay in the index (--prune drops them)"]
     assert json.loads(out)["total"] == 4 and json.loads(out)["removed"] == []  # b and c kept
 
     code, out, err = cli(capsys, "index", str(moved), *common, "--prune")  # same videos, new place
@@ -276,8 +275,24 @@ def test_updating_an_index_follows_its_settings_and_copes_with_missing_folders(t
 
     for video in moved.iterdir():
         video.unlink()
-    code, out, err = cli(capsys, "index", str(moved), *common)  # emptied: its videos go, no error
+    # Emptied, as an unmounted drive's mount point is: its videos stay, with a warning, unless --prune.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code, out, err = cli(capsys, "index", str(moved), *common)
+    assert code == 0 and json.loads(out)["total"] == 4 and json.loads(out)["removed"] == [], err
+    assert [str(w.message) for w in caught if str(moved) in str(w.message)] == [
+        f"{moved} holds no videos now (an empty mount point?): the 2 video(s) indexed from it stay in the index "
+        "(--prune drops them)"]
+    code, out, err = cli(capsys, "index", str(moved), *common, "--prune")
     assert code == 0 and json.loads(out)["total"] == 2 and len(json.loads(out)["removed"]) == 2, err
+
+    deleted_file = first / "d.mp4"  # a file given by name and deleted: reported as deleted, no warning
+    deleted_file.unlink()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code, out, err = cli(capsys, "index", str(deleted_file), str(first / "a.mp4"), *common)
+    assert code == 0 and json.loads(out)["removed"] == [str(deleted_file.resolve())], err
+    assert not [w for w in caught if str(deleted_file) in str(w.message)]
 
     code, _, err = cli(capsys, "index", str(tmp_path / "nowhere"), *common)  # nothing given exists
     assert code == 2 and "nowhere: no such file or directory" in err

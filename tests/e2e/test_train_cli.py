@@ -215,6 +215,11 @@ def test_bad_settings_fail_before_training_with_the_key_and_value(run_config, tm
     assert "command-line override 'data.val_split=dev': data.val_split: " in capsys.readouterr().err
     assert main(["eval", "--config", str(run_config), "--split", "bogus", "--no-cache"]) == 2
     assert "--split: " in capsys.readouterr().err
+    ablation = ["train", "--config", str(run_config), "model.method=none", "model.schedule.tome_r=3",
+                "--output", str(tmp_path / "ablation")]
+    assert main(ablation) == 2
+    assert ("command-line override 'model.schedule.tome_r=3': model.schedule.tome_r: no effect with "
+            "model.method=none, set by command-line override 'model.method=none'") in capsys.readouterr().err
 
 
 # --- bad input and unusable places fail in one line, before the work ---------------------------

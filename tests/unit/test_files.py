@@ -101,3 +101,21 @@ def test_exclusive_lock_refuses_a_second_holder_until_released(tmp_path):
     with exclusive_lock(target):  # released when the block ended
         pass
     assert not target.exists() and (tmp_path / "out" / ".videos.index.lock").exists()
+
+
+def test_exclusive_lock_goes_on_unlocked_where_the_file_system_has_no_locks(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    from tempme.files import exclusive_lock
+
+    def no_locks(handle, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    ran = []
+    with pytest.warns(UserWarning, match=r"cannot lock .*\.videos\.index\.lock \(No locks available\): nothing "
+                                         r"stops two runs"):
+        with exclusive_lock(tmp_path / "videos.index"):
+            ran.append(True)
+    assert ran == [True]

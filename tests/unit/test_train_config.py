@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from tempme_train.config import (
+    check_schedule_is_read,
     ConfigError,
     TrainConfig,
     apply_overrides,
@@ -263,10 +264,13 @@ def test_frames_whose_batch_cannot_fit_in_memory_are_refused_naming_data_max_fra
      ("msrvtt_b32_tome", "model.schedule.cross_merge_ratio=0.5", "cross_merge_ratio")],
 )
 def test_an_ablation_the_method_ignores_is_refused(name, override, setting):
-    """It would train the same model as without the setting while config.yaml recorded the ablation."""
-    with pytest.raises(ConfigError, match=rf"model\.schedule\.{setting}: no effect with model\.method="):
-        load_config(name, [override])
-    load_config(name.replace("_none", "_tempme").replace("_tome", "_tempme"), [override])  # tempme reads it
+    """It would train the same model as without the setting while config.yaml recorded the ablation.
+    Such a config still loads (runs trained before the check store theirs); training refuses it."""
+    config = load_config(name, [override])
+    with pytest.raises(ConfigError, match=rf"command-line override .*: model\.schedule\.{setting}: no effect with "
+                                          rf"model\.method=(none|tome), set by .*{name}"):
+        check_schedule_is_read(config, name)
+    check_schedule_is_read(load_config(name.replace("_none", "_tempme").replace("_tome", "_tempme"), [override]), name)
 
 
 def test_a_key_given_twice_is_refused_naming_both_lines(tmp_path):
@@ -290,3 +294,17 @@ def test_base_may_name_a_bundled_config(tmp_path):
     path.write_text("base: msrvtt_b32_tomee\n")
     with pytest.raises(ConfigError, match="file not found: .*msrvtt_b32_tomee .*or a bundled config: .*msrvtt_b32_tome"):
         load_config(path)
+
+
+def test_yaml_anchors_and_merge_keys_still_load(tmp_path):
+    """The check for keys given twice must leave YAML's own merge key (<<) alone."""
+    path = tmp_path / "anchors.yaml"
+    path.write_text("optim: &opt\n  lr: 1.0e-4\n  epochs: 2\nrun:\n  output_dir: runs/x\n"
+                    "paper: {}\n")
+    load_config(path)
+    path.write_text("defaults: &d {lr: 1.0e-4}\n")  # an unknown section: still refused as before
+    with pytest.raises(ConfigError, match="defaults"):
+        load_config(path)
+    path.write_text("optim:\n  <<: {lr: 1.0e-4, epochs: 2}\n  epochs: 3\n")
+    config = load_config(path)
+    assert (config.optim.lr, config.optim.epochs) == (1.0e-4, 3)

@@ -565,7 +565,7 @@ def test_a_hub_that_does_not_resolve_fails_at_once(cache, monkeypatch):
 
     monkeypatch.setattr("socket.getaddrinfo", unresolvable)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", pytest.fail)
-    for variable in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HF_ENDPOINT"):
+    for variable in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy", "HF_ENDPOINT"):
         monkeypatch.delenv(variable, raising=False)
     with pytest.raises(WeightsError) as info:
         resolve_weights("ViT-B/32")
