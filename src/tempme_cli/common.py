@@ -88,3 +88,8 @@ def device_option(name: str) -> torch.device:
         return resolve_device(name)
     except DeviceUnavailable as error:
         raise ValueError(f"--device {name}: {error}") from None
+
+
+def count(number: int, noun: str) -> str:
+    """``"1 video"``, ``"3 videos"``."""
+    return f"{number} {noun}{'' if number == 1 else 's'}"

@@ -19,7 +19,7 @@ import torch
 
 from tempme.precision import PRECISIONS, default_precision
 
-from .common import check_finite, check_output_file, device_option, show_progress
+from .common import check_finite, check_output_file, count, device_option, show_progress
 
 INDEX_EPILOG = textwrap.dedent(
     """\
@@ -214,8 +214,7 @@ def run_index(args: argparse.Namespace) -> int:
         }
     if not args.json:
         source = model_info.get("checkpoint") or model_info["weights"]
-        found = f"{len(videos)} video{'s' if len(videos) != 1 else ''} found"
-        print(f"{found}; loading {source} on {device} ({precision})", file=sys.stderr)
+        print(f"{count(len(videos), 'video')} found; loading {source} on {device} ({precision})", file=sys.stderr)
     model = load_search_model(model_info)
     fingerprint = model_fingerprint(model)
     model.optimize_for_inference()  # same embeddings, less compute
@@ -230,8 +229,7 @@ def run_index(args: argparse.Namespace) -> int:
                 sources=args.videos, prune=args.prune,
             )
         except KeyboardInterrupt:
-            saved = saved_count(args.out)
-            print(f"{args.out}: {saved} video{'s' if saved != 1 else ''} indexed, every finished batch saved; "
+            print(f"{args.out}: {count(saved_count(args.out), 'video')} indexed, every finished batch saved; "
                   "run the same command again to carry on", file=sys.stderr)
             raise
     if args.json:
@@ -239,7 +237,7 @@ def run_index(args: argparse.Namespace) -> int:
                           "updated": update.updated, "skipped": update.skipped, "removed": update.removed,
                           "total": update.total}))
         return 0
-    print(f"{args.out}: {update.total} videos indexed ({update.added} new, {len(update.updated)} changed and "
+    print(f"{args.out}: {count(update.total, 'video')} indexed ({update.added} new, {len(update.updated)} changed and "
           f"embedded again, {len(update.skipped)} undecodable, {len(update.removed)} deleted and dropped; "
           f"{len(videos)} found)")
     for path in update.updated:
