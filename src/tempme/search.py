@@ -324,8 +324,10 @@ def absent_sources(
     index: VideoIndex, sources: Sequence[PathLike], videos: Sequence[PathLike], prune: bool
 ) -> set[Path]:
     """The source folders, resolved, that hold videos of ``index`` but where this run found none
-    (``videos``): missing, or empty now. Their videos stay (see :func:`deleted`) unless ``prune``;
-    each is warned about, saying which."""
+    (``videos``): missing, or empty now. Their videos stay (see :func:`deleted`), each such folder
+    warned about, unless ``prune`` (none then: their videos leave the index as deleted)."""
+    if prune:  # their videos go, each listed as removed
+        return set()
     found = [Path(video) for video in videos]
     absent = set()
     for source in sources:
@@ -334,10 +336,10 @@ def absent_sources(
         if not indexed or any(video.is_relative_to(root) for video in found):
             continue  # a deleted file given by name is reported as deleted, not warned about
         why = "holds no videos now (an empty mount point?)" if root.is_dir() else "is not there (now)"
-        fate = "leave the index (--prune)" if prune else "stay in the index (--prune drops them)"
-        warnings.warn(f"{source} {why}: the {indexed} video(s) indexed from it {fate}", stacklevel=3)
+        warnings.warn(f"{source} {why}: the {indexed} video(s) indexed from it stay in the index "
+                      "(--prune drops them)", stacklevel=3)
         absent.add(root)
-    return set() if prune else absent
+    return absent
 
 
 def check_index_options(

@@ -469,10 +469,18 @@ def test_videos_of_a_missing_source_stay_in_the_index(video_dir, tmp_path):
     index_path = tmp_path / "v.index"
     update_index(model, find_videos([drive, other]), index_path, progress=False, sources=[drive, other])
     drive.rename(tmp_path / "unmounted")  # the drive is not there now, its mount point neither
-    update = update_index(model, find_videos([other]), index_path, progress=False, sources=[drive, other])
+    with pytest.warns(UserWarning, match=f"{drive} is not there \\(now\\): the 4 video\\(s\\) indexed from it stay"):
+        update = update_index(model, find_videos([other]), index_path, progress=False, sources=[drive, other])
     assert (update.removed, update.total) == ([], 5)
     update = update_index(model, find_videos([other]), index_path, progress=False, sources=[other])
     assert (update.removed, update.total) == ([], 5)
+    drive.mkdir()  # the empty mount point an unmounted drive leaves
+    with pytest.warns(UserWarning, match=f"{drive} holds no videos now"):
+        update = update_index(model, find_videos([other]), index_path, progress=False, sources=[drive, other])
+    assert (update.removed, update.total) == ([], 5)
+    update = update_index(model, find_videos([other]), index_path, progress=False, sources=[drive, other],
+                          prune=True)
+    assert (len(update.removed), update.total) == (4, 1)
 
 
 def test_an_index_that_cannot_be_written_is_an_os_error_naming_it(tmp_path, monkeypatch):
