@@ -31,7 +31,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 from torch.utils.data import DataLoader
 
-from .data import RetrievalVideos, SkippedVideo, VideoItem, check_batch_fits_in_memory, collate_skip_bad
+from .data import (
+    RetrievalVideos,
+    SkippedVideo,
+    VideoItem,
+    check_batch_fits_in_memory,
+    collate_skip_bad,
+    quiet_worker_init,
+)
 from .files import LockHeld, atomic_file, check_readable, exclusive_lock, file_stamp
 from .model import TempMe
 from .precision import autocast
@@ -551,7 +558,9 @@ def update_index(
 
         items = [VideoItem(str(video), video) for video in todo]  # the id is the path: it names skipped videos
         dataset = RetrievalVideos(items, settings["frames"], framerate, settings["image_size"], backend=backend)
-        loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=list)
+        loader = DataLoader(
+            dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=list, worker_init_fn=quiet_worker_init
+        )
         model.eval().to(device)
         changed_set = set(changed)
         pending = _PendingResults(stamps)

@@ -4,9 +4,11 @@ the registered handler receives the parsed arguments and returns an exit code.""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import select
+import signal
 import sys
 import warnings
 
@@ -15,6 +17,29 @@ SUBCOMMANDS = ("flops", "bench", "prepare", "train", "eval", "search", "demo")  
 
 class CLIError(Exception):
     """A user-facing error: printed as one line, exit code 2."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a service manager's stop) during a command: raised where the command is, as
+    Ctrl-C is, so that what it has done is saved on the way out (``tempme index`` writes its index)."""
+
+
+@contextlib.contextmanager
+def sigterm_raises():
+    """While the block runs, SIGTERM raises :class:`Terminated`, unless something set it otherwise
+    (ignored, or handled outside Python). Training replaces it with its own handler for a while."""
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise Terminated("SIGTERM")
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def version_line() -> str:
@@ -94,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     format_warning = warnings.formatwarning
     warnings.formatwarning = one_line_warning  # DataLoader workers fork from here and inherit it
     try:
-        return args.handler(args) or 0
+        with sigterm_raises():
+            return args.handler(args) or 0
     except (CLIError, ValueError, TypeError) as error:
         print(f"tempme {args.command}: error: {error}", file=sys.stderr)
         return 2
@@ -112,11 +138,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tempme {args.command}: error: {describe_os_error(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as interrupt:
-        print(f"tempme {args.command}: interrupted", file=sys.stderr)
         from tempme_train.train import TrainingTerminated  # imported only here: other commands skip it
 
-        # A SIGTERM that training turned into an interrupt exits as a terminated process does.
-        return 143 if isinstance(interrupt, TrainingTerminated) else 130
+        terminated = isinstance(interrupt, (Terminated, TrainingTerminated))
+        print(f"tempme {args.command}: {'terminated (SIGTERM)' if terminated else 'interrupted'}", file=sys.stderr)
+        # A SIGTERM turned into an interrupt exits as a terminated process does.
+        return 143 if terminated else 130
     finally:
         warnings.formatwarning = format_warning
 

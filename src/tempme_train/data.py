@@ -30,6 +30,7 @@ from tempme.data import (
     check_videos_exist,
     collate_skip_bad,
     load_dataset,
+    quiet_worker_init,
 )
 from tempme.data.annotations import UnknownSplit
 from tempme.tokenizer import tokenize
@@ -293,6 +294,7 @@ def make_train_loader(dataset: Dataset, sampler: EpochSampler, num_workers: int,
         collate_fn=collate_train,
         pin_memory=pin_memory,
         drop_last=True,
+        worker_init_fn=quiet_worker_init,
     )
 
 

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from tempme import TempMe
-from tempme.data import FrameCache, RetrievalVideos, VideoItem, collate_skip_bad, flatten_captions
+from tempme.data import FrameCache, RetrievalVideos, VideoItem, collate_skip_bad, flatten_captions, quiet_worker_init
 from tempme.data.cache import file_state
 from tempme.files import atomic_file
 from tempme.precision import autocast
@@ -104,7 +104,10 @@ def encode_videos(
     present = torch.zeros(count, dtype=torch.bool)
     # Samples carry their own "index", so the rows they fill are right whatever the subset.
     videos = Subset(eval_set.videos, share(count))
-    loader = DataLoader(videos, batch_size=batch_size, num_workers=loader_workers(num_workers), collate_fn=collate_skip_bad)
+    loader = DataLoader(
+        videos, batch_size=batch_size, num_workers=loader_workers(num_workers), collate_fn=collate_skip_bad,
+        worker_init_fn=quiet_worker_init,
+    )
     for batch in progress_bar(loader, desc="encoding videos", disable=not progress):
         if batch is None:  # every video of the batch was undecodable
             continue

@@ -189,3 +189,21 @@ def test_a_broken_pipe_that_is_not_standard_output_is_an_error(monkeypatch, caps
     monkeypatch.setattr("tempme_cli.flops.run", writes_to_a_closed_pipe)
     assert main(["flops"]) == 2
     assert "tempme flops: error: [Errno 32] Broken pipe" in capsys.readouterr().err
+
+
+def test_sigterm_stops_a_command_as_ctrl_c_does_and_exits_143(monkeypatch, capsys):
+    """So that what a command has done is saved on the way out (tempme index writes its index)."""
+    import signal
+
+    cleaned_up = []
+
+    def stopped_by_a_service_manager(args):
+        try:
+            signal.raise_signal(signal.SIGTERM)
+        finally:
+            cleaned_up.append(True)
+
+    monkeypatch.setattr("tempme_cli.flops.run", stopped_by_a_service_manager)
+    assert main(["flops"]) == 143
+    assert cleaned_up == [True] and "tempme flops: terminated (SIGTERM)" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # as it was

@@ -175,3 +175,26 @@ def test_frame_cache_gives_the_same_eval_tensors(mixed_items, tmp_path):
 def test_frame_cache_settings_must_match(mixed_items, tmp_path):
     with pytest.raises(ValueError, match="frame cache settings"):
         _pairs(mixed_items, frame_cache=FrameCache(tmp_path, max_frames=FRAMES + 1, image_size=SIZE))
+
+
+def test_a_loader_worker_leaves_quietly_on_sigterm():
+    """A stop sent to the whole process group reaches the decoding workers too: killed by it, torch
+    reports each as failed (with a traceback) while the main process saves its work."""
+    import multiprocessing
+    import signal
+
+    from tempme.data import quiet_worker_init
+
+    def worker(init):
+        if init:
+            quiet_worker_init(0)
+        signal.raise_signal(signal.SIGTERM)
+
+    context = multiprocessing.get_context("fork")
+    exit_codes = []
+    for init in (False, True):
+        process = context.Process(target=worker, args=(init,))
+        process.start()
+        process.join(30)
+        exit_codes.append(process.exitcode)
+    assert exit_codes == [-signal.SIGTERM, 0]

@@ -21,6 +21,7 @@ from .dataset import (
     collate_skip_bad,
     flatten_captions,
     physical_memory,
+    quiet_worker_init,
 )
 from .randaugment import AugmentStep, VideoRandAugment
 from .transforms import CLIP_MEAN, CLIP_STD, clip_preprocess, frames_to_tensor
@@ -53,6 +54,7 @@ __all__ = [
     "load_lsmdc",
     "load_msrvtt",
     "physical_memory",
+    "quiet_worker_init",
     "read_frames",
     "require_videos",
     "sample_frame_indices",
