@@ -155,6 +155,12 @@ INDEX_OPTION_NAMES = {
 }
 
 
+def one_line(path: str) -> str:
+    """``path`` as it is, or quoted with escapes where it holds a line break or another control
+    character, which would break a table of one path per line."""
+    return path if path.isprintable() else repr(path)
+
+
 def saved_count(path: str) -> int:
     """How many videos the index file at ``path`` holds (0 where there is none to read)."""
     from tempme.search import VideoIndexError, read_index_header
@@ -241,11 +247,11 @@ def run_index(args: argparse.Namespace) -> int:
           f"embedded again, {len(update.skipped)} undecodable, {len(update.removed)} deleted and dropped; "
           f"{len(videos)} found)")
     for path in update.updated:
-        print(f"  changed, embedded again: {path}")
+        print(f"  changed, embedded again: {one_line(path)}")
     for path, reason in update.skipped.items():
-        print(f"  undecodable: {path}: {reason}")
+        print(f"  undecodable: {one_line(path)}: {reason}")
     for path in update.removed:
-        print(f"  deleted: {path}")
+        print(f"  deleted: {one_line(path)}")
     return 0
 
 
@@ -319,4 +325,4 @@ def answer(model, index, queries: list[str], top: int, device: torch.device, as_
             continue
         print(f"{query!r}: {len(found)} of {len(index)} videos")
         for hit in found:
-            print(f"  {hit.rank:>3}  {hit.score:6.3f}  {hit.path}", flush=True)
+            print(f"  {hit.rank:>3}  {hit.score:6.3f}  {one_line(hit.path)}", flush=True)

@@ -317,3 +317,21 @@ def test_ctrl_c_while_indexing_says_what_was_saved(library, tmp_path, capsys, mo
     assert code == 130
     assert f"{index}: 1 video indexed, every finished batch saved; run the same command again" in err, err
     assert "interrupted" in err
+
+
+def test_a_file_name_with_a_line_break_stays_on_its_row(tmp_path, capsys):
+    """One row per video: a name with a line break in it is shown quoted, with the break escaped."""
+    folder = tmp_path / "odd"
+    write_video(folder / "two\nlines.mp4", num_frames=20)
+    write_video(folder / "plain.mp4", num_frames=20)
+    weights = write_clip_weights(tmp_path / "clip.pt", seed=0)
+    index = tmp_path / "odd.index"
+    code, _, err = cli(capsys, "index", str(folder), "--weights", str(weights), "--out", str(index), "--frames", "4",
+                       "--device", "cpu", "--workers", "0")
+    assert code == 0, err
+    code, out, err = cli(capsys, "search", str(index), "a scene", "--device", "cpu")
+    assert code == 0, err
+    rows = out.splitlines()
+    assert len(rows) == 3  # the query's line and one row per video
+    assert any(row.endswith(repr(str((folder / "two\nlines.mp4").resolve()))) for row in rows[1:]), rows
+    assert any(row.endswith(str((folder / "plain.mp4").resolve())) for row in rows[1:]), rows
