@@ -465,6 +465,13 @@ class _PendingResults:
         self.paths, self.embeddings, self.undecodable = [], [], []
 
 
+def check_index_free(path: PathLike) -> None:
+    """Raise VideoIndexError now if another process is updating the index at ``path``: for a command
+    that has a model to load first. (``update_index`` locks it again for its own work.)"""
+    with _index_lock(path):
+        pass
+
+
 @contextmanager
 def _index_lock(path: PathLike) -> Iterator[None]:
     _check_not_a_folder(Path(path))  # before a lock file is made beside it

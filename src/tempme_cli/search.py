@@ -31,7 +31,7 @@ INDEX_EPILOG = textwrap.dedent(
     followed; hidden files and folders (names starting with a dot) are left out. An index built by
     tempme before 2026-11-27 has another model fingerprint and is refused: write a new one. An
     interrupted run keeps every finished batch (the index is written every --save-every seconds and
-    on Ctrl-C); the next run carries on. One run at a time per index: a second stops before it embeds.
+    on Ctrl-C); the next run carries on. One run at a time per index: a second stops at once.
     Undecodable videos are listed and tried again next time.
 
     examples:
@@ -185,7 +185,7 @@ def find_index_sources(sources: list[str], index_exists: bool, prune: bool) -> l
 
 
 def run_index(args: argparse.Namespace) -> int:
-    from tempme.search import check_index_options, read_index_header, update_index
+    from tempme.search import check_index_free, check_index_options, read_index_header, update_index
     from tempme.weights import model_fingerprint
 
     # argparse's float() takes nan and inf; update_index would take inf (write only at the end), this
@@ -197,6 +197,7 @@ def run_index(args: argparse.Namespace) -> int:
     if args.frames is not None and args.frames < 1:
         raise ValueError(f"--frames must be at least 1, got {args.frames}")
     check_output_file(args.out, "--out", example_name="videos.index")
+    check_index_free(args.out)  # before the model loads (a download, maybe), not after
     # An existing index decides the settings left unset, so that updating it needs no more options
     # than the first run did.
     existing = read_index_header(args.out) if Path(args.out).is_file() else None

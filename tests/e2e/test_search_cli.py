@@ -335,3 +335,13 @@ def test_a_file_name_with_a_line_break_stays_on_its_row(tmp_path, capsys):
     assert len(rows) == 3  # the query's line and one row per video
     assert any(row.endswith(repr(str((folder / "two\nlines.mp4").resolve()))) for row in rows[1:]), rows
     assert any(row.endswith(str((folder / "plain.mp4").resolve())) for row in rows[1:]), rows
+
+
+def test_a_second_index_run_stops_before_loading_its_model(library, tmp_path, capsys, monkeypatch):
+    from tempme.files import exclusive_lock
+
+    monkeypatch.setattr("tempme_cli.search.load_search_model", pytest.fail)  # never reached
+    index = tmp_path / "busy.index"
+    with exclusive_lock(index):  # what a run in another process holds
+        code, _, err = cli(capsys, "index", str(library), "--weights", "ViT-B/32", "--out", str(index))
+    assert code == 2 and f"{index} is being updated by another process" in err, err
