@@ -121,6 +121,30 @@ def file_stamp(path: str | os.PathLike) -> list[int] | None:
     return [info.st_size, info.st_mtime_ns]
 
 
+def lock_file_of(target: str | os.PathLike) -> Path:
+    """The hidden file beside ``target`` that ``exclusive_lock`` locks."""
+    target = Path(target)
+    return target.parent / f".{target.name}.lock"
+
+
+def lock_held(target: str | os.PathLike) -> bool:
+    """Whether another process (or another open in this one) holds ``exclusive_lock(target)`` now.
+    Creates nothing: where there is no lock file, no one holds the lock."""
+    try:
+        import fcntl
+    except ImportError:
+        return False
+    try:
+        with open(lock_file_of(target), "r") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, fcntl.LOCK_UN)
+    except BlockingIOError:
+        return True
+    except OSError:  # no lock file, unreadable, or no locks on this file system
+        return False
+    return False
+
+
 class LockHeld(Exception):
     """Another process holds the lock that ``exclusive_lock`` asked for."""
 
@@ -142,7 +166,7 @@ def exclusive_lock(target: str | os.PathLike) -> Iterator[None]:
         return
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    lock_file = target.parent / f".{target.name}.lock"
+    lock_file = lock_file_of(target)
     with open(lock_file, "a") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -39,7 +39,7 @@ from .data import (
     collate_skip_bad,
     quiet_worker_init,
 )
-from .files import LockHeld, atomic_file, check_readable, exclusive_lock, file_stamp
+from .files import LockHeld, atomic_file, check_readable, exclusive_lock, file_stamp, lock_held
 from .model import TempMe
 from .precision import autocast
 from .progress import progress_bar
@@ -467,9 +467,9 @@ class _PendingResults:
 
 def check_index_free(path: PathLike) -> None:
     """Raise VideoIndexError now if another process is updating the index at ``path``: for a command
-    that has a model to load first. (``update_index`` locks it again for its own work.)"""
-    with _index_lock(path):
-        pass
+    that has a model to load first. Creates nothing. (``update_index`` locks it for its own work.)"""
+    if lock_held(path):
+        raise _busy(path)
 
 
 @contextmanager
@@ -479,10 +479,14 @@ def _index_lock(path: PathLike) -> Iterator[None]:
         with exclusive_lock(path):
             yield
     except LockHeld:
-        raise VideoIndexError(
-            f"{path} is being updated by another process (another `tempme index` run?); run this again once it "
-            "has finished"
-        ) from None
+        raise _busy(path) from None
+
+
+def _busy(path: PathLike) -> VideoIndexError:
+    return VideoIndexError(
+        f"{path} is being updated by another process (another `tempme index` run?); run this again once it "
+        "has finished"
+    )
 
 
 def _embed_batch(model: TempMe, batch: dict[str, Any], device: torch.device, precision: str) -> torch.Tensor:

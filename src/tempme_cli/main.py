@@ -10,6 +10,7 @@ import os
 import select
 import signal
 import sys
+import threading
 import warnings
 
 SUBCOMMANDS = ("flops", "bench", "prepare", "train", "eval", "search", "demo")  # search: index and search
@@ -28,8 +29,8 @@ class Terminated(KeyboardInterrupt):
 def sigterm_raises():
     """While the block runs, SIGTERM raises :class:`Terminated`, unless something set it otherwise
     (ignored, or handled outside Python). Training replaces it with its own handler for a while."""
-    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-        yield
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield  # handlers can only be set on the main thread
         return
 
     def terminate(signum, frame):

@@ -196,13 +196,14 @@ def run_index(args: argparse.Namespace) -> int:
                         num_workers=args.workers, save_every_s=args.save_every, names=INDEX_OPTION_NAMES)
     if args.frames is not None and args.frames < 1:
         raise ValueError(f"--frames must be at least 1, got {args.frames}")
+    args.out = str(Path(args.out).expanduser())
     check_output_file(args.out, "--out", example_name="videos.index")
-    check_index_free(args.out)  # before the model loads (a download, maybe), not after
     # An existing index decides the settings left unset, so that updating it needs no more options
     # than the first run did.
     existing = read_index_header(args.out) if Path(args.out).is_file() else None
     videos = find_index_sources(args.videos, existing is not None, args.prune)
     device = device_option(args.device)
+    check_index_free(args.out)  # before the model loads (a download, maybe), not after
     recorded = existing["settings"] if existing else {}
     precision = args.precision if args.precision != "auto" else recorded.get("precision", default_precision(device))
     framerate = args.framerate if args.framerate is not None else recorded.get("framerate", 1.0)

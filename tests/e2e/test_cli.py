@@ -207,3 +207,14 @@ def test_sigterm_stops_a_command_as_ctrl_c_does_and_exits_143(monkeypatch, capsy
     assert main(["flops"]) == 143
     assert cleaned_up == [True] and "tempme flops: terminated (SIGTERM)" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # as it was
+
+
+def test_a_command_run_off_the_main_thread_leaves_signals_alone(capsys):
+    """Signal handlers can only be set on the main thread: main() there still runs the command."""
+    import threading
+
+    codes = []
+    thread = threading.Thread(target=lambda: codes.append(main(["flops", "--json"])))
+    thread.start()
+    thread.join(120)
+    assert codes == [0], capsys.readouterr().err

@@ -298,25 +298,32 @@ def test_updating_an_index_follows_its_settings_and_copes_with_missing_folders(t
     assert code == 2 and "nowhere: no such file or directory" in err
 
 
-def test_ctrl_c_while_indexing_says_what_was_saved(library, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("stop, code, said", [("ctrl-c", 130, "interrupted"), ("sigterm", 143, "terminated (SIGTERM)")])
+def test_a_stop_while_indexing_saves_and_says_what_was_saved(library, tmp_path, capsys, monkeypatch, stop, code, said):
+    """Ctrl-C, or SIGTERM (a service manager's stop; by default it would kill the process at once)."""
+    import signal
+
     import tempme.search as search
 
     embed, calls = search._embed_batch, []
 
-    def interrupted_second_batch(*args, **kwargs):
+    def stopped_at_the_second_batch(*args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
-            raise KeyboardInterrupt
+            if stop == "ctrl-c":
+                raise KeyboardInterrupt
+            signal.raise_signal(signal.SIGTERM)
         return embed(*args, **kwargs)
 
-    monkeypatch.setattr(search, "_embed_batch", interrupted_second_batch)
+    monkeypatch.setattr(search, "_embed_batch", stopped_at_the_second_batch)
     weights = write_clip_weights(tmp_path / "clip.pt", seed=0)
     index = tmp_path / "lib.index"
-    code, _, err = cli(capsys, "index", str(library), "--weights", str(weights), "--out", str(index), "--frames", "4",
-                       "--batch-size", "1", "--device", "cpu", "--workers", "0")
-    assert code == 130
+    exit_code, _, err = cli(capsys, "index", str(library), "--weights", str(weights), "--out", str(index),
+                            "--frames", "4", "--batch-size", "1", "--device", "cpu", "--workers", "0")
+    assert exit_code == code
     assert f"{index}: 1 video indexed, every finished batch saved; run the same command again" in err, err
-    assert "interrupted" in err
+    assert f"tempme index: {said}" in err
+    assert len(search.VideoIndex.load(index)) == 1
 
 
 def test_a_file_name_with_a_line_break_stays_on_its_row(tmp_path, capsys):

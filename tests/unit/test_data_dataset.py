@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import warnings
 
@@ -177,24 +178,52 @@ def test_frame_cache_settings_must_match(mixed_items, tmp_path):
         _pairs(mixed_items, frame_cache=FrameCache(tmp_path, max_frames=FRAMES + 1, image_size=SIZE))
 
 
-def test_a_loader_worker_leaves_quietly_on_sigterm():
-    """A stop sent to the whole process group reaches the decoding workers too: killed by it, torch
-    reports each as failed (with a traceback) while the main process saves its work."""
+def test_loader_workers_leave_stops_to_the_main_process():
+    """Ctrl-C and a process-group SIGTERM reach the workers too: a worker goes on through Ctrl-C and
+    the first SIGTERM (the main process decides when to stop, and shuts the loader down), and leaves,
+    without failing, at the second SIGTERM, which that shutdown sends to a worker slow to finish."""
     import multiprocessing
     import signal
 
     from tempme.data import quiet_worker_init
 
-    def worker(init):
+    def worker(init, signals):
         if init:
             quiet_worker_init(0)
-        signal.raise_signal(signal.SIGTERM)
+        for signum in signals:
+            signal.raise_signal(signum)
+        os._exit(3)  # went on past the signals
 
     context = multiprocessing.get_context("fork")
     exit_codes = []
-    for init in (False, True):
-        process = context.Process(target=worker, args=(init,))
+    for init, signals in [(False, [signal.SIGTERM]), (True, [signal.SIGINT, signal.SIGTERM]),
+                          (True, [signal.SIGTERM, signal.SIGTERM])]:
+        process = context.Process(target=worker, args=(init, signals))
         process.start()
         process.join(30)
         exit_codes.append(process.exitcode)
-    assert exit_codes == [-signal.SIGTERM, 0]
+    assert exit_codes == [-signal.SIGTERM, 3, 0]
+
+
+class WorkerPids(torch.utils.data.Dataset):
+    def __len__(self):
+        return 6
+
+    def __getitem__(self, index):
+        return os.getpid()
+
+
+def test_a_loader_goes_on_through_a_sigterm_to_its_worker():
+    """The whole DataLoader: a SIGTERM that reaches its worker (as a process-group stop does) is no
+    failure, and every batch still comes."""
+    import signal
+
+    from tempme.data import quiet_worker_init
+
+    loader = torch.utils.data.DataLoader(WorkerPids(), batch_size=1, num_workers=1, worker_init_fn=quiet_worker_init)
+    pids = []
+    for batch in loader:
+        if not pids:
+            os.kill(int(batch[0]), signal.SIGTERM)
+        pids.append(int(batch[0]))
+    assert len(pids) == 6 and len(set(pids)) == 1

@@ -119,3 +119,13 @@ def test_exclusive_lock_goes_on_unlocked_where_the_file_system_has_no_locks(tmp_
         with exclusive_lock(tmp_path / "videos.index"):
             ran.append(True)
     assert ran == [True]
+
+
+def test_lock_held_says_whether_another_holds_it_and_creates_nothing(tmp_path):
+    from tempme.files import exclusive_lock, lock_held
+
+    target = tmp_path / "new" / "videos.index"
+    assert not lock_held(target) and not (tmp_path / "new").exists()
+    with exclusive_lock(target):
+        assert lock_held(target)
+    assert not lock_held(target)

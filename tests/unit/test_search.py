@@ -518,3 +518,19 @@ def test_a_second_run_on_an_index_being_updated_stops_at_once(video_dir, tmp_pat
             update_index(model, videos, index, progress=False)
     assert index.read_bytes() == before
     assert update_index(model, videos, index, progress=False).added == len(videos) - 1  # free again
+
+
+def test_index_loader_workers_leave_stops_to_the_main_process(video_dir, tmp_path, monkeypatch):
+    import tempme.search as search
+    from tempme.data import quiet_worker_init
+
+    made = []
+
+    class RecordedLoader(torch.utils.data.DataLoader):
+        def __init__(self, *args, **kwargs):
+            made.append(kwargs.get("worker_init_fn"))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(search, "DataLoader", RecordedLoader)
+    update_index(tiny_model(), find_videos([video_dir])[:1], tmp_path / "v.index", progress=False)
+    assert made == [quiet_worker_init]

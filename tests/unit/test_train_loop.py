@@ -971,3 +971,31 @@ def test_validations_are_printed_while_training(tmp_path, capsys):
     assert lines[0].startswith(f"validation at step {validations[0]['step']}/")
     assert f"text-to-video R@1 {first['R1']:.1f} R@5 {first['R5']:.1f} R@10 {first['R10']:.1f}" in lines[0]
     assert lines[0].endswith("(best so far)")
+
+
+def test_training_and_evaluation_loaders_leave_stops_to_the_main_process(monkeypatch):
+    """Their workers get quiet_worker_init (tested in test_data_dataset.py): a process-group stop
+    neither fails them nor takes the batch of the step a multi-process run finishes first."""
+    import importlib
+
+    from tempme.data import quiet_worker_init
+    from tempme_train.data import make_train_loader
+
+    sampler = EpochSampler(8, 4, 1, 0, seed=0)
+    loader = make_train_loader(SyntheticPairs(8), sampler, num_workers=0, pin_memory=False)
+    assert loader.worker_init_fn is quiet_worker_init
+
+    made = []
+
+    class RecordedLoader(torch.utils.data.DataLoader):
+        def __init__(self, *args, **kwargs):
+            made.append(kwargs.get("worker_init_fn"))
+            super().__init__(*args, **kwargs)
+
+    # The module, not the function the package exports by that name.
+    monkeypatch.setattr(importlib.import_module("tempme_train.evaluate"), "DataLoader", RecordedLoader)
+    model = build_model(tiny_config(Path("unused")))
+    pairs = SyntheticPairs(3)
+    eval_set = EvalSet("synthetic/3", SyntheticVideos(pairs), ["v0", "v1", "v2"], pairs.captions, [0, 1, 2])
+    embed(model, eval_set, batch_size=2)
+    assert made == [quiet_worker_init]

@@ -192,17 +192,26 @@ def flatten_captions(items: Sequence[VideoItem]) -> tuple[list[str], list[int]]:
 
 
 def quiet_worker_init(worker_id: int) -> None:
-    """``worker_init_fn`` for DataLoaders: a worker leaves quietly on SIGTERM.
+    """``worker_init_fn`` for DataLoaders: workers leave stops to the main process.
 
-    A stop sent to the whole process group (``kill -TERM -PGID``, a batch scheduler, a container
-    stop) reaches the decoding workers too. Killed by it, torch reports each one as failed, with a
-    traceback, while the main process, stopped by the same signal, is saving its work.
+    Ctrl-C and a stop sent to the whole process group (``kill -TERM -PGID``, torchrun, a batch
+    scheduler) reach the decoding workers too. Killed or stopped by it, a worker is reported by torch
+    as failed (with a traceback) while the main process saves its work; and a training run that holds
+    the stop until the end of its step (several processes) would find no batch for that step. So a
+    worker ignores Ctrl-C and the first SIGTERM, goes on until the main process shuts the loader down,
+    and leaves at a second SIGTERM (the one that shutdown sends to a worker slow to finish).
     """
-    signal.signal(signal.SIGTERM, _leave)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _leave_at_second_sigterm)
 
 
-def _leave(signum, frame) -> None:
-    os._exit(0)  # no cleanup to run in a worker; exit code 0 is not a failure to torch
+_sigterms_received: list[int] = []  # in a worker process
+
+
+def _leave_at_second_sigterm(signum, frame) -> None:
+    if _sigterms_received:
+        os._exit(0)  # no cleanup to run in a worker; exit code 0 is not a failure to torch
+    _sigterms_received.append(signum)
 
 
 def collate_skip_bad(batch: Sequence[Sample | SkippedVideo | None]) -> dict[str, Any] | None:
