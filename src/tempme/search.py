@@ -263,15 +263,9 @@ def index_settings(model: TempMe, framerate: float, precision: str) -> dict[str,
     }
 
 
-def _check_not_a_folder(path: Path) -> None:
-    if path.is_dir():
-        raise VideoIndexError(f"{path} is a folder; name the index file to write (e.g. {path / 'videos.index'})")
-
-
 def open_index(path: PathLike, model_info: dict[str, Any], settings: dict[str, Any], dim: int) -> VideoIndex:
     """The index at ``path`` if it exists and fits this model and these settings, else a new empty one."""
     path = Path(path)
-    _check_not_a_folder(path)
     if not path.exists():
         return VideoIndex([], torch.empty(0, dim), model_info, settings)
     index = VideoIndex.load(path)
@@ -474,7 +468,8 @@ def check_index_free(path: PathLike) -> None:
 
 @contextmanager
 def _index_lock(path: PathLike) -> Iterator[None]:
-    _check_not_a_folder(Path(path))  # before a lock file is made beside it
+    if Path(path).is_dir():  # refused before a lock file is made beside it
+        raise VideoIndexError(f"{path} is a folder; name the index file to write (e.g. {Path(path) / 'videos.index'})")
     try:
         with exclusive_lock(path):
             yield

@@ -4,43 +4,19 @@ the registered handler receives the parsed arguments and returns an exit code.""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
 import os
 import select
-import signal
 import sys
-import threading
 import warnings
+
+from tempme.signals import Terminated, sigterm_raises
 
 SUBCOMMANDS = ("flops", "bench", "prepare", "train", "eval", "search", "demo")  # search: index and search
 
 
 class CLIError(Exception):
     """A user-facing error: printed as one line, exit code 2."""
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (``kill``, a service manager's stop) during a command: raised where the command is, as
-    Ctrl-C is, so that what it has done is saved on the way out (``tempme index`` writes its index)."""
-
-
-@contextlib.contextmanager
-def sigterm_raises():
-    """While the block runs, SIGTERM raises :class:`Terminated`, unless something set it otherwise
-    (ignored, or handled outside Python). Training replaces it with its own handler for a while."""
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-        yield  # handlers can only be set on the main thread
-        return
-
-    def terminate(signum, frame):
-        raise Terminated("SIGTERM")
-
-    signal.signal(signal.SIGTERM, terminate)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def version_line() -> str:
@@ -139,9 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tempme {args.command}: error: {describe_os_error(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as interrupt:
-        from tempme_train.train import TrainingTerminated  # imported only here: other commands skip it
-
-        terminated = isinstance(interrupt, (Terminated, TrainingTerminated))
+        terminated = isinstance(interrupt, Terminated)
         print(f"tempme {args.command}: {'terminated (SIGTERM)' if terminated else 'interrupted'}", file=sys.stderr)
         # A SIGTERM turned into an interrupt exits as a terminated process does.
         return 143 if terminated else 130

@@ -191,9 +191,6 @@ def run_index(args: argparse.Namespace) -> int:
     # argparse's float() takes nan and inf; update_index would take inf (write only at the end), this
     # command has always refused it.
     check_finite(args.save_every, "--save-every")
-    # update_index checks these too, but only once the model has loaded, and by their Python names.
-    check_index_options(batch_size=args.batch_size, framerate=1.0 if args.framerate is None else args.framerate,
-                        num_workers=args.workers, save_every_s=args.save_every, names=INDEX_OPTION_NAMES)
     if args.frames is not None and args.frames < 1:
         raise ValueError(f"--frames must be at least 1, got {args.frames}")
     args.out = str(Path(args.out).expanduser())
@@ -201,12 +198,15 @@ def run_index(args: argparse.Namespace) -> int:
     # An existing index decides the settings left unset, so that updating it needs no more options
     # than the first run did.
     existing = read_index_header(args.out) if Path(args.out).is_file() else None
+    recorded = existing["settings"] if existing else {}
+    framerate = args.framerate if args.framerate is not None else recorded.get("framerate", 1.0)
+    # update_index checks these too, but only once the model has loaded, and by their Python names.
+    check_index_options(batch_size=args.batch_size, framerate=framerate, num_workers=args.workers,
+                        save_every_s=args.save_every, names=INDEX_OPTION_NAMES)
     videos = find_index_sources(args.videos, existing is not None, args.prune)
     device = device_option(args.device)
     check_index_free(args.out)  # before the model loads (a download, maybe), not after
-    recorded = existing["settings"] if existing else {}
     precision = args.precision if args.precision != "auto" else recorded.get("precision", default_precision(device))
-    framerate = args.framerate if args.framerate is not None else recorded.get("framerate", 1.0)
     if args.checkpoint:
         from tempme_train.modeling import find_trained_weights
 

@@ -25,7 +25,6 @@ import math
 import os
 import signal
 import sys
-import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +37,7 @@ from tempme.files import check_folder
 from tempme.precision import autocast
 from tempme.progress import print_above_bars, progress_bar
 from tempme.retrieval import contrastive_loss
+from tempme.signals import Terminated, handlers_replaced, sigterm_raises
 
 from .checkpoint import (
     BEST,
@@ -100,15 +100,11 @@ class TrainSummary:
     missing_videos: list[str] = field(default_factory=list)
 
 
-class TrainingTerminated(KeyboardInterrupt):
-    """SIGTERM (a batch scheduler's stop, ``kill``) during training: handled like Ctrl-C."""
-
-
 class StopShared(KeyboardInterrupt):
     """Ctrl-C or SIGTERM reached one of several processes; all of them stop after the same step."""
 
 
-class TerminationShared(StopShared, TrainingTerminated):
+class TerminationShared(StopShared, Terminated):
     """:class:`StopShared` on a process that SIGTERM reached itself (the command exits as SIGTERM's)."""
 
 
@@ -152,28 +148,6 @@ def run_device(name: str, world: WorldInfo, source: str = "config") -> torch.dev
         return devices.resolve_device(name, world.local_rank, kinds=("cpu", "cuda", "mps"))
     except devices.DeviceUnavailable as error:
         raise ConfigError(source, "run.device", name, str(error)) from None
-
-
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-@contextlib.contextmanager
-def handlers_replaced(handler, signums: tuple[int, ...] = STOP_SIGNALS):
-    """While the block runs, ``handler`` handles each of ``signums``; the previous handlers come back
-    after it. Left as they are: ignored signals (SIGINT under `torchrun ... &` in a script), handlers
-    not set from Python, and everything off the main thread (no handlers can be set there)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {signum: signal.getsignal(signum) for signum in signums}
-    replaced = [signum for signum, old in previous.items() if old not in (None, signal.SIG_IGN)]
-    for signum in replaced:
-        signal.signal(signum, handler)
-    try:
-        yield
-    finally:
-        for signum in replaced:
-            signal.signal(signum, previous[signum])
 
 
 @contextlib.contextmanager
@@ -220,22 +194,6 @@ def signals_ignored():
     """Ctrl-C and SIGTERM do nothing while the block runs: the save after a stop must not itself be
     stopped by the next signal (torchrun and batch schedulers often send one to every process)."""
     with handlers_replaced(signal.SIG_IGN):
-        yield
-
-
-@contextlib.contextmanager
-def sigterm_interrupts():
-    """While the block runs, SIGTERM raises :class:`TrainingTerminated` (a KeyboardInterrupt).
-
-    By default SIGTERM kills the process at once, losing every step since the last checkpoint;
-    batch schedulers send it before the job's time runs out. As an exception it reaches the
-    handler that writes ``last/`` (see :func:`handlers_replaced` for when it is left alone).
-    """
-
-    def terminate(signum, frame):
-        raise TrainingTerminated("SIGTERM")
-
-    with handlers_replaced(terminate, (signal.SIGTERM,)):
         yield
 
 
@@ -571,7 +529,7 @@ class Trainer:
             total=self.total_steps, initial=self.progress.step, desc="training", unit="step",
             disable=not (self.world.is_main and self.config.run.progress),
         )
-        with sigterm_interrupts():
+        with sigterm_raises():
             try:
                 with stops_held(self.world.distributed) as received:
                     if self.progress.validation_due:  # the session that reached this step stopped during it
@@ -604,7 +562,7 @@ class Trainer:
         if isinstance(error, (TrainingDiverged, NoTrainingData)):
             raise error  # nothing worth keeping since the last checkpoint; the message says what is left
         if isinstance(error, KeyboardInterrupt):
-            how = "terminated (SIGTERM)" if isinstance(error, TrainingTerminated) else "interrupted"
+            how = "terminated (SIGTERM)" if isinstance(error, Terminated) else "interrupted"
             if isinstance(error, StopShared):
                 how = f"stopped ({error})"
             if self.world.is_main and self.progress.step == 0:
