@@ -2,12 +2,14 @@
 
 An index is one safetensors file: the L2-normalised video embeddings ``[N, D]`` and, in its metadata,
 the video paths, the decoding settings, and a fingerprint of the model that embedded them, so that
-queries are always encoded by that same model.
+queries are always encoded by that same model. A row is a whole video, or with ``segment_s`` one
+window of about that many seconds of a video (each window sampled as a whole video would be), so
+that a search finds moments in long videos.
 
 Building is incremental: run it again on the same folder and only videos not yet in the index, or
 whose file changed since it was embedded (another size or modification time), are decoded. It writes
 the index every ``save_every_s`` seconds and when stopped (Ctrl-C included), so an interrupted run
-loses at most the batch in flight and the next run carries on. (By time, not by count: each write is
+loses at most the batch in flight (with segments, the videos in flight) and the next run carries on. (By time, not by count: each write is
 the whole file, and on a GPU hundreds of videos a second would otherwise mean as many writes.) Videos
 that cannot be decoded are recorded with the reason and tried again on the next run.
 """
@@ -34,10 +36,12 @@ from torch.utils.data import DataLoader
 from .data import (
     RetrievalVideos,
     SkippedVideo,
+    VideoDecodeError,
     VideoItem,
     check_batch_fits_in_memory,
     collate_skip_bad,
     quiet_worker_init,
+    video_duration,
 )
 from .files import LockHeld, atomic_file, check_readable, exclusive_lock, file_stamp, lock_held
 from .model import TempMe
@@ -50,7 +54,9 @@ VIDEO_EXTENSIONS = frozenset(
     ".mp4 .m4v .mov .mkv .webm .avi .mpg .mpeg .m2v .vob .wmv .flv .3gp .3g2 .ts .mts .m2ts .ogv".split()
 )
 INDEX_FORMAT = "tempme-video-index"
-INDEX_VERSION = 1
+# Version 2: an index of video segments (its rows carry time spans). An index of whole videos is still
+# written as version 1, which older tempme versions read.
+INDEX_VERSIONS = (1, 2)
 PathLike = str | os.PathLike
 
 
@@ -115,6 +121,17 @@ class SearchHit:
     rank: int  # 1 = best
     path: str
     score: float  # cosine similarity of text and video embeddings
+    start: float | None = None  # the segment's span in seconds, in an index of segments
+    end: float | None = None
+
+
+def segment_spans(duration: float, segment_s: float) -> list[tuple[float, float]]:
+    """``[start, end)`` windows in seconds covering ``[0, duration]``: as many equal windows as come
+    closest to ``segment_s`` seconds each, at least one (so between 0.75 and 1.25 times ``segment_s``
+    long, or a whole video shorter than 1.5 times it). No short window is left over at the end."""
+    count = max(1, round(duration / segment_s))
+    length = duration / count
+    return [(round(i * length, 3), round((i + 1) * length, 3)) for i in range(count)]
 
 
 @dataclass
@@ -128,6 +145,8 @@ class VideoIndex:
     of the file when it was embedded, so that a changed file is embedded again. Indexes written before
     this was recorded lack it (and older tempme versions adding to an index leave it out): a video
     without an entry counts as changed, so it is embedded once more and recorded.
+    ``spans``: in an index of segments (``settings["segment_s"]``), ``[start, end]`` in seconds of
+    each row, whose path then repeats once per segment; None in an index of whole videos.
     """
 
     paths: list[str]
@@ -136,12 +155,20 @@ class VideoIndex:
     settings: dict[str, Any]
     skipped: dict[str, str] = field(default_factory=dict)
     files: dict[str, list[int]] = field(default_factory=dict)
+    spans: list[list[float]] | None = None
 
     def __post_init__(self) -> None:
         if self.embeddings.dim() != 2 or self.embeddings.shape[0] != len(self.paths):
             raise VideoIndexError(
                 f"{len(self.paths)} paths but embeddings of shape {tuple(self.embeddings.shape)}"
             )
+        if self.spans is not None and len(self.spans) != len(self.paths):
+            raise VideoIndexError(f"{len(self.paths)} paths but {len(self.spans)} segment spans")
+
+    @property
+    def videos(self) -> int:
+        """How many videos the index holds (rows, unless it holds segments)."""
+        return len(self.paths) if self.spans is None else len(set(self.paths))
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -149,13 +176,15 @@ class VideoIndex:
     def save(self, path: PathLike) -> Path:
         """Write the index to ``path`` atomically: a reader sees the old file or the new one."""
         header = {
-            "version": INDEX_VERSION,
+            "version": 1 if self.spans is None else 2,
             "paths": self.paths,
             "model": self.model,
             "settings": self.settings,
             "skipped": self.skipped,
             "files": self.files,
         }
+        if self.spans is not None:
+            header["spans"] = self.spans
         metadata = {"format": INDEX_FORMAT, "index": json.dumps(header)}
         with atomic_file(path) as temporary:
             try:
@@ -177,7 +206,7 @@ class VideoIndex:
         try:
             return cls(
                 header["paths"], tensors["embeddings"], header["model"], header["settings"], header["skipped"],
-                header["files"],
+                header["files"], header.get("spans"),
             )
         except VideoIndexError as error:  # e.g. the paths and embeddings disagree in number
             raise VideoIndexError(f"{path}: {error}; {_REBUILD}") from None
@@ -196,14 +225,18 @@ class VideoIndex:
         scores = F.normalize(text_features.float(), dim=-1) @ self.embeddings.T
         best = scores.topk(min(k, len(self)), dim=1)
         return [
-            [SearchHit(rank + 1, self.paths[i], score) for rank, (score, i) in enumerate(zip(row_scores, row_ids))]
+            [self._hit(rank + 1, i, score) for rank, (score, i) in enumerate(zip(row_scores, row_ids))]
             for row_scores, row_ids in zip(best.values.tolist(), best.indices.tolist())
         ]
 
+    def _hit(self, rank: int, row: int, score: float) -> SearchHit:
+        span = (None, None) if self.spans is None else self.spans[row]
+        return SearchHit(rank, self.paths[row], score, *span)
+
 
 def read_index_header(path: PathLike) -> dict[str, Any]:
-    """The header of the index at ``path`` (``paths``, ``model``, ``settings``, ``skipped``, ``files``),
-    checked, without reading its embeddings."""
+    """The header of the index at ``path`` (``paths``, ``model``, ``settings``, ``skipped``, ``files``,
+    and ``spans`` in an index of segments), checked, without reading its embeddings."""
     path = Path(path)
     if path.is_dir():
         raise VideoIndexError(f"{path} is a folder, not an index file (`tempme index` writes those)")
@@ -227,12 +260,16 @@ def read_index_header(path: PathLike) -> dict[str, Any]:
         raise VideoIndexError(f"{path}: the index header is damaged ({error})") from None
     if not isinstance(header, dict):
         raise VideoIndexError(f"{path}: the index header is damaged (not a JSON object); {_REBUILD}") from None
-    if header.get("version") != INDEX_VERSION:
+    if header.get("version") not in INDEX_VERSIONS:
         raise VideoIndexError(
-            f"{path}: index version {header.get('version')!r}; this tempme reads version {INDEX_VERSION}: {_REBUILD}"
+            f"{path}: index version {header.get('version')!r}; this tempme reads versions "
+            f"{', '.join(map(str, INDEX_VERSIONS))}: {_REBUILD}"
         )
     header.setdefault("files", {})  # not recorded by older versions: see VideoIndex
-    for key, kind in (("paths", list), ("model", dict), ("settings", dict), ("skipped", dict), ("files", dict)):
+    expected = [("paths", list), ("model", dict), ("settings", dict), ("skipped", dict), ("files", dict)]
+    if header["version"] == 2:
+        expected.append(("spans", list))
+    for key, kind in expected:
         if key not in header:
             raise VideoIndexError(f"{path}: the index header is damaged (no {key!r} entry); {_REBUILD}")
         if not isinstance(header[key], kind):
@@ -252,22 +289,32 @@ class IndexUpdate:
     # Indexed videos whose file changed (size or modification time), embedded again by this call. One
     # that no longer decodes leaves the index and is listed in ``skipped`` instead.
     updated: list[str] = field(default_factory=list)
+    segments: int | None = None  # rows of an index of segments afterwards; None for whole videos
 
 
-def index_settings(model: TempMe, framerate: float, precision: str) -> dict[str, Any]:
-    return {
+def index_settings(model: TempMe, framerate: float, precision: str, segment_s: float | None = None) -> dict[str, Any]:
+    settings = {
         "frames": model.config.frames,
         "framerate": framerate,
         "image_size": model.visual.image_size,
         "precision": precision,
     }
+    if segment_s is not None:  # absent from an index of whole videos, as in those written before segments
+        settings["segment_s"] = segment_s
+    return settings
+
+
+def _setting_text(key: str, value: Any) -> str:
+    if key == "segment_s":
+        return "whole videos" if value is None else f"segments of {value:g} s"
+    return f"{key}={value!r}"
 
 
 def open_index(path: PathLike, model_info: dict[str, Any], settings: dict[str, Any], dim: int) -> VideoIndex:
     """The index at ``path`` if it exists and fits this model and these settings, else a new empty one."""
     path = Path(path)
     if not path.exists():
-        return VideoIndex([], torch.empty(0, dim), model_info, settings)
+        return VideoIndex([], torch.empty(0, dim), model_info, settings, spans=[] if "segment_s" in settings else None)
     index = VideoIndex.load(path)
     if index.model.get("fingerprint") != model_info["fingerprint"]:
         built_by = {key: value for key, value in index.model.items() if key != "fingerprint"}
@@ -278,11 +325,11 @@ def open_index(path: PathLike, model_info: dict[str, Any], settings: dict[str, A
             f"{path} was built by another model ({json.dumps(built_by)}){this_run}; "
             "embeddings of two models cannot be ranked together: write a new index or delete this one"
         )
-    for key, value in settings.items():
-        if index.settings.get(key) != value:
+    for key in dict.fromkeys([*settings, *index.settings]):
+        if index.settings.get(key) != settings.get(key):
             raise VideoIndexError(
-                f"{path} was built with {key}={index.settings.get(key)!r}, this run has {key}={value!r}; "
-                "use the same setting or write a new index"
+                f"{path} was built with {_setting_text(key, index.settings.get(key))}, this run has "
+                f"{_setting_text(key, settings.get(key))}; use the same setting or write a new index"
             )
     index.model = model_info  # same weights; the way to load them may have changed (a moved file)
     return index
@@ -349,6 +396,7 @@ def check_index_options(
     framerate: float,
     num_workers: int,
     save_every_s: float,
+    segment_s: float | None = None,
     names: Mapping[str, str] | None = None,
 ) -> None:
     """Refuse settings :func:`update_index` cannot work with, raising ValueError.
@@ -368,17 +416,28 @@ def check_index_options(
         raise ValueError(f"{name('framerate')} must be a positive number, got {framerate}")
     if num_workers < 0:
         raise ValueError(f"{name('num_workers')} must not be negative, got {num_workers}")
+    if segment_s is not None and not 0 < segment_s < math.inf:
+        raise ValueError(f"{name('segment_s')} must be a positive number of seconds, got {segment_s}")
 
 
 def _drop_videos(index: VideoIndex, videos: set[str]) -> None:
     """Take ``videos`` out of ``index``: their rows, paths and file stamps. The other rows keep their order."""
     if not videos:
         return
-    keep = [row for row, video in enumerate(index.paths) if video not in videos]
-    index.paths = [index.paths[row] for row in keep]
-    index.embeddings = index.embeddings[keep]
+    _drop_rows(index, {row for row, video in enumerate(index.paths) if video in videos})
     for video in videos:
         index.files.pop(video, None)
+
+
+def _drop_rows(index: VideoIndex, rows: set[int]) -> None:
+    """Take the rows numbered ``rows`` out of ``index``; the others keep their order."""
+    if not rows:
+        return
+    keep = [row for row in range(len(index.paths)) if row not in rows]
+    index.paths = [index.paths[row] for row in keep]
+    index.embeddings = index.embeddings[keep]
+    if index.spans is not None:
+        index.spans = [index.spans[row] for row in keep]
 
 
 def _drop_deleted_videos(
@@ -415,48 +474,83 @@ class _PendingResults:
     """The results of the batches run since the index was last written, until :meth:`apply_to` puts
     them in it: embeddings of new and changed videos, and changed videos that no longer decode.
 
-    An embedded video's file stamp is recorded only with its embedding, so that a run interrupted
-    before that leaves the video looking changed (or new), and the next run embeds it again.
+    A video goes into the index once all its rows are embedded (one, or one per segment), with its
+    file stamp: a run interrupted before that leaves the video looking changed (or new), and the next
+    run embeds it again.
     """
 
-    def __init__(self, stamps: dict[str, list[int] | None]) -> None:
+    def __init__(self, stamps: dict[str, list[int] | None], rows_expected: dict[str, int]) -> None:
         self.stamps = stamps  # path -> [size, mtime_ns] taken before decoding (see _videos_to_embed)
-        self.paths: list[str] = []  # embedded videos, in the order of the rows of ``embeddings``
-        self.embeddings: list[torch.Tensor] = []  # one [B, D] L2-normalised float32 CPU tensor per batch
+        self.rows_expected = rows_expected  # path -> rows it will have (segments, or 1)
+        # path -> ([start, end] or None, [D] L2-normalised float32 CPU embedding) of each row embedded
+        self.rows: dict[str, list[tuple[list[float] | None, torch.Tensor]]] = {}
+        self.complete: list[str] = []  # videos whose every row is embedded, not yet in the index
+        self.failed: set[str] = set()  # videos with a row that did not decode: their other rows are dropped
         self.undecodable: list[str] = []  # see add_undecodable
 
-    def add_embedded(self, paths: Sequence[str], embeddings: torch.Tensor) -> None:
-        """Keep ``embeddings [len(paths), D]``, row ``i`` that of ``paths[i]``."""
-        self.paths.extend(paths)
-        self.embeddings.append(embeddings)
+    def add_embedded(
+        self, paths: Sequence[str], spans: Sequence[list[float] | None], embeddings: torch.Tensor
+    ) -> list[str]:
+        """Keep ``embeddings [len(paths), D]``, row ``i`` that of the segment ``spans[i]`` (None: the
+        whole video) of ``paths[i]``. Returns the videos this completes, in order."""
+        completed = []
+        for path, span, embedding in zip(paths, spans, embeddings):
+            if path in self.failed:
+                continue
+            rows = self.rows.setdefault(path, [])
+            rows.append((span, embedding))
+            if len(rows) == self.rows_expected[path]:
+                self.complete.append(path)
+                completed.append(path)
+        return completed
 
-    def add_undecodable(self, path: str) -> None:
-        """An indexed video whose file changed and no longer decodes: its row, the embedding of what the
-        file used to hold, goes."""
-        self.undecodable.append(path)
+    def add_failed(self, path: str, indexed: bool) -> None:
+        """A video (or a segment of it) that did not decode: none of its rows go into the index, and if
+        it is ``indexed`` (its file changed), its old rows, embeddings of what the file used to hold, go."""
+        self.failed.add(path)
+        self.rows.pop(path, None)
+        if indexed:
+            self.undecodable.append(path)
 
     def apply_to(self, index: VideoIndex) -> None:
-        """Write the pending results into ``index``, then forget them.
+        """Write the pending results of complete videos into ``index``, then forget them.
 
-        An indexed (changed) video's new embedding replaces its row in place, so the order stays as it
-        was; a new video's is appended. Undecodable videos leave the index.
+        An indexed (changed) video's new rows replace its old ones in place when they are as many, so
+        the order stays as it was; otherwise, as a new video's, they are appended. Undecodable videos
+        leave the index.
         """
-        if not (self.paths or self.undecodable):
+        if not (self.complete or self.undecodable):
             return
         embeddings = index.embeddings.clone()
-        fresh = torch.cat(self.embeddings) if self.embeddings else embeddings[:0]  # [len(self.paths), D]
-        row_of = {video: row for row, video in enumerate(index.paths)}
-        appended: list[int] = []  # positions in self.paths of the videos new to the index
-        for j, video in enumerate(self.paths):
-            if video in row_of:
-                embeddings[row_of[video]] = fresh[j]
+        spans = None if index.spans is None else list(index.spans)
+        rows_of: dict[str, list[int]] = {}
+        for row, video in enumerate(index.paths):
+            rows_of.setdefault(video, []).append(row)
+        dropped: set[int] = set()
+        appended: list[tuple[str, list[float] | None, torch.Tensor]] = []
+        for video in self.complete:
+            fresh = self.rows.pop(video)
+            old = rows_of.get(video, [])
+            if len(old) == len(fresh):
+                for row, (span, embedding) in zip(old, fresh):
+                    embeddings[row] = embedding
+                    if spans is not None:
+                        spans[row] = span
             else:
-                appended.append(j)
+                dropped.update(old)
+                appended.extend((video, span, embedding) for span, embedding in fresh)
             index.files[video] = self.stamps[video]
-        index.paths = index.paths + [self.paths[j] for j in appended]
-        index.embeddings = torch.cat([embeddings, fresh[appended]])
-        _drop_videos(index, set(self.undecodable))
-        self.paths, self.embeddings, self.undecodable = [], [], []
+        for video in self.undecodable:
+            dropped.update(rows_of.get(video, []))
+            index.files.pop(video, None)
+        index.embeddings, index.spans = embeddings, spans
+        _drop_rows(index, dropped)
+        if appended:
+            index.paths = index.paths + [video for video, _, _ in appended]
+            index.embeddings = torch.cat([index.embeddings, torch.stack([e for _, _, e in appended])])
+            if index.spans is not None:
+                index.spans = index.spans + [span for _, span, _ in appended]
+        self.complete, self.undecodable = [], []
 
 
 def check_index_free(path: PathLike) -> None:
@@ -509,6 +603,7 @@ def update_index(
     progress: bool = True,
     sources: Sequence[PathLike] | None = None,
     prune: bool = False,
+    segment_s: float | None = None,
 ) -> IndexUpdate:
     """Embed the ``videos`` not yet in the index at ``path`` (created if missing) and save it.
 
@@ -530,8 +625,12 @@ def update_index(
         sources: the folders (and files) ``videos`` were found in, as given to :func:`find_videos`;
             they decide which missing videos were deleted (see :func:`deleted`).
         prune: drop every indexed video whose file is missing, wherever it was (see :func:`deleted`).
+        segment_s: embed windows of about this many seconds (:func:`segment_spans`) of each video, each
+            sampled as a whole video would be, instead of whole videos: search then finds moments in
+            long videos. An index holds whole videos or segments of one length, as it was built.
     """
-    check_index_options(batch_size=batch_size, framerate=framerate, num_workers=num_workers, save_every_s=save_every_s)
+    check_index_options(batch_size=batch_size, framerate=framerate, num_workers=num_workers,
+                        save_every_s=save_every_s, segment_s=segment_s)
     device = torch.device(device)
     autocast(device, precision)  # refuses an unknown precision before any work
     model_info = {
@@ -540,7 +639,7 @@ def update_index(
         "frames": model.config.frames,
         "fingerprint": fingerprint or model_fingerprint(model),
     }
-    settings = index_settings(model, framerate, precision)
+    settings = index_settings(model, framerate, precision, segment_s)
     check_batch_fits_in_memory(settings["frames"], settings["image_size"], batch_size)
     # Two runs on one index would each write what they embedded over the other's: the second waits
     # for no one and stops at once.
@@ -556,35 +655,50 @@ def update_index(
         index.skipped = {
             video: reason for video, reason in index.skipped.items() if Path(video).exists() and video not in retried
         }
-        update = IndexUpdate(0, {}, removed, len(index))
+        update = IndexUpdate(0, {}, removed, index.videos, segments=None if index.spans is None else len(index))
         if not todo:
             if removed:
                 index.save(path)
             return update
 
-        items = [VideoItem(str(video), video) for video in todo]  # the id is the path: it names skipped videos
+        changed_set = set(changed)
+        pending = _PendingResults(stamps, {})
+
+        def undecodable(video: str, reason: str) -> None:
+            index.skipped[video] = update.skipped[video] = reason
+            pending.add_failed(video, indexed=video in changed_set)
+
+        if segment_s is None:
+            items = [VideoItem(str(video), video) for video in todo]  # the id is the path: it names skipped videos
+        else:
+            items = []
+            for video, duration in _durations(todo, backend, num_workers, progress):
+                if isinstance(duration, SkippedVideo):
+                    undecodable(video, duration.reason)
+                else:
+                    items.extend(VideoItem(video, Path(video), start=start, end=end)
+                                 for start, end in segment_spans(duration, segment_s))
+        for item in items:
+            pending.rows_expected[item.video_id] = pending.rows_expected.get(item.video_id, 0) + 1
         dataset = RetrievalVideos(items, settings["frames"], framerate, settings["image_size"], backend=backend)
         loader = DataLoader(
             dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=list, worker_init_fn=quiet_worker_init
         )
         model.eval().to(device)
-        changed_set = set(changed)
-        pending = _PendingResults(stamps)
         last_save = time.monotonic()
+        unit = "video" if segment_s is None else "segment"
         try:
-            with progress_bar(total=len(todo), desc="indexing videos", unit="video", disable=not progress) as bar:
+            with progress_bar(total=len(items), desc=f"indexing {unit}s", unit=unit, disable=not progress) as bar:
                 for samples in loader:
                     for sample in samples:
-                        if isinstance(sample, SkippedVideo):
-                            video = str(sample.path)
-                            index.skipped[video] = update.skipped[video] = sample.reason
-                            if video in changed_set:
-                                pending.add_undecodable(video)
+                        if isinstance(sample, SkippedVideo) and sample.video_id not in pending.failed:
+                            undecodable(sample.video_id, sample.reason)
                             bar.set_postfix(undecodable=len(update.skipped), refresh=False)
                     batch = collate_skip_bad(samples)
                     if batch is not None:
-                        pending.add_embedded(batch["video_id"], _embed_batch(model, batch, device, precision))
-                        for video in batch["video_id"]:
+                        spans = [_span(items[i]) for i in batch["index"].tolist()]
+                        embeddings = _embed_batch(model, batch, device, precision)
+                        for video in pending.add_embedded(batch["video_id"], spans, embeddings):
                             if video in changed_set:
                                 update.updated.append(video)
                             else:
@@ -598,8 +712,39 @@ def update_index(
             # Also on Ctrl-C or an error: every finished batch is kept, and the next run carries on.
             pending.apply_to(index)
             index.save(path)
-        update.total = len(index)
+        update.total = index.videos
+        update.segments = None if index.spans is None else len(index)
         return update
+
+
+def _span(item: VideoItem) -> list[float] | None:
+    return None if item.start is None else [item.start, item.end]
+
+
+class _Durations(torch.utils.data.Dataset):
+    """Each video's length in seconds (:func:`video_duration`), or a ``SkippedVideo`` saying why not."""
+
+    def __init__(self, videos: Sequence[Path], backend: str) -> None:
+        self.videos, self.backend = list(videos), backend
+
+    def __len__(self) -> int:
+        return len(self.videos)
+
+    def __getitem__(self, index: int) -> tuple[str, float | SkippedVideo]:
+        video = self.videos[index]
+        try:
+            return str(video), video_duration(video, self.backend)
+        except VideoDecodeError as error:
+            return str(video), SkippedVideo(str(video), video, error.reason)
+
+
+def _durations(
+    videos: Sequence[Path], backend: str, num_workers: int, progress: bool
+) -> Iterator[tuple[str, float | SkippedVideo]]:
+    """``(path, seconds or SkippedVideo)`` of each video, in order, read by ``num_workers`` processes."""
+    loader = DataLoader(_Durations(videos, backend), batch_size=None, num_workers=num_workers,
+                        worker_init_fn=quiet_worker_init)
+    yield from progress_bar(loader, total=len(videos), desc="reading video lengths", unit="video", disable=not progress)
 
 
 def encode_texts(

@@ -27,16 +27,21 @@ INDEX_EPILOG = textwrap.dedent(
     again, videos whose file changed (size or modification time) are embedded again, and videos
     deleted under a folder given here (whole subfolders too) are dropped; a given folder that is
     missing or empty now (an unmounted drive) keeps its videos, with a warning, unless --prune. Unset
-    --frames, --framerate, --precision and --method follow the index. Symbolic links to folders are
+    --frames, --framerate, --precision, --method and --segment follow the index. Symbolic links to folders are
     followed; hidden files and folders (names starting with a dot) are left out. An index built by
     tempme before 2026-11-27 has another model fingerprint and is refused: write a new one. An
     interrupted run keeps every finished batch (the index is written every --save-every seconds and
     on Ctrl-C); the next run carries on. One run at a time per index: a second stops at once.
     Undecodable videos are listed and tried again next time.
 
+    With --segment SECONDS each video is cut into windows of about that length (equal windows, no
+    short one left at the end; a video shorter than 1.5 windows stays whole), each embedded as a
+    whole video would be: search then finds moments in long videos and prints their time spans.
+
     examples:
       tempme index ~/videos --weights ViT-B/32 --out videos.index
       tempme index /data/clips /data/more --checkpoint runs/msrvtt_b32_tempme --out clips.index --device cuda
+      tempme index ~/recordings --weights ViT-B/32 --segment 30 --out moments.index
       tempme search videos.index "a dog catches a frisbee"
     """
 )
@@ -91,7 +96,11 @@ def register(subparsers) -> None:
                        "weights' own, else 12)")
     index.add_argument("--framerate", type=float,
                        help="candidate frames per second to sample from (default: the index's own, else 1)")
-    index.add_argument("--batch-size", type=int, default=16, help="videos per forward pass (default: 16)")
+    index.add_argument("--segment", type=float, metavar="SECONDS",
+                       help="index windows of about this many seconds of each video instead of whole videos, "
+                       "so that search finds moments in long videos (default: the index's own, else whole videos)")
+    index.add_argument("--batch-size", type=int, default=16,
+                       help="videos (or segments) per forward pass (default: 16)")
     index.add_argument("--precision", choices=("auto", *PRECISIONS), default="auto",
                        help="auto: the index's own, else bf16 on a GPU and fp32 on the CPU (an index keeps the "
                        "precision it was built with)")
@@ -152,6 +161,7 @@ INDEX_OPTION_NAMES = {
     "framerate": "--framerate",
     "num_workers": "--workers",
     "save_every_s": "--save-every",
+    "segment_s": "--segment",
 }
 
 
@@ -166,7 +176,7 @@ def saved_count(path: str) -> int:
     from tempme.search import VideoIndexError, read_index_header
 
     try:
-        return len(read_index_header(path)["paths"])
+        return len(set(read_index_header(path)["paths"]))
     except (OSError, VideoIndexError):
         return 0
 
@@ -193,6 +203,8 @@ def run_index(args: argparse.Namespace) -> int:
     check_finite(args.save_every, "--save-every")
     if args.frames is not None and args.frames < 1:
         raise ValueError(f"--frames must be at least 1, got {args.frames}")
+    if args.segment is not None:
+        check_finite(args.segment, "--segment", positive=True)
     args.out = str(Path(args.out).expanduser())
     check_output_file(args.out, "--out", example_name="videos.index")
     # An existing index decides the settings left unset, so that updating it needs no more options
@@ -200,9 +212,10 @@ def run_index(args: argparse.Namespace) -> int:
     existing = read_index_header(args.out) if Path(args.out).is_file() else None
     recorded = existing["settings"] if existing else {}
     framerate = args.framerate if args.framerate is not None else recorded.get("framerate", 1.0)
+    segment_s = args.segment if args.segment is not None else recorded.get("segment_s")
     # update_index checks these too, but only once the model has loaded, and by their Python names.
     check_index_options(batch_size=args.batch_size, framerate=framerate, num_workers=args.workers,
-                        save_every_s=args.save_every, names=INDEX_OPTION_NAMES)
+                        save_every_s=args.save_every, segment_s=segment_s, names=INDEX_OPTION_NAMES)
     videos = find_index_sources(args.videos, existing is not None, args.prune)
     device = device_option(args.device)
     check_index_free(args.out)  # before the model loads (a download, maybe), not after
@@ -234,18 +247,21 @@ def run_index(args: argparse.Namespace) -> int:
                 model, videos, args.out, fingerprint=fingerprint, model_info=model_info, batch_size=args.batch_size,
                 device=device, precision=precision, framerate=framerate, num_workers=args.workers,
                 backend=args.backend, save_every_s=args.save_every, progress=show_progress(args),
-                sources=args.videos, prune=args.prune,
+                sources=args.videos, prune=args.prune, segment_s=segment_s,
             )
         except KeyboardInterrupt:
             print(f"{args.out}: {count(saved_count(args.out), 'video')} indexed, every finished batch saved; "
                   "run the same command again to carry on", file=sys.stderr)
             raise
     if args.json:
-        print(json.dumps({"index": str(args.out), "found": len(videos), "added": update.added,
-                          "updated": update.updated, "skipped": update.skipped, "removed": update.removed,
-                          "total": update.total}))
+        report = {"index": str(args.out), "found": len(videos), "added": update.added, "updated": update.updated,
+                  "skipped": update.skipped, "removed": update.removed, "total": update.total}
+        if update.segments is not None:
+            report["segments"] = update.segments
+        print(json.dumps(report))
         return 0
-    print(f"{args.out}: {count(update.total, 'video')} indexed ({update.added} new, {len(update.updated)} changed and "
+    held = "" if update.segments is None else f" in {count(update.segments, 'segment')}"
+    print(f"{args.out}: {count(update.total, 'video')} indexed{held} ({update.added} new, {len(update.updated)} changed and "
           f"embedded again, {len(update.skipped)} undecodable, {len(update.removed)} deleted and dropped; "
           f"{len(videos)} found)")
     for path in update.updated:
@@ -295,7 +311,9 @@ def run_search(args: argparse.Namespace) -> int:
         answer(model, index, args.queries, args.top, device, args.json)
         return 0
     if sys.stdin.isatty():
-        print(f"{len(index)} videos in {args.index}; type a query and press Enter (Ctrl-D to end)", file=sys.stderr)
+        held = "" if index.spans is None else f" ({count(len(index), 'segment')})"
+        print(f"{count(index.videos, 'video')}{held} in {args.index}; type a query and press Enter (Ctrl-D to end)",
+              file=sys.stderr)
     for line in sys.stdin:
         if line.strip():
             answer(model, index, [line.strip()], args.top, device, args.json)
@@ -320,11 +338,28 @@ def answer(model, index, queries: list[str], top: int, device: torch.device, as_
     for query in queries:
         warn_if_truncated(model, query)
     hits = index.search(encode_queries(model, queries, device), top)
+    held = "videos" if index.spans is None else "segments"
     for query, found in zip(queries, hits):
         if as_json:
-            results = [{"rank": h.rank, "score": round(h.score, 4), "path": h.path} for h in found]
+            results = [hit_record(hit) for hit in found]
             print(json.dumps({"query": query, "results": results}), flush=True)
             continue
-        print(f"{query!r}: {len(found)} of {len(index)} videos")
+        print(f"{query!r}: {len(found)} of {len(index)} {held}")
         for hit in found:
-            print(f"  {hit.rank:>3}  {hit.score:6.3f}  {one_line(hit.path)}", flush=True)
+            span = "" if hit.start is None else f"  {clock(hit.start)}-{clock(hit.end)}"
+            print(f"  {hit.rank:>3}  {hit.score:6.3f}  {one_line(hit.path)}{span}", flush=True)
+
+
+def hit_record(hit) -> dict[str, Any]:
+    """A search hit as JSON: rank, score, path, and in an index of segments start and end (seconds)."""
+    record = {"rank": hit.rank, "score": round(hit.score, 4), "path": hit.path}
+    if hit.start is not None:
+        record.update(start=hit.start, end=hit.end)
+    return record
+
+
+def clock(seconds: float) -> str:
+    """``M:SS``, or ``H:MM:SS`` from an hour on (whole seconds, rounded down)."""
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"

@@ -352,3 +352,43 @@ def test_a_second_index_run_stops_before_loading_its_model(library, tmp_path, ca
     with exclusive_lock(index):  # what a run in another process holds
         code, _, err = cli(capsys, "index", str(library), "--weights", "ViT-B/32", "--out", str(index))
     assert code == 2 and f"{index} is being updated by another process" in err, err
+
+
+def test_index_of_segments_then_search_finds_moments(tmp_path, capsys):
+    weights = write_clip_weights(tmp_path / "clip.pt", seed=0)
+    videos = tmp_path / "recordings"
+    write_video(videos / "day.mp4", num_frames=120)  # 12 s: three 4-second segments
+    write_video(videos / "clip.mp4", num_frames=30)  # 3 s: whole
+    index = tmp_path / "moments.index"
+    args = ["index", str(videos), "--weights", str(weights), "--out", str(index), "--frames", "4",
+            "--device", "cpu", "--workers", "0"]
+    code, out, err = cli(capsys, *args, "--segment", "4", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert (report["added"], report["total"], report["segments"]) == (2, 2, 4)
+
+    # Updating follows the index's segment length; another one is refused, naming both.
+    write_video(videos / "more.mp4", num_frames=20)
+    code, out, err = cli(capsys, *args)
+    assert code == 0, err
+    assert "3 videos indexed in 5 segments (1 new" in out
+    code, out, err = cli(capsys, *args, "--segment", "6")
+    assert code == 2 and "built with segments of 4 s, this run has segments of 6 s" in err
+
+    code, out, err = cli(capsys, "search", str(index), QUERIES[0], "-k", "5", "--json")
+    assert code == 0, err
+    hits = json.loads(out)["results"]
+    day = str((videos / "day.mp4").resolve())
+    assert sorted((h["start"], h["end"]) for h in hits if h["path"] == day) == [(0.0, 4.0), (4.0, 8.0), (8.0, 12.0)]
+    code, out, err = cli(capsys, "search", str(index), QUERIES[0], "-k", "5")
+    assert code == 0, err
+    assert "5 of 5 segments" in out and f"{day}  0:04-0:08" in out
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "nan"])
+def test_a_segment_length_must_be_positive(tmp_path, capsys, value):
+    weights = write_clip_weights(tmp_path / "clip.pt", seed=0)
+    write_video(tmp_path / "v" / "a.mp4", num_frames=20)
+    code, out, err = cli(capsys, "index", str(tmp_path / "v"), "--weights", str(weights),
+                         "--out", str(tmp_path / "i.index"), f"--segment={value}")
+    assert code == 2 and f"--segment must be a positive number, got {float(value)}" in err

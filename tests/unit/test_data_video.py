@@ -9,7 +9,13 @@ import pytest
 from data_fixtures import FPS, NUM_FRAMES, build_video_files, frame_index, write_video
 
 from tempme.data import video as video_module
-from tempme.data.video import VideoDecodeError, read_frames, sample_frame_indices
+from tempme.data.video import VideoDecodeError, read_frames, sample_frame_indices, video_duration
+
+
+@pytest.fixture(autouse=True)
+def forget_streams():
+    """Each test reads its videos afresh: some change how a stream is probed."""
+    video_module._last_stream.clear()
 
 
 @pytest.fixture(scope="module")
@@ -203,6 +209,40 @@ class TestSeeking:
         assert [frame_index(f) for f in frames] == sample_frame_indices(SEEKABLE_FRAMES, FPS, 12)
 
 
+class TestDuration:
+    def test_duration_is_frames_over_frame_rate(self, video_files):
+        assert video_duration(video_files.mp4) == NUM_FRAMES / FPS
+        assert video_duration(video_files.mkv) == NUM_FRAMES / FPS  # no stored frame count: packets counted
+        assert video_duration(video_files.long) == pytest.approx(150 / 30)
+
+    @pytest.mark.parametrize("name, reason", [
+        ("corrupt", "unreadable container"), ("empty", "file is empty"), ("audio_only", "no video stream"),
+    ])
+    def test_an_undecodable_file_says_why(self, video_files, name, reason):
+        with pytest.raises(VideoDecodeError, match=reason):
+            video_duration(getattr(video_files, name))
+
+    def test_the_windows_of_one_video_read_its_packets_once(self, video_files, monkeypatch):
+        calls = []
+        original = video_module._packet_times
+        monkeypatch.setattr(video_module, "_packet_times", lambda *args: calls.append(1) or original(*args))
+        video_duration(video_files.mp4)
+        for start in (0.0, 1.0, 2.0, 3.0):
+            frames = read_frames(video_files.mp4, 4, start=start, end=start + 1.0)
+            assert [frame_index(f) for f in frames] == sample_frame_indices(NUM_FRAMES, FPS, 4, start=start, end=start + 1.0)
+        assert calls == [1]
+        read_frames(video_files.long, 4)  # another video, then the first again: read anew
+        read_frames(video_files.mp4, 4)
+        assert calls == [1, 1, 1]
+
+    def test_a_rewritten_file_is_probed_again(self, tmp_path):
+        path = write_video(tmp_path / "clip.mp4", num_frames=30)
+        assert video_duration(path) == 3.0
+        write_video(path, num_frames=70)
+        assert video_duration(path) == 7.0
+        assert [frame_index(f) for f in read_frames(path, 4, start=5.0)] == sample_frame_indices(70, FPS, 4, start=5.0)
+
+
 class TestReadFrames:
     def test_mp4_returns_the_sampled_frames(self, video_files):
         frames = read_frames(video_files.mp4, 12)
@@ -311,3 +351,9 @@ class TestDecordBackend:
         with pytest.raises(VideoDecodeError) as info:
             read_frames(path, 4, backend="decord")
         assert str(path) in str(info.value) and reason in str(info.value)
+
+    def test_duration_as_pyav_counts_it(self, video_files):
+        for path in (video_files.mp4, video_files.long, video_files.mkv):
+            assert video_duration(path, backend="decord") == pytest.approx(video_duration(path))
+        with pytest.raises(VideoDecodeError, match="no video stream"):
+            video_duration(video_files.audio_only, backend="decord")

@@ -22,6 +22,7 @@ from tempme.search import (
     encode_queries,
     find_videos,
     model_fingerprint,
+    segment_spans,
     update_index,
 )
 
@@ -203,8 +204,8 @@ def test_a_header_of_the_wrong_shape_names_the_file(tmp_path):
 
 def test_another_index_version_says_what_to_do(tmp_path):
     path = VideoIndex([], torch.empty(0, 2), {}, {}).save(tmp_path / "i.index")
-    rewrite_header(path, lambda header: header.update(version=0))
-    with pytest.raises(VideoIndexError, match="index version 0; this tempme reads version 1: index the videos "
+    rewrite_header(path, lambda header: header.update(version=3))
+    with pytest.raises(VideoIndexError, match="index version 3; this tempme reads versions 1, 2: index the videos "
                        r"again into a new file \(tempme index FOLDER ... --out NEW.index\)"):
         VideoIndex.load(path)
 
@@ -534,3 +535,165 @@ def test_index_loader_workers_leave_stops_to_the_main_process(video_dir, tmp_pat
     monkeypatch.setattr(search, "DataLoader", RecordedLoader)
     update_index(tiny_model(), find_videos([video_dir])[:1], tmp_path / "v.index", progress=False)
     assert made == [quiet_worker_init]
+
+
+# ------------------------------------------------------------------------------------- segments
+
+
+@pytest.mark.parametrize("duration, segment, spans", [
+    (70.0, 30.0, [(0.0, 35.0), (35.0, 70.0)]),  # two equal windows, no 10-second stub at the end
+    (90.0, 30.0, [(0.0, 30.0), (30.0, 60.0), (60.0, 90.0)]),
+    (10.0, 30.0, [(0.0, 10.0)]),  # shorter than a window: whole
+    (44.0, 30.0, [(0.0, 44.0)]),  # under 1.5 windows: whole
+    (46.0, 30.0, [(0.0, 23.0), (23.0, 46.0)]),
+    (10.0, 3.0, [(0.0, 3.333), (3.333, 6.667), (6.667, 10.0)]),
+    (0.0, 30.0, [(0.0, 0.0)]),
+])
+def test_segment_spans_cover_the_video_in_equal_windows(duration, segment, spans):
+    assert segment_spans(duration, segment) == spans
+
+
+@pytest.fixture(scope="module")
+def long_video_dir(tmp_path_factory) -> Path:
+    """A 12-second and a 3-second clip (10 frames a second), whose frame colours change with time."""
+    root = tmp_path_factory.mktemp("long")
+    write_video(root / "long.mp4", num_frames=120)
+    write_video(root / "short.mp4", num_frames=30)
+    return root
+
+
+def segment_embedding(model: tempme.TempMe, path: Path, start: float, end: float) -> torch.Tensor:
+    frames = frames_to_tensor(read_frames(path, FRAMES, start=start, end=end), model.visual.image_size)
+    with torch.no_grad():
+        return F.normalize(model.encode_video(frames[None]), dim=-1)[0]
+
+
+def test_an_index_of_segments_holds_each_windows_own_embedding(long_video_dir, tmp_path):
+    model = tiny_model()
+    long, short = find_videos([long_video_dir])
+    update = update_index(model, [long, short], tmp_path / "s.index", batch_size=3, segment_s=4.0, progress=False)
+    assert (update.added, update.total, update.segments, update.skipped) == (2, 2, 4, {})
+    index = VideoIndex.load(tmp_path / "s.index")
+    assert index.paths == [str(long)] * 3 + [str(short)]
+    assert index.spans == [[0.0, 4.0], [4.0, 8.0], [8.0, 12.0], [0.0, 3.0]]
+    assert index.settings["segment_s"] == 4.0 and index.videos == 2
+    for row, path, (start, end) in zip(index.embeddings, index.paths, index.spans):
+        torch.testing.assert_close(row, segment_embedding(model, Path(path), start, end), atol=1e-5, rtol=1e-5)
+    # The windows show different frames, so their embeddings differ: rows in the wrong order would show.
+    assert torch.cdist(index.embeddings[:3], index.embeddings[:3]).triu(1)[0, 1:].min() > 1e-4
+
+    query = encode_queries(model, "a red square")
+    expected = (F.normalize(query, dim=-1) @ index.embeddings.T)[0]
+    hits = index.search(query, k=4)[0]
+    assert [(h.start, h.end) for h in hits] == [tuple(index.spans[i]) for i in expected.argsort(descending=True)]
+    assert [h.score for h in hits] == pytest.approx(sorted(expected.tolist(), reverse=True), abs=1e-5)
+
+
+def test_an_index_of_whole_videos_stays_version_1_and_segments_make_version_2(long_video_dir, tmp_path):
+    model = tiny_model()
+    videos = find_videos([long_video_dir])
+    update_index(model, videos, tmp_path / "whole.index", progress=False)
+    update_index(model, videos, tmp_path / "segments.index", segment_s=4.0, progress=False)
+    for name, version in (("whole.index", 1), ("segments.index", 2)):
+        with safe_open(str(tmp_path / name), framework="pt") as handle:
+            header = json.loads(handle.metadata()["index"])
+        assert header["version"] == version and ("spans" in header) == (version == 2)
+    assert VideoIndex.load(tmp_path / "whole.index").search(encode_queries(model, "x"), k=1)[0][0].start is None
+    rewrite_header(tmp_path / "segments.index", lambda header: header.pop("spans"))
+    with pytest.raises(VideoIndexError, match="no 'spans' entry"):
+        VideoIndex.load(tmp_path / "segments.index")
+
+
+def test_an_index_keeps_whole_videos_or_its_segment_length(long_video_dir, tmp_path):
+    model = tiny_model()
+    videos = find_videos([long_video_dir])
+    update_index(model, videos, tmp_path / "whole.index", progress=False)
+    update_index(model, videos, tmp_path / "segments.index", segment_s=4.0, progress=False)
+    with pytest.raises(VideoIndexError, match="built with whole videos, this run has segments of 5 s"):
+        update_index(model, videos, tmp_path / "whole.index", segment_s=5.0, progress=False)
+    with pytest.raises(VideoIndexError, match="built with segments of 4 s, this run has whole videos"):
+        update_index(model, videos, tmp_path / "segments.index", progress=False)
+    with pytest.raises(VideoIndexError, match="built with segments of 4 s, this run has segments of 2.5 s"):
+        update_index(model, videos, tmp_path / "segments.index", segment_s=2.5, progress=False)
+
+
+@pytest.mark.parametrize("segment_s", [0.0, -1.0, float("nan"), float("inf")])
+def test_a_segment_length_must_be_positive(long_video_dir, tmp_path, segment_s):
+    with pytest.raises(ValueError, match="segment_s must be a positive number of seconds"):
+        update_index(tiny_model(), find_videos([long_video_dir]), tmp_path / "s.index", segment_s=segment_s,
+                     progress=False)
+
+
+def test_a_video_interrupted_between_its_segments_is_embedded_again_whole(long_video_dir, tmp_path):
+    model = tiny_model()
+    videos = find_videos([long_video_dir])  # long.mp4 (3 segments), short.mp4 (1)
+    update_index(model, videos, tmp_path / "whole.index", segment_s=4.0, batch_size=1, progress=False)
+
+    calls = count_encoded(model)
+    original = model.encode_video
+
+    def stop_at_the_second_segment(frames, mask=None):
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return original(frames, mask)
+
+    model.encode_video = stop_at_the_second_segment
+    with pytest.raises(KeyboardInterrupt):
+        update_index(model, videos, tmp_path / "resumed.index", segment_s=4.0, batch_size=1, save_every_s=0,
+                     progress=False)
+    assert VideoIndex.load(tmp_path / "resumed.index").paths == []  # one segment of three is not a video
+
+    model.encode_video = original
+    update = update_index(model, videos, tmp_path / "resumed.index", segment_s=4.0, batch_size=1, progress=False)
+    assert (update.added, update.segments) == (2, 4)
+    whole, resumed = VideoIndex.load(tmp_path / "whole.index"), VideoIndex.load(tmp_path / "resumed.index")
+    assert (resumed.paths, resumed.spans) == (whole.paths, whole.spans)
+    torch.testing.assert_close(resumed.embeddings, whole.embeddings)
+
+
+def test_a_changed_video_gets_the_segments_of_its_new_length(long_video_dir, tmp_path):
+    videos_dir = copy_videos(long_video_dir, tmp_path / "videos")
+    model = tiny_model()
+    index_path = tmp_path / "s.index"
+    long, short = find_videos([videos_dir])
+    update_index(model, [long, short], index_path, segment_s=4.0, progress=False)
+    before = VideoIndex.load(index_path)
+
+    write_video(short, num_frames=80)  # 8 s now: two segments where there was one
+    update = update_index(model, [long, short], index_path, segment_s=4.0, progress=False)
+    assert (update.updated, update.added, update.total, update.segments) == ([str(short)], 0, 2, 5)
+    after = VideoIndex.load(index_path)
+    assert after.paths == [str(long)] * 3 + [str(short)] * 2
+    assert after.spans == before.spans[:3] + [[0.0, 4.0], [4.0, 8.0]]
+    torch.testing.assert_close(after.embeddings[:3], before.embeddings[:3])
+    torch.testing.assert_close(after.embeddings[4], segment_embedding(model, short, 4.0, 8.0), atol=1e-5, rtol=1e-5)
+
+    write_video(long, num_frames=110)  # as many segments as before (11 s): replaced where they were
+    update_index(model, [long, short], index_path, segment_s=4.0, progress=False)
+    last = VideoIndex.load(index_path)
+    assert last.paths == after.paths
+    assert last.spans == [[0.0, 3.667], [3.667, 7.333], [7.333, 11.0]] + after.spans[3:]
+    torch.testing.assert_close(last.embeddings[2], segment_embedding(model, long, 7.333, 11.0), atol=1e-5, rtol=1e-5)
+
+
+def test_undecodable_videos_and_segments_leave_no_rows(long_video_dir, tmp_path, monkeypatch):
+    videos_dir = copy_videos(long_video_dir, tmp_path / "videos")
+    broken = write_corrupt(videos_dir / "broken.mp4").resolve()
+    long = (videos_dir / "long.mp4").resolve()
+    with pytest.warns(UserWarning):
+        # A corrupt file fails when its length is read; a video whose middle segment will not decode
+        # fails while its segments are read: neither leaves a row.
+        read_frames_original = tempme.data.dataset.read_frames
+
+        def middle_fails(path, max_frames, framerate, start, end, backend):
+            if Path(path) == long and start == 4.0:
+                raise tempme.data.VideoDecodeError(path, "corrupt stream (test)")
+            return read_frames_original(path, max_frames, framerate, start, end, backend)
+
+        monkeypatch.setattr(tempme.data.dataset, "read_frames", middle_fails)
+        update = update_index(tiny_model(), find_videos([videos_dir]), tmp_path / "s.index", segment_s=4.0,
+                              batch_size=1, progress=False)
+    assert sorted(update.skipped) == sorted([str(broken), str(long)])
+    assert update.skipped[str(long)] == "corrupt stream (test)"
+    index = VideoIndex.load(tmp_path / "s.index")
+    assert index.paths == [str((videos_dir / "short.mp4").resolve())] and update.added == 1

@@ -25,7 +25,7 @@ from .dataset import (
 )
 from .randaugment import AugmentStep, VideoRandAugment
 from .transforms import CLIP_MEAN, CLIP_STD, clip_preprocess, frames_to_tensor
-from .video import SkippedVideo, VideoDecodeError, read_frames, sample_frame_indices
+from .video import SkippedVideo, VideoDecodeError, read_frames, sample_frame_indices, video_duration
 
 __all__ = [
     "CLIP_MEAN",
@@ -58,4 +58,5 @@ __all__ = [
     "read_frames",
     "require_videos",
     "sample_frame_indices",
+    "video_duration",
 ]

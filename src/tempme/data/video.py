@@ -306,13 +306,32 @@ def _decode_by_seeking(
     return frames
 
 
-def _read_frames_pyav(
-    path: Path, max_frames: int, framerate: float, start: float | None, end: float | None
-) -> list[Image.Image]:
-    # One open container serves the stream's facts, its packet timestamps and seeking: opening and
-    # probing a file costs milliseconds, a fair share of reading 12 frames of a short clip.
-    with _open_container(path) as container:
-        stream = _video_stream(container, path)
+@dataclass(frozen=True)
+class StreamFacts:
+    """What frame sampling needs to know of a video stream: its average frame rate, its frame count
+    (as the container declares it, else counted) and its packet timestamps (None: not usable)."""
+
+    fps: float
+    num_frames: int
+    times: PacketTimes | None
+
+    @property
+    def duration(self) -> float:
+        """Seconds, as frame sampling counts them: frames over the average frame rate."""
+        return self.num_frames / self.fps
+
+
+# The facts of the last video read in this process, by (path, size, mtime_ns). The windows of one
+# long video (``tempme index --segment``) are read one after another; reading its packet timestamps
+# means reading the whole file, which for each window would cost more than decoding its frames.
+_last_stream: dict[tuple[str, int, int], StreamFacts] = {}
+
+
+def _stream_facts(container: av.container.InputContainer, stream: av.video.stream.VideoStream, path: Path) -> StreamFacts:
+    info = path.stat()
+    key = (str(path), info.st_size, info.st_mtime_ns)
+    facts = _last_stream.get(key)
+    if facts is None:
         fps = _stream_fps(stream, path)
         num_frames = _declared_frame_count(stream)
         times = _packet_times(container, stream)
@@ -320,7 +339,46 @@ def _read_frames_pyav(
             num_frames = len(times.frames) if times is not None else _count_frames(path)
         if num_frames <= 0:
             raise VideoDecodeError(path, "no decodable video frames")
-        indices = sample_frame_indices(num_frames, fps, max_frames, framerate, start, end)
+        facts = StreamFacts(fps, num_frames, times)
+        _last_stream.clear()
+        _last_stream[key] = facts
+    return facts
+
+
+def _correct_frame_count(path: Path, num_frames: int) -> None:
+    """Remember that the video at ``path`` really has ``num_frames`` frames (its container said more)."""
+    for key, facts in list(_last_stream.items()):
+        if key[0] == str(path):
+            _last_stream[key] = StreamFacts(facts.fps, num_frames, facts.times)
+
+
+def video_duration(path: str | os.PathLike, backend: str = "pyav") -> float:
+    """Length of a video in seconds, as frame sampling counts it (frames over the average frame rate).
+
+    Raises:
+        VideoDecodeError: the file is missing, empty, corrupt or has no video stream.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown video backend {backend!r}; choose one of {BACKENDS}")
+    path = Path(path)
+    _check_file(path)
+    if backend == "decord":
+        reader = _decord_reader(path)
+        return len(reader) / reader.get_avg_fps()
+    with _open_container(path) as container:
+        return _stream_facts(container, _video_stream(container, path), path).duration
+
+
+def _read_frames_pyav(
+    path: Path, max_frames: int, framerate: float, start: float | None, end: float | None
+) -> list[Image.Image]:
+    # One open container serves the stream's facts, its packet timestamps and seeking: opening and
+    # probing a file costs milliseconds, a fair share of reading 12 frames of a short clip.
+    with _open_container(path) as container:
+        stream = _video_stream(container, path)
+        facts = _stream_facts(container, stream, path)
+        fps, times = facts.fps, facts.times
+        indices = sample_frame_indices(facts.num_frames, fps, max_frames, framerate, start, end)
         if times is not None and max(indices) < len(times.frames):
             frames = _decode_by_seeking(container, stream, set(indices), times)
             if frames is not None:
@@ -330,6 +388,7 @@ def _read_frames_pyav(
         # The container over-stated its length: resample over the frames that really exist.
         if decoded == 0:
             raise VideoDecodeError(path, "no decodable video frames")
+        _correct_frame_count(path, decoded)
         indices = sample_frame_indices(decoded, fps, max_frames, framerate, start, end)
         frames, _ = _decode_wanted(path, set(indices))
     return [frames[i] for i in indices]
@@ -338,18 +397,35 @@ def _read_frames_pyav(
 def _read_frames_decord(
     path: Path, max_frames: int, framerate: float, start: float | None, end: float | None
 ) -> list[Image.Image]:
+    reader = _decord_reader(path)
+    decord = _decord()
+    try:
+        indices = sample_frame_indices(len(reader), reader.get_avg_fps(), max_frames, framerate, start, end)
+        batch = reader.get_batch(indices).asnumpy()
+    except (decord.DECORDError, RuntimeError, OSError, ValueError) as err:
+        raise _decord_error(path, err) from err
+    return [Image.fromarray(array) for array in batch]
+
+
+def _decord():
     try:
         import decord
     except ImportError as err:
         raise ImportError(
             "backend='decord' needs the optional decord package (pip install decord); or use backend='pyav'"
         ) from err
+    return decord
+
+
+def _decord_reader(path: Path):
+    decord = _decord()
     try:
-        reader = decord.VideoReader(str(path), num_threads=1)
-        indices = sample_frame_indices(len(reader), reader.get_avg_fps(), max_frames, framerate, start, end)
-        batch = reader.get_batch(indices).asnumpy()
+        return decord.VideoReader(str(path), num_threads=1)
     except (decord.DECORDError, RuntimeError, OSError, ValueError) as err:
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        reason = "no video stream" if "cannot find video stream" in message else f"decord failed ({message})"
-        raise VideoDecodeError(path, reason) from err
-    return [Image.fromarray(array) for array in batch]
+        raise _decord_error(path, err) from err
+
+
+def _decord_error(path: Path, err: Exception) -> VideoDecodeError:
+    message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    reason = "no video stream" if "cannot find video stream" in message else f"decord failed ({message})"
+    return VideoDecodeError(path, reason)
