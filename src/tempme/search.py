@@ -211,8 +211,11 @@ class VideoIndex:
         except VideoIndexError as error:  # e.g. the paths and embeddings disagree in number
             raise VideoIndexError(f"{path}: {error}; {_REBUILD}") from None
 
-    def search(self, text_features: torch.Tensor, k: int = 10) -> list[list[SearchHit]]:
-        """The ``k`` best videos for each query of ``text_features [Q, D]``, best first."""
+    def search(self, text_features: torch.Tensor, k: int = 10, per_video: bool = False) -> list[list[SearchHit]]:
+        """The ``k`` best rows (videos, or segments) for each query of ``text_features [Q, D]``, best first.
+
+        ``per_video``: in an index of segments, only the best segment of each video (so ``k`` videos).
+        """
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
         if len(self) == 0:
@@ -223,11 +226,26 @@ class VideoIndex:
                 f"(D={self.embeddings.shape[1]})"
             )
         scores = F.normalize(text_features.float(), dim=-1) @ self.embeddings.T
+        if per_video and self.spans is not None:
+            return [self._best_per_video(row_scores, k) for row_scores in scores]
         best = scores.topk(min(k, len(self)), dim=1)
         return [
             [self._hit(rank + 1, i, score) for rank, (score, i) in enumerate(zip(row_scores, row_ids))]
             for row_scores, row_ids in zip(best.values.tolist(), best.indices.tolist())
         ]
+
+    def _best_per_video(self, scores: torch.Tensor, k: int) -> list[SearchHit]:
+        """The best row of each of the ``k`` best videos, by ``scores [rows]``."""
+        hits: list[SearchHit] = []
+        seen: set[str] = set()
+        order = scores.argsort(descending=True, stable=True)
+        for row in order.tolist():  # stops after k videos: a few rows each, not the whole index
+            if self.paths[row] not in seen:
+                seen.add(self.paths[row])
+                hits.append(self._hit(len(hits) + 1, row, scores[row].item()))
+                if len(hits) == k:
+                    break
+        return hits
 
     def _hit(self, rank: int, row: int, score: float) -> SearchHit:
         span = (None, None) if self.spans is None else self.spans[row]

@@ -49,13 +49,15 @@ INDEX_EPILOG = textwrap.dedent(
 SEARCH_EPILOG = textwrap.dedent(
     """\
     Queries are encoded by the model that built the index (recorded in it). If its weights moved, name
-    them again with --weights or --checkpoint; they must be the same weights.
+    them again with --weights or --checkpoint; they must be the same weights. In an index of segments
+    (tempme index --segment) each result is a window of a video, shown with its time span.
 
     examples:
       tempme search videos.index "a dog catches a frisbee" "people dancing at night" -k 5
       tempme search videos.index "a goal in a football match" --json
       tempme search videos.index            # then type one query per line (Ctrl-D ends)
       tempme search videos.index --json < queries.txt > results.jsonl
+      tempme search moments.index "a goal in a football match" --per-video -k 5
     """
 )
 
@@ -129,6 +131,9 @@ def register(subparsers) -> None:
                         help="text to search for (quote each query); none: read queries from standard input, "
                         "one per line, answering each as it comes (the model loads once)")
     search.add_argument("-k", "--top", type=int, default=10, help="results per query (default: 10)")
+    search.add_argument("--per-video", action="store_true",
+                        help="in an index of segments (tempme index --segment), only the best segment of each "
+                        "video: -k videos rather than -k segments")
     add_model_arguments(search, required=False)
     search.add_argument("--json", action="store_true", help="print one JSON object per query (JSON lines) instead of a table")
     search.set_defaults(handler=run_search)
@@ -308,7 +313,7 @@ def run_search(args: argparse.Namespace) -> int:
         )
     device = device_option(args.device)
     if args.queries:
-        answer(model, index, args.queries, args.top, device, args.json)
+        answer(model, index, args.queries, args.top, device, args.json, args.per_video)
         return 0
     if sys.stdin.isatty():
         held = "" if index.spans is None else f" ({count(len(index), 'segment')})"
@@ -316,7 +321,7 @@ def run_search(args: argparse.Namespace) -> int:
               file=sys.stderr)
     for line in sys.stdin:
         if line.strip():
-            answer(model, index, [line.strip()], args.top, device, args.json)
+            answer(model, index, [line.strip()], args.top, device, args.json, args.per_video)
     return 0
 
 
@@ -331,20 +336,27 @@ def warn_if_truncated(model, query: str) -> None:
         warnings.warn(f"query {shown!r} has {tokens} tokens; the model reads the first {room} and ignores the rest")
 
 
-def answer(model, index, queries: list[str], top: int, device: torch.device, as_json: bool) -> None:
-    """Print the ``top`` videos for each query: a table, or one JSON object per query (JSON lines)."""
+def answer(
+    model, index, queries: list[str], top: int, device: torch.device, as_json: bool, per_video: bool = False
+) -> None:
+    """Print the ``top`` videos (or segments) for each query: a table, or one JSON object per query (JSON lines)."""
     from tempme.search import encode_queries
 
     for query in queries:
         warn_if_truncated(model, query)
-    hits = index.search(encode_queries(model, queries, device), top)
-    held = "videos" if index.spans is None else "segments"
+    hits = index.search(encode_queries(model, queries, device), top, per_video=per_video)
+    if index.spans is None:
+        held = f"{len(index)} videos"
+    elif per_video:
+        held = f"{index.videos} videos, their best segments"
+    else:
+        held = f"{len(index)} segments"
     for query, found in zip(queries, hits):
         if as_json:
             results = [hit_record(hit) for hit in found]
             print(json.dumps({"query": query, "results": results}), flush=True)
             continue
-        print(f"{query!r}: {len(found)} of {len(index)} {held}")
+        print(f"{query!r}: {len(found)} of {held}")
         for hit in found:
             span = "" if hit.start is None else f"  {clock(hit.start)}-{clock(hit.end)}"
             print(f"  {hit.rank:>3}  {hit.score:6.3f}  {one_line(hit.path)}{span}", flush=True)

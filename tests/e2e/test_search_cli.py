@@ -383,6 +383,11 @@ def test_index_of_segments_then_search_finds_moments(tmp_path, capsys):
     code, out, err = cli(capsys, "search", str(index), QUERIES[0], "-k", "5")
     assert code == 0, err
     assert "5 of 5 segments" in out and f"{day}  0:04-0:08" in out
+    code, out, err = cli(capsys, "search", str(index), QUERIES[0], "-k", "5", "--per-video", "--json")
+    assert code == 0, err
+    best = json.loads(out)["results"]
+    assert sorted(h["path"] for h in best) == sorted(str(p.resolve()) for p in videos.iterdir())
+    assert [h["score"] for h in best] == [max(h["score"] for h in hits if h["path"] == b["path"]) for b in best]
 
 
 @pytest.mark.parametrize("value", ["0", "-3", "nan"])

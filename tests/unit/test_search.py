@@ -697,3 +697,21 @@ def test_undecodable_videos_and_segments_leave_no_rows(long_video_dir, tmp_path,
     assert update.skipped[str(long)] == "corrupt stream (test)"
     index = VideoIndex.load(tmp_path / "s.index")
     assert index.paths == [str((videos_dir / "short.mp4").resolve())] and update.added == 1
+
+
+def test_per_video_search_keeps_the_best_segment_of_each_video():
+    rows = {"a": [[1.0, 0.0], [0.6, 0.8]], "b": [[0.8, 0.6], [0.96, 0.28]], "c": [[0.0, 1.0]]}
+    paths = ["a", "a", "b", "c", "b"]
+    embeddings = torch.tensor([rows["a"][0], rows["a"][1], rows["b"][0], rows["c"][0], rows["b"][1]])
+    spans = [[0.0, 30.0], [30.0, 60.0], [0.0, 30.0], [0.0, 20.0], [30.0, 60.0]]
+    index = VideoIndex(paths, embeddings, {}, {"segment_s": 30.0}, spans=spans)
+    query = torch.tensor([[2.0, 0.0]])  # scores 1, 0.6, 0.8, 0, 0.96
+    every = index.search(query, k=3)[0]
+    assert [(h.path, h.start) for h in every] == [("a", 0.0), ("b", 30.0), ("b", 0.0)]
+    assert [h.score for h in every] == pytest.approx([1.0, 0.96, 0.8])
+    best = index.search(query, k=5, per_video=True)[0]
+    assert [(h.rank, h.path, h.start, h.end) for h in best] == [(1, "a", 0.0, 30.0), (2, "b", 30.0, 60.0),
+                                                                (3, "c", 0.0, 20.0)]
+    assert [h.score for h in best] == pytest.approx([1.0, 0.96, 0.0])
+    assert [h.path for h in index.search(query, k=1, per_video=True)[0]] == ["a"]
+    assert index.videos == 3 and len(index) == 5
