@@ -54,8 +54,10 @@ VIDEO_EXTENSIONS = frozenset(
     ".mp4 .m4v .mov .mkv .webm .avi .mpg .mpeg .m2v .vob .wmv .flv .3gp .3g2 .ts .mts .m2ts .ogv".split()
 )
 INDEX_FORMAT = "tempme-video-index"
-# Version 2: an index of video segments (its rows carry time spans). An index of whole videos is still
-# written as version 1, which older tempme versions read.
+# Version 2: an index of video segments. Its header lists each video once ("videos"); which video and
+# which time span each row holds are tensors beside the embeddings ("row_video", "spans"), since a
+# path repeated for every segment could outgrow the 100 MB that safetensors allows a header. An
+# index of whole videos is still written as version 1 (a "paths" list), which older tempme versions read.
 INDEX_VERSIONS = (1, 2)
 PathLike = str | os.PathLike
 
@@ -175,20 +177,18 @@ class VideoIndex:
 
     def save(self, path: PathLike) -> Path:
         """Write the index to ``path`` atomically: a reader sees the old file or the new one."""
-        header = {
-            "version": 1 if self.spans is None else 2,
-            "paths": self.paths,
-            "model": self.model,
-            "settings": self.settings,
-            "skipped": self.skipped,
-            "files": self.files,
-        }
+        header = {"version": 1, "paths": self.paths}
+        tensors = {"embeddings": self.embeddings.float().contiguous()}
         if self.spans is not None:
-            header["spans"] = self.spans
+            number = {video: i for i, video in enumerate(dict.fromkeys(self.paths))}
+            header = {"version": 2, "videos": list(number)}
+            tensors["row_video"] = torch.tensor([number[video] for video in self.paths], dtype=torch.int64)
+            tensors["spans"] = torch.tensor(self.spans, dtype=torch.float64).reshape(-1, 2)
+        header.update(model=self.model, settings=self.settings, skipped=self.skipped, files=self.files)
         metadata = {"format": INDEX_FORMAT, "index": json.dumps(header)}
         with atomic_file(path) as temporary:
             try:
-                save_file({"embeddings": self.embeddings.float().contiguous()}, str(temporary), metadata=metadata)
+                save_file(tensors, str(temporary), metadata=metadata)
             except SafetensorError as error:  # a full disk, say: its message names no file
                 raise OSError(f"cannot write {path} ({error}); the index there is as it was before") from None
         return Path(path)
@@ -204,9 +204,12 @@ class VideoIndex:
         if "embeddings" not in tensors:
             raise VideoIndexError(f"{path}: not a tempme video index (written by something else)")
         try:
+            paths, spans = header.get("paths"), None
+            if header["version"] == 2:
+                paths, spans = _segment_rows(header["videos"], tensors)
             return cls(
-                header["paths"], tensors["embeddings"], header["model"], header["settings"], header["skipped"],
-                header["files"], header.get("spans"),
+                paths, tensors["embeddings"], header["model"], header["settings"], header["skipped"], header["files"],
+                spans,
             )
         except VideoIndexError as error:  # e.g. the paths and embeddings disagree in number
             raise VideoIndexError(f"{path}: {error}; {_REBUILD}") from None
@@ -252,9 +255,24 @@ class VideoIndex:
         return SearchHit(rank, self.paths[row], score, *span)
 
 
+def _segment_rows(videos: list[str], tensors: dict[str, torch.Tensor]) -> tuple[list[str], list[list[float]]]:
+    """The path and ``[start, end]`` of each row of a version-2 index, from its tensors."""
+    row_video, spans = tensors.get("row_video"), tensors.get("spans")
+    if row_video is None or spans is None:
+        raise VideoIndexError("the index has no row_video or spans tensor")
+    rows = len(tensors["embeddings"])
+    if row_video.shape != (rows,) or spans.shape != (rows, 2):
+        raise VideoIndexError(f"{rows} rows but row_video {tuple(row_video.shape)} and spans {tuple(spans.shape)}")
+    numbers = row_video.tolist()
+    if numbers and not 0 <= min(numbers) <= max(numbers) < len(videos):
+        raise VideoIndexError(f"row_video points past the {len(videos)} videos listed")
+    return [videos[i] for i in numbers], spans.tolist()
+
+
 def read_index_header(path: PathLike) -> dict[str, Any]:
-    """The header of the index at ``path`` (``paths``, ``model``, ``settings``, ``skipped``, ``files``,
-    and ``spans`` in an index of segments), checked, without reading its embeddings."""
+    """The header of the index at ``path``, checked, without reading its embeddings: ``model``,
+    ``settings``, ``skipped``, ``files``, and ``paths`` (one per row; version 1) or ``videos`` (each
+    once; version 2, an index of segments)."""
     path = Path(path)
     if path.is_dir():
         raise VideoIndexError(f"{path} is a folder, not an index file (`tempme index` writes those)")
@@ -284,10 +302,8 @@ def read_index_header(path: PathLike) -> dict[str, Any]:
             f"{', '.join(map(str, INDEX_VERSIONS))}: {_REBUILD}"
         )
     header.setdefault("files", {})  # not recorded by older versions: see VideoIndex
-    expected = [("paths", list), ("model", dict), ("settings", dict), ("skipped", dict), ("files", dict)]
-    if header["version"] == 2:
-        expected.append(("spans", list))
-    for key, kind in expected:
+    rows = ("paths", list) if header["version"] == 1 else ("videos", list)
+    for key, kind in (rows, ("model", dict), ("settings", dict), ("skipped", dict), ("files", dict)):
         if key not in header:
             raise VideoIndexError(f"{path}: the index header is damaged (no {key!r} entry); {_REBUILD}")
         if not isinstance(header[key], kind):

@@ -181,7 +181,8 @@ def saved_count(path: str) -> int:
     from tempme.search import VideoIndexError, read_index_header
 
     try:
-        return len(set(read_index_header(path)["paths"]))
+        header = read_index_header(path)
+        return len(header["videos"] if "videos" in header else header["paths"])
     except (OSError, VideoIndexError):
         return 0
 

@@ -594,14 +594,29 @@ def test_an_index_of_whole_videos_stays_version_1_and_segments_make_version_2(lo
     videos = find_videos([long_video_dir])
     update_index(model, videos, tmp_path / "whole.index", progress=False)
     update_index(model, videos, tmp_path / "segments.index", segment_s=4.0, progress=False)
-    for name, version in (("whole.index", 1), ("segments.index", 2)):
+    long, short = (str(v) for v in videos)
+    for name, version, rows in (("whole.index", 1, {"paths": [long, short]}), ("segments.index", 2, {"videos": [long, short]})):
         with safe_open(str(tmp_path / name), framework="pt") as handle:
             header = json.loads(handle.metadata()["index"])
-        assert header["version"] == version and ("spans" in header) == (version == 2)
+            names = set(handle.keys())
+        assert header["version"] == version and {key: header.get(key) for key in rows} == rows
+        assert names == ({"embeddings"} if version == 1 else {"embeddings", "row_video", "spans"})
+    tensors = load_file(str(tmp_path / "segments.index"))
+    assert tensors["row_video"].tolist() == [0, 0, 0, 1]
+    assert tensors["spans"].tolist() == [[0.0, 4.0], [4.0, 8.0], [8.0, 12.0], [0.0, 3.0]]
     assert VideoIndex.load(tmp_path / "whole.index").search(encode_queries(model, "x"), k=1)[0][0].start is None
-    rewrite_header(tmp_path / "segments.index", lambda header: header.pop("spans"))
-    with pytest.raises(VideoIndexError, match="no 'spans' entry"):
+
+    rewrite_header(tmp_path / "segments.index", lambda header: header.pop("videos"))
+    with pytest.raises(VideoIndexError, match="no 'videos' entry"):
         VideoIndex.load(tmp_path / "segments.index")
+    update_index(model, videos, tmp_path / "damaged.index", segment_s=4.0, progress=False)
+    tensors = load_file(str(tmp_path / "damaged.index"))
+    with safe_open(str(tmp_path / "damaged.index"), framework="pt") as handle:
+        metadata = handle.metadata()
+    tensors["row_video"][1] = 2
+    save_file(tensors, str(tmp_path / "damaged.index"), metadata=metadata)
+    with pytest.raises(VideoIndexError, match="row_video points past the 2 videos listed; index the videos again"):
+        VideoIndex.load(tmp_path / "damaged.index")
 
 
 def test_an_index_keeps_whole_videos_or_its_segment_length(long_video_dir, tmp_path):
