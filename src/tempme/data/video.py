@@ -366,7 +366,11 @@ def video_duration(path: str | os.PathLike, backend: str = "pyav") -> float:
         reader = _decord_reader(path)
         return len(reader) / reader.get_avg_fps()
     with _open_container(path) as container:
-        return _stream_facts(container, _video_stream(container, path), path).duration
+        stream = _video_stream(container, path)
+        declared = _declared_frame_count(stream)
+        if declared > 0:  # as frame sampling counts it, without reading the whole file for its packets
+            return declared / _stream_fps(stream, path)
+        return _stream_facts(container, stream, path).duration
 
 
 def _read_frames_pyav(
