@@ -9,9 +9,10 @@ that a search finds moments in long videos.
 Building is incremental: run it again on the same folder and only videos not yet in the index, or
 whose file changed since it was embedded (another size or modification time), are decoded. It writes
 the index every ``save_every_s`` seconds and when stopped (Ctrl-C included), so an interrupted run
-loses at most the batch in flight (with segments, the videos in flight) and the next run carries on. (By time, not by count: each write is
-the whole file, and on a GPU hundreds of videos a second would otherwise mean as many writes.) Videos
-that cannot be decoded are recorded with the reason and tried again on the next run.
+loses at most the batch in flight (with segments, the videos in flight) and the next run carries
+on. (By time, not by count: each write is the whole file, and on a GPU hundreds of videos a second
+would otherwise mean as many writes.) Videos that cannot be decoded are recorded with the reason and
+tried again on the next run.
 """
 
 from __future__ import annotations
