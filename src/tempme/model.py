@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.flex_attention import flex_attention
 
-from .config import ModelConfig
+from .config import MergeConfig, ModelConfig
 from .merging import (
     MergePlan,
     bipartite_soft_matching,
@@ -29,7 +30,7 @@ from .merging import (
     normalized_patches,
     proportional_count,
 )
-from .schedule import LayerPlan, build_plan
+from .schedule import LayerPlan, build_plan, simulate
 
 
 QUICK_GELU_SCALE = 1.702
@@ -102,6 +103,20 @@ def log_size_score(log_size: torch.Tensor):
         return score + log_size[batch, key]
 
     return add_log_size
+
+
+def warn_if_tome_r_capped(plan: tuple[LayerPlan, ...], merge: MergeConfig, tokens_per_frame: int) -> None:
+    """Warn when ImgMe layers merge fewer than ``tome_r`` tokens: a layer merges at most half its
+    patches (the paper's count formula), so a larger ``tome_r`` gives a schedule other than the one asked
+    for. The paper's schedules never reach the cap."""
+    capped = [(row.layer, row.r) for row in simulate(plan, merge, tokens_per_frame)
+              if row.kind == "imgme" and row.r < merge.tome_r]
+    if capped:
+        merged = ", ".join(f"{r} in layer {layer}" for layer, r in capped[:3]) + (" ..." if len(capped) > 3 else "")
+        warnings.warn(
+            f"tome_r={merge.tome_r} is more than some layers can merge (at most half the patches of a "
+            f"frame of {tokens_per_frame - 1} patches): they merge {merged}", stacklevel=4
+        )
 
 
 class QuickGELU(nn.Module):
@@ -292,6 +307,7 @@ class VisionTransformer(nn.Module):
         self.frames = config.frames
         self.image_size = vision.image_size
         self.plan: tuple[LayerPlan, ...] = build_plan(config.merge, vision.layers, config.frames)
+        warn_if_tome_r_capped(self.plan, config.merge, vision.tokens_per_frame)
         # How proportional attention adds log(size) (SIZE_ATTENTION): the bias while training,
         # INFERENCE_SIZE_ATTENTION once optimize_for_inference has run.
         self.size_attention = "bias"

@@ -1,10 +1,13 @@
 """Per-layer token counts (SPEC section 3, worked out by hand there) and refused schedules."""
 
+import warnings
+
 import pytest
 import torch
 
 import tempme
 from tempme.config import balanced_factors, default_merge_config, get_preset
+from tempme.model import warn_if_tome_r_capped
 from tempme.schedule import ScheduleError, build_plan, simulate
 
 
@@ -113,3 +116,23 @@ def test_impossible_schedules_are_refused_at_build_time(overrides, message):
 def test_frame_count_not_divisible_is_refused():
     with pytest.raises(ScheduleError, match="cannot join 2 clips at layer 8: 9 clips remain"):
         tempme.create_model("tiny-B/32", frames=9, clips_joined=(2, 2, 3))
+
+
+def test_a_tome_r_beyond_half_the_patches_is_warned_about():
+    # ViT-B/32: 49 patches a frame, so ImgMe merges at most 24, then 12 (of 25), then 6 (of 13) ...
+    with pytest.warns(UserWarning, match=r"tome_r=30 is more than some layers can merge \(at most half the "
+                      r"patches of a frame of 49 patches\): they merge 24 in layer 0, 12 in layer 1, 6 in layer 2 \.\.\."):
+        tempme.create_model("ViT-B/32", method="tempme", frames=12, tome_r=30)
+    # tome in all twelve layers with r=8: 49 -> 41 -> 33 -> 25 -> 17 -> 9 patches; layer 5 can merge 4.
+    with pytest.warns(UserWarning, match="they merge 4 in layer 5, 2 in layer 6, 1 in layer 7 ..."):
+        tempme.create_model("ViT-B/32", method="tome", frames=2, tome_r=8)
+
+
+@pytest.mark.parametrize("preset, frames", [("ViT-B/32", 12), ("ViT-B/16", 12), ("ViT-B/32", 64)])
+@pytest.mark.parametrize("method", ["none", "tome", "tempme"])
+def test_the_papers_schedules_are_not_warned_about(preset, frames, method):
+    clip = get_preset(preset)
+    merge = default_merge_config(clip, frames, method)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_if_tome_r_capped(build_plan(merge, clip.vision.layers, frames), merge, clip.vision.tokens_per_frame)
