@@ -274,6 +274,11 @@ def evaluate(
                     f"could not write the embedding cache {cache_path} ({error}); the metrics are not affected"
                 )
                 cache_path = None
+        if cache_dir is not None:
+            # Also a barrier: no process goes on (say, to the next evaluation, looking for this cache)
+            # before the main one has written the file; and every one reports what it wrote.
+            written = all_gather_objects(cache_path is not None if is_main_process() else None)[0]
+            cache_path = cache_path if written else None
     results = retrieval_results(embeddings, eval_set)
     results["cache"] = str(cache_path) if cache_path else None
     return results

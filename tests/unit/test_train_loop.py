@@ -7,11 +7,13 @@ global batch; plus the sampler, the loss, checkpoints and evaluation caching.
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
 import signal
 import socket
+import time
 import warnings
 from pathlib import Path
 
@@ -259,6 +261,12 @@ def distributed_worker(rank: int, world_size: int, port: int, folder: str) -> No
     )
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
     result = gradients(world_size, rank)
+    if rank == 0:
+        # The main process writes the shared embedding cache slowly: the other must wait for it rather
+        # than look for the file too soon and embed everything again.
+        evaluate_module = importlib.import_module("tempme_train.evaluate")  # the package's `evaluate` is the function
+        save_cached = evaluate_module.save_cached
+        evaluate_module.save_cached = lambda *args: time.sleep(1.0) or save_cached(*args)
     result["evaluations"] = evaluations(Path(folder) / "cache")
     torch.save(result, Path(folder) / f"gradients{rank}.pt")
     summary = train(tiny_config(Path(folder) / "run", run={"eval_every": 2, "device": "cpu"}), data=synthetic_data())
