@@ -37,12 +37,11 @@ from torch.utils.data import DataLoader
 from .data import (
     RetrievalVideos,
     SkippedVideo,
-    VideoDecodeError,
     VideoItem,
     check_batch_fits_in_memory,
+    VideoWindows,
     collate_skip_bad,
     quiet_worker_init,
-    video_duration,
 )
 from .files import LockHeld, atomic_file, check_readable, exclusive_lock, file_stamp, lock_held
 from .model import TempMe
@@ -61,6 +60,8 @@ INDEX_FORMAT = "tempme-video-index"
 # index of whole videos is still written as version 1 (a "paths" list), which older tempme versions read.
 INDEX_VERSIONS = (1, 2)
 PathLike = str | os.PathLike
+# Shorter windows hold too few frames to sample (12 frames from 1 fps candidates already repeat frames).
+MIN_SEGMENT_S = 1.0
 
 
 class VideoIndexError(ValueError):
@@ -128,15 +129,6 @@ class SearchHit:
     end: float | None = None
 
 
-def segment_spans(duration: float, segment_s: float) -> list[tuple[float, float]]:
-    """``[start, end)`` windows in seconds covering ``[0, duration]``: as many equal windows as come
-    closest to ``segment_s`` seconds each, at least one (so between 0.75 and 1.25 times ``segment_s``
-    long, or a whole video shorter than 1.5 times it). No short window is left over at the end."""
-    count = max(1, round(duration / segment_s))
-    length = duration / count
-    return [(round(i * length, 3), round((i + 1) * length, 3)) for i in range(count)]
-
-
 @dataclass
 class VideoIndex:
     """Embedded videos. ``embeddings[i]`` (L2-normalised, float32) is the video at ``paths[i]``.
@@ -178,7 +170,7 @@ class VideoIndex:
 
     def save(self, path: PathLike) -> Path:
         """Write the index to ``path`` atomically: a reader sees the old file or the new one."""
-        header = {"version": 1, "paths": self.paths}
+        header = {"version": 1, "paths": self.paths}  # whole videos: the format older versions read
         tensors = {"embeddings": self.embeddings.float().contiguous()}
         if self.spans is not None:
             number = {video: i for i, video in enumerate(dict.fromkeys(self.paths))}
@@ -341,7 +333,7 @@ def index_settings(model: TempMe, framerate: float, precision: str, segment_s: f
 
 def _setting_text(key: str, value: Any) -> str:
     if key == "segment_s":
-        return "whole videos" if value is None else f"segments of {value:g} s"
+        return "whole videos" if value is None else f"segments of {value:.10g} s"
     return f"{key}={value!r}"
 
 
@@ -415,7 +407,8 @@ def absent_sources(
     absent = set()
     for source in sources:
         root = Path(source).expanduser().resolve()
-        indexed = sum(1 for video in index.paths if Path(video).is_relative_to(root) and Path(video) != root)
+        indexed = sum(1 for video in dict.fromkeys(index.paths)
+                      if Path(video).is_relative_to(root) and Path(video) != root)
         if not indexed or any(video.is_relative_to(root) for video in found):
             continue  # a deleted file given by name is reported as deleted, not warned about
         why = "holds no videos now (an empty mount point?)" if root.is_dir() else "is not there (now)"
@@ -451,8 +444,8 @@ def check_index_options(
         raise ValueError(f"{name('framerate')} must be a positive number, got {framerate}")
     if num_workers < 0:
         raise ValueError(f"{name('num_workers')} must not be negative, got {num_workers}")
-    if segment_s is not None and not 0 < segment_s < math.inf:
-        raise ValueError(f"{name('segment_s')} must be a positive number of seconds, got {segment_s}")
+    if segment_s is not None and not MIN_SEGMENT_S <= segment_s < math.inf:
+        raise ValueError(f"{name('segment_s')} must be at least {MIN_SEGMENT_S:g} second(s), got {segment_s}")
 
 
 def _drop_videos(index: VideoIndex, videos: set[str]) -> None:
@@ -480,7 +473,7 @@ def _drop_deleted_videos(
 ) -> list[str]:
     """Take the videos whose files were deleted (see :func:`deleted`) out of ``index``; returns their
     paths, in index order."""
-    removed = [video for video in index.paths if deleted(video, sources, prune, absent)]
+    removed = [video for video in dict.fromkeys(index.paths) if deleted(video, sources, prune, absent)]
     _drop_videos(index, set(removed))
     return removed
 
@@ -496,10 +489,10 @@ def _videos_to_embed(
     of every indexed and new video (None: the file cannot be looked at now).
     """
     # Stamped before decoding: a file that changes while it is decoded is seen as changed next run.
-    stamps = {video: file_stamp(video) for video in index.paths}
+    stamps = {video: file_stamp(video) for video in dict.fromkeys(index.paths)}
     # A file that cannot be looked at now (stamp None: e.g. an unmounted drive) keeps its embedding.
     changed = [video for video, stamp in stamps.items() if stamp is not None and index.files.get(video) != stamp]
-    indexed = set(index.paths)
+    indexed = set(stamps)
     new = [video for video in dict.fromkeys(Path(v).resolve() for v in videos) if str(video) not in indexed]
     stamps.update({str(video): file_stamp(video) for video in new})
     return new, changed, stamps
@@ -514,35 +507,31 @@ class _PendingResults:
     run embeds it again.
     """
 
-    def __init__(self, stamps: dict[str, list[int] | None], rows_expected: dict[str, int]) -> None:
+    def __init__(self, stamps: dict[str, list[int] | None]) -> None:
         self.stamps = stamps  # path -> [size, mtime_ns] taken before decoding (see _videos_to_embed)
-        self.rows_expected = rows_expected  # path -> rows it will have (segments, or 1)
         # path -> ([start, end] or None, [D] L2-normalised float32 CPU embedding) of each row embedded
         self.rows: dict[str, list[tuple[list[float] | None, torch.Tensor]]] = {}
         self.complete: list[str] = []  # videos whose every row is embedded, not yet in the index
-        self.failed: set[str] = set()  # videos with a row that did not decode: their other rows are dropped
-        self.undecodable: list[str] = []  # see add_undecodable
+        self.undecodable: list[str] = []  # see add_failed
 
     def add_embedded(
-        self, paths: Sequence[str], spans: Sequence[list[float] | None], embeddings: torch.Tensor
+        self, paths: Sequence[str], spans: Sequence[list[float] | None], last: Sequence[bool], embeddings: torch.Tensor
     ) -> list[str]:
-        """Keep ``embeddings [len(paths), D]``, row ``i`` that of the segment ``spans[i]`` (None: the
-        whole video) of ``paths[i]``. Returns the videos this completes, in order."""
+        """Keep ``embeddings [len(paths), D]``: row ``i`` is that of the window ``spans[i]`` (None: the
+        whole video) of ``paths[i]``, its video's final row where ``last[i]``. A video's rows come in
+        order. Returns the videos this completes, in order."""
         completed = []
-        for path, span, embedding in zip(paths, spans, embeddings):
-            if path in self.failed:
-                continue
-            rows = self.rows.setdefault(path, [])
-            rows.append((span, embedding))
-            if len(rows) == self.rows_expected[path]:
+        for path, span, final, embedding in zip(paths, spans, last, embeddings):
+            self.rows.setdefault(path, []).append((span, embedding))
+            if final:
                 self.complete.append(path)
                 completed.append(path)
         return completed
 
     def add_failed(self, path: str, indexed: bool) -> None:
-        """A video (or a segment of it) that did not decode: none of its rows go into the index, and if
-        it is ``indexed`` (its file changed), its old rows, embeddings of what the file used to hold, go."""
-        self.failed.add(path)
+        """A video that did not decode (maybe after some of its windows did): none of its rows go into
+        the index, and if it is ``indexed`` (its file changed), its old rows, embeddings of what the file
+        used to hold, go."""
         self.rows.pop(path, None)
         if indexed:
             self.undecodable.append(path)
@@ -660,9 +649,9 @@ def update_index(
         sources: the folders (and files) ``videos`` were found in, as given to :func:`find_videos`;
             they decide which missing videos were deleted (see :func:`deleted`).
         prune: drop every indexed video whose file is missing, wherever it was (see :func:`deleted`).
-        segment_s: embed windows of about this many seconds (:func:`segment_spans`) of each video, each
-            sampled as a whole video would be, instead of whole videos: search then finds moments in
-            long videos. An index holds whole videos or segments of one length, as it was built.
+        segment_s: embed windows of about this many seconds (at least 1; see ``plan_windows``) of each
+            video, each sampled as a whole video would be, instead of whole videos: search then finds
+            moments in long videos. An index holds whole videos or windows of one length, as it was built.
     """
     check_index_options(batch_size=batch_size, framerate=framerate, num_workers=num_workers,
                         save_every_s=save_every_s, segment_s=segment_s)
@@ -697,89 +686,52 @@ def update_index(
             return update
 
         changed_set = set(changed)
-        pending = _PendingResults(stamps, {})
-
-        def undecodable(video: str, reason: str) -> None:
-            index.skipped[video] = update.skipped[video] = reason
-            pending.add_failed(video, indexed=video in changed_set)
-
+        pending = _PendingResults(stamps)
         if segment_s is None:
             items = [VideoItem(str(video), video) for video in todo]  # the id is the path: it names skipped videos
+            dataset = RetrievalVideos(items, settings["frames"], framerate, settings["image_size"], backend=backend)
         else:
-            items = []
-            for video, duration in _durations(todo, backend, num_workers, progress):
-                if isinstance(duration, SkippedVideo):
-                    undecodable(video, duration.reason)
-                else:
-                    items.extend(VideoItem(video, Path(video), start=start, end=end)
-                                 for start, end in segment_spans(duration, segment_s))
-        for item in items:
-            pending.rows_expected[item.video_id] = pending.rows_expected.get(item.video_id, 0) + 1
-        dataset = RetrievalVideos(items, settings["frames"], framerate, settings["image_size"], backend=backend)
+            dataset = VideoWindows(todo, segment_s, settings["frames"], framerate, settings["image_size"], backend)
         loader = DataLoader(
             dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=list, worker_init_fn=quiet_worker_init
         )
         model.eval().to(device)
         last_save = time.monotonic()
-        unit = "video" if segment_s is None else "segment"
         try:
-            with progress_bar(total=len(items), desc=f"indexing {unit}s", unit=unit, disable=not progress) as bar:
+            with progress_bar(total=len(todo), desc="indexing videos", unit="video", disable=not progress) as bar:
                 for samples in loader:
                     for sample in samples:
-                        if isinstance(sample, SkippedVideo) and sample.video_id not in pending.failed:
-                            undecodable(sample.video_id, sample.reason)
+                        if isinstance(sample, SkippedVideo):
+                            video = sample.video_id
+                            index.skipped[video] = update.skipped[video] = sample.reason
+                            pending.add_failed(video, indexed=video in changed_set)
+                            bar.update(1)
                             bar.set_postfix(undecodable=len(update.skipped), refresh=False)
                     batch = collate_skip_bad(samples)
                     if batch is not None:
-                        spans = [_span(items[i]) for i in batch["index"].tolist()]
+                        if segment_s is None:
+                            spans, last = [None] * len(batch["video_id"]), [True] * len(batch["video_id"])
+                        else:
+                            spans = [list(span) for span in zip(batch["start"], batch["end"])]
+                            last = batch["last"].bool().tolist()
                         embeddings = _embed_batch(model, batch, device, precision)
-                        for video in pending.add_embedded(batch["video_id"], spans, embeddings):
+                        for video in pending.add_embedded(batch["video_id"], spans, last, embeddings):
                             if video in changed_set:
                                 update.updated.append(video)
                             else:
                                 update.added += 1
-                    bar.update(len(samples))
+                            bar.update(1)
                     if time.monotonic() - last_save >= save_every_s:
                         pending.apply_to(index)
                         index.save(path)
                         last_save = time.monotonic()
         finally:
-            # Also on Ctrl-C or an error: every finished batch is kept, and the next run carries on.
+            # Also on Ctrl-C or an error: every finished video is kept, and the next run carries on.
             pending.apply_to(index)
             index.save(path)
         update.total = index.videos
         update.segments = None if index.spans is None else len(index)
         return update
-
-
-def _span(item: VideoItem) -> list[float] | None:
-    return None if item.start is None else [item.start, item.end]
-
-
-class _Durations(torch.utils.data.Dataset):
-    """Each video's length in seconds (:func:`video_duration`), or a ``SkippedVideo`` saying why not."""
-
-    def __init__(self, videos: Sequence[Path], backend: str) -> None:
-        self.videos, self.backend = list(videos), backend
-
-    def __len__(self) -> int:
-        return len(self.videos)
-
-    def __getitem__(self, index: int) -> tuple[str, float | SkippedVideo]:
-        video = self.videos[index]
-        try:
-            return str(video), video_duration(video, self.backend)
-        except VideoDecodeError as error:
-            return str(video), SkippedVideo(str(video), video, error.reason)
-
-
-def _durations(
-    videos: Sequence[Path], backend: str, num_workers: int, progress: bool
-) -> Iterator[tuple[str, float | SkippedVideo]]:
-    """``(path, seconds or SkippedVideo)`` of each video, in order, read by ``num_workers`` processes."""
-    loader = DataLoader(_Durations(videos, backend), batch_size=None, num_workers=num_workers,
-                        worker_init_fn=quiet_worker_init)
-    yield from progress_bar(loader, total=len(videos), desc="reading video lengths", unit="video", disable=not progress)
 
 
 def encode_texts(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import textwrap
@@ -30,13 +31,14 @@ INDEX_EPILOG = textwrap.dedent(
     --frames, --framerate, --precision, --method and --segment follow the index. Symbolic links to folders are
     followed; hidden files and folders (names starting with a dot) are left out. An index built by
     tempme before 2026-11-27 has another model fingerprint and is refused: write a new one. An
-    interrupted run keeps every finished batch (the index is written every --save-every seconds and
+    interrupted run keeps every finished video (the index is written every --save-every seconds and
     on Ctrl-C); the next run carries on. One run at a time per index: a second stops at once.
     Undecodable videos are listed and tried again next time.
 
-    With --segment SECONDS each video is cut into windows of about that length (equal windows, no
-    short one left at the end; a video shorter than 1.5 windows stays whole), each embedded as a
-    whole video would be: search then finds moments in long videos and prints their time spans.
+    With --segment SECONDS (at least 1) each video is cut into windows of about that length (equal
+    windows, no short one left at the end; a video shorter than 1.5 windows stays whole), each
+    embedded as a whole video would be: search then finds moments in long videos and prints their
+    time spans. A video enters the index once all its windows are embedded.
 
     examples:
       tempme index ~/videos --weights ViT-B/32 --out videos.index
@@ -210,7 +212,7 @@ def run_index(args: argparse.Namespace) -> int:
     if args.frames is not None and args.frames < 1:
         raise ValueError(f"--frames must be at least 1, got {args.frames}")
     if args.segment is not None:
-        check_finite(args.segment, "--segment", positive=True)
+        check_finite(args.segment, "--segment", positive=True)  # update_index wants at least a second
     args.out = str(Path(args.out).expanduser())
     check_output_file(args.out, "--out", example_name="videos.index")
     # An existing index decides the settings left unset, so that updating it needs no more options
@@ -256,7 +258,7 @@ def run_index(args: argparse.Namespace) -> int:
                 sources=args.videos, prune=args.prune, segment_s=segment_s,
             )
         except KeyboardInterrupt:
-            print(f"{args.out}: {count(saved_count(args.out), 'video')} indexed, every finished batch saved; "
+            print(f"{args.out}: {count(saved_count(args.out), 'video')} indexed, every finished video saved; "
                   "run the same command again to carry on", file=sys.stderr)
             raise
     if args.json:
@@ -359,7 +361,8 @@ def answer(
             continue
         print(f"{query!r}: {len(found)} of {held}")
         for hit in found:
-            span = "" if hit.start is None else f"  {clock(hit.start)}-{clock(hit.end)}"
+            # Rounded outwards, so that the times shown hold the whole window.
+            span = "" if hit.start is None else f"  {clock(hit.start)}-{clock(hit.end, round_up=True)}"
             print(f"  {hit.rank:>3}  {hit.score:6.3f}  {one_line(hit.path)}{span}", flush=True)
 
 
@@ -371,8 +374,8 @@ def hit_record(hit) -> dict[str, Any]:
     return record
 
 
-def clock(seconds: float) -> str:
-    """``M:SS``, or ``H:MM:SS`` from an hour on (whole seconds, rounded down)."""
-    minutes, secs = divmod(int(seconds), 60)
+def clock(seconds: float, round_up: bool = False) -> str:
+    """``M:SS``, or ``H:MM:SS`` from an hour on, in whole seconds rounded down (or up)."""
+    minutes, secs = divmod(math.ceil(seconds) if round_up else math.floor(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"

@@ -321,7 +321,7 @@ def test_a_stop_while_indexing_saves_and_says_what_was_saved(library, tmp_path, 
     exit_code, _, err = cli(capsys, "index", str(library), "--weights", str(weights), "--out", str(index),
                             "--frames", "4", "--batch-size", "1", "--device", "cpu", "--workers", "0")
     assert exit_code == code
-    assert f"{index}: 1 video indexed, every finished batch saved; run the same command again" in err, err
+    assert f"{index}: 1 video indexed, every finished video saved; run the same command again" in err, err
     assert f"tempme index: {said}" in err
     assert len(search.VideoIndex.load(index)) == 1
 
@@ -390,10 +390,22 @@ def test_index_of_segments_then_search_finds_moments(tmp_path, capsys):
     assert [h["score"] for h in best] == [max(h["score"] for h in hits if h["path"] == b["path"]) for b in best]
 
 
-@pytest.mark.parametrize("value", ["0", "-3", "nan"])
-def test_a_segment_length_must_be_positive(tmp_path, capsys, value):
+@pytest.mark.parametrize("value, message", [
+    ("0", "--segment must be a positive number, got 0.0"),
+    ("-3", "--segment must be a positive number, got -3.0"),
+    ("nan", "--segment must be a positive number, got nan"),
+    ("0.5", "--segment must be at least 1 second(s), got 0.5"),
+])
+def test_a_segment_length_must_be_a_second_or_more(tmp_path, capsys, value, message):
     weights = write_clip_weights(tmp_path / "clip.pt", seed=0)
     write_video(tmp_path / "v" / "a.mp4", num_frames=20)
     code, out, err = cli(capsys, "index", str(tmp_path / "v"), "--weights", str(weights),
                          "--out", str(tmp_path / "i.index"), f"--segment={value}")
-    assert code == 2 and f"--segment must be a positive number, got {float(value)}" in err
+    assert code == 2 and message in err
+
+
+def test_times_are_shown_rounded_outwards():
+    from tempme_cli.search import clock
+
+    assert (clock(22.5), clock(30.0, round_up=True), clock(7.5, round_up=True)) == ("0:22", "0:30", "0:08")
+    assert clock(3725.2) == "1:02:05" and clock(59.999, round_up=True) == "1:00"

@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import pickle
 import sys
+from fractions import Fraction
+
+import av
+import numpy as np
 
 import pytest
-from data_fixtures import FPS, NUM_FRAMES, build_video_files, frame_index, write_video
+from data_fixtures import FPS, NUM_FRAMES, build_video_files, frame_colour, frame_index, write_video
 
 from tempme.data import video as video_module
-from tempme.data.video import VideoDecodeError, read_frames, sample_frame_indices, video_duration
-
-
-@pytest.fixture(autouse=True)
-def forget_streams():
-    """Each test reads its videos afresh: some change how a stream is probed."""
-    video_module._last_stream.clear()
+from tempme.data.video import VideoDecodeError, plan_windows, read_frames, read_windows, sample_frame_indices
 
 
 @pytest.fixture(scope="module")
@@ -209,43 +207,104 @@ class TestSeeking:
         assert [frame_index(f) for f in frames] == sample_frame_indices(SEEKABLE_FRAMES, FPS, 12)
 
 
-class TestDuration:
-    def test_duration_is_frames_over_frame_rate(self, video_files, monkeypatch):
-        calls = []
-        original = video_module._packet_times
-        monkeypatch.setattr(video_module, "_packet_times", lambda *args: calls.append(1) or original(*args))
-        assert video_duration(video_files.mp4) == NUM_FRAMES / FPS
-        assert video_duration(video_files.long) == pytest.approx(150 / 30)
-        assert calls == []  # the frame count the container stores is enough
-        assert video_duration(video_files.mkv) == NUM_FRAMES / FPS  # no stored frame count: packets counted
-        assert calls == [1]
+def write_variable_rate_video(path, times_ms):
+    """A clip whose frame ``i`` shows at ``times_ms[i]`` milliseconds (frame colours as ``write_video``'s)."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=50)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.codec_context.time_base = stream.time_base = Fraction(1, 1000)
+        for index, time_ms in enumerate(times_ms):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), frame_colour(index), np.uint8), format="rgb24")
+            frame.pts, frame.time_base = time_ms, Fraction(1, 1000)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    return path
+
+
+class TestWindows:
+    def test_equal_windows_cover_the_video_without_a_short_one_at_the_end(self):
+        times = [i / 10 for i in range(120)]  # 12 s at 10 fps
+        windows = plan_windows(times, 10.0, 4.0, max_frames=3)
+        assert [(w.first, w.last, w.start, w.end) for w in windows] == [(0, 39, 0.0, 4.0), (40, 79, 4.0, 8.0),
+                                                                        (80, 119, 8.0, 12.0)]
+        # Frames sampled from each window's frames as from a clip of them: 1 fps candidates, thinned.
+        assert [w.indices for w in windows] == [[0, 10, 30], [40, 50, 70], [80, 90, 110]]
+        # 7 s in windows of about 3 s: two of 3.5 s, not two of 3 s and one of 1 s.
+        assert [(w.start, w.end) for w in plan_windows([i / 10 for i in range(70)], 10.0, 3.0, 4)] == [
+            (0.0, 3.5), (3.5, 7.0)]
+        # Shorter than 1.5 windows: one window, the whole video.
+        assert [(w.first, w.last) for w in plan_windows([i / 10 for i in range(44)], 10.0, 3.0, 4)] == [(0, 43)]
+        assert [(w.first, w.last, w.end) for w in plan_windows([0.0], 25.0, 30.0, 4)] == [(0, 0, 0.04)]
+
+    def test_windows_follow_the_frames_timestamps(self):
+        # Ten frames a second apart, then fifty at 50 fps: 11 s in all, 60 frames.
+        times = [float(i) for i in range(10)] + [10 + k / 50 for k in range(50)]
+        windows = plan_windows(times, 60 / 11, 5.0, max_frames=4)
+        assert [(w.first, w.last, w.start, w.end) for w in windows] == [(0, 5, 0.0, 6.0), (6, 59, 6.0, 11.163)]
+        # A gap longer than a window leaves no empty window behind.
+        gap = plan_windows([0.0, 0.5, 20.0, 20.5], 2.0, 5.0, max_frames=2)
+        assert [(w.first, w.last, w.start) for w in gap] == [(0, 1, 0.0), (2, 3, 20.0)]
+
+    def test_read_windows_gives_each_windows_frames(self, video_files):
+        windows = list(read_windows(video_files.mp4, 4, 1.0, 2.0))  # 5 s: two windows of 2.5 s
+        assert [w for w, _ in windows] == plan_windows([i / FPS for i in range(NUM_FRAMES)], FPS, 2.0, 4)
+        assert [(w.start, w.end) for w, _ in windows] == [(0.0, 2.5), (2.5, 5.0)]
+        for window, frames in windows:
+            assert [frame_index(f) for f in frames] == window.indices
+
+    @pytest.mark.parametrize("ext", ["mp4", "mkv"])
+    def test_a_variable_frame_rate_video_has_windows_in_real_time(self, tmp_path, ext):
+        times_ms = [1000 * i for i in range(10)] + [10000 + 20 * k for k in range(50)]
+        path = write_variable_rate_video(tmp_path / f"vfr.{ext}", times_ms)
+        windows = list(read_windows(path, 4, 1.0, 5.0))
+        assert [(w.first, w.last, w.start) for w, _ in windows] == [(0, 5, 0.0), (6, 59, 6.0)]
+        assert [frame_index(f) for f in windows[1][1]] == windows[1][0].indices
+
+    def test_a_video_that_cannot_seek_is_decoded_once_for_all_its_windows(self, tmp_path, monkeypatch):
+        # MPEG-TS lands past the keyframe asked for: its frames come from decoding in order, once
+        # for all the windows, not once per window.
+        path = write_video(tmp_path / "clip.ts", num_frames=SEEKABLE_FRAMES, keyframe_every=10, codec="mpeg2video")
+        decoded = []
+        original = video_module._decode
+
+        def counting(container, stream, path):
+            for frame in original(container, stream, path):
+                decoded.append(1)
+                yield frame
+
+        monkeypatch.setattr(video_module, "_decode", counting)
+        windows = list(read_windows(path, 4, 1.0, 2.0))
+        assert len(windows) == 12  # 25 s
+        for window, frames in windows:
+            assert [frame_index(f) for f in frames] == window.indices
+        assert len(decoded) <= SEEKABLE_FRAMES
+
+    def test_long_videos_seek_rather_than_decode_everything(self, seekable, monkeypatch):
+        def in_order(*args):
+            raise AssertionError("decoded in order, not by seeking")
+
+        monkeypatch.setattr(video_module, "_decode_wanted", in_order)
+        monkeypatch.setattr(video_module, "_count_frames", in_order)
+        monkeypatch.setattr(video_module, "_decode", in_order)
+        windows = list(read_windows(seekable["x264.mp4"], 4, 1.0, 5.0))
+        assert len(windows) == 5
+        for window, frames in windows:
+            assert [frame_index(f) for f in frames] == window.indices
+
+    def test_a_container_that_overstates_its_length_has_no_windows_past_the_end(self, video_files, monkeypatch):
+        monkeypatch.setattr(video_module, "_packet_times", lambda container, stream: None)
+        monkeypatch.setattr(video_module, "_declared_frame_count", lambda stream: 80)  # 50 frames really
+        windows = list(read_windows(video_files.mp4, 4, 1.0, 2.0))  # planned: 4 windows over 8 s
+        assert [(w.first, w.last) for w, _ in windows] == [(0, 19), (20, 39)]
+        for window, frames in windows:
+            assert [frame_index(f) for f in frames] == window.indices
 
     @pytest.mark.parametrize("name, reason", [
         ("corrupt", "unreadable container"), ("empty", "file is empty"), ("audio_only", "no video stream"),
     ])
     def test_an_undecodable_file_says_why(self, video_files, name, reason):
         with pytest.raises(VideoDecodeError, match=reason):
-            video_duration(getattr(video_files, name))
-
-    def test_the_windows_of_one_video_read_its_packets_once(self, video_files, monkeypatch):
-        calls = []
-        original = video_module._packet_times
-        monkeypatch.setattr(video_module, "_packet_times", lambda *args: calls.append(1) or original(*args))
-        video_duration(video_files.mp4)
-        for start in (0.0, 1.0, 2.0, 3.0):
-            frames = read_frames(video_files.mp4, 4, start=start, end=start + 1.0)
-            assert [frame_index(f) for f in frames] == sample_frame_indices(NUM_FRAMES, FPS, 4, start=start, end=start + 1.0)
-        assert calls == [1]
-        read_frames(video_files.long, 4)  # another video, then the first again: read anew
-        read_frames(video_files.mp4, 4)
-        assert calls == [1, 1, 1]
-
-    def test_a_rewritten_file_is_probed_again(self, tmp_path):
-        path = write_video(tmp_path / "clip.mp4", num_frames=30)
-        assert video_duration(path) == 3.0
-        write_video(path, num_frames=70)
-        assert video_duration(path) == 7.0
-        assert [frame_index(f) for f in read_frames(path, 4, start=5.0)] == sample_frame_indices(70, FPS, 4, start=5.0)
+            list(read_windows(getattr(video_files, name), 4, 1.0, 2.0))
 
 
 class TestReadFrames:
@@ -357,8 +416,12 @@ class TestDecordBackend:
             read_frames(path, 4, backend="decord")
         assert str(path) in str(info.value) and reason in str(info.value)
 
-    def test_duration_as_pyav_counts_it(self, video_files):
-        for path in (video_files.mp4, video_files.long, video_files.mkv):
-            assert video_duration(path, backend="decord") == pytest.approx(video_duration(path))
+    def test_windows_as_pyav_reads_them(self, video_files):
+        for path in (video_files.mp4, video_files.long):
+            with_decord = list(read_windows(path, 4, 1.0, 2.0, backend="decord"))
+            with_pyav = list(read_windows(path, 4, 1.0, 2.0))
+            assert [w for w, _ in with_decord] == [w for w, _ in with_pyav]
+            for (_, frames), (_, expected) in zip(with_decord, with_pyav):
+                assert [frame_index(f) for f in frames] == [frame_index(f) for f in expected]
         with pytest.raises(VideoDecodeError, match="no video stream"):
-            video_duration(video_files.audio_only, backend="decord")
+            list(read_windows(video_files.audio_only, 4, 1.0, 2.0, backend="decord"))

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, safe_open, save_file
 
 import tempme
-from tempme.data import frames_to_tensor, read_frames
+from tempme.data import frames_to_tensor, read_frames, read_windows
 from tempme.search import (
     VideoIndex,
     VIDEO_EXTENSIONS,
@@ -22,7 +22,6 @@ from tempme.search import (
     encode_queries,
     find_videos,
     model_fingerprint,
-    segment_spans,
     update_index,
 )
 
@@ -540,19 +539,6 @@ def test_index_loader_workers_leave_stops_to_the_main_process(video_dir, tmp_pat
 # ------------------------------------------------------------------------------------- segments
 
 
-@pytest.mark.parametrize("duration, segment, spans", [
-    (70.0, 30.0, [(0.0, 35.0), (35.0, 70.0)]),  # two equal windows, no 10-second stub at the end
-    (90.0, 30.0, [(0.0, 30.0), (30.0, 60.0), (60.0, 90.0)]),
-    (10.0, 30.0, [(0.0, 10.0)]),  # shorter than a window: whole
-    (44.0, 30.0, [(0.0, 44.0)]),  # under 1.5 windows: whole
-    (46.0, 30.0, [(0.0, 23.0), (23.0, 46.0)]),
-    (10.0, 3.0, [(0.0, 3.333), (3.333, 6.667), (6.667, 10.0)]),
-    (0.0, 30.0, [(0.0, 0.0)]),
-])
-def test_segment_spans_cover_the_video_in_equal_windows(duration, segment, spans):
-    assert segment_spans(duration, segment) == spans
-
-
 @pytest.fixture(scope="module")
 def long_video_dir(tmp_path_factory) -> Path:
     """A 12-second and a 3-second clip (10 frames a second), whose frame colours change with time."""
@@ -562,10 +548,14 @@ def long_video_dir(tmp_path_factory) -> Path:
     return root
 
 
-def segment_embedding(model: tempme.TempMe, path: Path, start: float, end: float) -> torch.Tensor:
-    frames = frames_to_tensor(read_frames(path, FRAMES, start=start, end=end), model.visual.image_size)
-    with torch.no_grad():
-        return F.normalize(model.encode_video(frames[None]), dim=-1)[0]
+def window_embeddings(model: tempme.TempMe, path: Path, window_s: float) -> tuple[list[list[float]], torch.Tensor]:
+    """The spans of a video's windows and their embeddings, computed directly: decode, preprocess, encode."""
+    spans, embeddings = [], []
+    for window, frames in read_windows(path, FRAMES, 1.0, window_s):
+        spans.append([window.start, window.end])
+        with torch.no_grad():
+            embeddings.append(F.normalize(model.encode_video(frames_to_tensor(frames, 32)[None]), dim=-1)[0])
+    return spans, torch.stack(embeddings)
 
 
 def test_an_index_of_segments_holds_each_windows_own_embedding(long_video_dir, tmp_path):
@@ -577,8 +567,9 @@ def test_an_index_of_segments_holds_each_windows_own_embedding(long_video_dir, t
     assert index.paths == [str(long)] * 3 + [str(short)]
     assert index.spans == [[0.0, 4.0], [4.0, 8.0], [8.0, 12.0], [0.0, 3.0]]
     assert index.settings["segment_s"] == 4.0 and index.videos == 2
-    for row, path, (start, end) in zip(index.embeddings, index.paths, index.spans):
-        torch.testing.assert_close(row, segment_embedding(model, Path(path), start, end), atol=1e-5, rtol=1e-5)
+    spans, embeddings = zip(window_embeddings(model, long, 4.0), window_embeddings(model, short, 4.0))
+    assert index.spans == spans[0] + spans[1]
+    torch.testing.assert_close(index.embeddings, torch.cat(embeddings), atol=1e-5, rtol=1e-5)
     # The windows show different frames, so their embeddings differ: rows in the wrong order would show.
     assert torch.cdist(index.embeddings[:3], index.embeddings[:3]).triu(1)[0, 1:].min() > 1e-4
 
@@ -632,9 +623,9 @@ def test_an_index_keeps_whole_videos_or_its_segment_length(long_video_dir, tmp_p
         update_index(model, videos, tmp_path / "segments.index", segment_s=2.5, progress=False)
 
 
-@pytest.mark.parametrize("segment_s", [0.0, -1.0, float("nan"), float("inf")])
-def test_a_segment_length_must_be_positive(long_video_dir, tmp_path, segment_s):
-    with pytest.raises(ValueError, match="segment_s must be a positive number of seconds"):
+@pytest.mark.parametrize("segment_s", [0.0, 0.5, -1.0, float("nan"), float("inf")])
+def test_a_segment_length_must_be_a_second_or_more(long_video_dir, tmp_path, segment_s):
+    with pytest.raises(ValueError, match=f"segment_s must be at least 1 second\\(s\\), got {segment_s}"):
         update_index(tiny_model(), find_videos([long_video_dir]), tmp_path / "s.index", segment_s=segment_s,
                      progress=False)
 
@@ -681,35 +672,37 @@ def test_a_changed_video_gets_the_segments_of_its_new_length(long_video_dir, tmp
     assert after.paths == [str(long)] * 3 + [str(short)] * 2
     assert after.spans == before.spans[:3] + [[0.0, 4.0], [4.0, 8.0]]
     torch.testing.assert_close(after.embeddings[:3], before.embeddings[:3])
-    torch.testing.assert_close(after.embeddings[4], segment_embedding(model, short, 4.0, 8.0), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(after.embeddings[3:], window_embeddings(model, short, 4.0)[1], atol=1e-5, rtol=1e-5)
 
     write_video(long, num_frames=110)  # as many segments as before (11 s): replaced where they were
     update_index(model, [long, short], index_path, segment_s=4.0, progress=False)
     last = VideoIndex.load(index_path)
     assert last.paths == after.paths
-    assert last.spans == [[0.0, 3.667], [3.667, 7.333], [7.333, 11.0]] + after.spans[3:]
-    torch.testing.assert_close(last.embeddings[2], segment_embedding(model, long, 7.333, 11.0), atol=1e-5, rtol=1e-5)
+    # Windows start at frames: 3.7 s is the first frame at or after a third of 11 s.
+    assert last.spans == [[0.0, 3.7], [3.7, 7.4], [7.4, 11.0]] + after.spans[3:]
+    torch.testing.assert_close(last.embeddings[:3], window_embeddings(model, long, 4.0)[1], atol=1e-5, rtol=1e-5)
 
 
-def test_undecodable_videos_and_segments_leave_no_rows(long_video_dir, tmp_path, monkeypatch):
+def test_undecodable_videos_and_windows_leave_no_rows(long_video_dir, tmp_path, monkeypatch):
     videos_dir = copy_videos(long_video_dir, tmp_path / "videos")
     broken = write_corrupt(videos_dir / "broken.mp4").resolve()
     long = (videos_dir / "long.mp4").resolve()
     with pytest.warns(UserWarning):
         # A corrupt file fails when its length is read; a video whose middle segment will not decode
         # fails while its segments are read: neither leaves a row.
-        read_frames_original = tempme.data.dataset.read_frames
+        read_windows_original = tempme.data.dataset.read_windows
 
-        def middle_fails(path, max_frames, framerate, start, end, backend):
-            if Path(path) == long and start == 4.0:
-                raise tempme.data.VideoDecodeError(path, "corrupt stream (test)")
-            return read_frames_original(path, max_frames, framerate, start, end, backend)
+        def middle_fails(path, *args):
+            for number, window in enumerate(read_windows_original(path, *args)):
+                if Path(path) == long and number == 1:
+                    raise tempme.data.VideoDecodeError(path, "corrupt stream (test)")
+                yield window
 
-        monkeypatch.setattr(tempme.data.dataset, "read_frames", middle_fails)
+        monkeypatch.setattr(tempme.data.dataset, "read_windows", middle_fails)
         update = update_index(tiny_model(), find_videos([videos_dir]), tmp_path / "s.index", segment_s=4.0,
                               batch_size=1, progress=False)
     assert sorted(update.skipped) == sorted([str(broken), str(long)])
-    assert update.skipped[str(long)] == "corrupt stream (test)"
+    assert update.skipped[str(long)] == "corrupt stream (test) (after 4.0 s)"
     index = VideoIndex.load(tmp_path / "s.index")
     assert index.paths == [str((videos_dir / "short.mp4").resolve())] and update.added == 1
 
@@ -730,3 +723,25 @@ def test_per_video_search_keeps_the_best_segment_of_each_video():
     assert [h.score for h in best] == pytest.approx([1.0, 0.96, 0.0])
     assert [h.path for h in index.search(query, k=1, per_video=True)[0]] == ["a"]
     assert index.videos == 3 and len(index) == 5
+
+
+def test_a_video_of_many_windows_counts_once_when_deleted_or_kept(long_video_dir, tmp_path):
+    drive, other = copy_videos(long_video_dir, tmp_path / "drive"), tmp_path / "other"
+    write_video(other / "e.mp4", num_frames=20)
+    model = tiny_model()
+    index_path = tmp_path / "s.index"
+    update_index(model, find_videos([drive, other]), index_path, segment_s=4.0, sources=[drive, other], progress=False)
+    long = str((drive / "long.mp4").resolve())
+
+    (drive / "long.mp4").unlink()  # three windows, one video
+    update = update_index(model, find_videos([drive, other]), index_path, segment_s=4.0, sources=[drive, other],
+                          progress=False)
+    assert (update.removed, update.total, update.segments) == ([long], 2, 2)
+
+    write_video(drive / "long.mp4", num_frames=120)
+    update_index(model, find_videos([drive, other]), index_path, segment_s=4.0, sources=[drive, other], progress=False)
+    shutil.rmtree(drive)  # an unmounted drive: its two videos (four windows) stay
+    with pytest.warns(UserWarning, match="the 2 video\\(s\\) indexed from it stay"):
+        update = update_index(model, find_videos([other]), index_path, segment_s=4.0, sources=[drive, other],
+                              progress=False)
+    assert (update.removed, update.total, update.segments) == ([], 3, 5)

@@ -17,6 +17,7 @@ from .cache import CacheSummary, FrameCache
 from .dataset import (
     RetrievalPairs,
     RetrievalVideos,
+    VideoWindows,
     check_batch_fits_in_memory,
     collate_skip_bad,
     flatten_captions,
@@ -25,7 +26,7 @@ from .dataset import (
 )
 from .randaugment import AugmentStep, VideoRandAugment
 from .transforms import CLIP_MEAN, CLIP_STD, clip_preprocess, frames_to_tensor
-from .video import SkippedVideo, VideoDecodeError, read_frames, sample_frame_indices, video_duration
+from .video import SkippedVideo, VideoDecodeError, Window, plan_windows, read_frames, read_windows, sample_frame_indices
 
 __all__ = [
     "CLIP_MEAN",
@@ -41,6 +42,8 @@ __all__ = [
     "VideoDecodeError",
     "VideoItem",
     "VideoRandAugment",
+    "VideoWindows",
+    "Window",
     "check_batch_fits_in_memory",
     "check_videos_exist",
     "clip_preprocess",
@@ -54,9 +57,10 @@ __all__ = [
     "load_lsmdc",
     "load_msrvtt",
     "physical_memory",
+    "plan_windows",
     "quiet_worker_init",
     "read_frames",
+    "read_windows",
     "require_videos",
     "sample_frame_indices",
-    "video_duration",
 ]

@@ -2,7 +2,8 @@
 
 :class:`RetrievalPairs` (training) yields one sample per (video, caption) pair;
 :class:`RetrievalVideos` (evaluation) yields one sample per video, with
-:func:`flatten_captions` giving every caption and the video it belongs to.
+:func:`flatten_captions` giving every caption and the video it belongs to; :class:`VideoWindows`
+(``tempme index --segment``) one sample per window of each video.
 
 Undecodable videos: by default a sample whose video raises
 :class:`~tempme.data.video.VideoDecodeError` becomes a :class:`SkippedVideo` marker (after a
@@ -18,18 +19,19 @@ from __future__ import annotations
 import os
 import signal
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from .annotations import VideoItem
 from .cache import FrameCache
 from .randaugment import VideoRandAugment
 from .transforms import frames_to_tensor
-from .video import SkippedVideo, VideoDecodeError, read_frames
+from .video import SkippedVideo, VideoDecodeError, read_frames, read_windows
 
 Tokenize = Callable[[list[str], int], tuple[torch.Tensor, torch.Tensor]]
 Sample = dict[str, Any]
@@ -178,6 +180,57 @@ class RetrievalVideos(_VideoDataset):
     def captions(self) -> tuple[list[str], list[int]]:
         """See :func:`flatten_captions`."""
         return flatten_captions(self.items)
+
+
+class VideoWindows(IterableDataset):
+    """The windows of videos (``read_windows``), one sample per window, each video read once.
+
+    A sample is ``{"video": FloatTensor[F, 3, S, S], "video_mask": LongTensor[F], "video_id": str,
+    "start": float, "end": float, "last": int}``: ``start`` and ``end`` in seconds, ``last`` 1 on a
+    video's final window. A video that cannot be read gives one ``SkippedVideo`` instead of its
+    remaining windows (which the consumer then drops with those it already has). Under a
+    ``DataLoader`` with workers, each worker reads every ``num_workers``-th video whole, so the
+    windows of a video arrive in order.
+    """
+
+    def __init__(
+        self,
+        videos: Sequence[str | os.PathLike],
+        window_s: float,
+        max_frames: int = 12,
+        framerate: float = 1.0,
+        image_size: int = 224,
+        backend: str = "pyav",
+    ):
+        self.videos = [Path(video) for video in videos]
+        self.window_s = window_s
+        self.max_frames = max_frames
+        self.framerate = framerate
+        self.image_size = image_size
+        self.backend = backend
+
+    def __iter__(self) -> Iterator[Sample | SkippedVideo]:
+        worker = get_worker_info()
+        videos = self.videos if worker is None else self.videos[worker.id :: worker.num_workers]
+        for video in videos:
+            yield from self._windows(video)
+
+    def _windows(self, video: Path) -> Iterator[Sample | SkippedVideo]:
+        previous = None  # held back one window, to mark the last
+        try:
+            for window, frames in read_windows(video, self.max_frames, self.framerate, self.window_s, self.backend):
+                if previous is not None:
+                    yield previous
+                frames = frames_to_tensor(frames, self.image_size)
+                previous = {"video": frames, "video_mask": torch.ones(frames.shape[0], dtype=torch.long),
+                            "video_id": str(video), "start": window.start, "end": window.end, "last": 0}
+        except VideoDecodeError as error:
+            where = "" if previous is None else f" (after {previous['end']:.1f} s)"
+            warnings.warn(f"skipping video {str(video)!r}: {error}{where}", stacklevel=2)
+            yield SkippedVideo(str(video), video, f"{error.reason}{where}")
+            return
+        previous["last"] = 1
+        yield previous
 
 
 def flatten_captions(items: Sequence[VideoItem]) -> tuple[list[str], list[int]]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import bisect
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -109,6 +109,11 @@ def sample_frame_indices(
     # The reference leaves a window that starts past its end (or before 0) unclamped and then
     # returns indices outside the video; clamping keeps every index decodable.
     f_start = 0 if start is None else min(max(int(start * fps), 0), f_end)
+    return _sample_range(f_start, f_end, fps, max_frames, framerate)
+
+
+def _sample_range(f_start: int, f_end: int, fps: float, max_frames: int, framerate: float) -> list[int]:
+    """``sample_frame_indices`` between frames ``f_start`` and ``f_end`` (both included)."""
     # A video slower than half the candidate rate would give stride 0; use every frame instead.
     stride = max(round(fps / framerate), 1)
     candidates = list(range(f_start, f_end + 1, stride))
@@ -279,12 +284,21 @@ def _decode_by_seeking(
     it unless the decoder is already past that keyframe. None when a frame does not come out with the
     timestamp its packet promised: the caller then decodes in order instead.
     """
+    frames = dict(_seek_frames(container, stream, sorted(wanted), times))
+    return frames if len(frames) == len(wanted) else None
+
+
+def _seek_frames(
+    container: av.container.InputContainer, stream: av.video.stream.VideoStream, wanted: list[int], times: PacketTimes
+) -> Iterator[tuple[int, Image.Image]]:
+    """``(index, image)`` of the ``wanted`` frames (ascending indices into ``times.frames``), as
+    ``_decode_by_seeking`` finds them; it stops early, without an error, at the first frame that
+    does not come out with the timestamp its packet promised."""
     av = _pyav()
-    frames: dict[int, Image.Image] = {}
     decoded: Iterator[av.VideoFrame] | None = None
     last_pts: int | None = None  # of the last frame decoded
     try:
-        for index in sorted(wanted):
+        for index in wanted:
             target = times.frames[index]
             keyframe = times.keyframes[max(bisect.bisect_right(times.keyframes, target) - 1, 0)]
             if decoded is None or last_pts is None or keyframe > last_pts:
@@ -292,85 +306,17 @@ def _decode_by_seeking(
                 decoded = container.decode(stream)
             for frame in decoded:
                 if frame.pts is None:
-                    return None
+                    return
                 last_pts = frame.pts
                 if frame.pts >= target:
                     break
             else:
-                return None  # the stream ended first
+                return  # the stream ended first
             if frame.pts != target:
-                return None
-            frames[index] = frame.to_image()
+                return
+            yield index, frame.to_image()
     except (av.FFmpegError, OSError, ValueError):
-        return None
-    return frames
-
-
-@dataclass(frozen=True)
-class StreamFacts:
-    """What frame sampling needs to know of a video stream: its average frame rate, its frame count
-    (as the container declares it, else counted) and its packet timestamps (None: not usable)."""
-
-    fps: float
-    num_frames: int
-    times: PacketTimes | None
-
-    @property
-    def duration(self) -> float:
-        """Seconds, as frame sampling counts them: frames over the average frame rate."""
-        return self.num_frames / self.fps
-
-
-# The facts of the last video read in this process, by (path, size, mtime_ns). The windows of one
-# long video (``tempme index --segment``) are read one after another; reading its packet timestamps
-# means reading the whole file, which for each window would cost more than decoding its frames.
-_last_stream: dict[tuple[str, int, int], StreamFacts] = {}
-
-
-def _stream_facts(container: av.container.InputContainer, stream: av.video.stream.VideoStream, path: Path) -> StreamFacts:
-    info = path.stat()
-    key = (str(path), info.st_size, info.st_mtime_ns)
-    facts = _last_stream.get(key)
-    if facts is None:
-        fps = _stream_fps(stream, path)
-        num_frames = _declared_frame_count(stream)
-        times = _packet_times(container, stream)
-        if num_frames <= 0:
-            num_frames = len(times.frames) if times is not None else _count_frames(path)
-        if num_frames <= 0:
-            raise VideoDecodeError(path, "no decodable video frames")
-        facts = StreamFacts(fps, num_frames, times)
-        _last_stream.clear()
-        _last_stream[key] = facts
-    return facts
-
-
-def _correct_frame_count(path: Path, num_frames: int) -> None:
-    """Remember that the video at ``path`` really has ``num_frames`` frames (its container said more)."""
-    for key, facts in list(_last_stream.items()):
-        if key[0] == str(path):
-            _last_stream[key] = StreamFacts(facts.fps, num_frames, facts.times)
-
-
-def video_duration(path: str | os.PathLike, backend: str = "pyav") -> float:
-    """Length of a video in seconds, as frame sampling counts it (frames over the average frame rate).
-
-    Raises:
-        VideoDecodeError: the file is missing, empty, corrupt or has no video stream.
-    """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown video backend {backend!r}; choose one of {BACKENDS}")
-    path = Path(path)
-    _check_file(path)
-    if backend == "decord":
-        reader = _decord_reader(path)
-        return len(reader) / reader.get_avg_fps()
-    with _open_container(path) as container:
-        stream = _video_stream(container, path)
-        declared = _declared_frame_count(stream)
-        if declared > 0:  # as frame sampling counts it, without reading the whole file for its packets
-            return declared / _stream_fps(stream, path)
-        return _stream_facts(container, stream, path).duration
+        return
 
 
 def _read_frames_pyav(
@@ -380,9 +326,14 @@ def _read_frames_pyav(
     # probing a file costs milliseconds, a fair share of reading 12 frames of a short clip.
     with _open_container(path) as container:
         stream = _video_stream(container, path)
-        facts = _stream_facts(container, stream, path)
-        fps, times = facts.fps, facts.times
-        indices = sample_frame_indices(facts.num_frames, fps, max_frames, framerate, start, end)
+        fps = _stream_fps(stream, path)
+        num_frames = _declared_frame_count(stream)
+        times = _packet_times(container, stream)
+        if num_frames <= 0:
+            num_frames = len(times.frames) if times is not None else _count_frames(path)
+        if num_frames <= 0:
+            raise VideoDecodeError(path, "no decodable video frames")
+        indices = sample_frame_indices(num_frames, fps, max_frames, framerate, start, end)
         if times is not None and max(indices) < len(times.frames):
             frames = _decode_by_seeking(container, stream, set(indices), times)
             if frames is not None:
@@ -392,10 +343,146 @@ def _read_frames_pyav(
         # The container over-stated its length: resample over the frames that really exist.
         if decoded == 0:
             raise VideoDecodeError(path, "no decodable video frames")
-        _correct_frame_count(path, decoded)
         indices = sample_frame_indices(decoded, fps, max_frames, framerate, start, end)
         frames, _ = _decode_wanted(path, set(indices))
     return [frames[i] for i in indices]
+
+
+@dataclass(frozen=True)
+class Window:
+    """A stretch of a video and the frames sampled from it.
+
+    ``first`` and ``last`` are the frames it spans (indices, both included); ``start`` and ``end``
+    are its playback times in seconds (the first frame's timestamp, and the next window's or the end of
+    the video); ``indices`` are its ``max_frames`` sampled frames, as ``sample_frame_indices`` picks
+    them from a clip of those frames."""
+
+    first: int
+    last: int
+    start: float
+    end: float
+    indices: list[int]
+
+
+def plan_windows(
+    times_s: Sequence[float], fps: float, window_s: float, max_frames: int, framerate: float = 1.0
+) -> list[Window]:
+    """Cut a video whose frame ``i`` shows at ``times_s[i]`` seconds (ascending) into windows of equal
+    playback time, as many as come nearest to ``window_s`` seconds each, at least one, with no short
+    window left over at the end; a window that would hold no frame (a gap in a variable frame rate)
+    is left out. ``fps`` (the average frame rate) gives the last frame's duration and spaces the
+    candidate frames as in ``sample_frame_indices``."""
+    if not times_s:
+        raise ValueError("a video without frames has no windows")
+    origin, total = times_s[0], times_s[-1] - times_s[0] + 1 / fps
+    count = max(1, round(total / window_s))
+    bounds = [bisect.bisect_left(times_s, origin + total * k / count) for k in range(count)] + [len(times_s)]
+    windows = []
+    for first, after in zip(bounds, bounds[1:]):
+        if after > first:
+            end = times_s[after] - origin if after < len(times_s) else total
+            indices = _sample_range(first, after - 1, fps, max_frames, framerate)
+            windows.append(Window(first, after - 1, round(times_s[first] - origin, 3), round(end, 3), indices))
+    return windows
+
+
+def read_windows(
+    path: str | os.PathLike, max_frames: int, framerate: float, window_s: float, backend: str = "pyav"
+) -> Iterator[tuple[Window, list[Image.Image]]]:
+    """The windows of a video (``plan_windows``) with their sampled frames as RGB images, in time
+    order, reading the file once: a long video's windows cost about what its frames cost, whether
+    its frames are reached by seeking or by decoding in order. Frame times come from the packets'
+    timestamps where they can be read, so windows and their times follow a variable frame rate.
+
+    Raises:
+        VideoDecodeError: the file is missing, empty, corrupt or has no video stream (possibly after
+            some windows came out).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown video backend {backend!r}; choose one of {BACKENDS}")
+    path = Path(path)
+    _check_file(path)
+    if backend == "decord":
+        yield from _read_windows_decord(path, max_frames, framerate, window_s)
+        return
+    with _open_container(path) as container:
+        stream = _video_stream(container, path)
+        fps = _stream_fps(stream, path)
+        times = _packet_times(container, stream)
+        if times is not None:
+            # The packets say how many frames there are (a container's declared count can be more,
+            # in a truncated file) and when each shows.
+            origin, unit = times.frames[0], stream.time_base or Fraction(1, 1)
+            times_s = [float((pts - origin) * unit) for pts in times.frames]
+        else:
+            num_frames = _declared_frame_count(stream)
+            num_frames = num_frames if num_frames > 0 else _count_frames(path)
+            times_s = [i / fps for i in range(num_frames)]
+        if not times_s:
+            raise VideoDecodeError(path, "no decodable video frames")
+        windows = plan_windows(times_s, fps, window_s, max_frames, framerate)
+        wanted = sorted({index for window in windows for index in window.indices})
+        frames = _frames_once(container, stream, path, wanted, times)
+        yield from _group_windows(path, windows, frames)
+
+
+def _frames_once(
+    container: av.container.InputContainer, stream: av.video.stream.VideoStream, path: Path, wanted: list[int],
+    times: PacketTimes | None,
+) -> Iterator[tuple[int, Image.Image]]:
+    """``(index, image)`` of the ``wanted`` frames (ascending), by seeking where the timestamps allow,
+    then decoding in order from the start for whatever seeking could not place."""
+    done = -1
+    if times is not None and wanted[-1] < len(times.frames):
+        for index, image in _seek_frames(container, stream, wanted, times):
+            done = index
+            yield index, image
+    rest = [index for index in wanted if index > done]
+    if rest:
+        wanted_set, last = set(rest), rest[-1]
+        with _open_container(path) as in_order:
+            for index, frame in enumerate(_decode(in_order, _video_stream(in_order, path), path)):
+                if index in wanted_set:
+                    yield index, frame.to_image()
+                if index >= last:
+                    break
+
+
+def _group_windows(
+    path: Path, windows: list[Window], frames: Iterator[tuple[int, Image.Image]]
+) -> Iterator[tuple[Window, list[Image.Image]]]:
+    """Each window with its frames, as ``frames`` delivers them in order; only the frames of the window
+    at hand are held. Where the stream ends before a window's
+    frames (a container that over-states its length), the windows stop there."""
+    for number, window in enumerate(windows):
+        held: dict[int, Image.Image] = {}  # windows share no frames
+        for index, image in frames:
+            held[index] = image
+            if index >= window.indices[-1]:
+                break
+        if any(index not in held for index in window.indices):
+            if number == 0:
+                raise VideoDecodeError(path, "no decodable video frames")
+            return
+        yield window, [held[index] for index in window.indices]
+
+
+def _read_windows_decord(
+    path: Path, max_frames: int, framerate: float, window_s: float
+) -> Iterator[tuple[Window, list[Image.Image]]]:
+    reader = _decord_reader(path)
+    decord = _decord()
+    try:
+        fps = reader.get_avg_fps()
+        windows = plan_windows([i / fps for i in range(len(reader))], fps, window_s, max_frames, framerate)
+    except (decord.DECORDError, RuntimeError, OSError, ValueError) as err:
+        raise _decord_error(path, err) from err
+    for window in windows:
+        try:
+            batch = reader.get_batch(window.indices).asnumpy()
+        except (decord.DECORDError, RuntimeError, OSError, ValueError) as err:
+            raise _decord_error(path, err) from err
+        yield window, [Image.fromarray(array) for array in batch]
 
 
 def _read_frames_decord(
