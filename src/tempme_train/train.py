@@ -370,7 +370,7 @@ class Trainer:
         # The loss is the global batch's, so every process stops here alike. Later steps could only
         # spread the NaN into every parameter, and validation would fail an epoch later.
         if loss is not None and not math.isfinite(loss):
-            raise self._diverged(loss)
+            raise self._diverged(f"the loss at step {self.progress.step + 1}/{self.total_steps} is {loss}")
         with stops_held():  # all of the update and its record, or none of it
             # Signals from here on (held by this block) are shared at the next step.
             stop_requested = bool(held_signals)
@@ -407,11 +407,21 @@ class Trainer:
             # weights (and last/). With fp16 loss scaling an overflow is expected now and then: the
             # scaler skips that update itself.
             if not self.scaler.is_enabled() and not torch.isfinite(norm):
-                raise self._diverged(loss, what="gradient norm", value=norm.item())
+                raise self._diverged(f"the gradient norm at step {self.progress.step + 1}/{self.total_steps} is {norm.item()}")
         self.scaler.step(self.optimizer)
         self.scaler.update()
 
-    def _diverged(self, loss: float, what: str = "loss", value: float | None = None) -> TrainingDiverged:
+    def _check_weights_finite(self) -> None:
+        """Raise TrainingDiverged where an update left weights that are not finite (a finite loss and
+        gradient norm can give them, with a huge learning rate): they are never validated or saved,
+        and ``last/`` keeps the step it holds. The same on every process: their weights are equal."""
+        if not self._weights_finite():
+            raise self._diverged(f"the trained weights are not finite by step {self.progress.step}")
+
+    def _weights_finite(self) -> bool:
+        return bool(torch.stack([param.isfinite().all() for param in self.params]).all())
+
+    def _diverged(self, what: str) -> TrainingDiverged:
         optim = self.config.optim
         advice = "lower optim.lr"
         if optim.precision == "fp16":
@@ -421,8 +431,7 @@ class Trainer:
             else "no checkpoint was written"
         )
         return TrainingDiverged(
-            f"training diverged at step {self.progress.step + 1}/{self.total_steps}: the {what} is "
-            f"{loss if value is None else value} "
+            f"training diverged: {what} "
             f"(optim.lr={optim.lr}, optim.precision={optim.precision}); {advice} and start a new run "
             f"(--resume keeps the settings); {kept}"
         )
@@ -455,6 +464,7 @@ class Trainer:
         """Evaluate the validation split (each process its share) and keep ``best.safetensors`` (rank 0)."""
         if self.data.val is None:
             return
+        self._check_weights_finite()
         # Validation's bars would nest under the training bar, which tqdm draws with cursor-up
         # codes: fine on a terminal, garbage in a log file. There the training bar is enough.
         results = evaluate(
@@ -481,6 +491,7 @@ class Trainer:
 
     def save(self) -> None:
         """Write ``last/`` (rank 0), after collecting every process's skipped videos."""
+        self._check_weights_finite()
         skipped = set().union(*all_gather_objects(sorted(self._local_skipped)))
         self.progress.skipped_videos = sorted(skipped)
         with failures_shared():
@@ -510,6 +521,9 @@ class Trainer:
         if not self.world.is_main or step == 0:
             return None
         if self.saved_step != step:
+            if not self._weights_finite():
+                kept = f"it still holds step {self.saved_step}" if self.saved_step else "there is none"
+                return f"did not save {self.output / LAST} at step {step}: its weights are not finite; {kept}"
             self.progress.skipped_videos = sorted(set(self.progress.skipped_videos) | self._local_skipped)
             try:
                 self._write_last()
@@ -586,6 +600,7 @@ class Trainer:
         """A finished run without validation has no best.safetensors: keep its final weights beside
         last/ instead, so the run folder itself can be evaluated (``tempme eval --checkpoint RUN``)."""
         if self.data.val is None and self.world.is_main and self.progress.step == self.total_steps:
+            self._check_weights_finite()
             save_trained_weights(self.model, self.output / WEIGHTS, self.config, self.base_fingerprint)
 
     def _train_until(self, end: int, bar, received: list[int]) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 import torch.multiprocessing as mp
 from torch.utils.data import Dataset
 
@@ -817,7 +818,7 @@ def test_a_diverging_loss_stops_at_once_naming_the_step_and_the_settings(tmp_pat
     with pytest.raises(TrainingDiverged) as info:
         train(config, data=synthetic_data())
     message = str(info.value)
-    assert "diverged at step 2/6" in message and "nan" in message
+    assert "training diverged: the loss at step 2/6 is nan" in message
     assert "optim.lr=1e+30" in message and "optim.precision=fp32" in message
     assert find_checkpoint(tmp_path) is None  # the diverged parameters are not kept
     assert train_steps_logged(tmp_path) == [1]
@@ -836,7 +837,7 @@ def test_divergence_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         return math.inf if len(calls) == 3 else loss
 
     monkeypatch.setattr(train_module, "compute_gradients", nan_at_step_three)
-    with pytest.raises(ValueError, match=f"diverged at step 3/6: the loss is inf .*{tmp_path / LAST} still holds step 2"):
+    with pytest.raises(ValueError, match=f"diverged: the loss at step 3/6 is inf .*{tmp_path / LAST} still holds step 2"):
         train(tiny_config(tmp_path), data=synthetic_data())
     assert checkpoint_step(tmp_path) == 2
 
@@ -923,9 +924,38 @@ def test_nan_gradients_with_a_finite_loss_stop_training_before_the_update(tmp_pa
 
     monkeypatch.setattr(train_module, "compute_gradients", nan_gradients_at_step_two)
     config = tiny_config(tmp_path, optim={"warmup": 0.0})
-    with pytest.raises(TrainingDiverged, match="diverged at step 2/6: the gradient norm is nan"):
+    with pytest.raises(TrainingDiverged, match="diverged: the gradient norm at step 2/6 is nan"):
         train(config, data=synthetic_data())
     assert find_checkpoint(tmp_path) is None  # nothing was saved with NaN weights
+
+
+def test_weights_an_update_made_infinite_are_never_validated_or_saved(tmp_path, monkeypatch):
+    # A finite loss with an update that makes weights non-finite (a huge learning rate; here an
+    # infinite gradient, which nothing checks without gradient clipping): validation would find NaN
+    # similarities and stop the run, and last/ must not keep those weights.
+    import importlib
+
+    from tempme_train.train import TrainingDiverged
+
+    train_module = importlib.import_module("tempme_train.train")
+    real_compute = train_module.compute_gradients
+    calls = []
+
+    def infinite_update_at_step_three(model, batch, params, *args, **kwargs):
+        calls.append(1)
+        loss = real_compute(model, batch, params, *args, **kwargs)
+        if len(calls) == 3:
+            params[0].grad.view(-1)[0] = math.inf  # unchecked without gradient clipping
+        return loss
+
+    monkeypatch.setattr(train_module, "compute_gradients", infinite_update_at_step_three)
+    config = tiny_config(tmp_path, optim={"warmup": 0.0, "grad_clip": 0.0}, run={"eval_every": 1})
+    with pytest.raises(TrainingDiverged, match=f"the trained weights are not finite by step 3 .*{tmp_path / LAST} "
+                       "still holds step 2"):
+        train(config, data=synthetic_data())
+    assert checkpoint_step(tmp_path) == 2
+    weights = load_file(str(tmp_path / LAST / "weights.safetensors"))
+    assert all(torch.isfinite(tensor).all() for tensor in weights.values())
 
 
 def test_resume_refuses_the_same_videos_with_other_captions(tmp_path):
