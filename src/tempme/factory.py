@@ -67,12 +67,13 @@ def load_model(
 
     The architecture is read from the weights. A tempme checkpoint brings its own method, frame count
     and schedule: ``method`` and ``frames`` default to its own, schedule settings given here change
-    only those settings, and another method or frame count starts from the paper's schedule for it.
+    only those settings, and another method or frame count starts from the paper's schedule for it
+    (the checkpoint's clip positional embeddings then load only where they fit, with a warning).
     Other weights default to ``method="tempme"`` and the paper's schedule. LoRA and clip positional
     embeddings found in the weights are loaded; otherwise they keep their initial values (LoRA B = 0,
     CPE = 0), which leaves CLIP's outputs unchanged.
     """
-    from .weights import load_state_dict_into, load_weights
+    from .weights import load_state_dict_into, load_weights, without_unfitting_clip_pos_embeds
 
     loaded = load_weights(weights)
     saved = loaded.model_config
@@ -88,5 +89,8 @@ def load_model(
         schedule = saved.merge if own_schedule else None
         config = build_config(loaded.clip_config, method=method, frames=frames, schedule=schedule, **kwargs)
     model = TempMe(config)
-    load_state_dict_into(model, loaded.state_dict)
+    state = loaded.state_dict
+    if saved is not None and config != saved:
+        state = without_unfitting_clip_pos_embeds(model, state, weights)
+    load_state_dict_into(model, state)
     return model.to(device).eval()

@@ -529,6 +529,30 @@ def load_state_dict_into(model: TempMe, sd: Mapping[str, torch.Tensor], strict_a
     return missing_adapters
 
 
+def without_unfitting_clip_pos_embeds(
+    model: TempMe, sd: Mapping[str, torch.Tensor], source: str | os.PathLike
+) -> dict[str, torch.Tensor]:
+    """``sd`` without the clip positional embeddings that ``model`` has no place for, with a warning:
+    a checkpoint trained with ``tempme`` loaded for another method, frame count or set of merge
+    layers (an ablation, or a zero-shot comparison) keeps its LoRA weights, and the model's clip
+    positional embeddings start at zero. Every other key must still fit (``load_state_dict_into``)."""
+    expected = model.state_dict()
+    dropped = [
+        name for name, tensor in sd.items()
+        if name.endswith("clip_pos_embed") and (name not in expected or tuple(tensor.shape) != tuple(expected[name].shape))
+    ]
+    if dropped:
+        config = model.config
+        warnings.warn(
+            f"{source}: its clip positional embeddings (trained for {infer_frames(sd)} frames) do not fit "
+            f"this model (method {config.merge.method!r}, {config.frames} frames"
+            + (f", merge layers {list(config.merge.merge_layers)}" if config.merge.method == "tempme" else "")
+            + "); they are left out and the model's start at zero, its LoRA weights are loaded",
+            stacklevel=3,
+        )
+    return {name: tensor for name, tensor in sd.items() if name not in dropped}
+
+
 def _listing(what: str, names: list[str], shown: int = 5) -> str:
     plural = "s" if len(names) != 1 else ""
     return f"{len(names)} {what}{plural}: {_preview(names, shown)}"

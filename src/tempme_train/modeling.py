@@ -117,10 +117,12 @@ def load_trained_weights(model: TempMe, path: str | Path) -> None:
     """Load a file written by :func:`save_trained_weights` into ``model`` (in place).
 
     An adapters-only file replaces just the adapters; the model's own backbone fills in the rest.
+    Clip positional embeddings that do not fit ``model`` (built for another method or frame count)
+    are left out, with a warning.
     """
-    from tempme.weights import load_state_dict_into, load_weights
+    from tempme.weights import load_state_dict_into, load_weights, without_unfitting_clip_pos_embeds
 
-    trained = load_weights(path).state_dict
+    trained = without_unfitting_clip_pos_embeds(model, load_weights(path).state_dict, path)
     load_state_dict_into(model, {**model.state_dict(), **trained})
 
 

@@ -534,14 +534,40 @@ def test_failed_download_says_where_to_put_the_file(cache, monkeypatch):
 
 def test_a_checkpoint_brings_its_method_and_keeps_its_schedule_where_one_setting_changes(tmp_path):
     torch.manual_seed(0)
-    saved = tempme.create_model(PRESET, method="tome", frames=FRAMES, tome_r=5, prop_attn=False)
+    saved = tempme.create_model(PRESET, method="tome", frames=FRAMES, tome_r=3, prop_attn=False)
     path = save_weights(saved, tmp_path / "tome.safetensors")
     assert tempme.load_model(path).config == saved.config  # its method, not tempme's
     changed = tempme.load_model(path, prop_attn=True).config.merge
-    assert (changed.method, changed.tome_r, changed.prop_attn) == ("tome", 5, True)  # tome_r stays 5
+    assert (changed.method, changed.tome_r, changed.prop_attn) == ("tome", 3, True)  # tome_r stays 3
     # Another method starts from the paper's schedule for it.
     other = tempme.load_model(path, method="tempme").config.merge
     assert other == default_merge_config(get_preset(PRESET), FRAMES, "tempme")
+
+
+def test_a_tempme_checkpoint_loads_for_another_method_or_frame_count(tmp_path):
+    torch.manual_seed(0)
+    trained = tempme.create_model(PRESET, method="tempme", frames=FRAMES)
+    with torch.no_grad():
+        for name, param in trained.named_parameters():
+            if is_adapter_parameter(name):
+                param.normal_()  # trained LoRA and clip positional embeddings, not their zero start
+    path = save_weights(trained, tmp_path / "tempme.safetensors")
+    lora = {name: t for name, t in trained.state_dict().items() if "lora_" in name}
+    assert any("clip_pos_embed" in name for name in trained.state_dict())
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        same = tempme.load_model(path)  # its own schedule: everything fits, no warning
+    assert all(torch.equal(t, trained.state_dict()[name]) for name, t in same.state_dict().items())
+    for options, shown in ((dict(method="none"), f"method 'none', {FRAMES} frames"),
+                           (dict(method="tome"), f"method 'tome', {FRAMES} frames"),
+                           (dict(frames=2 * FRAMES), f"method 'tempme', {2 * FRAMES} frames, merge layers")):
+        with pytest.warns(UserWarning, match=rf"tempme.safetensors: its clip positional embeddings \(trained for "
+                          rf"{FRAMES} frames\) do not fit this model \({shown}"):
+            other = tempme.load_model(path, **options)
+        state = other.state_dict()
+        assert all(torch.equal(state[name], t) for name, t in lora.items())  # the LoRA weights are loaded
+        assert all(not t.any() for name, t in state.items() if "clip_pos_embed" in name)  # CPE from zero
 
 
 def test_a_model_optimised_for_inference_is_not_saved_as_a_checkpoint(tmp_path):
