@@ -400,17 +400,21 @@ def absent_sources(
 ) -> set[Path]:
     """The source folders, resolved, that hold videos of ``index`` but where this run found none
     (``videos``): missing, or empty now. Their videos stay (see :func:`deleted`), each such folder
-    warned about, unless ``prune`` (none then: their videos leave the index as deleted)."""
-    if prune:  # their videos go, each listed as removed
-        return set()
+    warned about, unless ``prune`` (none then: their videos leave the index as deleted). A missing
+    source that nothing in the index came from (a mistyped path?) is warned about too."""
     found = [Path(video) for video in videos]
+    videos_indexed = set(index.paths)
     absent = set()
     for source in sources:
         root = Path(source).expanduser().resolve()
         indexed = sum(1 for video in dict.fromkeys(index.paths)
                       if Path(video).is_relative_to(root) and Path(video) != root)
-        if not indexed or any(video.is_relative_to(root) for video in found):
-            continue  # a deleted file given by name is reported as deleted, not warned about
+        if not indexed and not root.exists() and str(root) not in videos_indexed:  # (a deleted file given by name is)
+            warnings.warn(f"{source}: no such file or folder, passed over (nothing in the index came from it)",
+                          stacklevel=3)
+            continue
+        if prune or not indexed or any(video.is_relative_to(root) for video in found):
+            continue  # pruned, or a deleted file given by name: reported as deleted, not warned about
         why = "holds no videos now (an empty mount point?)" if root.is_dir() else "is not there (now)"
         warnings.warn(f"{source} {why}: the {indexed} video(s) indexed from it stay in the index "
                       "(--prune drops them)", stacklevel=3)

@@ -481,6 +481,11 @@ def test_videos_of_a_missing_source_stay_in_the_index(video_dir, tmp_path):
     update = update_index(model, find_videos([other]), index_path, progress=False, sources=[drive, other],
                           prune=True)
     assert (len(update.removed), update.total) == (4, 1)
+    # A source that nothing came from and that is not there: a mistyped path, passed over but said.
+    typo = tmp_path / "othr"
+    with pytest.warns(UserWarning, match=f"{typo}: no such file or folder, passed over \\(nothing in the index"):
+        update = update_index(model, find_videos([other]), index_path, progress=False, sources=[other, typo])
+    assert (update.removed, update.total) == ([], 1)
 
 
 def test_an_index_that_cannot_be_written_is_an_os_error_naming_it(tmp_path, monkeypatch):
