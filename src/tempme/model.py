@@ -473,6 +473,11 @@ class TempMe(nn.Module):
         but the logit scale, which stays frozen at the checkpoint's value in both modes."""
         if mode not in ("lora", "full"):
             raise ValueError(f"trainable mode must be 'lora' or 'full', got {mode!r}")
+        if self.activation_folded:
+            raise ValueError(
+                "this model was optimised for inference (LoRA folded, MLP weights rescaled): it cannot be "
+                "trained; load the weights again to train"
+            )
         for name, param in self.named_parameters():
             if mode == "full":
                 param.requires_grad_(name != "logit_scale")
@@ -505,6 +510,7 @@ class TempMe(nn.Module):
         for module in self.modules():
             if isinstance(module, ResidualBlock):
                 module.fold_activation_scale()
+        self.requires_grad_(False)  # and set_trainable refuses: see above
         return self
 
     def encode_video(self, frames: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -198,6 +198,10 @@ def test_optimizing_for_inference_keeps_the_embeddings():
         assert not any("lora" in name for name, _ in model.named_parameters())
         torch.testing.assert_close(model.encode_video(video), video_before, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(model.encode_text(ids, mask), text_before, atol=1e-5, rtol=1e-4)
+    # Its weights are no longer the checkpoint's: nothing trains, and asking for it is refused.
+    assert not any(param.requires_grad for param in model.parameters())
+    with pytest.raises(ValueError, match="optimised for inference .* cannot be trained; load the weights again"):
+        model.set_trainable("lora")
 
 
 def test_token_sizes_stay_exact_in_bfloat16():
