@@ -187,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
         device = run_device(config.run.device, world, source)
         cache = embedding_cache(args)
         items = split_items(config.data, args.split, source, "--split")
-        items, missing = drop_missing_videos(items, config.data.strict, args.split, source)
+        items, missing = drop_missing_videos(items, config.data, args.split, source)
         warning = custom_split_warning(config, args.split, trained)
         if warning and world.is_main:  # once, not once per process
             warnings.warn(warning, stacklevel=1)

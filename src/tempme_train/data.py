@@ -117,16 +117,18 @@ def train_and_val_items(data: DataSettings, source: str) -> tuple[list[VideoItem
     return train_items[: -data.holdout_videos], train_items[-data.holdout_videos :]
 
 
-def drop_missing_videos(items: list[VideoItem], strict: bool, split: str, source: str) -> tuple[list[VideoItem], list[str]]:
-    """Keep the items whose file exists; name the missing ones (an error when ``strict``)."""
+def drop_missing_videos(
+    items: list[VideoItem], data: DataSettings, split: str, source: str
+) -> tuple[list[VideoItem], list[str]]:
+    """Keep the items whose file exists; name the missing ones (an error when ``data.strict``)."""
     missing = check_videos_exist(items)
     if not missing:
         return items, []
     names = [str(item.path) for item in missing]
     shown = ", ".join(names[:_LISTED]) + (f" and {len(names) - _LISTED} more" if len(names) > _LISTED else "")
     message = f"{len(missing)} of {len(items)} {split} videos are missing: {shown}"
-    if strict:
-        raise ConfigError(source, "data.video_dir", str(missing[0].path.parent), message)
+    if data.strict:
+        raise ConfigError(source, "data.video_dir", data.video_dir, message)
     warnings.warn(message + "; leaving them out", stacklevel=2)
     absent = {id(item) for item in missing}
     return [item for item in items if id(item) not in absent], [item.video_id for item in missing]
@@ -143,8 +145,8 @@ def prepare_training_data(config: TrainConfig, source: str = "config") -> TrainD
         train_items, val_items = train_and_val_items(data, source)
     except ConfigError as error:  # named after the override that set the split or folder, if one did
         raise config.blame(error) from None
-    train_items, missing_train = drop_missing_videos(train_items, data.strict, "training", source)
-    val_items, missing_val = drop_missing_videos(val_items, data.strict, "validation", source)
+    train_items, missing_train = drop_missing_videos(train_items, data, "training", source)
+    val_items, missing_val = drop_missing_videos(val_items, data, "validation", source)
     check_validation_items(val_items, len(missing_val), data, source)
     cache = frame_cache(data)
     train_set = RetrievalPairs(

@@ -308,3 +308,15 @@ def test_yaml_anchors_and_merge_keys_still_load(tmp_path):
     path.write_text("optim:\n  <<: {lr: 1.0e-4, epochs: 2}\n  epochs: 3\n")
     config = load_config(path)
     assert (config.optim.lr, config.optim.epochs) == (1.0e-4, 3)
+
+
+def test_missing_videos_under_strict_name_the_video_folder_setting(tmp_path):
+    from tempme.data import VideoItem
+    from tempme_train.config import DataSettings
+    from tempme_train.data import drop_missing_videos
+
+    (tmp_path / "clips").mkdir()
+    items = [VideoItem("a", tmp_path / "clips" / "a.mp4")]  # in a subfolder of data.video_dir
+    data = DataSettings(video_dir=str(tmp_path), strict=True)
+    with pytest.raises(ConfigError, match=rf"data.video_dir: 1 of 1 training videos are missing: .*a.mp4 \(got '{tmp_path}'\)"):
+        drop_missing_videos(items, data, "training", "run.yaml")
