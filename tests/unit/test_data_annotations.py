@@ -314,6 +314,11 @@ class TestLsmdc:
 
 
 class TestCustom:
+    def test_a_folder_given_as_the_file_is_called_a_folder(self, custom_dir):
+        with pytest.raises(AnnotationError, match=f"{custom_dir.anno_dir}: is a folder, not the custom annotation "
+                           r"file \(a .csv or .jsonl file\)"):
+            load_custom(custom_dir.anno_dir)
+
     def test_csv_groups_rows_and_resolves_paths(self, custom_dir):
         items = load_custom(custom_dir.anno_dir / "captions.csv")
         assert [(i.video_id, i.captions) for i in items] == [

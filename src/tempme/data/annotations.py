@@ -114,6 +114,8 @@ def _shorten(value: Any, limit: int = 80) -> str:
 
 
 def _require_file(path: Path, what: str) -> Path:
+    if path.is_dir():
+        raise AnnotationError(path, f"is a folder, not the {what}")
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
     return path
@@ -573,7 +575,7 @@ def load_custom(path: str | os.PathLike, video_root: str | os.PathLike | None = 
     folder). Rows that name the same file in different ways (``clips/a.mp4``, ``./clips/a.mp4``,
     an absolute path, a symbolic link) are one video, whose id is the path exactly as first written.
     """
-    path = _require_file(Path(path), "custom annotation file")
+    path = _require_file(Path(path), "custom annotation file (a .csv or .jsonl file)")
     root = Path(video_root) if video_root is not None else path.parent
     if path.suffix.lower() == ".csv":
         pairs = _custom_csv(path)
