@@ -358,7 +358,6 @@ def open_index(path: PathLike, model_info: dict[str, Any], settings: dict[str, A
                 f"{path} was built with {_setting_text(key, index.settings.get(key))}, this run has "
                 f"{_setting_text(key, settings.get(key))}; use the same setting or write a new index"
             )
-    index.model = model_info  # same weights; the way to load them may have changed (a moved file)
     return index
 
 
@@ -673,6 +672,8 @@ def update_index(
     # for no one and stops at once.
     with _index_lock(path):
         index = open_index(path, model_info, settings, model.config.clip.embed_dim)
+        # The same weights (the fingerprint matched); the way to load them may have changed (a moved file).
+        relocated, index.model = index.model != model_info, model_info
 
         absent = absent_sources(index, sources or (), videos, prune)
         removed = _drop_deleted_videos(index, sources, prune, absent)
@@ -685,7 +686,7 @@ def update_index(
         }
         update = IndexUpdate(0, {}, removed, index.videos, segments=None if index.spans is None else len(index))
         if not todo:
-            if removed:
+            if removed or relocated:
                 index.save(path)
             return update
 

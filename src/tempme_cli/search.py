@@ -51,7 +51,8 @@ INDEX_EPILOG = textwrap.dedent(
 SEARCH_EPILOG = textwrap.dedent(
     """\
     Queries are encoded by the model that built the index (recorded in it). If its weights moved, name
-    them again with --weights or --checkpoint; they must be the same weights. In an index of segments
+    them again with --weights or --checkpoint; they must be the same weights. For an index built from
+    a --checkpoint whose base weights moved, --weights names where they are now. In an index of segments
     (tempme index --segment) each result is a window of a video, shown with its time span.
 
     examples:
@@ -70,13 +71,13 @@ def default_workers() -> int:
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
-    group = parser.add_argument_group("model" + (" (one of --weights and --checkpoint)" if required else ""))
-    choice = group.add_mutually_exclusive_group(required=required)
-    choice.add_argument("--weights", metavar="W",
-                        help="CLIP or tempme weights: a file (OpenAI .pt, open_clip, Hugging Face, tempme) or a "
-                        "preset name such as ViT-B/32 (downloaded from the Hugging Face hub when online)")
-    choice.add_argument("--checkpoint", metavar="PATH",
-                        help="a run trained with `tempme train`: its folder, a checkpoint folder or weights file")
+    group = parser.add_argument_group("model" + (" (--weights, --checkpoint, or both)" if required else ""))
+    group.add_argument("--weights", metavar="W",
+                       help="CLIP or tempme weights: a file (OpenAI .pt, open_clip, Hugging Face, tempme) or a "
+                       "preset name such as ViT-B/32 (downloaded from the Hugging Face hub when online); with "
+                       "--checkpoint, the base weights its adapters were trained on, where they are now")
+    group.add_argument("--checkpoint", metavar="PATH",
+                       help="a run trained with `tempme train`: its folder, a checkpoint folder or weights file")
     group.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... or auto: the GPU where there is one (default)")
 
 
@@ -148,15 +149,29 @@ def weights_reference(weights: str) -> str:
 
 
 def load_search_model(model_info: dict[str, Any]):
-    """The model ``model_info`` describes (``weights`` or ``checkpoint``, ``method``, ``frames``), in eval mode."""
+    """The model ``model_info`` describes, in eval mode: ``weights`` (with ``method`` and ``frames``), or a
+    trained ``checkpoint`` on the base weights its training config names, or on ``weights`` if given
+    (the same weights from another place)."""
     import tempme
 
     if model_info.get("checkpoint"):
-        from tempme_train.modeling import build_model, load_trained_weights, train_config_of
+        from tempme_train.modeling import build_model, check_base, load_trained_weights, train_config_of
 
-        config = train_config_of(model_info["checkpoint"])
-        model = build_model(config, model_info["checkpoint"])
-        load_trained_weights(model, model_info["checkpoint"])
+        from .eval import check_weights_option
+
+        checkpoint, base = model_info["checkpoint"], model_info.get("weights")
+        config = train_config_of(checkpoint)
+        if base:
+            check_weights_option(Path(checkpoint), base)
+            config.model.weights = base
+        elif config.model.weights and Path(config.model.weights).is_absolute() and not Path(config.model.weights).exists():
+            raise FileNotFoundError(
+                f"{checkpoint} was trained on the base weights {config.model.weights}, which are not there any "
+                "more: name where they are now with --weights, beside --checkpoint"
+            )
+        model = build_model(config, checkpoint)
+        check_base(model, checkpoint, config.model.weights or f"random {config.model.preset}")
+        load_trained_weights(model, checkpoint)
     else:
         model = tempme.load_model(model_info["weights"], method=model_info.get("method"), frames=model_info.get("frames"))
     return model.eval()
@@ -228,12 +243,15 @@ def run_index(args: argparse.Namespace) -> int:
     device = device_option(args.device)
     check_index_free(args.out)  # before the model loads (a download, maybe), not after
     precision = args.precision if args.precision != "auto" else recorded.get("precision", default_precision(device))
+    if not (args.weights or args.checkpoint):
+        raise ValueError("name the model: --weights W (CLIP or tempme weights) or --checkpoint PATH (a trained run)")
     if args.checkpoint:
         from tempme_train.modeling import find_trained_weights
 
         if args.method or args.frames:
-            raise ValueError("--method and --frames go with --weights: a trained checkpoint has its own")
-        model_info = {"checkpoint": str(find_trained_weights(args.checkpoint).resolve())}
+            raise ValueError("--method and --frames go with --weights alone: a trained checkpoint has its own")
+        model_info = {"checkpoint": str(find_trained_weights(args.checkpoint).resolve()),
+                      "weights": weights_reference(args.weights) if args.weights else None}
     else:
         built_by = existing["model"] if existing else {}
         model_info = {
@@ -292,7 +310,10 @@ def run_search(args: argparse.Namespace) -> int:
     if args.checkpoint:
         from tempme_train.modeling import find_trained_weights
 
-        model_info.update(checkpoint=str(find_trained_weights(args.checkpoint).resolve()), weights=None)
+        model_info.update(checkpoint=str(find_trained_weights(args.checkpoint).resolve()),
+                          weights=weights_reference(args.weights) if args.weights else None)
+    elif args.weights and model_info.get("checkpoint"):
+        model_info.update(weights=weights_reference(args.weights))  # the base of the index's checkpoint, moved
     elif args.weights:
         model_info.update(weights=weights_reference(args.weights), checkpoint=None)
     if not (model_info.get("checkpoint") or model_info.get("weights")):

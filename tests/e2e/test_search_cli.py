@@ -180,9 +180,8 @@ def test_search_refuses_other_weights_and_bad_input(library, tmp_path, capsys):
 
 
 def test_index_needs_a_model(library, tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        main(["index", str(library), "--out", str(tmp_path / "x.index")])
-    assert "one of the arguments --weights --checkpoint is required" in capsys.readouterr().err
+    assert main(["index", str(library), "--out", str(tmp_path / "x.index")]) == 2
+    assert "name the model: --weights W (CLIP or tempme weights) or --checkpoint PATH" in capsys.readouterr().err
 
 
 def test_an_index_written_from_python_is_searchable_from_the_command_line(library, tmp_path, capsys):

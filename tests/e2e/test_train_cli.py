@@ -354,3 +354,40 @@ def test_a_resume_refuses_adapters_whose_base_weights_were_replaced(run_config, 
         assert main([*command, "run.stop_after=2", "--resume"]) == 2
     error = one_error_line(capsys)
     assert f"{output / 'last' / 'weights.safetensors'} holds adapters trained on" in error, error
+
+
+def test_an_index_of_a_checkpoint_follows_its_base_weights_when_they_move(run_config, tmp_path, capsys):
+    from tempme.weights import save_weights
+
+    import tempme
+
+    torch.manual_seed(3)
+    base = save_weights(tempme.create_model(PRESET, method="tempme", frames=4), tmp_path / "base.safetensors")
+    output = tmp_path / "run"
+    assert main(["train", "--config", str(run_config), f"model.weights={base}", "run.stop_after=1",
+                 "run.eval_every=1", "--output", str(output)]) == 0
+    capsys.readouterr()
+    videos = [str(run_config.parent / "videos" / f"{vid}.mp4") for vid in TEST_IDS]
+    index = tmp_path / "test.index"
+    assert main(["index", *videos, "--checkpoint", str(output), "--out", str(index), "--device", "cpu",
+                 "--workers", "0", "--json"]) == 0
+    assert main(["search", str(index), "test clip number 1", "--json"]) == 0
+    before = json.loads(capsys.readouterr().out.splitlines()[-1])["results"]
+
+    moved = base.rename(tmp_path / "elsewhere.safetensors")
+    assert main(["search", str(index), "test clip number 1"]) == 2
+    assert (f"was trained on the base weights {base}, which are not there any more: name where they are now "
+            "with --weights") in capsys.readouterr().err
+    for options in (["--weights", str(moved)], ["--checkpoint", str(output), "--weights", str(moved)]):
+        assert main(["search", str(index), "test clip number 1", "--json", *options]) == 0
+        assert json.loads(capsys.readouterr().out)["results"] == before
+    # Other base weights are refused: the adapters were trained on these.
+    other = save_weights(tempme.create_model(PRESET, method="tempme", frames=4), tmp_path / "other.safetensors")
+    assert main(["search", str(index), "x", "--weights", str(other)]) == 2
+    assert "holds adapters trained on" in capsys.readouterr().err
+    # Updating the index with the moved base records where it is now.
+    assert main(["index", *videos, "--checkpoint", str(output), "--weights", str(moved), "--out", str(index),
+                 "--device", "cpu", "--workers", "0", "--json"]) == 0
+    capsys.readouterr()
+    assert main(["search", str(index), "test clip number 1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["results"] == before
