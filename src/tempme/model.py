@@ -90,8 +90,14 @@ def flex_size_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_s
 
 
 def flex_size_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_size: torch.Tensor) -> torch.Tensor:
-    """torch 2.13 builds FlexAttention's CPU kernel for contiguous inputs, and not inside a compiled
-    model's graph (it finds no kernel there): ``flex_size_attention`` runs this outside it."""
+    """torch 2.13 builds FlexAttention's CPU kernel for contiguous inputs of more than one sequence,
+    and not inside a compiled model's graph (it finds no kernel there): ``flex_size_attention`` runs
+    this outside it."""
+    if q.shape[0] == 1:
+        # torch 2.13's CPU kernel for a batch of one sequence does not compile (a C++ error in the
+        # generated code): the sequence goes twice, and one result is kept.
+        q, k, v, log_size = (t.expand(2, *t.shape[1:]) for t in (q, k, v, log_size))
+        return flex_size_attention_cpu(q, k, v, log_size)[:1]
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     return compiled_flex_attention()(q, k, v, score_mod=log_size_score(log_size))
 
