@@ -77,7 +77,11 @@ def run(args: argparse.Namespace) -> int:
     if summary.final_weights:
         print(f"final weights: {summary.final_weights}")
     print(f"last checkpoint: {summary.last_checkpoint}")
-    for label, videos in (("missing", summary.missing_videos), ("undecodable (skipped)", summary.skipped_videos)):
+    for label, videos in (
+        ("missing", summary.missing_videos),
+        ("undecodable (skipped)", summary.skipped_videos),
+        ("undecodable validation (left out of validation)", summary.skipped_val_videos),
+    ):
         if videos:
             print(f"{len(videos)} {label} videos: {', '.join(videos)}")
     return 0

@@ -98,6 +98,8 @@ class TrainSummary:
     last_checkpoint: str | None = None
     skipped_videos: list[str] = field(default_factory=list)
     missing_videos: list[str] = field(default_factory=list)
+    # Validation videos that could not be decoded (left out of validation), as of the last validation.
+    skipped_val_videos: list[str] = field(default_factory=list)
 
 
 class StopShared(KeyboardInterrupt):
@@ -666,6 +668,7 @@ class Trainer:
         summary.steps = self.progress.step
         summary.stopped_early = self.progress.step < self.total_steps
         summary.skipped_videos = list(self.progress.skipped_videos)
+        summary.skipped_val_videos = list((summary.last_val or {}).get("skipped", []))
         summary.last_checkpoint = str(self.output / LAST)
         summary.best_weights = str(self.output / BEST) if (self.output / BEST).is_file() else None
         summary.final_weights = str(self.output / WEIGHTS) if (self.output / WEIGHTS).is_file() else None

@@ -842,6 +842,18 @@ def test_divergence_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert checkpoint_step(tmp_path) == 2
 
 
+class SomeUndecodable(SyntheticVideos):
+    def __getitem__(self, i: int):
+        return SkippedVideo(f"v{i}", Path(f"v{i}.mp4"), "corrupt") if i in (3, 5) else super().__getitem__(i)
+
+
+def test_undecodable_validation_videos_are_reported(tmp_path):
+    pairs = SyntheticPairs(16)
+    val = EvalSet("synthetic/val", SomeUndecodable(pairs), [f"v{i}" for i in range(16)], pairs.captions, list(range(16)))
+    summary = train(tiny_config(tmp_path, optim={"epochs": 1}), data=TrainData(pairs, val))
+    assert summary.skipped_val_videos == ["v3", "v5"] and summary.skipped_videos == []
+
+
 class AllUndecodable(SyntheticPairs):
     def __getitem__(self, i: int):
         return SkippedVideo(f"v{i}", Path(f"v{i}.mp4"), "corrupt")
