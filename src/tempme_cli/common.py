@@ -85,7 +85,7 @@ def show_progress(args: argparse.Namespace) -> bool:
 def device_option(name: str) -> torch.device:
     """The device ``--device NAME`` names, or a ValueError naming the option (before any work)."""
     try:
-        return resolve_device(name)
+        return resolve_device(name, kinds=("cpu", "cuda", "mps"))  # what run.device takes for training
     except DeviceUnavailable as error:
         raise ValueError(f"--device {name}: {error}") from None
 

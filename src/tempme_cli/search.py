@@ -78,7 +78,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, required: bool) -> None
                        "--checkpoint, the base weights its adapters were trained on, where they are now")
     group.add_argument("--checkpoint", metavar="PATH",
                        help="a run trained with `tempme train`: its folder, a checkpoint folder or weights file")
-    group.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... or auto: the GPU where there is one (default)")
+    group.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ..., mps or auto: the GPU where there is one (default)")
 
 
 def register(subparsers) -> None:
