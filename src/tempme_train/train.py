@@ -20,6 +20,7 @@ share of the videos; rank 0 logs and writes files while the others wait.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import math
 import os
@@ -773,7 +774,24 @@ def train(config: TrainConfig, resume: bool = False, data: TrainData | None = No
         raise config.blame(error) from None
 
 
+def with_absolute_data_paths(config: TrainConfig) -> TrainConfig:
+    """``config`` with relative data paths (``data.anno_path``, ``data.video_dir``, ``data.frame_cache``)
+    made absolute, from the working directory: the config stored with the run (``config.yaml``, and
+    inside its weights) then finds the data from anywhere, as ``tempme eval --checkpoint`` needs."""
+    changes = {
+        name: str(Path(value).resolve())
+        for name in ("anno_path", "video_dir", "frame_cache")
+        if (value := getattr(config.data, name)) and not Path(value).expanduser().is_absolute()
+    }
+    if not changes:
+        return config
+    absolute = copy.copy(config)  # keeps where each setting came from, for error messages
+    absolute.data = dataclasses.replace(config.data, **changes)
+    return absolute
+
+
 def _train(config: TrainConfig, resume: bool, data: TrainData | None, source: str) -> TrainSummary:
+    config = with_absolute_data_paths(config)
     # Checked before anything starts (the process group included); the Trainer resolves it again.
     use_cuda = run_device(config.run.device, world_from_env(), source).type == "cuda"
     with process_group(use_cuda) as world, deterministic_algorithms(config.run.deterministic):

@@ -1049,3 +1049,17 @@ def test_training_and_evaluation_loaders_leave_stops_to_the_main_process(monkeyp
     eval_set = EvalSet("synthetic/3", SyntheticVideos(pairs), ["v0", "v1", "v2"], pairs.captions, [0, 1, 2])
     embed(model, eval_set, batch_size=2)
     assert made == [quiet_worker_init]
+
+
+def test_a_run_stores_its_data_paths_absolute(tmp_path, monkeypatch):
+    from tempme_train.checkpoint import CONFIG
+    from tempme_train.config import load_config
+
+    monkeypatch.chdir(tmp_path)
+    config = tiny_config(tmp_path / "run", run={"stop_after": 1})
+    config.data.anno_path, config.data.video_dir = "anno/captions.csv", "~/videos"
+    train(config, data=synthetic_data())
+    stored = load_config(tmp_path / "run" / LAST / CONFIG).data
+    # Relative to the directory the run started in; a path from home stays as it was.
+    assert (stored.anno_path, stored.video_dir) == (str(tmp_path / "anno" / "captions.csv"), "~/videos")
+    assert config.data.anno_path == "anno/captions.csv"  # the caller's config is left as it was
