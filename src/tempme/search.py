@@ -410,13 +410,13 @@ def absent_sources(
                       if Path(video).is_relative_to(root) and Path(video) != root)
         if not indexed and not root.exists() and str(root) not in videos_indexed:  # (a deleted file given by name is)
             warnings.warn(f"{source}: no such file or folder, passed over (nothing in the index came from it)",
-                          stacklevel=3)
+                          stacklevel=4)
             continue
         if prune or not indexed or any(video.is_relative_to(root) for video in found):
             continue  # pruned, or a deleted file given by name: reported as deleted, not warned about
         why = "holds no videos now (an empty mount point?)" if root.is_dir() else "is not there (now)"
         warnings.warn(f"{source} {why}: the {indexed} video(s) indexed from it stay in the index "
-                      "(--prune drops them)", stacklevel=3)
+                      "(--prune drops them)", stacklevel=4)
         absent.add(root)
     return absent
 
@@ -475,8 +475,19 @@ def _drop_deleted_videos(
     index: VideoIndex, sources: Sequence[PathLike] | None, prune: bool, absent: set[Path]
 ) -> list[str]:
     """Take the videos whose files were deleted (see :func:`deleted`) out of ``index``; returns their
-    paths, in index order."""
-    removed = [video for video in dict.fromkeys(index.paths) if deleted(video, sources, prune, absent)]
+    paths, in index order. Missing videos that stay (their folder is missing too) are warned about,
+    but for those under the ``absent`` sources, which were."""
+    removed, kept = [], 0
+    for video in dict.fromkeys(index.paths):
+        if deleted(video, sources, prune, absent):
+            removed.append(video)
+        elif not Path(video).exists() and not any(Path(video).is_relative_to(root) for root in absent):
+            kept += 1
+    if kept:
+        warnings.warn(
+            f"{kept} indexed video(s) are missing and stay in the index, as their folders are missing too (a "
+            "drive not mounted, or the target of a linked folder; --prune drops them)", stacklevel=4
+        )
     _drop_videos(index, set(removed))
     return removed
 

@@ -268,7 +268,9 @@ def test_update_adds_new_videos_only_and_drops_deleted_ones(video_dir, tmp_path)
     calls = []
     original = model.encode_video
     model.encode_video = lambda frames, mask=None: calls.append(frames.shape[0]) or original(frames, mask)
-    update = update_index(model, find_videos([videos]), index_path, progress=False)
+    with pytest.warns(UserWarning, match=r"^1 indexed video\(s\) are missing and stay in the index, as their "
+                      "folders are missing too"):
+        update = update_index(model, find_videos([videos]), index_path, progress=False)
     assert (update.added, update.removed, update.total) == (1, [str((videos / "b.mp4").resolve())], 4)
     assert str((videos / "sub" / "d.mp4").resolve()) in VideoIndex.load(index_path).paths
     assert calls == [1]  # only the new video was encoded
@@ -472,7 +474,8 @@ def test_videos_of_a_missing_source_stay_in_the_index(video_dir, tmp_path):
     with pytest.warns(UserWarning, match=f"{drive} is not there \\(now\\): the 4 video\\(s\\) indexed from it stay"):
         update = update_index(model, find_videos([other]), index_path, progress=False, sources=[drive, other])
     assert (update.removed, update.total) == ([], 5)
-    update = update_index(model, find_videos([other]), index_path, progress=False, sources=[other])
+    with pytest.warns(UserWarning, match=r"^4 indexed video\(s\) are missing and stay"):  # no source names them now
+        update = update_index(model, find_videos([other]), index_path, progress=False, sources=[other])
     assert (update.removed, update.total) == ([], 5)
     drive.mkdir()  # the empty mount point an unmounted drive leaves
     with pytest.warns(UserWarning, match=f"{drive} holds no videos now"):
