@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 
 import torch
 
-from .config import CLIPConfig, LoRAConfig, MergeConfig, ModelConfig, default_merge_config, get_preset
+from .config import (
+    CLIPConfig,
+    LoRAConfig,
+    MergeConfig,
+    ModelConfig,
+    default_merge_config,
+    get_preset,
+    settings_ignored_by,
+)
 from .model import TempMe
 
 MERGE_FIELDS = {f.name for f in dataclasses.fields(MergeConfig)}
@@ -35,6 +44,11 @@ def build_config(
         raise TypeError(f"unknown schedule setting(s) {sorted(unknown)}; valid: {sorted(MERGE_FIELDS - {'method'})}")
     if isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 0:
         raise ValueError(f"lora_rank must be an integer >= 0 (0: no LoRA), got {lora_rank!r}")
+    ignored = settings_ignored_by(method, merge_overrides)
+    if ignored:
+        # The command line and training configs refuse these; from Python a warning says the same.
+        warnings.warn(f"method {method!r} never reads {', '.join(ignored)}: the model is the same without "
+                      f"{'it' if len(ignored) == 1 else 'them'}", stacklevel=3)
     for name in ("merge_layers", "clips_joined"):
         if name in merge_overrides:
             merge_overrides[name] = tuple(merge_overrides[name])

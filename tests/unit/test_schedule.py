@@ -136,3 +136,13 @@ def test_the_papers_schedules_are_not_warned_about(preset, frames, method):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         warn_if_tome_r_capped(build_plan(merge, clip.vision.layers, frames), merge, clip.vision.tokens_per_frame)
+
+
+def test_settings_the_method_never_reads_are_warned_about_from_python():
+    with pytest.warns(UserWarning, match="method 'none' never reads tome_r: the model is the same without it"):
+        tempme.create_model("tiny-B/32", method="none", frames=12, tome_r=3)
+    with pytest.warns(UserWarning, match="method 'tome' never reads clips_joined, merge_layers: .* without them"):
+        tempme.create_model("tiny-B/32", method="tome", frames=12, merge_layers=[8, 9, 10], clips_joined=[2, 2, 3])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tempme.create_model("tiny-B/32", method="tome", frames=12, tome_r=3, prop_attn=False)  # both read
