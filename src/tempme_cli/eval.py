@@ -47,7 +47,7 @@ def register(subparsers) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_config_arguments(parser, required=False)
+    add_config_arguments(parser, required=False, example="data.num_workers=8 run.eval_batch_size=64")
     parser.add_argument("--checkpoint", metavar="PATH", help="trained run folder, checkpoint folder or weights file")
     parser.add_argument("--weights", metavar="W", help="CLIP/tempme weights file or preset name (sets model.weights)")
     parser.add_argument("--dataset", help="msrvtt, didemo, activitynet, lsmdc or custom (sets data.dataset)")

@@ -33,8 +33,8 @@ def register(subparsers) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_config_arguments(parser)
-    parser.add_argument("--splits", nargs="+", choices=SPLITS, default=list(SPLITS), help="which splits to cache")
+    add_config_arguments(parser, example="data.num_workers=8 data.frame_cache=/data/frames")
+    parser.add_argument("--splits", nargs="+", choices=SPLITS, default=list(SPLITS), help="which splits to cache (default: all of them)")
     parser.add_argument("--workers", type=int, help="decoding threads (default: data.num_workers)")
     parser.set_defaults(handler=run)
 

@@ -20,15 +20,18 @@ EPILOG = textwrap.dedent(
 )
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
-    """``--config`` and ``KEY=VALUE`` overrides, shared by train, eval and prepare."""
+def add_config_arguments(
+    parser: argparse.ArgumentParser, required: bool = True, example: str = "optim.lr=1e-4 data.num_workers=2"
+) -> None:
+    """``--config`` and ``KEY=VALUE`` overrides, shared by train, eval and prepare (``example``: settings
+    that matter to the command)."""
     parser.add_argument(
         "--config", required=required, metavar="CONFIG",
         help="YAML config file, or the name of a bundled config (e.g. msrvtt_b32_tempme)",
     )
     parser.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE",
-        help="override a config setting, e.g. optim.lr=1e-4 data.num_workers=2 (values are YAML)",
+        help=f"override a config setting, e.g. {example} (values are YAML: lists as [8,9,10])",
     )
 
 

@@ -319,11 +319,11 @@ def _coerce(value: Any, hint: Any, source: str, key: str) -> Any:
         return value
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(source, key, value, "expected a list")
+            raise ConfigError(source, key, value, "expected a list, such as [1, 2, 3]")
         return [_coerce(item, args[0], source, f"{key}[{i}]") for i, item in enumerate(value)]
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(source, key, value, f"expected a list of {len(args)} values")
+            raise ConfigError(source, key, value, f"expected a list of {len(args)} values, such as [{', '.join(['...'] * len(args))}]")
         return tuple(_coerce(item, arg, source, f"{key}[{i}]") for i, (item, arg) in enumerate(zip(value, args)))
     if origin is dict:
         if not isinstance(value, dict):

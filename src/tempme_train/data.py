@@ -77,7 +77,10 @@ def load_split(data: DataSettings, split: str, source: str, split_key: str = "sp
     try:
         items = load_dataset(data.dataset, data.anno_path, data.video_dir or None, split)
     except UnknownSplit as error:
-        raise ConfigError(source, split_key, split, str(error), show_value=False) from error
+        hint = ""
+        if split_key == "data.val_split":
+            hint = f"; or data.val_split={HOLDOUT} with data.holdout_videos=N to validate on N training videos held out"
+        raise ConfigError(source, split_key, split, f"{error}{hint}", show_value=False) from error
     except AnnotationError as error:
         # The error names the file, field and value already; the folder would read as the bad value.
         raise ConfigError(

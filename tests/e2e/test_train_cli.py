@@ -212,7 +212,9 @@ def test_bad_settings_fail_before_training_with_the_key_and_value(run_config, tm
     assert ("command-line override 'data.max_words=100': data.max_words: CLIP's text encoder reads at most 77 "
             "tokens") in capsys.readouterr().err
     assert main(["train", "--config", str(run_config), "data.val_split=dev", "--output", str(tmp_path)]) == 2
-    assert "command-line override 'data.val_split=dev': data.val_split: " in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "command-line override 'data.val_split=dev': data.val_split: " in error
+    assert "or data.val_split=holdout with data.holdout_videos=N to validate on N training videos held out" in error
     assert main(["eval", "--config", str(run_config), "--split", "bogus", "--no-cache"]) == 2
     assert "--split: " in capsys.readouterr().err
     ablation = ["train", "--config", str(run_config), "model.method=none", "model.schedule.tome_r=3",
