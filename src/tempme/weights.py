@@ -716,8 +716,8 @@ def resolve_weights(name_or_path: PathLike) -> Path:
     if repo is None:
         raise WeightsError(f"preset {name!r} has no published weights; put a checkpoint at {stem}.pt")
     where = (
-        f"put {stem.name}.pt (OpenAI) or model.safetensors from {repo} at {stem}.pt "
-        f"(or {stem}.safetensors)"
+        f"put OpenAI's {stem.name}.pt at {stem}.pt, or model.safetensors from the Hugging Face repository "
+        f"{repo} at {stem}.safetensors"
     )
     if _offline():
         cached = _hub_cached(repo)
