@@ -124,7 +124,8 @@ def test_cuda_float32_matches_cpu(monkeypatch):
 
 
 @needs_cuda
-def test_index_on_the_gpu_in_bf16_matches_the_cpu_in_fp32(tmp_path):
+@pytest.mark.parametrize("segment_s", [None, 2.0])
+def test_index_on_the_gpu_in_bf16_matches_the_cpu_in_fp32(tmp_path, segment_s):
     from data_fixtures import write_video
 
     from tempme.search import VideoIndex, update_index
@@ -132,10 +133,11 @@ def test_index_on_the_gpu_in_bf16_matches_the_cpu_in_fp32(tmp_path):
     videos = [write_video(tmp_path / f"clip{i}.mp4", num_frames=20 + 10 * i) for i in range(3)]
     torch.manual_seed(0)
     model = tempme.create_model("tiny-B/32", frames=12).eval()
-    update_index(model, videos, tmp_path / "cpu.index", progress=False)
-    update_index(model, videos, tmp_path / "gpu.index", device="cuda", precision="bf16", progress=False)
+    update_index(model, videos, tmp_path / "cpu.index", progress=False, segment_s=segment_s)
+    update_index(model, videos, tmp_path / "gpu.index", device="cuda", precision="bf16", progress=False,
+                 segment_s=segment_s)
     cpu, gpu = VideoIndex.load(tmp_path / "cpu.index"), VideoIndex.load(tmp_path / "gpu.index")
-    assert gpu.paths == cpu.paths and gpu.settings["precision"] == "bf16"
+    assert gpu.paths == cpu.paths and gpu.spans == cpu.spans and gpu.settings["precision"] == "bf16"
     torch.testing.assert_close(gpu.embeddings, cpu.embeddings, atol=0.05, rtol=0)
 
 
