@@ -58,7 +58,7 @@ def register(subparsers) -> None:
     parser.add_argument("--split", default="test", help="test (the config's test split), val (its validation split) or a split name")
     parser.add_argument("--batch-size", type=int, help="videos per forward pass (default: run.eval_batch_size)")
     parser.add_argument("--device", help="auto, cpu, cuda, cuda:1 ... or mps (default: run.device, which is auto "
-                        "unless the config says otherwise: the GPU where there is one)")
+                        "unless the config says otherwise: a CUDA GPU where there is one, else the CPU)")
     parser.add_argument("--cache-dir", metavar="DIR", help="embedding cache (default: embeddings/ in $TEMPME_CACHE, else in ~/.cache/tempme)")
     parser.add_argument("--no-cache", action="store_true", help="neither read nor write cached embeddings")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")

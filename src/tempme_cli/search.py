@@ -78,7 +78,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, required: bool) -> None
                        "--checkpoint, the base weights its adapters were trained on, where they are now")
     group.add_argument("--checkpoint", metavar="PATH",
                        help="a run trained with `tempme train`: its folder, a checkpoint folder or weights file")
-    group.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ..., mps or auto: the GPU where there is one (default)")
+    group.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ..., mps or auto: a CUDA GPU where there is one, else the CPU (default)")
 
 
 def register(subparsers) -> None:
@@ -107,8 +107,8 @@ def register(subparsers) -> None:
     index.add_argument("--batch-size", type=int, default=16,
                        help="videos (or segments) per forward pass (default: 16)")
     index.add_argument("--precision", choices=("auto", *PRECISIONS), default="auto",
-                       help="auto: the index's own, else bf16 on a GPU and fp32 on the CPU (an index keeps the "
-                       "precision it was built with)")
+                       help="auto: the index's own, else bf16 on a CUDA GPU and fp32 elsewhere (an index keeps "
+                       "the precision it was built with)")
     index.add_argument("--prune", action="store_true",
                        help="drop every indexed video whose file is missing, under a missing or empty given "
                        "folder too (for a folder moved or removed for good; without it, such a folder may be "
@@ -146,6 +146,15 @@ def weights_reference(weights: str) -> str:
     """An absolute path for a local file or folder, else the name as given (a preset)."""
     path = Path(weights).expanduser()
     return str(path.resolve()) if path.exists() else weights
+
+
+def base_weights(weights: str | None, recorded: dict[str, Any]) -> str | None:
+    """The base weights for a checkpoint: ``--weights`` if given, else those an index built from a
+    checkpoint recorded (named once, when they moved; ``check_base`` refuses them if they do not fit),
+    else None (the ones its training config names)."""
+    if weights:
+        return weights_reference(weights)
+    return recorded.get("weights") if recorded.get("checkpoint") else None
 
 
 def load_search_model(model_info: dict[str, Any]):
@@ -250,8 +259,9 @@ def run_index(args: argparse.Namespace) -> int:
 
         if args.method or args.frames:
             raise ValueError("--method and --frames go with --weights alone: a trained checkpoint has its own")
-        model_info = {"checkpoint": str(find_trained_weights(args.checkpoint).resolve()),
-                      "weights": weights_reference(args.weights) if args.weights else None}
+        checkpoint = str(find_trained_weights(args.checkpoint).resolve())
+        model_info = {"checkpoint": checkpoint,
+                      "weights": base_weights(args.weights, existing["model"] if existing else {})}
     else:
         built_by = existing["model"] if existing else {}
         model_info = {
@@ -310,8 +320,8 @@ def run_search(args: argparse.Namespace) -> int:
     if args.checkpoint:
         from tempme_train.modeling import find_trained_weights
 
-        model_info.update(checkpoint=str(find_trained_weights(args.checkpoint).resolve()),
-                          weights=weights_reference(args.weights) if args.weights else None)
+        checkpoint = str(find_trained_weights(args.checkpoint).resolve())
+        model_info.update(checkpoint=checkpoint, weights=base_weights(args.weights, model_info))
     elif args.weights and model_info.get("checkpoint"):
         model_info.update(weights=weights_reference(args.weights))  # the base of the index's checkpoint, moved
     elif args.weights:
@@ -322,12 +332,18 @@ def run_search(args: argparse.Namespace) -> int:
             "model_info): name them with --weights or --checkpoint"
         )
     recorded = Path(model_info.get("checkpoint") or model_info["weights"])
-    if not (args.checkpoint or args.weights) and recorded.is_absolute() and not recorded.exists():
+    if not args.checkpoint and recorded.is_absolute() and not recorded.exists():
         # Presets are recorded by name (relative): only files and folders can have moved.
-        raise VideoIndexError(
-            f"{args.index} was built with the weights at {recorded}, which are not there any more: name "
-            "where they are now with --weights (or --checkpoint for a `tempme train` run)"
-        )
+        if model_info.get("checkpoint"):
+            raise VideoIndexError(
+                f"{args.index} was built with the trained weights at {recorded}, which are not there any more: "
+                "name where they are now with --checkpoint"
+            )
+        if not args.weights:
+            raise VideoIndexError(
+                f"{args.index} was built with the weights at {recorded}, which are not there any more: name "
+                "where they are now with --weights"
+            )
     model = load_search_model(model_info)
     if model_fingerprint(model) != index.model.get("fingerprint"):
         named = model_info.get("checkpoint") or model_info.get("weights")
@@ -336,6 +352,8 @@ def run_search(args: argparse.Namespace) -> int:
             "that embedded the videos (name its weights with --weights or --checkpoint)"
         )
     device = device_option(args.device)
+    if args.per_video and index.spans is None:
+        warnings.warn(f"--per-video has no effect: {args.index} holds whole videos (it was built without --segment)")
     if args.queries:
         answer(model, index, args.queries, args.top, device, args.json, args.per_video)
         return 0

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset, Subset
 
@@ -268,7 +269,7 @@ def evaluate(
         if cache_path is not None and is_main_process():
             try:
                 save_cached(cache_path, embeddings)
-            except OSError as error:
+            except (OSError, SafetensorError) as error:  # safetensors reports a full disk as its own error
                 # The cache only saves time next run: losing it must not cost the metrics just computed.
                 warnings.warn(
                     f"could not write the embedding cache {cache_path} ({error}); the metrics are not affected"

@@ -177,6 +177,9 @@ def test_search_refuses_other_weights_and_bad_input(library, tmp_path, capsys):
 
     code, _, err = cli(capsys, "search", str(index), "cats", "-k", "0")
     assert code == 2 and "-k must be at least 1" in err
+    with pytest.warns(UserWarning, match="--per-video has no effect: .* holds whole videos"):
+        code, _, err = cli(capsys, "search", str(index), "cats", "--per-video")
+    assert code == 0, err
 
 
 def test_index_needs_a_model(library, tmp_path, capsys):

@@ -393,3 +393,21 @@ def test_an_index_of_a_checkpoint_follows_its_base_weights_when_they_move(run_co
     capsys.readouterr()
     assert main(["search", str(index), "test clip number 1", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["results"] == before
+    # Named once, the base's new place is kept by later updates that name the checkpoint alone.
+    write_clip(run_config.parent / "videos" / "extra.mp4", 99)
+    assert main(["index", *videos, str(run_config.parent / "videos" / "extra.mp4"), "--checkpoint", str(output),
+                 "--out", str(index), "--device", "cpu", "--workers", "0", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["added"] == 1
+    (run_config.parent / "videos" / "extra.mp4").unlink()
+    assert main(["index", *videos, "--checkpoint", str(output), "--out", str(index), "--device", "cpu",
+                 "--workers", "0", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["removed"]) == 1
+
+    # The checkpoint itself moved: --checkpoint says where it is now (--weights would not).
+    output.rename(tmp_path / "run-moved")
+    assert main(["search", str(index), "test clip number 1", "--weights", str(moved)]) == 2
+    assert "was built with the trained weights at" in capsys.readouterr().err
+    assert main(["search", str(index), "test clip number 1"]) == 2
+    assert "name where they are now with --checkpoint" in capsys.readouterr().err
+    assert main(["search", str(index), "test clip number 1", "--json", "--checkpoint", str(tmp_path / "run-moved")]) == 0
+    assert json.loads(capsys.readouterr().out)["results"] == before

@@ -701,6 +701,21 @@ def test_an_unwritable_embedding_cache_only_warns(tmp_path):
     assert results["cache"] is None and results["num_videos"] == 8 and "R1" in results["t2v"]
 
 
+def test_a_full_disk_under_the_embedding_cache_only_warns(tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    evaluate_module = importlib.import_module("tempme_train.evaluate")
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(evaluate_module, "save_file", full_disk)
+    model = build_model(tiny_config(tmp_path))
+    with pytest.warns(UserWarning, match="could not write the embedding cache .*No space left on device"):
+        results = evaluate(model, synthetic_data(8).val, batch_size=4, cache_dir=tmp_path / "cache", progress=False)
+    assert results["cache"] is None and "R1" in results["t2v"]
+
+
 # --- stopping part-way keeps what was done; unusable data and divergence stop early -------------------
 
 
