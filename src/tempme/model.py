@@ -121,7 +121,8 @@ def warn_if_tome_r_capped(plan: tuple[LayerPlan, ...], merge: MergeConfig, token
         merged = ", ".join(f"{r} in layer {layer}" for layer, r in capped[:3]) + (" ..." if len(capped) > 3 else "")
         warnings.warn(
             f"tome_r={merge.tome_r} is more than some layers can merge (at most half the patches of a "
-            f"frame of {tokens_per_frame - 1} patches): they merge {merged}", stacklevel=4
+            f"frame of {tokens_per_frame - 1} patches): they merge {merged}",
+            stacklevel=5,  # the caller of create_model or load_model
         )
 
 

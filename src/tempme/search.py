@@ -526,6 +526,7 @@ class _PendingResults:
         # path -> ([start, end] or None, [D] L2-normalised float32 CPU embedding) of each row embedded
         self.rows: dict[str, list[tuple[list[float] | None, torch.Tensor]]] = {}
         self.complete: list[str] = []  # videos whose every row is embedded, not yet in the index
+        self.failed: set[str] = set()  # videos that did not decode: windows of theirs still in flight are dropped
         self.undecodable: list[str] = []  # see add_failed
 
     def add_embedded(
@@ -546,6 +547,7 @@ class _PendingResults:
         """A video that did not decode (maybe after some of its windows did): none of its rows go into
         the index, and if it is ``indexed`` (its file changed), its old rows, embeddings of what the file
         used to hold, go."""
+        self.failed.add(path)
         self.rows.pop(path, None)
         if indexed:
             self.undecodable.append(path)
@@ -723,13 +725,15 @@ def update_index(
                             pending.add_failed(video, indexed=video in changed_set)
                             bar.update(1)
                             bar.set_postfix(undecodable=len(update.skipped), refresh=False)
+                    # Windows of a video that failed later in this batch: not worth encoding.
+                    samples = [s for s in samples if isinstance(s, SkippedVideo) or s["video_id"] not in pending.failed]
                     batch = collate_skip_bad(samples)
                     if batch is not None:
                         if segment_s is None:
                             spans, last = [None] * len(batch["video_id"]), [True] * len(batch["video_id"])
                         else:
                             spans = [list(span) for span in zip(batch["start"], batch["end"])]
-                            last = batch["last"].bool().tolist()
+                            last = batch["final"].bool().tolist()
                         embeddings = _embed_batch(model, batch, device, precision)
                         for video in pending.add_embedded(batch["video_id"], spans, last, embeddings):
                             if video in changed_set:

@@ -543,11 +543,12 @@ def without_unfitting_clip_pos_embeds(
     ]
     if dropped:
         config = model.config
+        layers = ", ".join(map(str, sorted(int(re.search(r"resblocks\.(\d+)\.", name).group(1)) for name in dropped)))
         warnings.warn(
-            f"{source}: its clip positional embeddings (trained for {infer_frames(sd)} frames) do not fit "
-            f"this model (method {config.merge.method!r}, {config.frames} frames"
+            f"{source}: its clip positional embeddings of layer(s) {layers} (trained for {infer_frames(sd)} "
+            f"frames) do not fit this model (method {config.merge.method!r}, {config.frames} frames"
             + (f", merge layers {list(config.merge.merge_layers)}" if config.merge.method == "tempme" else "")
-            + "); they are left out and the model's start at zero, its LoRA weights are loaded",
+            + "): left out, so the model's start at zero there; its LoRA weights are loaded",
             stacklevel=3,
         )
     return {name: tensor for name, tensor in sd.items() if name not in dropped}

@@ -81,10 +81,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"final weights: {summary.final_weights}")
     print(f"last checkpoint: {summary.last_checkpoint}")
     for label, videos in (
-        ("missing", summary.missing_videos),
-        ("undecodable (skipped)", summary.skipped_videos),
-        ("undecodable validation (left out of validation)", summary.skipped_val_videos),
+        ("missing videos", summary.missing_videos),
+        ("undecodable (skipped) videos", summary.skipped_videos),
+        ("undecodable validation videos (left out of validation)", summary.skipped_val_videos),
     ):
         if videos:
-            print(f"{len(videos)} {label} videos: {', '.join(videos)}")
+            print(f"{len(videos)} {label}: {', '.join(videos)}")
     return 0

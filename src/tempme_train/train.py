@@ -603,7 +603,6 @@ class Trainer:
         """A finished run without validation has no best.safetensors: keep its final weights beside
         last/ instead, so the run folder itself can be evaluated (``tempme eval --checkpoint RUN``)."""
         if self.data.val is None and self.world.is_main and self.progress.step == self.total_steps:
-            self._check_weights_finite()
             save_trained_weights(self.model, self.output / WEIGHTS, self.config, self.base_fingerprint)
 
     def _train_until(self, end: int, bar, received: list[int]) -> None:
@@ -779,7 +778,7 @@ def with_absolute_data_paths(config: TrainConfig) -> TrainConfig:
     made absolute, from the working directory: the config stored with the run (``config.yaml``, and
     inside its weights) then finds the data from anywhere, as ``tempme eval --checkpoint`` needs."""
     changes = {
-        name: str(Path(value).resolve())
+        name: str(Path(value).absolute())  # not resolved: a linked data folder may be pointed elsewhere later
         for name in ("anno_path", "video_dir", "frame_cache")
         if (value := getattr(config.data, name)) and not Path(value).expanduser().is_absolute()
     }

@@ -232,6 +232,8 @@ class TestWindows:
         # 7 s in windows of about 3 s: two of 3.5 s, not two of 3 s and one of 1 s.
         assert [(w.start, w.end) for w in plan_windows([i / 10 for i in range(70)], 10.0, 3.0, 4)] == [
             (0.0, 3.5), (3.5, 7.0)]
+        # 7.5 s in windows of about 3 s is 2.5 windows: halves go up (round() would give two, to the even).
+        assert len(plan_windows([i / 10 for i in range(75)], 10.0, 3.0, 4)) == 3
         # Shorter than 1.5 windows: one window, the whole video.
         assert [(w.first, w.last) for w in plan_windows([i / 10 for i in range(44)], 10.0, 3.0, 4)] == [(0, 43)]
         assert [(w.first, w.last, w.end) for w in plan_windows([0.0], 25.0, 30.0, 4)] == [(0, 0, 0.04)]
@@ -246,8 +248,8 @@ class TestWindows:
         assert [(w.first, w.last, w.start) for w in gap] == [(0, 1, 0.0), (2, 3, 20.0)]
 
     def test_read_windows_gives_each_windows_frames(self, video_files):
-        windows = list(read_windows(video_files.mp4, 4, 1.0, 2.0))  # 5 s: two windows of 2.5 s
-        assert [w for w, _ in windows] == plan_windows([i / FPS for i in range(NUM_FRAMES)], FPS, 2.0, 4)
+        windows = list(read_windows(video_files.mp4, 4, 1.0, 2.5))  # 5 s: two windows of 2.5 s
+        assert [w for w, _ in windows] == plan_windows([i / FPS for i in range(NUM_FRAMES)], FPS, 2.5, 4)
         assert [(w.start, w.end) for w, _ in windows] == [(0.0, 2.5), (2.5, 5.0)]
         for window, frames in windows:
             assert [frame_index(f) for f in frames] == window.indices
@@ -274,7 +276,7 @@ class TestWindows:
 
         monkeypatch.setattr(video_module, "_decode", counting)
         windows = list(read_windows(path, 4, 1.0, 2.0))
-        assert len(windows) == 12  # 25 s
+        assert len(windows) == 13  # 25 s in windows of about 2 s: 12.5, and halves go up
         for window, frames in windows:
             assert [frame_index(f) for f in frames] == window.indices
         assert len(decoded) <= SEEKABLE_FRAMES
@@ -295,9 +297,12 @@ class TestWindows:
         monkeypatch.setattr(video_module, "_packet_times", lambda container, stream: None)
         monkeypatch.setattr(video_module, "_declared_frame_count", lambda stream: 80)  # 50 frames really
         windows = list(read_windows(video_files.mp4, 4, 1.0, 2.0))  # planned: 4 windows over 8 s
-        assert [(w.first, w.last) for w, _ in windows] == [(0, 19), (20, 39)]
-        for window, frames in windows:
+        assert [(w.first, w.last) for w, _ in windows] == [(0, 19), (20, 39), (40, 59)]
+        for window, frames in windows[:2]:
             assert [frame_index(f) for f in frames] == window.indices
+        # The window the stream ends in keeps the frames it has (40 and 46 of 40, 46, 52, 59), the last repeated.
+        assert windows[2][0].indices == [40, 46, 52, 59]
+        assert [frame_index(f) for f in windows[2][1]] == [40, 46, 46, 46]
 
     @pytest.mark.parametrize("name, reason", [
         ("corrupt", "unreadable container"), ("empty", "file is empty"), ("audio_only", "no video stream"),

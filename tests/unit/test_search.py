@@ -695,24 +695,27 @@ def test_undecodable_videos_and_windows_leave_no_rows(long_video_dir, tmp_path, 
     videos_dir = copy_videos(long_video_dir, tmp_path / "videos")
     broken = write_corrupt(videos_dir / "broken.mp4").resolve()
     long = (videos_dir / "long.mp4").resolve()
+    read_windows_original = tempme.data.dataset.read_windows
+
+    def third_window_fails(path, *args):
+        for number, window in enumerate(read_windows_original(path, *args)):
+            if Path(path) == long and number == 2:
+                raise tempme.data.VideoDecodeError(path, "corrupt stream (test)")
+            yield window
+
+    monkeypatch.setattr(tempme.data.dataset, "read_windows", third_window_fails)
+    model = tiny_model()
+    calls = count_encoded(model)
     with pytest.warns(UserWarning):
-        # A corrupt file fails when its length is read; a video whose middle segment will not decode
-        # fails while its segments are read: neither leaves a row.
-        read_windows_original = tempme.data.dataset.read_windows
-
-        def middle_fails(path, *args):
-            for number, window in enumerate(read_windows_original(path, *args)):
-                if Path(path) == long and number == 1:
-                    raise tempme.data.VideoDecodeError(path, "corrupt stream (test)")
-                yield window
-
-        monkeypatch.setattr(tempme.data.dataset, "read_windows", middle_fails)
-        update = update_index(tiny_model(), find_videos([videos_dir]), tmp_path / "s.index", segment_s=4.0,
-                              batch_size=1, progress=False)
+        # A corrupt file fails at once; long.mp4 after two of its three windows, the first of them in
+        # the batch that brings its failure: neither leaves a row, nor is that window encoded.
+        update = update_index(model, find_videos([videos_dir]), tmp_path / "s.index", segment_s=4.0,
+                              batch_size=16, progress=False)
     assert sorted(update.skipped) == sorted([str(broken), str(long)])
-    assert update.skipped[str(long)] == "corrupt stream (test) (after 4.0 s)"
+    assert update.skipped[str(long)] == "corrupt stream (test) (after 8.0 s)"
     index = VideoIndex.load(tmp_path / "s.index")
     assert index.paths == [str((videos_dir / "short.mp4").resolve())] and update.added == 1
+    assert calls == [1]  # short.mp4's one window
 
 
 def test_per_video_search_keeps_the_best_segment_of_each_video():

@@ -562,12 +562,20 @@ def test_a_tempme_checkpoint_loads_for_another_method_or_frame_count(tmp_path):
     for options, shown in ((dict(method="none"), f"method 'none', {FRAMES} frames"),
                            (dict(method="tome"), f"method 'tome', {FRAMES} frames"),
                            (dict(frames=2 * FRAMES), f"method 'tempme', {2 * FRAMES} frames, merge layers")):
-        with pytest.warns(UserWarning, match=rf"tempme.safetensors: its clip positional embeddings \(trained for "
-                          rf"{FRAMES} frames\) do not fit this model \({shown}"):
+        with pytest.warns(UserWarning, match=rf"tempme.safetensors: its clip positional embeddings of layer\(s\) "
+                          rf"8, 9, 10 \(trained for {FRAMES} frames\) do not fit this model \({shown}"):
             other = tempme.load_model(path, **options)
         state = other.state_dict()
         assert all(torch.equal(state[name], t) for name, t in lora.items())  # the LoRA weights are loaded
-        assert all(not t.any() for name, t in state.items() if "clip_pos_embed" in name)  # CPE from zero
+        embeddings = [t for name, t in state.items() if "clip_pos_embed" in name]
+        assert len(embeddings) == (3 if other.config.merge.method == "tempme" else 0)
+        assert all(not t.any() for t in embeddings)  # none fits 24 frames: all start at zero
+    # Joining 3 clips first, then 2 and 2: layer 8 still sees 12 clips and keeps its trained embedding.
+    with pytest.warns(UserWarning, match=r"clip positional embeddings of layer\(s\) 9, 10 \(trained for"):
+        partly = tempme.load_model(path, clips_joined=(3, 2, 2)).state_dict()
+    layer = "visual.transformer.resblocks.{}.clip_pos_embed"
+    assert torch.equal(partly[layer.format(8)], trained.state_dict()[layer.format(8)])
+    assert not partly[layer.format(9)].any() and not partly[layer.format(10)].any()
 
 
 def test_a_model_optimised_for_inference_is_not_saved_as_a_checkpoint(tmp_path):

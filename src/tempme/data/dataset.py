@@ -186,8 +186,8 @@ class VideoWindows(IterableDataset):
     """The windows of videos (``read_windows``), one sample per window, each video read once.
 
     A sample is ``{"video": FloatTensor[F, 3, S, S], "video_mask": LongTensor[F], "video_id": str,
-    "start": float, "end": float, "last": int}``: ``start`` and ``end`` in seconds, ``last`` 1 on a
-    video's final window. A video that cannot be read gives one ``SkippedVideo`` instead of its
+    "start": float, "end": float, "final": int}``: ``start`` and ``end`` in seconds, ``final`` 1 on a
+    video's last window. A video that cannot be read gives one ``SkippedVideo`` instead of its
     remaining windows (which the consumer then drops with those it already has). Under a
     ``DataLoader`` with workers, each worker reads every ``num_workers``-th video whole, so the
     windows of a video arrive in order.
@@ -223,13 +223,13 @@ class VideoWindows(IterableDataset):
                     yield previous
                 frames = frames_to_tensor(frames, self.image_size)
                 previous = {"video": frames, "video_mask": torch.ones(frames.shape[0], dtype=torch.long),
-                            "video_id": str(video), "start": window.start, "end": window.end, "last": 0}
+                            "video_id": str(video), "start": window.start, "end": window.end, "final": 0}
         except VideoDecodeError as error:
             where = "" if previous is None else f" (after {previous['end']:.1f} s)"
             warnings.warn(f"skipping video {str(video)!r}: {error}{where}", stacklevel=2)
             yield SkippedVideo(str(video), video, f"{error.reason}{where}")
             return
-        previous["last"] = 1
+        previous["final"] = 1
         yield previous
 
 

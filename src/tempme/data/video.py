@@ -15,6 +15,7 @@ long videos); a stream whose timestamps do not allow that is decoded in order.
 from __future__ import annotations
 
 import bisect
+import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -375,7 +376,7 @@ def plan_windows(
     if not times_s:
         raise ValueError("a video without frames has no windows")
     origin, total = times_s[0], times_s[-1] - times_s[0] + 1 / fps
-    count = max(1, round(total / window_s))
+    count = max(1, math.floor(total / window_s + 0.5))  # halves up (round() takes them to the even number)
     bounds = [bisect.bisect_left(times_s, origin + total * k / count) for k in range(count)] + [len(times_s)]
     windows = []
     for first, after in zip(bounds, bounds[1:]):
@@ -433,7 +434,7 @@ def _frames_once(
     """``(index, image)`` of the ``wanted`` frames (ascending), by seeking where the timestamps allow,
     then decoding in order from the start for whatever seeking could not place."""
     done = -1
-    if times is not None and wanted[-1] < len(times.frames):
+    if times is not None:  # windows are planned over its frames, so every wanted index is one of them
         for index, image in _seek_frames(container, stream, wanted, times):
             done = index
             yield index, image
@@ -452,19 +453,24 @@ def _group_windows(
     path: Path, windows: list[Window], frames: Iterator[tuple[int, Image.Image]]
 ) -> Iterator[tuple[Window, list[Image.Image]]]:
     """Each window with its frames, as ``frames`` delivers them in order; only the frames of the window
-    at hand are held. Where the stream ends before a window's
-    frames (a container that over-states its length), the windows stop there."""
-    for number, window in enumerate(windows):
+    at hand are held. Where the stream ends before a window's last frames (a container that
+    over-states its length), that window repeats the last frame it has, as a short clip does, and the
+    windows stop there."""
+    for window in windows:
         held: dict[int, Image.Image] = {}  # windows share no frames
         for index, image in frames:
             held[index] = image
             if index >= window.indices[-1]:
                 break
-        if any(index not in held for index in window.indices):
-            if number == 0:
+        if not held:
+            if window is windows[0]:
                 raise VideoDecodeError(path, "no decodable video frames")
             return
-        yield window, [held[index] for index in window.indices]
+        # Frames come in order, so those missing are the window's last ones.
+        last_decoded = held[max(held)]
+        yield window, [held.get(index, last_decoded) for index in window.indices]
+        if len(held) < len(set(window.indices)):
+            return
 
 
 def _read_windows_decord(
