@@ -933,23 +933,26 @@ def test_a_second_signal_does_not_stop_the_save_after_a_stop():
     assert finished and signal.getsignal(signal.SIGINT) is before
 
 
-def test_nan_gradients_with_a_finite_loss_stop_training_before_the_update(tmp_path, monkeypatch):
-    import importlib
-
-    from tempme_train.train import TrainingDiverged
-
+def set_a_gradient_at_step(monkeypatch, step: int, value: float) -> None:
+    """Make the first trainable gradient's first element ``value`` after the loss of ``step`` is computed."""
     train_module = importlib.import_module("tempme_train.train")
     real_compute = train_module.compute_gradients
     calls = []
 
-    def nan_gradients_at_step_two(model, batch, params, *args, **kwargs):
+    def changed_at_step(model, batch, params, *args, **kwargs):
         calls.append(1)
         loss = real_compute(model, batch, params, *args, **kwargs)
-        if len(calls) == 2:
-            params[0].grad.view(-1)[0] = math.nan
+        if len(calls) == step:
+            params[0].grad.view(-1)[0] = value
         return loss
 
-    monkeypatch.setattr(train_module, "compute_gradients", nan_gradients_at_step_two)
+    monkeypatch.setattr(train_module, "compute_gradients", changed_at_step)
+
+
+def test_nan_gradients_with_a_finite_loss_stop_training_before_the_update(tmp_path, monkeypatch):
+    from tempme_train.train import TrainingDiverged
+
+    set_a_gradient_at_step(monkeypatch, 2, math.nan)
     config = tiny_config(tmp_path, optim={"warmup": 0.0})
     with pytest.raises(TrainingDiverged, match="diverged: the gradient norm at step 2/6 is nan"):
         train(config, data=synthetic_data())
@@ -960,22 +963,9 @@ def test_weights_an_update_made_infinite_are_never_validated_or_saved(tmp_path, 
     # A finite loss with an update that makes weights non-finite (a huge learning rate; here an
     # infinite gradient, which nothing checks without gradient clipping): validation would find NaN
     # similarities and stop the run, and last/ must not keep those weights.
-    import importlib
-
     from tempme_train.train import TrainingDiverged
 
-    train_module = importlib.import_module("tempme_train.train")
-    real_compute = train_module.compute_gradients
-    calls = []
-
-    def infinite_update_at_step_three(model, batch, params, *args, **kwargs):
-        calls.append(1)
-        loss = real_compute(model, batch, params, *args, **kwargs)
-        if len(calls) == 3:
-            params[0].grad.view(-1)[0] = math.inf  # unchecked without gradient clipping
-        return loss
-
-    monkeypatch.setattr(train_module, "compute_gradients", infinite_update_at_step_three)
+    set_a_gradient_at_step(monkeypatch, 3, math.inf)
     config = tiny_config(tmp_path, optim={"warmup": 0.0, "grad_clip": 0.0}, run={"eval_every": 1})
     with pytest.raises(TrainingDiverged, match=f"the trained weights are not finite by step 3 .*{tmp_path / LAST} "
                        "still holds step 2"):
