@@ -613,25 +613,32 @@ class Trainer:
         steps_per_epoch = self.sampler.steps_per_epoch
         while self.progress.step < end:
             self.sampler.set_epoch(self.progress.epoch(steps_per_epoch), self.progress.batch_in_epoch(steps_per_epoch))
-            for batch in self._batches():
-                result = self.step(batch, received)
-                step = self.progress.step
-                bar.update(1)
-                if result.loss is not None:
-                    bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{result.lr:.2e}", refresh=False)
-                if self.window and (step % self.config.run.log_every == 0 or step == end):
-                    with failures_shared():  # rank 0 writes: a full disk there must stop every process
-                        self._log_train(step, self.window)
-                    self.window.clear()
-                epoch_end = step % steps_per_epoch == 0
-                if epoch_end or step >= end:
-                    # A whole epoch without a decodable sample: every later one is the same.
-                    self._check_some_data()
-                eval_due = self.config.run.eval_every and step % self.config.run.eval_every == 0
-                if epoch_end or eval_due:
-                    self.validate_and_save()
-                if step >= end:
-                    break
+            batches = self._batches()
+            try:
+                for batch in batches:
+                    result = self.step(batch, received)
+                    step = self.progress.step
+                    bar.update(1)
+                    if result.loss is not None:
+                        bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{result.lr:.2e}", refresh=False)
+                    if self.window and (step % self.config.run.log_every == 0 or step == end):
+                        with failures_shared():  # rank 0 writes: a full disk there must stop every process
+                            self._log_train(step, self.window)
+                        self.window.clear()
+                    epoch_end = step % steps_per_epoch == 0
+                    if epoch_end or step >= end:
+                        # A whole epoch without a decodable sample: every later one is the same.
+                        self._check_some_data()
+                    eval_due = self.config.run.eval_every and step % self.config.run.eval_every == 0
+                    if epoch_end or eval_due:
+                        self.validate_and_save()
+                    if step >= end:
+                        break
+            finally:
+                # The loader's workers end here, also when a stop or an error ends the epoch. Left to
+                # garbage collection (the error's traceback holds the loader), they outlived the run,
+                # and Python's exit waited on them forever (they leave stops to this process).
+                batches.close()
 
     def _batches(self):
         """The loader's batches, or in place of one an :class:`UnreadBatch` with the error reading it raised.
@@ -644,14 +651,19 @@ class Trainer:
         except Exception as error:  # noqa: BLE001 - raised again by step()
             yield UnreadBatch(error)
             return
-        while True:
-            try:
-                batch = next(batches)
-            except StopIteration:
-                return
-            except Exception as error:  # noqa: BLE001 - raised again by step()
-                batch = UnreadBatch(error)
-            yield batch
+        try:
+            while True:
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    return
+                except Exception as error:  # noqa: BLE001 - raised again by step()
+                    batch = UnreadBatch(error)
+                yield batch
+        finally:
+            shutdown = getattr(batches, "_shutdown_workers", None)  # torch's own, run when it is deleted
+            if shutdown is not None:
+                shutdown()
 
     def _log_train(self, step: int, window: list[StepResult]) -> None:
         """Mean loss over the steps since the last record, and the latest learning rate."""

@@ -411,3 +411,23 @@ def test_an_index_of_a_checkpoint_follows_its_base_weights_when_they_move(run_co
     assert "name where they are now with --checkpoint" in capsys.readouterr().err
     assert main(["search", str(index), "test clip number 1", "--json", "--checkpoint", str(tmp_path / "run-moved")]) == 0
     assert json.loads(capsys.readouterr().out)["results"] == before
+
+
+def test_a_run_stopped_by_an_error_exits_with_loader_workers(run_config, tmp_path):
+    # With DataLoader workers, an error (here data.strict meeting the corrupt video while training) used
+    # to leave them alive past the run, and Python's exit waited on them forever.
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    anno = shutil.copytree(run_config.parent / "anno", tmp_path / "anno")
+    train_list = anno / "MSRVTT_train.9k.csv"  # without the missing video, which strict refuses up front
+    train_list.write_text("".join(line for line in train_list.read_text().splitlines(keepends=True)
+                                  if line.strip() != MISSING))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[2] / "src"), *sys.path]))
+    command = [sys.executable, "-m", "tempme_cli.main", "train", "--config", str(run_config), "data.strict=true",
+               "data.num_workers=1", f"data.anno_path={anno}", "model.preset=tiny-B/32", "data.image_size=224", "--output", str(tmp_path / "run")]
+    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    assert finished.returncode == 2, finished.stderr
+    assert "cannot decode video" in finished.stderr and CORRUPT in finished.stderr

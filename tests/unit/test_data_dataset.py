@@ -187,22 +187,33 @@ def test_loader_workers_leave_stops_to_the_main_process():
 
     from tempme.data import quiet_worker_init
 
-    def worker(init, signals):
+    import time
+
+    import tempme.data.dataset as dataset
+
+    def worker(init, signals, then_wait):
         if init:
+            dataset.SIGTERM_GRACE_S = 1
             quiet_worker_init(0)
         for signum in signals:
             signal.raise_signal(signum)
+        time.sleep(then_wait)
         os._exit(3)  # went on past the signals
 
     context = multiprocessing.get_context("fork")
     exit_codes = []
-    for init, signals in [(False, [signal.SIGTERM]), (True, [signal.SIGINT, signal.SIGTERM]),
-                          (True, [signal.SIGTERM, signal.SIGTERM])]:
-        process = context.Process(target=worker, args=(init, signals))
+    for init, signals, then_wait in [(False, [signal.SIGTERM], 0), (True, [signal.SIGINT, signal.SIGTERM], 0),
+                                     (True, [signal.SIGTERM, signal.SIGTERM], 0),
+                                     # One SIGTERM and nothing more (Python's exit waiting on the worker): it
+                                     # leaves when the grace period (1 s here) is over.
+                                     (True, [signal.SIGTERM], 20)]:
+        process = context.Process(target=worker, args=(init, signals, then_wait))
+        started = time.monotonic()
         process.start()
         process.join(30)
         exit_codes.append(process.exitcode)
-    assert exit_codes == [-signal.SIGTERM, 3, 0]
+    assert exit_codes == [-signal.SIGTERM, 3, 0, 0]
+    assert time.monotonic() - started < 10
 
 
 class WorkerPids(torch.utils.data.Dataset):

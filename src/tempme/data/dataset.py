@@ -252,19 +252,28 @@ def quiet_worker_init(worker_id: int) -> None:
     as failed (with a traceback) while the main process saves its work; and a training run that holds
     the stop until the end of its step (several processes) would find no batch for that step. So a
     worker ignores Ctrl-C and the first SIGTERM, goes on until the main process shuts the loader down,
-    and leaves at a second SIGTERM (the one that shutdown sends to a worker slow to finish).
+    and leaves at a second SIGTERM (the one that shutdown sends to a worker slow to finish), or
+    ``SIGTERM_GRACE_S`` after the first: Python's exit sends one SIGTERM to workers still running and
+    waits for them, which would otherwise be forever.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _leave_at_second_sigterm)
 
 
+SIGTERM_GRACE_S = 60  # long enough to deliver the batch a held stop waits for
 _sigterms_received: list[int] = []  # in a worker process
 
 
 def _leave_at_second_sigterm(signum, frame) -> None:
     if _sigterms_received:
-        os._exit(0)  # no cleanup to run in a worker; exit code 0 is not a failure to torch
+        _leave(signum, frame)
     _sigterms_received.append(signum)
+    signal.signal(signal.SIGALRM, _leave)
+    signal.alarm(SIGTERM_GRACE_S)
+
+
+def _leave(signum, frame) -> None:
+    os._exit(0)  # no cleanup to run in a worker; exit code 0 is not a failure to torch
 
 
 def collate_skip_bad(batch: Sequence[Sample | SkippedVideo | None]) -> dict[str, Any] | None:
