@@ -55,7 +55,10 @@ def register(subparsers) -> None:
     parser.add_argument("--video-dir", metavar="DIR", help="video folder (sets data.video_dir)")
     parser.add_argument("--method", choices=("none", "tome", "tempme"), help="merging method (sets model.method)")
     parser.add_argument("--frames", type=int, help="frames per video (sets model.frames and data.max_frames)")
-    parser.add_argument("--split", default="test", help="test (the config's test split), val (its validation split) or a split name")
+    parser.add_argument("--split", default="test",
+                        help="test: the config's test split (MSRVTT 1k-A, DiDeMo test, ActivityNet val_1, LSMDC test); "
+                        "val: its validation set (held-out training videos where the dataset has none); or a "
+                        "split name of the dataset (default: test)")
     parser.add_argument("--batch-size", type=int, help="videos per forward pass (default: run.eval_batch_size)")
     parser.add_argument("--device", help="auto, cpu, cuda, cuda:1 ... or mps (default: run.device, which is auto "
                         "unless the config says otherwise: a CUDA GPU where there is one, else the CPU)")
@@ -81,18 +84,37 @@ def option_settings(args: argparse.Namespace) -> dict[str, Any]:
     return {key: value for key, value in settings.items() if value is not None}
 
 
+DATASET_BASES = {"msrvtt": "_msrvtt", "didemo": "_didemo", "activitynet": "_activitynet", "lsmdc": "_lsmdc"}
+
+
 def resolve_config(args: argparse.Namespace, trained: Path | None) -> TrainConfig:
-    """--config, else the config stored with the checkpoint, else defaults; then options and overrides."""
+    """--config, else the config stored with the checkpoint, else the bundled settings of --dataset (its
+    frames, words and splits: 64 for DiDeMo and ActivityNet), else defaults; then options and overrides.
+    Zero-shot weights that record their method (a tempme checkpoint) keep it unless --method says."""
     from tempme_train.modeling import train_config_of
 
+    settings = option_settings(args)
     if args.config is not None:
         config = load_config(args.config)
     elif trained is not None:
         config = train_config_of(trained)
     else:
-        config = load_config(None)
-    config = with_settings(config, option_settings(args), "command-line options")
+        config = load_config(DATASET_BASES.get(args.dataset))
+        recorded = recorded_method(args.weights) if args.weights and not args.method else None
+        if recorded:
+            settings["model.method"] = recorded
+    config = with_settings(config, settings, "command-line options")
     return apply_overrides(config, args.overrides)
+
+
+def recorded_method(weights: str) -> str | None:
+    """The merging method a tempme weights file records (None for other weights, presets included)."""
+    from tempme.weights import model_config_from_metadata, read_metadata
+
+    if not Path(weights).expanduser().is_file():
+        return None
+    saved = model_config_from_metadata(read_metadata(Path(weights).expanduser()))
+    return saved.merge.method if saved is not None else None
 
 
 def embedding_cache(args: argparse.Namespace) -> Path | None:

@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+import tempme
+
 from tempme_cli.main import main
 
 
@@ -218,3 +220,23 @@ def test_a_command_run_off_the_main_thread_leaves_signals_alone(capsys):
     thread.start()
     thread.join(120)
     assert codes == [0], capsys.readouterr().err
+
+
+def test_zero_shot_eval_takes_the_datasets_settings_and_the_weights_method(tmp_path):
+    from tempme.weights import save_weights
+    from tempme_cli.eval import resolve_config
+    from tempme_cli.main import build_parser, parse_arguments
+
+    def config_of(*argv):
+        return resolve_config(parse_arguments(build_parser(), ["eval", *argv]), None)
+
+    for dataset, frames, words, test_split in (("didemo", 64, 64, "test"), ("activitynet", 64, 64, "val"),
+                                               ("msrvtt", 12, 32, "test"), ("lsmdc", 12, 32, "test")):
+        config = config_of("--weights", "ViT-B/32", "--dataset", dataset)
+        assert (config.model.frames, config.data.max_frames, config.data.max_words, config.data.test_split) == (
+            frames, frames, words, test_split), dataset
+    # A tempme weights file keeps the method it records, unless --method says otherwise.
+    path = save_weights(tempme.create_model("tiny-B/32", method="none", frames=12), tmp_path / "none.safetensors")
+    assert config_of("--weights", str(path), "--dataset", "msrvtt").model.method == "none"
+    assert config_of("--weights", str(path), "--dataset", "msrvtt", "--method", "tome").model.method == "tome"
+    assert config_of("--weights", "ViT-B/32", "--dataset", "msrvtt").model.method == "tempme"

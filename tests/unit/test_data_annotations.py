@@ -250,6 +250,10 @@ class TestDidemo:
 
 
 class TestActivityNet:
+    def test_val_1_is_the_val_split_by_either_name(self, activitynet_dir):
+        val = load_activitynet(activitynet_dir.anno_dir, activitynet_dir.video_dir, "val")
+        assert val and load_activitynet(activitynet_dir.anno_dir, activitynet_dir.video_dir, "val_1") == val
+
     def test_train(self, activitynet_dir):
         items = _by_id(load_activitynet(activitynet_dir.anno_dir, activitynet_dir.video_dir, "train"))
         assert list(items) == ["QOlSCBRmfWY", "ehGHCYKzyZ8"]

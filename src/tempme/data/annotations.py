@@ -38,7 +38,11 @@ MSRVTT_DATA_JSON = "MSRVTT_data.json"
 DIDEMO_SPLITS = ("train", "val", "test")
 # CLIP4Clip reads every DiDeMo video over a fixed 0-31 s window (moments are at most 30 s).
 DIDEMO_WINDOW = (0.0, 31.0)
-ACTIVITYNET_SPLITS = {"train": ("train_ids.json", "train.json"), "val": ("val_ids.json", "val_1.json")}
+ACTIVITYNET_SPLITS = {
+    "train": ("train_ids.json", "train.json"),
+    "val": ("val_ids.json", "val_1.json"),
+    "val_1": ("val_ids.json", "val_1.json"),  # the same split, by the name papers give it
+}
 LSMDC_SPLITS = {
     "train": "LSMDC16_annos_training.csv",
     "val": "LSMDC16_annos_val.csv",
@@ -440,7 +444,7 @@ def _activitynet_entry(path: Path, key: str, entry: Any) -> tuple[str, float | N
 def load_activitynet(
     anno_dir: str | os.PathLike, video_dir: str | os.PathLike, split: str
 ) -> list[VideoItem]:
-    """ActivityNet Captions; ``val`` is ``val_1``.
+    """ActivityNet Captions; ``val`` is ``val_1`` (either name).
 
     The caption is ``" ".join(sentences)``; sampling spans 0 to ``ceil(duration)`` s as in CLIP4Clip.
     Video ids drop the ``v_`` prefix and are matched to file stems anywhere under ``video_dir``.
