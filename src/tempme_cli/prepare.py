@@ -34,9 +34,25 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_config_arguments(parser, example="data.num_workers=8 data.frame_cache=/data/frames")
-    parser.add_argument("--splits", nargs="+", choices=SPLITS, default=list(SPLITS), help="which splits to cache (default: all of them)")
+    parser.add_argument("--splits", nargs="+", action=SplitsThenOverrides, default=list(SPLITS), metavar="SPLIT",
+                        help=f"which splits to cache, of {', '.join(SPLITS)} (default: all of them)")
     parser.add_argument("--workers", type=int, help="decoding threads (default: data.num_workers)")
     parser.set_defaults(handler=run)
+
+
+class SplitsThenOverrides(argparse.Action):
+    """``--splits`` takes every word after it, so KEY=VALUE overrides written after it are handed on
+    to the overrides (``--splits val data.frame_cache=/x``) instead of being refused as split names."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        splits = [value for value in values if "=" not in value]
+        for split in splits:
+            if split not in SPLITS:
+                parser.error(f"argument --splits: invalid choice: {split!r} (choose from {', '.join(SPLITS)})")
+        if not splits:
+            parser.error("argument --splits: name at least one split")
+        setattr(namespace, self.dest, splits)
+        namespace.late_overrides = [value for value in values if "=" in value]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
 
     from .train import config_from_args
 
+    args.overrides = [*args.overrides, *getattr(args, "late_overrides", [])]
     config = config_from_args(args)
     cache = frame_cache(config.data)
     if cache is None:

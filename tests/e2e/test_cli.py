@@ -240,3 +240,14 @@ def test_zero_shot_eval_takes_the_datasets_settings_and_the_weights_method(tmp_p
     assert config_of("--weights", str(path), "--dataset", "msrvtt").model.method == "none"
     assert config_of("--weights", str(path), "--dataset", "msrvtt", "--method", "tome").model.method == "tome"
     assert config_of("--weights", "ViT-B/32", "--dataset", "msrvtt").model.method == "tempme"
+
+
+def test_prepare_splits_leave_later_overrides_to_the_config(capsys):
+    from tempme_cli.main import build_parser, parse_arguments
+
+    args = parse_arguments(build_parser(), ["prepare", "--config", "c.yaml", "--splits", "val", "test",
+                                            "data.frame_cache=/x", "data.num_workers=2"])
+    assert args.splits == ["val", "test"] and args.late_overrides == ["data.frame_cache=/x", "data.num_workers=2"]
+    with pytest.raises(SystemExit):
+        parse_arguments(build_parser(), ["prepare", "--config", "c.yaml", "--splits", "valid"])
+    assert "argument --splits: invalid choice: 'valid' (choose from train, val, test)" in capsys.readouterr().err
