@@ -250,6 +250,11 @@ class TestDidemo:
 
 
 class TestActivityNet:
+    def test_a_missing_video_is_reported_where_it_was_looked_for(self, activitynet_dir, tmp_path):
+        items = load_activitynet(activitynet_dir.anno_dir, tmp_path, "train")  # a folder without the videos
+        assert [str(item.path) for item in check_videos_exist(items)] == [
+            str(tmp_path / "**" / f"{item.video_id}.*") for item in items]  # any extension, in any subfolder
+
     def test_val_1_is_the_val_split_by_either_name(self, activitynet_dir):
         val = load_activitynet(activitynet_dir.anno_dir, activitynet_dir.video_dir, "val")
         assert val and load_activitynet(activitynet_dir.anno_dir, activitynet_dir.video_dir, "val_1") == val

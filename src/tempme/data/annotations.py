@@ -266,6 +266,12 @@ def _file_stem(name: str) -> str:
     return Path(name).stem
 
 
+def _not_found(video_dir: Path, stem: str) -> Path:
+    """Where a video looked up by file stem anywhere under ``video_dir`` would be, as a pattern: the
+    path a missing one is reported by."""
+    return video_dir / "**" / f"{stem}.*"
+
+
 def _group_captions(pairs: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
     """Captions per video id, both in first-appearance order."""
     grouped: dict[str, list[str]] = {}
@@ -468,7 +474,7 @@ def load_activitynet(
         paragraph, duration = _activitynet_entry(data_path, key, data[key])
         video_id = key[2:] if key.startswith("v_") else key
         end = None if duration is None else float(math.ceil(duration))
-        items.append(VideoItem(video_id, files.get(video_id, video_dir / video_id), [paragraph], 0.0, end))
+        items.append(VideoItem(video_id, files.get(video_id) or _not_found(video_dir, video_id), [paragraph], 0.0, end))
     return items
 
 
@@ -507,7 +513,7 @@ def load_lsmdc(anno_dir: str | os.PathLike, video_dir: str | os.PathLike, split:
     path = _require_file(anno_dir / LSMDC_SPLITS[split], f"LSMDC {split} annotations")
     captions = _group_captions(pair for pair in _lsmdc_rows(path) if pair[0] not in LSMDC_BROKEN_CLIPS)
     files = _index_files(video_dir, _file_stem)
-    return [VideoItem(clip, files.get(clip, video_dir / clip), texts) for clip, texts in captions.items()]
+    return [VideoItem(clip, files.get(clip) or _not_found(video_dir, clip), texts) for clip, texts in captions.items()]
 
 
 # --- custom ------------------------------------------------------------------------------------
