@@ -151,6 +151,7 @@ def prepare_training_data(config: TrainConfig, source: str = "config") -> TrainD
     train_items, missing_train = drop_missing_videos(train_items, data, "training", source)
     val_items, missing_val = drop_missing_videos(val_items, data, "validation", source)
     check_validation_items(val_items, len(missing_val), data, source)
+    warn_if_test_split_unreadable(config, source)
     cache = frame_cache(data)
     train_set = RetrievalPairs(
         train_items, tokenize, data.max_words, data.max_frames, data.framerate, data.image_size,
@@ -159,6 +160,16 @@ def prepare_training_data(config: TrainConfig, source: str = "config") -> TrainD
     val_name = f"{data.dataset}/{data.val_split}" + (str(data.holdout_videos) if data.val_split == HOLDOUT else "")
     val_set = EvalSet.from_items(val_items, data, val_name, cache)
     return TrainData(train_set, val_set, missing_train + missing_val)
+
+
+def warn_if_test_split_unreadable(config: TrainConfig, source: str) -> None:
+    """Read the test split's annotations (not its videos) now: a broken or missing test file found only
+    by ``tempme eval``, after training, would be news late. A warning: training does not need it."""
+    try:
+        split_items(config.data, "test", source)
+    except ConfigError as error:
+        warnings.warn(f"the test split cannot be read, so `tempme eval` will fail until it is fixed: "
+                      f"{config.blame(error)}", stacklevel=3)
 
 
 def check_validation_items(items: list[VideoItem], missing: int, data: DataSettings, source: str) -> None:

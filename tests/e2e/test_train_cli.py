@@ -431,3 +431,14 @@ def test_a_run_stopped_by_an_error_exits_with_loader_workers(run_config, tmp_pat
     finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
     assert finished.returncode == 2, finished.stderr
     assert "cannot decode video" in finished.stderr and CORRUPT in finished.stderr
+
+
+def test_an_unreadable_test_split_is_warned_about_before_training(run_config, tmp_path, capsys):
+    import shutil
+
+    anno = shutil.copytree(run_config.parent / "anno", tmp_path / "anno")
+    (anno / "MSRVTT_JSFUSION_test.csv").unlink()
+    with pytest.warns(UserWarning, match="the test split cannot be read, so `tempme eval` will fail until it is "
+                      "fixed: .*data.anno_path: MSRVTT test split file not found"):
+        assert main(["train", "--config", str(run_config), f"data.anno_path={anno}", "run.stop_after=1",
+                     "--output", str(tmp_path / "run")]) == 0
