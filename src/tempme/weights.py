@@ -548,7 +548,7 @@ def without_unfitting_clip_pos_embeds(
             f"{source}: its clip positional embeddings of layer(s) {layers} (trained for {infer_frames(sd)} "
             f"frames) do not fit this model (method {config.merge.method!r}, {config.frames} frames"
             + (f", merge layers {list(config.merge.merge_layers)}" if config.merge.method == "tempme" else "")
-            + "): left out, so the model's start at zero there; its LoRA weights are loaded",
+            + "): they are left out and the model's own start at zero there; its LoRA weights are loaded",
             stacklevel=3,
         )
     return {name: tensor for name, tensor in sd.items() if name not in dropped}

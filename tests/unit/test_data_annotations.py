@@ -429,7 +429,7 @@ class TestCsvFields:
             load_custom(path)
         message = str(info.value)
         assert message.startswith(f"{path}: line 3: 3 fields but the header has 2 columns")
-        assert "must be quoted" in message and "'clips/a.mp4,a car,extra'" in message
+        assert "must be in double quotes" in message and "'clips/a.mp4,a car,extra'" in message
 
     def test_a_quoted_comma_is_part_of_the_caption(self, tmp_path):
         path = tmp_path / "anno.csv"

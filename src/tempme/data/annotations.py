@@ -190,7 +190,7 @@ def _read_csv(path: Path, columns: Sequence[str]) -> list[tuple[int, dict[str, s
                 raise AnnotationError(
                     path,
                     f"{count} fields but the header has {len(header)} columns {header}; a caption that "
-                    'holds a comma must be quoted, e.g. clips/a.mp4,"a car, a road"',
+                    'holds a comma must be in double quotes, e.g. "a car, a road"',
                     line=reader.line_num,
                     value=",".join([*(row[name] for name in header), *extra]),
                 )
