@@ -21,9 +21,12 @@ def register(subparsers) -> None:
         "counts. Nothing is downloaded.",
         formatter_class=DefaultsHelpFormatter,
     )
-    parser.add_argument("--model", default="ViT-B/32", choices=preset_names(), help="architecture preset")
-    parser.add_argument("--frames", type=int, default=12, help="frames per video")
-    parser.add_argument("--method", default="tempme", choices=MERGE_METHODS, help="merging method")
+    parser.add_argument("--config", metavar="CONFIG",
+                        help="take the model of a training config (a bundled name such as didemo_b32_tempme, or a "
+                        "file): its preset, frames, method and schedule; the options below change them")
+    parser.add_argument("--model", choices=preset_names(), help="architecture preset (default: the config's, else ViT-B/32)")
+    parser.add_argument("--frames", type=int, help="frames per video (default: the config's, else 12)")
+    parser.add_argument("--method", choices=MERGE_METHODS, help="merging method (default: the config's, else tempme)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     add_schedule_arguments(parser)
     parser.set_defaults(handler=run)
@@ -47,8 +50,26 @@ def format_report(report: FlopReport) -> str:
     return "\n".join(lines)
 
 
+def resolve_model(args: argparse.Namespace) -> dict:
+    """``args.model``, ``frames`` and ``method`` and the schedule overrides, completed from ``--config``'s
+    model settings where given, else from the defaults."""
+    model, schedule = {"preset": "ViT-B/32", "frames": 12, "method": "tempme"}, {}
+    if args.config:
+        from tempme_train.config import load_config
+
+        settings = load_config(args.config).model
+        model = {"preset": settings.preset, "frames": settings.frames, "method": settings.method}
+        schedule = settings.schedule.as_kwargs()
+    args.model = args.model or model["preset"]
+    args.frames = args.frames or model["frames"]
+    if args.method and args.method != model["method"]:
+        schedule = {}  # another method starts from the paper's schedule for it
+    args.method = args.method or model["method"]
+    return {**schedule, **schedule_overrides(args)}
+
+
 def run(args: argparse.Namespace) -> int:
-    overrides = schedule_overrides(args)
+    overrides = resolve_model(args)
     unused = settings_ignored_by(args.method, overrides)  # they would change nothing, without a word
     if unused:
         flags = {"clip_pos_embed": "--no-clip-pos-embed", "prop_attn": "--no-prop-attn"}

@@ -251,3 +251,16 @@ def test_prepare_splits_leave_later_overrides_to_the_config(capsys):
     with pytest.raises(SystemExit):
         parse_arguments(build_parser(), ["prepare", "--config", "c.yaml", "--splits", "valid"])
     assert "argument --splits: invalid choice: 'valid' (choose from train, val, test)" in capsys.readouterr().err
+
+
+def test_flops_takes_the_model_of_a_training_config(tmp_path, capsys):
+    def report(*argv):
+        assert main(["flops", "--json", *argv]) == 0
+        return {key: value for key, value in json.loads(capsys.readouterr().out).items()}
+
+    assert report("--config", "didemo_b32_tempme") == report("--model", "ViT-B/32", "--frames", "64", "--method", "tempme")
+    assert report("--config", "msrvtt_b16_none") == report("--model", "ViT-B/16", "--method", "none")
+    own = tmp_path / "ablation.yaml"  # a config of one's own, changing the schedule
+    own.write_text("base: msrvtt_b32_tempme\nmodel: {schedule: {cross_merge_ratio: 0.5}}\n")
+    assert report("--config", str(own)) == report("--cross-merge-ratio", "0.5")
+    assert report("--config", str(own), "--frames", "8")["frames"] == 8  # options change what the config says
