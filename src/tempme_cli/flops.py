@@ -61,7 +61,7 @@ def resolve_model(args: argparse.Namespace) -> dict:
         model = {"preset": settings.preset, "frames": settings.frames, "method": settings.method}
         schedule = settings.schedule.as_kwargs()
     args.model = args.model or model["preset"]
-    args.frames = args.frames or model["frames"]
+    args.frames = model["frames"] if args.frames is None else args.frames
     if args.method and args.method != model["method"]:
         schedule = {}  # another method starts from the paper's schedule for it
     args.method = args.method or model["method"]

@@ -63,7 +63,7 @@ def test_every_subcommand_help_shows_only_meaningful_defaults():
         text = subparser.format_help()
         for noise in ("(default: None)", "(default: False)"):
             assert noise not in text, f"tempme {name} --help: {noise}"
-    assert "(default: 12)" in subcommands["flops"].format_help()
+    assert "(default: the config's, else 12)" in subcommands["flops"].format_help()
 
 
 def test_version_names_tempme_and_torch(capsys):
