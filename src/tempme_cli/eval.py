@@ -108,12 +108,17 @@ def resolve_config(args: argparse.Namespace, trained: Path | None) -> TrainConfi
 
 
 def recorded_method(weights: str) -> str | None:
-    """The merging method a tempme weights file records (None for other weights, presets included)."""
-    from tempme.weights import model_config_from_metadata, read_metadata
+    """The merging method a tempme weights file records (None for other weights: presets, folders,
+    OpenAI .pt files and any file that is no safetensors file, whose loading says what is wrong)."""
+    from tempme.weights import WeightsError, model_config_from_metadata, read_metadata
 
-    if not Path(weights).expanduser().is_file():
+    path = Path(weights).expanduser()
+    if not path.is_file():
         return None
-    saved = model_config_from_metadata(read_metadata(Path(weights).expanduser()))
+    try:
+        saved = model_config_from_metadata(read_metadata(path))
+    except WeightsError:
+        return None
     return saved.merge.method if saved is not None else None
 
 

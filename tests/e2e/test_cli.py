@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import tempme
 
@@ -240,6 +241,10 @@ def test_zero_shot_eval_takes_the_datasets_settings_and_the_weights_method(tmp_p
     assert config_of("--weights", str(path), "--dataset", "msrvtt").model.method == "none"
     assert config_of("--weights", str(path), "--dataset", "msrvtt", "--method", "tome").model.method == "tome"
     assert config_of("--weights", "ViT-B/32", "--dataset", "msrvtt").model.method == "tempme"
+    # OpenAI's .pt files record no method (and are no safetensors files): the default, not an error.
+    openai = tmp_path / "ViT-B-32.pt"
+    torch.save(tempme.create_model("tiny-B/32", method="none", frames=12).state_dict(), openai)
+    assert config_of("--weights", str(openai), "--dataset", "msrvtt").model.method == "tempme"
 
 
 def test_prepare_splits_leave_later_overrides_to_the_config(capsys):
