@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 from .data import (
@@ -43,11 +43,11 @@ from .data import (
     collate_skip_bad,
     quiet_worker_init,
 )
-from .files import LockHeld, atomic_file, check_readable, exclusive_lock, file_stamp, lock_held
+from .files import LockHeld, atomic_file, exclusive_lock, file_stamp, lock_held
 from .model import TempMe
 from .precision import autocast
 from .progress import progress_bar
-from .weights import model_fingerprint
+from .weights import model_fingerprint, safetensors_metadata
 
 # Containers FFmpeg (so PyAV) reads; .m2ts/.mts are AVCHD camera files (MPEG transport streams).
 VIDEO_EXTENSIONS = frozenset(
@@ -272,14 +272,10 @@ def read_index_header(path: PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such index file (build one with `tempme index`)")
     try:
-        # safetensors reports every file it cannot open as missing; opening it first gives the real reason.
-        check_readable(path)
+        metadata = safetensors_metadata(path)
     except OSError as error:
         raise VideoIndexError(f"{path}: cannot read the index ({error.strerror or error})") from None
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as error:
+    except ValueError as error:
         raise VideoIndexError(f"{path}: not a tempme video index ({error})") from None
     if metadata.get("format") != INDEX_FORMAT:
         raise VideoIndexError(f"{path}: not a tempme video index (written by something else)")

@@ -229,15 +229,24 @@ def _read_shards(index: Path) -> dict[str, torch.Tensor]:
 def read_metadata(path: PathLike) -> dict[str, str]:
     """The string metadata of a safetensors file (``{}`` when it has none)."""
     try:
-        # safetensors reports every file it cannot open as missing; opening it first gives the real reason.
-        check_readable(path)
+        return safetensors_metadata(path)
     except OSError as err:
         raise WeightsError(f"{path}: cannot read ({err.strerror or err})") from None
+    except ValueError as err:
+        raise WeightsError(f"{path}: cannot read safetensors metadata ({err})") from None
+
+
+def safetensors_metadata(path: PathLike) -> dict[str, str]:
+    """The string metadata of a safetensors file (``{}`` when it has none), for callers that word
+    their own errors: OSError where the file cannot be read, ValueError where it is no safetensors file.
+    """
+    # safetensors reports every file it cannot open as missing; opening it first gives the real reason.
+    check_readable(path)
     try:
         with safe_open(str(path), framework="pt") as handle:
             return dict(handle.metadata() or {})
     except Exception as err:  # noqa: BLE001 - safetensors raises its own error type and OS errors
-        raise WeightsError(f"{path}: cannot read safetensors metadata ({err})") from None
+        raise ValueError(str(err)) from None
 
 
 # --------------------------------------------------------------------------------------------------
