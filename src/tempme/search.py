@@ -38,8 +38,8 @@ from .data import (
     RetrievalVideos,
     SkippedVideo,
     VideoItem,
-    check_batch_fits_in_memory,
     VideoWindows,
+    check_batch_fits_in_memory,
     collate_skip_bad,
     quiet_worker_init,
 )
@@ -164,6 +164,11 @@ class VideoIndex:
     def videos(self) -> int:
         """How many videos the index holds (rows, unless it holds segments)."""
         return len(self.paths) if self.spans is None else len(set(self.paths))
+
+    @property
+    def segments(self) -> int | None:
+        """How many segments an index of segments holds (its rows); None for one of whole videos."""
+        return None if self.spans is None else len(self.paths)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -475,9 +480,11 @@ def _drop_deleted_videos(
     but for those under the ``absent`` sources, which were."""
     removed, kept = [], 0
     for video in dict.fromkeys(index.paths):
+        if Path(video).exists():  # looked at once here: most videos are there
+            continue
         if deleted(video, sources, prune, absent):
             removed.append(video)
-        elif not Path(video).exists() and not any(Path(video).is_relative_to(root) for root in absent):
+        elif not any(Path(video).is_relative_to(root) for root in absent):
             kept += 1
     if kept:
         warnings.warn(
@@ -693,7 +700,7 @@ def update_index(
         index.skipped = {
             video: reason for video, reason in index.skipped.items() if Path(video).exists() and video not in retried
         }
-        update = IndexUpdate(0, {}, removed, index.videos, segments=None if index.spans is None else len(index))
+        update = IndexUpdate(0, {}, removed, index.videos, segments=index.segments)
         if not todo:
             if removed or relocated:
                 index.save(path)
@@ -745,8 +752,7 @@ def update_index(
             # Also on Ctrl-C or an error: every finished video is kept, and the next run carries on.
             pending.apply_to(index)
             index.save(path)
-        update.total = index.videos
-        update.segments = None if index.spans is None else len(index)
+        update.total, update.segments = index.videos, index.segments
         return update
 
 

@@ -252,6 +252,7 @@ def run_index(args: argparse.Namespace) -> int:
     device = device_option(args.device)
     check_index_free(args.out)  # before the model loads (a download, maybe), not after
     precision = args.precision if args.precision != "auto" else recorded.get("precision", default_precision(device))
+    built_by = existing["model"] if existing else {}
     if not (args.weights or args.checkpoint):
         raise ValueError("name the model: --weights W (CLIP or tempme weights) or --checkpoint PATH (a trained run)")
     if args.checkpoint:
@@ -260,10 +261,8 @@ def run_index(args: argparse.Namespace) -> int:
         if args.method or args.frames:
             raise ValueError("--method and --frames go with --weights alone: a trained checkpoint has its own")
         checkpoint = str(find_trained_weights(args.checkpoint).resolve())
-        model_info = {"checkpoint": checkpoint,
-                      "weights": base_weights(args.weights, existing["model"] if existing else {})}
+        model_info = {"checkpoint": checkpoint, "weights": base_weights(args.weights, built_by)}
     else:
-        built_by = existing["model"] if existing else {}
         model_info = {
             "weights": weights_reference(args.weights),
             "method": args.method or built_by.get("method"),
@@ -358,7 +357,7 @@ def run_search(args: argparse.Namespace) -> int:
         answer(model, index, args.queries, args.top, device, args.json, args.per_video)
         return 0
     if sys.stdin.isatty():
-        held = "" if index.spans is None else f" ({count(len(index), 'segment')})"
+        held = "" if index.segments is None else f" ({count(index.segments, 'segment')})"
         print(f"{count(index.videos, 'video')}{held} in {args.index}; type a query and press Enter (Ctrl-D to end)",
               file=sys.stderr)
     for line in sys.stdin:

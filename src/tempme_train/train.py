@@ -524,14 +524,13 @@ class Trainer:
         if not self.world.is_main or step == 0:
             return None
         if self.saved_step != step:
+            kept = f"it still holds step {self.saved_step}" if self.saved_step else "there is none"
             if not self._weights_finite():
-                kept = f"it still holds step {self.saved_step}" if self.saved_step else "there is none"
                 return f"did not save {self.output / LAST} at step {step}: its weights are not finite; {kept}"
             self.progress.skipped_videos = sorted(set(self.progress.skipped_videos) | self._local_skipped)
             try:
                 self._write_last()
             except Exception as error:  # noqa: BLE001 - e.g. a full disk; the first error matters more
-                kept = f"it still holds step {self.saved_step}" if self.saved_step else "there is none"
                 return f"could not save {self.output / LAST} at step {step} ({error}); {kept}"
             self.saved_step = step
         due = " (its validation still due: it runs first)" if self.progress.validation_due else ""
