@@ -229,18 +229,24 @@ def _decode_wanted(path: Path, wanted: set[int]) -> tuple[dict[int, Image.Image]
         The wanted frames as RGB images by index, and how many frames were decoded
         (the true frame count whenever some wanted index lay past the end).
     """
-    last = max(wanted)
     frames: dict[int, Image.Image] = {}
     decoded = 0
+    for index, frame in _decoded_in_order(path, max(wanted)):
+        decoded = index + 1
+        if index in wanted:
+            frames[index] = frame.to_image()
+    return frames, decoded
+
+
+def _decoded_in_order(path: Path, last: int) -> Iterator[tuple[int, av.VideoFrame]]:
+    """``(index, frame)`` of the video's frames from the first, decoded in order, up to ``last`` (or
+    the end of the stream, if it comes first)."""
     with _open_container(path) as container:
         stream = _video_stream(container, path)
         for index, frame in enumerate(_decode(container, stream, path)):
-            decoded = index + 1
-            if index in wanted:
-                frames[index] = frame.to_image()
+            yield index, frame
             if index >= last:
                 break
-    return frames, decoded
 
 
 @dataclass(frozen=True)
@@ -440,13 +446,10 @@ def _frames_once(
             yield index, image
     rest = [index for index in wanted if index > done]
     if rest:
-        wanted_set, last = set(rest), rest[-1]
-        with _open_container(path) as in_order:
-            for index, frame in enumerate(_decode(in_order, _video_stream(in_order, path), path)):
-                if index in wanted_set:
-                    yield index, frame.to_image()
-                if index >= last:
-                    break
+        wanted_set = set(rest)
+        for index, frame in _decoded_in_order(path, rest[-1]):
+            if index in wanted_set:
+                yield index, frame.to_image()
 
 
 def _group_windows(
