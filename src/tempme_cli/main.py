@@ -83,6 +83,18 @@ def one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"tempme: warning: {message}\n"
 
 
+def later_torchrun_process() -> bool:
+    """Whether this is a process of rank 1 or more that torchrun started."""
+    return int(os.environ.get("RANK", "0") or 0) > 0
+
+
+def show_only_this_process_warnings() -> None:
+    """Under torchrun every process reads the same config and annotations, so rank 0's warnings
+    about them are everyone's: the other ranks keep only those about their own share of the videos."""
+    warnings.filterwarnings("ignore")
+    warnings.filterwarnings("default", message="skipping video")
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         parser = build_parser()  # imports torch: seconds in which Ctrl-C is likely
@@ -96,7 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     format_warning = warnings.formatwarning
     warnings.formatwarning = one_line_warning  # DataLoader workers fork from here and inherit it
     try:
-        with sigterm_raises():
+        with sigterm_raises(), warnings.catch_warnings():
+            if later_torchrun_process():
+                show_only_this_process_warnings()
             return args.handler(args) or 0
     except (CLIError, ValueError, TypeError) as error:
         print(f"tempme {args.command}: error: {error}", file=sys.stderr)

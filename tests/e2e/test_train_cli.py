@@ -144,19 +144,24 @@ def test_zero_shot_eval_prints_a_table(run_config, capsys, tmp_path):
     assert "Text->Video" in printed and "Video->Text" in printed and "R@1" in printed
 
 
-def eval_worker(rank: int, port: int, config: str, folder: str) -> None:
-    """``tempme eval`` as process ``rank`` of 2 (what torchrun sets up); its output goes to files."""
+def eval_worker(rank: int, port: int, config: str, folder: str, split: str) -> None:
+    """``tempme eval`` as process ``rank`` of 2 (what torchrun sets up); its standard output and
+    error (its loader workers' too) go to files."""
     import contextlib
     import os
+    import sys
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
+    with open(Path(folder) / f"err{rank}.txt", "w") as err:
+        os.dup2(err.fileno(), sys.stderr.fileno())
     with open(Path(folder) / f"out{rank}.txt", "w") as out, contextlib.redirect_stdout(out):
-        code = main(["eval", "--config", config, "--json", "--no-cache", "--batch-size", "1"])
+        code = main(["eval", "--config", config, "--json", "--no-cache", "--batch-size", "1", "--split", split])
+    sys.stderr.flush()
     (Path(folder) / f"code{rank}.txt").write_text(str(code))
 
 
-def test_eval_under_torchrun_splits_the_videos_and_rank_0_reports_what_one_process_would(run_config, tmp_path, capsys):
+def run_eval_as_two_processes(config: Path, folder: Path, split: str = "test") -> None:
     import socket
 
     import torch.multiprocessing as mp
@@ -164,7 +169,11 @@ def test_eval_under_torchrun_splits_the_videos_and_rank_0_reports_what_one_proce
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    mp.spawn(eval_worker, args=(port, str(run_config), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(eval_worker, args=(port, str(config), str(folder), split), nprocs=2, join=True)
+
+
+def test_eval_under_torchrun_splits_the_videos_and_rank_0_reports_what_one_process_would(run_config, tmp_path, capsys):
+    run_eval_as_two_processes(run_config, tmp_path)
     assert [(tmp_path / f"code{rank}.txt").read_text() for rank in (0, 1)] == ["0", "0"]
     assert (tmp_path / "out1.txt").read_text() == ""  # only rank 0 reports
     shared = json.loads((tmp_path / "out0.txt").read_text())
@@ -173,6 +182,16 @@ def test_eval_under_torchrun_splits_the_videos_and_rank_0_reports_what_one_proce
     alone = json.loads(capsys.readouterr().out)
     assert shared["num_videos"] == alone["num_videos"] == len(TEST_IDS)
     assert shared["t2v"] == alone["t2v"] and shared["v2t"] == alone["v2t"]
+
+
+def test_under_torchrun_a_warning_about_the_data_is_printed_once_and_skipped_videos_by_their_process(
+    run_config, tmp_path
+):
+    run_eval_as_two_processes(run_config, tmp_path, split="train")  # video5 is missing, video2 corrupt
+    assert [(tmp_path / f"code{rank}.txt").read_text() for rank in (0, 1)] == ["0", "0"]
+    errors = [(tmp_path / f"err{rank}.txt").read_text() for rank in (0, 1)]
+    assert [text.count("videos are missing") for text in errors] == [1, 0]
+    assert sum(text.count(f"skipping video '{CORRUPT}'") for text in errors) == 1
 
 
 def test_prepare_fills_the_frame_cache_and_lists_bad_videos(run_config, tmp_path, capsys):
