@@ -11,7 +11,8 @@ EPILOG = textwrap.dedent(
     sampled, resized frames from it instead of decoding the videos again. Entries are keyed by each
     video file's path, size and modification time: an edited, replaced or moved video is decoded
     again, and entries of tempme versions before 2026-11-27 are not reused (delete the folder to
-    reclaim the space).
+    reclaim the space). Under torchrun (several nodes sharing the cache folder), each process decodes
+    its share of the videos.
 
     example:
       tempme prepare --config msrvtt_b32_tempme data.frame_cache=cache/frames data.video_dir=/data/msrvtt/videos
@@ -59,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
     from tempme.data import check_videos_exist
     from tempme.files import check_folder
     from tempme_train.data import frame_cache, split_items
+    from tempme_train.distributed import world_from_env
 
     from .train import config_from_args
 
@@ -79,8 +81,14 @@ def run(args: argparse.Namespace) -> int:
             items.setdefault((item.video_id, item.start, item.end), item)
     missing = check_videos_exist(items.values())
     present = [item for item in items.values() if item.path.is_file()]
+    world = world_from_env()
+    if world.distributed:  # under torchrun, each process decodes every W-th video; missing ones rank 0 lists
+        present = present[world.rank :: world.world_size]
+        missing = missing if world.is_main else []
     summary = cache.prepare(present, num_workers=workers)
-    print(f"frame cache {cache.folder}: {summary.ok} videos cached, {len(summary.skipped)} undecodable, {len(missing)} missing")
+    share = f" (process {world.rank} of {world.world_size})" if world.distributed else ""
+    print(f"frame cache {cache.folder}{share}: {summary.ok} videos cached, {len(summary.skipped)} undecodable, "
+          f"{len(missing)} missing")
     for skipped in summary.skipped:
         print(f"  undecodable: {skipped.video_id} ({skipped.path}): {skipped.reason}")
     for item in missing:

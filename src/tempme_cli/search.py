@@ -230,6 +230,9 @@ def run_index(args: argparse.Namespace) -> int:
     from tempme.search import check_index_free, check_index_options, read_index_header, update_index
     from tempme.weights import model_fingerprint
 
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        raise ValueError("tempme index runs as one process (its --workers decode videos in parallel): "
+                       "start it without torchrun")
     # argparse's float() takes nan and inf; update_index would take inf (write only at the end), this
     # command has always refused it.
     check_finite(args.save_every, "--save-every")

@@ -203,6 +203,29 @@ def test_prepare_fills_the_frame_cache_and_lists_bad_videos(run_config, tmp_path
     assert len(list(cache.rglob("*.npy"))) == 11
 
 
+def test_prepare_under_torchrun_shares_the_videos_between_processes(run_config, tmp_path, capsys, monkeypatch):
+    cache = tmp_path / "frames"
+    printed = []
+    for rank in (1, 0):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        assert main(["prepare", "--config", str(run_config), f"data.frame_cache={cache}", "--workers", "0"]) == 0
+        printed.append(capsys.readouterr().out)
+        if rank == 1:  # 12 of the 13 videos exist, the third one corrupt: every other one is rank 1's
+            assert "(process 1 of 2): 6 videos cached, 0 undecodable, 0 missing" in printed[0]
+            assert len(list(cache.rglob("*.npy"))) == 6
+    assert "(process 0 of 2): 5 videos cached, 1 undecodable, 1 missing" in printed[1]
+    assert CORRUPT in printed[1] and MISSING in printed[1]
+    assert len(list(cache.rglob("*.npy"))) == 11  # as one process caches them
+
+
+def test_index_refuses_to_run_under_torchrun(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["index", str(tmp_path), "--weights", "tiny-B/32", "--out", str(tmp_path / "v.index")]) == 2
+    assert "start it without torchrun" in capsys.readouterr().err
+    assert not (tmp_path / "v.index").exists()
+
+
 def test_bad_settings_fail_before_training_with_the_key_and_value(run_config, tmp_path, capsys):
     assert main(["train", "--config", str(run_config), "data.video_dir=/no/such/folder", "--output", str(tmp_path)]) == 2
     error = capsys.readouterr().err
