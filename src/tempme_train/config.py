@@ -138,6 +138,10 @@ class OptimSettings:
     epochs: int = 5
     batch_size: int = 128
     grad_clip: float = 1.0
+    # The gradient of the global-batch loss is divided by this before clipping and the optimizer step.
+    # The paper's run averaged over its 4 GPUs (SPEC section 6), so its clipping threshold and Adam's
+    # eps acted on a quarter of the gradient: 4 reproduces it, whatever this run's number of processes.
+    gradient_divisor: float = 4.0
     precision: Precision = "fp32"
     seed: int = 42
 
@@ -514,6 +518,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return apply_overrides(config_from_dict(data, str(file), origins), overrides)
 
 
+# Settings added after training runs were first saved, with the value those runs trained with: a
+# run resumed from an older checkpoint goes on as it started (or is told that a setting differs).
+SETTINGS_ADDED = {"optim.gradient_divisor": 1.0}
+
+
+def load_run_config(path: Path) -> TrainConfig:
+    """The ``config.yaml`` that a training run stored; settings it predates take their ``SETTINGS_ADDED`` value."""
+    stored = yaml.safe_load(path.read_text(encoding="utf-8"))
+    stored_keys = set(_setting_keys(stored if isinstance(stored, dict) else {}))
+    predated = [f"{key}={value}" for key, value in SETTINGS_ADDED.items() if key not in stored_keys]
+    return load_config(path, predated)
+
+
 def apply_overrides(config: TrainConfig, overrides: list[str] | tuple[str, ...]) -> TrainConfig:
     """Apply ``KEY=VALUE`` overrides.
 
@@ -623,6 +640,7 @@ def check_values(config: TrainConfig, source: str) -> None:
     require(all(0 <= b < 1 for b in optim.betas), "optim.betas", list(optim.betas), "each must be in [0, 1)")
     require(0 <= optim.warmup < 1, "optim.warmup", optim.warmup, "must be a fraction in [0, 1)")
     require(optim.grad_clip >= 0, "optim.grad_clip", optim.grad_clip, "must be >= 0 (0 disables clipping)")
+    require(optim.gradient_divisor > 0, "optim.gradient_divisor", optim.gradient_divisor, "must be positive")
     require(run.eval_every >= 0, "run.eval_every", run.eval_every, "must be >= 0 (0: only at epoch ends)")
     require(run.stop_after is None or run.stop_after > 0, "run.stop_after", run.stop_after, "must be positive")
     require(bool(run.output_dir), "run.output_dir", run.output_dir, "must not be empty")

@@ -13,7 +13,8 @@ global batch, and all processes take the same optimizer step.
 
 The reference instead lets DistributedDataParallel *average* the g_r, which gives dL/dθ / W (SPEC
 section 6); Adam is almost invariant to that scale, but gradient clipping and epsilon are not, so the
-results would depend on the number of GPUs. We do not wrap the model in DDP: a plain summed
+results would depend on the number of GPUs. (To train as the paper's 4 GPUs did, the trainer divides
+the exact gradient by ``optim.gradient_divisor``, 4 by default, whatever W is.) We do not wrap the model in DDP: a plain summed
 all-reduce after backward is simpler, gives the exact global gradient, and has no trouble with
 parameters that a batch leaves unused (a clip positional embedding is skipped when its layer merges
 nothing).

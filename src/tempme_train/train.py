@@ -50,7 +50,7 @@ from .checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from .config import ConfigError, TrainConfig, check_schedule_is_read, load_config, save_config
+from .config import ConfigError, TrainConfig, check_schedule_is_read, load_run_config, save_config
 from .data import (
     EpochSampler,
     TrainData,
@@ -207,14 +207,15 @@ def compute_gradients(
     device: torch.device,
     precision: str = "fp32",
     scaler: torch.amp.GradScaler | None = None,
+    gradient_divisor: float = 1.0,
 ) -> float | None:
     """Forward this process's batch, compute the loss over the global batch and backpropagate.
 
     ``model`` may be the ``torch.compile`` wrapper of the model (``run.compile``): it shares the
     parameters and forwards attribute access.
 
-    Afterwards ``params`` hold the gradient of the global-batch loss (summed over processes), scaled
-    by ``scaler`` if given. ``batch`` is ``None`` when all its videos were undecodable; the process
+    Afterwards ``params`` hold the gradient of the global-batch loss (summed over processes) divided
+    by ``gradient_divisor`` (``optim.gradient_divisor``), scaled by ``scaler`` if given. ``batch`` is ``None`` when all its videos were undecodable; the process
     still takes part in the collectives. An :class:`UnreadBatch` error is raised here, where every
     process learns of it (:func:`failures_shared`) and stops too.
 
@@ -242,7 +243,8 @@ def compute_gradients(
     with failures_shared():  # the backward pass is where a GPU runs out of memory
         loss = contrastive_loss(text, video, model.logit_scale)
         if loss.requires_grad:  # False on a process whose own batch was empty
-            (scaler.scale(loss) if scaler is not None else loss).backward()
+            divided = loss / gradient_divisor
+            (scaler.scale(divided) if scaler is not None else divided).backward()
     all_reduce_gradients(params)
     return loss.item()
 
@@ -341,7 +343,7 @@ class Trainer:
             return None
         if checkpoint is None:
             raise FileNotFoundError(f"cannot resume: no checkpoint in {self.output / LAST}")
-        saved = load_config(checkpoint / CONFIG)
+        saved = load_run_config(checkpoint / CONFIG)
         differences = _resume_differences(saved, self.config)
         if differences:
             key, (then, now) = next(iter(differences.items()))
@@ -367,8 +369,9 @@ class Trainer:
                 batch = None
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.zero_grad(set_to_none=True)
+        optim = self.config.optim
         loss = compute_gradients(
-            self.forward_model, batch, self.params, self.device, self.config.optim.precision, self.scaler
+            self.forward_model, batch, self.params, self.device, optim.precision, self.scaler, optim.gradient_divisor
         )
         # The loss is the global batch's, so every process stops here alike. Later steps could only
         # spread the NaN into every parameter, and validation would fail an epoch later.

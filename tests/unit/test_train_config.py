@@ -29,6 +29,7 @@ def test_defaults_are_the_papers_recipe():
     optim = config.optim
     assert (optim.lr, optim.weight_decay, optim.eps, optim.betas) == (6e-4, 0.2, 1e-6, (0.9, 0.999))
     assert (optim.warmup, optim.epochs, optim.batch_size, optim.grad_clip, optim.seed) == (0.1, 5, 128, 1.0, 42)
+    assert optim.gradient_divisor == 4  # the paper's 4 GPUs averaged their gradients (SPEC section 6)
     assert optim.precision == "fp32" and config.model.trainable == "lora"
 
 

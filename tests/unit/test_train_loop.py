@@ -164,6 +164,27 @@ def test_mixed_precision_runs(tmp_path, precision):
     assert summary.best_val_r1 is not None
 
 
+def test_the_gradient_divisor_acts_as_the_papers_four_gpu_average(tmp_path):
+    """Dividing the gradient by 4 before clipping at 1 with Adam eps 1e-6 (the paper's run, whose DDP
+    averaged over 4 GPUs) is clipping the whole gradient at 4 with eps 4e-6, which differs from
+    clipping it at 1: the clip acts here (lr 0.1 on the tiny model)."""
+    data = synthetic_data()
+    runs = {
+        "divided": {"gradient_divisor": 4.0, "grad_clip": 1.0, "eps": 1e-6},
+        "scaled": {"gradient_divisor": 1.0, "grad_clip": 4.0, "eps": 4e-6},
+        "whole": {"gradient_divisor": 1.0, "grad_clip": 1.0, "eps": 1e-6},
+    }
+    states = {}
+    for name, optim in runs.items():
+        config = tiny_config(tmp_path / name, optim={"epochs": 2, "warmup": 0.0, "lr": 0.1, **optim})
+        train(config, data=data)
+        states[name] = trained_state(tmp_path / name, config)
+    for name in states["divided"]:
+        torch.testing.assert_close(states["divided"][name], states["scaled"][name], rtol=1e-4, atol=1e-6)
+    assert any(not torch.allclose(states["divided"][name], states["whole"][name], rtol=1e-3, atol=1e-5)
+               for name in states["divided"])
+
+
 # --- (b) resume --------------------------------------------------------------------------------
 
 
@@ -197,6 +218,19 @@ def test_resume_refuses_other_settings_and_fresh_runs_refuse_old_folders(tmp_pat
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         train(tiny_config(tmp_path / "elsewhere"), resume=True, data=data)
     assert find_checkpoint(tmp_path) == tmp_path / LAST
+
+
+def test_a_checkpoint_older_than_a_setting_resumes_with_the_value_its_run_had(tmp_path):
+    data = synthetic_data()
+    train(tiny_config(tmp_path, run={"stop_after": 1}), data=data)
+    stored = tmp_path / LAST / "config.yaml"
+    lines = stored.read_text().splitlines(keepends=True)
+    assert any("gradient_divisor" in line for line in lines)
+    stored.write_text("".join(line for line in lines if "gradient_divisor" not in line))  # as written before it existed
+    with pytest.raises(ConfigError, match=r"optim.gradient_divisor.*checkpoint's value 1.0"):
+        train(tiny_config(tmp_path), resume=True, data=data)
+    summary = train(tiny_config(tmp_path, optim={"gradient_divisor": 1.0}), resume=True, data=data)
+    assert summary.steps == summary.total_steps
 
 
 def test_a_fresh_run_refuses_a_folder_with_trained_weights_and_no_checkpoint(tmp_path):
