@@ -57,6 +57,8 @@ def test_file_names_are_safe_and_settings_do_not_collide(items, tmp_path):
     assert FrameCache(tmp_path, max_frames=8, image_size=24).path_for(items[0]) != path
     assert FrameCache(tmp_path, max_frames=4, framerate=2.0, image_size=24).path_for(items[0]) != path
     assert FrameCache(tmp_path, max_frames=4, image_size=32).path_for(items[0]) != path
+    decord = FrameCache(tmp_path, max_frames=4, image_size=24, backend="decord").path_for(items[0])
+    assert decord.parent == tmp_path / "m4_r1_s24_decord" and decord.name == path.name  # decoders differ in pixels
     window = VideoItem(items[0].video_id, items[0].path, start=1.0, end=3.0)
     assert small.path_for(window) != path
 

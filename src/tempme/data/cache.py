@@ -87,7 +87,9 @@ class FrameCache:
         self.framerate = framerate
         self.image_size = image_size
         self.backend = backend
-        self.folder = self.root / f"m{max_frames}_r{framerate:g}_s{image_size}"
+        # Decoders can differ in a frame's exact pixels (colour conversion, seeking): one folder each.
+        decoder = "" if backend == "pyav" else f"_{backend}"
+        self.folder = self.root / f"m{max_frames}_r{framerate:g}_s{image_size}{decoder}"
 
     def path_for(self, item: VideoItem) -> Path:
         """Cache file of an item: a readable, file-system-safe id plus a hash of the full key.

@@ -61,7 +61,7 @@ class _VideoDataset(Dataset):
         self.strict = strict
         self.skipped_ids: set[str] = set()
         if frame_cache is not None:
-            _check_cache_matches(frame_cache, max_frames, framerate, image_size)
+            _check_cache_matches(frame_cache, max_frames, framerate, image_size, backend)
 
     def _frames(self, item: VideoItem) -> list[Image.Image]:
         if self.frame_cache is not None:
@@ -85,12 +85,12 @@ class _VideoDataset(Dataset):
         return {"video": video, "video_mask": torch.ones(video.shape[0], dtype=torch.long)}
 
 
-def _check_cache_matches(cache: FrameCache, max_frames: int, framerate: float, image_size: int) -> None:
-    wanted = (max_frames, framerate, image_size)
-    cached = (cache.max_frames, cache.framerate, cache.image_size)
+def _check_cache_matches(cache: FrameCache, max_frames: int, framerate: float, image_size: int, backend: str) -> None:
+    wanted = (max_frames, framerate, image_size, backend)
+    cached = (cache.max_frames, cache.framerate, cache.image_size, cache.backend)
     if wanted != cached:
         raise ValueError(
-            f"frame cache settings (max_frames, framerate, image_size)={cached} "
+            f"frame cache settings (max_frames, framerate, image_size, backend)={cached} "
             f"differ from the dataset's {wanted}"
         )
 
