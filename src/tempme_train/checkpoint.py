@@ -98,6 +98,9 @@ def write_directory_atomically(target: Path, write: Callable[[Path], None]) -> N
         shutil.rmtree(temp, ignore_errors=True)
         raise
     old = target.with_name(f".{target.name}.old")
+    if old.exists() and not target.exists():
+        # A save stopped between its two renames: ``old`` is the only copy (find_checkpoint reads it there).
+        os.replace(old, target)
     shutil.rmtree(old, ignore_errors=True)
     if target.exists():
         os.replace(target, old)

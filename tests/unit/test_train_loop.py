@@ -233,6 +233,35 @@ def test_a_checkpoint_older_than_a_setting_resumes_with_the_value_its_run_had(tm
     assert summary.steps == summary.total_steps
 
 
+def test_a_save_stopped_between_its_renames_never_leaves_the_run_without_a_checkpoint(tmp_path, monkeypatch):
+    from tempme_train import checkpoint
+
+    def write(step):
+        return lambda folder: (folder / checkpoint.STATE).write_text(str(step))
+
+    last = tmp_path / LAST
+    checkpoint.write_directory_atomically(last, write(1))
+    checkpoint.write_directory_atomically(last, write(2))
+    os.replace(last, tmp_path / f".{LAST}.old")  # a save stopped after moving last/ away
+    assert (find_checkpoint(tmp_path) / checkpoint.STATE).read_text() == "2"
+
+    replace = os.replace
+
+    def stop_before_the_new_copy_lands(source, destination):
+        if Path(destination) == last and Path(source).name != f".{LAST}.old":
+            raise KeyboardInterrupt  # the next save stops between its two renames too
+        replace(source, destination)
+
+    monkeypatch.setattr(checkpoint.os, "replace", stop_before_the_new_copy_lands)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.write_directory_atomically(last, write(3))
+    assert (find_checkpoint(tmp_path) / checkpoint.STATE).read_text() == "2"
+    monkeypatch.setattr(checkpoint.os, "replace", replace)
+    checkpoint.write_directory_atomically(last, write(4))
+    assert find_checkpoint(tmp_path) == last and (last / checkpoint.STATE).read_text() == "4"
+    assert not (tmp_path / f".{LAST}.old").exists()
+
+
 def test_a_fresh_run_refuses_a_folder_with_trained_weights_and_no_checkpoint(tmp_path):
     """With last/ removed (to save space, say) the weights are still there: a new run would overwrite
     them. Config and metrics alone (a run stopped before its first checkpoint) are started over."""
