@@ -23,14 +23,12 @@ from .config import MergeConfig, ModelConfig
 from .merging import (
     MergePlan,
     bipartite_soft_matching,
-    imgme_count,
     join_clips,
     match_patches,
     merge_weighted,
     normalized_patches,
-    proportional_count,
 )
-from .schedule import LayerPlan, build_plan, simulate
+from .schedule import LayerPlan, build_plan, merge_counts, simulate
 
 
 QUICK_GELU_SCALE = 1.702
@@ -352,11 +350,10 @@ class VisionTransformer(nn.Module):
         x, size, source = merge_weighted(plan, state.x, state.size, state.source)
         return VideoTokens(x, size, source, state.videos, state.num_cls)
 
-    def cross_clip_merge(self, state: VideoTokens, block: ResidualBlock, step: LayerPlan) -> VideoTokens:
-        """ClipMe, first half: join clips, add CPE, merge across the joined frames on the hidden states."""
-        tokens, joined = state.x.shape[1], step.clips_joined
+    def cross_clip_merge(self, state: VideoTokens, block: ResidualBlock, step: LayerPlan, r_cross: int) -> VideoTokens:
+        """ClipMe, first half: join clips, add CPE, merge ``r_cross`` tokens across the joined frames on the hidden states."""
+        joined = step.clips_joined
         joined_cls = state.num_cls * joined
-        r_cross = proportional_count(tokens * joined, joined_cls, self.merge.cross_merge_ratio)
         # The CPE is added after the metric is taken, so it is averaged into merged tokens but not matched on.
         clip_offset = block.clip_pos_embed.to(state.x.dtype) if r_cross > 0 and block.clip_pos_embed is not None else None
 
@@ -372,14 +369,6 @@ class VisionTransformer(nn.Module):
         patches = normalized_patches(state.x.detach(), state.num_cls)
         plan = match_patches(patches.view(joined_state.x.shape[0], -1, patches.shape[-1]), r_cross, joined_cls)
         return self.merge_weighted(joined_state, plan)
-
-    def merge_count(self, step: LayerPlan, state: VideoTokens) -> int:
-        tokens = state.x.shape[1]
-        if step.kind == "imgme":
-            return imgme_count(tokens, state.num_cls, step.tome_r)
-        if step.kind in ("clipme", "intra"):
-            return proportional_count(tokens, state.num_cls, self.merge.intra_merge_ratio)
-        return 0
 
     def check_frames(self, frames: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         """Raise a message naming what is wrong with ``frames`` (and ``mask``) for this encoder, where the
@@ -416,10 +405,10 @@ class VisionTransformer(nn.Module):
             source = source.repeat(videos, 1, 1)
         state = VideoTokens(x, None, source, videos, num_cls=1)
         for block, step in list(zip(self.transformer.resblocks, self.plan))[:layers]:
+            r_cross, r = merge_counts(step, self.merge, state.x.shape[1])
             if step.kind == "clipme":
-                state = self.cross_clip_merge(state, block, step)
+                state = self.cross_clip_merge(state, block, step, r_cross)
             log_size = state.size[..., 0].log() if self.merge.prop_attn and state.size is not None else None
-            r = self.merge_count(step, state)  # attention keeps the token count, so it is known already
             attn_out, keys = block.attn(
                 block.ln_1(state.x), log_size=log_size, size_attention=size_attention, return_metric=r > 0
             )

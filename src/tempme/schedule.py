@@ -146,12 +146,22 @@ class LayerTokens:
     r: int = 0  # merge after attention (ImgMe r, ClipMe r1, or intra r)
 
 
-def clipme_counts(tokens: int, clips_joined: int, cls_in: int, cross_ratio: float, intra_ratio: float) -> tuple[int, int]:
-    """(r0, r1) of a ClipMe layer for ``tokens`` per input clip: counted on the joined sequence."""
-    joined, cls = tokens * clips_joined, cls_in * clips_joined
-    r_cross = proportional_count(joined, cls, cross_ratio)
-    r_intra = proportional_count(joined - r_cross, cls, intra_ratio)
-    return r_cross, r_intra
+def merge_counts(step: LayerPlan, merge: MergeConfig, tokens: int) -> tuple[int, int]:
+    """``(r_cross, r)`` of one layer entered by clips of ``tokens`` tokens (CLS included).
+
+    ``r_cross``: ClipMe's merge across the joined clips before attention (0 in other layers);
+    ``r``: the merge after attention (ImgMe's r, ClipMe's r1 or the intra-clip merge), counted on the
+    sequence that attention sees. The forward pass and :func:`simulate` both count with this.
+    """
+    if step.kind == "imgme":
+        return 0, imgme_count(tokens, step.cls_in, step.tome_r)
+    if step.kind == "clipme":
+        joined, cls = tokens * step.clips_joined, step.cls_out
+        r_cross = proportional_count(joined, cls, merge.cross_merge_ratio)
+        return r_cross, proportional_count(joined - r_cross, cls, merge.intra_merge_ratio)
+    if step.kind == "intra":
+        return 0, proportional_count(tokens, step.cls_in, merge.intra_merge_ratio)
+    return 0, 0
 
 
 def simulate(plan: tuple[LayerPlan, ...], merge: MergeConfig, tokens_per_frame: int) -> list[LayerTokens]:
@@ -159,21 +169,8 @@ def simulate(plan: tuple[LayerPlan, ...], merge: MergeConfig, tokens_per_frame: 
     tokens = tokens_per_frame
     rows = []
     for index, step in enumerate(plan):
-        if step.kind == "plain":
-            rows.append(LayerTokens(index, step.kind, step.clips_out, tokens, tokens, step.cls_out))
-        elif step.kind == "imgme":
-            r = imgme_count(tokens, step.cls_in, step.tome_r)
-            rows.append(LayerTokens(index, step.kind, step.clips_out, tokens, tokens - r, step.cls_out, r=r))
-            tokens -= r
-        elif step.kind == "clipme":
-            r_cross, r = clipme_counts(
-                tokens, step.clips_joined, step.cls_in, merge.cross_merge_ratio, merge.intra_merge_ratio
-            )
-            attn = tokens * step.clips_joined - r_cross
-            rows.append(LayerTokens(index, step.kind, step.clips_out, attn, attn - r, step.cls_out, r_cross, r))
-            tokens = attn - r
-        else:
-            r = proportional_count(tokens, step.cls_in, merge.intra_merge_ratio)
-            rows.append(LayerTokens(index, step.kind, step.clips_out, tokens, tokens - r, step.cls_out, r=r))
-            tokens -= r
+        r_cross, r = merge_counts(step, merge, tokens)
+        attn = tokens * step.clips_joined - r_cross
+        rows.append(LayerTokens(index, step.kind, step.clips_out, attn, attn - r, step.cls_out, r_cross, r))
+        tokens = attn - r
     return rows
