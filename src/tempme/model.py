@@ -346,7 +346,7 @@ class VisionTransformer(nn.Module):
         position = self.positional_embedding + F.pad(self.class_embedding[None], (0, 0, 0, rows * cols))
         return self.ln_pre(x + position.to(x.dtype))
 
-    def merge_weighted(self, state: VideoTokens, plan: MergePlan) -> VideoTokens:
+    def apply_merge(self, state: VideoTokens, plan: MergePlan) -> VideoTokens:
         x, size, source = merge_weighted(plan, state.x, state.size, state.source)
         return VideoTokens(x, size, source, state.videos, state.num_cls)
 
@@ -368,7 +368,7 @@ class VisionTransformer(nn.Module):
         # Normalised clip by clip, the patch rows of consecutive clips already lie in joined order.
         patches = normalized_patches(state.x.detach(), state.num_cls)
         plan = match_patches(patches.view(joined_state.x.shape[0], -1, patches.shape[-1]), r_cross, joined_cls)
-        return self.merge_weighted(joined_state, plan)
+        return self.apply_merge(joined_state, plan)
 
     def check_frames(self, frames: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         """Raise a message naming what is wrong with ``frames`` (and ``mask``) for this encoder, where the
@@ -414,7 +414,7 @@ class VisionTransformer(nn.Module):
             )
             state = VideoTokens(state.x + attn_out, state.size, state.source, videos, state.num_cls)
             if r > 0:
-                state = self.merge_weighted(state, bipartite_soft_matching(keys, r, state.num_cls))
+                state = self.apply_merge(state, bipartite_soft_matching(keys, r, state.num_cls))
             state = dataclasses.replace(state, x=state.x + block.mlp(block.ln_2(state.x)))
         return state
 
