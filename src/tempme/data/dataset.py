@@ -8,8 +8,7 @@
 Undecodable videos: by default a sample whose video raises
 :class:`~tempme.data.video.VideoDecodeError` becomes a :class:`SkippedVideo` marker (after a
 warning naming the file) that :func:`collate_skip_bad` drops, reporting the video ids in the
-batch's ``"skipped"`` list. ``dataset.skipped_ids`` also collects them, but only in the process
-that decoded them: with DataLoader workers, gather ids from ``batch["skipped"]`` instead.
+batch's ``"skipped"`` list (the one record that works with DataLoader workers too).
 With ``strict=True`` the error propagates, also out of a DataLoader worker: the main process gets a
 ``VideoDecodeError`` with the worker's message (file and reason), not torch's RuntimeError.
 """
@@ -59,7 +58,6 @@ class _VideoDataset(Dataset):
         self.frame_cache = frame_cache
         self.backend = backend
         self.strict = strict
-        self.skipped_ids: set[str] = set()
         if frame_cache is not None:
             _check_cache_matches(frame_cache, max_frames, framerate, image_size, backend)
 
@@ -76,7 +74,6 @@ class _VideoDataset(Dataset):
             if self.strict:
                 raise
             warnings.warn(f"skipping video {item.video_id!r}: {err}", stacklevel=3)
-            self.skipped_ids.add(item.video_id)
             return SkippedVideo(item.video_id, item.path, err.reason)
         if self.augmenter is not None:
             frames = self.augmenter(frames)
