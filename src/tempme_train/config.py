@@ -501,11 +501,25 @@ def config_from_dict(
     """
     origins = {"": source, **(origins or {})}
     try:
-        config = _build(TrainConfig, data, source, "")
+        config = _with_home_expanded(_build(TrainConfig, data, source, ""))
         config.origins = origins
         check_values(config, source)
     except ConfigError as error:
         raise _blame(origins, error) from None
+    return config
+
+
+# Settings that name files or folders: ``~/data`` in them means the home folder, as in a shell.
+PATH_SETTINGS = ("data.anno_path", "data.video_dir", "data.frame_cache", "run.output_dir", "model.weights")
+
+
+def _with_home_expanded(config: TrainConfig) -> TrainConfig:
+    for key in PATH_SETTINGS:
+        section, name = key.split(".")
+        settings = getattr(config, section)
+        value = getattr(settings, name)
+        if isinstance(value, str) and value.startswith("~"):
+            setattr(config, section, dataclasses.replace(settings, **{name: os.path.expanduser(value)}))
     return config
 
 

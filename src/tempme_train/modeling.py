@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from tempme import TempMe, create_model, load_model
+from tempme.config import get_preset, preset_names
 from tempme.schedule import ScheduleError
 
 from .config import ConfigError, TrainConfig, config_from_dict
@@ -48,6 +49,28 @@ def build_model(config: TrainConfig, source: str = "config") -> TempMe:
         )
     model.set_trainable(settings.trainable)
     return model.train()
+
+
+def check_preset_matches_weights(model: TempMe, config: TrainConfig, source: str = "config") -> None:
+    """Refuse weights of another backbone than ``model.preset`` names: the model is built from the
+    weights, while the stored config, ``tempme flops --config`` and a reader of the config would all
+    take the preset's word for it (a B/16 config given B/32 weights trains a B/32 with the B/32 schedule)."""
+    preset = config.model.preset
+    try:
+        wanted = get_preset(preset).vision
+    except ValueError:
+        return  # a preset unknown here (registered by other code) says nothing to compare
+    built = model.config.clip.vision
+    layout = ("width", "layers", "patch_size", "image_size")
+    if all(getattr(built, name) == getattr(wanted, name) for name in layout):
+        return
+    same = [name for name in preset_names() if all(getattr(get_preset(name).vision, f) == getattr(built, f) for f in layout)]
+    held = same[0] if same else f"a ViT of width {built.width}, {built.layers} layers, patch {built.patch_size}"
+    fix = f"set model.preset={same[0]} or choose that backbone's config" if same else "set model.preset to match them"
+    raise ConfigError(
+        config.source_of("model.preset", source), "model.preset", preset,
+        f"model.weights {config.model.weights} hold {held}, not {preset}: {fix}",
+    )
 
 
 def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:

@@ -70,7 +70,14 @@ from .distributed import (
     world_from_env,
 )
 from .evaluate import eval_set_identity, evaluate
-from .modeling import base_fingerprint, build_model, check_base, save_trained_weights, trainable_parameters
+from .modeling import (
+    base_fingerprint,
+    build_model,
+    check_base,
+    check_preset_matches_weights,
+    save_trained_weights,
+    trainable_parameters,
+)
 from .optim import build_optimizer, build_scheduler
 from .tracking import MetricsLog, require_tensorboard
 
@@ -277,6 +284,8 @@ class Trainer:
             _check_validation_set(self.data)
             self.sampler = EpochSampler(len(self.data.train), optim.batch_size, world.world_size, world.rank, optim.seed)
             model = build_model(config, source)
+            if checkpoint is None and config.model.weights:
+                check_preset_matches_weights(model, config, source)
             # Recorded in adapters-only files, so they are never applied to another backbone; the
             # backbone does not train, so one digest serves the whole run.
             self.base_fingerprint = base_fingerprint(model) if config.model.trainable == "lora" else None

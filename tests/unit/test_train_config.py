@@ -33,6 +33,16 @@ def test_defaults_are_the_papers_recipe():
     assert optim.precision == "fp32" and config.model.trainable == "lora"
 
 
+def test_a_tilde_in_a_path_setting_means_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    overrides = ["run.output_dir=~/runs/a", "data.frame_cache=~/frames", "data.video_dir=~/videos",
+                 "data.anno_path=~/anno", "model.weights=~/clip.pt"]
+    config = load_config(None, overrides)
+    assert (config.run.output_dir, config.data.frame_cache, config.data.video_dir, config.data.anno_path,
+            config.model.weights) == tuple(str(tmp_path / name) for name in ("runs/a", "frames", "videos", "anno", "clip.pt"))
+    assert load_config(None, ["model.weights=ViT-B/16"]).model.weights == "ViT-B/16"  # a preset name stays
+
+
 def test_every_main_table_setting_is_bundled_and_loads():
     names = list_configs()
     for dataset, backbones in (("msrvtt", ("b32", "b16")), ("lsmdc", ("b32", "b16")), ("didemo", ("b32",)), ("activitynet", ("b32",))):

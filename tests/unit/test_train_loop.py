@@ -262,6 +262,19 @@ def test_a_save_stopped_between_its_renames_never_leaves_the_run_without_a_check
     assert not (tmp_path / f".{LAST}.old").exists()
 
 
+def test_weights_of_another_backbone_than_the_preset_are_refused_naming_the_right_one(tmp_path):
+    from tempme.weights import save_weights
+
+    weights = tmp_path / "clip.safetensors"
+    save_weights(tempme.create_model(PRESET, method="none"), weights)
+    wrong = tiny_config(tmp_path / "wrong", model={"preset": "tiny-B/16", "weights": str(weights)})
+    with pytest.raises(ConfigError, match=f"model.preset.*hold {PRESET}, not tiny-B/16: set model.preset={PRESET}"):
+        train(wrong, data=synthetic_data())
+    assert not (tmp_path / "wrong" / "last").exists()
+    right = tiny_config(tmp_path / "right", model={"weights": str(weights)}, run={"stop_after": 1})
+    assert train(right, data=synthetic_data()).steps == 1
+
+
 def test_a_fresh_run_refuses_a_folder_with_trained_weights_and_no_checkpoint(tmp_path):
     """With last/ removed (to save space, say) the weights are still there: a new run would overwrite
     them. Config and metrics alone (a run stopped before its first checkpoint) are started over."""
