@@ -50,7 +50,9 @@ def register(subparsers) -> None:
     add_config_arguments(parser, required=False, example="data.num_workers=8 run.eval_batch_size=64")
     parser.add_argument("--checkpoint", metavar="PATH", help="trained run folder, checkpoint folder or weights file")
     parser.add_argument("--weights", metavar="W", help="CLIP/tempme weights file or preset name (sets model.weights)")
-    parser.add_argument("--dataset", help="msrvtt, didemo, activitynet, lsmdc or custom (sets data.dataset)")
+    parser.add_argument("--dataset", help="msrvtt, didemo, activitynet, lsmdc or custom (sets data.dataset; a "
+                        "benchmark other than the checkpoint's, or zero-shot weights, take that benchmark's "
+                        "bundled splits and caption length)")
     parser.add_argument("--anno-path", metavar="PATH", help="annotation folder or file (sets data.anno_path)")
     parser.add_argument("--video-dir", metavar="DIR", help="video folder (sets data.video_dir)")
     parser.add_argument("--method", choices=("none", "tome", "tempme"), help="merging method (sets model.method)")
@@ -88,8 +90,9 @@ DATASET_BASES = {"msrvtt": "_msrvtt", "didemo": "_didemo", "activitynet": "_acti
 
 
 def resolve_config(args: argparse.Namespace, trained: Path | None) -> TrainConfig:
-    """--config, else the config stored with the checkpoint, else the bundled settings of --dataset (its
-    frames, words and splits: 64 for DiDeMo and ActivityNet), else defaults; then options and overrides.
+    """--config, else the config stored with the checkpoint (with the files, splits and words of
+    --dataset where it names another benchmark), else the bundled settings of --dataset (its frames,
+    words and splits: 64 for DiDeMo and ActivityNet), else defaults; then options and overrides.
     Zero-shot weights that record their method (a tempme checkpoint) keep it unless --method says."""
     from tempme_train.modeling import train_config_of
 
@@ -98,6 +101,8 @@ def resolve_config(args: argparse.Namespace, trained: Path | None) -> TrainConfi
         config = load_config(args.config)
     elif trained is not None:
         config = train_config_of(trained)
+        if args.dataset in DATASET_BASES and args.dataset != config.data.dataset:
+            config = on_other_benchmark(config, args.dataset)
     else:
         config = load_config(DATASET_BASES.get(args.dataset))
         recorded = recorded_method(args.weights) if args.weights and not args.method else None
@@ -105,6 +110,19 @@ def resolve_config(args: argparse.Namespace, trained: Path | None) -> TrainConfi
             settings["model.method"] = recorded
     config = with_settings(config, settings, "command-line options")
     return apply_overrides(config, args.overrides)
+
+
+# What a benchmark's bundled config says about its data, apart from the frames and image size of the model.
+BENCHMARK_SETTINGS = ("dataset", "anno_path", "video_dir", "train_split", "val_split", "holdout_videos", "test_split",
+                      "max_words")
+
+
+def on_other_benchmark(config: TrainConfig, dataset: str) -> TrainConfig:
+    """A checkpoint's config evaluated on another benchmark (``--dataset``): that benchmark's files,
+    splits and caption length, as its bundled config has them; the trained model stays as it is."""
+    bundled = load_config(DATASET_BASES[dataset]).data
+    settings = {f"data.{name}": getattr(bundled, name) for name in BENCHMARK_SETTINGS}
+    return with_settings(config, settings, f"the bundled {dataset} settings (--dataset {dataset})")
 
 
 def recorded_method(weights: str) -> str | None:

@@ -247,6 +247,28 @@ def test_zero_shot_eval_takes_the_datasets_settings_and_the_weights_method(tmp_p
     assert config_of("--weights", str(openai), "--dataset", "msrvtt").model.method == "tempme"
 
 
+def test_a_checkpoint_evaluated_on_another_benchmark_takes_its_splits_and_words(tmp_path):
+    from tempme_cli.eval import resolve_config
+    from tempme_cli.main import build_parser, parse_arguments
+    from tempme_train.config import load_config
+    from tempme_train.modeling import save_trained_weights
+
+    trained_on = load_config("msrvtt_b32_tempme", ["model.preset=tiny-B/32", "model.weights=null"])
+    assert trained_on.data.val_split == "holdout"
+    path = tmp_path / "best.safetensors"
+    save_trained_weights(tempme.create_model("tiny-B/32", frames=12), path, trained_on, base="0")
+
+    def config_of(*argv):
+        return resolve_config(parse_arguments(build_parser(), ["eval", "--checkpoint", str(path), *argv]), path)
+
+    didemo = config_of("--dataset", "didemo")
+    data = didemo.data
+    assert (data.dataset, data.val_split, data.test_split, data.max_words) == ("didemo", "val", "test", 64)
+    assert (didemo.model.frames, data.max_frames, didemo.model.preset) == (12, 12, "tiny-B/32")  # the trained model
+    assert config_of("--dataset", "activitynet").data.test_split == "val"
+    assert config_of("--dataset", "msrvtt").data == trained_on.data  # its own benchmark: as trained
+
+
 def test_prepare_splits_leave_later_overrides_to_the_config(capsys):
     from tempme_cli.main import build_parser, parse_arguments
 
