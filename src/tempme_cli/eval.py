@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import textwrap
 import warnings
@@ -256,9 +257,12 @@ def run(args: argparse.Namespace) -> int:
         )
     if not world.is_main:
         return 0
+    merge = model.config.merge
     results.update(
         split=args.split, dataset=config.data.dataset, missing=missing,
         weights=str(trained) if trained else base,
+        model={"method": merge.method, "frames": model.config.frames, "precision": config.optim.precision,
+               "schedule": {name: value for name, value in dataclasses.asdict(merge).items() if name != "method"}},
         paper={"t2v": config.paper.t2v, "v2t": config.paper.v2t},
     )
     if adapters:
@@ -269,8 +273,12 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(results))
         return 0
     on_base = f" (adapters on {base})" if adapters else ""
-    print(f"{results['dataset']} {args.split}: {results['num_captions']} captions, {results['num_videos']} videos; "
-          f"weights: {results['weights']}{on_base}")
+    left_out = [f"{len(videos)} {label}" for label, videos in (("missing", missing), ("undecodable", results["skipped"]))
+                if videos]
+    left_out_text = f" ({', '.join(left_out)} left out)" if left_out else ""
+    print(f"{results['dataset']} {args.split}: {results['num_captions']} captions, {results['num_videos']} videos"
+          f"{left_out_text}; weights: {results['weights']}{on_base}")
+    print(f"model: {merge.method}, {model.config.frames} frames, {config.optim.precision}")
     print(format_metrics_table(results["t2v"], results["v2t"]))
     if config.paper.t2v:
         print("paper t2v: " + ", ".join(f"{key} {value}" for key, value in config.paper.t2v.items()))

@@ -111,6 +111,14 @@ def test_train_stop_resume_and_evaluate(run_config, tmp_path, capsys, monkeypatc
     assert first["split"] == "test" and first["num_videos"] == 3 and first["weights"].endswith("best.safetensors")
     assert set(first["t2v"]) >= {"R1", "R5", "R10", "R50", "MdR", "MnR", "RSum"}
     assert first["cache"].startswith(str(tmp_path / "cache"))
+    assert (first["model"]["method"], first["model"]["frames"], first["model"]["precision"]) == ("tempme", 4, "fp32")
+    built = build_model(train_config_of(output / "best.safetensors")).config.merge
+    assert first["model"]["schedule"] == json.loads(json.dumps({
+        name: getattr(built, name) for name in ("tome_r", "merge_layers", "clips_joined", "cross_merge_ratio",
+                                                 "intra_merge_ratio", "clip_pos_embed", "prop_attn")}))
+    assert main(["eval", "--checkpoint", str(output), "--split", "train"]) == 0
+    table = capsys.readouterr().out  # the split lists video5, whose file is missing, and corrupt video2
+    assert "8 videos (1 missing, 1 undecodable left out)" in table and "model: tempme, 4 frames, fp32" in table
     assert main(["eval", "--checkpoint", str(output / "last"), "--json", "--split", "val"]) == 0
     val = json.loads(capsys.readouterr().out)
     assert val["num_captions"] == 6 and val["v2t"]["num_queries"] == 3
