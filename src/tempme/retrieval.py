@@ -10,6 +10,7 @@ similarities.
 
 from __future__ import annotations
 
+import warnings
 from typing import Sequence, Union
 
 import numpy as np
@@ -109,7 +110,29 @@ def compute_ranks(sim: np.ndarray | torch.Tensor, gt: GroundTruth | None = None)
     sim = _as_numpy(sim)
     gt_lists = _gt_lists(gt, *sim.shape)
     best_gt_score = np.array([sim[q, items].max() for q, items in enumerate(gt_lists)])
+    _warn_if_often_tied(sim, best_gt_score, gt_lists)
     return (sim > best_gt_score[:, None]).sum(axis=1)
+
+
+# Exact ties come from identical embeddings. Benchmarks hold a few (LSMDC repeats short captions in
+# its test set): warned about from this fraction of the queries, which a collapsed model far exceeds.
+TIED_QUERIES_WARNED = 0.1
+
+
+def _warn_if_often_tied(sim: np.ndarray, best_gt_score: np.ndarray, gt_lists: list[list[int]]) -> None:
+    """Warn when more than 10% of the queries tie their ground truth with another gallery item:
+    ties count in the model's favour, so a model that gives every video the same embedding would
+    score R@1 = 100."""
+    tied = (sim == best_gt_score[:, None]).sum(axis=1) > np.array([
+        np.count_nonzero(sim[q, items] == best_gt_score[q]) for q, items in enumerate(gt_lists)
+    ])
+    if tied.mean() > TIED_QUERIES_WARNED:
+        warnings.warn(
+            f"{tied.sum()} of {len(tied)} queries score their match exactly as high as other items, and ties "
+            "count in the model's favour: identical embeddings (duplicate videos or captions, or a collapsed "
+            "model) make these recalls too high",
+            stacklevel=3,
+        )
 
 
 def metrics_from_ranks(ranks: np.ndarray) -> dict:

@@ -1,6 +1,7 @@
 """Retrieval metric tests; every expected value is worked out by hand."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -86,6 +87,7 @@ def test_recall_at_k_percentages():
     assert m["num_queries"] == 8
 
 
+@pytest.mark.filterwarnings("ignore:.*score their match exactly")  # tied by design
 def test_ties_are_optimistic_and_one_rank_per_query():
     sim = np.array(
         [
@@ -93,12 +95,14 @@ def test_ties_are_optimistic_and_one_rank_per_query():
             [0.9, 0.3, 0.3, 0.3],  # gt 3 ties with 1 and 2; only 0.9 higher -> 1
         ]
     )
-    assert compute_ranks(sim, [1, 3]).tolist() == [0, 1]
+    with pytest.warns(UserWarning, match="2 of 2 queries score their match exactly as high as other items"):
+        assert compute_ranks(sim, [1, 3]).tolist() == [0, 1]
     m = retrieval_metrics(sim, [1, 3])
     assert m["R1"] == pytest.approx(50.0)
     assert m["num_queries"] == 2
 
 
+@pytest.mark.filterwarnings("ignore:.*score their match exactly")  # tied by design
 def test_text_to_video_with_multiple_captions_per_video():
     # caption 0: gt 0.1 < 0.7, 0.9        -> 2
     # caption 1: gt 0.9 highest           -> 0
@@ -129,6 +133,7 @@ def test_video_to_text_uses_best_caption():
     assert m["RSum"] == pytest.approx(100 / 3 + 200)
 
 
+@pytest.mark.filterwarnings("ignore:.*score their match exactly")  # tied by design
 def test_video_to_text_default_is_transpose():
     # SIM_4X4 transposed, gt on the diagonal:
     # v0 [0.9, 0.5, 0.7, 0.2] -> 0; v1 [0.1, 0.9, 0.8, 0.9] -> 0 (tie);
@@ -183,6 +188,7 @@ def test_nan_similarity_rejected():
         retrieval_metrics(sim)
 
 
+@pytest.mark.filterwarnings("ignore:.*score their match exactly")  # tied by design
 def test_format_metrics_table():
     table = format_metrics_table(
         text_to_video_metrics(SIM_6X3, CAPTION_TO_VIDEO),
@@ -212,3 +218,14 @@ def test_contrastive_loss_takes_a_plain_number_as_logit_scale():
     torch.manual_seed(0)
     text, video = torch.randn(4, 8), torch.randn(4, 8)
     assert contrastive_loss(text, video, math.log(100)) == contrastive_loss(text, video, torch.tensor(math.log(100)))
+
+
+def test_a_collapsed_model_is_warned_about_since_ties_count_in_its_favour():
+    texts = torch.randn(50, 8)
+    with pytest.warns(UserWarning, match="50 of 50 queries score their match exactly as high as other items"):
+        assert text_to_video_metrics(similarity(texts, torch.ones(50, 8)))["R1"] == 100.0
+    videos = torch.randn(50, 8)
+    videos[1] = videos[0]  # one duplicate video: 2 tied queries of 50, no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        text_to_video_metrics(similarity(texts, videos))
