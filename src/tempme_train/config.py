@@ -40,6 +40,7 @@ Method = Literal["none", "tome", "tempme"]
 Trainable = Literal["lora", "full"]
 Precision = Literal["fp32", "bf16", "fp16"]
 HOLDOUT = "holdout"
+NO_VALIDATION = "none"
 
 
 class ConfigError(ValueError):
@@ -103,9 +104,10 @@ class ModelSettings:
 class DataSettings:
     """Dataset, splits and the video/text pipeline.
 
-    ``val_split`` is a split name of the dataset, or ``holdout``: the last ``holdout_videos`` videos of
-    the training split are kept out of training and used for validation. Model selection always uses
-    the validation split; ``test_split`` is only read by ``tempme eval``.
+    ``val_split`` is a split name of the dataset, ``holdout`` (the last ``holdout_videos`` videos of
+    the training split are kept out of training and used for validation) or ``none`` (no validation:
+    the run keeps its final weights). Model selection always uses the validation split;
+    ``test_split`` is only read by ``tempme eval``.
     """
 
     dataset: Literal["msrvtt", "didemo", "activitynet", "lsmdc", "custom"] = "msrvtt"

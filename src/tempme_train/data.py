@@ -35,7 +35,7 @@ from tempme.data import (
 from tempme.data.annotations import UnknownSplit
 from tempme.tokenizer import tokenize
 
-from .config import HOLDOUT, ConfigError, DataSettings, TrainConfig
+from .config import HOLDOUT, NO_VALIDATION, ConfigError, DataSettings, TrainConfig
 from .evaluate import EvalSet
 from .workers import loader_workers
 
@@ -102,6 +102,15 @@ def train_and_val_items(data: DataSettings, source: str) -> tuple[list[VideoItem
     would be the training pairs. That is warned about (once per call), naming the file.
     """
     train_items = load_split(data, data.train_split, source, "data.train_split")
+    if data.val_split == NO_VALIDATION:
+        return train_items, []
+    if data.val_split == data.test_split and data.dataset != "custom":
+        warnings.warn(
+            f"data.val_split={data.val_split} is the test split: choosing best.safetensors on it reports test "
+            f"numbers that were selected on the test set; use data.val_split={HOLDOUT} with "
+            f"data.holdout_videos=N, or data.val_split={NO_VALIDATION} to keep the final weights",
+            stacklevel=2,
+        )
     if data.val_split != HOLDOUT:
         if data.dataset == "custom":
             warnings.warn(
@@ -149,8 +158,10 @@ def prepare_training_data(config: TrainConfig, source: str = "config") -> TrainD
     except ConfigError as error:  # named after the override that set the split or folder, if one did
         raise config.blame(error) from None
     train_items, missing_train = drop_missing_videos(train_items, data, "training", source)
+    validating = data.val_split != NO_VALIDATION
     val_items, missing_val = drop_missing_videos(val_items, data, "validation", source)
-    check_validation_items(val_items, len(missing_val), data, source)
+    if validating:
+        check_validation_items(val_items, len(missing_val), data, source)
     warn_if_test_split_unreadable(config, source)
     cache = frame_cache(data)
     train_set = RetrievalPairs(
@@ -158,7 +169,7 @@ def prepare_training_data(config: TrainConfig, source: str = "config") -> TrainD
         augment=data.augment, frame_cache=cache, backend=data.backend, strict=data.strict,
     )
     val_name = f"{data.dataset}/{data.val_split}" + (str(data.holdout_videos) if data.val_split == HOLDOUT else "")
-    val_set = EvalSet.from_items(val_items, data, val_name, cache)
+    val_set = EvalSet.from_items(val_items, data, val_name, cache) if validating else None
     return TrainData(train_set, val_set, missing_train + missing_val)
 
 
@@ -318,6 +329,9 @@ def split_items(data: DataSettings, split: str, source: str, split_key: str = "s
     """Videos of ``split``: ``val`` is the config's validation set (held out or not), ``test`` the
     config's test split, anything else a split name of the dataset (given by ``split_key``)."""
     if split == "val":
+        if data.val_split == NO_VALIDATION:
+            raise ConfigError(source, "data.val_split", data.val_split,
+                              "this config has no validation set; evaluate another split (test, or a split name)")
         return train_and_val_items(data, source)[1]
     if split == "test":
         return load_split(data, data.test_split, source, "data.test_split")

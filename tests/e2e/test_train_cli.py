@@ -202,6 +202,30 @@ def test_under_torchrun_a_warning_about_the_data_is_printed_once_and_skipped_vid
     assert sum(text.count(f"skipping video '{CORRUPT}'") for text in errors) == 1
 
 
+def test_a_run_without_validation_keeps_its_final_weights(run_config, tmp_path, capsys):
+    output = tmp_path / "run"
+    with pytest.warns(UserWarning, match=MISSING):
+        assert main(["train", "--config", str(run_config), "data.val_split=none", "optim.epochs=1",
+                     "--output", str(output)]) == 0
+    printed = capsys.readouterr().out
+    assert f"final weights: {output / 'weights.safetensors'}" in printed and "best validation" not in printed
+    assert not (output / "best.safetensors").exists()
+    records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert not [record for record in records if record["kind"] == "val"]
+    # All 9 training videos with files trained (none held out): 18 pairs, 4 steps of 4.
+    assert [record["step"] for record in records if record["kind"] == "train"] == [1, 2, 3, 4]
+    assert main(["eval", "--checkpoint", str(output), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["weights"] == str(output / "weights.safetensors")
+    assert main(["eval", "--checkpoint", str(output), "--split", "val"]) == 2
+    assert "data.val_split" in capsys.readouterr().err
+
+
+def test_validating_on_the_test_split_is_warned_about(run_config, tmp_path):
+    with pytest.warns(UserWarning, match="data.val_split=test is the test split"):
+        assert main(["train", "--config", str(run_config), "data.val_split=test", "run.stop_after=1",
+                     "--output", str(tmp_path / "run")]) == 0
+
+
 def test_prepare_fills_the_frame_cache_and_lists_bad_videos(run_config, tmp_path, capsys):
     cache = tmp_path / "frames"
     assert main(["prepare", "--config", str(run_config), f"data.frame_cache={cache}", "--workers", "0"]) == 0
