@@ -490,7 +490,7 @@ class Trainer:
         r1 = results["t2v"]["R1"]
         self.summary.last_val = results
         best = self.progress.best_r1 is None or r1 > self.progress.best_r1
-        if self.world.is_main and self.config.run.progress:
+        if self.world.is_main:  # a result, not progress: printed without the bar too
             print_above_bars(validation_line(self.progress.step, self.total_steps, results, best))
         with failures_shared():  # the others wait for rank 0's files, and stop if writing them fails
             if best:

@@ -136,6 +136,12 @@ def test_training_lowers_the_loss_and_writes_outputs(tmp_path):
     assert summary.best_val_r1 == max(val_r1)
 
 
+def test_validation_results_are_printed_without_the_progress_bar(tmp_path, capsys):
+    train(tiny_config(tmp_path, optim={"epochs": 1}), data=synthetic_data())  # run.progress is false
+    printed = capsys.readouterr().err
+    assert "validation at step 2/2: text-to-video R@1 " in printed and "it/s" not in printed
+
+
 def test_only_adapters_train_and_the_frozen_weights_stay(tmp_path):
     config = tiny_config(tmp_path, optim={"epochs": 1})
     before = build_model(config).state_dict()
