@@ -129,6 +129,11 @@ def check_base(model: TempMe, trained: str | Path, base_weights: str) -> None:
     recorded = recorded_metadata(trained).get(BASE_FINGERPRINT)
     if recorded is not None and recorded != base_fingerprint(model):
         trained_on = train_config_of(trained).model
+        if trained_on.weights and Path(trained_on.weights).expanduser().absolute() == Path(base_weights).expanduser().absolute():
+            raise ValueError(
+                f"{trained} holds adapters trained on {base_weights}, whose weights have changed since "
+                "(replaced or edited in place): give the base weights it was trained on"
+            )
         raise ValueError(
             f"{trained} holds adapters trained on {trained_on.weights or 'the random ' + trained_on.preset}, "
             f"not on {base_weights} (their weights differ): give the same base weights, or none to use "
