@@ -216,6 +216,8 @@ class TrainConfig:
 
 
 def _source_in(origins: Mapping[str, str], key: str, default: str) -> str:
+    if key.startswith("--"):  # an option of the command (--split), not a setting of any file
+        return "command line"
     key = re.sub(r"\[\d+\]", "", key)  # a list element comes from where its list came from
     # A setting comes from where it or the section above it was set ...
     parts = key.split(".")

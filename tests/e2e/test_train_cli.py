@@ -290,7 +290,7 @@ def test_bad_settings_fail_before_training_with_the_key_and_value(run_config, tm
     assert "command-line override 'data.val_split=dev': data.val_split: " in error
     assert "or data.val_split=holdout with data.holdout_videos=N to validate on N training videos held out" in error
     assert main(["eval", "--config", str(run_config), "--split", "bogus", "--no-cache"]) == 2
-    assert "--split: " in capsys.readouterr().err
+    assert "tempme eval: error: command line: --split: " in capsys.readouterr().err
     ablation = ["train", "--config", str(run_config), "model.method=none", "model.schedule.tome_r=3",
                 "--output", str(tmp_path / "ablation")]
     assert main(ablation) == 2
