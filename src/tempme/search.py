@@ -41,6 +41,7 @@ from .data import (
     VideoWindows,
     check_batch_fits_in_memory,
     collate_skip_bad,
+    loader_batches,
     quiet_worker_init,
 )
 from .files import LockHeld, atomic_file, exclusive_lock, file_stamp, lock_held
@@ -718,40 +719,47 @@ def update_index(
         )
         model.eval().to(device)
         last_save = time.monotonic()
-        try:
-            with progress_bar(total=len(todo), desc="indexing videos", unit="video", disable=not progress) as bar:
-                for samples in loader:
-                    for sample in samples:
-                        if isinstance(sample, SkippedVideo):
-                            video = sample.video_id
-                            index.skipped[video] = update.skipped[video] = sample.reason
-                            pending.add_failed(video, indexed=video in changed_set)
-                            bar.update(1)
-                            bar.set_postfix(undecodable=len(update.skipped), refresh=False)
-                    # Windows of a video that failed later in this batch: not worth encoding.
-                    samples = [s for s in samples if isinstance(s, SkippedVideo) or s["video_id"] not in pending.failed]
-                    batch = collate_skip_bad(samples)
-                    if batch is not None:
-                        if segment_s is None:
-                            spans, last = [None] * len(batch["video_id"]), [True] * len(batch["video_id"])
-                        else:
-                            spans = [list(span) for span in zip(batch["start"], batch["end"])]
-                            last = batch["final"].bool().tolist()
-                        embeddings = _embed_batch(model, batch, device, precision)
-                        for video in pending.add_embedded(batch["video_id"], spans, last, embeddings):
-                            if video in changed_set:
-                                update.updated.append(video)
+        shown: dict[str, int] = {}  # beside the bar
+        # Workers stop once the index is saved: a second Ctrl-C while they stop loses nothing.
+        with loader_batches(loader) as batches:
+            try:
+                with progress_bar(total=len(todo), desc="indexing videos", unit="video", disable=not progress) as bar:
+                    for samples in batches:
+                        for sample in samples:
+                            if isinstance(sample, SkippedVideo):
+                                video = sample.video_id
+                                index.skipped[video] = update.skipped[video] = sample.reason
+                                pending.add_failed(video, indexed=video in changed_set)
+                                bar.update(1)
+                                shown["undecodable"] = len(update.skipped)
+                                bar.set_postfix(shown, refresh=False)
+                        # Windows of a video that failed later in this batch: not worth encoding.
+                        samples = [s for s in samples if isinstance(s, SkippedVideo) or s["video_id"] not in pending.failed]
+                        batch = collate_skip_bad(samples)
+                        if batch is not None:
+                            if segment_s is None:
+                                spans, last = [None] * len(batch["video_id"]), [True] * len(batch["video_id"])
                             else:
-                                update.added += 1
-                            bar.update(1)
-                    if time.monotonic() - last_save >= save_every_s:
-                        pending.apply_to(index)
-                        index.save(path)
-                        last_save = time.monotonic()
-        finally:
-            # Also on Ctrl-C or an error: every finished video is kept, and the next run carries on.
-            pending.apply_to(index)
-            index.save(path)
+                                spans = [list(span) for span in zip(batch["start"], batch["end"])]
+                                last = batch["final"].bool().tolist()
+                            embeddings = _embed_batch(model, batch, device, precision)
+                            if segment_s is not None:  # the bar counts whole videos: show the windows too
+                                shown["windows"] = shown.get("windows", 0) + len(spans)
+                                bar.set_postfix(shown)
+                            for video in pending.add_embedded(batch["video_id"], spans, last, embeddings):
+                                if video in changed_set:
+                                    update.updated.append(video)
+                                else:
+                                    update.added += 1
+                                bar.update(1)
+                        if time.monotonic() - last_save >= save_every_s:
+                            pending.apply_to(index)
+                            index.save(path)
+                            last_save = time.monotonic()
+            finally:
+                # Also on Ctrl-C or an error: every finished video is kept, and the next run carries on.
+                pending.apply_to(index)
+                index.save(path)
         update.total, update.segments = index.videos, index.segments
         return update
 

@@ -30,7 +30,15 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from tempme import TempMe
-from tempme.data import FrameCache, RetrievalVideos, VideoItem, collate_skip_bad, flatten_captions, quiet_worker_init
+from tempme.data import (
+    FrameCache,
+    RetrievalVideos,
+    VideoItem,
+    collate_skip_bad,
+    flatten_captions,
+    loader_batches,
+    quiet_worker_init,
+)
 from tempme.data.cache import file_state
 from tempme.files import atomic_file
 from tempme.precision import autocast
@@ -109,13 +117,14 @@ def encode_videos(
         videos, batch_size=batch_size, num_workers=loader_workers(num_workers), collate_fn=collate_skip_bad,
         worker_init_fn=quiet_worker_init,
     )
-    for batch in progress_bar(loader, desc="encoding videos", disable=not progress):
-        if batch is None:  # every video of the batch was undecodable
-            continue
-        with autocast(device, precision):
-            features = model.encode_video(batch["video"].to(device), batch["video_mask"].to(device))
-        embeddings[batch["index"]] = features.float().cpu()
-        present[batch["index"]] = True
+    with loader_batches(loader) as batches:
+        for batch in progress_bar(batches, total=len(loader), desc="encoding videos", disable=not progress):
+            if batch is None:  # every video of the batch was undecodable
+                continue
+            with autocast(device, precision):
+                features = model.encode_video(batch["video"].to(device), batch["video_mask"].to(device))
+            embeddings[batch["index"]] = features.float().cpu()
+            present[batch["index"]] = True
     return embeddings, present
 
 

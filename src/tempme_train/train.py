@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from tempme import TempMe, devices
+from tempme.data import stop_workers
 from tempme.files import check_folder
 from tempme.precision import autocast
 from tempme.progress import print_above_bars, progress_bar
@@ -672,9 +673,7 @@ class Trainer:
                     batch = UnreadBatch(error)
                 yield batch
         finally:
-            shutdown = getattr(batches, "_shutdown_workers", None)  # torch's own, run when it is deleted
-            if shutdown is not None:
-                shutdown()
+            stop_workers(batches)
 
     def _log_train(self, step: int, window: list[StepResult]) -> None:
         """Mean loss over the steps since the last record, and the latest learning rate."""

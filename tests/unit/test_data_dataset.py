@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
+import time
 import warnings
 
 import pytest
@@ -13,7 +15,14 @@ from torch.utils.data import DataLoader
 
 from tempme.data.annotations import VideoItem, load_msrvtt
 from tempme.data.cache import FrameCache
-from tempme.data.dataset import RetrievalPairs, RetrievalVideos, collate_skip_bad, flatten_captions
+from tempme.data.dataset import (
+    RetrievalPairs,
+    RetrievalVideos,
+    collate_skip_bad,
+    flatten_captions,
+    loader_batches,
+    quiet_worker_init,
+)
 from tempme.data.video import SkippedVideo, VideoDecodeError
 
 SIZE = 32
@@ -236,3 +245,29 @@ def test_a_loader_goes_on_through_a_sigterm_to_its_worker():
             os.kill(int(batch[0]), signal.SIGTERM)
         pids.append(int(batch[0]))
     assert len(pids) == 6 and len(set(pids)) == 1
+
+
+class StuckAfterTheFirst(torch.utils.data.Dataset):
+    """Its second item never comes, and no signal handler runs meanwhile: a decoder stuck in C code."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> int:
+        if index > 0:
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGALRM})
+            time.sleep(600)
+        return index
+
+
+def test_loader_workers_that_no_signal_reaches_are_killed_on_the_way_out(monkeypatch):
+    monkeypatch.setattr(torch.utils.data._utils, "MP_STATUS_CHECK_INTERVAL", 0.2)  # torch's waits, shortened
+    loader = DataLoader(StuckAfterTheFirst(), batch_size=1, num_workers=1, worker_init_fn=quiet_worker_init)
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        with loader_batches(loader) as batches:
+            assert next(batches).tolist() == [0]
+            workers = list(batches._workers)
+            raise KeyboardInterrupt  # Ctrl-C while the worker is stuck on the next item
+    assert workers and not any(worker.is_alive() for worker in workers)
+    assert time.monotonic() - started < 30

@@ -430,3 +430,40 @@ class TestDecordBackend:
                 assert [frame_index(f) for f in frames] == [frame_index(f) for f in expected]
         with pytest.raises(VideoDecodeError, match="no video stream"):
             list(read_windows(video_files.audio_only, 4, 1.0, 2.0, backend="decord"))
+
+
+def turn_display(path, clockwise: int) -> None:
+    """Write a display rotation into an mp4's track header, as phones do (PyAV cannot write one):
+    players then show the stored frames turned ``clockwise`` degrees (90 or 270)."""
+    data = bytearray(path.read_bytes())
+    header = data.index(b"tkhd") + 4
+    matrix = header + (40 if data[header] == 0 else 52)  # after the times, ids, layer and volume
+    sine = {90: 1, 270: -1}[clockwise]
+    one, two_30 = 0x00010000, 0x40000000  # 16.16 and 2.30 fixed point
+    values = [0, sine * one, 0, -sine * one, 0, 0, 0, 0, two_30]
+    data[matrix : matrix + 36] = b"".join(value.to_bytes(4, "big", signed=True) for value in values)
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("clockwise", [90, 270])
+def test_phone_videos_stored_sideways_are_read_upright(tmp_path, clockwise):
+    """A portrait phone video: landscape frames, and a display matrix that players turn them by."""
+    path = tmp_path / f"portrait{clockwise}.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=Fraction(5))
+        stream.width, stream.height, stream.pix_fmt = 64, 32, "yuv420p"
+        for _ in range(10):
+            pixels = np.zeros((32, 64, 3), np.uint8)
+            pixels[:16, :32] = 255  # the stored frame's top-left quarter is white
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
+        container.mux(stream.encode(None))
+    turn_display(path, clockwise)
+    with av.open(str(path)) as container:  # as ffprobe reports it: counter-clockwise degrees
+        assert next(container.decode(video=0)).rotation == {90: -90, 270: 90}[clockwise]
+    first_window = next(iter(read_windows(path, max_frames=1, framerate=1.0, window_s=1.0)))[1]
+    for frames in (read_frames(path, max_frames=2), first_window):
+        upright = np.asarray(frames[0].convert("L"), dtype=float)
+        assert upright.shape == (64, 32)  # portrait: 32 wide, 64 high
+        # Turned clockwise by 90, the stored top-left lands at the top right; by 270, at the bottom left.
+        white = {90: upright[:32, 16:], 270: upright[32:, :16]}[clockwise]
+        assert white.mean() > 200 and upright.mean() < 100

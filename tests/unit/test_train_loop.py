@@ -271,13 +271,18 @@ def test_a_save_stopped_between_its_renames_never_leaves_the_run_without_a_check
 def test_weights_of_another_backbone_than_the_preset_are_refused_naming_the_right_one(tmp_path):
     from tempme.weights import save_weights
 
+    name = "test-tiny-48-wide"  # a layout no other test registers
+    tempme.register_preset(name, CLIPConfig(
+        embed_dim=16, vision=VisionConfig(width=48, layers=4, heads=2, patch_size=16, image_size=SIZE),
+        text=TextConfig(width=32, layers=1, heads=2),
+    ))
     weights = tmp_path / "clip.safetensors"
-    save_weights(tempme.create_model(PRESET, method="none"), weights)
-    wrong = tiny_config(tmp_path / "wrong", model={"preset": "tiny-B/16", "weights": str(weights)})
-    with pytest.raises(ConfigError, match=f"model.preset.*hold {PRESET}, not tiny-B/16: set model.preset={PRESET}"):
+    save_weights(tempme.create_model(name, method="none"), weights)
+    wrong = tiny_config(tmp_path / "wrong", model={"weights": str(weights)})  # model.preset is PRESET
+    with pytest.raises(ConfigError, match=f"model.preset.*hold {name}, not {PRESET}: set model.preset={name}"):
         train(wrong, data=synthetic_data())
     assert not (tmp_path / "wrong" / "last").exists()
-    right = tiny_config(tmp_path / "right", model={"weights": str(weights)}, run={"stop_after": 1})
+    right = tiny_config(tmp_path / "right", model={"preset": name, "weights": str(weights)}, run={"stop_after": 1})
     assert train(right, data=synthetic_data()).steps == 1
 
 
@@ -1147,6 +1152,6 @@ def test_a_run_stores_its_data_paths_absolute(tmp_path, monkeypatch):
     config.data.anno_path, config.data.video_dir = "anno/captions.csv", "~/videos"
     train(config, data=synthetic_data())
     stored = load_config(tmp_path / "run" / LAST / CONFIG).data
-    # Relative to the directory the run started in; a path from home stays as it was.
-    assert (stored.anno_path, stored.video_dir) == (str(tmp_path / "anno" / "captions.csv"), "~/videos")
+    # Relative to the directory the run started in; a path from home is one (~ reads as the home folder).
+    assert (stored.anno_path, stored.video_dir) == (str(tmp_path / "anno" / "captions.csv"), os.path.expanduser("~/videos"))
     assert config.data.anno_path == "anno/captions.csv"  # the caller's config is left as it was

@@ -22,7 +22,9 @@ from .dataset import (
     collate_skip_bad,
     flatten_captions,
     physical_memory,
+    loader_batches,
     quiet_worker_init,
+    stop_workers,
 )
 from .randaugment import AugmentStep, VideoRandAugment
 from .transforms import CLIP_MEAN, CLIP_STD, clip_preprocess, frames_to_tensor
@@ -58,7 +60,9 @@ __all__ = [
     "load_msrvtt",
     "physical_memory",
     "plan_windows",
+    "loader_batches",
     "quiet_worker_init",
+    "stop_workers",
     "read_frames",
     "read_windows",
     "require_videos",

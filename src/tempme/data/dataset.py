@@ -19,12 +19,13 @@ import os
 import signal
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from .annotations import VideoItem
 from .cache import FrameCache
@@ -255,6 +256,32 @@ def quiet_worker_init(worker_id: int) -> None:
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _leave_at_second_sigterm)
+
+
+@contextmanager
+def loader_batches(loader: DataLoader) -> Iterator[Iterator[Any]]:
+    """``iter(loader)``, whose worker processes are stopped on leaving the block (done, an error or
+    Ctrl-C) by :func:`stop_workers`."""
+    batches = iter(loader)
+    try:
+        yield batches
+    finally:
+        stop_workers(batches)
+
+
+def stop_workers(batches: Iterator[Any]) -> None:
+    """Stop the worker processes of a DataLoader iterator now, as torch does when the iterator is
+    deleted (which a traceback holding it can put off until exit), and kill those still running then:
+    a worker stuck in a decoder's C code runs no signal handler, so neither torch's SIGTERM nor
+    Python's exit, which waits for it, would ever end."""
+    shutdown = getattr(batches, "_shutdown_workers", None)  # torch's own, run when it is deleted
+    if shutdown is None:
+        return
+    shutdown()
+    for worker in getattr(batches, "_workers", ()):
+        if worker.is_alive():
+            worker.kill()
+            worker.join()
 
 
 SIGTERM_GRACE_S = 60  # long enough to deliver the batch a held stop waits for

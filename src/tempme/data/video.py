@@ -222,6 +222,19 @@ def _decode(
         raise VideoDecodeError(path, f"corrupt stream ({err})") from err
 
 
+# PIL's exact quarter turns, counter-clockwise as the display matrix counts them.
+_QUARTER_TURNS = {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180, 270: Image.Transpose.ROTATE_270}
+
+
+def upright_image(frame: "av.VideoFrame") -> Image.Image:
+    """A decoded frame as an RGB image turned as players show it: phones store portrait video as
+    landscape frames with a rotation in the stream's display matrix, and a model shown them sideways
+    would see people lying down."""
+    image = frame.to_image()
+    turn = _QUARTER_TURNS.get(round(getattr(frame, "rotation", 0) or 0) % 360)
+    return image if turn is None else image.transpose(turn)
+
+
 def _decode_wanted(path: Path, wanted: set[int]) -> tuple[dict[int, Image.Image], int]:
     """Decode sequentially up to the last wanted index.
 
@@ -234,7 +247,7 @@ def _decode_wanted(path: Path, wanted: set[int]) -> tuple[dict[int, Image.Image]
     for index, frame in _decoded_in_order(path, max(wanted)):
         decoded = index + 1
         if index in wanted:
-            frames[index] = frame.to_image()
+            frames[index] = upright_image(frame)
     return frames, decoded
 
 
@@ -321,7 +334,7 @@ def _seek_frames(
                 return  # the stream ended first
             if frame.pts != target:
                 return
-            yield index, frame.to_image()
+            yield index, upright_image(frame)
     except (av.FFmpegError, OSError, ValueError):
         return
 
@@ -449,7 +462,7 @@ def _frames_once(
         wanted_set = set(rest)
         for index, frame in _decoded_in_order(path, rest[-1]):
             if index in wanted_set:
-                yield index, frame.to_image()
+                yield index, upright_image(frame)
 
 
 def _group_windows(
