@@ -10,7 +10,6 @@ import select
 import sys
 import warnings
 
-from tempme.signals import Terminated, sigterm_raises
 
 SUBCOMMANDS = ("flops", "bench", "prepare", "train", "eval", "search", "demo")  # search: index and search
 
@@ -97,7 +96,10 @@ def show_only_this_process_warnings() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        parser = build_parser()  # imports torch: seconds in which Ctrl-C is likely
+        # Both import torch: seconds in which Ctrl-C is likely, and answered in one line.
+        from tempme.signals import Terminated, sigterm_raises
+
+        parser = build_parser()
     except KeyboardInterrupt:
         print("tempme: interrupted", file=sys.stderr)
         return 130

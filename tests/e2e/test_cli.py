@@ -291,3 +291,17 @@ def test_flops_takes_the_model_of_a_training_config(tmp_path, capsys):
     own.write_text("base: msrvtt_b32_tempme\nmodel: {schedule: {cross_merge_ratio: 0.5}}\n")
     assert report("--config", str(own)) == report("--cross-merge-ratio", "0.5")
     assert report("--config", str(own), "--frames", "8")["frames"] == 8  # options change what the config says
+
+
+def test_ctrl_c_while_torch_loads_is_one_line(monkeypatch, capsys):
+    # Loading torch takes seconds; the command module must not load it before main() can catch Ctrl-C.
+    imported = subprocess.run([sys.executable, "-c", "import sys, tempme_cli.main; print('torch' in sys.modules)"],
+                              capture_output=True, text=True, check=True)
+    assert imported.stdout.strip() == "False"
+
+    def interrupted_while_loading():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("tempme_cli.main.build_parser", interrupted_while_loading)
+    assert main(["search", "x.index", "query"]) == 130
+    assert capsys.readouterr().err == "tempme: interrupted\n"
