@@ -354,13 +354,20 @@ def open_index(path: PathLike, model_info: dict[str, Any], settings: dict[str, A
             f"{path} was built by another model ({json.dumps(built_by)}){this_run}; "
             "embeddings of two models cannot be ranked together: write a new index or delete this one"
         )
-    for key in dict.fromkeys([*settings, *index.settings]):
-        if index.settings.get(key) != settings.get(key):
+    check_same_settings(path, index.settings, settings, dict.fromkeys([*settings, *index.settings]))
+    return index
+
+
+def check_same_settings(path: PathLike, recorded: dict[str, Any], settings: dict[str, Any], keys: Iterable[str]) -> None:
+    """Raise VideoIndexError naming the first of ``keys`` whose value in ``settings`` differs from the
+    index's ``recorded`` one (an absent ``segment_s`` is whole videos). Callers that know some settings
+    before the model loads check those then."""
+    for key in keys:
+        if recorded.get(key) != settings.get(key):
             raise VideoIndexError(
-                f"{path} was built with {_setting_text(key, index.settings.get(key))}, this run has "
+                f"{path} was built with {_setting_text(key, recorded.get(key))}, this run has "
                 f"{_setting_text(key, settings.get(key))}; use the same setting or write a new index"
             )
-    return index
 
 
 def deleted(

@@ -227,7 +227,13 @@ def find_index_sources(sources: list[str], index_exists: bool, prune: bool) -> l
 
 
 def run_index(args: argparse.Namespace) -> int:
-    from tempme.search import check_index_free, check_index_options, read_index_header, update_index
+    from tempme.search import (
+        check_index_free,
+        check_index_options,
+        check_same_settings,
+        read_index_header,
+        update_index,
+    )
     from tempme.weights import model_fingerprint
 
     if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
@@ -271,6 +277,15 @@ def run_index(args: argparse.Namespace) -> int:
             "method": args.method or built_by.get("method"),
             "frames": args.frames or built_by.get("frames"),
         }
+    if existing:  # what can be compared before the model loads (a download, maybe) is compared now
+        known = {"framerate": framerate, "precision": precision, "frames": args.frames or recorded.get("frames")}
+        if segment_s is not None:
+            known["segment_s"] = segment_s
+        check_same_settings(args.out, recorded, known, [*known, "segment_s"])
+        if args.method and built_by.get("method") not in (None, args.method):
+            raise ValueError(f"{args.out} was built by a model with method={built_by['method']!r}, this run asks for "
+                             f"method={args.method!r}; embeddings of two models cannot be ranked together: leave "
+                             "--method out or write a new index")
     if not args.json:
         source = model_info.get("checkpoint") or model_info["weights"]
         print(f"{count(len(videos), 'video')} found; loading {source} on {device} ({precision})", file=sys.stderr)

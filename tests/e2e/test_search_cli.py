@@ -256,7 +256,7 @@ def test_updating_an_index_follows_its_settings_and_copes_with_missing_folders(t
     assert (settings["frames"], settings["framerate"], settings["precision"]) == (4, 2.0, "bf16")
 
     code, _, err = cli(capsys, "index", str(first), *common, "--frames", "6")  # said explicitly: refused
-    assert code == 2 and "this run's model has frames=6" in err, err
+    assert code == 2 and "was built with frames=4, this run has frames=6" in err, err
 
     moved = tmp_path / "moved"
     second.rename(moved)
@@ -376,6 +376,10 @@ def test_index_of_segments_then_search_finds_moments(tmp_path, capsys):
     assert "3 videos indexed in 5 segments (1 new" in out
     code, out, err = cli(capsys, *args, "--segment", "6")
     assert code == 2 and "built with segments of 4 s, this run has segments of 6 s" in err
+    assert "loading" not in err  # refused before the model loads
+    code, out, err = cli(capsys, *args, "--method", "none")
+    assert code == 2 and "built by a model with method='tempme', this run asks for method='none'" in err
+    assert "loading" not in err
 
     code, out, err = cli(capsys, "search", str(index), QUERIES[0], "-k", "5", "--json")
     assert code == 0, err
