@@ -179,7 +179,13 @@ def _open_container(path: Path) -> av.container.InputContainer:
     try:
         return av.open(str(path))
     except (av.FFmpegError, OSError, ValueError) as err:
-        raise VideoDecodeError(path, f"unreadable container ({err})") from err
+        raise VideoDecodeError(path, f"unreadable container ({_what_failed(err)})") from err
+
+
+def _what_failed(error: Exception) -> str:
+    """FFmpeg's words for a failure, without the errno and the file's path that its message repeats
+    ("[Errno 1094995529] Invalid data found when processing input: '/videos/x.mp4'")."""
+    return getattr(error, "strerror", None) or str(error)
 
 
 def _video_stream(container: av.container.InputContainer, path: Path) -> av.video.stream.VideoStream:
@@ -219,7 +225,7 @@ def _decode(
     try:
         yield from container.decode(stream)
     except (av.FFmpegError, OSError, ValueError) as err:
-        raise VideoDecodeError(path, f"corrupt stream ({err})") from err
+        raise VideoDecodeError(path, f"corrupt stream ({_what_failed(err)})") from err
 
 
 # PIL's exact quarter turns, counter-clockwise as the display matrix counts them.
