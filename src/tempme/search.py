@@ -281,8 +281,9 @@ def read_index_header(path: PathLike) -> dict[str, Any]:
         metadata = safetensors_metadata(path)
     except OSError as error:
         raise VideoIndexError(f"{path}: cannot read the index ({error.strerror or error})") from None
-    except ValueError as error:
-        raise VideoIndexError(f"{path}: not a tempme video index ({error})") from None
+    except ValueError:  # safetensors' own words ("header too large") say nothing to a user here
+        raise VideoIndexError(f"{path}: not a tempme video index (not even a safetensors file; "
+                              "build one with `tempme index`)") from None
     if metadata.get("format") != INDEX_FORMAT:
         raise VideoIndexError(f"{path}: not a tempme video index (written by something else)")
     try:

@@ -151,7 +151,7 @@ def test_load_refuses_what_is_not_an_index(tmp_path):
         VideoIndex.load(other)
     garbage = tmp_path / "garbage.index"
     garbage.write_bytes(b"\x00" * 100)
-    with pytest.raises(VideoIndexError, match="not a tempme video index"):
+    with pytest.raises(VideoIndexError, match=r"not a tempme video index \(not even a safetensors file"):
         VideoIndex.load(garbage)
 
 
