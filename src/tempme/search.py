@@ -17,6 +17,7 @@ tried again on the next run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -662,7 +663,8 @@ def update_index(
     Indexed videos whose file changed since they were embedded (another size or modification time,
     or none recorded: an index written by an older tempme) are embedded again, whether or not they are
     among ``videos``: the index must not rank a file by what it used to hold. Indexed videos whose
-    file was deleted are dropped (see :func:`deleted`).
+    file was deleted are dropped (see :func:`deleted`). Undecodable videos are reported in the
+    result's ``skipped`` (and recorded in the index, to be tried again next time), not warned about.
 
     Args:
         model: encodes the videos, as it is (``optimize_for_inference`` first makes it faster).
@@ -729,7 +731,12 @@ def update_index(
         last_save = time.monotonic()
         shown: dict[str, int] = {}  # beside the bar
         # Workers stop once the index is saved: a second Ctrl-C while they stop loses nothing.
-        with loader_batches(loader) as batches:
+        # Undecodable videos are reported in the result, not warned about as well (from deep inside
+        # torch's loader); the workers inherit the filter when they start.
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(warnings.catch_warnings())
+            warnings.filterwarnings("ignore", message="skipping video", category=UserWarning)
+            batches = stack.enter_context(loader_batches(loader))
             try:
                 with progress_bar(total=len(todo), desc="indexing videos", unit="video", disable=not progress) as bar:
                     for samples in batches:

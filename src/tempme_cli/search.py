@@ -292,20 +292,17 @@ def run_index(args: argparse.Namespace) -> int:
     model = load_search_model(model_info)
     fingerprint = model_fingerprint(model)
     model.optimize_for_inference()  # same embeddings, less compute
-    with warnings.catch_warnings():
-        # Each undecodable video is listed at the end (and counted on the progress bar) instead.
-        warnings.filterwarnings("ignore", message="skipping video", category=UserWarning)
-        try:
-            update = update_index(
-                model, videos, args.out, fingerprint=fingerprint, model_info=model_info, batch_size=args.batch_size,
-                device=device, precision=precision, framerate=framerate, num_workers=args.workers,
-                backend=args.backend, save_every_s=args.save_every, progress=show_progress(args),
-                sources=args.videos, prune=args.prune, segment_s=segment_s,
-            )
-        except KeyboardInterrupt:
-            print(f"{args.out}: {count(saved_count(args.out), 'video')} indexed, every finished video saved; "
-                  "run the same command again to carry on", file=sys.stderr)
-            raise
+    try:
+        update = update_index(
+            model, videos, args.out, fingerprint=fingerprint, model_info=model_info, batch_size=args.batch_size,
+            device=device, precision=precision, framerate=framerate, num_workers=args.workers,
+            backend=args.backend, save_every_s=args.save_every, progress=show_progress(args),
+            sources=args.videos, prune=args.prune, segment_s=segment_s,
+        )
+    except KeyboardInterrupt:
+        print(f"{args.out}: {count(saved_count(args.out), 'video')} indexed, every finished video saved; "
+              "run the same command again to carry on", file=sys.stderr)
+        raise
     if args.json:
         report = {"index": str(args.out), "found": len(videos), "added": update.added, "updated": update.updated,
                   "skipped": update.skipped, "removed": update.removed, "total": update.total}
