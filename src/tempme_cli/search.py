@@ -361,9 +361,11 @@ def run_search(args: argparse.Namespace) -> int:
     model = load_search_model(model_info)
     if model_fingerprint(model) != index.model.get("fingerprint"):
         named = model_info.get("checkpoint") or model_info.get("weights")
+        recorded = index.model.get("checkpoint") or index.model.get("weights")
+        built_by = f" ({recorded} as they were then)" if recorded and recorded != named else ""
         raise VideoIndexError(
-            f"{args.index} was built by other weights than {named}: queries must be encoded by the model "
-            "that embedded the videos (name its weights with --weights or --checkpoint)"
+            f"{args.index} was built by other weights than {named}{built_by}: queries must be encoded by the "
+            "model that embedded the videos (name its weights with --weights or --checkpoint)"
         )
     device = device_option(args.device)
     if args.per_video and index.spans is None:
