@@ -82,6 +82,7 @@ def _walk_videos(folder: Path) -> Iterable[Path]:
     of its own parents ends instead of looping forever. Hidden files and folders are left out.
     """
     seen: set[tuple[int, int]] = set()
+    dangling: list[Path] = []
     for root, dirs, files in os.walk(folder, followlinks=True):
         try:
             info = os.stat(root)
@@ -95,8 +96,16 @@ def _walk_videos(folder: Path) -> Iterable[Path]:
         dirs[:] = sorted(name for name in dirs if not name.startswith("."))
         for name in files:
             candidate = Path(root) / name
-            if not name.startswith(".") and candidate.suffix.lower() in VIDEO_EXTENSIONS and candidate.is_file():
+            if name.startswith(".") or candidate.suffix.lower() not in VIDEO_EXTENSIONS:
+                continue
+            if candidate.is_file():
                 yield candidate
+            elif candidate.is_symlink() and not candidate.exists():
+                dangling.append(candidate)
+    if dangling:
+        shown = ", ".join(str(link) for link in dangling[:3]) + (" ..." if len(dangling) > 3 else "")
+        warnings.warn(f"{len(dangling)} link(s) to videos in {folder} lead to no file and are passed over: {shown}",
+                      stacklevel=3)
 
 
 def find_videos(sources: Iterable[PathLike], allow_empty: bool = False) -> list[Path]:

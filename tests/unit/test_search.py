@@ -107,6 +107,14 @@ def test_find_videos_follows_linked_folders_without_looping(tmp_path):
     assert found == sorted([(elsewhere / "x.mp4").resolve(), (library / "sub" / "y.m2ts").resolve()])
 
 
+def test_links_to_videos_that_lead_nowhere_are_warned_about(tmp_path):
+    write_video(tmp_path / "library" / "x.mp4", num_frames=5)
+    (tmp_path / "library" / "gone.mp4").symlink_to(tmp_path / "deleted.mp4")
+    (tmp_path / "library" / "notes.txt").symlink_to(tmp_path / "deleted.txt")  # not a video: no word
+    with pytest.warns(UserWarning, match=r"1 link\(s\) to videos in .*library lead to no file .*gone.mp4"):
+        assert find_videos([tmp_path / "library"]) == [(tmp_path / "library" / "x.mp4").resolve()]
+
+
 def test_video_extensions_cover_the_containers_pyav_reads(tmp_path):
     for extension in (".m2ts", ".mts", ".ts", ".mpg", ".mpeg", ".wmv", ".flv", ".3gp"):
         assert extension in VIDEO_EXTENSIONS
