@@ -76,10 +76,10 @@ def max_merge(num_tokens: int, num_cls: int) -> int:
 def normalized_patches(metric: torch.Tensor, num_cls: int, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The patch rows of ``metric [B, N, C]`` scaled to unit length: ``[B, N - num_cls, C]`` in ``dtype``.
 
-    Divided in float32 (float64 for a float64 metric; the norm read straight from ``metric``'s own
-    dtype) and rounded once to ``dtype``, by default ``similarity_dtype(metric)``. Contiguous, so
-    consecutive sequences can be viewed as one joined sequence for free (ClipMe). In float32 the
-    values equal ``F.normalize(metric.float())``.
+    The norm and the quotient are computed in float32 (float64 for a float64 metric), and the result
+    is rounded once to ``dtype`` (by default ``similarity_dtype(metric)``). Contiguous, so consecutive
+    sequences can be viewed as one joined sequence for free (ClipMe). In float32 the values equal
+    ``F.normalize(metric.float())``.
     """
     dtype = dtype or similarity_dtype(metric)
     patches = metric[:, num_cls:]
@@ -107,10 +107,12 @@ def similarity_dtype(metric: torch.Tensor) -> torch.dtype:
 
 
 def patch_similarities(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Cosine similarities ``[B, |A|, |B|]`` of normalised patches ``a [B, |A|, C]`` and ``b [B, |B|, C]``,
-    in float32 whatever their dtype (float64 for float64), under autocast too: half-precision inputs are multiplied exactly
-    and summed in float32 (on a GPU by one tensor-core product with float32 output), so that scores
-    are not rounded to half precision (bf16 keeps 8 significant bits), which would tie many of them."""
+    """Cosine similarities ``[B, |A|, |B|]`` of normalised patches ``a [B, |A|, C]`` and ``b [B, |B|, C]``.
+
+    The scores are float32 whatever the inputs' dtype (float64 for float64), under autocast too.
+    Scores rounded to half precision would tie often (bf16 keeps 8 significant bits), so half-precision
+    inputs are multiplied exactly and summed in float32: on a GPU by one tensor-core product with
+    float32 output."""
     # Autocast exists on CPUs and GPUs (not on the meta device, where FLOPs are counted).
     no_autocast = torch.autocast(a.device.type, enabled=False) if a.device.type in ("cpu", "cuda") else nullcontext()
     with no_autocast:
@@ -152,8 +154,8 @@ def match_patches(patches: torch.Tensor, r: int, num_cls: int) -> MergePlan:
         merged = order[:, :r]  # indices into A
         # Unmerged tokens keep their original order (vanilla ToMe leaves them in score order).
         unmerged = order[:, r:].sort(dim=-1).values
-        # Every input row number laid out as the input: its CLS, A and B columns are views of it.
-        # Each index kernel counts on a GPU, where they are small: this layout needs one per index.
+        # Every input row number laid out as the input: its CLS, A and B columns are views of it, so
+        # each index below costs one small kernel (on a GPU, launching them costs more than running them).
         rows = torch.arange(batch * num_tokens, device=device).view(batch, num_tokens)
         a_rows = rows[:, num_cls + a_start :: 2]
         keep_rows = torch.cat([rows[:, :num_cls], a_rows.gather(1, unmerged), rows[:, num_cls + b_start :: 2]], dim=1)
