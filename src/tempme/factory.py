@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from pathlib import Path
 
 import torch
@@ -18,6 +17,7 @@ from .config import (
     settings_ignored_by,
 )
 from .model import TempMe
+from .userwarnings import warn
 
 MERGE_FIELDS = {f.name for f in dataclasses.fields(MergeConfig)}
 
@@ -47,8 +47,8 @@ def build_config(
     ignored = settings_ignored_by(method, merge_overrides)
     if ignored:
         # The command line and training configs refuse these; from Python a warning says the same.
-        warnings.warn(f"method {method!r} never reads {', '.join(ignored)}: the model is the same without "
-                      f"{'it' if len(ignored) == 1 else 'them'}", stacklevel=3)
+        warn(f"method {method!r} never reads {', '.join(ignored)}: the model is the same without "
+             f"{'it' if len(ignored) == 1 else 'them'}")
     for name in ("merge_layers", "clips_joined"):
         if name in merge_overrides:
             merge_overrides[name] = tuple(merge_overrides[name])

@@ -6,9 +6,10 @@ import contextlib
 import os
 import stat
 import tempfile
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
+
+from .userwarnings import warn
 
 
 def current_umask() -> int:
@@ -173,8 +174,8 @@ def exclusive_lock(target: str | os.PathLike) -> Iterator[None]:
         except BlockingIOError:
             raise LockHeld(str(target)) from None
         except OSError as error:  # a file system without locks (some NFS, CIFS, FUSE): go on unlocked
-            warnings.warn(f"cannot lock {lock_file} ({error.strerror or error}): nothing stops two runs writing "
-                          f"{target} at once")
+            warn(f"cannot lock {lock_file} ({error.strerror or error}): nothing stops two runs writing "
+                 f"{target} at once")
             yield
             return
         try:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -29,6 +28,7 @@ from .merging import (
     normalized_patches,
 )
 from .schedule import LayerPlan, build_plan, merge_counts, simulate
+from .userwarnings import warn
 
 
 QUICK_GELU_SCALE = 1.702
@@ -117,10 +117,9 @@ def warn_if_tome_r_capped(plan: tuple[LayerPlan, ...], merge: MergeConfig, token
               if row.kind == "imgme" and row.r < merge.tome_r]
     if capped:
         merged = ", ".join(f"{r} in layer {layer}" for layer, r in capped[:3]) + (" ..." if len(capped) > 3 else "")
-        warnings.warn(
+        warn(
             f"tome_r={merge.tome_r} is more than some layers can merge (at most half the patches of a "
-            f"frame of {tokens_per_frame - 1} patches): they merge {merged}",
-            stacklevel=5,  # the caller of create_model or load_model
+            f"frame of {tokens_per_frame - 1} patches): they merge {merged}"
         )
 
 

@@ -10,12 +10,13 @@ similarities.
 
 from __future__ import annotations
 
-import warnings
 from typing import Sequence, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .userwarnings import warn
 
 GroundTruth = Union[Sequence[int], Sequence[Sequence[int]]]
 
@@ -127,11 +128,10 @@ def _warn_if_often_tied(sim: np.ndarray, best_gt_score: np.ndarray, gt_lists: li
         np.count_nonzero(sim[q, items] == best_gt_score[q]) for q, items in enumerate(gt_lists)
     ])
     if tied.mean() > TIED_QUERIES_WARNED:
-        warnings.warn(
+        warn(
             f"{tied.sum()} of {len(tied)} queries score their match exactly as high as other items, and ties "
             "count in the model's favour: identical embeddings (duplicate videos or captions, or a collapsed "
-            "model) make these recalls too high",
-            stacklevel=3,
+            "model) make these recalls too high"
         )
 
 

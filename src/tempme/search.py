@@ -49,6 +49,7 @@ from .files import LockHeld, atomic_file, exclusive_lock, file_stamp, lock_held
 from .model import TempMe
 from .precision import autocast
 from .progress import progress_bar
+from .userwarnings import warn
 from .weights import model_fingerprint, safetensors_metadata
 
 # Containers FFmpeg (so PyAV) reads; .m2ts/.mts are AVCHD camera files (MPEG transport streams).
@@ -104,8 +105,7 @@ def _walk_videos(folder: Path) -> Iterable[Path]:
                 dangling.append(candidate)
     if dangling:
         shown = ", ".join(str(link) for link in dangling[:3]) + (" ..." if len(dangling) > 3 else "")
-        warnings.warn(f"{len(dangling)} link(s) to videos in {folder} lead to no file and are passed over: {shown}",
-                      stacklevel=3)
+        warn(f"{len(dangling)} link(s) to videos in {folder} lead to no file and are passed over: {shown}")
 
 
 def find_videos(sources: Iterable[PathLike], allow_empty: bool = False) -> list[Path]:
@@ -429,14 +429,13 @@ def absent_sources(
         indexed = sum(1 for video in dict.fromkeys(index.paths)
                       if Path(video).is_relative_to(root) and Path(video) != root)
         if not indexed and not root.exists() and str(root) not in videos_indexed:  # (a deleted file given by name is)
-            warnings.warn(f"{source}: no such file or folder, passed over (nothing in the index came from it)",
-                          stacklevel=4)
+            warn(f"{source}: no such file or folder, passed over (nothing in the index came from it)")
             continue
         if prune or not indexed or any(video.is_relative_to(root) for video in found):
             continue  # pruned, or a deleted file given by name: reported as deleted, not warned about
         why = "holds no videos now (an empty mount point?)" if root.is_dir() else "is not there (now)"
-        warnings.warn(f"{source} {why}: the {indexed} video(s) indexed from it stay in the index "
-                      "(--prune drops them)", stacklevel=4)
+        warn(f"{source} {why}: the {indexed} video(s) indexed from it stay in the index "
+             "(--prune drops them)")
         absent.add(root)
     return absent
 
@@ -506,9 +505,9 @@ def _drop_deleted_videos(
         elif not any(Path(video).is_relative_to(root) for root in absent):
             kept += 1
     if kept:
-        warnings.warn(
+        warn(
             f"{kept} indexed video(s) are missing and stay in the index, as their folders are missing too (a "
-            "drive not mounted, or the target of a linked folder; --prune drops them)", stacklevel=4
+            "drive not mounted, or the target of a linked folder; --prune drops them)"
         )
     _drop_videos(index, set(removed))
     return removed

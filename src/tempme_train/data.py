@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ from tempme.data import (
 )
 from tempme.data.annotations import UnknownSplit
 from tempme.tokenizer import tokenize
+from tempme.userwarnings import warn
 
 from .config import HOLDOUT, NO_VALIDATION, ConfigError, DataSettings, TrainConfig
 from .evaluate import EvalSet
@@ -105,19 +105,17 @@ def train_and_val_items(data: DataSettings, source: str) -> tuple[list[VideoItem
     if data.val_split == NO_VALIDATION:
         return train_items, []
     if data.val_split == data.test_split and data.dataset != "custom":
-        warnings.warn(
+        warn(
             f"data.val_split={data.val_split} is the test split: choosing best.safetensors on it reports test "
             f"numbers that were selected on the test set; use data.val_split={HOLDOUT} with "
-            f"data.holdout_videos=N, or data.val_split={NO_VALIDATION} to keep the final weights",
-            stacklevel=2,
+            f"data.holdout_videos=N, or data.val_split={NO_VALIDATION} to keep the final weights"
         )
     if data.val_split != HOLDOUT:
         if data.dataset == "custom":
-            warnings.warn(
+            warn(
                 f"data.dataset=custom has no splits: validation reads the training pairs of {data.anno_path}, "
                 "so validation R@1 (and the choice of best.safetensors) measures fit, not generalisation; "
-                "set data.val_split=holdout and data.holdout_videos=N to validate on N videos kept out of training",
-                stacklevel=2,
+                "set data.val_split=holdout and data.holdout_videos=N to validate on N videos kept out of training"
             )
         return train_items, load_split(data, data.val_split, source, "data.val_split")
     if data.holdout_videos >= len(train_items):
@@ -141,7 +139,7 @@ def drop_missing_videos(
     message = f"{len(missing)} of {len(items)} {split} videos are missing: {shown}"
     if data.strict:
         raise ConfigError(source, "data.video_dir", data.video_dir, message)
-    warnings.warn(message + "; leaving them out", stacklevel=2)
+    warn(message + "; leaving them out")
     absent = {id(item) for item in missing}
     return [item for item in items if id(item) not in absent], [item.video_id for item in missing]
 
@@ -179,8 +177,8 @@ def warn_if_test_split_unreadable(config: TrainConfig, source: str) -> None:
     try:
         split_items(config.data, "test", source)
     except ConfigError as error:
-        warnings.warn(f"the test split cannot be read, so `tempme eval` will fail until it is fixed: "
-                      f"{config.blame(error)}", stacklevel=3)
+        warn(f"the test split cannot be read, so `tempme eval` will fail until it is fixed: "
+             f"{config.blame(error)}")
 
 
 def check_validation_items(items: list[VideoItem], missing: int, data: DataSettings, source: str) -> None:

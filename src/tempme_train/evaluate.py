@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +44,7 @@ from tempme.precision import autocast
 from tempme.progress import progress_bar
 from tempme.retrieval import similarity, text_to_video_metrics, video_to_text_metrics
 from tempme.search import encode_texts
+from tempme.userwarnings import warn
 from tempme.weights import model_fingerprint
 
 from .config import DataSettings
@@ -199,7 +199,7 @@ def load_cached(path: Path) -> Embeddings | None:
         tensors = load_file(str(path))
         return Embeddings(tensors["text"], tensors["video"], tensors["present"])
     except Exception as error:  # noqa: BLE001 - safetensors raises its own error type, OS errors, KeyError
-        warnings.warn(f"ignoring the damaged embedding cache file {path} ({error}); computing the embeddings again")
+        warn(f"ignoring the damaged embedding cache file {path} ({error}); computing the embeddings again")
         return None
 
 
@@ -280,7 +280,7 @@ def evaluate(
                 save_cached(cache_path, embeddings)
             except (OSError, SafetensorError) as error:  # safetensors reports a full disk as its own error
                 # The cache only saves time next run: losing it must not cost the metrics just computed.
-                warnings.warn(
+                warn(
                     f"could not write the embedding cache {cache_path} ({error}); the metrics are not affected"
                 )
                 cache_path = None

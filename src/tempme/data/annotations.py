@@ -18,11 +18,12 @@ import io
 import json
 import math
 import os
-import warnings
 from collections.abc import Callable, Container, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ..userwarnings import warn
 
 DATASETS = ("msrvtt", "didemo", "activitynet", "lsmdc", "custom")
 
@@ -284,10 +285,9 @@ def _warn_without_captions(listed: Sequence[str], list_path: Path, captions: Con
     """Warn of the videos that ``list_path`` lists but ``source`` gives no captions for."""
     lacking = [video_id for video_id in listed if video_id not in captions]
     if lacking:
-        warnings.warn(
+        warn(
             f"{len(lacking)} video(s) listed in {list_path} have no captions in {source} and are left out "
-            f"(first: {lacking[:_MISSING_LISTED]})",
-            stacklevel=3,
+            f"(first: {lacking[:_MISSING_LISTED]})"
         )
 
 
@@ -658,6 +658,6 @@ def require_videos(items: Sequence[VideoItem], strict: bool = False) -> list[Vid
     message = f"{len(missing)} of {len(items)} videos are missing: {shown}{more}"
     if strict:
         raise MissingVideosError(message)
-    warnings.warn(message + "; skipping them", stacklevel=2)
+    warn(message + "; skipping them")
     absent = {id(item) for item in missing}
     return [item for item in items if id(item) not in absent]

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import signal
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from ..userwarnings import warn
 from .annotations import VideoItem
 from .cache import FrameCache
 from .randaugment import VideoRandAugment
@@ -74,7 +74,7 @@ class _VideoDataset(Dataset):
         except VideoDecodeError as err:
             if self.strict:
                 raise
-            warnings.warn(f"skipping video {item.video_id!r}: {err}", stacklevel=3)
+            warn(f"skipping video {item.video_id!r}: {err}")
             return SkippedVideo(item.video_id, item.path, err.reason)
         if self.augmenter is not None:
             frames = self.augmenter(frames)
@@ -224,7 +224,7 @@ class VideoWindows(IterableDataset):
                             "video_id": str(video), "start": window.start, "end": window.end, "final": 0}
         except VideoDecodeError as error:
             where = "" if previous is None else f" (after {previous['end']:.1f} s)"
-            warnings.warn(f"skipping video {str(video)!r}: {error}{where}", stacklevel=2)
+            warn(f"skipping video {str(video)!r}: {error}{where}")
             yield SkippedVideo(str(video), video, f"{error.reason}{where}")
             return
         previous["final"] = 1

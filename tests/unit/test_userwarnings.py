@@ -1,0 +1,27 @@
+"""tempme's warnings name the line of the user's program that led to them, however deep the check."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+from torch.utils.data import DataLoader
+
+import tempme
+from tempme.data import RetrievalVideos, VideoItem, collate_skip_bad
+
+
+def test_a_model_setting_warning_points_at_the_call_that_made_the_model():
+    with pytest.warns(UserWarning, match="tome_r=30 is more than some layers can merge") as record:
+        line = inspect.currentframe().f_lineno + 1
+        tempme.create_model("tiny-B/32", method="tome", frames=2, tome_r=30)
+    assert (record[0].filename, record[0].lineno) == (__file__, line)
+
+
+def test_a_skipped_video_warning_points_at_the_loop_not_into_torch(tmp_path):
+    videos = RetrievalVideos([VideoItem("gone", tmp_path / "gone.mp4")], max_frames=2, image_size=32)
+    with pytest.warns(UserWarning, match="skipping video 'gone'") as record:
+        line = inspect.currentframe().f_lineno + 1
+        batches = list(DataLoader(videos, batch_size=1, collate_fn=collate_skip_bad))
+    assert batches == [None]
+    assert (record[0].filename, record[0].lineno) == (__file__, line)
