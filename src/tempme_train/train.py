@@ -40,6 +40,7 @@ from tempme.precision import autocast
 from tempme.progress import print_above_bars, progress_bar
 from tempme.retrieval import contrastive_loss
 from tempme.signals import Terminated, handlers_replaced, sigterm_raises
+from tempme.userwarnings import warn
 
 from .checkpoint import (
     BEST,
@@ -51,7 +52,7 @@ from .checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from .config import ConfigError, TrainConfig, check_schedule_is_read, load_run_config, save_config
+from .config import ConfigError, TrainConfig, check_schedule_is_read, load_run_config, save_config, with_settings
 from .data import (
     EpochSampler,
     TrainData,
@@ -277,6 +278,7 @@ class Trainer:
             if world.is_main:
                 check_folder(self.output, f"{source}: run.output_dir")
             checkpoint = self._check_output(resume, source)
+            config, optim = self.config, self.config.optim  # a resumed old run may have had settings added
             if checkpoint is None:
                 check_schedule_is_read(config, source)
             if config.run.tensorboard:
@@ -353,7 +355,13 @@ class Trainer:
             return None
         if checkpoint is None:
             raise FileNotFoundError(f"cannot resume: no checkpoint in {self.output / LAST}")
-        saved = load_run_config(checkpoint / CONFIG)
+        saved, predated = load_run_config(checkpoint / CONFIG)
+        if predated:
+            # A run from before a setting existed goes on as it started; nothing else could resume it.
+            self.config = with_settings(self.config, predated, f"{checkpoint / CONFIG} (older than these settings)")
+            shown = ", ".join(f"{key}={value}" for key, value in predated.items())
+            warn(f"{checkpoint} was saved before {', '.join(predated)} existed: the run goes on with {shown}, "
+                 "as it started")
         differences = _resume_differences(saved, self.config)
         if differences:
             key, (then, now) = next(iter(differences.items()))
