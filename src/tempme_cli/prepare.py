@@ -10,8 +10,8 @@ EPILOG = textwrap.dedent(
     The cache folder is data.frame_cache; training and evaluation with the same config then read the
     sampled, resized frames from it instead of decoding the videos again. Entries are keyed by each
     video file's path, size and modification time: an edited, replaced or moved video is decoded
-    again, and entries of tempme versions before 2026-11-27 are not reused (delete the folder to
-    reclaim the space). Under torchrun (several nodes sharing the cache folder), each process decodes
+    again, and entries of tempme versions before 2026-11-27 14:00 UTC (before frames were turned
+    upright by the video's rotation) are not reused (delete the folder to reclaim the space). Under torchrun (several nodes sharing the cache folder), each process decodes
     its share of the videos.
 
     example:

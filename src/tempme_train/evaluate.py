@@ -39,6 +39,7 @@ from tempme.data import (
     quiet_worker_init,
 )
 from tempme.data.cache import file_state
+from tempme.data.video import DECODING_VERSION
 from tempme.files import atomic_file
 from tempme.precision import autocast
 from tempme.progress import progress_bar
@@ -183,7 +184,7 @@ def cache_key(model: TempMe, eval_set: EvalSet, precision: str) -> str:
     from other files. The files are looked at when the key is taken, before any decoding.
     """
     digest = hashlib.sha256(model_fingerprint(model).encode("utf-8"))
-    for part in (eval_set.name, eval_set.fingerprint, precision):
+    for part in (eval_set.name, eval_set.fingerprint, precision, f"decoding {DECODING_VERSION}"):
         digest.update(part.encode("utf-8"))
     files = [[file_state(item.path), item.start, item.end] for item in eval_set.items]
     data = [eval_set.video_ids, eval_set.captions, eval_set.caption_to_video, files]

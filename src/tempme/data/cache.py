@@ -37,7 +37,7 @@ from ..files import atomic_file, file_stamp
 from ..progress import progress_bar
 from .annotations import VideoItem
 from .transforms import resize_short_side
-from .video import SkippedVideo, VideoDecodeError, read_frames
+from .video import DECODING_VERSION, SkippedVideo, VideoDecodeError, read_frames
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -97,7 +97,7 @@ class FrameCache:
         The key holds the video file's state (see :func:`file_state`), so the entry of a file that
         changed since, or of another file under the same id, is not this one.
         """
-        key = f"{item.video_id}|{file_state(item.path)}|{item.start}|{item.end}"
+        key = f"{item.video_id}|{file_state(item.path)}|{item.start}|{item.end}|{DECODING_VERSION}"
         digest = hashlib.sha1(key.encode("utf-8")).hexdigest()[:16]
         readable = _UNSAFE.sub("_", item.video_id)[:80]
         return self.folder / f"{readable}-{digest}.npy"

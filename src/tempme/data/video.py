@@ -228,6 +228,10 @@ def _decode(
         raise VideoDecodeError(path, f"corrupt stream ({_what_failed(err)})") from err
 
 
+# Changes whenever the same file gives other frames than before, so that caches of decoded frames
+# and of embeddings are not reused across it. 2: frames turned upright by the display rotation.
+DECODING_VERSION = 2
+
 # PIL's exact quarter turns, counter-clockwise as the display matrix counts them.
 _QUARTER_TURNS = {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180, 270: Image.Transpose.ROTATE_270}
 
