@@ -127,7 +127,7 @@ def _warn_if_often_tied(sim: np.ndarray, best_gt_score: np.ndarray, gt_lists: li
     tied = (sim == best_gt_score[:, None]).sum(axis=1) > np.array([
         np.count_nonzero(sim[q, items] == best_gt_score[q]) for q, items in enumerate(gt_lists)
     ])
-    if tied.mean() > TIED_QUERIES_WARNED:
+    if len(tied) and tied.mean() > TIED_QUERIES_WARNED:
         warn(
             f"{tied.sum()} of {len(tied)} queries score their match exactly as high as other items, and ties "
             "count in the model's favour: identical embeddings (duplicate videos or captions, or a collapsed "

@@ -768,7 +768,7 @@ def update_index(
                             embeddings = _embed_batch(model, batch, device, precision)
                             if segment_s is not None:  # the bar counts whole videos: show the windows too
                                 shown["windows"] = shown.get("windows", 0) + len(spans)
-                                bar.set_postfix(shown)
+                                bar.set_postfix(shown, refresh=False)  # redrawn at the bar's own pace
                             for video in pending.add_embedded(batch["video_id"], spans, last, embeddings):
                                 if video in changed_set:
                                     update.updated.append(video)

@@ -59,6 +59,7 @@ class SplitsThenOverrides(argparse.Action):
 def run(args: argparse.Namespace) -> int:
     from tempme.data import check_videos_exist
     from tempme.files import check_folder
+    from tempme_train.config import NO_VALIDATION
     from tempme_train.data import frame_cache, split_items
     from tempme_train.distributed import world_from_env
 
@@ -76,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
     # A video can belong to several splits (a held-out validation set is part of train); cache it once.
     items = {}
     for name in args.splits:
+        if name == "val" and config.data.val_split == NO_VALIDATION:
+            continue  # nothing to cache: this config trains without validation
         split = config.data.train_split if name == "train" else name
         for item in split_items(config.data, split, args.config):
             items.setdefault((item.video_id, item.start, item.end), item)

@@ -10,6 +10,7 @@ import torch
 from tempme import TempMe, create_model, load_model
 from tempme.config import get_preset, preset_names
 from tempme.schedule import ScheduleError
+from tempme.userwarnings import warn
 
 from .config import ConfigError, TrainConfig, config_from_dict
 
@@ -52,24 +53,30 @@ def build_model(config: TrainConfig, source: str = "config") -> TempMe:
 
 
 def check_preset_matches_weights(model: TempMe, config: TrainConfig, source: str = "config") -> None:
-    """Refuse weights of another backbone than ``model.preset`` names: the model is built from the
-    weights, while the stored config, ``tempme flops --config`` and a reader of the config would all
-    take the preset's word for it (a B/16 config given B/32 weights trains a B/32 with the B/32 schedule)."""
+    """Refuse weights of another known backbone than ``model.preset`` names: the model is built from
+    the weights, while the stored config, ``tempme flops --config`` and a reader of the config would
+    all take the preset's word for it (a B/16 config given B/32 weights trains a B/32 with the B/32
+    schedule). Weights of a layout no preset has are built as they are, with a warning."""
     preset = config.model.preset
+    key_source = config.source_of("model.preset", source)
     try:
         wanted = get_preset(preset).vision
-    except ValueError:
-        return  # a preset unknown here (registered by other code) says nothing to compare
+    except ValueError as error:
+        raise ConfigError(key_source, "model.preset", preset, str(error), show_value=False) from None
     built = model.config.clip.vision
     layout = ("width", "layers", "patch_size", "image_size")
     if all(getattr(built, name) == getattr(wanted, name) for name in layout):
         return
+    held = f"a ViT of width {built.width}, {built.layers} layers, patch {built.patch_size}, {built.image_size} px"
     same = [name for name in preset_names() if all(getattr(get_preset(name).vision, f) == getattr(built, f) for f in layout)]
-    held = same[0] if same else f"a ViT of width {built.width}, {built.layers} layers, patch {built.patch_size}"
-    fix = f"set model.preset={same[0]} or choose that backbone's config" if same else "set model.preset to match them"
+    if not same:
+        warn(f"{key_source}: model.preset={preset} does not describe model.weights {config.model.weights}, which hold "
+             f"{held}; the model is built from the weights (the preset names it in the config only)")
+        return
     raise ConfigError(
-        config.source_of("model.preset", source), "model.preset", preset,
-        f"model.weights {config.model.weights} hold {held}, not {preset}: {fix}",
+        key_source, "model.preset", preset,
+        f"model.weights {config.model.weights} hold {same[0]}, not {preset}: set model.preset={same[0]} "
+        "or choose that backbone's config",
     )
 
 

@@ -218,6 +218,10 @@ def test_a_run_without_validation_keeps_its_final_weights(run_config, tmp_path, 
     assert json.loads(capsys.readouterr().out)["weights"] == str(output / "weights.safetensors")
     assert main(["eval", "--checkpoint", str(output), "--split", "val"]) == 2
     assert "data.val_split" in capsys.readouterr().err
+    # Preparing its frame cache leaves out the validation set it does not have.
+    assert main(["prepare", "--config", str(run_config), "data.val_split=none", f"data.frame_cache={tmp_path / 'f'}",
+                 "--workers", "0"]) == 0
+    assert "11 videos cached, 1 undecodable, 1 missing" in capsys.readouterr().out
 
 
 def test_validating_on_the_test_split_is_warned_about(run_config, tmp_path):

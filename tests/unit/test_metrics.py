@@ -229,3 +229,10 @@ def test_a_collapsed_model_is_warned_about_since_ties_count_in_its_favour():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         text_to_video_metrics(similarity(texts, videos))
+
+
+def test_no_queries_is_one_clear_error_and_no_numpy_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match="zero queries"):
+            retrieval_metrics(torch.zeros(0, 0))

@@ -287,6 +287,16 @@ def test_weights_of_another_backbone_than_the_preset_are_refused_naming_the_righ
     assert not (tmp_path / "wrong" / "last").exists()
     right = tiny_config(tmp_path / "right", model={"preset": name, "weights": str(weights)}, run={"stop_after": 1})
     assert train(right, data=synthetic_data()).steps == 1
+    # Weights of a layout no preset has train as they are, with a warning; an unknown preset is refused.
+    odd = tmp_path / "odd.safetensors"
+    save_weights(tempme.create_model(CLIPConfig(
+        embed_dim=16, vision=VisionConfig(width=40, layers=4, heads=2, patch_size=16, image_size=SIZE),
+        text=TextConfig(width=32, layers=1, heads=2)), method="none"), odd)
+    with pytest.warns(UserWarning, match=f"model.preset={PRESET} does not describe model.weights .*width 40"):
+        assert train(tiny_config(tmp_path / "odd", model={"weights": str(odd)}, run={"stop_after": 1}),
+                     data=synthetic_data()).steps == 1
+    with pytest.raises(ConfigError, match="model.preset: unknown model preset 'ViT-B32'"):
+        train(tiny_config(tmp_path / "typo", model={"preset": "ViT-B32", "weights": str(weights)}), data=synthetic_data())
 
 
 def test_a_fresh_run_refuses_a_folder_with_trained_weights_and_no_checkpoint(tmp_path):
