@@ -17,7 +17,7 @@ from .config import (
     settings_ignored_by,
 )
 from .model import TempMe
-from .userwarnings import warn
+from .userwarnings import SettingsWarning, warn
 
 MERGE_FIELDS = {f.name for f in dataclasses.fields(MergeConfig)}
 
@@ -48,7 +48,7 @@ def build_config(
     if ignored:
         # The command line and training configs refuse these; from Python a warning says the same.
         warn(f"method {method!r} never reads {', '.join(ignored)}: the model is the same without "
-             f"{'it' if len(ignored) == 1 else 'them'}")
+             f"{'it' if len(ignored) == 1 else 'them'}", SettingsWarning)
     for name in ("merge_layers", "clips_joined"):
         if name in merge_overrides:
             merge_overrides[name] = tuple(merge_overrides[name])

@@ -28,7 +28,7 @@ from .merging import (
     normalized_patches,
 )
 from .schedule import LayerPlan, build_plan, merge_counts, simulate
-from .userwarnings import warn
+from .userwarnings import SettingsWarning, warn
 
 
 QUICK_GELU_SCALE = 1.702
@@ -119,7 +119,8 @@ def warn_if_tome_r_capped(plan: tuple[LayerPlan, ...], merge: MergeConfig, token
         merged = ", ".join(f"{r} in layer {layer}" for layer, r in capped[:3]) + (" ..." if len(capped) > 3 else "")
         warn(
             f"tome_r={merge.tome_r} is more than some layers can merge (at most half the patches of a "
-            f"frame of {tokens_per_frame - 1} patches): they merge {merged}"
+            f"frame of {tokens_per_frame - 1} patches): they merge {merged}",
+            SettingsWarning,
         )
 
 

@@ -25,6 +25,11 @@ _LIBRARY_FOLDERS = tuple(
 )
 
 
+class SettingsWarning(UserWarning):
+    """A warning about settings, annotations or weights: the same for every process of a torchrun
+    run, so only its first process shows it (``tempme_cli.main``)."""
+
+
 def warn(message: str, category: type[Warning] = UserWarning) -> None:
     """``warnings.warn(message, category)``, attributed to the first caller outside tempme and torch
     (the outermost frame when there is none, as in a data-loading worker process)."""

@@ -38,7 +38,7 @@ from safetensors.torch import load_file, save_file
 from .config import CLIPConfig, ModelConfig, TextConfig, VisionConfig, get_preset, preset_names
 from .files import atomic_file, check_readable
 from .model import TempMe, is_adapter_parameter
-from .userwarnings import warn
+from .userwarnings import SettingsWarning, warn
 
 PathLike = str | os.PathLike
 
@@ -558,7 +558,8 @@ def without_unfitting_clip_pos_embeds(
             f"{source}: its clip positional embeddings of layer(s) {layers} (trained for {infer_frames(sd)} "
             f"frames) do not fit this model (method {config.merge.method!r}, {config.frames} frames"
             + (f", merge layers {list(config.merge.merge_layers)}" if config.merge.method == "tempme" else "")
-            + "): they are left out and the model's own start at zero there; its LoRA weights are loaded"
+            + "): they are left out and the model's own start at zero there; its LoRA weights are loaded",
+            SettingsWarning,
         )
     return {name: tensor for name, tensor in sd.items() if name not in dropped}
 

@@ -88,10 +88,12 @@ def later_torchrun_process() -> bool:
 
 
 def show_only_this_process_warnings() -> None:
-    """Under torchrun every process reads the same config and annotations, so rank 0's warnings
-    about them are everyone's: the other ranks keep only those about their own share of the videos."""
-    warnings.filterwarnings("ignore")
-    warnings.filterwarnings("default", message="skipping video")
+    """Under torchrun every process reads the same config, annotations and weights, so rank 0's
+    warnings about them are everyone's; the other ranks show only their own (a video of their
+    share, their device)."""
+    from tempme.userwarnings import SettingsWarning
+
+    warnings.filterwarnings("ignore", category=SettingsWarning)
 
 
 def main(argv: list[str] | None = None) -> int:

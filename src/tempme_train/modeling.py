@@ -10,7 +10,7 @@ import torch
 from tempme import TempMe, create_model, load_model
 from tempme.config import get_preset, preset_names
 from tempme.schedule import ScheduleError
-from tempme.userwarnings import warn
+from tempme.userwarnings import SettingsWarning, warn
 
 from .config import ConfigError, TrainConfig, config_from_dict
 
@@ -68,10 +68,12 @@ def check_preset_matches_weights(model: TempMe, config: TrainConfig, source: str
     if all(getattr(built, name) == getattr(wanted, name) for name in layout):
         return
     held = f"a ViT of width {built.width}, {built.layers} layers, patch {built.patch_size}, {built.image_size} px"
-    same = [name for name in preset_names() if all(getattr(get_preset(name).vision, f) == getattr(built, f) for f in layout)]
+    same = [name for name in preset_names()
+            if all(getattr(get_preset(name).vision, field) == getattr(built, field) for field in layout)]
     if not same:
-        warn(f"{key_source}: model.preset={preset} does not describe model.weights {config.model.weights}, which hold "
-             f"{held}; the model is built from the weights (the preset names it in the config only)")
+        warn(f"{key_source}: model.preset={preset} does not describe model.weights {config.model.weights}, which "
+             f"hold {held}; the model is built from the weights (the preset names it in the config only)",
+             SettingsWarning)
         return
     raise ConfigError(
         key_source, "model.preset", preset,

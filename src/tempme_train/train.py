@@ -40,7 +40,7 @@ from tempme.precision import autocast
 from tempme.progress import print_above_bars, progress_bar
 from tempme.retrieval import contrastive_loss
 from tempme.signals import Terminated, handlers_replaced, sigterm_raises
-from tempme.userwarnings import warn
+from tempme.userwarnings import SettingsWarning, warn
 
 from .checkpoint import (
     BEST,
@@ -361,7 +361,7 @@ class Trainer:
             self.config = with_settings(self.config, predated, f"{checkpoint / CONFIG} (older than these settings)")
             shown = ", ".join(f"{key}={value}" for key, value in predated.items())
             warn(f"{checkpoint} was saved before {', '.join(predated)} existed: the run goes on with {shown}, "
-                 "as it started")
+                 "as it started", SettingsWarning)
         differences = _resume_differences(saved, self.config)
         if differences:
             key, (then, now) = next(iter(differences.items()))
