@@ -480,7 +480,10 @@ def _preset_with_shapes(shapes: CLIPConfig) -> CLIPConfig | None:
 
 def _openai_heads(width: int) -> int:
     if width < 64 or width % 64:
-        raise WeightsError(f"cannot infer the head count of width {width} (OpenAI uses width // 64); pass heads=")
+        raise WeightsError(
+            f"cannot infer the head count of width {width} (OpenAI uses width // 64): register the architecture "
+            "with tempme.register_preset, or give Hugging Face weights their config.json"
+        )
     return width // 64
 
 
@@ -834,6 +837,15 @@ def _hf_heads(path: Path) -> tuple[int, int] | None:
         return None
     try:
         config = json.loads(config_file.read_text())
-        return config["vision_config"]["num_attention_heads"], config["text_config"]["num_attention_heads"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
+        vision, text = config["vision_config"], config["text_config"]
+        heads = vision["num_attention_heads"], text["num_attention_heads"]
+        # transformers' default; CLIP's own encoders (and tempme's) use QuickGELU, OpenAI's activation.
+        activations = {vision.get("hidden_act", "quick_gelu"), text.get("hidden_act", "quick_gelu")}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         raise WeightsError(f"{config_file}: cannot read the head counts ({err!r})") from None
+    if activations != {"quick_gelu"}:
+        raise WeightsError(
+            f"{config_file}: hidden_act {sorted(activations)}: tempme's encoders use QuickGELU, as OpenAI's CLIP "
+            "weights do, so these weights would give other features than their own model"
+        )
+    return heads

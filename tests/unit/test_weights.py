@@ -354,6 +354,17 @@ def test_truncated_files_raise_weights_error(files, tmp_path, kind):
         load_weights(path)
 
 
+def test_hf_weights_with_another_activation_are_refused(files, tmp_path):
+    folder = tmp_path / "hf-gelu"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes((files["hf_dir"] / "model.safetensors").read_bytes())
+    config = json.loads((files["hf_dir"] / "config.json").read_text())
+    config["vision_config"]["hidden_act"] = "gelu"
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(WeightsError, match=r"config.json: hidden_act \['gelu', 'quick_gelu'\]: tempme's encoders use QuickGELU"):
+        load_weights(folder)
+
+
 def test_truncated_hf_dir_names_the_file(files, tmp_path):
     folder = tmp_path / "hf"
     folder.mkdir()
