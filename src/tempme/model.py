@@ -512,7 +512,8 @@ class TempMe(nn.Module):
     def encode_video(self, frames: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """CLIP-normalised frames ``[B, F, 3, H, W]`` (optional mask ``[B, F]``) -> ``[B, embed_dim]``."""
         self.visual.check_frames(frames, mask)
-        return self.visual(frames.to(self.visual.conv1.weight.dtype), mask)
+        weight = self.visual.conv1.weight  # frames decoded on the CPU go to the model's device and dtype
+        return self.visual(frames.to(weight.device, weight.dtype), None if mask is None else mask.to(weight.device))
 
     def tokenize(self, texts: str | list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         from .tokenizer import tokenize

@@ -115,7 +115,7 @@ def find_videos(sources: Iterable[PathLike], allow_empty: bool = False) -> list[
     with one of ``VIDEO_EXTENSIONS`` (any case), following links to folders. Hidden files and folders
     are left out. Finding none is an error unless ``allow_empty``.
     """
-    sources = list(sources)
+    sources = [sources] if isinstance(sources, (str, os.PathLike)) else list(sources)
     found: set[Path] = set()
     for source in sources:
         path = Path(source).expanduser()
@@ -647,6 +647,12 @@ def _embed_batch(model: TempMe, batch: dict[str, Any], device: torch.device, pre
 
 
 @torch.no_grad()
+def folded(model: TempMe) -> bool:
+    """Whether ``optimize_for_inference`` or ``fold_lora`` changed the model's weights since it was loaded."""
+    lora_gone = model.config.lora.rank > 0 and any(getattr(m, "lora_a", 0) is None for m in model.modules())
+    return model.activation_folded or lora_gone
+
+
 def update_index(
     model: TempMe,
     videos: Sequence[PathLike],
@@ -693,6 +699,14 @@ def update_index(
     """
     check_index_options(batch_size=batch_size, framerate=framerate, num_workers=num_workers,
                         save_every_s=save_every_s, segment_s=segment_s)
+    if isinstance(videos, (str, os.PathLike)):
+        videos = [videos]
+    if fingerprint is None and folded(model):
+        raise ValueError(
+            "the model was optimised (optimize_for_inference or fold_lora), which changes its weights' "
+            "fingerprint: take fingerprint=model_fingerprint(model) before optimising and pass it, so that "
+            "`tempme search` can tell the weights it loads are these"
+        )
     device = torch.device(device)
     autocast(device, precision)  # refuses an unknown precision before any work
     model_info = {
@@ -707,6 +721,9 @@ def update_index(
     # for no one and stops at once.
     with _index_lock(path):
         index = open_index(path, model_info, settings, model.config.clip.embed_dim)
+        if not {"weights", "checkpoint"} & model_info.keys():  # not said this time: still what the index says
+            model_info = {**{key: index.model[key] for key in ("weights", "checkpoint") if key in index.model},
+                          **model_info}
         # The same weights (the fingerprint matched); the way to load them may have changed (a moved file).
         relocated, index.model = index.model != model_info, model_info
 

@@ -268,3 +268,10 @@ def test_the_compiled_encoder_gives_the_eager_embeddings():
         eager = model.visual(video)
         compiled = torch.compile(model.visual, dynamic=False)(video)
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-4)
+
+
+def test_encode_video_takes_frames_to_the_models_device_as_encode_text_does():
+    model = tempme.create_model("tiny-B/32", frames=2, device="meta")  # another device than the frames'
+    frames, mask = torch.randn(1, 2, 3, 224, 224), torch.ones(1, 2)
+    assert model.encode_video(frames, mask).device.type == "meta"
+    assert model.encode_text(["a dog"]).device.type == "meta"

@@ -764,3 +764,23 @@ def test_a_video_of_many_windows_counts_once_when_deleted_or_kept(long_video_dir
         update = update_index(model, find_videos([other]), index_path, segment_s=4.0, sources=[drive, other],
                               progress=False)
     assert (update.removed, update.total, update.segments) == ([], 3, 5)
+
+
+def test_an_update_without_model_info_keeps_the_weights_the_index_names(video_dir, tmp_path):
+    videos, model, index_path = index_a_copy(video_dir, tmp_path, model_info={"weights": "/models/clip.pt"})
+    os.utime(videos / "a.mp4", ns=(1, 1))  # changed: the next update embeds it again
+    update = update_index(model, find_videos([videos]), index_path, progress=False)
+    assert update.updated == [str((videos / "a.mp4").resolve())]
+    assert VideoIndex.load(index_path).model["weights"] == "/models/clip.pt"
+
+
+def test_an_optimised_model_needs_the_fingerprint_of_the_weights_it_was_loaded_from(video_dir, tmp_path):
+    model = tiny_model()
+    fingerprint = model_fingerprint(model)
+    model.optimize_for_inference()
+    one_video = str(video_dir / "a.mp4")  # a single path, as a string
+    with pytest.raises(ValueError, match="take fingerprint=model_fingerprint\\(model\\) before optimising"):
+        update_index(model, one_video, tmp_path / "v.index", progress=False)
+    update = update_index(model, one_video, tmp_path / "v.index", fingerprint=fingerprint, progress=False)
+    assert update.added == 1 and VideoIndex.load(tmp_path / "v.index").model["fingerprint"] == fingerprint
+    assert find_videos(str(video_dir)) == find_videos([video_dir])
