@@ -52,21 +52,28 @@ def build_config(
     for name in ("merge_layers", "clips_joined"):
         if name in merge_overrides:
             merge_overrides[name] = tuple(merge_overrides[name])
-    merge = (schedule or default_merge_config(clip, frames, method)).replace(**merge_overrides)
+    merge = (schedule or default_merge_config(clip, frames, method)).replace(method=method, **merge_overrides)
     return ModelConfig(clip=clip, merge=merge, lora=LoRAConfig(rank=lora_rank), frames=frames, max_words=max_words)
 
 
 def create_model(
     config: ModelConfig | CLIPConfig | str = "ViT-B/32",
-    method: str = "tempme",
-    frames: int = 12,
+    method: str | None = None,
+    frames: int | None = None,
     device: str | torch.device = "cpu",
     **kwargs,
 ) -> TempMe:
     """A randomly initialised model. ``config`` is a full ``ModelConfig``, an architecture, or a preset name;
-    other keyword arguments go to ``build_config``."""
-    if not isinstance(config, ModelConfig):
-        config = build_config(config, method=method, frames=frames, **kwargs)
+    for the last two, ``method`` (default ``"tempme"``), ``frames`` (default 12) and the other keyword
+    arguments go to ``build_config``."""
+    if isinstance(config, ModelConfig):
+        given = [name for name, value in (("method", method), ("frames", frames)) if value is not None] + list(kwargs)
+        if given:
+            raise TypeError(f"a ModelConfig already holds {', '.join(given)}: change them in the ModelConfig "
+                            "(dataclasses.replace) or pass an architecture or preset name instead")
+    else:
+        config = build_config(config, method="tempme" if method is None else method,
+                              frames=12 if frames is None else frames, **kwargs)
     return TempMe(config).to(device)
 
 
@@ -91,8 +98,10 @@ def load_model(
 
     loaded = load_weights(weights)
     saved = loaded.model_config
-    method = method or (saved.merge.method if saved else "tempme")
-    frames = frames or (saved.frames if saved else None) or loaded.frames or 12
+    if method is None:
+        method = saved.merge.method if saved else "tempme"
+    if frames is None:
+        frames = (saved.frames if saved else None) or loaded.frames or 12
     own_schedule = saved is not None and (method, frames) == (saved.merge.method, saved.frames)
     if own_schedule and not kwargs:
         config = saved

@@ -275,3 +275,18 @@ def test_encode_video_takes_frames_to_the_models_device_as_encode_text_does():
     frames, mask = torch.randn(1, 2, 3, 224, 224), torch.ones(1, 2)
     assert model.encode_video(frames, mask).device.type == "meta"
     assert model.encode_text(["a dog"]).device.type == "meta"
+
+
+def test_factory_arguments_are_used_or_refused_never_ignored(tmp_path):
+    from tempme.config import MergeConfig
+    from tempme.factory import build_config
+    from tempme.weights import save_weights
+
+    config = build_config("tiny-B/32", method="tempme", frames=4)
+    with pytest.raises(TypeError, match="a ModelConfig already holds method, frames, tome_r"):
+        tempme.create_model(config, method="none", frames=8, tome_r=5)
+    assert tempme.create_model(config).config == config
+    assert build_config("tiny-B/32", method="tome", schedule=MergeConfig()).merge.method == "tome"
+    path = save_weights(tempme.create_model(config), tmp_path / "w.safetensors")
+    with pytest.raises(ValueError, match="frames must be at least 1, got 0"):  # not taken as "unset"
+        tempme.load_model(path, frames=0)
