@@ -49,8 +49,10 @@ def build_config(
         # The command line and training configs refuse these; from Python a warning says the same.
         warn(f"method {method!r} never reads {', '.join(ignored)}: the model is the same without "
              f"{'it' if len(ignored) == 1 else 'them'}", SettingsWarning)
+    if isinstance(frames, bool) or not isinstance(frames, int):
+        raise TypeError(f"frames must be an integer, got {frames!r}")
     for name in ("merge_layers", "clips_joined"):
-        if name in merge_overrides:
+        if isinstance(merge_overrides.get(name), list):  # other types are named by the schedule's check
             merge_overrides[name] = tuple(merge_overrides[name])
     merge = (schedule or default_merge_config(clip, frames, method)).replace(method=method, **merge_overrides)
     return ModelConfig(clip=clip, merge=merge, lora=LoRAConfig(rank=lora_rank), frames=frames, max_words=max_words)

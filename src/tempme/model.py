@@ -513,6 +513,8 @@ class TempMe(nn.Module):
         """CLIP-normalised frames ``[B, F, 3, H, W]`` (optional mask ``[B, F]``) -> ``[B, embed_dim]``."""
         self.visual.check_frames(frames, mask)
         weight = self.visual.conv1.weight  # frames decoded on the CPU go to the model's device and dtype
+        if frames.shape[0] == 0:  # as encode_text([]) gives
+            return weight.new_zeros(0, self.config.clip.embed_dim)
         return self.visual(frames.to(weight.device, weight.dtype), None if mask is None else mask.to(weight.device))
 
     def tokenize(self, texts: str | list[str]) -> tuple[torch.Tensor, torch.Tensor]:

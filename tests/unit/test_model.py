@@ -290,3 +290,12 @@ def test_factory_arguments_are_used_or_refused_never_ignored(tmp_path):
     path = save_weights(tempme.create_model(config), tmp_path / "w.safetensors")
     with pytest.raises(ValueError, match="frames must be at least 1, got 0"):  # not taken as "unset"
         tempme.load_model(path, frames=0)
+
+
+def test_wrongly_typed_arguments_are_named_and_an_empty_batch_is_empty():
+    for settings, message in (({"frames": 12.0}, "frames must be an integer, got 12.0"),
+                              ({"merge_layers": 8}, "merge_layers must be a sequence of integers, got 8")):
+        with pytest.raises((TypeError, ValueError), match=message):
+            tempme.create_model("tiny-B/32", **settings)
+    model = tempme.create_model("tiny-B/32", frames=2)
+    assert model.encode_video(torch.randn(0, 2, 3, 224, 224)).shape == model.encode_text([]).shape == (0, 32)
