@@ -16,6 +16,7 @@ from .config import (
     get_preset,
     settings_ignored_by,
 )
+from .devices import resolve_device
 from .model import TempMe
 from .userwarnings import SettingsWarning, warn
 
@@ -58,6 +59,12 @@ def build_config(
     return ModelConfig(clip=clip, merge=merge, lora=LoRAConfig(rank=lora_rank), frames=frames, max_words=max_words)
 
 
+def checked_device(device: str | torch.device) -> torch.device:
+    """``device`` (``auto`` too), refused at once with a message that says why where this machine has
+    no such device (torch would assert deep inside the first move of a tensor)."""
+    return resolve_device(str(device), kinds=("cpu", "cuda", "mps", "meta"))
+
+
 def create_model(
     config: ModelConfig | CLIPConfig | str = "ViT-B/32",
     method: str | None = None,
@@ -68,6 +75,7 @@ def create_model(
     """A randomly initialised model. ``config`` is a full ``ModelConfig``, an architecture, or a preset name;
     for the last two, ``method`` (default ``"tempme"``), ``frames`` (default 12) and the other keyword
     arguments go to ``build_config``."""
+    device = checked_device(device)
     if isinstance(config, ModelConfig):
         given = [name for name, value in (("method", method), ("frames", frames)) if value is not None] + list(kwargs)
         if given:
@@ -98,6 +106,7 @@ def load_model(
     """
     from .weights import load_state_dict_into, load_weights, without_unfitting_clip_pos_embeds
 
+    device = checked_device(device)  # before the weights are read
     loaded = load_weights(weights)
     saved = loaded.model_config
     if method is None:

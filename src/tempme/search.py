@@ -45,6 +45,7 @@ from .data import (
     loader_batches,
     quiet_worker_init,
 )
+from .factory import checked_device
 from .files import LockHeld, atomic_file, exclusive_lock, file_stamp, lock_held
 from .model import TempMe
 from .precision import autocast
@@ -707,7 +708,7 @@ def update_index(
             "fingerprint: take fingerprint=model_fingerprint(model) before optimising and pass it, so that "
             "`tempme search` can tell the weights it loads are these"
         )
-    device = torch.device(device)
+    device = checked_device(device)
     autocast(device, precision)  # refuses an unknown precision before any work
     model_info = {
         **(model_info or {}),

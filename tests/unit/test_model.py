@@ -299,3 +299,13 @@ def test_wrongly_typed_arguments_are_named_and_an_empty_batch_is_empty():
             tempme.create_model("tiny-B/32", **settings)
     model = tempme.create_model("tiny-B/32", frames=2)
     assert model.encode_video(torch.randn(0, 2, 3, 224, 224)).shape == model.encode_text([]).shape == (0, 32)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_a_device_this_machine_lacks_is_refused_before_any_work(tmp_path):
+    from tempme.devices import DeviceUnavailable
+
+    with pytest.raises(DeviceUnavailable, match="CUDA is not available"):
+        tempme.create_model("tiny-B/32", frames=2, device="cuda")
+    with pytest.raises(DeviceUnavailable, match="CUDA is not available"):
+        tempme.load_model(tmp_path / "not-read.pt", device="cuda")  # refused before the file is looked for
