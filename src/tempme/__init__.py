@@ -37,6 +37,7 @@ __all__ = [
     "load_model",
     "preset_names",
     "register_preset",
+    "retrieval",
     "simulate",
     "tokenize",
 ]

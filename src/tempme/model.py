@@ -395,6 +395,9 @@ class VisionTransformer(nn.Module):
     ) -> VideoTokens:
         """Run the encoder on ``frames [B, F, 3, H, W]``; return the token state after ``layers`` layers."""
         self.check_frames(frames)
+        depth = len(self.plan)
+        if layers is not None and not 0 <= layers <= depth:
+            raise ValueError(f"layers must be from 0 to the encoder's {depth}, got {layers}")
         size_attention = resolve_size_attention(self.size_attention, frames.device)
         videos, num_frames = frames.shape[:2]
         x = self.embed(frames.flatten(0, 1))
@@ -446,8 +449,9 @@ class TempMe(nn.Module):
         super().__init__()
         self.config = config
         clip, text = config.clip, config.clip.text
-        if config.max_words > text.context_length:
-            raise ValueError(f"max_words={config.max_words} exceeds the text context length {text.context_length}")
+        if not 2 <= config.max_words <= text.context_length:  # room for the start and end tokens at least
+            raise ValueError(f"max_words must be from 2 to the text context length {text.context_length}, "
+                             f"got {config.max_words}")
         self.visual = VisionTransformer(config, clip.embed_dim)
         self.token_embedding = nn.Embedding(text.vocab_size, text.width)
         self.positional_embedding = nn.Parameter(torch.empty(text.context_length, text.width))

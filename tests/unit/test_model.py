@@ -309,3 +309,12 @@ def test_a_device_this_machine_lacks_is_refused_before_any_work(tmp_path):
         tempme.create_model("tiny-B/32", frames=2, device="cuda")
     with pytest.raises(DeviceUnavailable, match="CUDA is not available"):
         tempme.load_model(tmp_path / "not-read.pt", device="cuda")  # refused before the file is looked for
+
+
+def test_text_length_and_layer_counts_out_of_range_are_refused():
+    with pytest.raises(ValueError, match="max_words must be from 2 to the text context length 77, got 0"):
+        tempme.create_model("tiny-B/32", frames=2, max_words=0)
+    model = tempme.create_model("tiny-B/32", frames=2)
+    with pytest.raises(ValueError, match="layers must be from 0 to the encoder's 12, got -1"):
+        model.visual.forward_tokens(torch.randn(1, 2, 3, 224, 224), layers=-1)
+    assert "retrieval" in tempme.__all__
