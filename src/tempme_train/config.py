@@ -447,7 +447,19 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict[str, Any]
     base_data, origins = _read_yaml(base_path, chain + (path.resolve(),))
     for key in _setting_keys(data):
         _set_origin(origins, key, str(path))
-    return _deep_merge(base_data, data), origins
+    merged = _deep_merge(base_data, data)
+    _frames_follow(merged, origins, set(_setting_keys(data)), str(path))
+    return merged, origins
+
+
+def _frames_follow(data: dict[str, Any], origins: dict[str, str], changed: set[str], source: str) -> None:
+    """Where ``model.frames`` changed and ``data.max_frames`` did not, the data samples as many frames
+    as the model now reads (the two must be equal: one number to give, not two)."""
+    if "model.frames" in changed and "data.max_frames" not in changed:
+        frames = data.get("model", {}).get("frames")
+        if isinstance(data.get("data", {}), dict):
+            data.setdefault("data", {})["max_frames"] = frames
+            _set_origin(origins, "data.max_frames", source)
 
 
 def _setting_keys(data: dict[str, Any], prefix: str = "") -> list[str]:
@@ -560,12 +572,15 @@ def apply_overrides(config: TrainConfig, overrides: list[str] | tuple[str, ...])
     if not overrides:
         return config
     data, origins = config.to_dict(), dict(config.origins)
+    changed: dict[str, str] = {}
     for text in overrides:
         keys, value = parse_override(text)
         source = f"command-line override {text!r}"
         _apply_override(data, keys, value)
         _set_origin(origins, ".".join(keys), source)
+        changed[".".join(keys)] = source
         _build(TrainConfig, data, source, "")
+    _frames_follow(data, origins, set(changed), changed.get("model.frames", ""))
     return config_from_dict(data, config.source_of("", "command-line overrides"), origins)
 
 

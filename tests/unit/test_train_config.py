@@ -43,6 +43,15 @@ def test_a_tilde_in_a_path_setting_means_the_home_folder(tmp_path, monkeypatch):
     assert load_config(None, ["model.weights=ViT-B/16"]).model.weights == "ViT-B/16"  # a preset name stays
 
 
+def test_the_frames_sampled_follow_the_models_frame_count_unless_both_are_given(tmp_path):
+    config = load_config("msrvtt_b32_tempme", ["model.frames=8"])
+    assert (config.model.frames, config.data.max_frames) == (8, 8)
+    own = write(tmp_path / "own.yaml", "base: msrvtt_b32_tempme\nmodel: {frames: 6}\n")
+    assert load_config(own).data.max_frames == 6
+    with pytest.raises(ConfigError, match="data.max_frames: must equal model.frames"):
+        load_config("msrvtt_b32_tempme", ["model.frames=8", "data.max_frames=6"])
+
+
 def test_every_main_table_setting_is_bundled_and_loads():
     names = list_configs()
     for dataset, backbones in (("msrvtt", ("b32", "b16")), ("lsmdc", ("b32", "b16")), ("didemo", ("b32",)), ("activitynet", ("b32",))):
@@ -196,10 +205,10 @@ def test_a_check_across_settings_names_the_override_that_set_each_value(tmp_path
     assert "optim.lr" not in str(caught.value)  # not all overrides: the one that set the bad value
     path = write(tmp_path / "run.yaml", "model:\n  frames: 12\ndata:\n  max_frames: 12\n")
     with pytest.raises(ConfigError) as caught:
-        load_config(path, ["model.frames=16"])
+        load_config(path, ["data.max_frames=16"])
     assert str(caught.value) == (
-        f"{path}: data.max_frames: must equal model.frames (16, set by command-line override 'model.frames=16'): "
-        "the merge schedule is built for that many frames (got 12)"
+        f"command-line override 'data.max_frames=16': data.max_frames: must equal model.frames (12, set by {path}): "
+        "the merge schedule is built for that many frames (got 16)"
     )
 
 
