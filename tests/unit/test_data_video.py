@@ -468,3 +468,12 @@ def test_phone_videos_stored_sideways_are_read_upright(tmp_path, clockwise):
         # Turned clockwise by 90, the stored top-left lands at the top right; by 270, at the bottom left.
         white = {90: upright[:32, 16:], 270: upright[32:, :16]}[clockwise]
         assert white.mean() > 200 and upright.mean() < 100
+
+
+def test_an_ffmpeg_error_is_told_in_ffmpegs_words_with_its_last_complaint():
+    class DecoderError(Exception):  # shaped like PyAV's FFmpegError
+        strerror = "Invalid data found when processing input"
+        log = (16, "h264", "no frame!\n")
+
+    assert video_module._what_failed(DecoderError("[Errno 1094995529] ...: '/x.mp4'")) == (
+        "Invalid data found when processing input; h264: no frame!")

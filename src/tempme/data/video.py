@@ -184,8 +184,13 @@ def _open_container(path: Path) -> av.container.InputContainer:
 
 def _what_failed(error: Exception) -> str:
     """FFmpeg's words for a failure, without the errno and the file's path that its message repeats
-    ("[Errno 1094995529] Invalid data found when processing input: '/videos/x.mp4'")."""
-    return getattr(error, "strerror", None) or str(error)
+    ("[Errno 1094995529] Invalid data found when processing input: '/videos/x.mp4'"), and with the
+    decoder's last logged complaint where PyAV kept one (``error.log``: level, component, text)."""
+    words = getattr(error, "strerror", None) or str(error)
+    log = getattr(error, "log", None)
+    if log and len(log) == 3 and str(log[2]).strip():
+        words += f"; {log[1]}: {str(log[2]).strip()}"
+    return words
 
 
 def _video_stream(container: av.container.InputContainer, path: Path) -> av.video.stream.VideoStream:
