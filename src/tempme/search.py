@@ -17,12 +17,10 @@ tried again on the next run.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import time
-import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -745,54 +743,57 @@ def update_index(
 
         changed_set = set(changed)
         pending = _PendingResults(stamps)
+        # Undecodable videos are reported in the result (and kept in the index), not warned about.
         if segment_s is None:
             items = [VideoItem(str(video), video) for video in todo]  # the id is the path: it names skipped videos
-            dataset = RetrievalVideos(items, settings["frames"], framerate, settings["image_size"], backend=backend)
+            dataset = RetrievalVideos(items, settings["frames"], framerate, settings["image_size"], backend=backend,
+                                      warn_skipped=False)
         else:
-            dataset = VideoWindows(todo, segment_s, settings["frames"], framerate, settings["image_size"], backend)
+            dataset = VideoWindows(todo, segment_s, settings["frames"], framerate, settings["image_size"], backend,
+                                   warn_skipped=False)
         loader = DataLoader(
             dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=list, worker_init_fn=quiet_worker_init
         )
         model.eval().to(device)
-        last_save = time.monotonic()
         shown: dict[str, int] = {}  # beside the bar
+
+        def take(samples: list, bar) -> None:
+            """Record a batch's undecodable videos and embed the rest; a video joins the index once
+            all its samples (windows) are embedded."""
+            for sample in samples:
+                if isinstance(sample, SkippedVideo):
+                    video = sample.video_id
+                    index.skipped[video] = update.skipped[video] = sample.reason
+                    pending.add_failed(video, indexed=video in changed_set)
+                    bar.update(1)
+                    shown["undecodable"] = len(update.skipped)
+            # Windows of a video that failed later in this batch: not worth encoding.
+            batch = collate_skip_bad(
+                [s for s in samples if isinstance(s, SkippedVideo) or s["video_id"] not in pending.failed]
+            )
+            if batch is not None:
+                if segment_s is None:
+                    spans, last = [None] * len(batch["video_id"]), [True] * len(batch["video_id"])
+                else:  # the bar counts whole videos: show the windows too
+                    spans = [list(span) for span in zip(batch["start"], batch["end"])]
+                    last = batch["final"].bool().tolist()
+                    shown["windows"] = shown.get("windows", 0) + len(spans)
+                embeddings = _embed_batch(model, batch, device, precision)
+                for video in pending.add_embedded(batch["video_id"], spans, last, embeddings):
+                    if video in changed_set:
+                        update.updated.append(video)
+                    else:
+                        update.added += 1
+                    bar.update(1)
+            bar.set_postfix(shown, refresh=False)  # redrawn at the bar's own pace
+
+        last_save = time.monotonic()
         # Workers stop once the index is saved: a second Ctrl-C while they stop loses nothing.
-        # Undecodable videos are reported in the result, not warned about as well (from deep inside
-        # torch's loader); the workers inherit the filter when they start.
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(warnings.catch_warnings())
-            warnings.filterwarnings("ignore", message="skipping video", category=UserWarning)
-            batches = stack.enter_context(loader_batches(loader))
+        with loader_batches(loader) as batches:
             try:
                 with progress_bar(total=len(todo), desc="indexing videos", unit="video", disable=not progress) as bar:
                     for samples in batches:
-                        for sample in samples:
-                            if isinstance(sample, SkippedVideo):
-                                video = sample.video_id
-                                index.skipped[video] = update.skipped[video] = sample.reason
-                                pending.add_failed(video, indexed=video in changed_set)
-                                bar.update(1)
-                                shown["undecodable"] = len(update.skipped)
-                                bar.set_postfix(shown, refresh=False)
-                        # Windows of a video that failed later in this batch: not worth encoding.
-                        samples = [s for s in samples if isinstance(s, SkippedVideo) or s["video_id"] not in pending.failed]
-                        batch = collate_skip_bad(samples)
-                        if batch is not None:
-                            if segment_s is None:
-                                spans, last = [None] * len(batch["video_id"]), [True] * len(batch["video_id"])
-                            else:
-                                spans = [list(span) for span in zip(batch["start"], batch["end"])]
-                                last = batch["final"].bool().tolist()
-                            embeddings = _embed_batch(model, batch, device, precision)
-                            if segment_s is not None:  # the bar counts whole videos: show the windows too
-                                shown["windows"] = shown.get("windows", 0) + len(spans)
-                                bar.set_postfix(shown, refresh=False)  # redrawn at the bar's own pace
-                            for video in pending.add_embedded(batch["video_id"], spans, last, embeddings):
-                                if video in changed_set:
-                                    update.updated.append(video)
-                                else:
-                                    update.added += 1
-                                bar.update(1)
+                        take(samples, bar)
                         if time.monotonic() - last_save >= save_every_s:
                             pending.apply_to(index)
                             index.save(path)

@@ -227,6 +227,7 @@ def find_index_sources(sources: list[str], index_exists: bool, prune: bool) -> l
 
 
 def run_index(args: argparse.Namespace) -> int:
+    from tempme_train.distributed import world_from_env
     from tempme.search import (
         check_index_free,
         check_index_options,
@@ -236,7 +237,7 @@ def run_index(args: argparse.Namespace) -> int:
     )
     from tempme.weights import model_fingerprint
 
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+    if world_from_env().distributed:
         raise ValueError("tempme index runs as one process (its --workers decode videos in parallel): "
                        "start it without torchrun")
     # argparse's float() takes nan and inf; update_index would take inf (write only at the end), this
@@ -278,10 +279,9 @@ def run_index(args: argparse.Namespace) -> int:
             "frames": args.frames or built_by.get("frames"),
         }
     if existing:  # what can be compared before the model loads (a download, maybe) is compared now
-        known = {"framerate": framerate, "precision": precision, "frames": args.frames or recorded.get("frames")}
-        if segment_s is not None:
-            known["segment_s"] = segment_s
-        check_same_settings(args.out, recorded, known, [*known, "segment_s"])
+        known = {"framerate": framerate, "precision": precision, "frames": args.frames or recorded.get("frames"),
+                 "segment_s": segment_s}
+        check_same_settings(args.out, recorded, known, known)
         if args.method and built_by.get("method") not in (None, args.method):
             raise ValueError(f"{args.out} was built by a model with method={built_by['method']!r}, this run asks for "
                              f"method={args.method!r}; embeddings of two models cannot be ranked together: leave "

@@ -50,8 +50,10 @@ class _VideoDataset(Dataset):
         frame_cache: FrameCache | None,
         backend: str,
         strict: bool,
+        warn_skipped: bool = True,
     ):
         self.items = list(items)
+        self.warn_skipped = warn_skipped
         self.max_frames = max_frames
         self.framerate = framerate
         self.image_size = image_size
@@ -74,7 +76,8 @@ class _VideoDataset(Dataset):
         except VideoDecodeError as err:
             if self.strict:
                 raise
-            warn(f"skipping video {item.video_id!r}: {err}")
+            if self.warn_skipped:
+                warn(f"skipping video {item.video_id!r}: {err}")
             return SkippedVideo(item.video_id, item.path, err.reason)
         if self.augmenter is not None:
             frames = self.augmenter(frames)
@@ -161,8 +164,9 @@ class RetrievalVideos(_VideoDataset):
         frame_cache: FrameCache | None = None,
         backend: str = "pyav",
         strict: bool = False,
+        warn_skipped: bool = True,
     ):
-        super().__init__(items, max_frames, framerate, image_size, False, frame_cache, backend, strict)
+        super().__init__(items, max_frames, framerate, image_size, False, frame_cache, backend, strict, warn_skipped)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -199,8 +203,10 @@ class VideoWindows(IterableDataset):
         framerate: float = 1.0,
         image_size: int = 224,
         backend: str = "pyav",
+        warn_skipped: bool = True,
     ):
         self.videos = [Path(video) for video in videos]
+        self.warn_skipped = warn_skipped
         self.window_s = window_s
         self.max_frames = max_frames
         self.framerate = framerate
@@ -224,7 +230,8 @@ class VideoWindows(IterableDataset):
                             "video_id": str(video), "start": window.start, "end": window.end, "final": 0}
         except VideoDecodeError as error:
             where = "" if previous is None else f" (after {previous['end']:.1f} s)"
-            warn(f"skipping video {str(video)!r}: {error}{where}")
+            if self.warn_skipped:
+                warn(f"skipping video {str(video)!r}: {error}{where}")
             yield SkippedVideo(str(video), video, f"{error.reason}{where}")
             return
         previous["final"] = 1
