@@ -18,7 +18,7 @@ from .model import TempMe
 from .schedule import ScheduleError, build_plan, simulate
 from .tokenizer import tokenize
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "CLIPConfig",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import operator
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -16,16 +18,16 @@ from .config import (
     get_preset,
     settings_ignored_by,
 )
-from .devices import resolve_device
+from .devices import DeviceUnavailable, resolve_device
 from .model import TempMe
-from .userwarnings import SettingsWarning, warn
+from .userwarnings import SharedWarning, warn
 
 MERGE_FIELDS = {f.name for f in dataclasses.fields(MergeConfig)}
 
 
 def build_config(
     clip: CLIPConfig | str,
-    method: str = "tempme",
+    method: str | None = None,
     frames: int = 12,
     lora_rank: int = 8,
     max_words: int = 32,
@@ -33,13 +35,17 @@ def build_config(
     **merge_overrides,
 ) -> ModelConfig:
     """``schedule`` (by default the paper's for this backbone, frame count and method), with any of
-    its fields overridden.
+    its fields overridden. ``method`` defaults to the schedule's, else ``"tempme"``.
 
     Overrides are ``MergeConfig`` fields: ``tome_r``, ``merge_layers``, ``clips_joined``,
     ``cross_merge_ratio``, ``intra_merge_ratio``, ``clip_pos_embed``, ``prop_attn``.
     """
     if isinstance(clip, str):
         clip = get_preset(clip)
+    if schedule is not None and method is not None and method != schedule.method:
+        raise ValueError(f"method {method!r} and the schedule's method {schedule.method!r} differ: give one")
+    if method is None:
+        method = schedule.method if schedule is not None else "tempme"
     unknown = set(merge_overrides) - MERGE_FIELDS
     if unknown:
         raise TypeError(f"unknown schedule setting(s) {sorted(unknown)}; valid: {sorted(MERGE_FIELDS - {'method'})}")
@@ -49,20 +55,34 @@ def build_config(
     if ignored:
         # The command line and training configs refuse these; from Python a warning says the same.
         warn(f"method {method!r} never reads {', '.join(ignored)}: the model is the same without "
-             f"{'it' if len(ignored) == 1 else 'them'}", SettingsWarning)
-    if isinstance(frames, bool) or not isinstance(frames, int):
+             f"{'it' if len(ignored) == 1 else 'them'}", SharedWarning)
+    if isinstance(frames, bool):
         raise TypeError(f"frames must be an integer, got {frames!r}")
+    try:
+        frames = operator.index(frames)  # numpy integers too
+    except TypeError:
+        raise TypeError(f"frames must be an integer, got {frames!r}") from None
     for name in ("merge_layers", "clips_joined"):
-        if isinstance(merge_overrides.get(name), list):  # other types are named by the schedule's check
-            merge_overrides[name] = tuple(merge_overrides[name])
-    merge = (schedule or default_merge_config(clip, frames, method)).replace(method=method, **merge_overrides)
+        value = merge_overrides.get(name)
+        if isinstance(value, Iterable) and not isinstance(value, (str, bytes)):  # a range, an array: a sequence
+            merge_overrides[name] = tuple(int(item) if hasattr(item, "__index__") else item for item in value)
+    merge = (schedule or default_merge_config(clip, frames, method)).replace(**merge_overrides)
     return ModelConfig(clip=clip, merge=merge, lora=LoRAConfig(rank=lora_rank), frames=frames, max_words=max_words)
 
 
 def checked_device(device: str | torch.device) -> torch.device:
-    """``device`` (``auto`` too), refused at once with a message that says why where this machine has
-    no such device (torch would assert deep inside the first move of a tensor)."""
-    return resolve_device(str(device), kinds=("cpu", "cuda", "mps", "meta"))
+    """``device`` as torch reads it (a bare ``cuda`` is the current GPU; ``auto``: a GPU where there is
+    one), refused at once with a message that says why where this machine has no such GPU (torch
+    would assert deep inside the first move of a tensor)."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        named = torch.device(device)
+    except RuntimeError:
+        raise DeviceUnavailable(f"unknown device {device!r}") from None
+    if named.type in ("cuda", "mps"):
+        resolve_device(str(named), kinds=("cuda", "mps"))  # raises, saying why, where there is none
+    return named
 
 
 def create_model(
@@ -82,8 +102,7 @@ def create_model(
             raise TypeError(f"a ModelConfig already holds {', '.join(given)}: change them in the ModelConfig "
                             "(dataclasses.replace) or pass an architecture or preset name instead")
     else:
-        config = build_config(config, method="tempme" if method is None else method,
-                              frames=12 if frames is None else frames, **kwargs)
+        config = build_config(config, method=method, frames=12 if frames is None else frames, **kwargs)
     return TempMe(config).to(device)
 
 

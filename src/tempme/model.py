@@ -28,7 +28,7 @@ from .merging import (
     normalized_patches,
 )
 from .schedule import LayerPlan, build_plan, merge_counts, simulate
-from .userwarnings import SettingsWarning, warn
+from .userwarnings import SharedWarning, warn
 
 
 QUICK_GELU_SCALE = 1.702
@@ -120,7 +120,7 @@ def warn_if_tome_r_capped(plan: tuple[LayerPlan, ...], merge: MergeConfig, token
         warn(
             f"tome_r={merge.tome_r} is more than some layers can merge (at most half the patches of a "
             f"frame of {tokens_per_frame - 1} patches): they merge {merged}",
-            SettingsWarning,
+            SharedWarning,
         )
 
 
@@ -496,6 +496,15 @@ class TempMe(nn.Module):
         """Whether ``optimize_for_inference`` moved QuickGELU's scale into the MLP weights (which then
         hold other values than the checkpoint's)."""
         return any(isinstance(m, ResidualBlock) and isinstance(m.mlp.gelu, nn.SiLU) for m in self.modules())
+
+    @property
+    def weights_folded(self) -> bool:
+        """Whether ``optimize_for_inference`` or ``fold_lora`` changed the weights since the model was
+        built (its ``model_fingerprint`` then differs from the weights it was loaded from)."""
+        lora_gone = self.config.lora.rank > 0 and any(
+            isinstance(m, Attention) and m.lora_rank == 0 for m in self.modules()
+        )
+        return self.activation_folded or lora_gone
 
     def optimize_for_inference(self) -> "TempMe":
         """Fold LoRA and QuickGELU's scale into the weights, and add log(size) to attention in the form

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .userwarnings import warn
+from .userwarnings import SharedWarning, warn
 
 GroundTruth = Union[Sequence[int], Sequence[Sequence[int]]]
 
@@ -131,7 +131,8 @@ def _warn_if_often_tied(sim: np.ndarray, best_gt_score: np.ndarray, gt_lists: li
         warn(
             f"{tied.sum()} of {len(tied)} queries score their match exactly as high as other items, and ties "
             "count in the model's favour: identical embeddings (duplicate videos or captions, or a collapsed "
-            "model) make these recalls too high"
+            "model) make these recalls too high",
+            SharedWarning,
         )
 
 

@@ -107,14 +107,19 @@ def _walk_videos(folder: Path) -> Iterable[Path]:
         warn(f"{len(dangling)} link(s) to videos in {folder} lead to no file and are passed over: {shown}")
 
 
-def find_videos(sources: Iterable[PathLike], allow_empty: bool = False) -> list[Path]:
+def _as_paths(paths: PathLike | Iterable[PathLike]) -> list[PathLike]:
+    """A list of paths; one path given as a string is one path, not its characters."""
+    return [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+
+
+def find_videos(sources: PathLike | Iterable[PathLike], allow_empty: bool = False) -> list[Path]:
     """The video files among ``sources``, absolute (symbolic links resolved), sorted and without repeats.
 
     A file is taken as given, whatever its extension; a directory is searched recursively for files
     with one of ``VIDEO_EXTENSIONS`` (any case), following links to folders. Hidden files and folders
     are left out. Finding none is an error unless ``allow_empty``.
     """
-    sources = [sources] if isinstance(sources, (str, os.PathLike)) else list(sources)
+    sources = _as_paths(sources)
     found: set[Path] = set()
     for source in sources:
         path = Path(source).expanduser()
@@ -646,15 +651,9 @@ def _embed_batch(model: TempMe, batch: dict[str, Any], device: torch.device, pre
 
 
 @torch.no_grad()
-def folded(model: TempMe) -> bool:
-    """Whether ``optimize_for_inference`` or ``fold_lora`` changed the model's weights since it was loaded."""
-    lora_gone = model.config.lora.rank > 0 and any(getattr(m, "lora_a", 0) is None for m in model.modules())
-    return model.activation_folded or lora_gone
-
-
 def update_index(
     model: TempMe,
-    videos: Sequence[PathLike],
+    videos: PathLike | Sequence[PathLike],
     path: PathLike,
     *,
     fingerprint: str | None = None,
@@ -667,7 +666,7 @@ def update_index(
     backend: str = "pyav",
     save_every_s: float = 60.0,
     progress: bool = True,
-    sources: Sequence[PathLike] | None = None,
+    sources: PathLike | Sequence[PathLike] | None = None,
     prune: bool = False,
     segment_s: float | None = None,
 ) -> IndexUpdate:
@@ -682,7 +681,7 @@ def update_index(
     Args:
         model: encodes the videos, as it is (``optimize_for_inference`` first makes it faster).
         fingerprint: :func:`model_fingerprint` of the model as loaded; computed from ``model`` when
-            None, which is wrong if the model was optimised since.
+            None (refused if the model was optimised since: its weights changed).
         model_info: how to load the model again for queries (stored in the index): ``weights`` (a file
             or preset, as ``tempme.load_model`` takes it) or ``checkpoint`` (a ``tempme train`` run).
             The method and frame count are recorded from ``model``. Without it, ``tempme search`` needs
@@ -698,9 +697,8 @@ def update_index(
     """
     check_index_options(batch_size=batch_size, framerate=framerate, num_workers=num_workers,
                         save_every_s=save_every_s, segment_s=segment_s)
-    if isinstance(videos, (str, os.PathLike)):
-        videos = [videos]
-    if fingerprint is None and folded(model):
+    videos, sources = _as_paths(videos), None if sources is None else _as_paths(sources)
+    if fingerprint is None and model.weights_folded:
         raise ValueError(
             "the model was optimised (optimize_for_inference or fold_lora), which changes its weights' "
             "fingerprint: take fingerprint=model_fingerprint(model) before optimising and pass it, so that "
@@ -785,7 +783,8 @@ def update_index(
                     else:
                         update.added += 1
                     bar.update(1)
-            bar.set_postfix(shown, refresh=False)  # redrawn at the bar's own pace
+            bar.set_postfix(shown, refresh=False)
+            bar.update(0)  # redraws the counts at the bar's own pace, within a long video too
 
         last_save = time.monotonic()
         # Workers stop once the index is saved: a second Ctrl-C while they stop loses nothing.

@@ -8,6 +8,7 @@ and torch instead, which is the line of the user's program that led to it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import warnings
@@ -15,19 +16,21 @@ from pathlib import Path
 
 import torch
 
-# The package folders whose frames are passed over: tempme's three packages (side by side) and torch.
-_LIBRARY_FOLDERS = tuple(
-    str(folder) + os.sep
-    for folder in (
+# Where frames are passed over: tempme's three packages (side by side), torch, and contextlib (whose
+# frames stand between a context manager's code and the ``with`` that uses it).
+_LIBRARY_FOLDERS = (
+    *(str(folder) + os.sep for folder in (
         *(Path(__file__).parent.parent / name for name in ("tempme", "tempme_train", "tempme_cli")),
         Path(torch.__file__).parent,
-    )
+    )),
+    contextlib.__file__,
 )
 
 
-class SettingsWarning(UserWarning):
-    """A warning about settings, annotations or weights: the same for every process of a torchrun
-    run, so only its first process shows it (``tempme_cli.main``)."""
+class SharedWarning(UserWarning):
+    """A warning that every process of a torchrun run gives alike (about the settings, annotations or
+    weights they all read, or the metrics they all compute): only the first process shows it
+    (``tempme_cli.main``)."""
 
 
 def warn(message: str, category: type[Warning] = UserWarning) -> None:

@@ -38,7 +38,7 @@ from safetensors.torch import load_file, save_file
 from .config import CLIPConfig, ModelConfig, TextConfig, VisionConfig, get_preset, preset_names
 from .files import atomic_file, check_readable
 from .model import TempMe, is_adapter_parameter
-from .userwarnings import SettingsWarning, warn
+from .userwarnings import SharedWarning, warn
 
 PathLike = str | os.PathLike
 
@@ -562,7 +562,7 @@ def without_unfitting_clip_pos_embeds(
             f"frames) do not fit this model (method {config.merge.method!r}, {config.frames} frames"
             + (f", merge layers {list(config.merge.merge_layers)}" if config.merge.method == "tempme" else "")
             + "): they are left out and the model's own start at zero there; its LoRA weights are loaded",
-            SettingsWarning,
+            SharedWarning,
         )
     return {name: tensor for name, tensor in sd.items() if name not in dropped}
 
@@ -816,7 +816,7 @@ def load_weights(name_or_path: PathLike) -> LoadedWeights:
         if model_config is not None:
             clip_config = model_config.clip
         else:
-            clip_config = infer_clip_config(sd, heads=_hf_heads(path) if layout == "hf" else None)
+            clip_config = infer_clip_config(sd, heads=_hf_config_heads(path) if layout == "hf" else None)
         frames = infer_frames(sd)
         if frames is None and model_config is not None:
             frames = model_config.frames
@@ -830,8 +830,9 @@ def load_weights(name_or_path: PathLike) -> LoadedWeights:
     return LoadedWeights(sd, clip_config, lora_rank, frames, model_config, source_format, path)
 
 
-def _hf_heads(path: Path) -> tuple[int, int] | None:
-    """Head counts from the ``config.json`` beside Hugging Face weights, which states them."""
+def _hf_config_heads(path: Path) -> tuple[int, int] | None:
+    """Head counts from the ``config.json`` beside Hugging Face weights, which states them; weights of
+    another activation than QuickGELU are refused there too."""
     config_file = (path if path.is_dir() else path.parent) / "config.json"
     if not config_file.is_file():
         return None
@@ -842,7 +843,7 @@ def _hf_heads(path: Path) -> tuple[int, int] | None:
         # transformers' default; CLIP's own encoders (and tempme's) use QuickGELU, OpenAI's activation.
         activations = {vision.get("hidden_act", "quick_gelu"), text.get("hidden_act", "quick_gelu")}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-        raise WeightsError(f"{config_file}: cannot read the head counts ({err!r})") from None
+        raise WeightsError(f"{config_file}: cannot read the head counts and activation ({err!r})") from None
     if activations != {"quick_gelu"}:
         raise WeightsError(
             f"{config_file}: hidden_act {sorted(activations)}: tempme's encoders use QuickGELU, as OpenAI's CLIP "

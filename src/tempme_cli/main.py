@@ -91,9 +91,9 @@ def show_only_this_process_warnings() -> None:
     """Under torchrun every process reads the same config, annotations and weights, so rank 0's
     warnings about them are everyone's; the other ranks show only their own (a video of their
     share, their device)."""
-    from tempme.userwarnings import SettingsWarning
+    from tempme.userwarnings import SharedWarning
 
-    warnings.filterwarnings("ignore", category=SettingsWarning)
+    warnings.filterwarnings("ignore", category=SharedWarning)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,9 +10,9 @@ EPILOG = textwrap.dedent(
     The cache folder is data.frame_cache; training and evaluation with the same config then read the
     sampled, resized frames from it instead of decoding the videos again. Entries are keyed by each
     video file's path, size and modification time: an edited, replaced or moved video is decoded
-    again, and entries of tempme versions before 2026-11-27 14:00 UTC (before frames were turned
-    upright by the video's rotation) are not reused (delete the folder to reclaim the space). Under torchrun (several nodes sharing the cache folder), each process decodes
-    its share of the videos.
+    again. Entries written by tempme 0.1 are not reused (0.2 turns frames upright by the video's
+    rotation): delete the folder to reclaim their space. Under torchrun (several nodes sharing the
+    cache folder), each process decodes its share of the videos.
 
     example:
       tempme prepare --config msrvtt_b32_tempme data.frame_cache=cache/frames data.video_dir=/data/msrvtt/videos

@@ -432,7 +432,9 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict[str, Any]
         raise ConfigError(str(path), "<top level>", data, "expected a mapping of sections")
     base = data.pop("base", None)
     if base is None:
-        return data, {key: str(path) for key in _setting_keys(data)}
+        origins = {key: str(path) for key in _setting_keys(data)}
+        _frames_follow(data, origins, set(origins), str(path))
+        return data, origins
     if not isinstance(base, str):
         raise ConfigError(str(path), "base", base, "expected a file name")
     base_path = path.parent / base

@@ -33,7 +33,7 @@ from tempme.data import (
 )
 from tempme.data.annotations import UnknownSplit
 from tempme.tokenizer import tokenize
-from tempme.userwarnings import SettingsWarning, warn
+from tempme.userwarnings import SharedWarning, warn
 
 from .config import HOLDOUT, NO_VALIDATION, ConfigError, DataSettings, TrainConfig
 from .evaluate import EvalSet
@@ -109,7 +109,7 @@ def train_and_val_items(data: DataSettings, source: str) -> tuple[list[VideoItem
             f"data.val_split={data.val_split} is the test split: choosing best.safetensors on it reports test "
             f"numbers that were selected on the test set; use data.val_split={HOLDOUT} with "
             f"data.holdout_videos=N, or data.val_split={NO_VALIDATION} to keep the final weights",
-            SettingsWarning,
+            SharedWarning,
         )
     if data.val_split != HOLDOUT:
         if data.dataset == "custom":
@@ -117,7 +117,7 @@ def train_and_val_items(data: DataSettings, source: str) -> tuple[list[VideoItem
                 f"data.dataset=custom has no splits: validation reads the training pairs of {data.anno_path}, "
                 "so validation R@1 (and the choice of best.safetensors) measures fit, not generalisation; "
                 "set data.val_split=holdout and data.holdout_videos=N to validate on N videos kept out of training",
-                SettingsWarning,
+                SharedWarning,
             )
         return train_items, load_split(data, data.val_split, source, "data.val_split")
     if data.holdout_videos >= len(train_items):
@@ -141,7 +141,7 @@ def drop_missing_videos(
     message = f"{len(missing)} of {len(items)} {split} videos are missing: {shown}"
     if data.strict:
         raise ConfigError(source, "data.video_dir", data.video_dir, message)
-    warn(message + "; leaving them out", SettingsWarning)
+    warn(message + "; leaving them out", SharedWarning)
     absent = {id(item) for item in missing}
     return [item for item in items if id(item) not in absent], [item.video_id for item in missing]
 
@@ -180,7 +180,7 @@ def warn_if_test_split_unreadable(config: TrainConfig, source: str) -> None:
         split_items(config.data, "test", source)
     except ConfigError as error:
         warn(f"the test split cannot be read, so `tempme eval` will fail until it is fixed: "
-             f"{config.blame(error)}", SettingsWarning)
+             f"{config.blame(error)}", SharedWarning)
 
 
 def check_validation_items(items: list[VideoItem], missing: int, data: DataSettings, source: str) -> None:

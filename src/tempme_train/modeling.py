@@ -10,7 +10,7 @@ import torch
 from tempme import TempMe, create_model, load_model
 from tempme.config import get_preset, preset_names
 from tempme.schedule import ScheduleError
-from tempme.userwarnings import SettingsWarning, warn
+from tempme.userwarnings import SharedWarning, warn
 
 from .config import ConfigError, TrainConfig, config_from_dict
 
@@ -73,7 +73,7 @@ def check_preset_matches_weights(model: TempMe, config: TrainConfig, source: str
     if not same:
         warn(f"{key_source}: model.preset={preset} does not describe model.weights {config.model.weights}, which "
              f"hold {held}; the model is built from the weights (the preset names it in the config only)",
-             SettingsWarning)
+             SharedWarning)
         return
     raise ConfigError(
         key_source, "model.preset", preset,

@@ -40,7 +40,7 @@ from tempme.precision import autocast
 from tempme.progress import print_above_bars, progress_bar
 from tempme.retrieval import contrastive_loss
 from tempme.signals import Terminated, handlers_replaced, sigterm_raises
-from tempme.userwarnings import SettingsWarning, warn
+from tempme.userwarnings import SharedWarning, warn
 
 from .checkpoint import (
     BEST,
@@ -52,7 +52,15 @@ from .checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from .config import ConfigError, TrainConfig, check_schedule_is_read, load_run_config, save_config, with_settings
+from .config import (
+    SETTINGS_ADDED,
+    ConfigError,
+    TrainConfig,
+    check_schedule_is_read,
+    load_run_config,
+    save_config,
+    with_settings,
+)
 from .data import (
     EpochSampler,
     TrainData,
@@ -356,12 +364,16 @@ class Trainer:
         if checkpoint is None:
             raise FileNotFoundError(f"cannot resume: no checkpoint in {self.output / LAST}")
         saved, predated = load_run_config(checkpoint / CONFIG)
+        # A run from before a setting existed goes on as it started, at this resume and every later one:
+        # where this run leaves the setting at its default, the checkpoint's value stands.
+        kept = {key: _setting(saved, key) for key in SETTINGS_ADDED
+                if _setting(self.config, key) == _setting(TrainConfig(), key) != _setting(saved, key)}
+        if kept:
+            self.config = with_settings(self.config, kept, f"{checkpoint / CONFIG} (older than these settings)")
         if predated:
-            # A run from before a setting existed goes on as it started; nothing else could resume it.
-            self.config = with_settings(self.config, predated, f"{checkpoint / CONFIG} (older than these settings)")
             shown = ", ".join(f"{key}={value}" for key, value in predated.items())
             warn(f"{checkpoint} was saved before {', '.join(predated)} existed: the run goes on with {shown}, "
-                 "as it started", SettingsWarning)
+                 "as it started", SharedWarning)
         differences = _resume_differences(saved, self.config)
         if differences:
             key, (then, now) = next(iter(differences.items()))
@@ -706,6 +718,12 @@ class Trainer:
             self.log.write("summary", self.progress.step, _summary_record(summary))
             self.log.close()
         return summary
+
+
+def _setting(config: TrainConfig, key: str) -> Any:
+    """The value of ``section.name`` in ``config``."""
+    section, name = key.split(".")
+    return getattr(getattr(config, section), name)
 
 
 def _check_validation_set(data: TrainData) -> None:

@@ -158,3 +158,12 @@ def test_a_touched_video_of_the_same_size_is_a_new_entry(tmp_path):
     info = video.stat()
     os.utime(video, ns=(info.st_atime_ns, info.st_mtime_ns + 1_000_000_000))
     assert cache.get(item) is None
+
+
+def test_entries_of_an_older_decoding_are_not_reused(items, tmp_path, monkeypatch):
+    """Frames decoded before a change in decoding (0.2: turned upright) would stand for other pixels."""
+    from tempme.data import cache as cache_module
+
+    path = FrameCache(tmp_path, max_frames=4, image_size=24).path_for(items[0])
+    monkeypatch.setattr(cache_module, "DECODING_VERSION", cache_module.DECODING_VERSION - 1)
+    assert FrameCache(tmp_path, max_frames=4, image_size=24).path_for(items[0]) != path

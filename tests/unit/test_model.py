@@ -286,7 +286,10 @@ def test_factory_arguments_are_used_or_refused_never_ignored(tmp_path):
     with pytest.raises(TypeError, match="a ModelConfig already holds method, frames, tome_r"):
         tempme.create_model(config, method="none", frames=8, tome_r=5)
     assert tempme.create_model(config).config == config
-    assert build_config("tiny-B/32", method="tome", schedule=MergeConfig()).merge.method == "tome"
+    tome = MergeConfig(method="tome")
+    assert build_config("tiny-B/32", schedule=tome).merge.method == "tome"  # the schedule's, not a default
+    with pytest.raises(ValueError, match="method 'tempme' and the schedule's method 'tome' differ"):
+        build_config("tiny-B/32", method="tempme", schedule=tome)
     path = save_weights(tempme.create_model(config), tmp_path / "w.safetensors")
     with pytest.raises(ValueError, match="frames must be at least 1, got 0"):  # not taken as "unset"
         tempme.load_model(path, frames=0)

@@ -784,3 +784,23 @@ def test_an_optimised_model_needs_the_fingerprint_of_the_weights_it_was_loaded_f
     update = update_index(model, one_video, tmp_path / "v.index", fingerprint=fingerprint, progress=False)
     assert update.added == 1 and VideoIndex.load(tmp_path / "v.index").model["fingerprint"] == fingerprint
     assert find_videos(str(video_dir)) == find_videos([video_dir])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a source given as a string is one folder, not its characters
+        update_index(model, one_video, tmp_path / "v.index", fingerprint=fingerprint, sources=str(video_dir),
+                     progress=False)
+
+
+def test_indexing_builds_no_autograd_graph_with_a_trainable_model(video_dir, tmp_path, monkeypatch):
+    seen = []
+    embed = tempme.search._embed_batch
+
+    def watched(*args, **kwargs):
+        embeddings = embed(*args, **kwargs)
+        seen.append((torch.is_grad_enabled(), embeddings.requires_grad))
+        return embeddings
+
+    monkeypatch.setattr(tempme.search, "_embed_batch", watched)
+    model = tiny_model()
+    assert any(p.requires_grad for p in model.parameters())  # as load_model gives it: LoRA and CPE trainable
+    update_index(model, find_videos([video_dir]), tmp_path / "v.index", progress=False)
+    assert seen and all(state == (False, False) for state in seen)

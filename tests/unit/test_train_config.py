@@ -48,6 +48,8 @@ def test_the_frames_sampled_follow_the_models_frame_count_unless_both_are_given(
     assert (config.model.frames, config.data.max_frames) == (8, 8)
     own = write(tmp_path / "own.yaml", "base: msrvtt_b32_tempme\nmodel: {frames: 6}\n")
     assert load_config(own).data.max_frames == 6
+    whole = write(tmp_path / "whole.yaml", "model: {frames: 8}\n")  # a config of its own, no base
+    assert load_config(whole).data.max_frames == 8
     with pytest.raises(ConfigError, match="data.max_frames: must equal model.frames"):
         load_config("msrvtt_b32_tempme", ["model.frames=8", "data.max_frames=6"])
 

@@ -238,8 +238,10 @@ def test_a_checkpoint_older_than_a_setting_resumes_with_the_value_its_run_had(tm
         summary = train(tiny_config(tmp_path, run={"stop_after": 2}), resume=True, data=data)
     assert summary.steps == 2
     assert load_config(tmp_path / LAST / "config.yaml").optim.gradient_divisor == 1.0  # recorded from now on
+    # The same command resumes it again (multi-day runs stop more than once); another value is refused.
+    assert train(tiny_config(tmp_path, run={"stop_after": 3}), resume=True, data=data).steps == 3
     with pytest.raises(ConfigError, match=r"optim.gradient_divisor.*checkpoint's value 1.0"):
-        train(tiny_config(tmp_path), resume=True, data=data)  # now stored: the usual rule
+        train(tiny_config(tmp_path, optim={"gradient_divisor": 2.0}), resume=True, data=data)
 
 
 def test_a_save_stopped_between_its_renames_never_leaves_the_run_without_a_checkpoint(tmp_path, monkeypatch):

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..userwarnings import SettingsWarning, warn
+from ..userwarnings import SharedWarning, warn
 
 DATASETS = ("msrvtt", "didemo", "activitynet", "lsmdc", "custom")
 
@@ -288,7 +288,7 @@ def _warn_without_captions(listed: Sequence[str], list_path: Path, captions: Con
         warn(
             f"{len(lacking)} video(s) listed in {list_path} have no captions in {source} and are left out "
             f"(first: {lacking[:_MISSING_LISTED]})",
-            SettingsWarning,
+            SharedWarning,
         )
 
 
@@ -659,6 +659,6 @@ def require_videos(items: Sequence[VideoItem], strict: bool = False) -> list[Vid
     message = f"{len(missing)} of {len(items)} videos are missing: {shown}{more}"
     if strict:
         raise MissingVideosError(message)
-    warn(message + "; skipping them", SettingsWarning)
+    warn(message + "; skipping them", SharedWarning)
     absent = {id(item) for item in missing}
     return [item for item in items if id(item) not in absent]
