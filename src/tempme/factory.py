@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -23,6 +22,12 @@ from .model import TempMe
 from .userwarnings import SharedWarning, warn
 
 MERGE_FIELDS = {f.name for f in dataclasses.fields(MergeConfig)}
+
+
+def _as_int(value):
+    """An integer of any kind (numpy's, torch's) as a Python int; anything else (a bool too) as it is,
+    for the checks that follow to name."""
+    return operator.index(value) if hasattr(value, "__index__") and not isinstance(value, bool) else value
 
 
 def build_config(
@@ -49,6 +54,9 @@ def build_config(
     unknown = set(merge_overrides) - MERGE_FIELDS
     if unknown:
         raise TypeError(f"unknown schedule setting(s) {sorted(unknown)}; valid: {sorted(MERGE_FIELDS - {'method'})}")
+    frames, lora_rank, max_words = _as_int(frames), _as_int(lora_rank), _as_int(max_words)
+    if not isinstance(frames, int) or isinstance(frames, bool):
+        raise TypeError(f"frames must be an integer, got {frames!r}")
     if isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 0:
         raise ValueError(f"lora_rank must be an integer >= 0 (0: no LoRA), got {lora_rank!r}")
     ignored = settings_ignored_by(method, merge_overrides)
@@ -56,18 +64,19 @@ def build_config(
         # The command line and training configs refuse these; from Python a warning says the same.
         warn(f"method {method!r} never reads {', '.join(ignored)}: the model is the same without "
              f"{'it' if len(ignored) == 1 else 'them'}", SharedWarning)
-    if isinstance(frames, bool):
-        raise TypeError(f"frames must be an integer, got {frames!r}")
-    try:
-        frames = operator.index(frames)  # numpy integers too
-    except TypeError:
-        raise TypeError(f"frames must be an integer, got {frames!r}") from None
+    if "tome_r" in merge_overrides:
+        merge_overrides["tome_r"] = _as_int(merge_overrides["tome_r"])
     for name in ("merge_layers", "clips_joined"):
         value = merge_overrides.get(name)
-        if isinstance(value, Iterable) and not isinstance(value, (str, bytes)):  # a range, an array: a sequence
-            merge_overrides[name] = tuple(int(item) if hasattr(item, "__index__") else item for item in value)
+        if hasattr(value, "tolist"):  # a numpy or torch array
+            value = value.tolist()
+        if isinstance(value, (list, tuple, range)):
+            merge_overrides[name] = tuple(_as_int(item) for item in value)
     merge = (schedule or default_merge_config(clip, frames, method)).replace(**merge_overrides)
     return ModelConfig(clip=clip, merge=merge, lora=LoRAConfig(rank=lora_rank), frames=frames, max_words=max_words)
+
+
+DEVICE_KINDS = ("cpu", "cuda", "mps", "meta")  # meta: shapes without data (FLOP counts)
 
 
 def checked_device(device: str | torch.device) -> torch.device:
@@ -79,7 +88,9 @@ def checked_device(device: str | torch.device) -> torch.device:
     try:
         named = torch.device(device)
     except RuntimeError:
-        raise DeviceUnavailable(f"unknown device {device!r}") from None
+        named = None
+    if named is None or named.type not in DEVICE_KINDS:
+        raise DeviceUnavailable(f"unknown or unsupported device {device!r}; use auto or {' or '.join(DEVICE_KINDS)}")
     if named.type in ("cuda", "mps"):
         resolve_device(str(named), kinds=("cuda", "mps"))  # raises, saying why, where there is none
     return named

@@ -43,6 +43,7 @@ from .data import (
     loader_batches,
     quiet_worker_init,
 )
+from .data.video import DECODING_VERSION
 from .factory import checked_device
 from .files import LockHeld, atomic_file, exclusive_lock, file_stamp, lock_held
 from .model import TempMe
@@ -342,6 +343,7 @@ def index_settings(model: TempMe, framerate: float, precision: str, segment_s: f
         "framerate": framerate,
         "image_size": model.visual.image_size,
         "precision": precision,
+        "decoding": DECODING_VERSION,  # absent from indexes of tempme 0.1
     }
     if segment_s is not None:  # absent from an index of whole videos, as in those written before segments
         settings["segment_s"] = segment_s
@@ -369,7 +371,12 @@ def open_index(path: PathLike, model_info: dict[str, Any], settings: dict[str, A
             f"{path} was built by another model ({json.dumps(built_by)}){this_run}; "
             "embeddings of two models cannot be ranked together: write a new index or delete this one"
         )
-    check_same_settings(path, index.settings, settings, dict.fromkeys([*settings, *index.settings]))
+    keys = dict.fromkeys([*settings, *index.settings])
+    if "decoding" not in index.settings:
+        del keys["decoding"]  # embeddings of tempme 0.1's decoding: the same but for rotated videos
+        warn(f"{path} was built by tempme 0.1, which read videos stored with a rotation (portrait phone videos) "
+             "sideways; their embeddings stay so until the index is built again or their files change")
+    check_same_settings(path, index.settings, settings, keys)
     return index
 
 
@@ -645,7 +652,7 @@ def _busy(path: PathLike) -> VideoIndexError:
 
 def _embed_batch(model: TempMe, batch: dict[str, Any], device: torch.device, precision: str) -> torch.Tensor:
     """``[B, D]`` L2-normalised float32 embeddings, on the CPU, of a batch from ``collate_skip_bad``."""
-    with autocast(device, precision):
+    with torch.no_grad(), autocast(device, precision):  # a trainable model would record a graph per batch
         features = model.encode_video(batch["video"].to(device), batch["video_mask"].to(device))
     return F.normalize(features.float(), dim=-1).cpu()
 
@@ -767,7 +774,7 @@ def update_index(
                     shown["undecodable"] = len(update.skipped)
             # Windows of a video that failed later in this batch: not worth encoding.
             batch = collate_skip_bad(
-                [s for s in samples if isinstance(s, SkippedVideo) or s["video_id"] not in pending.failed]
+                [s for s in samples if not isinstance(s, SkippedVideo) and s["video_id"] not in pending.failed]
             )
             if batch is not None:
                 if segment_s is None:
@@ -790,7 +797,9 @@ def update_index(
         # Workers stop once the index is saved: a second Ctrl-C while they stop loses nothing.
         with loader_batches(loader) as batches:
             try:
-                with progress_bar(total=len(todo), desc="indexing videos", unit="video", disable=not progress) as bar:
+                # miniters=0: a bar of whole videos still redraws the window counts within a long one.
+                with progress_bar(total=len(todo), desc="indexing videos", unit="video", disable=not progress,
+                                  miniters=0) as bar:
                     for samples in batches:
                         take(samples, bar)
                         if time.monotonic() - last_save >= save_every_s:

@@ -18,7 +18,7 @@ import torch
 
 # Where frames are passed over: tempme's three packages (side by side), torch, and contextlib (whose
 # frames stand between a context manager's code and the ``with`` that uses it).
-_LIBRARY_FOLDERS = (
+_LIBRARY_PATHS = (
     *(str(folder) + os.sep for folder in (
         *(Path(__file__).parent.parent / name for name in ("tempme", "tempme_train", "tempme_cli")),
         Path(torch.__file__).parent,
@@ -37,6 +37,6 @@ def warn(message: str, category: type[Warning] = UserWarning) -> None:
     """``warnings.warn(message, category)``, attributed to the first caller outside tempme and torch
     (the outermost frame when there is none, as in a data-loading worker process)."""
     frame, level = sys._getframe(1), 1
-    while frame.f_back is not None and frame.f_code.co_filename.startswith(_LIBRARY_FOLDERS):
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_LIBRARY_PATHS):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, category, stacklevel=level + 1)

@@ -555,13 +555,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 SETTINGS_ADDED = {"optim.gradient_divisor": 1.0}
 
 
-def load_run_config(path: Path) -> tuple[TrainConfig, dict[str, Any]]:
-    """The ``config.yaml`` that a training run stored, and the settings it predates (``{key: value}``),
-    which it gets with the value its run trained with (``SETTINGS_ADDED``)."""
+def load_run_config(path: Path) -> TrainConfig:
+    """The ``config.yaml`` that a training run stored; settings it predates take their ``SETTINGS_ADDED`` value."""
     stored = yaml.safe_load(path.read_text(encoding="utf-8"))
     stored_keys = set(_setting_keys(stored if isinstance(stored, dict) else {}))
-    predated = {key: value for key, value in SETTINGS_ADDED.items() if key not in stored_keys}
-    return load_config(path, [f"{key}={value}" for key, value in predated.items()]), predated
+    predated = [f"{key}={value}" for key, value in SETTINGS_ADDED.items() if key not in stored_keys]
+    return load_config(path, predated)
 
 
 def apply_overrides(config: TrainConfig, overrides: list[str] | tuple[str, ...]) -> TrainConfig:

@@ -363,17 +363,19 @@ class Trainer:
             return None
         if checkpoint is None:
             raise FileNotFoundError(f"cannot resume: no checkpoint in {self.output / LAST}")
-        saved, predated = load_run_config(checkpoint / CONFIG)
-        # A run from before a setting existed goes on as it started, at this resume and every later one:
-        # where this run leaves the setting at its default, the checkpoint's value stands.
-        kept = {key: _setting(saved, key) for key in SETTINGS_ADDED
-                if _setting(self.config, key) == _setting(TrainConfig(), key) != _setting(saved, key)}
+        saved = load_run_config(checkpoint / CONFIG)
+        # A run from before a setting existed goes on as it started, at this resume and every later
+        # one, unless this run asks otherwise on the command line (then refused below, as any change).
+        kept = {
+            key: before for key, before in SETTINGS_ADDED.items()
+            if _setting(saved, key) == before != _setting(self.config, key) == _setting(TrainConfig(), key)
+            and not self.config.source_of(key, "").startswith("command-line override")
+        }
         if kept:
-            self.config = with_settings(self.config, kept, f"{checkpoint / CONFIG} (older than these settings)")
-        if predated:
-            shown = ", ".join(f"{key}={value}" for key, value in predated.items())
-            warn(f"{checkpoint} was saved before {', '.join(predated)} existed: the run goes on with {shown}, "
-                 "as it started", SharedWarning)
+            self.config = with_settings(self.config, kept, f"{checkpoint / CONFIG} (a run from before these settings)")
+            shown = ", ".join(f"{key}={value}" for key, value in kept.items())
+            warn(f"{checkpoint} comes from a run that started before {', '.join(kept)} existed: it goes on "
+                 f"with {shown}, as it started", SharedWarning)
         differences = _resume_differences(saved, self.config)
         if differences:
             key, (then, now) = next(iter(differences.items()))

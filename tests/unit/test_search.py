@@ -237,7 +237,7 @@ def test_index_holds_each_videos_own_embedding(video_dir, tmp_path):
     assert (update.added, update.skipped, update.removed, update.total) == (4, {}, [], 4)
     index = VideoIndex.load(tmp_path / "v.index")
     assert index.paths == [str(v) for v in videos]
-    assert index.settings == {"frames": FRAMES, "framerate": 1.0, "image_size": 32, "precision": "fp32"}
+    assert index.settings == {"frames": FRAMES, "framerate": 1.0, "image_size": 32, "precision": "fp32", "decoding": 2}
     assert index.model["fingerprint"] == model_fingerprint(model)
     for row, video in zip(index.embeddings, videos):
         torch.testing.assert_close(row, reference_embedding(model, video), atol=1e-5, rtol=1e-5)
@@ -804,3 +804,14 @@ def test_indexing_builds_no_autograd_graph_with_a_trainable_model(video_dir, tmp
     assert any(p.requires_grad for p in model.parameters())  # as load_model gives it: LoRA and CPE trainable
     update_index(model, find_videos([video_dir]), tmp_path / "v.index", progress=False)
     assert seen and all(state == (False, False) for state in seen)
+
+
+def test_an_index_of_tempme_0_1_is_updated_with_a_warning_about_rotated_videos(video_dir, tmp_path):
+    videos, model, index_path = index_a_copy(video_dir, tmp_path)
+    index = VideoIndex.load(index_path)
+    del index.settings["decoding"]  # as tempme 0.1 wrote it
+    index.save(index_path)
+    write_video(videos / "e.mp4", num_frames=25)
+    with pytest.warns(UserWarning, match="built by tempme 0.1, which read videos stored with a rotation"):
+        assert update_index(model, find_videos([videos]), index_path, progress=False).added == 1
+    assert "decoding" not in VideoIndex.load(index_path).settings  # its older embeddings are still 0.1's

@@ -27,7 +27,7 @@ import tempme
 from tempme.config import CLIPConfig, TextConfig, VisionConfig
 from tempme.data import SkippedVideo, collate_skip_bad
 from tempme_train.checkpoint import LAST, find_checkpoint
-from tempme_train.config import ConfigError, TrainConfig, config_from_dict, load_config
+from tempme_train.config import ConfigError, TrainConfig, apply_overrides, config_from_dict, load_config
 from tempme_train.data import EpochSampler, TrainData
 from tempme_train.evaluate import EvalSet, embed, evaluate
 from tempme.retrieval import contrastive_loss
@@ -233,15 +233,26 @@ def test_a_checkpoint_older_than_a_setting_resumes_with_the_value_its_run_had(tm
     lines = stored.read_text().splitlines(keepends=True)
     assert any("gradient_divisor" in line for line in lines)
     stored.write_text("".join(line for line in lines if "gradient_divisor" not in line))  # as written before it existed
-    with pytest.warns(UserWarning, match="saved before optim.gradient_divisor existed: the run goes on with "
-                                         "optim.gradient_divisor=1.0, as it started"):
+    message = ("comes from a run that started before optim.gradient_divisor existed: it goes on with "
+               "optim.gradient_divisor=1.0, as it started")
+    with pytest.warns(UserWarning, match=message):
         summary = train(tiny_config(tmp_path, run={"stop_after": 2}), resume=True, data=data)
     assert summary.steps == 2
     assert load_config(tmp_path / LAST / "config.yaml").optim.gradient_divisor == 1.0  # recorded from now on
-    # The same command resumes it again (multi-day runs stop more than once); another value is refused.
-    assert train(tiny_config(tmp_path, run={"stop_after": 3}), resume=True, data=data).steps == 3
-    with pytest.raises(ConfigError, match=r"optim.gradient_divisor.*checkpoint's value 1.0"):
-        train(tiny_config(tmp_path, optim={"gradient_divisor": 2.0}), resume=True, data=data)
+    # The same command resumes it again (multi-day runs stop more than once) ...
+    with pytest.warns(UserWarning, match=message):
+        assert train(tiny_config(tmp_path, run={"stop_after": 3}), resume=True, data=data).steps == 3
+    # ... and a value asked for on the command line, the default included, is a change, refused.
+    for asked in (["optim.gradient_divisor=2"], ["optim.gradient_divisor=4"]):
+        with pytest.raises(ConfigError, match=r"optim.gradient_divisor.*checkpoint's value 1.0"):
+            train(apply_overrides(tiny_config(tmp_path), asked), resume=True, data=data)
+
+
+def test_a_resume_never_takes_over_a_value_its_run_chose(tmp_path):
+    data = synthetic_data()
+    train(tiny_config(tmp_path, optim={"gradient_divisor": 2.0}, run={"stop_after": 1}), data=data)
+    with pytest.raises(ConfigError, match=r"optim.gradient_divisor.*checkpoint's value 2.0"):
+        train(tiny_config(tmp_path), resume=True, data=data)  # the default, 4: a change
 
 
 def test_a_save_stopped_between_its_renames_never_leaves_the_run_without_a_checkpoint(tmp_path, monkeypatch):
