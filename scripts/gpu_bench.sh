@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU figure of docs/benchmarks.md, then the test suite on CUDA: at most 10 minutes on one H100.
+# Every GPU figure of docs/benchmarks.md, then the test suite on CUDA: about 11 minutes on one H100
+# (SUITE=0 leaves the suite out: within 10).
 #
 #   OUT=/some/folder bash scripts/gpu_bench.sh [extra scripts/gpu_bench.py options]
 #   SUITE=0 bash scripts/gpu_bench.sh     # within a 600 s call: GPU tests (<= 150 s) and steps (380 s)

@@ -375,7 +375,7 @@ def open_index(path: PathLike, model_info: dict[str, Any], settings: dict[str, A
     if "decoding" not in index.settings:
         del keys["decoding"]  # embeddings of tempme 0.1's decoding: the same but for rotated videos
         warn(f"{path} was built by tempme 0.1, which read videos stored with a rotation (portrait phone videos) "
-             "sideways; their embeddings stay so until the index is built again or their files change")
+             "sideways: touch such files to have them embedded again, or build a new index (which ends this warning)")
     check_same_settings(path, index.settings, settings, keys)
     return index
 

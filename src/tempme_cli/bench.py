@@ -73,10 +73,10 @@ def register(subparsers) -> None:
     parser.add_argument("--frames", type=int, default=12, help="frames per video (default: 12)")
     parser.add_argument("--batch", type=int, help="videos per batch (default: 32 on a GPU, 4 on the CPU)")
     parser.add_argument(
-        "--device", default="auto", help="cpu, cuda[:N] or auto: the GPU where there is one (default: auto)"
+        "--device", default="auto", help="cpu, cuda[:N], mps or auto: the GPU where there is one (default: auto)"
     )
     parser.add_argument(
-        "--dtype", choices=list(DTYPES), help="precision (default: bf16 on a GPU, fp32 on the CPU)"
+        "--dtype", choices=list(DTYPES), help="precision (default: bf16 on a CUDA GPU, else fp32)"
     )
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
     parser.add_argument(

@@ -17,8 +17,9 @@ from .common import show_progress
 EPILOG = textwrap.dedent(
     """\
     what is evaluated:
-      --checkpoint PATH   a trained run: its folder (best.safetensors), a checkpoint folder (last/) or a
-                          weights file written by tempme train. Adapters are applied on top of the base
+      --checkpoint PATH   a trained run: its folder (best.safetensors; weights.safetensors after
+                          data.val_split=none), a checkpoint folder (last/) or a weights
+                          file written by tempme train. Adapters are applied on top of the base
                           weights named in the training config stored with them; --weights may give
                           those same weights from another place (other weights are refused).
       --weights W         CLIP or tempme weights (a file or a preset name such as ViT-B/32): zero-shot.
@@ -52,8 +53,9 @@ def register(subparsers) -> None:
     parser.add_argument("--checkpoint", metavar="PATH", help="trained run folder, checkpoint folder or weights file")
     parser.add_argument("--weights", metavar="W", help="CLIP/tempme weights file or preset name (sets model.weights)")
     parser.add_argument("--dataset", help="msrvtt, didemo, activitynet, lsmdc or custom (sets data.dataset; a "
-                        "benchmark other than the checkpoint's, or zero-shot weights, take that benchmark's "
-                        "bundled splits and caption length)")
+                        "benchmark other than the checkpoint's takes that benchmark's bundled splits, caption "
+                        "length and default data paths; zero-shot weights take its whole bundled config, "
+                        "frames too)")
     parser.add_argument("--anno-path", metavar="PATH", help="annotation folder or file (sets data.anno_path)")
     parser.add_argument("--video-dir", metavar="DIR", help="video folder (sets data.video_dir)")
     parser.add_argument("--method", choices=("none", "tome", "tempme"), help="merging method (sets model.method)")

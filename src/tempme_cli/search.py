@@ -30,7 +30,8 @@ INDEX_EPILOG = textwrap.dedent(
     missing or empty now (an unmounted drive) keeps its videos, with a warning, unless --prune. Unset
     --frames, --framerate, --precision, --method and --segment follow the index. Symbolic links to folders are
     followed; hidden files and folders (names starting with a dot) are left out. An index built by
-    tempme before 2026-11-27 has another model fingerprint and is refused: write a new one. An
+    tempme before 2026-11-27 has another model fingerprint and is refused: write a new one. One built
+    by tempme 0.1 (portrait phone videos read sideways) is updated with a warning. An
     interrupted run keeps every finished video (the index is written every --save-every seconds and
     on Ctrl-C); the next run carries on. One run at a time per index: a second stops at once.
     Undecodable videos are listed and tried again next time.
@@ -114,7 +115,7 @@ def register(subparsers) -> None:
                        "folder too (for a folder moved or removed for good; without it, such a folder may be "
                        "an unmounted drive and keeps its videos)")
     index.add_argument("--workers", type=int, default=default_workers(),
-                       help=f"decoding processes (default: {default_workers()}, half the cores)")
+                       help=f"decoding processes (default: {default_workers()}, half the cores, at most 8)")
     index.add_argument("--backend", choices=("pyav", "decord"), default="pyav", help="video decoder (default: pyav)")
     index.add_argument("--save-every", type=float, default=60.0, metavar="SECONDS",
                        help="write the index at least this often while indexing (default: 60)")

@@ -12,8 +12,9 @@ One call, :func:`train`, runs a whole (or resumed) run from a :class:`TrainConfi
    error or a signal on one of them stops all of them at the same point (``failures_shared``,
    :func:`stops_held`), so that none waits in a collective for another that has gone.
 
-Outputs in ``run.output_dir``: ``config.yaml``, ``metrics.jsonl``, ``best.safetensors``, ``last/``
-and optionally ``tensorboard/``. Launch several processes with ``torchrun``: each validates on its
+Outputs in ``run.output_dir``: ``config.yaml``, ``metrics.jsonl``, ``best.safetensors`` (with
+``data.val_split=none``: ``weights.safetensors``, the final weights), ``last/`` and optionally
+``tensorboard/``. Launch several processes with ``torchrun``: each validates on its
 share of the videos; rank 0 logs and writes files while the others wait.
 """
 

@@ -8,9 +8,10 @@ centre crop is unchanged). In training, RandAugment then runs on the resized fra
 of the raw ones, a close approximation: its translations are relative to the frame size and
 its other ops act the same at any resolution, up to resampling detail.
 
-Files live in ``root/m{max_frames}_r{framerate}_s{image_size}/`` so different sampling
-settings never share entries, and are written atomically (temporary file + ``os.replace``),
-so concurrent DataLoader workers or an interrupted run never leave a partial file behind.
+Files live in ``root/m{max_frames}_r{framerate:g}_s{image_size}/`` (``..._decord/`` for decord's
+frames) so different sampling settings and decoders never share entries, and are written
+atomically (temporary file + ``os.replace``), so concurrent DataLoader workers or an interrupted
+run never leave a partial file behind.
 
 An entry belongs to one video *file*, not to a video id: its name hashes the id, the file's
 resolved path, size and modification time, and the sampling window. So two annotation files that
