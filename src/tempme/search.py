@@ -337,7 +337,9 @@ class IndexUpdate:
     segments: int | None = None  # rows of an index of segments afterwards; None for whole videos
 
 
-def index_settings(model: TempMe, framerate: float, precision: str, segment_s: float | None = None) -> dict[str, Any]:
+def index_settings(
+    model: TempMe, framerate: float, precision: str, segment_s: float | None = None, backend: str = "pyav"
+) -> dict[str, Any]:
     settings = {
         "frames": model.config.frames,
         "framerate": framerate,
@@ -347,12 +349,16 @@ def index_settings(model: TempMe, framerate: float, precision: str, segment_s: f
     }
     if segment_s is not None:  # absent from an index of whole videos, as in those written before segments
         settings["segment_s"] = segment_s
+    if backend != "pyav":  # absent for PyAV, as in those written before this was recorded
+        settings["backend"] = backend
     return settings
 
 
 def _setting_text(key: str, value: Any) -> str:
     if key == "segment_s":
         return "whole videos" if value is None else f"segments of {value:.10g} s"
+    if key == "backend":
+        return f"the {value or 'pyav'} decoder"
     return f"{key}={value!r}"
 
 
@@ -719,7 +725,7 @@ def update_index(
         "frames": model.config.frames,
         "fingerprint": fingerprint or model_fingerprint(model),
     }
-    settings = index_settings(model, framerate, precision, segment_s)
+    settings = index_settings(model, framerate, precision, segment_s, backend)
     check_batch_fits_in_memory(settings["frames"], settings["image_size"], batch_size)
     # Two runs on one index would each write what they embedded over the other's: the second waits
     # for no one and stops at once.

@@ -28,8 +28,9 @@ INDEX_EPILOG = textwrap.dedent(
     again, videos whose file changed (size or modification time) are embedded again, and videos
     deleted under a folder given here (whole subfolders too) are dropped; a given folder that is
     missing or empty now (an unmounted drive) keeps its videos, with a warning, unless --prune. Unset
-    --frames, --framerate, --precision, --method and --segment follow the index. Symbolic links to folders are
-    followed; hidden files and folders (names starting with a dot) are left out. An index built by
+    --frames, --framerate, --precision, --method, --segment and --backend follow the index. Symbolic
+    links to folders are followed; hidden files and folders (names starting with a dot) are left
+    out. An index built by
     tempme before 2026-11-27 has another model fingerprint and is refused: write a new one. One built
     by tempme 0.1 (portrait phone videos read sideways) is updated with a warning. An
     interrupted run keeps every finished video (the index is written every --save-every seconds and
@@ -116,7 +117,7 @@ def register(subparsers) -> None:
                        "an unmounted drive and keeps its videos)")
     index.add_argument("--workers", type=int, default=default_workers(),
                        help=f"decoding processes (default: {default_workers()}, half the cores, at most 8)")
-    index.add_argument("--backend", choices=("pyav", "decord"), default="pyav", help="video decoder (default: pyav)")
+    index.add_argument("--backend", choices=("pyav", "decord"), help="video decoder (default: the index's, else pyav)")
     index.add_argument("--save-every", type=float, default=60.0, metavar="SECONDS",
                        help="write the index at least this often while indexing (default: 60)")
     index.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -256,6 +257,7 @@ def run_index(args: argparse.Namespace) -> int:
     recorded = existing["settings"] if existing else {}
     framerate = args.framerate if args.framerate is not None else recorded.get("framerate", 1.0)
     segment_s = args.segment if args.segment is not None else recorded.get("segment_s")
+    backend = args.backend or recorded.get("backend", "pyav")
     # update_index checks these too, but only once the model has loaded, and by their Python names.
     check_index_options(batch_size=args.batch_size, framerate=framerate, num_workers=args.workers,
                         save_every_s=args.save_every, segment_s=segment_s, names=INDEX_OPTION_NAMES)
@@ -281,7 +283,7 @@ def run_index(args: argparse.Namespace) -> int:
         }
     if existing:  # what can be compared before the model loads (a download, maybe) is compared now
         known = {"framerate": framerate, "precision": precision, "frames": args.frames or recorded.get("frames"),
-                 "segment_s": segment_s}
+                 "segment_s": segment_s, "backend": None if backend == "pyav" else backend}
         check_same_settings(args.out, recorded, known, known)
         if args.method and built_by.get("method") not in (None, args.method):
             raise ValueError(f"{args.out} was built by a model with method={built_by['method']!r}, this run asks for "
@@ -297,7 +299,7 @@ def run_index(args: argparse.Namespace) -> int:
         update = update_index(
             model, videos, args.out, fingerprint=fingerprint, model_info=model_info, batch_size=args.batch_size,
             device=device, precision=precision, framerate=framerate, num_workers=args.workers,
-            backend=args.backend, save_every_s=args.save_every, progress=show_progress(args),
+            backend=backend, save_every_s=args.save_every, progress=show_progress(args),
             sources=args.videos, prune=args.prune, segment_s=segment_s,
         )
     except KeyboardInterrupt:

@@ -380,6 +380,9 @@ def test_index_of_segments_then_search_finds_moments(tmp_path, capsys):
     code, out, err = cli(capsys, *args, "--method", "none")
     assert code == 2 and "built by a model with method='tempme', this run asks for method='none'" in err
     assert "loading" not in err
+    code, out, err = cli(capsys, *args, "--backend", "decord")
+    assert code == 2 and "built with the pyav decoder, this run has the decord decoder" in err
+    assert "loading" not in err
 
     code, out, err = cli(capsys, "search", str(index), QUERIES[0], "-k", "5", "--json")
     assert code == 0, err

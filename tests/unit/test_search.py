@@ -815,3 +815,10 @@ def test_an_index_of_tempme_0_1_is_updated_with_a_warning_about_rotated_videos(v
     with pytest.warns(UserWarning, match="built by tempme 0.1, which read videos stored with a rotation"):
         assert update_index(model, find_videos([videos]), index_path, progress=False).added == 1
     assert "decoding" not in VideoIndex.load(index_path).settings  # its older embeddings are still 0.1's
+
+
+def test_an_index_keeps_to_the_decoder_that_built_it(video_dir, tmp_path):
+    _, model, index_path = index_a_copy(video_dir, tmp_path)
+    assert "backend" not in VideoIndex.load(index_path).settings  # PyAV's: as indexes before it was recorded
+    with pytest.raises(VideoIndexError, match="built with the pyav decoder, this run has the decord decoder"):
+        update_index(model, find_videos([video_dir]), index_path, backend="decord", progress=False)
