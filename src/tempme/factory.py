@@ -19,6 +19,7 @@ from .config import (
 )
 from .devices import DeviceUnavailable, resolve_device
 from .model import TempMe
+from .schedule import ScheduleError
 from .userwarnings import SharedWarning, warn
 
 MERGE_FIELDS = {f.name for f in dataclasses.fields(MergeConfig)}
@@ -72,6 +73,10 @@ def build_config(
             value = value.tolist()
         if isinstance(value, (list, tuple, range)):
             merge_overrides[name] = tuple(_as_int(item) for item in value)
+    if schedule is None and method == "tempme" and "merge_layers" not in merge_overrides and clip.vision.layers < 4:
+        # The paper's ClipMe layers are the 4th, 3rd and 2nd from the end.
+        raise ScheduleError(f"the paper's schedule needs at least 4 layers, this encoder has {clip.vision.layers}: "
+                            "give merge_layers (and clips_joined) for it")
     merge = (schedule or default_merge_config(clip, frames, method)).replace(**merge_overrides)
     return ModelConfig(clip=clip, merge=merge, lora=LoRAConfig(rank=lora_rank), frames=frames, max_words=max_words)
 

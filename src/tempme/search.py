@@ -711,6 +711,9 @@ def update_index(
     check_index_options(batch_size=batch_size, framerate=framerate, num_workers=num_workers,
                         save_every_s=save_every_s, segment_s=segment_s)
     videos, sources = _as_paths(videos), None if sources is None else _as_paths(sources)
+    folders = [video for video in videos if Path(video).expanduser().is_dir()]
+    if folders:
+        raise ValueError(f"{folders[0]} is a folder: update_index takes video files (find_videos lists a folder's)")
     if fingerprint is None and model.weights_folded:
         raise ValueError(
             "the model was optimised (optimize_for_inference or fold_lora), which changes its weights' "

@@ -215,6 +215,18 @@ def custom_split_warning(config: TrainConfig, split: str, trained: Path | None) 
     )
 
 
+def selected_on_test_warning(config: TrainConfig, split: str, trained: Path | None) -> str | None:
+    """A warning when the best weights of a run were chosen by validating on the split evaluated."""
+    stored = stored_config(trained) if trained is not None and trained.name == "best.safetensors" else None
+    if stored is None or stored.data.val_split != stored.data.test_split:
+        return None
+    evaluated = config.data.test_split if split == "test" else split
+    if evaluated != stored.data.val_split or config.data.dataset != stored.data.dataset:
+        return None
+    return (f"{trained} was chosen by validating on this {evaluated} split (data.val_split={stored.data.val_split}), "
+            "so these numbers were selected on it and overstate the model; report a run validated on other videos")
+
+
 def run(args: argparse.Namespace) -> int:
     from tempme.retrieval import format_metrics_table
     from tempme_train.data import drop_missing_videos, frame_cache, split_items
@@ -237,7 +249,7 @@ def run(args: argparse.Namespace) -> int:
         cache = embedding_cache(args)
         items = split_items(config.data, args.split, source, "--split")
         items, missing = drop_missing_videos(items, config.data, args.split, source)
-        warning = custom_split_warning(config, args.split, trained)
+        warning = custom_split_warning(config, args.split, trained) or selected_on_test_warning(config, args.split, trained)
         if warning and world.is_main:  # once, not once per process
             warnings.warn(warning, stacklevel=1)
         eval_set = EvalSet.from_items(items, config.data, f"{config.data.dataset}/{args.split}", frame_cache(config.data))

@@ -56,6 +56,14 @@ def parse_arguments(parser: argparse.ArgumentParser, argv: list[str] | None) -> 
     if hasattr(args, "overrides") and all("=" in item and not item.startswith("-") for item in extra):
         args.overrides = [*args.overrides, *extra]
         return args
+    if hasattr(args, "queries"):
+        # Queries after options (`tempme search INDEX -k 5 "a dog"`), which argparse leaves over;
+        # after `--`, words that start with a dash too.
+        dashes = extra.index("--") if "--" in extra else len(extra)
+        words = [item for item in extra[:dashes] if not item.startswith("-")] + extra[dashes + 1 :]
+        if len(words) == len(extra) - (dashes < len(extra)):
+            args.queries = [*args.queries, *words]
+            return args
     command_parser.error(f"unrecognized arguments: {' '.join(extra)}")
 
 
@@ -117,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
                 show_only_this_process_warnings()
             return args.handler(args) or 0
     except (CLIError, ValueError, TypeError) as error:
-        print(f"tempme {args.command}: error: {error}", file=sys.stderr)
+        if not (later_torchrun_process() and type(error).__name__ == "ConfigError"):  # every process has it
+            print(f"tempme {args.command}: error: {error}", file=sys.stderr)
         return 2
     except BrokenPipeError as error:
         if not stdout_reader_gone():  # another pipe: an error like any other

@@ -215,16 +215,21 @@ def saved_count(path: str) -> int:
         return 0
 
 
-def find_index_sources(sources: list[str], index_exists: bool, prune: bool) -> list[Path]:
-    """The videos of ``sources`` (``find_videos``). When updating an existing index, a missing source
-    (an unmounted drive, or a folder moved for good: see --prune) is passed over while another source
-    is there (or --prune has work to do), and finding no video is no error: ``update_index`` says
-    what becomes of the videos indexed from such sources."""
+def find_index_sources(sources: list[str], index: str | None, prune: bool) -> list[Path]:
+    """The videos of ``sources`` (``find_videos``). When updating an existing ``index``, a missing
+    source (an unmounted drive, or a folder moved for good: see --prune) is passed over while another
+    source is there (or --prune has work to do), and finding no video is no error: ``update_index``
+    says what becomes of the videos indexed from such sources."""
     from tempme.search import find_videos
 
     present = [source for source in sources if Path(source).expanduser().exists()]
-    if not index_exists or not (present or prune):
+    if index is None:
         return find_videos(sources)  # the error that names the first missing source
+    if not (present or prune):
+        raise ValueError(
+            f"{', '.join(sources)}: no such file or folder, so nothing to update; {index} keeps the videos "
+            "indexed from there (an unmounted drive?): run again when it is back, or add --prune to drop them"
+        )
     return find_videos(present, allow_empty=True)
 
 
@@ -261,7 +266,7 @@ def run_index(args: argparse.Namespace) -> int:
     # update_index checks these too, but only once the model has loaded, and by their Python names.
     check_index_options(batch_size=args.batch_size, framerate=framerate, num_workers=args.workers,
                         save_every_s=args.save_every, segment_s=segment_s, names=INDEX_OPTION_NAMES)
-    videos = find_index_sources(args.videos, existing is not None, args.prune)
+    videos = find_index_sources(args.videos, args.out if existing is not None else None, args.prune)
     device = device_option(args.device)
     check_index_free(args.out)  # before the model loads (a download, maybe), not after
     precision = args.precision if args.precision != "auto" else recorded.get("precision", default_precision(device))

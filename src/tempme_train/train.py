@@ -375,8 +375,8 @@ class Trainer:
         if kept:
             self.config = with_settings(self.config, kept, f"{checkpoint / CONFIG} (a run from before these settings)")
             shown = ", ".join(f"{key}={value}" for key, value in kept.items())
-            warn(f"{checkpoint} comes from a run that started before {', '.join(kept)} existed: it goes on "
-                 f"with {shown}, as it started", SharedWarning)
+            warn(f"{checkpoint} was trained with {shown}, as every run was before {', '.join(kept)} existed: "
+                 "the run goes on with it", SharedWarning)
         differences = _resume_differences(saved, self.config)
         if differences:
             key, (then, now) = next(iter(differences.items()))
@@ -826,17 +826,22 @@ def train(config: TrainConfig, resume: bool = False, data: TrainData | None = No
 
 def with_absolute_data_paths(config: TrainConfig) -> TrainConfig:
     """``config`` with relative data paths (``data.anno_path``, ``data.video_dir``, ``data.frame_cache``)
-    made absolute, from the working directory: the config stored with the run (``config.yaml``, and
-    inside its weights) then finds the data from anywhere, as ``tempme eval --checkpoint`` needs."""
+    and a relative ``model.weights`` file made absolute, from the working directory: the config stored
+    with the run (``config.yaml``, and inside its weights) then finds them from anywhere, as
+    ``tempme eval --checkpoint`` needs."""
     changes = {
         name: str(Path(value).absolute())  # not resolved: a linked data folder may be pointed elsewhere later
         for name in ("anno_path", "video_dir", "frame_cache")
         if (value := getattr(config.data, name)) and not Path(value).expanduser().is_absolute()
     }
-    if not changes:
+    weights = config.model.weights
+    relative_weights = bool(weights) and not Path(weights).is_absolute() and Path(weights).exists()  # not a preset
+    if not changes and not relative_weights:
         return config
     absolute = copy.copy(config)  # keeps where each setting came from, for error messages
     absolute.data = dataclasses.replace(config.data, **changes)
+    if relative_weights:
+        absolute.model = dataclasses.replace(config.model, weights=str(Path(weights).absolute()))
     return absolute
 
 

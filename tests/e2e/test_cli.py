@@ -305,3 +305,16 @@ def test_ctrl_c_while_torch_loads_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr("tempme_cli.main.build_parser", interrupted_while_loading)
     assert main(["search", "x.index", "query"]) == 130
     assert capsys.readouterr().err == "tempme: interrupted\n"
+
+
+def test_search_queries_may_follow_options():
+    from tempme_cli.main import build_parser, parse_arguments
+
+    parser = build_parser()
+    for argv, queries, top in ((["x.index", "-k", "1", "a dog"], ["a dog"], 1),
+                               (["x.index", "a dog", "--json", "a cat"], ["a dog", "a cat"], 10),
+                               (["x.index", "-k", "2", "--", "--dashed query"], ["--dashed query"], 2)):
+        args = parse_arguments(parser, ["search", *argv])
+        assert (args.index, args.queries, args.top) == ("x.index", queries, top), argv
+    with pytest.raises(SystemExit):
+        parse_arguments(parser, ["search", "x.index", "a dog", "--bogus"])

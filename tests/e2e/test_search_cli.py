@@ -135,7 +135,7 @@ def test_search_refuses_other_weights_and_bad_input(library, tmp_path, capsys):
     assert code == 2 and "was built by another model" in err
 
     code, _, err = cli(capsys, "index", str(tmp_path / "nowhere"), "--weights", str(weights), "--out", str(index))
-    assert code == 2 and "nowhere: no such file or directory" in err
+    assert code == 2 and "nowhere: no such file or folder" in err
 
     code, _, err = cli(capsys, "index", str(library), "--weights", str(weights), "--out", str(tmp_path))
     assert code == 2 and "is a folder; name the file to write" in err and "videos.index" in err
@@ -297,7 +297,8 @@ def test_updating_an_index_follows_its_settings_and_copes_with_missing_folders(t
     assert not [w for w in caught if str(deleted_file) in str(w.message)]
 
     code, _, err = cli(capsys, "index", str(tmp_path / "nowhere"), *common)  # nothing given exists
-    assert code == 2 and "nowhere: no such file or directory" in err
+    assert code == 2 and "nowhere: no such file or folder, so nothing to update" in err
+    assert "keeps the videos indexed from there" in err and "--prune" in err
 
 
 @pytest.mark.parametrize("stop, code, said", [("ctrl-c", 130, "interrupted"), ("sigterm", 143, "terminated (SIGTERM)")])

@@ -784,6 +784,8 @@ def test_an_optimised_model_needs_the_fingerprint_of_the_weights_it_was_loaded_f
     update = update_index(model, one_video, tmp_path / "v.index", fingerprint=fingerprint, progress=False)
     assert update.added == 1 and VideoIndex.load(tmp_path / "v.index").model["fingerprint"] == fingerprint
     assert find_videos(str(video_dir)) == find_videos([video_dir])
+    with pytest.raises(ValueError, match="is a folder: update_index takes video files"):
+        update_index(model, str(video_dir), tmp_path / "v.index", fingerprint=fingerprint, progress=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a source given as a string is one folder, not its characters
         update_index(model, one_video, tmp_path / "v.index", fingerprint=fingerprint, sources=str(video_dir),

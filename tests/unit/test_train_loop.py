@@ -233,8 +233,8 @@ def test_a_checkpoint_older_than_a_setting_resumes_with_the_value_its_run_had(tm
     lines = stored.read_text().splitlines(keepends=True)
     assert any("gradient_divisor" in line for line in lines)
     stored.write_text("".join(line for line in lines if "gradient_divisor" not in line))  # as written before it existed
-    message = ("comes from a run that started before optim.gradient_divisor existed: it goes on with "
-               "optim.gradient_divisor=1.0, as it started")
+    message = ("was trained with optim.gradient_divisor=1.0, as every run was before optim.gradient_divisor "
+               "existed: the run goes on with it")
     with pytest.warns(UserWarning, match=message):
         summary = train(tiny_config(tmp_path, run={"stop_after": 2}), resume=True, data=data)
     assert summary.steps == 2
@@ -1173,11 +1173,16 @@ def test_a_run_stores_its_data_paths_absolute(tmp_path, monkeypatch):
     from tempme_train.checkpoint import CONFIG
     from tempme_train.config import load_config
 
+    from tempme.weights import save_weights
+
     monkeypatch.chdir(tmp_path)
-    config = tiny_config(tmp_path / "run", run={"stop_after": 1})
+    save_weights(tempme.create_model(PRESET, method="none"), tmp_path / "clip.safetensors")
+    config = tiny_config(tmp_path / "run", run={"stop_after": 1}, model={"weights": "clip.safetensors"})
     config.data.anno_path, config.data.video_dir = "anno/captions.csv", "~/videos"
     train(config, data=synthetic_data())
-    stored = load_config(tmp_path / "run" / LAST / CONFIG).data
+    stored = load_config(tmp_path / "run" / LAST / CONFIG)
     # Relative to the directory the run started in; a path from home is one (~ reads as the home folder).
-    assert (stored.anno_path, stored.video_dir) == (str(tmp_path / "anno" / "captions.csv"), os.path.expanduser("~/videos"))
+    assert (stored.data.anno_path, stored.data.video_dir) == (
+        str(tmp_path / "anno" / "captions.csv"), os.path.expanduser("~/videos"))
+    assert stored.model.weights == str(tmp_path / "clip.safetensors")
     assert config.data.anno_path == "anno/captions.csv"  # the caller's config is left as it was
