@@ -134,7 +134,8 @@ def register(subparsers) -> None:
     search.add_argument("index", metavar="INDEX", help="an index file written by `tempme index`")
     search.add_argument("queries", nargs="*", default=[], metavar="QUERY",
                         help="text to search for (quote each query); none: read queries from standard input, "
-                        "one per line, answering each as it comes (the model loads once)")
+                        "one per line of UTF-8 text (blank lines are passed over), answering each as it comes "
+                        "(the model loads once)")
     search.add_argument("-k", "--top", type=int, default=10, help="results per query (default: 10)")
     search.add_argument("--per-video", action="store_true",
                         help="in an index of segments (tempme index --segment), only the best segment of each "
@@ -385,7 +386,14 @@ def run_search(args: argparse.Namespace) -> int:
         held = "" if index.segments is None else f" ({count(index.segments, 'segment')})"
         print(f"{count(index.videos, 'video')}{held} in {args.index}; type a query and press Enter (Ctrl-D to end)",
               file=sys.stderr)
-    for line in sys.stdin:
+    lines = sys.stdin.buffer if hasattr(sys.stdin, "buffer") else (text.encode() for text in sys.stdin)
+    for number, raw in enumerate(lines, start=1):
+        try:  # UTF-8 whatever the locale says; a byte-order mark (Windows editors write one) is not text
+            line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError as error:
+            warnings.warn(f"line {number} of standard input is not UTF-8 text ({error.reason} at byte "
+                          f"{error.start}); passed over")
+            continue
         if line.strip():
             answer(model, index, [line.strip()], args.top, device, args.json, args.per_video)
     return 0

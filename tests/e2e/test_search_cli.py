@@ -112,11 +112,17 @@ def test_index_then_search(library, tmp_path, capsys, monkeypatch):
         "query 'dog dog dog dog dog dog dog dog dog dog dog dog dog dog ...' has 41 tokens; the model reads "
         "the first 30 and ignores the rest"]
 
-    # No queries on the command line: one per line from standard input, blank lines ignored.
-    monkeypatch.setattr("sys.stdin", io.StringIO(f"{QUERIES[1]}\n\n{QUERIES[0]}\n"))
-    code, out, err = cli(capsys, "search", str(index), "-k", "2", "--json", "--device", "cpu")
+    # No queries on the command line: one per line of UTF-8 from standard input (a byte-order mark
+    # dropped), blank lines ignored, a line that is not UTF-8 passed over with a warning.
+    stdin = "\ufeff".encode() + f"{QUERIES[1]}\n\n".encode() + b"caf\xe9\n" + f"{QUERIES[0]}\n".encode()
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(stdin)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code, out, err = cli(capsys, "search", str(index), "-k", "2", "--json", "--device", "cpu")
     assert code == 0, err
     assert [json.loads(line) for line in out.splitlines()] == [results[1], results[0]]
+    assert [str(w.message) for w in caught if "standard input" in str(w.message)] == [
+        "line 3 of standard input is not UTF-8 text (invalid continuation byte at byte 3); passed over"]
 
 
 def test_search_refuses_other_weights_and_bad_input(library, tmp_path, capsys):
