@@ -37,3 +37,15 @@ def test_nested_bars_in_a_log_file_draw_no_cursor_movements(monkeypatch):
             list(inner)
         outer.update()
     assert "validation" in log.getvalue() and "\x1b[A" not in log.getvalue()
+
+
+def test_in_a_log_file_each_redraw_and_each_warning_has_a_line_of_its_own(monkeypatch):
+    log = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", log)
+    with progress_bar(total=3, desc="encoding videos", mininterval=0) as bar:
+        bar.update()
+        sys.stderr.write("tempme: warning: skipping video 'x'\n")  # as the command line prints warnings
+        bar.update(2)
+    lines = log.getvalue().splitlines()
+    assert "\r" not in log.getvalue() and "tempme: warning: skipping video 'x'" in lines
+    assert all(line.startswith("encoding videos:") for line in lines if "warning" not in line)
