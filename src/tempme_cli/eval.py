@@ -220,7 +220,7 @@ def selected_on_test_warning(config: TrainConfig, split: str, trained: Path | No
     stored = stored_config(trained) if trained is not None and trained.name == "best.safetensors" else None
     if stored is None or stored.data.val_split != stored.data.test_split:
         return None
-    evaluated = config.data.test_split if split == "test" else split
+    evaluated = {"test": config.data.test_split, "val": config.data.val_split}.get(split, split)
     if evaluated != stored.data.val_split or config.data.dataset != stored.data.dataset:
         return None
     return (f"{trained} was chosen by validating on this {evaluated} split (data.val_split={stored.data.val_split}), "

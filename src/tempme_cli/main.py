@@ -125,8 +125,8 @@ def main(argv: list[str] | None = None) -> int:
                 show_only_this_process_warnings()
             return args.handler(args) or 0
     except (CLIError, ValueError, TypeError) as error:
-        if not (later_torchrun_process() and type(error).__name__ == "ConfigError"):  # every process has it
-            print(f"tempme {args.command}: error: {error}", file=sys.stderr)
+        # Every process prints its own: under torchrun one of them may be alone to fail (its GPU, its node's files).
+        print(f"tempme {args.command}: error: {error}", file=sys.stderr)
         return 2
     except BrokenPipeError as error:
         if not stdout_reader_gone():  # another pipe: an error like any other

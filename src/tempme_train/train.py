@@ -364,7 +364,8 @@ class Trainer:
             return None
         if checkpoint is None:
             raise FileNotFoundError(f"cannot resume: no checkpoint in {self.output / LAST}")
-        saved = load_run_config(checkpoint / CONFIG)
+        # Paths relative to where the run started, as an older run stored them, compare as they are made now.
+        saved = with_absolute_data_paths(load_run_config(checkpoint / CONFIG))
         # A run from before a setting existed goes on as it started, at this resume and every later
         # one, unless this run asks otherwise on the command line (then refused below, as any change).
         kept = {

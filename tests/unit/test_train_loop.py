@@ -1186,3 +1186,9 @@ def test_a_run_stores_its_data_paths_absolute(tmp_path, monkeypatch):
         str(tmp_path / "anno" / "captions.csv"), os.path.expanduser("~/videos"))
     assert stored.model.weights == str(tmp_path / "clip.safetensors")
     assert config.data.anno_path == "anno/captions.csv"  # the caller's config is left as it was
+    # A run stored by an older tempme, with the weights as given, resumes from where it started.
+    stored_file = tmp_path / "run" / LAST / CONFIG
+    stored_file.write_text(stored_file.read_text().replace(str(tmp_path / "clip.safetensors"), "clip.safetensors"))
+    resumed = tiny_config(tmp_path / "run", run={"stop_after": 2}, model={"weights": "clip.safetensors"})
+    resumed.data.anno_path, resumed.data.video_dir = "anno/captions.csv", "~/videos"
+    assert train(resumed, resume=True, data=synthetic_data()).steps == 2
