@@ -54,3 +54,23 @@ def resolve_device(name: str, local_rank: int = 0, kinds: tuple[str, ...] = ("cp
     if device.index >= count:
         raise DeviceUnavailable(f"{gpus}; {device} does not exist")
     return device
+
+
+DEVICE_KINDS = ("cpu", "cuda", "mps", "meta")  # meta: shapes without data (FLOP counts)
+
+
+def checked_device(device: str | torch.device) -> torch.device:
+    """``device`` as torch reads it (a bare ``cuda`` is the current GPU; ``auto``: a GPU where there is
+    one), refused at once with a message that says why where this machine has no such GPU (torch
+    would assert deep inside the first move of a tensor)."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        named = torch.device(device)
+    except RuntimeError:
+        named = None
+    if named is None or named.type not in DEVICE_KINDS:
+        raise DeviceUnavailable(f"unknown or unsupported device {device!r}; use auto or {' or '.join(DEVICE_KINDS)}")
+    if named.type in ("cuda", "mps"):
+        resolve_device(str(named), kinds=("cuda", "mps"))  # raises, saying why, where there is none
+    return named

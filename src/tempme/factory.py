@@ -17,7 +17,7 @@ from .config import (
     get_preset,
     settings_ignored_by,
 )
-from .devices import DeviceUnavailable, resolve_device
+from .devices import checked_device
 from .model import TempMe
 from .schedule import ScheduleError
 from .userwarnings import SharedWarning, warn
@@ -79,26 +79,6 @@ def build_config(
                             "give merge_layers (and clips_joined) for it")
     merge = (schedule or default_merge_config(clip, frames, method)).replace(**merge_overrides)
     return ModelConfig(clip=clip, merge=merge, lora=LoRAConfig(rank=lora_rank), frames=frames, max_words=max_words)
-
-
-DEVICE_KINDS = ("cpu", "cuda", "mps", "meta")  # meta: shapes without data (FLOP counts)
-
-
-def checked_device(device: str | torch.device) -> torch.device:
-    """``device`` as torch reads it (a bare ``cuda`` is the current GPU; ``auto``: a GPU where there is
-    one), refused at once with a message that says why where this machine has no such GPU (torch
-    would assert deep inside the first move of a tensor)."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        named = torch.device(device)
-    except RuntimeError:
-        named = None
-    if named is None or named.type not in DEVICE_KINDS:
-        raise DeviceUnavailable(f"unknown or unsupported device {device!r}; use auto or {' or '.join(DEVICE_KINDS)}")
-    if named.type in ("cuda", "mps"):
-        resolve_device(str(named), kinds=("cuda", "mps"))  # raises, saying why, where there is none
-    return named
 
 
 def create_model(

@@ -44,7 +44,7 @@ from .data import (
     quiet_worker_init,
 )
 from .data.video import DECODING_VERSION
-from .factory import checked_device
+from .devices import checked_device
 from .files import LockHeld, atomic_file, exclusive_lock, file_stamp, lock_held
 from .model import TempMe
 from .precision import autocast
@@ -658,12 +658,12 @@ def _busy(path: PathLike) -> VideoIndexError:
 
 def _embed_batch(model: TempMe, batch: dict[str, Any], device: torch.device, precision: str) -> torch.Tensor:
     """``[B, D]`` L2-normalised float32 embeddings, on the CPU, of a batch from ``collate_skip_bad``."""
-    with torch.no_grad(), autocast(device, precision):  # a trainable model would record a graph per batch
+    with autocast(device, precision):
         features = model.encode_video(batch["video"].to(device), batch["video_mask"].to(device))
     return F.normalize(features.float(), dim=-1).cpu()
 
 
-@torch.no_grad()
+@torch.no_grad()  # the model runs in _embed_batch; a trainable one would record a graph
 def update_index(
     model: TempMe,
     videos: PathLike | Sequence[PathLike],

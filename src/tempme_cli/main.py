@@ -10,7 +10,6 @@ import select
 import sys
 import warnings
 
-
 SUBCOMMANDS = ("flops", "bench", "prepare", "train", "eval", "search", "demo")  # search: index and search
 
 
@@ -91,7 +90,8 @@ def one_line_warning(message, category, filename, lineno, line=None) -> str:
 
 
 def later_torchrun_process() -> bool:
-    """Whether this is a process of rank 1 or more that torchrun started."""
+    """Whether this is a process of rank 1 or more that torchrun started. (``world_from_env`` reads the
+    same variable, but importing it loads torch.distributed, a quarter second on every command.)"""
     return int(os.environ.get("RANK", "0") or 0) > 0
 
 

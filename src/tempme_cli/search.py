@@ -30,10 +30,9 @@ INDEX_EPILOG = textwrap.dedent(
     missing or empty now (an unmounted drive) keeps its videos, with a warning, unless --prune. Unset
     --frames, --framerate, --precision, --method, --segment and --backend follow the index. Symbolic
     links to folders are followed; hidden files and folders (names starting with a dot) are left
-    out. An index built by
-    tempme before 2026-11-27 has another model fingerprint and is refused: write a new one. One built
-    by tempme 0.1 (portrait phone videos read sideways) is updated with a warning. An
-    interrupted run keeps every finished video (the index is written every --save-every seconds and
+    out. An index built by tempme before 2026-11-27 has another model fingerprint and is refused:
+    write a new one. One built by tempme 0.1 (portrait phone videos read sideways) is updated with a
+    warning. An interrupted run keeps every finished video (the index is written every --save-every seconds and
     on Ctrl-C); the next run carries on. One run at a time per index: a second stops at once.
     Undecodable videos are listed and tried again next time.
 

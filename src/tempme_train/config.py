@@ -531,13 +531,18 @@ def config_from_dict(
 PATH_SETTINGS = ("data.anno_path", "data.video_dir", "data.frame_cache", "run.output_dir", "model.weights")
 
 
+def setting_value(config: TrainConfig, key: str) -> Any:
+    """The value of the setting ``section.name`` (``optim.lr``) in ``config``."""
+    section, name = key.split(".")
+    return getattr(getattr(config, section), name)
+
+
 def _with_home_expanded(config: TrainConfig) -> TrainConfig:
     for key in PATH_SETTINGS:
-        section, name = key.split(".")
-        settings = getattr(config, section)
-        value = getattr(settings, name)
+        value = setting_value(config, key)
         if isinstance(value, str) and value.startswith("~"):
-            setattr(config, section, dataclasses.replace(settings, **{name: os.path.expanduser(value)}))
+            section, name = key.split(".")
+            setattr(config, section, dataclasses.replace(getattr(config, section), **{name: os.path.expanduser(value)}))
     return config
 
 

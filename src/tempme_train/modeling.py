@@ -138,7 +138,10 @@ def check_base(model: TempMe, trained: str | Path, base_weights: str) -> None:
     recorded = recorded_metadata(trained).get(BASE_FINGERPRINT)
     if recorded is not None and recorded != base_fingerprint(model):
         trained_on = train_config_of(trained).model
-        if trained_on.weights and Path(trained_on.weights).expanduser().absolute() == Path(base_weights).expanduser().absolute():
+        same_file = trained_on.weights and (
+            Path(trained_on.weights).expanduser().absolute() == Path(base_weights).expanduser().absolute()
+        )
+        if same_file:
             raise ValueError(
                 f"{trained} holds adapters trained on {base_weights}, whose weights have changed since "
                 "(replaced or edited in place): give the base weights it was trained on"

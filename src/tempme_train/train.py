@@ -60,6 +60,7 @@ from .config import (
     check_schedule_is_read,
     load_run_config,
     save_config,
+    setting_value,
     with_settings,
 )
 from .data import (
@@ -233,8 +234,8 @@ def compute_gradients(
     parameters and forwards attribute access.
 
     Afterwards ``params`` hold the gradient of the global-batch loss (summed over processes) divided
-    by ``gradient_divisor`` (``optim.gradient_divisor``), scaled by ``scaler`` if given. ``batch`` is ``None`` when all its videos were undecodable; the process
-    still takes part in the collectives. An :class:`UnreadBatch` error is raised here, where every
+    by ``gradient_divisor`` (``optim.gradient_divisor``), scaled by ``scaler`` if given. ``batch`` is
+    ``None`` when all its videos were undecodable; the process still takes part in the collectives. An :class:`UnreadBatch` error is raised here, where every
     process learns of it (:func:`failures_shared`) and stops too.
 
     Returns:
@@ -368,11 +369,12 @@ class Trainer:
         saved = with_absolute_data_paths(load_run_config(checkpoint / CONFIG))
         # A run from before a setting existed goes on as it started, at this resume and every later
         # one, unless this run asks otherwise on the command line (then refused below, as any change).
-        kept = {
-            key: before for key, before in SETTINGS_ADDED.items()
-            if _setting(saved, key) == before != _setting(self.config, key) == _setting(TrainConfig(), key)
-            and not self.config.source_of(key, "").startswith("command-line override")
-        }
+        defaults, kept = TrainConfig(), {}
+        for key, before in SETTINGS_ADDED.items():
+            now = setting_value(self.config, key)
+            asked = self.config.source_of(key, "").startswith("command-line override")
+            if setting_value(saved, key) == before and now == setting_value(defaults, key) != before and not asked:
+                kept[key] = before
         if kept:
             self.config = with_settings(self.config, kept, f"{checkpoint / CONFIG} (a run from before these settings)")
             shown = ", ".join(f"{key}={value}" for key, value in kept.items())
@@ -722,12 +724,6 @@ class Trainer:
             self.log.write("summary", self.progress.step, _summary_record(summary))
             self.log.close()
         return summary
-
-
-def _setting(config: TrainConfig, key: str) -> Any:
-    """The value of ``section.name`` in ``config``."""
-    section, name = key.split(".")
-    return getattr(getattr(config, section), name)
 
 
 def _check_validation_set(data: TrainData) -> None:
