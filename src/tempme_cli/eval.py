@@ -131,14 +131,15 @@ def on_other_benchmark(config: TrainConfig, dataset: str) -> TrainConfig:
 def recorded_method(weights: str) -> str | None:
     """The merging method a tempme weights file records (None for other weights: presets, folders,
     OpenAI .pt files and any file that is no safetensors file, whose loading says what is wrong)."""
-    from tempme.weights import WeightsError, model_config_from_metadata, read_metadata
+    from tempme.weights import WeightsError, model_config_from_metadata
+    from tempme_train.modeling import recorded_metadata
 
     path = Path(weights).expanduser()
     if not path.is_file():
         return None
     try:
-        saved = model_config_from_metadata(read_metadata(path))
-    except WeightsError:
+        saved = model_config_from_metadata(recorded_metadata(path))
+    except WeightsError:  # a damaged model record: loading the weights says so
         return None
     return saved.merge.method if saved is not None else None
 
@@ -191,8 +192,11 @@ def check_weights_option(trained: Path, weights: str) -> None:
         )
 
 
-def custom_split_warning(config: TrainConfig, split: str, trained: Path | None) -> str | None:
-    """A warning when a custom-format evaluation runs on the pairs the checkpoint was trained on.
+def custom_split_warning(
+    config: TrainConfig, split: str, trained: Path | None, stored: TrainConfig | None
+) -> str | None:
+    """A warning when a custom-format evaluation runs on the pairs the checkpoint (``trained``, whose
+    training config is ``stored``) was trained on.
 
     The custom format has no splits: every split name reads the whole annotation file. (``val``
     without a held-out set is warned about where the split is built.)
@@ -200,8 +204,7 @@ def custom_split_warning(config: TrainConfig, split: str, trained: Path | None) 
     from tempme_train.config import HOLDOUT
 
     data = config.data
-    stored = stored_config(trained) if trained is not None and data.dataset == "custom" and split != "val" else None
-    if stored is None or stored.data.dataset != "custom":
+    if stored is None or data.dataset != "custom" or split == "val" or stored.data.dataset != "custom":
         return None
     if Path(stored.data.anno_path).resolve() != Path(data.anno_path).resolve():
         return None  # evaluated on another file: a real test
@@ -215,10 +218,11 @@ def custom_split_warning(config: TrainConfig, split: str, trained: Path | None) 
     )
 
 
-def selected_on_test_warning(config: TrainConfig, split: str, trained: Path | None) -> str | None:
+def selected_on_test_warning(
+    config: TrainConfig, split: str, trained: Path | None, stored: TrainConfig | None
+) -> str | None:
     """A warning when the best weights of a run were chosen by validating on the split evaluated."""
-    stored = stored_config(trained) if trained is not None and trained.name == "best.safetensors" else None
-    if stored is None or stored.data.val_split != stored.data.test_split:
+    if stored is None or trained.name != "best.safetensors" or stored.data.val_split != stored.data.test_split:
         return None
     evaluated = {"test": config.data.test_split, "val": config.data.val_split}.get(split, split)
     if evaluated != stored.data.val_split or config.data.dataset != stored.data.dataset:
@@ -241,6 +245,7 @@ def run(args: argparse.Namespace) -> int:
     if trained is not None and args.weights:
         check_weights_option(trained, args.weights)
     config = resolve_config(args, trained)
+    stored = stored_config(trained) if trained is not None else None  # what tempme train recorded, if it wrote it
     source = args.config or str(trained or "command line")
     # Everything that can be checked without work is checked before the encoding starts.
     try:
@@ -249,7 +254,8 @@ def run(args: argparse.Namespace) -> int:
         cache = embedding_cache(args)
         items = split_items(config.data, args.split, source, "--split")
         items, missing = drop_missing_videos(items, config.data, args.split, source)
-        warning = custom_split_warning(config, args.split, trained) or selected_on_test_warning(config, args.split, trained)
+        warning = (custom_split_warning(config, args.split, trained, stored)
+                   or selected_on_test_warning(config, args.split, trained, stored))
         if warning and world.is_main:  # once, not once per process
             warnings.warn(warning, stacklevel=1)
         eval_set = EvalSet.from_items(items, config.data, f"{config.data.dataset}/{args.split}", frame_cache(config.data))
@@ -258,7 +264,6 @@ def run(args: argparse.Namespace) -> int:
         # These checks know one source; the value may come from an option or a KEY=VALUE override.
         raise config.blame(error) from None
     base = config.model.weights or f"random {config.model.preset}"
-    stored = stored_config(trained) if trained is not None else None
     adapters = stored is not None and stored.model.trainable == "lora"  # applied on top of base
     if trained is not None:
         check_base(model, trained, base)
