@@ -69,6 +69,9 @@ def plan(args: argparse.Namespace) -> list[Step]:
         # FlexAttention compiles its kernel on first use (inside the warm-up, before the capture).
         Step("big-inference-graph-flex", 120,
              bench(args.big, args.batch, "--cuda-graph", "--methods", "none,tempme", "--size-attention", "flex")),
+        # Size-weighted values: queries and keys 64 wide (the size channel makes them 72), values 72.
+        Step("big-inference-graph-values", 90,
+             bench(args.big, args.batch, "--cuda-graph", "--methods", "none,tempme", "--size-attention", "values")),
         # Matching and merging alone at the encoder's shapes, as CUDA graphs, in four implementations.
         Step("big-merge-variants", 60, ["--model", args.big, "--batch", str(args.batch), "--frames", str(args.frames),
                                         "--device", args.device, "--dtype", args.dtype],
@@ -95,6 +98,7 @@ def plan(args: argparse.Namespace) -> list[Step]:
         # Training steps part by part, and autograd's backward functions: where training loses to merge-free.
         Step("big-profile-training", 60, profile_training, script="profile_encoder.py"),
         Step("big-training-flex", 150, bench(args.big, args.train_batch, "--train", "--size-attention", "flex")),
+        Step("big-training-values", 150, bench(args.big, args.train_batch, "--train", "--size-attention", "values")),
         Step("big-profile-merge-free", 60, profile + ["--method", "merge-free"], script="profile_encoder.py"),
         Step("big-profile-training-merge-free", 60, profile_training + ["--method", "merge-free"],
              script="profile_encoder.py"),
@@ -134,8 +138,10 @@ def plan(args: argparse.Namespace) -> list[Step]:
 
 
 # The CUDA-graph steps that run tempme in each size-attention form on the same batch.
-SIZE_ATTENTION_STEPS = ("big-inference-graph", "big-inference-graph-channels", "big-inference-graph-flex")
-SIZE_ATTENTION_FORMS = ("bias", "channels", "flex")  # the first is the model's default
+SIZE_ATTENTION_STEPS = (
+    "big-inference-graph", "big-inference-graph-channels", "big-inference-graph-flex", "big-inference-graph-values"
+)
+SIZE_ATTENTION_FORMS = ("bias", "channels", "flex", "values")  # the first is the model's default
 
 
 def ranked_size_attention(run: Run, given: str | None) -> list[str]:

@@ -4,11 +4,11 @@
 #
 #   OUT=/some/folder bash scripts/gpu_bench.sh [extra scripts/gpu_bench.py options]
 #   SUITE=0 bash scripts/gpu_bench.sh     # within a 600 s call: GPU tests (<= 150 s) and steps (380 s)
-#   SUITE=0 BUDGET=200 CUDA_TESTS="-k graph" bash scripts/gpu_bench.sh --steps big-training-graph
+#   SUITE=0 BUDGET=200 CUDA_TESTS="graph or values" bash scripts/gpu_bench.sh --steps big-training-graph
 #
 # Run from the repository root. First the GPU-only tests (tests/unit/test_cuda.py), then the steps of
 # scripts/gpu_bench.py, most wanted first (see its plan()): ViT-B/16, 12 frames, bf16, batch 32
-# inference as CUDA graphs with the baselines, in each size-attention form (bias, channel, flex),
+# inference as CUDA graphs with the baselines, in each size-attention form (bias, channel, flex, values),
 # matching and merging alone in four implementations (scripts/bench_merging.py), training steps
 # (batch 32; eager, with the video encoder as CUDA graphs, and at batch 64), compiled none and tempme (reduce-overhead, the form the graph steps
 # found fastest; compiling tempme took about 150 s), profiles of tempme's inference and training,
@@ -42,8 +42,8 @@ run() {
     "$PYTHON" -c "import platform, torch; print('python', platform.python_version(), 'torch', torch.__version__, 'cuda', torch.version.cuda)"
     # The GPU-only tests (CUDA graphs, half precision, FlexAttention) first. They took 30 s before the
     # FlexAttention tests, which compile its kernels (forward and backward) on top.
-    # CUDA_TESTS: extra pytest options, split at spaces, such as "-k graph" for some of them only.
-    timeout 150 "$PYTHON" -m pytest -q -p no:cacheprovider tests/unit/test_cuda.py ${CUDA_TESTS:-}
+    # CUDA_TESTS: a pytest -k expression, such as "graph or values", for some of them only.
+    timeout 150 "$PYTHON" -m pytest -q -p no:cacheprovider tests/unit/test_cuda.py ${CUDA_TESTS:+-k "$CUDA_TESTS"}
     "$PYTHON" scripts/gpu_bench.py --out "$OUT" --budget "$BUDGET" "$@"
     local status=$?
     # Last, the whole suite on this machine: training and evaluation (device "auto") then run on CUDA.

@@ -25,6 +25,7 @@ from .merging import (
     join_clips,
     match_patches,
     merge_weighted,
+    needs_autograd,
     normalized_patches,
 )
 from .schedule import LayerPlan, build_plan, merge_counts, simulate
@@ -38,9 +39,11 @@ SIZE_ATTENTION = {
     "channels": "an extra query/key channel per head, so that bias-free attention kernels apply",
     "flex": "FlexAttention adding log(size) as a score modification (its kernel compiled on first use; "
     "on a CPU, inference only)",
+    "values": "size-weighted values with the size as an extra value channel, the output divided by it: "
+    "queries and keys keep their width, and bias-free kernels apply",
     "auto": "channels on a GPU, bias elsewhere: whichever measured faster there",
 }
-HEAD_PAD = 8  # extra channels per attention head for the size channel: head sizes stay multiples of 8
+HEAD_PAD = 8  # extra channels per attention head for the size channel or value: head sizes stay multiples of 8
 # The form an inference-optimised model uses. On an H100 (ViT-B/16, 12 frames, bf16, CUDA graphs) the
 # size channel ran tempme 5% faster than the bias; on 2 CPU cores 2-6% slower; training steps ran
 # slower with it on both, so the trainable model keeps the bias (docs/benchmarks.md).
@@ -98,6 +101,40 @@ def flex_size_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
         return flex_size_attention_cpu(q, k, v, log_size)[:1]
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     return compiled_flex_attention()(q, k, v, score_mod=log_size_score(log_size))
+
+
+def size_weighted_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
+    """``softmax(q k^T / sqrt(d) + log s_j) v`` for ``q, k, v [B, heads, N, d]``, ``size [B, N]``, returned
+    as ``[B, N, heads, d]`` (ready to be flattened for the out-projection).
+
+    Adding log(s_j) to the logits weighs key j's exponential by s_j, so plain attention over the values
+    ``[s_j v_j, s_j]`` gives ``(sum_j e_j s_j v_j, sum_j e_j s_j) / sum_j e_j``, and the quotient of
+    its two parts is proportional attention exactly. Queries and keys keep their width (the size
+    channel widens them): only the values grow, by ``HEAD_PAD`` channels (the size, then zeros), for
+    kernels that take value heads wider than query and key heads (cuDNN's and the CPU's do).
+    """
+    batch, heads, tokens, dim = v.shape
+    weight = size.to(torch.float32)
+    if v.dtype == torch.float16:
+        # Any factor common to a sequence's keys cancels in the quotient: one that keeps s_j v_j
+        # within float16's range (sizes reach thousands).
+        weight = weight / weight.amax(dim=1, keepdim=True)
+    weight = weight[:, None, :, None]  # [B, 1, N, 1]
+    size_columns = F.pad(weight, (0, HEAD_PAD - 1)).to(v.dtype).expand(batch, heads, tokens, HEAD_PAD)
+    # The out= path below carries no gradient, and would break a compiled graph.
+    if needs_autograd(q, k, v) or torch.compiler.is_compiling():
+        values = torch.cat([v * weight.to(v.dtype), size_columns], dim=-1)
+        out = F.scaled_dot_product_attention(q, k, values)
+        return (out[..., :dim] / out[..., dim : dim + 1]).transpose(1, 2)
+    # Without autograd, each product is written where it goes: no concatenated copy, no copy to
+    # the out-projection's layout.
+    values = v.new_empty(batch, tokens, heads, dim + HEAD_PAD).transpose(1, 2)
+    torch.mul(v, weight, out=values[..., :dim])
+    values[..., dim:] = size_columns
+    out = F.scaled_dot_product_attention(q, k, values)
+    attended = v.new_empty(batch, tokens, heads, dim)
+    torch.div(out[..., :dim].transpose(1, 2), out[..., dim : dim + 1].transpose(1, 2), out=attended)
+    return attended
 
 
 def log_size_score(log_size: torch.Tensor):
@@ -182,34 +219,40 @@ class Attention(nn.Module):
         self,
         x: torch.Tensor,
         attn_mask: torch.Tensor | None = None,
-        log_size: torch.Tensor | None = None,
+        size: torch.Tensor | None = None,
         size_attention: str = "bias",
         return_metric: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x ``[B, N, D]`` -> attention output ``[B, N, D]`` and, with ``return_metric``, the keys averaged
         over heads ``[B, N, D/heads]`` (the ImgMe / intra-clip merge metric), else ``None``.
 
-        ``attn_mask`` (broadcastable to ``[B, heads, N, N]``) is added to the logits. ``log_size [B, N]``
-        adds log(size) of each key (proportional attention), in the way ``size_attention`` names (see
-        ``SIZE_ATTENTION``).
+        ``attn_mask`` (broadcastable to ``[B, heads, N, N]``) is added to the logits. ``size [B, N]``
+        (float32) adds log(size) of each key (proportional attention), in the way ``size_attention``
+        names (see ``SIZE_ATTENTION``).
         """
-        if log_size is not None and size_attention == "channels":
-            return self.forward_size_channel(x, log_size, return_metric)
+        if size is not None and size_attention == "channels":
+            return self.forward_size_channel(x, size.log(), return_metric)
+        batch, tokens, width = x.shape
+        q, k, v = self.project_heads(x)
+        if size is not None and size_attention == "values":
+            out = size_weighted_attention(q, k, v, size)
+        elif size is not None and size_attention == "flex":
+            out = flex_size_attention(q, k, v, size.log()).transpose(1, 2)
+        else:
+            if size is not None:
+                attn_mask = size.log()[:, None, None, :]
+            if attn_mask is not None:
+                attn_mask = attn_mask.to(q.dtype)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask).transpose(1, 2)
+        return self.out_proj(out.reshape(batch, tokens, width)), k.mean(dim=1) if return_metric else None
+
+    def project_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x ``[B, N, D]`` -> q, k, v ``[B, heads, N, D/heads]`` (views of one fused projection)."""
         batch, tokens, width = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
         if self.lora_a is not None:
             qkv = qkv + F.linear(F.linear(x, self.lora_a), self.lora_b)
-        q, k, v = qkv.view(batch, tokens, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
-        if log_size is not None and size_attention == "flex":
-            out = flex_size_attention(q, k, v, log_size)
-        else:
-            if log_size is not None:
-                attn_mask = log_size[:, None, None, :]
-            if attn_mask is not None:
-                attn_mask = attn_mask.to(q.dtype)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        out = out.transpose(1, 2).reshape(batch, tokens, width)
-        return self.out_proj(out), k.mean(dim=1) if return_metric else None
+        return qkv.view(batch, tokens, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
 
     def forward_size_channel(
         self, x: torch.Tensor, log_size: torch.Tensor, return_metric: bool
@@ -411,9 +454,9 @@ class VisionTransformer(nn.Module):
             r_cross, r = merge_counts(step, self.merge, state.x.shape[1])
             if step.kind == "clipme":
                 state = self.cross_clip_merge(state, block, step, r_cross)
-            log_size = state.size[..., 0].log() if self.merge.prop_attn and state.size is not None else None
+            size = state.size[..., 0] if self.merge.prop_attn and state.size is not None else None
             attn_out, keys = block.attn(
-                block.ln_1(state.x), log_size=log_size, size_attention=size_attention, return_metric=r > 0
+                block.ln_1(state.x), size=size, size_attention=size_attention, return_metric=r > 0
             )
             state = VideoTokens(state.x + attn_out, state.size, state.source, videos, state.num_cls)
             if r > 0:

@@ -104,9 +104,10 @@ def register(subparsers) -> None:
         choices=list(SIZE_ATTENTION),
         help="how merged tokens' log(size) enters attention: an additive bias, an extra query/key channel "
         "that keeps bias-free kernels usable, FlexAttention adding it inside its kernel (compiled on first "
-        "use; GPU only for --train), or auto: channels on a GPU and bias on a CPU, whichever measured "
-        "faster there (default: auto for inference, as optimize_for_inference sets it; bias for "
-        "--train, as the trainable model has it)",
+        "use; GPU only for --train), values weighted by size with the size as an extra value channel "
+        "(the output divided by it; queries and keys keep their width), or auto: channels on a GPU and "
+        "bias on a CPU, whichever measured faster there (default: auto for inference, as "
+        "optimize_for_inference sets it; bias for --train, as the trainable model has it)",
     )
     parser.add_argument(
         "--compile-mode",

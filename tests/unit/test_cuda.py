@@ -83,7 +83,7 @@ def test_half_precision_on_cuda_agrees_with_float32(dtype):
         bias_encoder.size_attention = "bias"  # optimize_for_inference's "auto" is the channel on a GPU
         half_bias = bias_encoder(video.to(dtype))
         other_forms = {}
-        for form in ("channels", "flex"):
+        for form in ("channels", "flex", "values"):
             encoder = tiny_encoder(dtype)
             encoder.size_attention = form
             other_forms[form] = encoder(video.to(dtype))
@@ -93,21 +93,37 @@ def test_half_precision_on_cuda_agrees_with_float32(dtype):
 
 
 @needs_cuda
-def test_flex_size_attention_trains_like_the_bias_on_cuda(monkeypatch):
-    # FlexAttention's backward exists on the GPU only (on the CPU the form refuses to train).
+@pytest.mark.parametrize("form", ["flex", "values"])
+def test_size_attention_form_trains_like_the_bias_on_cuda(monkeypatch, form):
+    # FlexAttention's backward exists on the GPU only (on the CPU the form refuses to train); the
+    # size-weighted values need a kernel whose backward takes value heads wider than key heads.
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     video = torch.randn(2, 12, 3, 224, 224, device="cuda")
     torch.manual_seed(0)
     model = tempme.create_model("tiny-B/32", frames=12).cuda().train()
     gradients = {}
-    for form in ("bias", "flex"):
+    for name in ("bias", form):
         model.zero_grad()
-        model.visual.size_attention = form
+        model.visual.size_attention = name
         model.encode_video(video).square().sum().backward()
-        gradients[form] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    assert gradients["flex"].keys() == gradients["bias"].keys()
+        gradients[name] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert gradients[form].keys() == gradients["bias"].keys()
     for name, grad in gradients["bias"].items():
-        torch.testing.assert_close(gradients["flex"][name], grad, atol=1e-4, rtol=1e-3, msg=name)
+        torch.testing.assert_close(gradients[form][name], grad, atol=1e-4, rtol=1e-3, msg=name)
+
+
+@needs_cuda
+def test_size_weighted_values_in_bfloat16_under_autocast_training():
+    # As tempme bench --train --size-attention values runs it: float32 weights, bf16 attention.
+    torch.manual_seed(0)
+    model = tempme.create_model("tiny-B/32", frames=12).cuda().train()
+    model.visual.size_attention = "values"
+    video = torch.randn(2, 12, 3, 224, 224, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model.encode_video(video).float().square().sum()
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
 
 
 @needs_cuda

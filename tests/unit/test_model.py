@@ -5,7 +5,7 @@ import torch
 
 import tempme
 from tempme.factory import build_config
-from tempme.model import TempMe, flex_size_attention, resolve_size_attention
+from tempme.model import TempMe, flex_size_attention, resolve_size_attention, size_weighted_attention
 from tiny_models import randomise_adapters
 
 
@@ -126,7 +126,7 @@ def test_unknown_preset_and_setting_are_refused():
         tempme.create_model("tiny-B/32", merge_layer=(8, 9, 10))
 
 
-@pytest.mark.parametrize("form", ["channels", "flex"])
+@pytest.mark.parametrize("form", ["channels", "flex", "values"])
 def test_size_attention_forms_equal_the_bias_form(form):
     torch.manual_seed(0)
     model = randomise_adapters(tempme.create_model("tiny-B/32", frames=12), clip_pos=False).eval()
@@ -147,6 +147,37 @@ def test_flex_size_attention_adds_log_sizes_and_refuses_cpu_training():
     torch.testing.assert_close(flex_size_attention(q, k, v, log_size), expected, atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="'flex' cannot train on the CPU.*use 'bias'"):
         flex_size_attention(q.requires_grad_(), k, v, log_size)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_size_weighted_attention_is_proportional_attention(grad):
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 2, 3, 11, 8, dtype=torch.float64).unbind(0)  # [batch, heads, tokens, channels]
+    size = torch.randint(1, 50, (2, 11)).double()
+    expected = torch.softmax(q @ k.transpose(-1, -2) / 8**0.5 + size.log()[:, None, None, :], dim=-1) @ v
+    if grad:
+        v.requires_grad_()
+    out = size_weighted_attention(q, k, v, size)
+    assert out.shape == (2, 11, 3, 8)  # [batch, tokens, heads, channels]
+    torch.testing.assert_close(out, expected.transpose(1, 2), atol=1e-12, rtol=1e-10)
+    if grad:
+        out.square().sum().backward()
+        v_expected = v.detach().requires_grad_()
+        reference = torch.softmax(q @ k.transpose(-1, -2) / 8**0.5 + size.log()[:, None, None, :], dim=-1) @ v_expected
+        reference.transpose(1, 2).square().sum().backward()
+        torch.testing.assert_close(v.grad, v_expected.grad)
+
+
+def test_size_weighted_attention_keeps_float16_in_range():
+    # Sizes of thousands times values of hundreds exceed float16's 65504: the sizes are rescaled.
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 1, 2, 7, 8).unbind(0)
+    v = 300 * torch.randn(1, 2, 7, 8)
+    size = torch.tensor([[1.0, 1.0, 2000.0, 3000.0, 1.0, 5.0, 700.0]])
+    expected = torch.softmax(q @ k.transpose(-1, -2) / 8**0.5 + size.log()[:, None, None, :], dim=-1) @ v
+    out = size_weighted_attention(q.half(), k.half(), v.half(), size)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), expected.transpose(1, 2), atol=0.5, rtol=2e-2)
 
 
 def test_flex_size_attention_encodes_one_video_on_the_cpu():
@@ -226,24 +257,27 @@ def test_token_sizes_stay_exact_in_bfloat16():
     assert state.size[:, state.num_cls:].sum().item() == patches_per_video
 
 
-def test_size_channel_form_trains_like_the_bias_form():
+@pytest.mark.parametrize("form", ["channels", "values"])
+def test_size_attention_forms_train_like_the_bias_form(form):
     torch.manual_seed(0)
     model = randomise_adapters(tempme.create_model("tiny-B/32", frames=12), clip_pos=False)
     video = torch.randn(2, 12, 3, 224, 224)
     gradients = {}
-    for in_channels in (False, True):
+    for name in ("bias", form):
         model.zero_grad()
-        model.visual.size_attention = "channels" if in_channels else "bias"
+        model.visual.size_attention = name
         model.encode_video(video).square().sum().backward()
-        gradients[in_channels] = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-    assert any("lora_a" in name for name in gradients[True]) and any("clip_pos" in name for name in gradients[True])
-    assert gradients[True].keys() == gradients[False].keys()
-    for name, grad in gradients[False].items():
-        torch.testing.assert_close(gradients[True][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+        gradients[name] = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    assert any("lora_a" in name for name in gradients[form]) and any("clip_pos" in name for name in gradients[form])
+    assert gradients[form].keys() == gradients["bias"].keys()
+    for name, grad in gradients["bias"].items():
+        torch.testing.assert_close(gradients[form][name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
-@pytest.mark.parametrize("training", [False, True])
-def test_the_video_encoder_traces_as_one_graph_for_torch_compile(training):
+@pytest.mark.parametrize(
+    "training, form", [(False, None), (False, "channels"), (False, "values"), (True, None), (True, "values")]
+)
+def test_the_video_encoder_traces_as_one_graph_for_torch_compile(training, form):
     # A static per-layer plan, no host synchronisation, no Python loop over tokens: torch.compile sees
     # the whole encoder as one graph (a break would split it and leave merges uncompiled).
     model = tempme.create_model("tiny-B/32", frames=12)
@@ -251,6 +285,8 @@ def test_the_video_encoder_traces_as_one_graph_for_torch_compile(training):
         model.train()
     else:
         model.optimize_for_inference().eval()
+    if form:
+        model.visual.size_attention = form
     video = torch.randn(2, 12, 3, 224, 224)
     with torch.inference_mode(not training):
         explanation = torch._dynamo.explain(model.visual)(video)

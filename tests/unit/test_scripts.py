@@ -26,14 +26,16 @@ def graph_step(name: str, tempme_speed: float, form: str) -> "gpu_bench.Step":
 
 def test_size_attention_forms_rank_by_the_same_batch_graph_steps():
     run = gpu_bench.Run(steps=[graph_step("big-inference-graph", 1094, "bias")])
-    assert gpu_bench.ranked_size_attention(run, None) == ["bias", "channels", "flex"]  # only bias measured
+    assert gpu_bench.ranked_size_attention(run, None) == ["bias", "channels", "flex", "values"]  # only bias measured
     run.steps.append(graph_step("big-inference-graph-channels", 1148, "channels"))
-    assert gpu_bench.ranked_size_attention(run, None) == ["channels", "bias", "flex"]
+    assert gpu_bench.ranked_size_attention(run, None) == ["channels", "bias", "flex", "values"]
     run.steps.append(graph_step("big-inference-graph-flex", 1120, "flex"))
-    assert gpu_bench.ranked_size_attention(run, None) == ["channels", "flex", "bias"]
+    assert gpu_bench.ranked_size_attention(run, None) == ["channels", "flex", "bias", "values"]
+    run.steps.append(graph_step("big-inference-graph-values", 1200, "values"))
+    assert gpu_bench.ranked_size_attention(run, None) == ["values", "channels", "flex", "bias"]
     run.steps.append(graph_step("big-inference-graph-batch128", 5000, "bias"))  # another batch: ignored
-    assert gpu_bench.ranked_size_attention(run, None)[0] == "channels"
-    assert gpu_bench.ranked_size_attention(run, "bias") == ["bias", "channels", "flex"]  # given on the command line
+    assert gpu_bench.ranked_size_attention(run, None)[0] == "values"
+    assert gpu_bench.ranked_size_attention(run, "bias") == ["bias", "values", "channels", "flex"]  # given on the command line
 
 
 def test_placeholders_become_the_fastest_and_the_second_form():
@@ -50,7 +52,9 @@ def test_the_plan_names_each_step_once_and_orders_the_cheap_steps_first():
                                         big="ViT-B/16", small="ViT-B/32", batch=32, train_batch=32)
     names = [step.name for step in gpu_bench.plan(args)]
     assert len(names) == len(set(names))
-    assert names[:3] == ["big-inference-graph", "big-inference-graph-channels", "big-inference-graph-flex"]
+    assert names[:4] == [
+        "big-inference-graph", "big-inference-graph-channels", "big-inference-graph-flex", "big-inference-graph-values"
+    ]
     assert names.index("big-training") < names.index("big-inference-compiled") < names.index("big-profile-tempme")
     compiled = next(step for step in gpu_bench.plan(args) if step.name == "big-inference-compiled")
     assert gpu_bench.BEST in compiled.args
