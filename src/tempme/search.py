@@ -43,7 +43,7 @@ from .data import (
     loader_batches,
     quiet_worker_init,
 )
-from .data.video import DECODING_VERSION
+from .data.video import DECODING_VERSION, check_backend
 from .devices import checked_device
 from .files import LockHeld, atomic_file, exclusive_lock, file_stamp, lock_held
 from .model import TempMe
@@ -99,6 +99,8 @@ def _walk_videos(folder: Path) -> Iterable[Path]:
             candidate = Path(root) / name
             if name.startswith(".") or candidate.suffix.lower() not in VIDEO_EXTENSIONS:
                 continue
+            if candidate.suffix.lower() == ".ts" and not _transport_stream(candidate):
+                continue  # TypeScript source, most likely: not worth a failed decode on every run
             if candidate.is_file():
                 yield candidate
             elif candidate.is_symlink() and not candidate.exists():
@@ -106,6 +108,18 @@ def _walk_videos(folder: Path) -> Iterable[Path]:
     if dangling:
         shown = ", ".join(str(link) for link in dangling[:3]) + (" ..." if len(dangling) > 3 else "")
         warn(f"{len(dangling)} link(s) to videos in {folder} lead to no file and are passed over: {shown}")
+
+
+def _transport_stream(path: Path) -> bool:
+    """Whether a ``.ts`` file starts as an MPEG transport stream does: the sync byte 0x47 opens its
+    188-byte packets (or follows the 4-byte timestamp of 192-byte ones). A file that cannot be read
+    counts as one, for decoding to say what is wrong with it."""
+    try:
+        with open(path, "rb") as file:
+            start = file.read(5)
+    except OSError:
+        return True
+    return start[:1] == b"\x47" or start[4:5] == b"\x47"
 
 
 def _as_paths(paths: PathLike | Iterable[PathLike]) -> list[PathLike]:
@@ -118,7 +132,7 @@ def find_videos(sources: PathLike | Iterable[PathLike], allow_empty: bool = Fals
 
     A file is taken as given, whatever its extension; a directory is searched recursively for files
     with one of ``VIDEO_EXTENSIONS`` (any case), following links to folders. Hidden files and folders
-    are left out. Finding none is an error unless ``allow_empty``.
+    are left out, and so are ``.ts`` files that do not start as an MPEG transport stream (TypeScript). Finding none is an error unless ``allow_empty``.
     """
     sources = _as_paths(sources)
     found: set[Path] = set()
@@ -128,6 +142,8 @@ def find_videos(sources: PathLike | Iterable[PathLike], allow_empty: bool = Fals
             found.add(path.resolve())
         elif path.is_dir():
             found.update(candidate.resolve() for candidate in _walk_videos(path))
+        elif path.exists():
+            raise ValueError(f"{source}: not a regular file or folder (a pipe, socket or device?)")
         else:
             raise FileNotFoundError(f"{source}: no such file or directory")
     if not found and not allow_empty:
@@ -332,8 +348,9 @@ class IndexUpdate:
     removed: list[str]  # indexed videos whose files were deleted (see ``deleted``), dropped from the index
     total: int  # videos in the index afterwards
     # Indexed videos whose file changed (size or modification time), embedded again by this call. One
-    # that no longer decodes leaves the index and is listed in ``skipped`` instead.
+    # that no longer decodes leaves the index: it is listed in ``skipped`` and in ``dropped`` instead.
     updated: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)  # indexed videos that changed and no longer decode
     segments: int | None = None  # rows of an index of segments afterwards; None for whole videos
 
 
@@ -464,9 +481,11 @@ def check_index_options(
     num_workers: int,
     save_every_s: float,
     segment_s: float | None = None,
+    backend: str = "pyav",
     names: Mapping[str, str] | None = None,
 ) -> None:
-    """Refuse settings :func:`update_index` cannot work with, raising ValueError.
+    """Refuse settings :func:`update_index` cannot work with, raising ValueError (an unknown video
+    backend, or one not installed, too).
 
     ``names``: what to call each setting in the message, by keyword (e.g. ``{"batch_size":
     "--batch-size"}``), so that a command can check its options before loading a model; settings not
@@ -485,6 +504,7 @@ def check_index_options(
         raise ValueError(f"{name('num_workers')} must not be negative, got {num_workers}")
     if segment_s is not None and not MIN_SEGMENT_S <= segment_s < math.inf:
         raise ValueError(f"{name('segment_s')} must be at least {MIN_SEGMENT_S:g} second(s), got {segment_s}")
+    check_backend(backend)
 
 
 def _drop_videos(index: VideoIndex, videos: set[str]) -> None:
@@ -709,7 +729,7 @@ def update_index(
             moments in long videos. An index holds whole videos or windows of one length, as it was built.
     """
     check_index_options(batch_size=batch_size, framerate=framerate, num_workers=num_workers,
-                        save_every_s=save_every_s, segment_s=segment_s)
+                        save_every_s=save_every_s, segment_s=segment_s, backend=backend)
     videos, sources = _as_paths(videos), None if sources is None else _as_paths(sources)
     folders = [video for video in videos if Path(video).expanduser().is_dir()]
     if folders:
@@ -779,6 +799,8 @@ def update_index(
                     video = sample.video_id
                     index.skipped[video] = update.skipped[video] = sample.reason
                     pending.add_failed(video, indexed=video in changed_set)
+                    if video in changed_set:
+                        update.dropped.append(video)
                     bar.update(1)
                     shown["undecodable"] = len(update.skipped)
             # Windows of a video that failed later in this batch: not worth encoding.
@@ -817,8 +839,10 @@ def update_index(
                             last_save = time.monotonic()
             finally:
                 # Also on Ctrl-C or an error: every finished video is kept, and the next run carries on.
+                # A new index with nothing in it is not written: its settings would bind the next run.
                 pending.apply_to(index)
-                index.save(path)
+                if index.paths or index.skipped or Path(path).exists():
+                    index.save(path)
         update.total, update.segments = index.videos, index.segments
         return update
 
@@ -845,7 +869,11 @@ def encode_queries(
     mode on ``device``."""
     if isinstance(queries, str):
         queries = [queries]  # not one query per character
-    if not queries or any(not isinstance(query, str) or not query.strip() for query in queries):
-        raise ValueError("every query must be a non-empty text")
+    if not queries:
+        raise ValueError("no query to encode")
+    for number, query in enumerate(queries, 1):
+        if not isinstance(query, str) or not query.strip():
+            which = f"query {number} of {len(queries)}" if len(queries) > 1 else "the query"
+            raise ValueError(f"every query must be a non-empty text; {which} is {query!r}")
     model.eval().to(device)
     return encode_texts(model, queries, device, batch_size)

@@ -24,17 +24,19 @@ from .common import check_finite, check_output_file, count, device_option, show_
 
 INDEX_EPILOG = textwrap.dedent(
     """\
-    Run it again on the same folders to add new videos: those already indexed are not decoded
-    again, videos whose file changed (size or modification time) are embedded again, and videos
-    deleted under a folder given here (whole subfolders too) are dropped; a given folder that is
-    missing or empty now (an unmounted drive) keeps its videos, with a warning, unless --prune. Unset
-    --frames, --framerate, --precision, --method, --segment and --backend follow the index. Symbolic
-    links to folders are followed; hidden files and folders (names starting with a dot) are left
-    out. An index built by tempme before 2026-11-27 has another model fingerprint and is refused:
-    write a new one. One built by tempme 0.1 (portrait phone videos read sideways) is updated with a
-    warning. An interrupted run keeps every finished video (the index is written every --save-every seconds and
-    on Ctrl-C); the next run carries on. One run at a time per index: a second stops at once.
-    Undecodable videos are listed and tried again next time.
+    Run it again on the same folders to add new videos: those already indexed are not decoded again,
+    videos whose file changed (size or modification time) are embedded again, and videos deleted
+    under a folder given here (whole subfolders too) are dropped; a given folder that is missing or
+    empty now (an unmounted drive) keeps its videos, with a warning, unless --prune. Unset --frames,
+    --framerate, --precision, --method, --segment and --backend follow the index. Symbolic links to
+    folders are followed; hidden files and folders (names starting with a dot) are left out, and so
+    are .ts files that are TypeScript rather than MPEG transport streams. A file whose name starts
+    with a dash goes after --, the options before it. An index built by tempme before 2026-11-27 has
+    another model fingerprint and is refused: write a new one. One built by tempme 0.1 (portrait
+    phone videos read sideways) is updated with a warning. An interrupted run keeps every finished
+    video (the index is written every --save-every seconds and on Ctrl-C); the next run carries on.
+    One run at a time per index: a second stops at once. Undecodable videos are listed and tried
+    again next time.
 
     With --segment SECONDS (at least 1) each video is cut into windows of about that length (equal
     windows, no short one left at the end; a video shorter than 1.5 windows stays whole), each
@@ -45,6 +47,7 @@ INDEX_EPILOG = textwrap.dedent(
       tempme index ~/videos --weights ViT-B/32 --out videos.index
       tempme index /data/clips /data/more --checkpoint runs/msrvtt_b32_tempme --out clips.index --device cuda
       tempme index ~/recordings --weights ViT-B/32 --segment 30 --out moments.index
+      tempme index --weights ViT-B/32 --out videos.index -- -intro.mp4 outro.mp4
       tempme search videos.index "a dog catches a frisbee"
     """
 )
@@ -220,12 +223,18 @@ def find_index_sources(sources: list[str], index: str | None, prune: bool) -> li
     source (an unmounted drive, or a folder moved for good: see --prune) is passed over while another
     source is there (or --prune has work to do), and finding no video is no error: ``update_index``
     says what becomes of the videos indexed from such sources."""
-    from tempme.search import find_videos
+    from tempme.search import find_videos, read_index_header
 
     present = [source for source in sources if Path(source).expanduser().exists()]
     if index is None:
         return find_videos(sources)  # the error that names the first missing source
     if not (present or prune):
+        header = read_index_header(index)
+        indexed = [Path(video) for video in header.get("videos", header.get("paths", []))]
+        roots = [Path(source).expanduser().resolve() for source in sources]
+        if not any(video == root or video.is_relative_to(root) for video in indexed for root in roots):
+            raise FileNotFoundError(f"{', '.join(sources)}: no such file or folder (nothing in {index} came from "
+                                    "there: a mistyped path?)")
         raise ValueError(
             f"{', '.join(sources)}: no such file or folder, so nothing to update; {index} keeps the videos "
             "indexed from there (an unmounted drive?): run again when it is back, or add --prune to drop them"
@@ -265,7 +274,7 @@ def run_index(args: argparse.Namespace) -> int:
     backend = args.backend or recorded.get("backend", "pyav")
     # update_index checks these too, but only once the model has loaded, and by their Python names.
     check_index_options(batch_size=args.batch_size, framerate=framerate, num_workers=args.workers,
-                        save_every_s=args.save_every, segment_s=segment_s, names=INDEX_OPTION_NAMES)
+                        save_every_s=args.save_every, segment_s=segment_s, backend=backend, names=INDEX_OPTION_NAMES)
     videos = find_index_sources(args.videos, args.out if existing is not None else None, args.prune)
     device = device_option(args.device)
     check_index_free(args.out)  # before the model loads (a download, maybe), not after
@@ -313,19 +322,22 @@ def run_index(args: argparse.Namespace) -> int:
         raise
     if args.json:
         report = {"index": str(args.out), "found": len(videos), "added": update.added, "updated": update.updated,
-                  "skipped": update.skipped, "removed": update.removed, "total": update.total}
+                  "skipped": update.skipped, "dropped": update.dropped, "removed": update.removed,
+                  "total": update.total}
         if update.segments is not None:
             report["segments"] = update.segments
         print(json.dumps(report))
         return 0
     held = "" if update.segments is None else f" in {count(update.segments, 'segment')}"
+    dropped = f" ({len(update.dropped)} of them indexed before, now dropped)" if update.dropped else ""
     print(f"{args.out}: {count(update.total, 'video')} indexed{held} ({update.added} new, {len(update.updated)} changed and "
-          f"embedded again, {len(update.skipped)} undecodable, {len(update.removed)} deleted and dropped; "
+          f"embedded again, {len(update.skipped)} undecodable{dropped}, {len(update.removed)} deleted and dropped; "
           f"{len(videos)} found)")
     for path in update.updated:
         print(f"  changed, embedded again: {one_line(path)}")
     for path, reason in update.skipped.items():
-        print(f"  undecodable: {one_line(path)}: {reason}")
+        what = "changed, no longer decodes, dropped" if path in update.dropped else "undecodable"
+        print(f"  {what}: {one_line(path)}: {reason}")
     for path in update.removed:
         print(f"  deleted: {one_line(path)}")
     return 0
@@ -338,6 +350,9 @@ def run_search(args: argparse.Namespace) -> int:
     if args.top < 1:
         raise ValueError(f"-k must be at least 1, got {args.top}")
     index = VideoIndex.load(args.index)
+    if len(index) == 0:
+        why = f"its {count(len(index.skipped), 'video')} could not be decoded" if index.skipped else "it is empty"
+        warnings.warn(f"{args.index} holds no videos ({why}; `tempme index` says why): every search finds nothing")
     model_info = dict(index.model)
     if args.checkpoint:
         from tempme_train.modeling import find_trained_weights

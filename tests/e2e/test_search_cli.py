@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import warnings
 from pathlib import Path
 
@@ -74,6 +75,7 @@ def test_index_then_search(library, tmp_path, capsys, monkeypatch):
     assert code == 0, err
     assert "3 videos indexed (0 new, 0 changed and embedded again, 1 undecodable" in out and f"undecodable: {broken}" in out
 
+
     code, out, err = cli(capsys, "search", str(index), *QUERIES, "-k", "2", "--json", "--device", "cpu")
     assert code == 0, err
     with pytest.warns(UserWarning, match="--per-video has no effect: .* holds whole videos"):
@@ -123,6 +125,35 @@ def test_index_then_search(library, tmp_path, capsys, monkeypatch):
     assert [json.loads(line) for line in out.splitlines()] == [results[1], results[0]]
     assert [str(w.message) for w in caught if "standard input" in str(w.message)] == [
         "line 3 of standard input is not UTF-8 text (invalid continuation byte at byte 3); passed over"]
+
+
+
+
+def test_searching_an_index_of_no_videos_says_why_it_finds_nothing(tmp_path, capsys):
+    write_corrupt(tmp_path / "videos" / "broken.mp4")
+    weights = write_clip_weights(tmp_path / "clip.pt", seed=0)
+    index = tmp_path / "v.index"
+    code, out, err = cli(capsys, "index", str(tmp_path / "videos"), "--weights", str(weights), "--out", str(index),
+                         "--frames", "4", "--device", "cpu", "--workers", "0")
+    assert code == 0 and "0 videos indexed" in out and "1 undecodable" in out, err
+    with pytest.warns(UserWarning, match="holds no videos \\(its 1 video could not be decoded; `tempme index` says"):
+        code, out, err = cli(capsys, "search", str(index), QUERIES[0], "--device", "cpu")
+    assert code == 0 and "0 of 0 videos" in out, err
+
+def test_an_indexed_video_that_no_longer_decodes_is_said_to_be_dropped(library, tmp_path, capsys):
+    videos = tmp_path / "videos"
+    shutil.copytree(library, videos)
+    weights = write_clip_weights(tmp_path / "clip.pt", seed=0)
+    args = ["index", str(videos), "--weights", str(weights), "--out", str(tmp_path / "v.index"), "--frames", "4",
+            "--device", "cpu", "--workers", "0"]
+    assert cli(capsys, *args)[0] == 0
+    cats = str((videos / "cats.mp4").resolve())
+    Path(cats).write_bytes(b"not a video any more")
+    code, out, err = cli(capsys, *args)
+    assert code == 0, err
+    assert ("2 videos indexed (0 new, 0 changed and embedded again, 2 undecodable (1 of them indexed before, "
+            "now dropped), 0 deleted and dropped") in out, out
+    assert f"changed, no longer decodes, dropped: {cats}" in out and "undecodable: " in out
 
 
 def test_search_refuses_other_weights_and_bad_input(library, tmp_path, capsys):
@@ -302,8 +333,11 @@ def test_updating_an_index_follows_its_settings_and_copes_with_missing_folders(t
     assert code == 0 and json.loads(out)["removed"] == [str(deleted_file.resolve())], err
     assert not [w for w in caught if str(deleted_file) in str(w.message)]
 
-    code, _, err = cli(capsys, "index", str(tmp_path / "nowhere"), *common)  # nothing given exists
-    assert code == 2 and "nowhere: no such file or folder, so nothing to update" in err
+    code, _, err = cli(capsys, "index", str(tmp_path / "nowhere"), *common)  # nothing given exists, nor came from there
+    assert code == 2 and "nowhere: no such file or folder (nothing in" in err and "a mistyped path?" in err
+    first.rename(tmp_path / "unmounted")  # the index's videos came from there
+    code, _, err = cli(capsys, "index", str(first), *common)
+    assert code == 2 and f"{first}: no such file or folder, so nothing to update" in err
     assert "keeps the videos indexed from there" in err and "--prune" in err
 
 

@@ -13,7 +13,15 @@ import pytest
 from data_fixtures import FPS, NUM_FRAMES, build_video_files, frame_colour, frame_index, write_video
 
 from tempme.data import video as video_module
-from tempme.data.video import VideoDecodeError, plan_windows, read_frames, read_windows, sample_frame_indices
+from tempme.data import RetrievalVideos, VideoItem, VideoWindows
+from tempme.data.video import (
+    VideoDecodeError,
+    check_backend,
+    plan_windows,
+    read_frames,
+    read_windows,
+    sample_frame_indices,
+)
 
 
 @pytest.fixture(scope="module")
@@ -393,6 +401,13 @@ class TestReadFrames:
         monkeypatch.setitem(sys.modules, "decord", None)
         with pytest.raises(ImportError, match="pip install decord"):
             read_frames(video_files.mp4, 4, backend="decord")
+        # Datasets refuse it when built, in the main process, before workers would each fail on it.
+        with pytest.raises(ValueError, match="pip install decord"):
+            RetrievalVideos([VideoItem("a", video_files.mp4)], backend="decord")
+        with pytest.raises(ValueError, match="pip install decord"):
+            VideoWindows([video_files.mp4], 2.0, backend="decord")
+        with pytest.raises(ValueError, match="unknown video backend 'opencv'"):
+            check_backend("opencv")
 
 
 class TestDecordBackend:

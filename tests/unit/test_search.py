@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import stat
+import sys
 import warnings
 from pathlib import Path
 
@@ -86,12 +87,25 @@ def test_find_videos_recurses_filters_and_sorts(tmp_path):
     assert found == expected
 
 
+def test_find_videos_passes_over_typescript_files(tmp_path):
+    # .ts is both MPEG transport streams and TypeScript: a source tree must not be "undecodable videos".
+    stream = write_video(tmp_path / "broadcast.ts", num_frames=10, container_format="mpegts")
+    (tmp_path / "app.ts").write_text("export const answer: number = 42;\n")
+    (tmp_path / "types.d.ts").write_text("declare module 'x';\n")
+    assert find_videos([tmp_path]) == [stream.resolve()]
+    assert find_videos([tmp_path / "app.ts"]) == [(tmp_path / "app.ts").resolve()]  # named: taken as given
+    assert read_frames(stream, 4)  # a transport stream that PyAV reads
+
+
 def test_find_videos_errors_name_the_source(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         find_videos([tmp_path / "nowhere"])
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(ValueError, match="no video files in"):
         find_videos([tmp_path])
+    os.mkfifo(tmp_path / "pipe.mp4")  # there, but no file to read: not "no such file"
+    with pytest.raises(ValueError, match="pipe.mp4: not a regular file or folder"):
+        find_videos([tmp_path / "pipe.mp4"])
 
 
 def test_find_videos_follows_linked_folders_without_looping(tmp_path):
@@ -337,7 +351,7 @@ def test_undecodable_videos_are_listed_and_retried(video_dir, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # reported in the result, not warned about as well
         update = update_index(model, find_videos([videos]), tmp_path / "v.index", batch_size=2, progress=False)
-    assert update.added == 4 and list(update.skipped) == [str(broken.resolve())]
+    assert update.added == 4 and list(update.skipped) == [str(broken.resolve())] and update.dropped == []
     index = VideoIndex.load(tmp_path / "v.index")
     assert str(broken.resolve()) not in index.paths and str(broken.resolve()) in index.skipped
 
@@ -396,8 +410,12 @@ def test_one_query_as_a_string_is_one_query():
 
 
 def test_encode_queries_refuses_empty_text():
-    with pytest.raises(ValueError, match="non-empty"):
+    with pytest.raises(ValueError, match="non-empty text; query 2 of 2 is '  '"):
         encode_queries(tiny_model(), ["a dog", "  "])
+    with pytest.raises(ValueError, match="non-empty text; the query is ''"):
+        encode_queries(tiny_model(), "")
+    with pytest.raises(ValueError, match="no query"):
+        encode_queries(tiny_model(), [])
 
 
 # ------------------------------------------------------------------------------------- changed files
@@ -447,6 +465,7 @@ def test_a_changed_video_that_no_longer_decodes_leaves_the_index(video_dir, tmp_
     broken = write_corrupt((videos / "c.mp4").resolve())
     update = update_index(model, find_videos([videos]), index_path, progress=False)
     assert list(update.skipped) == [str(broken)] and update.updated == [] and update.total == 3
+    assert update.dropped == [str(broken)]  # said, as it leaves search results
     index = VideoIndex.load(index_path)
     assert str(broken) not in index.paths and str(broken) not in index.files and str(broken) in index.skipped
 
@@ -819,8 +838,31 @@ def test_an_index_of_tempme_0_1_is_updated_with_a_warning_about_rotated_videos(v
     assert "decoding" not in VideoIndex.load(index_path).settings  # its older embeddings are still 0.1's
 
 
-def test_an_index_keeps_to_the_decoder_that_built_it(video_dir, tmp_path):
+def test_an_index_keeps_to_the_decoder_that_built_it(video_dir, tmp_path, monkeypatch):
     _, model, index_path = index_a_copy(video_dir, tmp_path)
+    monkeypatch.setattr("tempme.search.check_backend", lambda backend: None)  # whether decord is installed or not
     assert "backend" not in VideoIndex.load(index_path).settings  # PyAV's: as indexes before it was recorded
     with pytest.raises(VideoIndexError, match="built with the pyav decoder, this run has the decord decoder"):
         update_index(model, find_videos([video_dir]), index_path, backend="decord", progress=False)
+
+
+def test_a_missing_decoder_is_refused_before_an_index_is_written(video_dir, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "decord", None)  # as where decord is not installed
+    index_path = tmp_path / "v.index"
+    with pytest.raises(ValueError, match="backend='decord' needs the optional decord package"):
+        update_index(tiny_model(), find_videos([video_dir]), index_path, backend="decord", progress=False)
+    assert not index_path.exists()
+
+
+def test_a_new_index_that_failed_before_any_video_is_not_written(video_dir, tmp_path, monkeypatch):
+    # Its settings would bind the next run, with nothing in it worth keeping.
+    model = tiny_model()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(model, "encode_video", broken)
+    index_path = tmp_path / "v.index"
+    with pytest.raises(RuntimeError, match="out of memory"):
+        update_index(model, find_videos([video_dir]), index_path, progress=False)
+    assert not index_path.exists()

@@ -31,7 +31,7 @@ from .annotations import VideoItem
 from .cache import FrameCache
 from .randaugment import VideoRandAugment
 from .transforms import frames_to_tensor
-from .video import SkippedVideo, VideoDecodeError, read_frames, read_windows
+from .video import SkippedVideo, VideoDecodeError, check_backend, read_frames, read_windows
 
 Tokenize = Callable[[list[str], int], tuple[torch.Tensor, torch.Tensor]]
 Sample = dict[str, Any]
@@ -52,6 +52,7 @@ class _VideoDataset(Dataset):
         strict: bool,
         warn_skipped: bool = True,
     ):
+        check_backend(backend)
         self.items = list(items)
         self.warn_skipped = warn_skipped
         self.max_frames = max_frames
@@ -205,6 +206,7 @@ class VideoWindows(IterableDataset):
         backend: str = "pyav",
         warn_skipped: bool = True,
     ):
+        check_backend(backend)
         self.videos = [Path(video) for video in videos]
         self.warn_skipped = warn_skipped
         self.window_s = window_s

@@ -535,6 +535,18 @@ def _read_frames_decord(
     return [Image.fromarray(array) for array in batch]
 
 
+def check_backend(backend: str) -> None:
+    """Raise ValueError now, before any video is read (in worker processes, maybe), if ``backend`` is
+    unknown or its package is not installed."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown video backend {backend!r}; choose one of {BACKENDS}")
+    if backend == "decord":
+        try:
+            _decord()
+        except ImportError as error:
+            raise ValueError(str(error)) from None
+
+
 def _decord():
     try:
         import decord
