@@ -127,21 +127,30 @@ def _as_paths(paths: PathLike | Iterable[PathLike]) -> list[PathLike]:
     return [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
 
 
-def find_videos(sources: PathLike | Iterable[PathLike], allow_empty: bool = False) -> list[Path]:
+def find_videos(
+    sources: PathLike | Iterable[PathLike], allow_empty: bool = False, resolve_links: bool = True
+) -> list[Path]:
     """The video files among ``sources``, absolute (symbolic links resolved), sorted and without repeats.
 
     A file is taken as given, whatever its extension; a directory is searched recursively for files
     with one of ``VIDEO_EXTENSIONS`` (any case), following links to folders. Hidden files and folders
-    are left out, and so are ``.ts`` files that do not start as an MPEG transport stream (TypeScript). Finding none is an error unless ``allow_empty``.
+    are left out, and so are ``.ts`` files that do not start as an MPEG transport stream (TypeScript).
+    Finding none is an error unless ``allow_empty``.
+
+    ``resolve_links=False``: the paths as found (absolute, links not resolved), so that a file reached
+    through links appears once per path that leads to it. :func:`update_index` takes these too: it
+    indexes each file once, under its resolved path, and records the links that led to it, so that the
+    video leaves the index when they are removed.
     """
     sources = _as_paths(sources)
     found: set[Path] = set()
+    settle = Path.resolve if resolve_links else Path.absolute
     for source in sources:
         path = Path(source).expanduser()
         if path.is_file():
-            found.add(path.resolve())
+            found.add(settle(path))
         elif path.is_dir():
-            found.update(candidate.resolve() for candidate in _walk_videos(path))
+            found.update(settle(candidate) for candidate in _walk_videos(path))
         elif path.exists():
             raise ValueError(f"{source}: not a regular file or folder (a pipe, socket or device?)")
         else:
@@ -174,6 +183,9 @@ class VideoIndex:
     without an entry counts as changed, so it is embedded once more and recorded.
     ``spans``: in an index of segments (``settings["segment_s"]``), ``[start, end]`` in seconds of
     each row, whose path then repeats once per segment; None in an index of whole videos.
+    ``links``: path -> the symbolic-link paths it was found through (a linked file, or a file in a
+    linked folder), for videos found only that way; the video leaves the index when they are gone
+    (see :func:`deleted`). Indexes written before this was recorded lack it.
     """
 
     paths: list[str]
@@ -183,6 +195,7 @@ class VideoIndex:
     skipped: dict[str, str] = field(default_factory=dict)
     files: dict[str, list[int]] = field(default_factory=dict)
     spans: list[list[float]] | None = None
+    links: dict[str, list[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.embeddings.dim() != 2 or self.embeddings.shape[0] != len(self.paths):
@@ -214,7 +227,9 @@ class VideoIndex:
             header = {"version": 2, "videos": list(number)}
             tensors["row_video"] = torch.tensor([number[video] for video in self.paths], dtype=torch.int64)
             tensors["spans"] = torch.tensor(self.spans, dtype=torch.float64).reshape(-1, 2)
-        header.update(model=self.model, settings=self.settings, skipped=self.skipped, files=self.files)
+        indexed = set(self.paths)
+        links = {video: paths for video, paths in self.links.items() if video in indexed}
+        header.update(model=self.model, settings=self.settings, skipped=self.skipped, files=self.files, links=links)
         metadata = {"format": INDEX_FORMAT, "index": json.dumps(header)}
         with atomic_file(path) as temporary:
             try:
@@ -239,7 +254,7 @@ class VideoIndex:
                 paths, spans = _segment_rows(header["videos"], tensors)
             return cls(
                 paths, tensors["embeddings"], header["model"], header["settings"], header["skipped"], header["files"],
-                spans,
+                spans, header["links"],
             )
         except VideoIndexError as error:  # e.g. the paths and embeddings disagree in number
             raise VideoIndexError(f"{path}: {error}; {_REBUILD}") from None
@@ -301,7 +316,7 @@ def _segment_rows(videos: list[str], tensors: dict[str, torch.Tensor]) -> tuple[
 
 def read_index_header(path: PathLike) -> dict[str, Any]:
     """The header of the index at ``path``, checked, without reading its embeddings: ``model``,
-    ``settings``, ``skipped``, ``files``, and ``paths`` (one per row; version 1) or ``videos`` (each
+    ``settings``, ``skipped``, ``files``, ``links``, and ``paths`` (one per row; version 1) or ``videos`` (each
     once; version 2, an index of segments)."""
     path = Path(path)
     if path.is_dir():
@@ -329,8 +344,9 @@ def read_index_header(path: PathLike) -> dict[str, Any]:
             f"{', '.join(map(str, INDEX_VERSIONS))}: {_REBUILD}"
         )
     header.setdefault("files", {})  # not recorded by older versions: see VideoIndex
+    header.setdefault("links", {})
     rows = ("paths", list) if header["version"] == 1 else ("videos", list)
-    for key, kind in (rows, ("model", dict), ("settings", dict), ("skipped", dict), ("files", dict)):
+    for key, kind in (rows, ("model", dict), ("settings", dict), ("skipped", dict), ("files", dict), ("links", dict)):
         if key not in header:
             raise VideoIndexError(f"{path}: the index header is damaged (no {key!r} entry); {_REBUILD}")
         if not isinstance(header[key], kind):
@@ -433,7 +449,9 @@ def deleted(
     Videos outside every source folder (indexed by an earlier run from other folders, or reached
     through a symlinked subfolder: indexed paths are resolved), and all videos when ``sources`` is
     None, only go when the file is gone but its own folder is there, as a missing folder there may
-    equally be an unmounted drive.
+    equally be an unmounted drive. A video found only through symbolic links (``VideoIndex.links``)
+    also goes, while its file is there, once this run did not find it and every link that led to it
+    is deleted by these rules or leads elsewhere now (see :func:`_drop_deleted_videos`).
     """
     path = Path(video)
     if path.exists():
@@ -455,13 +473,13 @@ def absent_sources(
     (``videos``): missing, or empty now. Their videos stay (see :func:`deleted`), each such folder
     warned about, unless ``prune`` (none then: their videos leave the index as deleted). A missing
     source that nothing in the index came from (a mistyped path?) is warned about too."""
-    found = [Path(video) for video in videos]
+    found = [Path(video).resolve() for video in videos]
     videos_indexed = set(index.paths)
     absent = set()
     for source in sources:
         root = Path(source).expanduser().resolve()
         indexed = sum(1 for video in dict.fromkeys(index.paths)
-                      if Path(video).is_relative_to(root) and Path(video) != root)
+                      if any(_within(Path(path), root) for path in [video, *index.links.get(video, [])]))
         if not indexed and not root.exists() and str(root) not in videos_indexed:  # (a deleted file given by name is)
             warn(f"{source}: no such file or folder, passed over (nothing in the index came from it)")
             continue
@@ -514,6 +532,7 @@ def _drop_videos(index: VideoIndex, videos: set[str]) -> None:
     _drop_rows(index, {row for row, video in enumerate(index.paths) if video in videos})
     for video in videos:
         index.files.pop(video, None)
+        index.links.pop(video, None)
 
 
 def _drop_rows(index: VideoIndex, rows: set[int]) -> None:
@@ -527,15 +546,37 @@ def _drop_rows(index: VideoIndex, rows: set[int]) -> None:
         index.spans = [index.spans[row] for row in keep]
 
 
+def _within(path: Path, root: Path) -> bool:
+    return path.is_relative_to(root) and path != root
+
+
+def _link_gone(link: str, video: str, sources: Sequence[PathLike] | None, prune: bool, absent: set[Path]) -> bool:
+    """Whether the symbolic-link path ``link`` that led to ``video`` no longer does: it leads elsewhere
+    now, or it is missing and counts as deleted (:func:`deleted`, whose rules apply to it as to a video)."""
+    path = Path(link)
+    if path.exists():
+        return path.resolve() != Path(video)
+    # Sources are resolved there, a link path is not: compare it with each source as given, made absolute.
+    given = [Path(source).expanduser().absolute() for source in sources or ()]
+    for source in given:
+        if _within(path, source):
+            return source.is_dir() and source.resolve() not in absent
+    return prune or path.parent.is_dir()
+
+
 def _drop_deleted_videos(
-    index: VideoIndex, sources: Sequence[PathLike] | None, prune: bool, absent: set[Path]
+    index: VideoIndex, sources: Sequence[PathLike] | None, prune: bool, absent: set[Path], found: set[str]
 ) -> list[str]:
-    """Take the videos whose files were deleted (see :func:`deleted`) out of ``index``; returns their
-    paths, in index order. Missing videos that stay (their folder is missing too) are warned about,
-    but for those under the ``absent`` sources, which were."""
+    """Take the videos whose files were deleted (see :func:`deleted`) out of ``index``, and those found
+    only through links that are all gone (``_link_gone``) while this run did not find them (``found``:
+    resolved paths); returns their paths, in index order. Missing videos that stay (their folder is
+    missing too) are warned about, but for those under the ``absent`` sources, which were."""
     removed, kept = [], 0
     for video in dict.fromkeys(index.paths):
         if Path(video).exists():  # looked at once here: most videos are there
+            links = index.links.get(video)
+            if links and video not in found and all(_link_gone(link, video, sources, prune, absent) for link in links):
+                removed.append(video)
             continue
         if deleted(video, sources, prune, absent):
             removed.append(video)
@@ -548,6 +589,20 @@ def _drop_deleted_videos(
         )
     _drop_videos(index, set(removed))
     return removed
+
+
+def found_through_links(videos: Sequence[PathLike]) -> dict[str, list[str]]:
+    """Resolved path -> the paths among ``videos`` (as given, made absolute) that are symbolic links
+    to it or lie in linked folders; an empty list for a video also given by a path without links."""
+    found: dict[str, list[str] | None] = {}
+    for video in videos:
+        given = Path(video).expanduser().absolute()
+        resolved = str(given.resolve())
+        if os.path.normpath(given) == resolved:  # no link on the way ("..", if any, aside)
+            found[resolved] = None
+        elif found.get(resolved, []) is not None:
+            found[resolved] = sorted({*found.get(resolved, []), str(given)})
+    return {video: links or [] for video, links in found.items()}
 
 
 def _videos_to_embed(
@@ -760,8 +815,14 @@ def update_index(
         # The same weights (the fingerprint matched); the way to load them may have changed (a moved file).
         relocated, index.model = index.model != model_info, model_info
 
+        found = found_through_links(videos)
         absent = absent_sources(index, sources or (), videos, prune)
-        removed = _drop_deleted_videos(index, sources, prune, absent)
+        removed = _drop_deleted_videos(index, sources, prune, absent, set(found))
+        for video, links in found.items():  # saved with the videos that are in the index
+            if links:
+                index.links[video] = links
+            else:
+                index.links.pop(video, None)
         new, changed, stamps = _videos_to_embed(index, videos)
         todo = new + [Path(video) for video in changed]
         retried = {str(video) for video in todo}

@@ -29,14 +29,14 @@ INDEX_EPILOG = textwrap.dedent(
     under a folder given here (whole subfolders too) are dropped; a given folder that is missing or
     empty now (an unmounted drive) keeps its videos, with a warning, unless --prune. Unset --frames,
     --framerate, --precision, --method, --segment and --backend follow the index. Symbolic links to
-    folders are followed; hidden files and folders (names starting with a dot) are left out, and so
-    are .ts files that are TypeScript rather than MPEG transport streams. A file whose name starts
-    with a dash goes after --, the options before it. An index built by tempme before 2026-11-27 has
-    another model fingerprint and is refused: write a new one. One built by tempme 0.1 (portrait
-    phone videos read sideways) is updated with a warning. An interrupted run keeps every finished
-    video (the index is written every --save-every seconds and on Ctrl-C); the next run carries on.
-    One run at a time per index: a second stops at once. Undecodable videos are listed and tried
-    again next time.
+    folders are followed (a video reached only through links goes when they do); hidden files and
+    folders (names starting with a dot) are left out, and so are .ts files that are TypeScript
+    rather than MPEG transport streams. A file whose name starts with a dash goes after --, the
+    options before it. An index built by tempme before 2026-11-27 has another model fingerprint and
+    is refused: write a new one. One built by tempme 0.1 (portrait phone videos read sideways) is
+    updated with a warning. An interrupted run keeps every finished video (the index is written
+    every --save-every seconds and on Ctrl-C); the next run carries on. One run at a time per index:
+    a second stops at once. Undecodable videos are listed and tried again next time.
 
     With --segment SECONDS (at least 1) each video is cut into windows of about that length (equal
     windows, no short one left at the end; a video shorter than 1.5 windows stays whole), each
@@ -219,7 +219,8 @@ def saved_count(path: str) -> int:
 
 
 def find_index_sources(sources: list[str], index: str | None, prune: bool) -> list[Path]:
-    """The videos of ``sources`` (``find_videos``). When updating an existing ``index``, a missing
+    """The videos of ``sources`` (``find_videos``), as found: links not resolved (``update_index``
+    records the links that lead to a video). When updating an existing ``index``, a missing
     source (an unmounted drive, or a folder moved for good: see --prune) is passed over while another
     source is there (or --prune has work to do), and finding no video is no error: ``update_index``
     says what becomes of the videos indexed from such sources."""
@@ -227,11 +228,13 @@ def find_index_sources(sources: list[str], index: str | None, prune: bool) -> li
 
     present = [source for source in sources if Path(source).expanduser().exists()]
     if index is None:
-        return find_videos(sources)  # the error that names the first missing source
+        return find_videos(sources, resolve_links=False)  # the error that names the first missing source
     if not (present or prune):
         header = read_index_header(index)
         indexed = [Path(video) for video in header.get("videos", header.get("paths", []))]
-        roots = [Path(source).expanduser().resolve() for source in sources]
+        indexed += [Path(link) for links in header["links"].values() for link in links]
+        given = [Path(source).expanduser() for source in sources]
+        roots = [path.resolve() for path in given] + [path.absolute() for path in given]
         if not any(video == root or video.is_relative_to(root) for video in indexed for root in roots):
             raise FileNotFoundError(f"{', '.join(sources)}: no such file or folder (nothing in {index} came from "
                                     "there: a mistyped path?)")
@@ -239,7 +242,7 @@ def find_index_sources(sources: list[str], index: str | None, prune: bool) -> li
             f"{', '.join(sources)}: no such file or folder, so nothing to update; {index} keeps the videos "
             "indexed from there (an unmounted drive?): run again when it is back, or add --prune to drop them"
         )
-    return find_videos(present, allow_empty=True)
+    return find_videos(present, allow_empty=True, resolve_links=False)
 
 
 def run_index(args: argparse.Namespace) -> int:
@@ -276,6 +279,7 @@ def run_index(args: argparse.Namespace) -> int:
     check_index_options(batch_size=args.batch_size, framerate=framerate, num_workers=args.workers,
                         save_every_s=args.save_every, segment_s=segment_s, backend=backend, names=INDEX_OPTION_NAMES)
     videos = find_index_sources(args.videos, args.out if existing is not None else None, args.prune)
+    found = len({video.resolve() for video in videos})  # a video reached by several links is one
     device = device_option(args.device)
     check_index_free(args.out)  # before the model loads (a download, maybe), not after
     precision = args.precision if args.precision != "auto" else recorded.get("precision", default_precision(device))
@@ -305,7 +309,7 @@ def run_index(args: argparse.Namespace) -> int:
                              "--method out or write a new index")
     if not args.json:
         source = model_info.get("checkpoint") or model_info["weights"]
-        print(f"{count(len(videos), 'video')} found; loading {source} on {device} ({precision})", file=sys.stderr)
+        print(f"{count(found, 'video')} found; loading {source} on {device} ({precision})", file=sys.stderr)
     model = load_search_model(model_info)
     fingerprint = model_fingerprint(model)
     model.optimize_for_inference()  # same embeddings, less compute
@@ -321,7 +325,7 @@ def run_index(args: argparse.Namespace) -> int:
               "run the same command again to carry on", file=sys.stderr)
         raise
     if args.json:
-        report = {"index": str(args.out), "found": len(videos), "added": update.added, "updated": update.updated,
+        report = {"index": str(args.out), "found": found, "added": update.added, "updated": update.updated,
                   "skipped": update.skipped, "dropped": update.dropped, "removed": update.removed,
                   "total": update.total}
         if update.segments is not None:
@@ -332,7 +336,7 @@ def run_index(args: argparse.Namespace) -> int:
     dropped = f" ({len(update.dropped)} of them indexed before, now dropped)" if update.dropped else ""
     print(f"{args.out}: {count(update.total, 'video')} indexed{held} ({update.added} new, {len(update.updated)} changed and "
           f"embedded again, {len(update.skipped)} undecodable{dropped}, {len(update.removed)} deleted and dropped; "
-          f"{len(videos)} found)")
+          f"{found} found)")
     for path in update.updated:
         print(f"  changed, embedded again: {one_line(path)}")
     for path, reason in update.skipped.items():

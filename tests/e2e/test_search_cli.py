@@ -147,6 +147,9 @@ def test_an_indexed_video_that_no_longer_decodes_is_said_to_be_dropped(library, 
     args = ["index", str(videos), "--weights", str(weights), "--out", str(tmp_path / "v.index"), "--frames", "4",
             "--device", "cpu", "--workers", "0"]
     assert cli(capsys, *args)[0] == 0
+    (videos / "cats-again.mp4").symlink_to(videos / "cats.mp4")  # the same video: found once
+    code, out, err = cli(capsys, *args, "--json")
+    assert code == 0 and json.loads(out)["found"] == 4 and json.loads(out)["added"] == 0, err
     cats = str((videos / "cats.mp4").resolve())
     Path(cats).write_bytes(b"not a video any more")
     code, out, err = cli(capsys, *args)

@@ -572,6 +572,70 @@ def test_index_loader_workers_leave_stops_to_the_main_process(video_dir, tmp_pat
     assert made == [quiet_worker_init]
 
 
+# ------------------------------------------------------------------------------------- symbolic links
+
+
+def index_links(model, library: Path, index_path: Path, *, prune: bool = False):
+    """Index ``library`` as `tempme index` does: videos as found (links not resolved), the folder as source."""
+    videos = find_videos([library], allow_empty=True, resolve_links=False)
+    return update_index(model, videos, index_path, sources=[library], prune=prune, progress=False)
+
+
+def test_a_video_leaves_the_index_when_the_link_that_led_to_it_goes(video_dir, tmp_path):
+    elsewhere = copy_videos(video_dir, tmp_path / "elsewhere").resolve()
+    library = tmp_path / "library"
+    write_video(library / "own.mp4", num_frames=12)  # so that the folder never looks like an empty mount point
+    (library / "link.mp4").symlink_to(elsewhere / "a.mp4")
+    (library / "trip").symlink_to(elsewhere / "sub", target_is_directory=True)
+    model, index_path = tiny_model(), tmp_path / "v.index"
+    update = index_links(model, library, index_path)
+    a, b, d = (str(elsewhere / name) for name in ("a.mp4", "b.mp4", "sub/d.mp4"))
+    own = str((library / "own.mp4").resolve())
+    assert update.added == 3 and sorted(VideoIndex.load(index_path).paths) == sorted([own, a, d])
+    assert VideoIndex.load(index_path).links == {a: [str(library.absolute() / "link.mp4")],
+                                                 d: [str(library.absolute() / "trip" / "d.mp4")]}
+
+    # Another folder indexed alone: the linked videos were not looked for, and stay.
+    other = tmp_path / "other"
+    write_video(other / "x.mp4", num_frames=14)
+    assert index_links(model, other, index_path).removed == []
+
+    # The link now leads to another video: that one comes in, the old one goes.
+    (library / "link.mp4").unlink()
+    (library / "link.mp4").symlink_to(elsewhere / "b.mp4")
+    update = index_links(model, library, index_path)
+    assert (update.added, update.removed) == (1, [a]) and b in VideoIndex.load(index_path).paths
+
+    # The linked folder removed: its videos go, though their files are still there.
+    (library / "trip").unlink()
+    update = index_links(model, library, index_path)
+    assert update.removed == [d] and Path(d).exists()
+    index = VideoIndex.load(index_path)
+    assert sorted(index.paths) == sorted([own, str((other / "x.mp4").resolve()), b]) and d not in index.links
+
+
+def test_a_video_found_directly_as_well_as_through_a_link_is_not_a_linked_one(video_dir, tmp_path):
+    library = copy_videos(video_dir, tmp_path / "library")
+    (library / "sub" / "again.mp4").symlink_to(library / "a.mp4")
+    model, index_path = tiny_model(), tmp_path / "v.index"
+    update = index_links(model, library, index_path)
+    assert update.added == 4 and VideoIndex.load(index_path).links == {}
+    (library / "sub" / "again.mp4").unlink()
+    assert index_links(model, library, index_path).removed == []
+
+
+def test_a_library_reached_through_a_linked_folder_updates_as_any_other(video_dir, tmp_path):
+    copy_videos(video_dir, tmp_path / "real")
+    library = tmp_path / "library"
+    library.symlink_to(tmp_path / "real", target_is_directory=True)
+    model, index_path = tiny_model(), tmp_path / "v.index"
+    assert index_links(model, library, index_path).added == 4
+    assert index_links(model, library, index_path).removed == []  # nothing changed: nothing goes
+    (tmp_path / "real" / "b.mp4").unlink()
+    update = index_links(model, library, index_path)
+    assert update.removed == [str((tmp_path / "real" / "b.mp4").resolve())] and update.total == 3
+
+
 # ------------------------------------------------------------------------------------- segments
 
 
