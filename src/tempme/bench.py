@@ -298,7 +298,8 @@ def build_video_encoder(
     """``[B, F, 3, H, W]`` -> ``[B, D]``: TempMe's video encoder (optimised for inference) or a baseline.
 
     ``size_attention`` picks how merged encoders add log(size) to the attention logits (one of
-    ``tempme.model.SIZE_ATTENTION``: ``auto``, what ``optimize_for_inference`` picks, ``bias`` or ``channels``).
+    ``tempme.model.SIZE_ATTENTION``: ``auto``, what ``optimize_for_inference`` picks, ``bias``, ``channels``,
+    ``flex`` or ``values``).
     """
     check_size_attention(size_attention)
     if method in MERGE_METHODS:

@@ -57,7 +57,7 @@ def check_size_attention(name: str) -> None:
 
 
 def resolve_size_attention(name: str, device: torch.device | str) -> str:
-    """``bias``, ``channels`` or ``flex``: what ``name`` (one of ``SIZE_ATTENTION``) means on ``device``."""
+    """``bias``, ``channels``, ``flex`` or ``values``: what ``name`` (one of ``SIZE_ATTENTION``) means on ``device``."""
     check_size_attention(name)
     if name != "auto":
         return name
@@ -129,7 +129,7 @@ def size_weighted_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
     # Without autograd, each product is written where it goes: no concatenated copy, no copy to
     # the out-projection's layout.
     values = v.new_empty(batch, tokens, heads, dim + HEAD_PAD).transpose(1, 2)
-    torch.mul(v, weight, out=values[..., :dim])
+    torch.mul(v, weight.to(v.dtype), out=values[..., :dim])  # rounded as the size column is
     values[..., dim:] = size_columns
     out = F.scaled_dot_product_attention(q, k, values)
     attended = v.new_empty(batch, tokens, heads, dim)

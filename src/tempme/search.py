@@ -99,9 +99,9 @@ def _walk_videos(folder: Path) -> Iterable[Path]:
             candidate = Path(root) / name
             if name.startswith(".") or candidate.suffix.lower() not in VIDEO_EXTENSIONS:
                 continue
-            if candidate.suffix.lower() == ".ts" and not _transport_stream(candidate):
-                continue  # TypeScript source, most likely: not worth a failed decode on every run
             if candidate.is_file():
+                if candidate.suffix.lower() == ".ts" and not _transport_stream(candidate):
+                    continue  # TypeScript source, most likely: not worth a failed decode on every run
                 yield candidate
             elif candidate.is_symlink() and not candidate.exists():
                 dangling.append(candidate)
@@ -112,14 +112,15 @@ def _walk_videos(folder: Path) -> Iterable[Path]:
 
 def _transport_stream(path: Path) -> bool:
     """Whether a ``.ts`` file starts as an MPEG transport stream does: the sync byte 0x47 opens its
-    188-byte packets (or follows the 4-byte timestamp of 192-byte ones). A file that cannot be read
-    counts as one, for decoding to say what is wrong with it."""
+    first two 188-byte packets (or follows the 4-byte timestamp of 192-byte ones). An empty file, or
+    one that cannot be read, counts as one, for decoding to say what is wrong with it."""
     try:
         with open(path, "rb") as file:
-            start = file.read(5)
+            start = file.read(4 + 192 + 1)
     except OSError:
         return True
-    return start[:1] == b"\x47" or start[4:5] == b"\x47"
+    sync = 0x47
+    return not start or start[0::188][:2] == bytes([sync, sync]) or start[4::192][:2] == bytes([sync, sync])
 
 
 def _as_paths(paths: PathLike | Iterable[PathLike]) -> list[PathLike]:
@@ -137,20 +138,22 @@ def find_videos(
     are left out, and so are ``.ts`` files that do not start as an MPEG transport stream (TypeScript).
     Finding none is an error unless ``allow_empty``.
 
-    ``resolve_links=False``: the paths as found (absolute, links not resolved), so that a file reached
-    through links appears once per path that leads to it. :func:`update_index` takes these too: it
-    indexes each file once, under its resolved path, and records the links that led to it, so that the
-    video leaves the index when they are removed.
+    ``resolve_links=False``: the paths as found, with the links in them left as they are (those inside
+    a given folder, and a given file's own), so that a file reached through links appears once per path
+    that leads to it; the given folders themselves, and a given file's folder, are resolved.
+    :func:`update_index` takes these too: it indexes each file once, under its resolved path, and
+    records the links that led to it, so that the video leaves the index when they are removed.
     """
     sources = _as_paths(sources)
     found: set[Path] = set()
-    settle = Path.resolve if resolve_links else Path.absolute
     for source in sources:
         path = Path(source).expanduser()
         if path.is_file():
-            found.add(settle(path))
+            found.add(path.resolve() if resolve_links else path.parent.resolve() / path.name)
         elif path.is_dir():
-            found.update(settle(candidate) for candidate in _walk_videos(path))
+            root = path.resolve()
+            found.update(candidate.resolve() if resolve_links else root / candidate.relative_to(path)
+                         for candidate in _walk_videos(path))
         elif path.exists():
             raise ValueError(f"{source}: not a regular file or folder (a pipe, socket or device?)")
         else:
@@ -352,6 +355,9 @@ def read_index_header(path: PathLike) -> dict[str, Any]:
         if not isinstance(header[key], kind):
             shape = "list" if kind is list else "object"
             raise VideoIndexError(f"{path}: the index header is damaged ({key!r} is not a JSON {shape}); {_REBUILD}")
+    if not all(isinstance(links, list) and all(isinstance(link, str) for link in links)
+               for links in header["links"].values()):
+        raise VideoIndexError(f"{path}: the index header is damaged ('links' holds other than lists of paths); {_REBUILD}")
     return header
 
 
@@ -473,8 +479,8 @@ def absent_sources(
     (``videos``): missing, or empty now. Their videos stay (see :func:`deleted`), each such folder
     warned about, unless ``prune`` (none then: their videos leave the index as deleted). A missing
     source that nothing in the index came from (a mistyped path?) is warned about too."""
-    found = [Path(video).resolve() for video in videos]
-    videos_indexed = set(index.paths)
+    found = [Path(video) for video in videos] + [Path(video).resolve() for video in videos]  # links as found, too
+    videos_indexed = set(index.paths) | {link for links in index.links.values() for link in links}
     absent = set()
     for source in sources:
         root = Path(source).expanduser().resolve()
@@ -552,16 +558,12 @@ def _within(path: Path, root: Path) -> bool:
 
 def _link_gone(link: str, video: str, sources: Sequence[PathLike] | None, prune: bool, absent: set[Path]) -> bool:
     """Whether the symbolic-link path ``link`` that led to ``video`` no longer does: it leads elsewhere
-    now, or it is missing and counts as deleted (:func:`deleted`, whose rules apply to it as to a video)."""
+    now, or it is missing and counts as deleted (:func:`deleted`, whose rules apply to it as to a video:
+    link paths lie under resolved source folders, as indexed paths do)."""
     path = Path(link)
     if path.exists():
         return path.resolve() != Path(video)
-    # Sources are resolved there, a link path is not: compare it with each source as given, made absolute.
-    given = [Path(source).expanduser().absolute() for source in sources or ()]
-    for source in given:
-        if _within(path, source):
-            return source.is_dir() and source.resolve() not in absent
-    return prune or path.parent.is_dir()
+    return deleted(link, sources, prune, absent)
 
 
 def _drop_deleted_videos(
@@ -818,11 +820,13 @@ def update_index(
         found = found_through_links(videos)
         absent = absent_sources(index, sources or (), videos, prune)
         removed = _drop_deleted_videos(index, sources, prune, absent, set(found))
+        links_before = dict(index.links)
         for video, links in found.items():  # saved with the videos that are in the index
             if links:
                 index.links[video] = links
             else:
                 index.links.pop(video, None)
+        relinked = any(index.links.get(video) != links_before.get(video) for video in index.paths)
         new, changed, stamps = _videos_to_embed(index, videos)
         todo = new + [Path(video) for video in changed]
         retried = {str(video) for video in todo}
@@ -832,7 +836,7 @@ def update_index(
         }
         update = IndexUpdate(0, {}, removed, index.videos, segments=index.segments)
         if not todo:
-            if removed or relocated:
+            if removed or relocated or relinked:
                 index.save(path)
             return update
 

@@ -75,7 +75,6 @@ def test_index_then_search(library, tmp_path, capsys, monkeypatch):
     assert code == 0, err
     assert "3 videos indexed (0 new, 0 changed and embedded again, 1 undecodable" in out and f"undecodable: {broken}" in out
 
-
     code, out, err = cli(capsys, "search", str(index), *QUERIES, "-k", "2", "--json", "--device", "cpu")
     assert code == 0, err
     with pytest.warns(UserWarning, match="--per-video has no effect: .* holds whole videos"):
@@ -127,8 +126,6 @@ def test_index_then_search(library, tmp_path, capsys, monkeypatch):
         "line 3 of standard input is not UTF-8 text (invalid continuation byte at byte 3); passed over"]
 
 
-
-
 def test_searching_an_index_of_no_videos_says_why_it_finds_nothing(tmp_path, capsys):
     write_corrupt(tmp_path / "videos" / "broken.mp4")
     weights = write_clip_weights(tmp_path / "clip.pt", seed=0)
@@ -139,6 +136,7 @@ def test_searching_an_index_of_no_videos_says_why_it_finds_nothing(tmp_path, cap
     with pytest.warns(UserWarning, match="holds no videos \\(its 1 video could not be decoded; `tempme index` says"):
         code, out, err = cli(capsys, "search", str(index), QUERIES[0], "--device", "cpu")
     assert code == 0 and "0 of 0 videos" in out, err
+
 
 def test_an_indexed_video_that_no_longer_decodes_is_said_to_be_dropped(library, tmp_path, capsys):
     videos = tmp_path / "videos"

@@ -156,16 +156,19 @@ def test_size_weighted_attention_is_proportional_attention(grad):
     size = torch.randint(1, 50, (2, 11)).double()
     expected = torch.softmax(q @ k.transpose(-1, -2) / 8**0.5 + size.log()[:, None, None, :], dim=-1) @ v
     if grad:
-        v.requires_grad_()
+        for t in (q, k, v):
+            t.requires_grad_()
     out = size_weighted_attention(q, k, v, size)
     assert out.shape == (2, 11, 3, 8)  # [batch, tokens, heads, channels]
     torch.testing.assert_close(out, expected.transpose(1, 2), atol=1e-12, rtol=1e-10)
     if grad:
         out.square().sum().backward()
-        v_expected = v.detach().requires_grad_()
-        reference = torch.softmax(q @ k.transpose(-1, -2) / 8**0.5 + size.log()[:, None, None, :], dim=-1) @ v_expected
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        q2, k2, v2 = leaves
+        reference = torch.softmax(q2 @ k2.transpose(-1, -2) / 8**0.5 + size.log()[:, None, None, :], dim=-1) @ v2
         reference.transpose(1, 2).square().sum().backward()
-        torch.testing.assert_close(v.grad, v_expected.grad)
+        for got, want in zip((q, k, v), leaves):
+            torch.testing.assert_close(got.grad, want.grad)
 
 
 def test_size_weighted_attention_keeps_float16_in_range():
@@ -267,7 +270,7 @@ def test_size_attention_forms_train_like_the_bias_form(form):
         model.zero_grad()
         model.visual.size_attention = name
         model.encode_video(video).square().sum().backward()
-        gradients[name] = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        gradients[name] = {param: p.grad.clone() for param, p in model.named_parameters() if p.grad is not None}
     assert any("lora_a" in name for name in gradients[form]) and any("clip_pos" in name for name in gradients[form])
     assert gradients[form].keys() == gradients["bias"].keys()
     for name, grad in gradients["bias"].items():

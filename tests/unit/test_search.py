@@ -92,7 +92,10 @@ def test_find_videos_passes_over_typescript_files(tmp_path):
     stream = write_video(tmp_path / "broadcast.ts", num_frames=10, container_format="mpegts")
     (tmp_path / "app.ts").write_text("export const answer: number = 42;\n")
     (tmp_path / "types.d.ts").write_text("declare module 'x';\n")
-    assert find_videos([tmp_path]) == [stream.resolve()]
+    (tmp_path / "generated.ts").write_text("/** Generated: do not edit */\n" * 20)  # a G at byte 4
+    os.mkfifo(tmp_path / "pipe.ts")  # not opened: opening a pipe waits for a writer
+    (tmp_path / "empty.ts").write_bytes(b"")  # cannot tell: indexing says it is empty
+    assert find_videos([tmp_path]) == [stream.resolve(), (tmp_path / "empty.ts").resolve()]
     assert find_videos([tmp_path / "app.ts"]) == [(tmp_path / "app.ts").resolve()]  # named: taken as given
     assert read_frames(stream, 4)  # a transport stream that PyAV reads
 
@@ -581,6 +584,73 @@ def index_links(model, library: Path, index_path: Path, *, prune: bool = False):
     return update_index(model, videos, index_path, sources=[library], prune=prune, progress=False)
 
 
+def test_a_folder_of_links_alone_is_no_empty_mount_point(video_dir, tmp_path):
+    elsewhere = copy_videos(video_dir, tmp_path / "elsewhere").resolve()
+    playlist = tmp_path / "playlist"
+    playlist.mkdir()
+    for name in ("a.mp4", "b.mp4"):
+        (playlist / name).symlink_to(elsewhere / name)
+    model, index_path = tiny_model(), tmp_path / "v.index"
+    assert index_links(model, playlist, index_path).added == 2
+    (playlist / "b.mp4").unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "holds no videos now (an empty mount point?)"
+        update = index_links(model, playlist, index_path)
+    assert update.removed == [str(elsewhere / "b.mp4")] and update.total == 1
+
+
+def test_pruning_drops_a_video_whose_links_went_with_their_folder(video_dir, tmp_path):
+    elsewhere = copy_videos(video_dir, tmp_path / "elsewhere").resolve()
+    source, other = tmp_path / "source", tmp_path / "other"
+    source.mkdir()
+    (source / "link.mp4").symlink_to(elsewhere / "a.mp4")
+    write_video(other / "x.mp4", num_frames=12)
+    model, index_path = tiny_model(), tmp_path / "v.index"
+    videos = find_videos([source, other], resolve_links=False)
+    update_index(model, videos, index_path, sources=[source, other], progress=False)
+    shutil.rmtree(source)
+    with pytest.warns(UserWarning, match="source is not there"):  # an unmounted drive, maybe: kept
+        update = update_index(model, find_videos([other], resolve_links=False), index_path, sources=[source, other],
+                              progress=False)
+    assert update.removed == []
+    update = update_index(model, find_videos([other], resolve_links=False), index_path, sources=[source, other],
+                          prune=True, progress=False)
+    assert update.removed == [str(elsewhere / "a.mp4")]
+
+
+def test_links_are_saved_when_they_are_all_that_changed(video_dir, tmp_path):
+    data = (tmp_path / "data").resolve()
+    data.mkdir()
+    shutil.copy(video_dir / "a.mp4", data / "a.mp4")  # the linked video alone: nothing new to embed below
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "link.mp4").symlink_to(data / "a.mp4")
+    model, index_path = tiny_model(), tmp_path / "v.index"
+    index_links(model, source, index_path)
+    assert VideoIndex.load(index_path).links == {str(data / "a.mp4"): [str(source.resolve() / "link.mp4")]}
+    videos = find_videos([source, data], resolve_links=False)  # now found directly too: no longer linked only
+    assert update_index(model, videos, index_path, sources=[source, data], progress=False).added == 0
+    assert VideoIndex.load(index_path).links == {}
+    (source / "link.mp4").unlink()
+    update = update_index(model, find_videos([data], resolve_links=False), index_path, sources=[data],
+                          progress=False)
+    assert update.removed == [] and str(data / "a.mp4") in VideoIndex.load(index_path).paths
+
+
+def test_a_link_given_by_name_and_deleted_is_no_mistyped_path(video_dir, tmp_path):
+    elsewhere = copy_videos(video_dir, tmp_path / "elsewhere").resolve()
+    (tmp_path / "src").mkdir()
+    link = tmp_path / "src" / "l.mp4"
+    link.symlink_to(elsewhere / "a.mp4")
+    model, index_path = tiny_model(), tmp_path / "v.index"
+    update_index(model, find_videos([link], resolve_links=False), index_path, sources=[link], progress=False)
+    link.unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not "nothing in the index came from it"
+        update = update_index(model, [], index_path, sources=[link], progress=False)
+    assert update.removed == [str(elsewhere / "a.mp4")]
+
+
 def test_a_video_leaves_the_index_when_the_link_that_led_to_it_goes(video_dir, tmp_path):
     elsewhere = copy_videos(video_dir, tmp_path / "elsewhere").resolve()
     library = tmp_path / "library"
@@ -592,8 +662,8 @@ def test_a_video_leaves_the_index_when_the_link_that_led_to_it_goes(video_dir, t
     a, b, d = (str(elsewhere / name) for name in ("a.mp4", "b.mp4", "sub/d.mp4"))
     own = str((library / "own.mp4").resolve())
     assert update.added == 3 and sorted(VideoIndex.load(index_path).paths) == sorted([own, a, d])
-    assert VideoIndex.load(index_path).links == {a: [str(library.absolute() / "link.mp4")],
-                                                 d: [str(library.absolute() / "trip" / "d.mp4")]}
+    assert VideoIndex.load(index_path).links == {a: [str(library.resolve() / "link.mp4")],
+                                                 d: [str(library.resolve() / "trip" / "d.mp4")]}
 
     # Another folder indexed alone: the linked videos were not looked for, and stay.
     other = tmp_path / "other"
@@ -630,6 +700,7 @@ def test_a_library_reached_through_a_linked_folder_updates_as_any_other(video_di
     library.symlink_to(tmp_path / "real", target_is_directory=True)
     model, index_path = tiny_model(), tmp_path / "v.index"
     assert index_links(model, library, index_path).added == 4
+    assert VideoIndex.load(index_path).links == {}  # the link is the folder given, not one inside it
     assert index_links(model, library, index_path).removed == []  # nothing changed: nothing goes
     (tmp_path / "real" / "b.mp4").unlink()
     update = index_links(model, library, index_path)
