@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
+import shutil
 import stat
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from .userwarnings import warn
@@ -49,10 +52,45 @@ def check_readable(path: str | os.PathLike) -> None:
         pass
 
 
+class WriteError(OSError):
+    """A file that could not be written (``write_failed``), read as one line: ``strerror: filename``."""
+
+    def __str__(self) -> str:
+        return f"{self.strerror}: {self.filename}"
+
+
+def write_failed(target: str | os.PathLike, error: BaseException, then: str = "") -> WriteError:
+    """An OSError naming ``target`` for a write that failed with ``error``, which may name a temporary
+    file instead, or none (torch.save's RuntimeError, safetensors' SafetensorError): one line saying
+    which file could not be written, why, and how much space that disk has left, a full disk being
+    the usual cause where a library does not say so; ``then`` (what became of the file) after it."""
+    target = Path(target)
+    reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error) or type(error).__name__
+    folder = target.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        free = f"; {shutil.disk_usage(folder).free / 2**20:.1f} MiB free on that disk"
+    except OSError:
+        free = ""
+    after = f"; {then}" if then else ""
+    number = error.errno if isinstance(error, OSError) else None
+    return WriteError(number, f"cannot write ({reason}{free}){after}", str(target))
+
+
+def _naming_target(error: OSError, temporary: str, target: Path) -> OSError:
+    """``error`` again, naming ``target`` where it named the temporary file written in its place."""
+    if error.filename is None or not str(error.filename).startswith(temporary):
+        return error
+    return OSError(error.errno, error.strerror, str(target))
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` to write; when the block ends without error, it replaces
-    ``path`` in one rename. An interrupted or failed write leaves ``path`` as it was and no temporary file.
+    ``path`` in one rename, its contents flushed to the disk first (so that a power cut leaves the old
+    file or the new one, not an empty one). An interrupted or failed write leaves ``path`` as it was and
+    no temporary file; an OSError names ``path``, not the temporary file.
 
     Permissions: a new file gets what ``open(path, "w")`` would give (``0o666`` less the umask), not the
     owner-only ``0o600`` of a temporary file. A replaced file keeps its own permissions, as text
@@ -61,15 +99,43 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    prefix = str(path.parent / f".{path.name}.")
+    try:
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as error:
+        raise _naming_target(error, prefix, path) from None
     os.close(handle)
     try:
         yield Path(temporary)
+        sync_file(temporary)
         # Read just before the rename, so a mode changed while writing is the one kept.
         os.chmod(temporary, _mode_for(path, 0o666))
         os.replace(temporary, path)
+    except OSError as error:
+        raise _naming_target(error, prefix, path) from None
     finally:
         Path(temporary).unlink(missing_ok=True)
+
+
+def sync_file(path: str | os.PathLike) -> None:
+    """Flush a written file's contents to the disk (``fsync``), before a rename puts it in place."""
+    with open(path, "rb") as file:
+        os.fsync(file.fileno())
+
+
+def remove_stale_temporaries(target: str | os.PathLike) -> None:
+    """Remove what atomic writes of ``target`` left beside it when a killed process could not clean
+    up (``.NAME.*.tmp`` files of ``atomic_file``, ``.NAME.tmp-*`` folders of
+    ``temporary_directory_for``). Only for a caller that alone writes ``target`` now (it holds its
+    lock, or its run): another writer's temporary would go too."""
+    target = Path(target)
+    name = glob.escape(target.name)
+    for stale in [*target.parent.glob(f".{name}.*.tmp"), *target.parent.glob(f".{name}.tmp-*")]:
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+
 
 
 def temporary_directory_for(target: str | os.PathLike) -> Path:
@@ -81,7 +147,10 @@ def temporary_directory_for(target: str | os.PathLike) -> Path:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    try:
+        temporary = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    except OSError as error:
+        raise _naming_target(error, str(target.parent / f".{target.name}.tmp-"), target) from None
     # The owner keeps full access even if ``target`` had less: the caller must be able to fill it.
     os.chmod(temporary, _mode_for(target, 0o777) | stat.S_IRWXU)
     return temporary
@@ -150,10 +219,32 @@ class LockHeld(Exception):
     """Another process holds the lock that ``exclusive_lock`` asked for."""
 
 
+@dataclass(frozen=True)
+class HeldLock:
+    """The open lock file behind ``exclusive_lock``: its descriptor, and the file it is (device, inode)."""
+
+    fd: int
+    device: int
+    inode: int
+
+    def release_in_child(self) -> None:
+        """In a process forked while the lock was held (a DataLoader worker), close the descriptor it
+        inherited: the lock lasts while any process holds one, so a worker left running for a moment
+        after its parent was killed would keep the next run out. (A process started otherwise, which
+        inherited no descriptor, may hold another file under the same number: it is left alone.)"""
+        try:
+            info = os.fstat(self.fd)
+        except OSError:
+            return
+        if (info.st_dev, info.st_ino) == (self.device, self.inode):
+            os.close(self.fd)
+
+
 @contextlib.contextmanager
-def exclusive_lock(target: str | os.PathLike) -> Iterator[None]:
+def exclusive_lock(target: str | os.PathLike) -> Iterator[HeldLock | None]:
     """Hold an advisory lock for writing ``target`` during the block, or raise ``LockHeld`` at once if
-    another process (or another open of it in this one) holds it.
+    another process (or another open of it in this one) holds it. Yields the ``HeldLock`` (None where
+    nothing is locked), for processes forked within the block to release (``HeldLock.release_in_child``).
 
     The lock is on a hidden file beside ``target`` (``.NAME.lock``), not on ``target`` itself, which
     atomic writes replace. The operating system releases it when its holder exits, even when killed,
@@ -163,7 +254,7 @@ def exclusive_lock(target: str | os.PathLike) -> Iterator[None]:
     try:
         import fcntl
     except ImportError:
-        yield
+        yield None
         return
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -176,9 +267,10 @@ def exclusive_lock(target: str | os.PathLike) -> Iterator[None]:
         except OSError as error:  # a file system without locks (some NFS, CIFS, FUSE): go on unlocked
             warn(f"cannot lock {lock_file} ({error.strerror or error}): nothing stops two runs writing "
                  f"{target} at once")
-            yield
+            yield None
             return
+        info = os.fstat(handle.fileno())
         try:
-            yield
+            yield HeldLock(handle.fileno(), info.st_dev, info.st_ino)
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)

@@ -17,6 +17,7 @@ tried again on the next run.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -45,7 +46,16 @@ from .data import (
 )
 from .data.video import DECODING_VERSION, check_backend
 from .devices import checked_device
-from .files import LockHeld, atomic_file, exclusive_lock, file_stamp, lock_held
+from .files import (
+    HeldLock,
+    LockHeld,
+    atomic_file,
+    exclusive_lock,
+    file_stamp,
+    lock_held,
+    remove_stale_temporaries,
+    write_failed,
+)
 from .model import TempMe
 from .precision import autocast
 from .progress import progress_bar
@@ -238,7 +248,7 @@ class VideoIndex:
             try:
                 save_file(tensors, str(temporary), metadata=metadata)
             except SafetensorError as error:  # a full disk, say: its message names no file
-                raise OSError(f"cannot write {path} ({error}); the index there is as it was before") from None
+                raise write_failed(path, error, then="the index there is as it was before") from None
         return Path(path)
 
     @classmethod
@@ -716,14 +726,20 @@ def check_index_free(path: PathLike) -> None:
 
 
 @contextmanager
-def _index_lock(path: PathLike) -> Iterator[None]:
+def _index_lock(path: PathLike) -> Iterator[HeldLock | None]:
     if Path(path).is_dir():  # refused before a lock file is made beside it
         raise VideoIndexError(f"{path} is a folder; name the index file to write (e.g. {Path(path) / 'videos.index'})")
     try:
-        with exclusive_lock(path):
-            yield
+        with exclusive_lock(path) as lock:
+            yield lock
     except LockHeld:
         raise _busy(path) from None
+
+
+def _index_worker_init(lock: HeldLock | None, worker_id: int) -> None:
+    quiet_worker_init(worker_id)
+    if lock is not None:
+        lock.release_in_child()
 
 
 def _busy(path: PathLike) -> VideoIndexError:
@@ -809,7 +825,8 @@ def update_index(
     check_batch_fits_in_memory(settings["frames"], settings["image_size"], batch_size)
     # Two runs on one index would each write what they embedded over the other's: the second waits
     # for no one and stops at once.
-    with _index_lock(path):
+    with _index_lock(path) as lock:
+        remove_stale_temporaries(path)  # of a killed run; no one else writes it while this run holds the lock
         index = open_index(path, model_info, settings, model.config.clip.embed_dim)
         if not {"weights", "checkpoint"} & model_info.keys():  # not said this time: still what the index says
             model_info = {**{key: index.model[key] for key in ("weights", "checkpoint") if key in index.model},
@@ -851,7 +868,8 @@ def update_index(
             dataset = VideoWindows(todo, segment_s, settings["frames"], framerate, settings["image_size"], backend,
                                    warn_skipped=False)
         loader = DataLoader(
-            dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=list, worker_init_fn=quiet_worker_init
+            dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=list,
+            worker_init_fn=functools.partial(_index_worker_init, lock)
         )
         model.eval().to(device)
         shown: dict[str, int] = {}  # beside the bar

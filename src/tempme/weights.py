@@ -32,11 +32,11 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .config import CLIPConfig, ModelConfig, TextConfig, VisionConfig, get_preset, preset_names
-from .files import atomic_file, check_readable
+from .files import atomic_file, check_readable, write_failed
 from .model import TempMe, is_adapter_parameter
 from .userwarnings import SharedWarning, warn
 
@@ -662,7 +662,10 @@ def save_weights(
     metadata.update(format="tempme", model_config=json.dumps(dataclasses.asdict(model.config)))
     # An interrupted save never leaves a half-written checkpoint.
     with atomic_file(path) as temporary:
-        save_file(tensors, str(temporary), metadata=metadata)
+        try:
+            save_file(tensors, str(temporary), metadata=metadata)
+        except SafetensorError as error:  # a full disk, say; its message names no file
+            raise write_failed(path, error) from None
     return path
 
 

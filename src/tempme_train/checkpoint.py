@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from tempme import TempMe
-from tempme.files import temporary_directory_for
+from tempme.files import sync_file, temporary_directory_for, write_failed
 
 from .config import TrainConfig, save_config
 from .modeling import load_trained_weights, save_trained_weights
@@ -147,8 +147,13 @@ def save_checkpoint(
         save_trained_weights(model, temp / WEIGHTS, config, base_fingerprint)
         torch.save(state, temp / STATE)
         save_config(config, temp / CONFIG)
+        for file in (WEIGHTS, STATE, CONFIG):
+            sync_file(temp / file)
 
-    write_directory_atomically(directory, write)
+    try:
+        write_directory_atomically(directory, write)
+    except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError
+        raise write_failed(directory, error) from error
 
 
 def load_checkpoint(

@@ -31,7 +31,8 @@ class MetricsLog:
     Appending keeps the records of earlier sessions of a resumed run in the same file. ``start_step``
     is the step the run (re)starts from: records of later steps, written by a session that stopped
     before checkpointing them, describe steps that are about to be trained again and are dropped
-    first, so every step appears once (TensorBoard drops its own with ``purge_step``).
+    first, so every step appears once (TensorBoard drops its own with ``purge_step``). So is an earlier
+    session's summary: the run's summary is written once, when it ends.
     """
 
     def __init__(self, output_dir: Path, tensorboard: bool = False, start_step: int = 0):
@@ -69,7 +70,8 @@ def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, float]:
 
 
 def drop_records_after(path: Path, step: int) -> None:
-    """Rewrite the metrics file ``path`` (atomically) without the records of steps after ``step``.
+    """Rewrite the metrics file ``path`` (atomically) without the records of steps after ``step``, and
+    without summaries (a session that ended, to be continued).
 
     A last line cut short (the process was killed while writing it) is dropped too; other lines
     that are not JSON are kept as they are. Nothing is written when nothing is dropped.
@@ -85,7 +87,9 @@ def drop_records_after(path: Path, step: int) -> None:
             if number < len(lines):
                 kept.append(line)
             continue
-        if not (isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] > step):
+        if not isinstance(record, dict):
+            kept.append(line)
+        elif record.get("kind") != "summary" and not (isinstance(record.get("step"), int) and record["step"] > step):
             kept.append(line)
     if len(kept) == len(lines):
         return

@@ -36,7 +36,7 @@ import torch
 
 from tempme import TempMe, devices
 from tempme.data import stop_workers
-from tempme.files import check_folder
+from tempme.files import check_folder, remove_stale_temporaries
 from tempme.precision import autocast
 from tempme.progress import print_above_bars, progress_bar
 from tempme.retrieval import contrastive_loss
@@ -288,6 +288,9 @@ class Trainer:
             if world.is_main:
                 check_folder(self.output, f"{source}: run.output_dir")
             checkpoint = self._check_output(resume, source)
+            if world.is_main:  # what a killed save left; this run alone writes here now
+                for target in (self.output / LAST, self.output / BEST, self.output / WEIGHTS):
+                    remove_stale_temporaries(target)
             config, optim = self.config, self.config.optim  # a resumed old run may have had settings added
             if checkpoint is None:
                 check_schedule_is_read(config, source)
@@ -496,8 +499,11 @@ class Trainer:
     def validate_and_save(self) -> None:
         """Validate and write ``last/``; until both are done, ``last/`` records the validation as due."""
         self.progress.validation_due = True  # saved as such if the run stops in between
-        if self.data.val is not None and self.world.distributed:
-            self.save()  # stops are held during validation (stops_held): torchrun may kill the processes
+        # Stops are held during validation (stops_held): torchrun may kill the processes. And before
+        # the first best.safetensors, a checkpoint: a run stopped there can be resumed, where best
+        # weights without one would bar both resuming and starting again.
+        if self.data.val is not None and (self.world.distributed or not self.saved_step):
+            self.save()
         self.validate()
         self.progress.validation_due = False
         self.save()
@@ -570,7 +576,8 @@ class Trainer:
             try:
                 self._write_last()
             except Exception as error:  # noqa: BLE001 - e.g. a full disk; the first error matters more
-                return f"could not save {self.output / LAST} at step {step} ({error}); {kept}"
+                why = error.strerror if isinstance(error, OSError) and error.strerror else error
+                return f"could not save {self.output / LAST} at step {step} ({why}); {kept}"
             self.saved_step = step
         due = " (its validation still due: it runs first)" if self.progress.validation_due else ""
         return f"saved {self.output / LAST} at step {step}/{self.total_steps}{due}; continue with --resume"
@@ -633,7 +640,8 @@ class Trainer:
             # Bad input (an undecodable video under data.strict, a full disk): the command line prints
             # a ValueError as one line, so where the run stands goes on that line.
             reason = f"{error.strerror}: {error.filename}" if isinstance(error, OSError) and error.filename else error
-            raise TrainingStopped(f"{reason} (training stopped: {saved} once that is fixed)") from error
+            then = " once that is fixed" if saved.endswith("--resume") else ""
+            raise TrainingStopped(f"{reason} (training stopped: {saved}{then})") from error
         print(f"training stopped by an error after step {self.progress.step}/{self.total_steps}: {saved}", file=sys.stderr)
         raise error
 

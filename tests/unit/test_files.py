@@ -2,6 +2,10 @@
 
 import os
 import stat
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -103,6 +107,36 @@ def test_exclusive_lock_refuses_a_second_holder_until_released(tmp_path):
     assert not target.exists() and (tmp_path / "out" / ".videos.index.lock").exists()
 
 
+@pytest.mark.parametrize("released", [True, False])
+def test_a_forked_child_releasing_the_lock_keeps_no_one_out_once_its_parent_is_killed(tmp_path, released):
+    # DataLoader workers fork while `tempme index` holds its lock and outlive a killed parent for a moment.
+    from tempme.files import lock_held
+
+    target = tmp_path / "videos.index"
+    script = textwrap.dedent(f"""
+        import os, time
+        from tempme.files import exclusive_lock
+        with exclusive_lock({str(target)!r}) as lock:
+            if os.fork() == 0:
+                if {released}:
+                    lock.release_in_child()
+                time.sleep(3)
+                os._exit(0)
+            print("held", flush=True)
+            time.sleep(60)
+    """)
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert parent.stdout.readline().strip() == "held"
+        assert lock_held(target)
+    finally:
+        parent.kill()
+        parent.wait()
+    assert lock_held(target) is not released  # the child, still asleep, holds it unless it let go
+
+
 def test_exclusive_lock_goes_on_unlocked_where_the_file_system_has_no_locks(tmp_path, monkeypatch):
     import errno
     import fcntl
@@ -129,3 +163,38 @@ def test_lock_held_says_whether_another_holds_it_and_creates_nothing(tmp_path):
     with exclusive_lock(target):
         assert lock_held(target)
     assert not lock_held(target)
+
+
+def test_a_failed_atomic_write_names_the_file_it_was_for(tmp_path):
+    import errno
+
+    target = tmp_path / "videos.index"
+    with pytest.raises(OSError) as caught:
+        with atomic_file(target) as temporary:
+            raise OSError(errno.ENOSPC, "No space left on device", str(temporary))
+    assert (caught.value.errno, caught.value.filename) == (errno.ENOSPC, str(target))
+    assert os.listdir(tmp_path) == []
+
+
+def test_write_failed_says_which_file_why_and_the_space_left(tmp_path):
+    from tempme.files import write_failed
+
+    error = write_failed(tmp_path / "run" / "last", RuntimeError("[enforce fail at inline_container.cc:672]"))
+    assert error.filename == str(tmp_path / "run" / "last")  # a folder not made yet: its parent's disk
+    assert error.strerror.startswith("cannot write ([enforce fail at inline_container.cc:672]; ")
+    assert error.strerror.endswith(" MiB free on that disk)")
+
+
+def test_stale_temporaries_of_a_target_are_removed_and_nothing_else(tmp_path):
+    from tempme.files import remove_stale_temporaries
+
+    target = tmp_path / "v[1].index"  # glob's special characters taken as they are
+    stale = [tmp_path / ".v[1].index.abc123.tmp", tmp_path / ".v[1].index.tmp-xyz"]
+    stale[0].write_bytes(b"half")
+    stale[1].mkdir()
+    (stale[1] / "part").write_bytes(b"half")
+    kept = [target, tmp_path / ".v1.index.abc.tmp", tmp_path / ".other.index.abc.tmp"]
+    for path in kept:
+        path.write_bytes(b"x")
+    remove_stale_temporaries(target)
+    assert not any(path.exists() for path in stale) and all(path.exists() for path in kept)

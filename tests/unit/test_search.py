@@ -538,7 +538,8 @@ def test_an_index_that_cannot_be_written_is_an_os_error_naming_it(tmp_path, monk
         raise SafetensorError("Error while serializing: No space left on device (os error 28)")
 
     monkeypatch.setattr(search, "save_file", disk_full)
-    with pytest.raises(OSError, match=f"cannot write {path} .*No space left on device.*as it was before"):
+    with pytest.raises(OSError, match=f"cannot write \\(.*No space left on device.*\\); the index there is as it "
+                                      f"was before: {path}"):
         search.VideoIndex(["/v/b.mp4"], torch.zeros(1, 4), {"fingerprint": "f"}, {"frames": 4}).save(path)
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["videos.index"]
 
@@ -560,8 +561,9 @@ def test_a_second_run_on_an_index_being_updated_stops_at_once(video_dir, tmp_pat
 
 
 def test_index_loader_workers_leave_stops_to_the_main_process(video_dir, tmp_path, monkeypatch):
+    import signal
+
     import tempme.search as search
-    from tempme.data import quiet_worker_init
 
     made = []
 
@@ -572,7 +574,14 @@ def test_index_loader_workers_leave_stops_to_the_main_process(video_dir, tmp_pat
 
     monkeypatch.setattr(search, "DataLoader", RecordedLoader)
     update_index(tiny_model(), find_videos([video_dir])[:1], tmp_path / "v.index", progress=False)
-    assert made == [quiet_worker_init]
+    (init,) = made
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    try:
+        init(0)  # what each worker runs first (quiet_worker_init, then the lock let go)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before[0])
+        signal.signal(signal.SIGTERM, before[1])
 
 
 # ------------------------------------------------------------------------------------- symbolic links

@@ -721,6 +721,8 @@ def test_resume_drops_the_records_of_steps_after_the_checkpoint(tmp_path):
     records = [json.loads(line) for line in lines]  # every line is whole JSON again
     assert train_steps_logged(tmp_path) == [1, 2, 3]
     assert all(record.get("loss") != 999.0 for record in records)
+    # Each session ended with a summary; the run keeps one, its last session's.
+    assert [record["step"] for record in records if record["kind"] == "summary"] == [3]
 
 
 def test_a_damaged_checkpoint_is_named_with_what_to_do(tmp_path):
@@ -904,6 +906,58 @@ def test_an_error_during_training_saves_the_steps_done_and_says_how_to_resume(tm
     monkeypatch.undo()
     resumed = train(config, resume=True, data=data)
     assert resumed.steps == 4 and len(resumed.losses) == 2 and val_steps_logged(tmp_path) == [2, 4]
+
+
+def test_best_weights_are_never_written_before_a_checkpoint(tmp_path, monkeypatch):
+    # Killed between the two (a full disk, SIGKILL), best weights without a checkpoint would leave a
+    # run that can neither be resumed nor started again over them.
+    train_module = importlib.import_module("tempme_train.train")
+    real_save = train_module.save_trained_weights
+    checked = []
+
+    def save_checking(model, path, *args, **kwargs):
+        if Path(path).name == "best.safetensors":
+            checked.append(find_checkpoint(tmp_path) is not None)
+        return real_save(model, path, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "save_trained_weights", save_checking)
+    train(tiny_config(tmp_path, optim={"epochs": 2}), data=synthetic_data())
+    assert checked and all(checked)
+
+
+def test_a_full_disk_at_a_checkpoint_is_one_line_that_says_what_the_run_still_holds(tmp_path, monkeypatch):
+    # torch.save reports a full disk as "RuntimeError: [enforce fail at inline_container.cc ...]".
+    checkpoint_module = importlib.import_module("tempme_train.checkpoint")
+    real_save, saves = checkpoint_module.torch.save, []
+
+    def save_until_full(obj, path, *args, **kwargs):
+        saves.append(path)
+        if len(saves) > 2:  # step 2's two checkpoints (before and after its validation) are written
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", save_until_full)
+    data = synthetic_data()
+    config = tiny_config(tmp_path, optim={"epochs": 2})  # checkpoints at steps 2 and 4
+    with pytest.raises(ValueError) as info:
+        train(config, data=data)
+    message = str(info.value)
+    assert "\n" not in message and f"cannot write (" in message and "MiB free on that disk" in message, message
+    assert f"could not save {tmp_path / LAST} at step 4" in message and "it still holds step 2" in message
+    assert "once that is fixed" not in message and ".tmp" not in message
+    assert checkpoint_step(tmp_path) == 2
+    monkeypatch.undo()
+    assert train(config, resume=True, data=data).steps == 4
+
+
+def test_what_killed_saves_left_behind_is_removed_when_the_run_starts(tmp_path):
+    stale = [tmp_path / ".last.tmp-k1ll3d", tmp_path / ".best.safetensors.a1b2c3.tmp"]
+    stale[0].mkdir(parents=True)
+    (stale[0] / "state.pt").write_bytes(b"half")
+    stale[1].write_bytes(b"half")
+    (tmp_path / ".other.tmp").write_bytes(b"not ours")
+    train(tiny_config(tmp_path, optim={"epochs": 1}), data=synthetic_data())
+    assert not any(path.exists() for path in stale) and (tmp_path / ".other.tmp").exists()
 
 
 def test_sigterm_is_handled_like_ctrl_c_and_the_handler_is_restored(tmp_path, monkeypatch, capsys):
