@@ -91,7 +91,7 @@ from .modeling import (
     trainable_parameters,
 )
 from .optim import build_optimizer, build_scheduler
-from .tracking import MetricsLog, require_tensorboard
+from .tracking import METRICS_FILE, MetricsLog, require_tensorboard
 
 # Settings a resumed run must share with the checkpoint: they change what the steps compute.
 RESUME_DATA_KEYS = (
@@ -289,8 +289,8 @@ class Trainer:
                 check_folder(self.output, f"{source}: run.output_dir")
             checkpoint = self._check_output(resume, source)
             if world.is_main:  # what a killed save left; this run alone writes here now
-                for target in (self.output / LAST, self.output / BEST, self.output / WEIGHTS):
-                    remove_stale_temporaries(target)
+                for target in (LAST, BEST, WEIGHTS, CONFIG, METRICS_FILE):
+                    remove_stale_temporaries(self.output / target)
             config, optim = self.config, self.config.optim  # a resumed old run may have had settings added
             if checkpoint is None:
                 check_schedule_is_read(config, source)
