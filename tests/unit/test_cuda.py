@@ -113,6 +113,41 @@ def test_size_attention_form_trains_like_the_bias_on_cuda(monkeypatch, form):
 
 
 @needs_cuda
+def test_size_weighted_values_give_the_bias_forms_embeddings_in_bfloat16():
+    # Through whichever kernel SDPA picks on this GPU for value heads wider than key heads.
+    video = torch.randn(3, 12, 3, 224, 224, device="cuda", dtype=torch.bfloat16)
+    embeddings = {}
+    with torch.inference_mode():
+        for form in ("bias", "values"):
+            encoder = tiny_encoder(torch.bfloat16)
+            encoder.size_attention = form
+            embeddings[form] = encoder(video).float()
+    torch.testing.assert_close(embeddings["values"], embeddings["bias"], atol=0.05, rtol=0.05)
+
+
+@needs_cuda
+@pytest.mark.parametrize("backend", ["auto", "cudnn", "efficient", "math"])
+def test_values_wider_than_keys_at_vit_b_head_sizes(backend):
+    # ViT-B/16's heads: queries and keys 64 wide, values 72 (64 + the size column, padded). Which
+    # kernels take them, forward and backward, in bf16: the timed runs use "auto" (torch's choice).
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.manual_seed(0)
+    q, k = (torch.randn(4, 12, 197, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    v = torch.randn(4, 12, 197, 72, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    reference = torch.softmax(q.float() @ k.float().transpose(-1, -2) / 8, dim=-1) @ v.float()
+    kernels = {"cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+               "math": SDPBackend.MATH}
+    # "auto" offers FlashAttention too, as the model's calls do: it refuses such heads, and SDPA must move on.
+    allowed = [SDPBackend.FLASH_ATTENTION, *kernels.values()] if backend == "auto" else [kernels[backend]]
+    with sdpa_kernel(allowed):
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        out.float().square().sum().backward()
+    torch.testing.assert_close(out.float(), reference, atol=0.03, rtol=0.03)
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+@needs_cuda
 def test_size_weighted_values_in_bfloat16_under_autocast_training():
     # As tempme bench --train --size-attention values runs it: float32 weights, bf16 attention.
     torch.manual_seed(0)
