@@ -45,7 +45,8 @@ def register(subparsers) -> None:
         description="Embed every caption and video of a split and report text-to-video and video-to-text "
         "retrieval metrics. Embeddings are cached on disk, keyed by a hash of the weights, the model config "
         "and the data (each video file's path, size and modification time included, so a changed video is "
-        "embedded again), and reused when present.",
+        "embedded again), and reused when present. The videos embedded so far are kept beside the cache every "
+        "minute and when the run stops: run the same command again to carry on from there.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

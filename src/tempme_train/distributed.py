@@ -123,6 +123,11 @@ def is_main_process() -> bool:
     return not _active() or dist.get_rank() == 0
 
 
+def rank_and_size() -> tuple[int, int]:
+    """This process's rank and the number of processes: ``(0, 1)`` alone."""
+    return (dist.get_rank(), dist.get_world_size()) if _active() else (0, 1)
+
+
 def share(count: int) -> range:
     """This process's share of ``count`` items: every W-th from its rank (``range(count)`` alone)."""
     if not _active():

@@ -11,13 +11,17 @@ or ``tempme eval`` on several GPUs, splits the work W ways.
 Embeddings can be cached on disk: the file name is a hash of the model's weights and config, of the
 evaluated data (ids, captions, and each video file's path, size and modification time) and of the
 settings that turn files into frames, so a cached file is reused only for exactly the same model,
-split and video files.
+split and video files. While the videos are embedded, those done so far are written beside it every
+minute and when the run stops (a ``.partial`` file per process), so that an interrupted evaluation
+carries on where it stopped.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +53,14 @@ from tempme.userwarnings import warn
 from tempme.weights import model_fingerprint
 
 from .config import DataSettings
-from .distributed import all_gather_objects, failures_shared, is_main_process, share, sum_over_processes
+from .distributed import (
+    all_gather_objects,
+    failures_shared,
+    is_main_process,
+    rank_and_size,
+    share,
+    sum_over_processes,
+)
 from .workers import loader_workers
 
 
@@ -102,41 +113,106 @@ class Embeddings:
     present: torch.Tensor  # [N_videos] bool: the video could be decoded
 
 
+@dataclass
+class VideoProgress:
+    """The videos embedded so far: ``video [N, D]`` embeddings, ``present [N]`` (decodable) and
+    ``done [N]`` (embedded, or found undecodable), over all ``N`` videos of the set."""
+
+    video: torch.Tensor
+    present: torch.Tensor
+    done: torch.Tensor
+
+    @classmethod
+    def empty(cls, count: int, dim: int) -> "VideoProgress":
+        return cls(torch.zeros(count, dim), torch.zeros(count, dtype=torch.bool), torch.zeros(count, dtype=torch.bool))
+
+    def save(self, path: Path) -> None:
+        with atomic_file(path) as temporary:
+            save_file({"video": self.video, "present": self.present, "done": self.done}, str(temporary))
+
+    @classmethod
+    def load(cls, path: Path, count: int, dim: int) -> "VideoProgress | None":
+        """What an interrupted run saved at ``path``, or None (none, damaged, or another shape)."""
+        if not path.is_file():
+            return None
+        try:
+            tensors = load_file(str(path))
+            progress = cls(tensors["video"], tensors["present"].bool(), tensors["done"].bool())
+        except Exception as error:  # noqa: BLE001 - safetensors' own errors, OS errors, a missing key
+            warn(f"ignoring the damaged partial embeddings {path} ({error}); embedding those videos again")
+            return None
+        if progress.video.shape != (count, dim) or progress.done.shape != (count,):
+            return None
+        return progress
+
+
 @torch.no_grad()
 def encode_videos(
     model: TempMe, eval_set: EvalSet, batch_size: int, device: torch.device, precision: str,
-    num_workers: int, progress: bool,
+    num_workers: int, progress: bool, partial: Path | None = None, save_every_s: float = 60.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``[N_videos, D]`` float32 embeddings and the ``[N_videos]`` mask of decodable videos, filled in
-    this process's share of the rows only (zeros elsewhere)."""
-    count = len(eval_set.video_ids)
-    embeddings = torch.zeros(count, model.config.clip.embed_dim)
-    present = torch.zeros(count, dtype=torch.bool)
+    this process's share of the rows only (zeros elsewhere).
+
+    ``partial``: where the videos embedded so far are kept (every ``save_every_s`` seconds, and when
+    the loop stops, Ctrl-C and errors included), and read back from, so that an interrupted run
+    carries on; the caller removes it once the whole set is embedded.
+    """
+    count, dim = len(eval_set.video_ids), model.config.clip.embed_dim
+    done_before = VideoProgress.load(partial, count, dim) if partial is not None else None
+    state = done_before or VideoProgress.empty(count, dim)
+    rows = [row for row in share(count) if not state.done[row]]
+    if done_before is not None and progress:
+        print(f"carrying on from {partial}: {len(share(count)) - len(rows)} of {len(share(count))} videos "
+              "embedded before", file=sys.stderr)
     # Samples carry their own "index", so the rows they fill are right whatever the subset.
-    videos = Subset(eval_set.videos, share(count))
     loader = DataLoader(
-        videos, batch_size=batch_size, num_workers=loader_workers(num_workers), collate_fn=collate_skip_bad,
-        worker_init_fn=quiet_worker_init,
+        Subset(eval_set.videos, rows), batch_size=batch_size, num_workers=loader_workers(num_workers),
+        collate_fn=collate_skip_bad, worker_init_fn=quiet_worker_init,
     )
+    last_save = time.monotonic()
     with loader_batches(loader) as batches:
-        for batch in progress_bar(batches, total=len(loader), desc="encoding videos", disable=not progress):
-            if batch is None:  # every video of the batch was undecodable
-                continue
-            with autocast(device, precision):
-                features = model.encode_video(batch["video"].to(device), batch["video_mask"].to(device))
-            embeddings[batch["index"]] = features.float().cpu()
-            present[batch["index"]] = True
-    return embeddings, present
+        try:
+            for number, batch in enumerate(
+                progress_bar(batches, total=len(loader), desc="encoding videos", disable=not progress)
+            ):
+                if batch is not None:  # None: every video of the batch was undecodable
+                    with autocast(device, precision):
+                        features = model.encode_video(batch["video"].to(device), batch["video_mask"].to(device))
+                    state.video[batch["index"]] = features.float().cpu()
+                    state.present[batch["index"]] = True
+                # Batches come in order: this one's rows are done, undecodable ones included.
+                state.done[rows[number * batch_size : (number + 1) * batch_size]] = True
+                if partial is not None and time.monotonic() - last_save >= save_every_s:
+                    if not _save_partial(state, partial):
+                        partial = None  # said once; the evaluation goes on without
+                    last_save = time.monotonic()
+        finally:
+            if partial is not None and state.done.any() and not state.done[rows].all():
+                _save_partial(state, partial)
+    return state.video, state.present
+
+
+def _save_partial(state: VideoProgress, path: Path) -> bool:
+    """Keep what was embedded; whether it was. A failure to (a full disk, a read-only cache) is a
+    warning: the metrics, or the error that stopped the run, matter more."""
+    try:
+        state.save(path)
+    except (OSError, SafetensorError) as error:
+        warn(f"could not keep the videos embedded so far in {path} ({error}); an interrupted run embeds "
+             "them again")
+        return False
+    return True
 
 
 def embed(
     model: TempMe, eval_set: EvalSet, batch_size: int = 16, device: torch.device | str = "cpu",
-    precision: str = "fp32", num_workers: int = 0, progress: bool = True,
+    precision: str = "fp32", num_workers: int = 0, progress: bool = True, partial: Path | None = None,
 ) -> Embeddings:
     """Embed every caption and video of ``eval_set`` (the model is put in eval mode).
 
     Where a process group is set up, every process must call it (it ends with collectives): each
-    embeds its share and every one returns the whole set.
+    embeds its share and every one returns the whole set. ``partial``: see :func:`encode_videos`.
     """
     device = torch.device(device)
     model.eval()
@@ -147,7 +223,7 @@ def embed(
             model, [eval_set.captions[i] for i in captions], device, batch_size * 8, precision, progress,
             "encoding captions",
         )
-        video, present = encode_videos(model, eval_set, batch_size, device, precision, num_workers, progress)
+        video, present = encode_videos(model, eval_set, batch_size, device, precision, num_workers, progress, partial)
     text = torch.zeros(len(eval_set.captions), model.config.clip.embed_dim)
     text[list(captions)] = own_text
     return Embeddings(sum_over_processes(text), sum_over_processes(video), sum_over_processes(present))
@@ -264,18 +340,23 @@ def evaluate(
             f"{eval_set.name}: nothing to evaluate ({len(eval_set.video_ids)} videos, "
             f"{len(eval_set.captions)} captions)"
         )
-    cache_path = None
+    cache_path = partial = None
     embeddings = None
     if cache_dir is not None:
-        cache_path = Path(cache_dir) / f"{cache_key(model, eval_set, precision)}.safetensors"
+        key = cache_key(model, eval_set, precision)
+        cache_path = Path(cache_dir) / f"{key}.safetensors"
         embeddings = load_cached(cache_path)
+        rank, size = rank_and_size()  # each process keeps the videos of its own share
+        partial = Path(cache_dir) / f"{key}.{rank}-of-{size}.partial"
     states = all_gather_objects((eval_set_identity(eval_set), embeddings is not None))
     _check_same_set_everywhere(eval_set, [identity for identity, _ in states])
     # Every process embeds its share, or none does: a cache on one node's own disk can differ.
     if not all(cached for _, cached in states):
         embeddings = None
     if embeddings is None:
-        embeddings = embed(model, eval_set, batch_size, device, precision, num_workers, progress)
+        embeddings = embed(model, eval_set, batch_size, device, precision, num_workers, progress, partial)
+        if partial is not None:
+            partial.unlink(missing_ok=True)  # the whole set is embedded: the cache below replaces it
         if cache_path is not None and is_main_process():
             try:
                 save_cached(cache_path, embeddings)

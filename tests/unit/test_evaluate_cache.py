@@ -98,3 +98,38 @@ def test_frame_cache_and_decoder_settings_enter_the_key(model, tmp_path):
     items = load_custom(anno, tmp_path)
     keys = {cache_key(model, EvalSet.from_items(items, settings(backend=b), "custom/test"), "fp32") for b in BACKENDS}
     assert len(keys) == len(BACKENDS)
+
+
+def test_an_interrupted_evaluation_carries_on_with_the_videos_it_embedded(model, tmp_path, monkeypatch):
+    root = tmp_path / "data"
+    rows = ["video,caption"]
+    for i in range(7):  # batches of 2: four batches, the fourth of one video
+        write_video(root / "clips" / f"v{i}.mp4", num_frames=10 + 3 * i)
+        rows.append(f"clips/v{i}.mp4,clip number {i}")
+    write_corrupt(root / "clips" / "v3.mp4")  # undecodable: done too, not tried again
+    anno = root / "captions.csv"
+    anno.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    expected = run(model, anno, root, tmp_path / "uninterrupted")
+
+    real_encode, videos_encoded = model.encode_video, []
+
+    def encode_then_stop(frames, *args, **kwargs):
+        if len(videos_encoded) >= 3:  # two batches went through: v0 v1, and v2 (v3 is undecodable)
+            raise KeyboardInterrupt
+        videos_encoded.extend(range(frames.shape[0]))
+        return real_encode(frames, *args, **kwargs)
+
+    monkeypatch.setattr(model, "encode_video", encode_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        run(model, anno, root, tmp_path / "cache")
+    assert [p.name.split(".", 1)[1] for p in (tmp_path / "cache").iterdir()] == ["0-of-1.partial"]
+
+    monkeypatch.setattr(model, "encode_video", lambda frames, *a, **k: (videos_encoded.extend(range(frames.shape[0])),
+                                                                     real_encode(frames, *a, **k))[1])
+    videos_encoded.clear()
+    resumed = run(model, anno, root, tmp_path / "cache")
+    assert len(videos_encoded) == 3  # v4, v5 and v6: v3 was found undecodable, and is not tried again
+    for direction in ("t2v", "v2t"):
+        assert resumed[direction] == expected[direction]
+    assert resumed["skipped"] == expected["skipped"] == ["clips/v3.mp4"]
+    assert [p.suffix for p in (tmp_path / "cache").iterdir()] == [".safetensors"]  # the partial file is gone
