@@ -18,6 +18,7 @@ carries on where it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import sys
@@ -356,7 +357,8 @@ def evaluate(
     if embeddings is None:
         embeddings = embed(model, eval_set, batch_size, device, precision, num_workers, progress, partial)
         if partial is not None:
-            partial.unlink(missing_ok=True)  # the whole set is embedded: the cache below replaces it
+            with contextlib.suppress(OSError):  # none (the usual), or a cache folder that cannot be one
+                partial.unlink()  # the whole set is embedded: the cache below replaces it
         if cache_path is not None and is_main_process():
             try:
                 save_cached(cache_path, embeddings)
