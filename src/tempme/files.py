@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import os
 import shutil
 import stat
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,29 +55,47 @@ def check_readable(path: str | os.PathLike) -> None:
 
 
 class WriteError(OSError):
-    """A file that could not be written (``write_failed``), read as one line: ``strerror: filename``."""
+    """A file that could not be written (``write_failed``). Its ``strerror`` is the whole message, the
+    file named in it; ``reason`` is why, as the failing library said it."""
+
+    def __init__(self, number: int | None, message: str, filename: str, reason: str):
+        super().__init__(number, message, filename)
+        self.reason = reason
 
     def __str__(self) -> str:
-        return f"{self.strerror}: {self.filename}"
+        return self.strerror
+
+
+def describe_os_error(error: OSError) -> str:
+    """'Permission denied: /some/file' rather than "[Errno 13] Permission denied: '/some/file'"; a
+    message that names its file already (``WriteError``) as it is."""
+    if error.strerror and error.filename and str(error.filename) not in error.strerror:
+        return f"{error.strerror}: {error.filename}"
+    return str(error)  # a WriteError's is its message
 
 
 def write_failed(target: str | os.PathLike, error: BaseException, then: str = "") -> WriteError:
     """An OSError naming ``target`` for a write that failed with ``error``, which may name a temporary
     file instead, or none (torch.save's RuntimeError, safetensors' SafetensorError): one line saying
-    which file could not be written, why, and how much space that disk has left, a full disk being
-    the usual cause where a library does not say so; ``then`` (what became of the file) after it."""
+    which file could not be written and why; where the library's words do not say why (or say the
+    disk is full), how much space that disk has left; ``then`` (what became of the file) after it.
+    A ``WriteError`` (of a file written inside ``target``, say) gives its reason once, not wrapped twice."""
     target = Path(target)
-    reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error) or type(error).__name__
-    folder = target.parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    try:
-        free = f"; {shutil.disk_usage(folder).free / 2**20:.1f} MiB free on that disk"
-    except OSError:
-        free = ""
+    if isinstance(error, WriteError):
+        reason, number = error.reason, error.errno
+    elif isinstance(error, OSError):
+        reason, number = error.strerror or str(error), error.errno
+    else:
+        reason, number = str(error) or type(error).__name__, None
+    free = ""
+    if number in (None, errno.ENOSPC, errno.EDQUOT):
+        folder = target.parent
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        with contextlib.suppress(OSError):
+            free = f"; {shutil.disk_usage(folder).free / 2**20:.1f} MiB free on that disk"
     after = f"; {then}" if then else ""
-    number = error.errno if isinstance(error, OSError) else None
-    return WriteError(number, f"cannot write ({reason}{free}){after}", str(target))
+    return WriteError(number, f"cannot write {target} ({reason}{free}){after}", str(target), reason)
 
 
 def _naming_target(error: OSError, temporary: str, target: Path) -> OSError:
@@ -86,11 +106,12 @@ def _naming_target(error: OSError, temporary: str, target: Path) -> OSError:
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_file(path: str | os.PathLike, durable: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` to write; when the block ends without error, it replaces
-    ``path`` in one rename, its contents flushed to the disk first (so that a power cut leaves the old
-    file or the new one, not an empty one). An interrupted or failed write leaves ``path`` as it was and
-    no temporary file; an OSError names ``path``, not the temporary file.
+    ``path`` in one rename. ``durable``: its contents flushed to the disk first, so that a power cut
+    leaves the old file or the new one, not an empty one (a cache that checks what it reads may
+    skip the cost). An interrupted or failed write leaves ``path`` as it was and no temporary file;
+    an OSError names ``path``, not the temporary file.
 
     Permissions: a new file gets what ``open(path, "w")`` would give (``0o666`` less the umask), not the
     owner-only ``0o600`` of a temporary file. A replaced file keeps its own permissions, as text
@@ -107,7 +128,8 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     os.close(handle)
     try:
         yield Path(temporary)
-        sync_file(temporary)
+        if durable:
+            sync_file(temporary)
         # Read just before the rename, so a mode changed while writing is the one kept.
         os.chmod(temporary, _mode_for(path, 0o666))
         os.replace(temporary, path)
@@ -119,23 +141,27 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
 
 def sync_file(path: str | os.PathLike) -> None:
     """Flush a written file's contents to the disk (``fsync``), before a rename puts it in place."""
-    with open(path, "rb") as file:
+    with open(path, "r+b") as file:  # Windows flushes only what is open for writing
         os.fsync(file.fileno())
 
 
-def remove_stale_temporaries(target: str | os.PathLike) -> None:
+def remove_stale_temporaries(target: str | os.PathLike, older_than_s: float = 0.0) -> None:
     """Remove what atomic writes of ``target`` left beside it when a killed process could not clean
     up (``.NAME.*.tmp`` files of ``atomic_file``, ``.NAME.tmp-*`` folders of
-    ``temporary_directory_for``). Only for a caller that alone writes ``target`` now (it holds its
-    lock, or its run): another writer's temporary would go too."""
+    ``temporary_directory_for``), last changed more than ``older_than_s`` seconds ago. For a caller
+    that alone writes ``target`` now (it holds its lock); otherwise an age that no write in flight
+    reaches keeps another writer's temporary. What cannot be removed stays."""
     target = Path(target)
     name = glob.escape(target.name)
+    now = time.time()
     for stale in [*target.parent.glob(f".{name}.*.tmp"), *target.parent.glob(f".{name}.tmp-*")]:
-        if stale.is_dir() and not stale.is_symlink():
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
-            stale.unlink(missing_ok=True)
-
+        with contextlib.suppress(OSError):
+            if now - stale.lstat().st_mtime < older_than_s:
+                continue
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
 
 
 def temporary_directory_for(target: str | os.PathLike) -> Path:

@@ -826,7 +826,8 @@ def update_index(
     # Two runs on one index would each write what they embedded over the other's: the second waits
     # for no one and stops at once.
     with _index_lock(path) as lock:
-        remove_stale_temporaries(path)  # of a killed run; no one else writes it while this run holds the lock
+        if lock is not None:  # what a killed run left: no one else writes the index while this run holds the lock
+            remove_stale_temporaries(path)
         index = open_index(path, model_info, settings, model.config.clip.embed_dim)
         if not {"weights", "checkpoint"} & model_info.keys():  # not said this time: still what the index says
             model_info = {**{key: index.model[key] for key in ("weights", "checkpoint") if key in index.model},

@@ -66,13 +66,6 @@ def parse_arguments(parser: argparse.ArgumentParser, argv: list[str] | None) -> 
     command_parser.error(f"unrecognized arguments: {' '.join(extra)}")
 
 
-def describe_os_error(error: OSError) -> str:
-    """'Permission denied: /some/file' rather than '[Errno 13] Permission denied: '/some/file''."""
-    if error.strerror and error.filename:
-        return f"{error.strerror}: {error.filename}"
-    return str(error)
-
-
 def stdout_reader_gone() -> bool:
     """Whether standard output is a pipe whose reading end was closed (the poll reports an error)."""
     try:
@@ -129,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tempme {args.command}: error: {error}", file=sys.stderr)
         return 2
     except BrokenPipeError as error:
+        from tempme.files import describe_os_error
+
         if not stdout_reader_gone():  # another pipe: an error like any other
             print(f"tempme {args.command}: error: {describe_os_error(error)}", file=sys.stderr)
             return 2
@@ -139,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         os.close(devnull)
         return 141  # 128 + SIGPIPE: what a shell reports for a tool that SIGPIPE stopped
     except OSError as error:  # a file or folder that cannot be read or written: one line, not a traceback
+        from tempme.files import describe_os_error
+
         print(f"tempme {args.command}: error: {describe_os_error(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as interrupt:

@@ -146,9 +146,8 @@ def save_checkpoint(
     def write(temp: Path) -> None:
         save_trained_weights(model, temp / WEIGHTS, config, base_fingerprint)
         torch.save(state, temp / STATE)
+        sync_file(temp / STATE)  # (the other two are written by atomic_file, which flushes them)
         save_config(config, temp / CONFIG)
-        for file in (WEIGHTS, STATE, CONFIG):
-            sync_file(temp / file)
 
     try:
         write_directory_atomically(directory, write)

@@ -19,6 +19,7 @@ carries on where it stopped.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import sys
@@ -194,6 +195,16 @@ def encode_videos(
     return state.video, state.present
 
 
+def _remove_partials(cache_dir: Path, key: str) -> None:
+    """Remove the partial embeddings of ``key`` once its cache is written; this process's only, bar
+    the main one, which also removes those of runs with another number of processes."""
+    rank, size = rank_and_size()
+    pattern = f"{glob.escape(key)}.*.partial" if rank == 0 else f"{key}.{rank}-of-{size}.partial"
+    for path in cache_dir.glob(pattern):
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
 def _save_partial(state: VideoProgress, path: Path) -> bool:
     """Keep what was embedded; whether it was. A failure to (a full disk, a read-only cache) is a
     warning: the metrics, or the error that stopped the run, matter more."""
@@ -356,9 +367,6 @@ def evaluate(
         embeddings = None
     if embeddings is None:
         embeddings = embed(model, eval_set, batch_size, device, precision, num_workers, progress, partial)
-        if partial is not None:
-            with contextlib.suppress(OSError):  # none (the usual), or a cache folder that cannot be one
-                partial.unlink()  # the whole set is embedded: the cache below replaces it
         if cache_path is not None and is_main_process():
             try:
                 save_cached(cache_path, embeddings)
@@ -373,6 +381,10 @@ def evaluate(
             # before the main one has written the file; and every one reports what it wrote.
             written = all_gather_objects(cache_path is not None if is_main_process() else None)[0]
             cache_path = cache_path if written else None
+            if written:  # the cache replaces the partial files (of any number of processes)
+                _remove_partials(Path(cache_dir), key)
+    elif cache_path is not None:
+        _remove_partials(Path(cache_dir), key)  # left by an earlier run that another one finished
     results = retrieval_results(embeddings, eval_set)
     results["cache"] = str(cache_path) if cache_path else None
     return results

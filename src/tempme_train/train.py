@@ -36,7 +36,7 @@ import torch
 
 from tempme import TempMe, devices
 from tempme.data import stop_workers
-from tempme.files import check_folder, remove_stale_temporaries
+from tempme.files import check_folder, describe_os_error, remove_stale_temporaries
 from tempme.precision import autocast
 from tempme.progress import print_above_bars, progress_bar
 from tempme.retrieval import contrastive_loss
@@ -288,9 +288,9 @@ class Trainer:
             if world.is_main:
                 check_folder(self.output, f"{source}: run.output_dir")
             checkpoint = self._check_output(resume, source)
-            if world.is_main:  # what a killed save left; this run alone writes here now
+            if world.is_main:  # what a killed save left (an hour old: a save in flight is not, whoever's)
                 for target in (LAST, BEST, WEIGHTS, CONFIG, METRICS_FILE):
-                    remove_stale_temporaries(self.output / target)
+                    remove_stale_temporaries(self.output / target, older_than_s=3600)
             config, optim = self.config, self.config.optim  # a resumed old run may have had settings added
             if checkpoint is None:
                 check_schedule_is_read(config, source)
@@ -553,7 +553,7 @@ class Trainer:
             self.progress, self.sampler.steps_per_epoch, self.base_fingerprint,
         )
 
-    def save_stopped(self) -> str | None:
+    def save_stopped(self, cause: BaseException | None = None) -> str | None:
         """On Ctrl-C, SIGTERM or an error: rank 0 writes ``last/`` at the last completed step.
 
         No collectives: the other processes are being stopped too, so waiting for them could hang.
@@ -569,14 +569,16 @@ class Trainer:
         if not self.world.is_main or step == 0:
             return None
         if self.saved_step != step:
-            kept = f"it still holds step {self.saved_step}" if self.saved_step else "there is none"
+            kept = (f"it still holds step {self.saved_step}, to continue from with --resume" if self.saved_step
+                    else "there is none")
             if not self._weights_finite():
                 return f"did not save {self.output / LAST} at step {step}: its weights are not finite; {kept}"
             self.progress.skipped_videos = sorted(set(self.progress.skipped_videos) | self._local_skipped)
             try:
                 self._write_last()
             except Exception as error:  # noqa: BLE001 - e.g. a full disk; the first error matters more
-                why = error.strerror if isinstance(error, OSError) and error.strerror else error
+                # Often what stopped the run (``cause``: a full disk), said once already.
+                why = "the same error" if cause is not None and str(error) == str(cause) else error
                 return f"could not save {self.output / LAST} at step {step} ({why}); {kept}"
             self.saved_step = step
         due = " (its validation still due: it runs first)" if self.progress.validation_due else ""
@@ -629,17 +631,17 @@ class Trainer:
                 how = f"stopped ({error})"
             if self.world.is_main and self.progress.step == 0:
                 print(f"training {how} before the first step; nothing to save", file=sys.stderr)
-            saved = self.save_stopped()
+            saved = self.save_stopped(error)
             if saved is not None:
                 print(f"training {how} after step {self.progress.step}/{self.total_steps}: {saved}", file=sys.stderr)
             raise error
-        saved = self.save_stopped()
+        saved = self.save_stopped(error)
         if saved is None:
             raise error
         if isinstance(error, (ValueError, OSError)):
             # Bad input (an undecodable video under data.strict, a full disk): the command line prints
             # a ValueError as one line, so where the run stands goes on that line.
-            reason = f"{error.strerror}: {error.filename}" if isinstance(error, OSError) and error.filename else error
+            reason = describe_os_error(error) if isinstance(error, OSError) else error
             then = " once that is fixed" if saved.endswith("--resume") else ""
             raise TrainingStopped(f"{reason} (training stopped: {saved}{then})") from error
         print(f"training stopped by an error after step {self.progress.step}/{self.total_steps}: {saved}", file=sys.stderr)

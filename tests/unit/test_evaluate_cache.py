@@ -6,13 +6,14 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 import tempme
 from tempme.data import load_custom
 from tempme.data.cache import FrameCache
 from tempme.data.video import BACKENDS, VideoDecodeError
 from tempme_train.config import DataSettings
-from tempme_train.evaluate import EvalSet, cache_key, evaluate
+from tempme_train.evaluate import EvalSet, VideoProgress, cache_key, evaluate
 
 from data_fixtures import write_corrupt, write_video
 from tiny_models import register_tiny_preset
@@ -133,3 +134,49 @@ def test_an_interrupted_evaluation_carries_on_with_the_videos_it_embedded(model,
         assert resumed[direction] == expected[direction]
     assert resumed["skipped"] == expected["skipped"] == ["clips/v3.mp4"]
     assert [p.suffix for p in (tmp_path / "cache").iterdir()] == [".safetensors"]  # the partial file is gone
+
+
+def test_partial_embeddings_are_kept_as_they_go_and_a_place_that_cannot_take_them_is_said_once(model, tmp_path):
+    from tempme_train.evaluate import encode_videos
+
+    root = tmp_path / "data"
+    for name in ("a", "b", "c"):
+        write_video(root / "clips" / f"{name}.mp4", num_frames=12)
+    anno = root / "captions.csv"
+    anno.write_text("video,caption\nclips/a.mp4,one\nclips/b.mp4,two\nclips/c.mp4,three\n", encoding="utf-8")
+    eval_set = EvalSet.from_items(load_custom(anno, root), settings(), "custom/test")
+    partial = tmp_path / "kept.partial"
+    seen = []
+
+    real_save = VideoProgress.save
+
+    def recording_save(self, path):
+        seen.append(int(self.done.sum()))
+        return real_save(self, path)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(VideoProgress, "save", recording_save)
+        video, present = encode_videos(model, eval_set, 1, torch.device("cpu"), "fp32", 0, False, partial, save_every_s=0)
+    assert seen == [1, 2, 3] and present.all()  # after every batch, with save_every_s=0
+    kept = VideoProgress.load(partial, 3, video.shape[1])
+    torch.testing.assert_close(kept.video, video)
+
+    blocked = tmp_path / "a-file" / "kept.partial"  # its folder is a file
+    blocked.parent.write_text("not a folder")
+    with pytest.warns(UserWarning, match="could not keep the videos embedded so far") as caught:
+        _, present = encode_videos(model, eval_set, 1, torch.device("cpu"), "fp32", 0, False, blocked, save_every_s=0)
+    assert present.all() and len([w for w in caught if "could not keep" in str(w.message)]) == 1
+
+
+def test_partial_files_go_once_the_cache_is_written(model, tmp_path):
+    anno = annotations(tmp_path)
+    write_video(tmp_path / "v" / "clips" / "a.mp4")
+    write_video(tmp_path / "v" / "clips" / "b.mp4", num_frames=30)
+    eval_set = EvalSet.from_items(load_custom(anno, tmp_path / "v"), settings(), "custom/test")
+    key = cache_key(model, eval_set, "fp32")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / f"{key}.1-of-2.partial").write_bytes(b"left by a run on two processes")
+    (cache / "other.1-of-2.partial").write_bytes(b"another key's")
+    evaluate(model, eval_set, batch_size=2, cache_dir=cache, progress=False)
+    assert sorted(p.name for p in cache.iterdir()) == sorted([f"{key}.safetensors", "other.1-of-2.partial"])

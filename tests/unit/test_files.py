@@ -179,10 +179,17 @@ def test_a_failed_atomic_write_names_the_file_it_was_for(tmp_path):
 def test_write_failed_says_which_file_why_and_the_space_left(tmp_path):
     from tempme.files import write_failed
 
-    error = write_failed(tmp_path / "run" / "last", RuntimeError("[enforce fail at inline_container.cc:672]"))
-    assert error.filename == str(tmp_path / "run" / "last")  # a folder not made yet: its parent's disk
-    assert error.strerror.startswith("cannot write ([enforce fail at inline_container.cc:672]; ")
+    target = tmp_path / "run" / "last"  # a folder not made yet: its parent's disk
+    error = write_failed(target, RuntimeError("[enforce fail at inline_container.cc:672]"))
+    assert error.filename == str(target) and str(error) == error.strerror
+    assert error.strerror.startswith(f"cannot write {target} ([enforce fail at inline_container.cc:672]; ")
     assert error.strerror.endswith(" MiB free on that disk)")
+    # A file written inside the target failed: its reason once, not wrapped twice.
+    again = write_failed(target, write_failed(target / "weights.safetensors", RuntimeError("full"), then="kept"))
+    assert again.strerror.startswith(f"cannot write {target} (full; ") and again.strerror.count("MiB free") == 1
+    # A reason that says what is wrong needs no disk space figure.
+    denied = write_failed(target, PermissionError(13, "Permission denied", str(target)))
+    assert str(denied) == f"cannot write {target} (Permission denied)" and isinstance(denied, OSError)
 
 
 def test_stale_temporaries_of_a_target_are_removed_and_nothing_else(tmp_path):

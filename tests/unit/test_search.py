@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -538,8 +539,8 @@ def test_an_index_that_cannot_be_written_is_an_os_error_naming_it(tmp_path, monk
         raise SafetensorError("Error while serializing: No space left on device (os error 28)")
 
     monkeypatch.setattr(search, "save_file", disk_full)
-    with pytest.raises(OSError, match=f"cannot write \\(.*No space left on device.*\\); the index there is as it "
-                                      f"was before: {path}"):
+    with pytest.raises(OSError, match=f"cannot write {path} \\(.*No space left on device.*\\); the index there is "
+                                      "as it was before"):
         search.VideoIndex(["/v/b.mp4"], torch.zeros(1, 4), {"fingerprint": "f"}, {"frames": 4}).save(path)
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["videos.index"]
 
@@ -582,6 +583,27 @@ def test_index_loader_workers_leave_stops_to_the_main_process(video_dir, tmp_pat
     finally:
         signal.signal(signal.SIGINT, before[0])
         signal.signal(signal.SIGTERM, before[1])
+
+
+def test_index_loader_workers_close_the_lock_they_inherited(tmp_path, monkeypatch):
+    # As a forked worker's copy of the lock's descriptor: closed by the worker's init, so that a
+    # worker outliving its killed parent does not keep the next run out (tests/unit/test_files.py).
+    import signal
+
+    import tempme.search as search
+    from tempme.files import exclusive_lock
+
+    with exclusive_lock(tmp_path / "v.index") as lock:
+        inherited = dataclasses.replace(lock, fd=os.dup(lock.fd))
+        before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+        try:
+            search._index_worker_init(inherited, 0)
+        finally:
+            signal.signal(signal.SIGINT, before[0])
+            signal.signal(signal.SIGTERM, before[1])
+        with pytest.raises(OSError):
+            os.fstat(inherited.fd)  # closed
+        os.fstat(lock.fd)  # the holder's own is not
 
 
 # ------------------------------------------------------------------------------------- symbolic links

@@ -191,6 +191,7 @@ class FrameCache:
         return [resized[id(frame)] for frame in frames]
 
     def _write(self, path: Path, array: np.ndarray) -> None:
-        """Write ``array`` to ``path`` atomically: readers see the old state or the whole file."""
-        with atomic_file(path) as temporary, open(temporary, "wb") as stream:
+        """Write ``array`` to ``path`` atomically: readers see the old state or the whole file. Not
+        flushed to the disk first: an entry a power cut left empty is rebuilt when read (``_load``)."""
+        with atomic_file(path, durable=False) as temporary, open(temporary, "wb") as stream:
             np.save(stream, array)
