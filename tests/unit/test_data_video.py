@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import pickle
-import random
 import sys
 from fractions import Fraction
-from pathlib import Path
 
 import av
 import numpy as np
@@ -494,36 +492,3 @@ def test_an_ffmpeg_error_is_told_in_ffmpegs_words_with_its_last_complaint():
 
     assert video_module._what_failed(DecoderError("[Errno 1094995529] ...: '/x.mp4'")) == (
         "Invalid data found when processing input; h264: no frame!")
-
-
-def damaged_copy(path: Path, start: float, length: float, target: Path) -> Path:
-    """``path`` with the bytes from ``start`` (a share of the file) over ``length`` (a share) overwritten."""
-    data = bytearray(path.read_bytes())
-    first, count = int(len(data) * start), int(len(data) * length)
-    data[first : first + count] = random.Random(1).randbytes(count)
-    target.write_bytes(data)
-    return target
-
-
-def test_a_damaged_stretch_costs_its_frames_not_the_whole_video(tmp_path):
-    clean = write_video(tmp_path / "clean.mp4", num_frames=200, keyframe_every=20)
-    damaged = damaged_copy(clean, 0.5, 0.15, tmp_path / "damaged.mp4")
-    with pytest.raises(VideoDecodeError, match="corrupt stream"):
-        video_module._decode_wanted(damaged, set(range(200)))  # decoding in order stops at the damage
-    with video_module._open_container(damaged) as container:
-        times = video_module._packet_times(container, video_module._video_stream(container, damaged))
-    decodable, images = video_module._decodable_frames(damaged, times, set(range(200)))
-    assert 100 <= len(decodable) < 200
-    with pytest.warns(UserWarning, match=r"damaged.mp4: \d+ of its 200 frames do not decode .*stand in for"):
-        frames = read_frames(damaged, 12)
-    sampled = sample_frame_indices(200, FPS, 12)
-    for index, frame in zip(sampled, frames):
-        nearest = min(decodable, key=lambda candidate: (abs(candidate - index), candidate))
-        assert np.array_equal(np.asarray(frame), np.asarray(images[nearest])), index
-    assert any(index not in decodable for index in sampled)  # some frame was stood in for
-
-
-def test_a_video_mostly_damaged_is_undecodable(tmp_path):
-    clean = write_video(tmp_path / "clean.mp4", num_frames=200, keyframe_every=20)
-    with pytest.raises(VideoDecodeError, match="corrupt stream"):
-        read_frames(damaged_copy(clean, 0.3, 0.5, tmp_path / "damaged.mp4"), 12)

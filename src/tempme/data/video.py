@@ -26,8 +26,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
-from ..userwarnings import warn
-
 if TYPE_CHECKING:
     import av
 
@@ -375,12 +373,7 @@ def _read_frames_pyav(
             frames = _decode_by_seeking(container, stream, set(indices), times)
             if frames is not None:
                 return [frames[i] for i in indices]
-    try:
-        frames, decoded = _decode_wanted(path, set(indices))
-    except VideoDecodeError as error:
-        if times is None or max(indices) >= len(times.frames):
-            raise
-        return _frames_around_damage(path, indices, times, error)
+    frames, decoded = _decode_wanted(path, set(indices))
     if len(frames) < len(set(indices)):
         # The container over-stated its length: resample over the frames that really exist.
         if decoded == 0:
@@ -388,60 +381,6 @@ def _read_frames_pyav(
         indices = sample_frame_indices(decoded, fps, max_frames, framerate, start, end)
         frames, _ = _decode_wanted(path, set(indices))
     return [frames[i] for i in indices]
-
-
-# A damaged video whose packets decode for at least this share of its frames is read around the
-# damage (the nearest decodable frames standing in); one that decodes less is undecodable.
-MIN_DECODABLE_SHARE = 0.5
-
-
-def _decodable_frames(path: Path, times: PacketTimes, keep: set[int]) -> tuple[set[int], dict[int, Image.Image]]:
-    """Decode the video packet by packet, passing over packets the decoder refuses: the indices
-    (into ``times.frames``) of the frames that came out, and the images of those in ``keep``."""
-    av = _pyav()
-    index_of = {pts: index for index, pts in enumerate(times.frames)}
-    decoded: set[int] = set()
-    images: dict[int, Image.Image] = {}
-    with _open_container(path) as container:
-        stream = _video_stream(container, path)
-        for packet in container.demux(stream):
-            try:
-                for frame in packet.decode():
-                    index = index_of.get(frame.pts)
-                    if index is not None:
-                        decoded.add(index)
-                        if index in keep:
-                            images[index] = upright_image(frame)
-            except (av.FFmpegError, OSError, ValueError):
-                continue
-    return decoded, images
-
-
-def _frames_around_damage(
-    path: Path, indices: list[int], times: PacketTimes, error: VideoDecodeError
-) -> list[Image.Image]:
-    """The sampled frames of a video that fails to decode part-way (a damaged stretch: a cut or
-    corrupt download, a recording with a glitch): each sampled frame that does not decode is replaced
-    by the nearest one that does, with a warning, so that one bad stretch does not cost the whole
-    video. ``error`` (what decoding in order raised) again when under ``MIN_DECODABLE_SHARE`` of the
-    frames decode. Reads the file twice: once to find the frames that decode, once for the images."""
-    total = len(times.frames)
-    decoded, _ = _decodable_frames(path, times, set())
-    if len(decoded) < MIN_DECODABLE_SHARE * total:
-        raise error
-    ordered = sorted(decoded)
-
-    def nearest(index: int) -> int:
-        at = bisect.bisect_left(ordered, index)
-        return min(ordered[max(at - 1, 0) : at + 1], key=lambda candidate: (abs(candidate - index), candidate))
-
-    chosen = {index: nearest(index) for index in set(indices)}
-    _, images = _decodable_frames(path, times, set(chosen.values()))
-    replaced = sum(1 for index in set(indices) if chosen[index] != index)
-    if replaced:
-        warn(f"{path}: {total - len(decoded)} of its {total} frames do not decode ({error.reason}); the nearest "
-             f"decodable frames stand in for {replaced} of the {len(set(indices))} sampled")
-    return [images[chosen[index]] for index in indices]
 
 
 @dataclass(frozen=True)
