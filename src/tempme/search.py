@@ -863,8 +863,9 @@ def update_index(
         # Undecodable videos are reported in the result (and kept in the index), not warned about.
         if segment_s is None:
             items = [VideoItem(str(video), video) for video in todo]  # the id is the path: it names skipped videos
+            # Users' own videos: one damaged stretch does not leave a video out (read_frames' around_damage).
             dataset = RetrievalVideos(items, settings["frames"], framerate, settings["image_size"], backend=backend,
-                                      warn_skipped=False)
+                                      warn_skipped=False, around_damage=True)
         else:
             dataset = VideoWindows(todo, segment_s, settings["frames"], framerate, settings["image_size"], backend,
                                    warn_skipped=False)

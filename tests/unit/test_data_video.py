@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pickle
+import random
 import sys
 from fractions import Fraction
+from pathlib import Path
 
 import av
 import numpy as np
@@ -492,3 +494,43 @@ def test_an_ffmpeg_error_is_told_in_ffmpegs_words_with_its_last_complaint():
 
     assert video_module._what_failed(DecoderError("[Errno 1094995529] ...: '/x.mp4'")) == (
         "Invalid data found when processing input; h264: no frame!")
+
+
+def damaged_copy(path: Path, start: float, length: float, target: Path) -> Path:
+    """``path`` with the bytes from ``start`` (a share of the file) over ``length`` (a share) overwritten."""
+    data = bytearray(path.read_bytes())
+    first, count = int(len(data) * start), int(len(data) * length)
+    data[first : first + count] = random.Random(1).randbytes(count)
+    target.write_bytes(data)
+    return target
+
+
+def all_frames(path: Path) -> list[np.ndarray]:
+    with av.open(str(path)) as container:
+        return [np.asarray(frame.to_image(), dtype=np.int16) for frame in container.decode(video=0)]
+
+
+@pytest.mark.parametrize("codec", ["mpeg4", "libx264"])  # libx264: B-frames, shown in another order than decoded
+def test_a_damaged_stretch_can_be_read_around_with_whole_frames_only(tmp_path, codec):
+    clean = write_video(tmp_path / "clean.mp4", num_frames=200, codec=codec, keyframe_every=20)
+    damaged = damaged_copy(clean, 0.6, 0.05, tmp_path / "damaged.mp4")
+    with pytest.raises(VideoDecodeError, match="corrupt stream"):
+        read_frames(damaged, 12)  # as benchmarks read videos: a damaged one is left out
+    with pytest.warns(UserWarning, match=r"damaged.mp4: \d+ of its 200 frames do not decode .*stand in for \d+ of"):
+        frames = read_frames(damaged, 12, around_damage=True)
+    reference = all_frames(clean)
+    sampled = sample_frame_indices(200, FPS, 12)
+    shown = [frame_index(frame) for frame in frames]
+    own = sum(abs(shown_index - index) <= 1 for index, shown_index in zip(sampled, shown))  # mpeg4 colours: +-1
+    assert 8 <= own < 12  # most away from the damage show their own frame; some were stood in for
+    for index, shown_index, frame in zip(sampled, shown, frames):
+        # A whole frame of the video, not one the decoder filled in: the clean file's frame it shows.
+        difference = np.abs(np.asarray(frame, dtype=np.int16) - reference[shown_index]).mean()
+        assert difference < 4, (index, shown_index, difference)
+        assert abs(shown_index - index) <= 40  # near: the damage spans a couple of keyframe intervals
+
+
+def test_a_video_mostly_damaged_is_undecodable_even_read_around(tmp_path):
+    clean = write_video(tmp_path / "clean.mp4", num_frames=200, keyframe_every=20)
+    with pytest.raises(VideoDecodeError, match="corrupt stream"):
+        read_frames(damaged_copy(clean, 0.3, 0.5, tmp_path / "damaged.mp4"), 12, around_damage=True)

@@ -366,6 +366,21 @@ def test_undecodable_videos_are_listed_and_retried(video_dir, tmp_path):
     assert index.skipped == {} and index.paths[-1] == str(broken.resolve())
 
 
+def test_a_video_with_a_damaged_stretch_is_indexed_around_it(tmp_path):
+    import random
+
+    clean = write_video(tmp_path / "clean" / "v.mp4", num_frames=200, keyframe_every=20)
+    data = bytearray(clean.read_bytes())
+    first, count = int(len(data) * 0.5), int(len(data) * 0.05)  # about frame 120, one of the 4 sampled
+    data[first : first + count] = random.Random(1).randbytes(count)
+    damaged = tmp_path / "videos" / "damaged.mp4"
+    damaged.parent.mkdir()
+    damaged.write_bytes(data)
+    with pytest.warns(UserWarning, match="damaged.mp4: .* frames do not decode .*stand in for"):
+        update = update_index(tiny_model(), [damaged], tmp_path / "v.index", progress=False)
+    assert (update.added, update.skipped) == (1, {})
+
+
 def test_index_refuses_another_model_or_other_settings(video_dir, tmp_path):
     videos = find_videos([video_dir])[:1]
     index_path = tmp_path / "v.index"

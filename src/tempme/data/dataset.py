@@ -51,10 +51,12 @@ class _VideoDataset(Dataset):
         backend: str,
         strict: bool,
         warn_skipped: bool = True,
+        around_damage: bool = False,
     ):
         check_backend(backend)
         self.items = list(items)
         self.warn_skipped = warn_skipped
+        self.around_damage = around_damage
         self.max_frames = max_frames
         self.framerate = framerate
         self.image_size = image_size
@@ -68,7 +70,9 @@ class _VideoDataset(Dataset):
     def _frames(self, item: VideoItem) -> list[Image.Image]:
         if self.frame_cache is not None:
             return self.frame_cache.get_or_create(item)
-        return read_frames(item.path, self.max_frames, self.framerate, item.start, item.end, self.backend)
+        return read_frames(
+            item.path, self.max_frames, self.framerate, item.start, item.end, self.backend, self.around_damage
+        )
 
     def _video(self, item: VideoItem) -> Sample | SkippedVideo:
         """``{"video": FloatTensor[F, 3, S, S], "video_mask": LongTensor[F]}``, or a skip marker."""
@@ -154,6 +158,7 @@ class RetrievalVideos(_VideoDataset):
     A sample is ``{"video": FloatTensor[F, 3, S, S], "video_mask": LongTensor[F], "index": int,
     "video_id": str}``. Drop missing videos beforehand (:func:`~tempme.data.annotations.require_videos`):
     a video skipped here leaves its captions without a match in the similarity matrix.
+    ``around_damage``: see :func:`~tempme.data.video.read_frames` (for users' own videos, not benchmarks).
     """
 
     def __init__(
@@ -166,8 +171,11 @@ class RetrievalVideos(_VideoDataset):
         backend: str = "pyav",
         strict: bool = False,
         warn_skipped: bool = True,
+        around_damage: bool = False,
     ):
-        super().__init__(items, max_frames, framerate, image_size, False, frame_cache, backend, strict, warn_skipped)
+        super().__init__(
+            items, max_frames, framerate, image_size, False, frame_cache, backend, strict, warn_skipped, around_damage
+        )
 
     def __len__(self) -> int:
         return len(self.items)

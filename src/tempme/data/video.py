@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
+from ..userwarnings import warn
+
 if TYPE_CHECKING:
     import av
 
@@ -133,6 +135,7 @@ def read_frames(
     start: float | None = None,
     end: float | None = None,
     backend: str = "pyav",
+    around_damage: bool = False,
 ) -> list[Image.Image]:
     """Decode the sampled frames of a video as RGB images.
 
@@ -140,6 +143,10 @@ def read_frames(
         path: video file.
         max_frames, framerate, start, end: see :func:`sample_frame_indices`.
         backend: ``"pyav"`` (default) or ``"decord"`` (optional dependency).
+        around_damage: a video that fails to decode part-way is read around its damaged stretch
+            when at least half its frames decode whole, the nearest of those standing in for sampled
+            frames that do not, with a warning (PyAV only; ``tempme index`` does, for users' own
+            videos: benchmarks keep to the frames they sample, or leave a video out).
 
     Returns:
         ``max_frames`` RGB images in time order. A frame picked twice appears twice (same object).
@@ -154,7 +161,7 @@ def read_frames(
     _check_file(path)
     if backend == "decord":
         return _read_frames_decord(path, max_frames, framerate, start, end)
-    return _read_frames_pyav(path, max_frames, framerate, start, end)
+    return _read_frames_pyav(path, max_frames, framerate, start, end, around_damage)
 
 
 def _check_file(path: Path) -> None:
@@ -355,7 +362,7 @@ def _seek_frames(
 
 
 def _read_frames_pyav(
-    path: Path, max_frames: int, framerate: float, start: float | None, end: float | None
+    path: Path, max_frames: int, framerate: float, start: float | None, end: float | None, around_damage: bool = False
 ) -> list[Image.Image]:
     # One open container serves the stream's facts, its packet timestamps and seeking: opening and
     # probing a file costs milliseconds, a fair share of reading 12 frames of a short clip.
@@ -373,7 +380,12 @@ def _read_frames_pyav(
             frames = _decode_by_seeking(container, stream, set(indices), times)
             if frames is not None:
                 return [frames[i] for i in indices]
-    frames, decoded = _decode_wanted(path, set(indices))
+    try:
+        frames, decoded = _decode_wanted(path, set(indices))
+    except VideoDecodeError as error:
+        if not around_damage or times is None or max(indices) >= len(times.frames):
+            raise
+        return _frames_around_damage(path, indices, times, error)
     if len(frames) < len(set(indices)):
         # The container over-stated its length: resample over the frames that really exist.
         if decoded == 0:
@@ -381,6 +393,71 @@ def _read_frames_pyav(
         indices = sample_frame_indices(decoded, fps, max_frames, framerate, start, end)
         frames, _ = _decode_wanted(path, set(indices))
     return [frames[i] for i in indices]
+
+
+# A damaged video whose packets decode for at least this share of its frames is read around the
+# damage (the nearest decodable frames standing in); one that decodes less is undecodable.
+MIN_DECODABLE_SHARE = 0.5
+
+
+def _decodable_frames(path: Path, times: PacketTimes, keep: set[int]) -> tuple[set[int], dict[int, Image.Image]]:
+    """Decode the video packet by packet, passing over packets the decoder refuses: the indices
+    (into ``times.frames``) of the frames that came out whole, and the images of those in ``keep``.
+
+    After a refused packet the decoder goes on with frames it fills in from what it lacks (garbage,
+    flagged as nothing), up to the next keyframe: none counts until a keyframe packet decodes, and
+    then only frames shown from that keyframe on. One decoding thread, so that which frames come
+    out does not depend on the machine's cores."""
+    av = _pyav()
+    index_of = {pts: index for index, pts in enumerate(times.frames)}
+    decoded: set[int] = set()
+    images: dict[int, Image.Image] = {}
+    damaged, whole_from = False, None  # after a refused packet; the keyframe decoding starts over from
+    with _open_container(path) as container:
+        stream = _video_stream(container, path)
+        stream.thread_type = "NONE"
+        for packet in container.demux(stream):
+            try:
+                frames = packet.decode()
+            except (av.FFmpegError, OSError, ValueError):
+                damaged, whole_from = True, None
+                continue
+            if damaged and packet.is_keyframe and packet.pts is not None:
+                damaged, whole_from = False, packet.pts
+            for frame in frames:
+                index = index_of.get(frame.pts)
+                if damaged or index is None or (whole_from is not None and frame.pts < whole_from):
+                    continue
+                if index in keep:
+                    images[index] = upright_image(frame)
+                decoded.add(index)
+    return decoded, images
+
+
+def _frames_around_damage(
+    path: Path, indices: list[int], times: PacketTimes, error: VideoDecodeError
+) -> list[Image.Image]:
+    """The sampled frames of a video that fails to decode part-way (a corrupt stretch in a download
+    or a recording): each sampled frame that does not decode whole is replaced by the nearest one
+    that does, with a warning, so that one bad stretch does not cost the whole video. ``error`` (what
+    decoding in order raised) again when under ``MIN_DECODABLE_SHARE`` of the frames decode. Reads
+    the file twice: once to find the frames that decode, once for the images."""
+    total = len(times.frames)
+    decoded, _ = _decodable_frames(path, times, set())
+    if len(decoded) < MIN_DECODABLE_SHARE * total:
+        raise error
+    ordered = sorted(decoded)
+
+    def nearest(index: int) -> int:
+        at = bisect.bisect_left(ordered, index)
+        return min(ordered[max(at - 1, 0) : at + 1], key=lambda candidate: (abs(candidate - index), candidate))
+
+    chosen = {index: nearest(index) for index in set(indices)}
+    _, images = _decodable_frames(path, times, set(chosen.values()))
+    replaced = sum(1 for index in set(indices) if chosen[index] != index)
+    warn(f"{path}: {total - len(decoded)} of its {total} frames do not decode ({error.reason}); the nearest "
+         f"decodable frames stand in for {replaced} of the {len(set(indices))} sampled")
+    return [images[chosen[index]] for index in indices]
 
 
 @dataclass(frozen=True)
