@@ -385,7 +385,13 @@ def _read_frames_pyav(
     except VideoDecodeError as error:
         if not around_damage or times is None or max(indices) >= len(times.frames):
             raise
-        return _frames_around_damage(path, indices, times, error)
+        failure = error.reason
+    else:
+        failure = None
+    if failure is not None:
+        # Outside the except block: the error's traceback holds the failed decoder, whose threads
+        # would live on with it (a process forked then, a DataLoader worker, can inherit their locks).
+        return _frames_around_damage(path, indices, times, failure)
     if len(frames) < len(set(indices)):
         # The container over-stated its length: resample over the frames that really exist.
         if decoded == 0:
@@ -434,18 +440,16 @@ def _decodable_frames(path: Path, times: PacketTimes, keep: set[int]) -> tuple[s
     return decoded, images
 
 
-def _frames_around_damage(
-    path: Path, indices: list[int], times: PacketTimes, error: VideoDecodeError
-) -> list[Image.Image]:
+def _frames_around_damage(path: Path, indices: list[int], times: PacketTimes, failure: str) -> list[Image.Image]:
     """The sampled frames of a video that fails to decode part-way (a corrupt stretch in a download
     or a recording): each sampled frame that does not decode whole is replaced by the nearest one
-    that does, with a warning, so that one bad stretch does not cost the whole video. ``error`` (what
-    decoding in order raised) again when under ``MIN_DECODABLE_SHARE`` of the frames decode. Reads
-    the file twice: once to find the frames that decode, once for the images."""
+    that does, with a warning, so that one bad stretch does not cost the whole video. Undecodable
+    (``failure``: why decoding in order stopped) when under ``MIN_DECODABLE_SHARE`` of the frames
+    decode. Reads the file twice: once to find the frames that decode, once for the images."""
     total = len(times.frames)
     decoded, _ = _decodable_frames(path, times, set())
     if len(decoded) < MIN_DECODABLE_SHARE * total:
-        raise error
+        raise VideoDecodeError(path, failure)
     ordered = sorted(decoded)
 
     def nearest(index: int) -> int:
@@ -455,7 +459,7 @@ def _frames_around_damage(
     chosen = {index: nearest(index) for index in set(indices)}
     _, images = _decodable_frames(path, times, set(chosen.values()))
     replaced = sum(1 for index in set(indices) if chosen[index] != index)
-    warn(f"{path}: {total - len(decoded)} of its {total} frames do not decode ({error.reason}); the nearest "
+    warn(f"{path}: {total - len(decoded)} of its {total} frames do not decode ({failure}); the nearest "
          f"decodable frames stand in for {replaced} of the {len(set(indices))} sampled")
     return [images[chosen[index]] for index in indices]
 
