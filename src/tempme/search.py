@@ -486,10 +486,10 @@ def absent_sources(
     index: VideoIndex, sources: Sequence[PathLike], videos: Sequence[PathLike], prune: bool
 ) -> set[Path]:
     """The source folders, resolved, that hold videos of ``index`` but where this run found none
-    (``videos``): missing, or empty now. Their videos stay (see :func:`deleted`), each such folder
+    (``videos``, as found and resolved): missing, or empty now. Their videos stay (see :func:`deleted`), each such folder
     warned about, unless ``prune`` (none then: their videos leave the index as deleted). A missing
     source that nothing in the index came from (a mistyped path?) is warned about too."""
-    found = [Path(video) for video in videos] + [Path(video).resolve() for video in videos]  # links as found, too
+    found = [Path(video) for video in videos]
     videos_indexed = set(index.paths) | {link for links in index.links.values() for link in links}
     absent = set()
     for source in sources:
@@ -606,15 +606,17 @@ def _drop_deleted_videos(
 def found_through_links(videos: Sequence[PathLike]) -> dict[str, list[str]]:
     """Resolved path -> the paths among ``videos`` (as given, made absolute) that are symbolic links
     to it or lie in linked folders; an empty list for a video also given by a path without links."""
-    found: dict[str, list[str] | None] = {}
+    links: dict[str, set[str]] = {}  # in the given order
+    direct: set[str] = set()
     for video in videos:
         given = Path(video).expanduser().absolute()
         resolved = str(given.resolve())
+        through = links.setdefault(resolved, set())
         if os.path.normpath(given) == resolved:  # no link on the way ("..", if any, aside)
-            found[resolved] = None
-        elif found.get(resolved, []) is not None:
-            found[resolved] = sorted({*found.get(resolved, []), str(given)})
-    return {video: links or [] for video, links in found.items()}
+            direct.add(resolved)
+        else:
+            through.add(str(given))
+    return {video: [] if video in direct else sorted(through) for video, through in links.items()}
 
 
 def _videos_to_embed(
@@ -836,7 +838,7 @@ def update_index(
         relocated, index.model = index.model != model_info, model_info
 
         found = found_through_links(videos)
-        absent = absent_sources(index, sources or (), videos, prune)
+        absent = absent_sources(index, sources or (), [*videos, *found], prune)  # links as found, and resolved
         removed = _drop_deleted_videos(index, sources, prune, absent, set(found))
         links_before = dict(index.links)
         for video, links in found.items():  # saved with the videos that are in the index

@@ -155,8 +155,7 @@ def read_frames(
         VideoDecodeError: the file is missing, empty, corrupt or has no video stream.
         ImportError: ``backend="decord"`` without decord installed.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown video backend {backend!r}; choose one of {BACKENDS}")
+    _check_known_backend(backend)
     path = Path(path)
     _check_file(path)
     if backend == "decord":
@@ -380,14 +379,13 @@ def _read_frames_pyav(
             frames = _decode_by_seeking(container, stream, set(indices), times)
             if frames is not None:
                 return [frames[i] for i in indices]
+    failure = None
     try:
         frames, decoded = _decode_wanted(path, set(indices))
     except VideoDecodeError as error:
         if not around_damage or times is None or max(indices) >= len(times.frames):
             raise
         failure = error.reason
-    else:
-        failure = None
     if failure is not None:
         # Outside the except block: the error's traceback holds the failed decoder, whose threads
         # would live on with it (a process forked then, a DataLoader worker, can inherit their locks).
@@ -514,8 +512,7 @@ def read_windows(
         VideoDecodeError: the file is missing, empty, corrupt or has no video stream (possibly after
             some windows came out).
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown video backend {backend!r}; choose one of {BACKENDS}")
+    _check_known_backend(backend)
     path = Path(path)
     _check_file(path)
     if backend == "decord":
@@ -616,11 +613,15 @@ def _read_frames_decord(
     return [Image.fromarray(array) for array in batch]
 
 
+def _check_known_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown video backend {backend!r}; choose one of {BACKENDS}")
+
+
 def check_backend(backend: str) -> None:
     """Raise ValueError now, before any video is read (in worker processes, maybe), if ``backend`` is
     unknown or its package is not installed."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown video backend {backend!r}; choose one of {BACKENDS}")
+    _check_known_backend(backend)
     if backend == "decord":
         try:
             _decord()
