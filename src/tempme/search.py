@@ -863,14 +863,14 @@ def update_index(
         changed_set = set(changed)
         pending = _PendingResults(stamps)
         # Undecodable videos are reported in the result (and kept in the index), not warned about.
+        # Users' own videos: one damaged stretch does not leave a video out (around_damage).
         if segment_s is None:
             items = [VideoItem(str(video), video) for video in todo]  # the id is the path: it names skipped videos
-            # Users' own videos: one damaged stretch does not leave a video out (read_frames' around_damage).
             dataset = RetrievalVideos(items, settings["frames"], framerate, settings["image_size"], backend=backend,
                                       warn_skipped=False, around_damage=True)
         else:
             dataset = VideoWindows(todo, segment_s, settings["frames"], framerate, settings["image_size"], backend,
-                                   warn_skipped=False)
+                                   warn_skipped=False, around_damage=True)
         loader = DataLoader(
             dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=list,
             worker_init_fn=functools.partial(_index_worker_init, lock)

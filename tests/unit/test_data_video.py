@@ -534,3 +534,33 @@ def test_a_video_mostly_damaged_is_undecodable_even_read_around(tmp_path):
     clean = write_video(tmp_path / "clean.mp4", num_frames=200, keyframe_every=20)
     with pytest.raises(VideoDecodeError, match="corrupt stream"):
         read_frames(damaged_copy(clean, 0.3, 0.5, tmp_path / "damaged.mp4"), 12, around_damage=True)
+
+
+@pytest.mark.parametrize("codec", ["mpeg4", "libx264"])
+def test_windows_of_a_damaged_video_are_read_around_the_damage_each_on_its_own(tmp_path, codec):
+    clean = write_video(tmp_path / "clean.mp4", num_frames=200, codec=codec, keyframe_every=20)
+    damaged = damaged_copy(clean, 0.3, 0.2, tmp_path / "damaged.mp4")  # frames from about 70 to 130-160
+    planned = [window for window, _ in read_windows(clean, 4, 1.0, 4.0)]
+    assert [(window.start, window.end) for window in planned] == [(0, 4), (4, 8), (8, 12), (12, 16), (16, 20)]
+    with pytest.raises(VideoDecodeError, match="corrupt stream"):
+        list(read_windows(damaged, 4, 1.0, 4.0))
+    left_out = r"left out, as fewer than half of their frames decode: 8.0-12.0 s"
+    with pytest.warns(UserWarning, match=rf"damaged.mp4: \d+ of its 200 frames do not decode .*{left_out}"):
+        windows = list(read_windows(damaged, 4, 1.0, 4.0, around_damage=True))
+    spans = [(window.start, window.end) for window, _ in windows]
+    assert (0, 4) in spans and (16, 20) in spans and (8, 12) not in spans  # 80-119: none decodes
+    assert [window for window, _ in windows] == [window for window in planned if (window.start, window.end) in spans]
+    reference = all_frames(clean)
+    for window, frames in windows:
+        shown = [frame_index(frame) for frame in frames]
+        assert all(window.first - 1 <= index <= window.last + 1 for index in shown), (window, shown)  # mpeg4: +-1
+        for frame, index in zip(frames, shown):  # a whole frame of the video, not one the decoder filled in
+            assert np.abs(np.asarray(frame, dtype=np.int16) - reference[index]).mean() < 4, (window, index)
+    assert [frame_index(frame) for frame in windows[0][1]] == [0, 10, 20, 30]  # before the damage: as sampled
+
+
+def test_a_damaged_video_with_no_window_that_decodes_is_undecodable(tmp_path):
+    clean = write_video(tmp_path / "clean.mp4", num_frames=200, keyframe_every=20)
+    damaged = damaged_copy(clean, 0.02, 0.75, tmp_path / "damaged.mp4")
+    with pytest.raises(VideoDecodeError, match="corrupt stream"):
+        list(read_windows(damaged, 4, 1.0, 4.0, around_damage=True))

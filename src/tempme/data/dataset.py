@@ -199,7 +199,8 @@ class VideoWindows(IterableDataset):
     A sample is ``{"video": FloatTensor[F, 3, S, S], "video_mask": LongTensor[F], "video_id": str,
     "start": float, "end": float, "final": int}``: ``start`` and ``end`` in seconds, ``final`` 1 on a
     video's last window. A video that cannot be read gives one ``SkippedVideo`` instead of its
-    remaining windows (which the consumer then drops with those it already has). Under a
+    remaining windows (which the consumer then drops with those it already has); ``around_damage``:
+    see :func:`~tempme.data.video.read_windows`. Under a
     ``DataLoader`` with workers, each worker reads every ``num_workers``-th video whole, so the
     windows of a video arrive in order.
     """
@@ -213,9 +214,11 @@ class VideoWindows(IterableDataset):
         image_size: int = 224,
         backend: str = "pyav",
         warn_skipped: bool = True,
+        around_damage: bool = False,
     ):
         check_backend(backend)
         self.videos = [Path(video) for video in videos]
+        self.around_damage = around_damage
         self.warn_skipped = warn_skipped
         self.window_s = window_s
         self.max_frames = max_frames
@@ -232,7 +235,9 @@ class VideoWindows(IterableDataset):
     def _windows(self, video: Path) -> Iterator[Sample | SkippedVideo]:
         previous = None  # held back one window, to mark the last
         try:
-            for window, frames in read_windows(video, self.max_frames, self.framerate, self.window_s, self.backend):
+            for window, frames in read_windows(
+                video, self.max_frames, self.framerate, self.window_s, self.backend, self.around_damage
+            ):
                 if previous is not None:
                     yield previous
                 frames = frames_to_tensor(frames, self.image_size)

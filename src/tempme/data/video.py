@@ -404,9 +404,9 @@ def _read_frames_pyav(
 MIN_DECODABLE_SHARE = 0.5
 
 
-def _decodable_frames(path: Path, times: PacketTimes, keep: set[int]) -> tuple[set[int], dict[int, Image.Image]]:
-    """Decode the video packet by packet, passing over packets the decoder refuses: the indices
-    (into ``times.frames``) of the frames that came out whole, and the images of those in ``keep``.
+def _whole_frames(path: Path, times: PacketTimes) -> Iterator[tuple[int, av.VideoFrame]]:
+    """``(index, frame)`` of the frames that come out whole (indices into ``times.frames``, ascending),
+    decoding the video packet by packet and passing over packets the decoder refuses.
 
     After a refused packet the decoder goes on with frames it fills in from what it lacks (garbage,
     flagged as nothing), up to the next keyframe: none counts until a keyframe packet decodes, and
@@ -414,8 +414,6 @@ def _decodable_frames(path: Path, times: PacketTimes, keep: set[int]) -> tuple[s
     out does not depend on the machine's cores."""
     av = _pyav()
     index_of = {pts: index for index, pts in enumerate(times.frames)}
-    decoded: set[int] = set()
-    images: dict[int, Image.Image] = {}
     damaged, whole_from = False, None  # after a refused packet; the keyframe decoding starts over from
     with _open_container(path) as container:
         stream = _video_stream(container, path)
@@ -432,10 +430,24 @@ def _decodable_frames(path: Path, times: PacketTimes, keep: set[int]) -> tuple[s
                 index = index_of.get(frame.pts)
                 if damaged or index is None or (whole_from is not None and frame.pts < whole_from):
                     continue
-                if index in keep:
-                    images[index] = upright_image(frame)
-                decoded.add(index)
+                yield index, frame
+
+
+def _decodable_frames(path: Path, times: PacketTimes, keep: set[int]) -> tuple[set[int], dict[int, Image.Image]]:
+    """The indices of the frames that decode whole (``_whole_frames``), and the images of those in ``keep``."""
+    decoded: set[int] = set()
+    images: dict[int, Image.Image] = {}
+    for index, frame in _whole_frames(path, times):
+        decoded.add(index)
+        if index in keep:
+            images[index] = upright_image(frame)
     return decoded, images
+
+
+def _nearest(ordered: list[int], index: int) -> int:
+    """The member of ``ordered`` (ascending, not empty) nearest to ``index``; the earlier of two as near."""
+    at = bisect.bisect_left(ordered, index)
+    return min(ordered[max(at - 1, 0) : at + 1], key=lambda candidate: (abs(candidate - index), candidate))
 
 
 def _frames_around_damage(path: Path, indices: list[int], times: PacketTimes, failure: str) -> list[Image.Image]:
@@ -449,12 +461,7 @@ def _frames_around_damage(path: Path, indices: list[int], times: PacketTimes, fa
     if len(decoded) < MIN_DECODABLE_SHARE * total:
         raise VideoDecodeError(path, failure)
     ordered = sorted(decoded)
-
-    def nearest(index: int) -> int:
-        at = bisect.bisect_left(ordered, index)
-        return min(ordered[max(at - 1, 0) : at + 1], key=lambda candidate: (abs(candidate - index), candidate))
-
-    chosen = {index: nearest(index) for index in set(indices)}
+    chosen = {index: _nearest(ordered, index) for index in set(indices)}
     _, images = _decodable_frames(path, times, set(chosen.values()))
     replaced = sum(1 for index in set(indices) if chosen[index] != index)
     warn(f"{path}: {total - len(decoded)} of its {total} frames do not decode ({failure}); the nearest "
@@ -501,16 +508,26 @@ def plan_windows(
 
 
 def read_windows(
-    path: str | os.PathLike, max_frames: int, framerate: float, window_s: float, backend: str = "pyav"
+    path: str | os.PathLike,
+    max_frames: int,
+    framerate: float,
+    window_s: float,
+    backend: str = "pyav",
+    around_damage: bool = False,
 ) -> Iterator[tuple[Window, list[Image.Image]]]:
     """The windows of a video (``plan_windows``) with their sampled frames as RGB images, in time
     order, reading the file once: a long video's windows cost about what its frames cost, whether
     its frames are reached by seeking or by decoding in order. Frame times come from the packets'
     timestamps where they can be read, so windows and their times follow a variable frame rate.
 
+    ``around_damage``: when decoding fails part-way, the windows from the failure on are read around
+    the damage, each on its own (PyAV only; see ``_windows_around_damage``): a window of which at least
+    half the frames decode whole comes out with the nearest of those standing in for sampled frames
+    that do not, and the others are left out, with a warning.
+
     Raises:
         VideoDecodeError: the file is missing, empty, corrupt or has no video stream (possibly after
-            some windows came out).
+            some windows came out); with ``around_damage``, when no window of it could be read.
     """
     _check_known_backend(backend)
     path = Path(path)
@@ -536,7 +553,72 @@ def read_windows(
         windows = plan_windows(times_s, fps, window_s, max_frames, framerate)
         wanted = sorted({index for window in windows for index in window.indices})
         frames = _frames_once(container, stream, path, wanted, times)
-        yield from _group_windows(path, windows, frames)
+        done, failure = 0, None
+        try:
+            for window, images in _group_windows(path, windows, frames):
+                done += 1
+                yield window, images
+        except VideoDecodeError as error:
+            if not around_damage or times is None:
+                raise
+            failure = error.reason
+    if failure is not None:
+        # Outside the except block and the container (see _read_frames_pyav).
+        yield from _windows_around_damage(path, windows[done:], times, failure, any_read=done > 0)
+
+
+def _windows_around_damage(
+    path: Path, windows: list[Window], times: PacketTimes, failure: str, any_read: bool
+) -> Iterator[tuple[Window, list[Image.Image]]]:
+    """``windows`` of a video whose decoding in order failed (``failure``: why), read around the damage.
+
+    Each window on its own: one of which at least ``MIN_DECODABLE_SHARE`` of the frames decode whole
+    has the nearest of them, within the window, stand in for sampled frames that do not; the others
+    are left out (a stretch of a long recording lost, not the whole recording), with a warning that
+    names their times. Undecodable when no window of the video could be read (``any_read``: some
+    came out before the failure). Reads the file twice from the start: once to find the frames that
+    decode, once for the images, holding only the window at hand's."""
+    decoded = sorted(index for index, _ in _whole_frames(path, times))
+    chosen: list[dict[int, int]] = []  # for each window read: sampled frame -> the frame that stands in
+    kept, left_out = [], []
+    for window in windows:
+        inside = decoded[bisect.bisect_left(decoded, window.first) : bisect.bisect_right(decoded, window.last)]
+        if len(inside) < MIN_DECODABLE_SHARE * (window.last - window.first + 1):
+            left_out.append(window)
+            continue
+        kept.append(window)
+        chosen.append({index: _nearest(inside, index) for index in window.indices})
+    if not kept and not any_read:
+        raise VideoDecodeError(path, failure)
+    total = len(times.frames)
+    sampled = sum(len(set(window.indices)) for window in kept)
+    replaced = sum(1 for stand_ins in chosen for index, frame in stand_ins.items() if index != frame)
+    message = f"{path}: {total - len(decoded)} of its {total} frames do not decode ({failure})"
+    if replaced:
+        message += (f"; in its windows from {windows[0].start:.1f} s on, the nearest decodable frames of each "
+                    f"window stand in for {replaced} of the {sampled} sampled")
+    if left_out:
+        spans = ", ".join(f"{window.start:.1f}-{window.end:.1f} s" for window in left_out)
+        message += f"; left out, as fewer than half of their frames decode: {spans}"
+    warn(message)
+    if not kept:
+        return
+    pending = iter(zip(kept, chosen))
+    window, stand_ins = next(pending)
+    needed, held = set(stand_ins.values()), {}
+    for index, frame in _whole_frames(path, times):
+        if index in needed:
+            held[index] = upright_image(frame)
+        while needed <= held.keys():
+            yield window, [held[stand_ins[index]] for index in window.indices]
+            following = next(pending, None)
+            if following is None:
+                return
+            window, stand_ins = following
+            held = {index: image for index, image in held.items() if index in stand_ins.values()}
+            needed = set(stand_ins.values())
+    # The same decoding gave these frames a moment ago: a file that changed while read.
+    raise VideoDecodeError(path, f"{failure}; the file changed while it was read")
 
 
 def _frames_once(
