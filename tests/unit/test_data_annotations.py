@@ -316,6 +316,17 @@ class TestLsmdc:
         with pytest.raises(AnnotationError, match=expected):
             load_lsmdc(tmp_path, tmp_path, "val")
 
+    def test_a_long_row_is_shown_with_its_end(self, tmp_path):
+        # A tab inside the sentence (7 fields): the row's end, where it is, stays in the message.
+        row = "\t".join(["1001_A_Clip_Name_With_A_Long_Title_00.01.02.003-00.01.05.006", "00.01.02.003",
+                         "00.01.05.006", "00.01.02.003", "00.01.05.006", "SOMEONE opens the door", "and leaves."])
+        (tmp_path / "LSMDC16_annos_val.csv").write_text(row + "\n")
+        with pytest.raises(AnnotationError, match="found 7") as info:
+            load_lsmdc(tmp_path, tmp_path, "val")
+        message = str(info.value)
+        assert message.endswith(r"door\tand leaves.')") and "'1001_A_Clip_Name" in message and " ... " in message
+        assert len(message) < len(str(tmp_path)) + 200
+
     def test_comma_separated_file_is_rejected(self, tmp_path):
         (tmp_path / "LSMDC16_annos_val.csv").write_text("c1,a,b,c,d,A sentence.\n")
         with pytest.raises(AnnotationError, match="line 1: expected 6 tab-separated fields, found 1"):

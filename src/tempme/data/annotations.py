@@ -110,9 +110,14 @@ class MissingVideosError(FileNotFoundError):
     """Raised by :func:`require_videos` in strict mode."""
 
 
-def _shorten(value: Any, limit: int = 80) -> str:
+def _shorten(value: Any, limit: int = 100) -> str:
+    """``repr(value)``, its middle cut out when longer than ``limit``: what is wrong with a row is as
+    often at its end (an extra tab or column before the caption) as at its start."""
     text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    if len(text) <= limit:
+        return text
+    keep = (limit - 5) // 2
+    return f"{text[:keep]} ... {text[-keep:]}"
 
 
 # --- generic readers ------------------------------------------------------------------------
