@@ -9,10 +9,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from collections.abc import Iterable
-from typing import Literal
+from typing import Literal, get_args
 
 MergeMethod = Literal["none", "tome", "tempme"]
-MERGE_METHODS: tuple[str, ...] = ("none", "tome", "tempme")
+MERGE_METHODS: tuple[str, ...] = get_args(MergeMethod)
 
 
 @dataclass(frozen=True)

@@ -192,7 +192,7 @@ def add_rows_(tokens: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) ->
 
 
 def merge_sum(plan: MergePlan, tokens: torch.Tensor) -> torch.Tensor:
-    """Merge ``tokens [B, N, C]`` by summation (sizes, source maps), giving ``[B, N - r, C]``."""
+    """Merge ``tokens [B, N, C]`` by summation (source maps), giving ``[B, N - r, C]``."""
     return add_rows_(gather_rows(tokens, plan.keep_rows), plan.dst_rows, gather_rows(tokens, plan.src_rows))
 
 

@@ -66,7 +66,7 @@ def resolve_size_attention(name: str, device: torch.device | str) -> str:
 
 @functools.cache
 def compiled_flex_attention():
-    """FlexAttention compiled once for every shape: the token count changes from layer to layer, and a
+    """FlexAttention compiled once, for all shapes: the token count changes from layer to layer, and a
     static compilation per shape would run into dynamo's recompilation limit. Built on first use, as
     importing the compiler takes seconds."""
     return torch.compile(flex_attention, dynamic=True)
@@ -364,8 +364,8 @@ class VisionTransformer(nn.Module):
         self.class_embedding = nn.Parameter(scale * torch.randn(vision.width))
         self.positional_embedding = nn.Parameter(scale * torch.randn(vision.tokens_per_frame, vision.width))
         self.ln_pre = LayerNorm(vision.width)
-        use_cpe = config.merge.method == "tempme" and config.merge.clip_pos_embed
-        cpe_clips = {i: step.clips_in for i, step in enumerate(self.plan) if step.kind == "clipme" and use_cpe}
+        with_cpe = config.merge.clip_pos_embed  # clipme steps: method tempme only
+        cpe_clips = {i: step.clips_in for i, step in enumerate(self.plan) if step.kind == "clipme" and with_cpe}
         self.transformer = Transformer(vision.width, vision.layers, vision.heads, config.lora.rank, cpe_clips)
         self.ln_post = LayerNorm(vision.width)
         self.proj = nn.Parameter(scale * torch.randn(vision.width, output_dim))
@@ -397,7 +397,8 @@ class VisionTransformer(nn.Module):
         """ClipMe, first half: join clips, add CPE, merge ``r_cross`` tokens across the joined frames on the hidden states."""
         joined = step.clips_joined
         joined_cls = state.num_cls * joined
-        # The CPE is added after the metric is taken, so it is averaged into merged tokens but not matched on.
+        # The CPE is added after the metric is taken, so it is averaged into merged tokens but not matched on;
+        # with nothing to merge across (r_cross = 0) it is not added at all, as in the authors' code (SPEC section 1).
         clip_offset = block.clip_pos_embed.to(state.x.dtype) if r_cross > 0 and block.clip_pos_embed is not None else None
 
         def join(t: torch.Tensor | None, offset: torch.Tensor | None = None) -> torch.Tensor | None:

@@ -134,7 +134,6 @@ def register(subparsers) -> None:
 
 def chosen_methods(args: argparse.Namespace) -> tuple[str, ...]:
     if args.train and (args.baseline or args.compile_mode):
-        # ValueError, not CLIError: under ``python -m tempme_cli.main`` the handler's main is another module.
         raise ValueError("--baseline and --compile-mode apply to inference only, not to --train")
     methods = args.methods or (("none", "tempme") if args.train else MERGE_METHODS)
     if args.baseline:

@@ -10,6 +10,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from tempme.config import MERGE_METHODS
 from tempme_train.config import ConfigError, TrainConfig, apply_overrides, load_config, with_settings
 
 from .common import show_progress
@@ -59,7 +60,7 @@ def register(subparsers) -> None:
                         "frames too)")
     parser.add_argument("--anno-path", metavar="PATH", help="annotation folder or file (sets data.anno_path)")
     parser.add_argument("--video-dir", metavar="DIR", help="video folder (sets data.video_dir)")
-    parser.add_argument("--method", choices=("none", "tome", "tempme"), help="merging method (sets model.method)")
+    parser.add_argument("--method", choices=MERGE_METHODS, help="merging method (sets model.method)")
     parser.add_argument("--frames", type=int, help="frames per video (sets model.frames and data.max_frames)")
     parser.add_argument("--split", default="test",
                         help="test: the config's test split (MSRVTT 1k-A, DiDeMo test, ActivityNet val_1, LSMDC test); "

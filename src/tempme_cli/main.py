@@ -13,10 +13,6 @@ import warnings
 SUBCOMMANDS = ("flops", "bench", "prepare", "train", "eval", "search", "demo")  # search: index and search
 
 
-class CLIError(Exception):
-    """A user-facing error: printed as one line, exit code 2."""
-
-
 def version_line() -> str:
     import torch
 
@@ -34,13 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=version_line())
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMANDS:
-        try:
-            module = importlib.import_module(f"tempme_cli.{name}")
-        except ModuleNotFoundError as error:
-            if error.name != f"tempme_cli.{name}":
-                raise
-            continue
-        module.register(subparsers)
+        importlib.import_module(f"tempme_cli.{name}").register(subparsers)
     parser.set_defaults(command_parsers=subparsers.choices)
     return parser
 
@@ -117,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             if later_torchrun_process():
                 show_only_this_process_warnings()
             return args.handler(args) or 0
-    except (CLIError, ValueError, TypeError) as error:
+    except (ValueError, TypeError) as error:
         # Every process prints its own: under torchrun one of them may be alone to fail (its GPU, its node's files).
         print(f"tempme {args.command}: error: {error}", file=sys.stderr)
         return 2

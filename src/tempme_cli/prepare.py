@@ -74,12 +74,12 @@ def run(args: argparse.Namespace) -> int:
     workers = config.data.num_workers if args.workers is None else args.workers
     if workers < 0:
         raise ValueError(f"--workers (or data.num_workers) must not be negative, got {workers}")
-    # A video can belong to several splits (a held-out validation set is part of train); cache it once.
+    # The validation set of a config without one is not there to cache.
     splits = [name for name in args.splits if not (name == "val" and config.data.val_split == NO_VALIDATION)]
     if not splits:
         raise ValueError(f"{args.config}: data.val_split is {NO_VALIDATION}: this config has no validation set to cache")
     items = {}
-    for name in splits:  # the validation set of a config without one is not there to cache
+    for name in splits:  # a video can belong to several (a held-out validation set is part of train): cached once
         split = config.data.train_split if name == "train" else name
         for item in split_items(config.data, split, args.config):
             items.setdefault((item.video_id, item.start, item.end), item)

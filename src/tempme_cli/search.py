@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from tempme.config import MERGE_METHODS
 from tempme.precision import PRECISIONS, default_precision
 
 from .common import check_finite, check_output_file, count, device_option, show_progress
@@ -97,7 +98,7 @@ def register(subparsers) -> None:
     index.add_argument("videos", nargs="+", metavar="VIDEO_OR_FOLDER", help="video files and folders of videos")
     index.add_argument("--out", required=True, metavar="INDEX", help="the index file, created or extended")
     add_model_arguments(index, required=True)
-    index.add_argument("--method", choices=("none", "tome", "tempme"),
+    index.add_argument("--method", choices=MERGE_METHODS,
                        help="video encoder's merging, with --weights (default: the index's own, else a tempme "
                        "weights file's own, else tempme; a --checkpoint has its own)")
     index.add_argument("--frames", type=int,

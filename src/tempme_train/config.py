@@ -30,13 +30,13 @@ from typing import Any, Literal
 
 import yaml
 
-from tempme.config import TextConfig, settings_ignored_by
+from tempme.config import MergeMethod, TextConfig, settings_ignored_by
 from tempme.files import atomic_file
 from tempme.data import check_batch_fits_in_memory
 
 CONFIG_DIR = Path(__file__).with_name("configs")
 
-Method = Literal["none", "tome", "tempme"]
+Method = MergeMethod
 Trainable = Literal["lora", "full"]
 Precision = Literal["fp32", "bf16", "fp16"]
 HOLDOUT = "holdout"

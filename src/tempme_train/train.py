@@ -422,7 +422,7 @@ class Trainer:
             # The optimizer's state, made at the first update, can exhaust one GPU's memory.
             with failures_shared(stop_requested) as shared:
                 if loss is not None:
-                    self._update(loss)
+                    self._update()
             # The schedule advances even on an empty batch, so it stays tied to the data position. (Also
             # when fp16 loss scaling skipped the optimizer step for overflowing gradients, which torch
             # warns about as if the calls were out of order: they are not.)
@@ -444,7 +444,7 @@ class Trainer:
             raise kind(f"{name} reached this process")
         return result
 
-    def _update(self, loss: float) -> None:
+    def _update(self) -> None:
         if self.config.optim.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.optim.grad_clip)

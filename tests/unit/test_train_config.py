@@ -342,3 +342,26 @@ def test_missing_videos_under_strict_name_the_video_folder_setting(tmp_path):
     data = DataSettings(video_dir=str(tmp_path), strict=True)
     with pytest.raises(ConfigError, match=rf"data.video_dir: 1 of 1 training videos are missing: .*a.mp4 \(got '{tmp_path}'\)"):
         drop_missing_videos(items, data, "training", "run.yaml")
+
+
+def test_every_schedule_setting_is_an_override_and_a_flops_option():
+    """The merge schedule's settings are listed in the library's MergeConfig, the training config's
+    ScheduleOverrides and the options of `tempme flops`: a setting added to one must reach the others."""
+    import argparse
+    import dataclasses
+
+    from tempme.config import MergeConfig
+    from tempme_cli.common import add_schedule_arguments, schedule_overrides
+    from tempme_train.config import ScheduleOverrides
+
+    settings = {field.name for field in dataclasses.fields(MergeConfig)} - {"method"}
+    assert {field.name for field in dataclasses.fields(ScheduleOverrides)} == settings
+    parser = argparse.ArgumentParser()
+    add_schedule_arguments(parser)
+    args = parser.parse_args(["--tome-r", "3", "--merge-layers", "6-8", "--clips-joined", "3-4",
+                              "--cross-merge-ratio", "0.5", "--intra-merge-ratio", "0.2",
+                              "--no-clip-pos-embed", "--no-prop-attn"])
+    assert schedule_overrides(args) == {"tome_r": 3, "merge_layers": (6, 8), "clips_joined": (3, 4),
+                                        "cross_merge_ratio": 0.5, "intra_merge_ratio": 0.2,
+                                        "clip_pos_embed": False, "prop_attn": False}
+    assert set(schedule_overrides(args)) == settings
