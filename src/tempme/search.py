@@ -57,7 +57,7 @@ from .files import (
     write_failed,
 )
 from .model import TempMe
-from .precision import autocast
+from .precision import autocast, default_precision
 from .progress import progress_bar
 from .userwarnings import warn
 from .weights import model_fingerprint, safetensors_metadata
@@ -508,6 +508,37 @@ def absent_sources(
     return absent
 
 
+@dataclass(frozen=True)
+class IndexOptions:
+    """How the videos of an index are read and embedded (see :func:`update_index`)."""
+
+    framerate: float
+    segment_s: float | None  # None: whole videos
+    backend: str
+    precision: str
+
+
+def resolve_index_options(
+    path: PathLike,
+    device: torch.device | str = "cpu",
+    *,
+    framerate: float | None = None,
+    segment_s: float | None = None,
+    backend: str | None = None,
+    precision: str | None = None,
+) -> IndexOptions:
+    """The options given, and for those left None the index's own where ``path`` holds one (so that
+    updating an index needs no more options than building it did), else the defaults: 1 frame per
+    second, whole videos, PyAV, and bf16 on a GPU or fp32 on a CPU. Reads the index's header only."""
+    recorded = read_index_header(path)["settings"] if Path(path).expanduser().is_file() else {}
+    return IndexOptions(
+        framerate=recorded.get("framerate", 1.0) if framerate is None else framerate,
+        segment_s=recorded.get("segment_s") if segment_s is None else segment_s,
+        backend=recorded.get("backend", "pyav") if backend is None else backend,
+        precision=recorded.get("precision", default_precision(checked_device(device))) if precision is None else precision,
+    )
+
+
 def check_index_options(
     *,
     batch_size: int,
@@ -768,10 +799,10 @@ def update_index(
     model_info: dict[str, Any] | None = None,
     batch_size: int = 16,
     device: torch.device | str = "cpu",
-    precision: str = "fp32",
-    framerate: float = 1.0,
+    precision: str | None = None,
+    framerate: float | None = None,
     num_workers: int = 0,
-    backend: str = "pyav",
+    backend: str | None = None,
     save_every_s: float = 60.0,
     progress: bool = True,
     sources: PathLike | Sequence[PathLike] | None = None,
@@ -794,6 +825,8 @@ def update_index(
             or preset, as ``tempme.load_model`` takes it) or ``checkpoint`` (a ``tempme train`` run).
             The method and frame count are recorded from ``model``. Without it, ``tempme search`` needs
             ``--weights`` or ``--checkpoint`` to find the model.
+        precision, framerate, backend, segment_s: left None, the index's own when it exists, else the
+            defaults (see :func:`resolve_index_options`); given, they must be the index's.
         precision: ``fp32``, ``bf16`` or ``fp16`` autocast.
         save_every_s: write the index when this many seconds have passed since it was last written.
         sources: the folders (and files) ``videos`` were found in, as given to :func:`find_videos`;
@@ -803,6 +836,9 @@ def update_index(
             video, each sampled as a whole video would be, instead of whole videos: search then finds
             moments in long videos. An index holds whole videos or windows of one length, as it was built.
     """
+    options = resolve_index_options(path, device, framerate=framerate, segment_s=segment_s, backend=backend,
+                                    precision=precision)
+    framerate, segment_s, backend, precision = options.framerate, options.segment_s, options.backend, options.precision
     check_index_options(batch_size=batch_size, framerate=framerate, num_workers=num_workers,
                         save_every_s=save_every_s, segment_s=segment_s, backend=backend)
     videos, sources = _as_paths(videos), None if sources is None else _as_paths(sources)

@@ -164,36 +164,6 @@ def embedding_cache(args: argparse.Namespace) -> Path | None:
     return Path(args.cache_dir)
 
 
-def stored_config(trained: Path) -> TrainConfig | None:
-    """The training config recorded in a weights file written by tempme train (None for other files)."""
-    from tempme_train.modeling import recorded_metadata, train_config_of
-
-    return train_config_of(trained) if "train_config" in recorded_metadata(trained) else None
-
-
-def check_weights_option(trained: Path, weights: str) -> None:
-    """--weights with --checkpoint is allowed only to give the base weights the adapters were trained
-    on from another place (a moved file, a local copy of a preset): ``tempme_train.modeling.check_base``
-    then compares the backbones. Files holding every weight need no base, and adapters that record
-    no base fingerprint (older files) cannot be checked, so there any other weights are refused."""
-    from tempme_train.modeling import BASE_FINGERPRINT, recorded_metadata
-
-    stored = stored_config(trained)
-    if stored is None:
-        return  # not from tempme train: what it holds is read as it is, with --weights as the base
-    if stored.model.trainable == "full":
-        raise ValueError(
-            f"--weights {weights}: {trained} holds every weight of its fine-tuned model, so base weights "
-            "would be ignored; leave --weights out"
-        )
-    if BASE_FINGERPRINT not in recorded_metadata(trained) and weights != stored.model.weights:
-        raise ValueError(
-            f"--weights {weights}: {trained} does not record which base weights its adapters fit (its config "
-            f"names {stored.model.weights or 'the seeded random ' + stored.model.preset}), so other weights "
-            "cannot be checked; leave --weights out"
-        )
-
-
 def custom_split_warning(
     config: TrainConfig, split: str, trained: Path | None, stored: TrainConfig | None
 ) -> str | None:
@@ -238,7 +208,9 @@ def run(args: argparse.Namespace) -> int:
     from tempme_train.data import drop_missing_videos, frame_cache, split_items
     from tempme_train.distributed import process_group, world_from_env
     from tempme_train.evaluate import EvalSet, evaluate
-    from tempme_train.modeling import build_model, check_base, find_trained_weights, load_trained_weights
+    from tempme_train.modeling import (
+        build_model, check_base, check_weights_option, find_trained_weights, load_trained_weights, stored_config,
+    )
     from tempme_train.train import run_device
 
     if not (args.config or args.checkpoint or args.weights):

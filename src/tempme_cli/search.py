@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from tempme.config import MERGE_METHODS
-from tempme.precision import PRECISIONS, default_precision
+from tempme.precision import PRECISIONS
 
 from .common import check_finite, check_output_file, count, device_option, show_progress
 
@@ -170,26 +170,10 @@ def load_search_model(model_info: dict[str, Any]):
     import tempme
 
     if model_info.get("checkpoint"):
-        from tempme_train.modeling import build_model, check_base, load_trained_weights, train_config_of
+        from tempme_train.modeling import load_trained_model
 
-        from .eval import check_weights_option
-
-        checkpoint, base = model_info["checkpoint"], model_info.get("weights")
-        config = train_config_of(checkpoint)
-        if base:
-            check_weights_option(Path(checkpoint), base)
-            config.model.weights = base
-        elif config.model.weights and Path(config.model.weights).is_absolute() and not Path(config.model.weights).exists():
-            raise FileNotFoundError(
-                f"{checkpoint} was trained on the base weights {config.model.weights}, which are not there any "
-                "more: name where they are now with --weights, beside --checkpoint"
-            )
-        model = build_model(config, checkpoint)
-        check_base(model, checkpoint, config.model.weights or f"random {config.model.preset}")
-        load_trained_weights(model, checkpoint)
-    else:
-        model = tempme.load_model(model_info["weights"], method=model_info.get("method"), frames=model_info.get("frames"))
-    return model.eval()
+        return load_trained_model(model_info["checkpoint"], model_info.get("weights"))
+    return tempme.load_model(model_info["weights"], method=model_info.get("method"), frames=model_info.get("frames")).eval()
 
 
 # update_index's keyword -> the `tempme index` option that sets it, for error messages.
@@ -253,6 +237,7 @@ def run_index(args: argparse.Namespace) -> int:
         check_index_options,
         check_same_settings,
         read_index_header,
+        resolve_index_options,
         update_index,
     )
     from tempme.weights import model_fingerprint
@@ -273,17 +258,16 @@ def run_index(args: argparse.Namespace) -> int:
     # than the first run did.
     existing = read_index_header(args.out) if Path(args.out).is_file() else None
     recorded = existing["settings"] if existing else {}
-    framerate = args.framerate if args.framerate is not None else recorded.get("framerate", 1.0)
-    segment_s = args.segment if args.segment is not None else recorded.get("segment_s")
-    backend = args.backend or recorded.get("backend", "pyav")
+    device = device_option(args.device)
+    options = resolve_index_options(args.out, device, framerate=args.framerate, segment_s=args.segment,
+                                    backend=args.backend, precision=None if args.precision == "auto" else args.precision)
+    framerate, segment_s, backend, precision = options.framerate, options.segment_s, options.backend, options.precision
     # update_index checks these too, but only once the model has loaded, and by their Python names.
     check_index_options(batch_size=args.batch_size, framerate=framerate, num_workers=args.workers,
                         save_every_s=args.save_every, segment_s=segment_s, backend=backend, names=INDEX_OPTION_NAMES)
     videos = find_index_sources(args.videos, args.out if existing is not None else None, args.prune)
     found = len({video.resolve() for video in videos})  # a video reached by several links is one
-    device = device_option(args.device)
     check_index_free(args.out)  # before the model loads (a download, maybe), not after
-    precision = args.precision if args.precision != "auto" else recorded.get("precision", default_precision(device))
     built_by = existing["model"] if existing else {}
     if not (args.weights or args.checkpoint):
         raise ValueError("name the model: --weights W (CLIP or tempme weights) or --checkpoint PATH (a trained run)")

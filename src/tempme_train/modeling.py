@@ -183,6 +183,51 @@ def find_trained_weights(path: str | Path) -> Path:
     raise FileNotFoundError(f"{path}: not a weights file, and holds none of {', '.join(TRAINED_FILES)}{hint}")
 
 
+def stored_config(trained: str | Path) -> TrainConfig | None:
+    """The training config recorded in a weights file written by tempme train (None for other files)."""
+    return train_config_of(trained) if "train_config" in recorded_metadata(trained) else None
+
+
+def check_weights_option(trained: str | Path, weights: str) -> None:
+    """--weights with --checkpoint is allowed only to give the base weights the adapters were trained
+    on from another place (a moved file, a local copy of a preset): :func:`check_base`
+    then compares the backbones. Files holding every weight need no base, and adapters that record
+    no base fingerprint (older files) cannot be checked, so there any other weights are refused."""
+    stored = stored_config(trained)
+    if stored is None:
+        return  # not from tempme train: what it holds is read as it is, with --weights as the base
+    if stored.model.trainable == "full":
+        raise ValueError(
+            f"--weights {weights}: {trained} holds every weight of its fine-tuned model, so base weights "
+            "would be ignored; leave --weights out"
+        )
+    if BASE_FINGERPRINT not in recorded_metadata(trained) and weights != stored.model.weights:
+        raise ValueError(
+            f"--weights {weights}: {trained} does not record which base weights its adapters fit (its config "
+            f"names {stored.model.weights or 'the seeded random ' + stored.model.preset}), so other weights "
+            "cannot be checked; leave --weights out"
+        )
+
+
+def load_trained_model(checkpoint: str | Path, base_weights: str | None = None) -> TempMe:
+    """The model a ``tempme train`` run (or its weights file) holds, on the base weights its training
+    config names, or on ``base_weights`` (the same weights from another place, checked), in eval mode."""
+    trained = find_trained_weights(checkpoint)
+    config = train_config_of(trained)
+    if base_weights:
+        check_weights_option(trained, base_weights)
+        config.model.weights = base_weights
+    elif config.model.weights and Path(config.model.weights).is_absolute() and not Path(config.model.weights).exists():
+        raise FileNotFoundError(
+            f"{trained} was trained on the base weights {config.model.weights}, which are not there any "
+            "more: name where they are now with --weights, beside --checkpoint"
+        )
+    model = build_model(config, str(trained))
+    check_base(model, trained, config.model.weights or f"random {config.model.preset}")
+    load_trained_weights(model, trained)
+    return model.eval()
+
+
 def train_config_of(weights_file: str | Path) -> TrainConfig:
     """The training config stored in a file written by :func:`save_trained_weights`."""
     from tempme.weights import WeightsError, read_metadata

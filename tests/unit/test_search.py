@@ -19,12 +19,14 @@ from safetensors.torch import load_file, safe_open, save_file
 import tempme
 from tempme.data import frames_to_tensor, read_frames, read_windows
 from tempme.search import (
+    IndexOptions,
     VideoIndex,
     VIDEO_EXTENSIONS,
     VideoIndexError,
     encode_queries,
     find_videos,
     model_fingerprint,
+    resolve_index_options,
     update_index,
 )
 
@@ -838,10 +840,24 @@ def test_an_index_keeps_whole_videos_or_its_segment_length(long_video_dir, tmp_p
     update_index(model, videos, tmp_path / "segments.index", segment_s=4.0, progress=False)
     with pytest.raises(VideoIndexError, match="built with whole videos, this run has segments of 5 s"):
         update_index(model, videos, tmp_path / "whole.index", segment_s=5.0, progress=False)
-    with pytest.raises(VideoIndexError, match="built with segments of 4 s, this run has whole videos"):
-        update_index(model, videos, tmp_path / "segments.index", progress=False)
     with pytest.raises(VideoIndexError, match="built with segments of 4 s, this run has segments of 2.5 s"):
         update_index(model, videos, tmp_path / "segments.index", segment_s=2.5, progress=False)
+
+
+def test_an_update_takes_the_settings_the_index_was_built_with(long_video_dir, tmp_path):
+    """From Python as on the command line: settings left unset are the index's own."""
+    model = tiny_model()
+    videos = find_videos([long_video_dir])
+    path = tmp_path / "s.index"
+    built = update_index(model, videos[:1], path, segment_s=4.0, framerate=2.0, progress=False)
+    update = update_index(model, videos, path, progress=False)
+    assert update.added == len(videos) - 1 and update.segments > built.segments
+    index = VideoIndex.load(path)
+    assert (index.settings["segment_s"], index.settings["framerate"], index.settings["precision"]) == (4.0, 2.0, "fp32")
+    assert resolve_index_options(path) == IndexOptions(framerate=2.0, segment_s=4.0, backend="pyav", precision="fp32")
+    assert resolve_index_options(tmp_path / "new.index", framerate=3.0) == IndexOptions(3.0, None, "pyav", "fp32")
+    with pytest.raises(VideoIndexError, match="built with framerate=2.0, this run has framerate=1.0"):
+        update_index(model, videos, path, framerate=1.0, progress=False)
 
 
 @pytest.mark.parametrize("segment_s", [0.0, 0.5, -1.0, float("nan"), float("inf")])
