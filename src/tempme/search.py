@@ -782,6 +782,7 @@ def _busy(path: PathLike) -> VideoIndexError:
     )
 
 
+@torch.no_grad()  # a trainable model (as load_model gives it) would record a graph
 def _embed_batch(model: TempMe, batch: dict[str, Any], device: torch.device, precision: str) -> torch.Tensor:
     """``[B, D]`` L2-normalised float32 embeddings, on the CPU, of a batch from ``collate_skip_bad``."""
     with autocast(device, precision):
@@ -789,7 +790,82 @@ def _embed_batch(model: TempMe, batch: dict[str, Any], device: torch.device, pre
     return F.normalize(features.float(), dim=-1).cpu()
 
 
-@torch.no_grad()  # the model runs in _embed_batch; a trainable one would record a graph
+def _reconcile_files(
+    index: VideoIndex, videos: list[Path], sources: list[Path] | None, prune: bool
+) -> tuple[list[str], bool]:
+    """Bring ``index`` up to date with the files as they are, before anything is embedded: drop the
+    videos deleted (see :func:`deleted`), and record the links that lead to each video found.
+    Returns the videos dropped, and whether the links of an indexed video changed."""
+    found = found_through_links(videos)
+    absent = absent_sources(index, sources or (), [*videos, *found], prune)  # links as found, and resolved
+    removed = _drop_deleted_videos(index, sources, prune, absent, set(found))
+    links_before = dict(index.links)
+    for video, links in found.items():  # saved with the videos that are in the index
+        if links:
+            index.links[video] = links
+        else:
+            index.links.pop(video, None)
+    relinked = any(index.links.get(video) != links_before.get(video) for video in index.paths)
+    return removed, relinked
+
+
+def _video_samples(
+    videos: list[Path], settings: dict[str, Any], segment_s: float | None, framerate: float, backend: str
+) -> RetrievalVideos | VideoWindows:
+    """The samples to embed: one per video, or one per window of each (``segment_s``). Undecodable
+    videos come as ``SkippedVideo`` and are reported in the result, not warned about; one damaged
+    stretch does not leave a user's video out (``around_damage``)."""
+    if segment_s is None:
+        items = [VideoItem(str(video), video) for video in videos]  # the id is the path: it names skipped videos
+        return RetrievalVideos(items, settings["frames"], framerate, settings["image_size"], backend=backend,
+                               warn_skipped=False, around_damage=True)
+    return VideoWindows(videos, segment_s, settings["frames"], framerate, settings["image_size"], backend,
+                        warn_skipped=False, around_damage=True)
+
+
+class _BatchTaker:
+    """What :func:`update_index` does with each batch of samples: records its undecodable videos and
+    embeds the rest, into ``pending`` (a video joins the index once all its samples, its windows,
+    are embedded), counting both in ``update`` and beside the progress bar."""
+
+    def __init__(self, model: TempMe, index: VideoIndex, update: IndexUpdate, pending: _PendingResults,
+                 changed: set[str], device: torch.device, precision: str):
+        self.model, self.index, self.update, self.pending = model, index, update, pending
+        self.changed, self.device, self.precision = changed, device, precision
+        self.shown: dict[str, int] = {}  # beside the bar
+
+    def take(self, samples: list, bar) -> None:
+        for sample in samples:
+            if isinstance(sample, SkippedVideo):
+                video = sample.video_id
+                self.index.skipped[video] = self.update.skipped[video] = sample.reason
+                self.pending.add_failed(video, indexed=video in self.changed)
+                if video in self.changed:
+                    self.update.dropped.append(video)
+                bar.update(1)
+                self.shown["undecodable"] = len(self.update.skipped)
+        # Windows of a video that failed later in this batch: not worth encoding.
+        batch = collate_skip_bad(
+            [s for s in samples if not isinstance(s, SkippedVideo) and s["video_id"] not in self.pending.failed]
+        )
+        if batch is not None:
+            if "start" not in batch:  # whole videos
+                spans, last = [None] * len(batch["video_id"]), [True] * len(batch["video_id"])
+            else:  # the bar counts whole videos: show the windows too
+                spans = [list(span) for span in zip(batch["start"], batch["end"])]
+                last = batch["final"].bool().tolist()
+                self.shown["windows"] = self.shown.get("windows", 0) + len(spans)
+            embeddings = _embed_batch(self.model, batch, self.device, self.precision)
+            for video in self.pending.add_embedded(batch["video_id"], spans, last, embeddings):
+                if video in self.changed:
+                    self.update.updated.append(video)
+                else:
+                    self.update.added += 1
+                bar.update(1)
+        bar.set_postfix(self.shown, refresh=False)
+        bar.update(0)  # redraws the counts at the bar's own pace, within a long video too
+
+
 def update_index(
     model: TempMe,
     videos: PathLike | Sequence[PathLike],
@@ -873,16 +949,7 @@ def update_index(
         # The same weights (the fingerprint matched); the way to load them may have changed (a moved file).
         relocated, index.model = index.model != model_info, model_info
 
-        found = found_through_links(videos)
-        absent = absent_sources(index, sources or (), [*videos, *found], prune)  # links as found, and resolved
-        removed = _drop_deleted_videos(index, sources, prune, absent, set(found))
-        links_before = dict(index.links)
-        for video, links in found.items():  # saved with the videos that are in the index
-            if links:
-                index.links[video] = links
-            else:
-                index.links.pop(video, None)
-        relinked = any(index.links.get(video) != links_before.get(video) for video in index.paths)
+        removed, relinked = _reconcile_files(index, videos, sources, prune)
         new, changed, stamps = _videos_to_embed(index, videos)
         todo = new + [Path(video) for video in changed]
         retried = {str(video) for video in todo}
@@ -896,57 +963,14 @@ def update_index(
                 index.save(path)
             return update
 
-        changed_set = set(changed)
         pending = _PendingResults(stamps)
-        # Undecodable videos are reported in the result (and kept in the index), not warned about.
-        # Users' own videos: one damaged stretch does not leave a video out (around_damage).
-        if segment_s is None:
-            items = [VideoItem(str(video), video) for video in todo]  # the id is the path: it names skipped videos
-            dataset = RetrievalVideos(items, settings["frames"], framerate, settings["image_size"], backend=backend,
-                                      warn_skipped=False, around_damage=True)
-        else:
-            dataset = VideoWindows(todo, segment_s, settings["frames"], framerate, settings["image_size"], backend,
-                                   warn_skipped=False, around_damage=True)
+        dataset = _video_samples(todo, settings, segment_s, framerate, backend)
         loader = DataLoader(
             dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=list,
             worker_init_fn=functools.partial(_index_worker_init, lock)
         )
         model.eval().to(device)
-        shown: dict[str, int] = {}  # beside the bar
-
-        def take(samples: list, bar) -> None:
-            """Record a batch's undecodable videos and embed the rest; a video joins the index once
-            all its samples (windows) are embedded."""
-            for sample in samples:
-                if isinstance(sample, SkippedVideo):
-                    video = sample.video_id
-                    index.skipped[video] = update.skipped[video] = sample.reason
-                    pending.add_failed(video, indexed=video in changed_set)
-                    if video in changed_set:
-                        update.dropped.append(video)
-                    bar.update(1)
-                    shown["undecodable"] = len(update.skipped)
-            # Windows of a video that failed later in this batch: not worth encoding.
-            batch = collate_skip_bad(
-                [s for s in samples if not isinstance(s, SkippedVideo) and s["video_id"] not in pending.failed]
-            )
-            if batch is not None:
-                if segment_s is None:
-                    spans, last = [None] * len(batch["video_id"]), [True] * len(batch["video_id"])
-                else:  # the bar counts whole videos: show the windows too
-                    spans = [list(span) for span in zip(batch["start"], batch["end"])]
-                    last = batch["final"].bool().tolist()
-                    shown["windows"] = shown.get("windows", 0) + len(spans)
-                embeddings = _embed_batch(model, batch, device, precision)
-                for video in pending.add_embedded(batch["video_id"], spans, last, embeddings):
-                    if video in changed_set:
-                        update.updated.append(video)
-                    else:
-                        update.added += 1
-                    bar.update(1)
-            bar.set_postfix(shown, refresh=False)
-            bar.update(0)  # redraws the counts at the bar's own pace, within a long video too
-
+        batches_taken = _BatchTaker(model, index, update, pending, set(changed), device, precision)
         last_save = time.monotonic()
         # Workers stop once the index is saved: a second Ctrl-C while they stop loses nothing.
         with loader_batches(loader) as batches:
@@ -955,7 +979,7 @@ def update_index(
                 with progress_bar(total=len(todo), desc="indexing videos", unit="video", disable=not progress,
                                   miniters=0) as bar:
                     for samples in batches:
-                        take(samples, bar)
+                        batches_taken.take(samples, bar)
                         if time.monotonic() - last_save >= save_every_s:
                             pending.apply_to(index)
                             index.save(path)

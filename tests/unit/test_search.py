@@ -1014,15 +1014,15 @@ def test_an_optimised_model_needs_the_fingerprint_of_the_weights_it_was_loaded_f
 
 def test_indexing_builds_no_autograd_graph_with_a_trainable_model(video_dir, tmp_path, monkeypatch):
     seen = []
-    embed = tempme.search._embed_batch
+    model = tiny_model()
+    encode = model.encode_video
 
     def watched(*args, **kwargs):
-        embeddings = embed(*args, **kwargs)
+        embeddings = encode(*args, **kwargs)
         seen.append((torch.is_grad_enabled(), embeddings.requires_grad))
         return embeddings
 
-    monkeypatch.setattr(tempme.search, "_embed_batch", watched)
-    model = tiny_model()
+    monkeypatch.setattr(model, "encode_video", watched)
     assert any(p.requires_grad for p in model.parameters())  # as load_model gives it: LoRA and CPE trainable
     update_index(model, find_videos([video_dir]), tmp_path / "v.index", progress=False)
     assert seen and all(state == (False, False) for state in seen)
