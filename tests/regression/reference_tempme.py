@@ -54,8 +54,7 @@ def reference_attention(x, sd, prefix, heads, size, prop_attn):
     """Explicit-softmax attention with LoRA on the fused QKV; returns (output, head-mean keys)."""
     b, n, d = x.shape
     qkv = x @ sd[prefix + ".in_proj_weight"].T + sd[prefix + ".in_proj_bias"]
-    if prefix + ".lora_a" in sd:
-        qkv = qkv + (x @ sd[prefix + ".lora_a"].T) @ sd[prefix + ".lora_b"].T
+    qkv = qkv + (x @ sd[prefix + ".lora_a"].T) @ sd[prefix + ".lora_b"].T  # every model here has LoRA
     q, k, v = qkv.split(d, dim=-1)
     q = q.view(b, n, heads, -1).transpose(1, 2)
     k = k.view(b, n, heads, -1).transpose(1, 2)
@@ -75,7 +74,7 @@ def mlp(x, sd, prefix):
 
 
 def reference_video_features(sd, frames, *, heads, layers, method, tome_r, merge_layers=(), frame_nums=(),
-                             p_cross=0.3, p_intra=0.1, prop_attn=True, mask=None):
+                             p_cross=0.3, p_intra=0.1, prop_attn=True, clip_pos_embed=True, mask=None):
     """frames [B, F, 3, H, W] -> video features [B, D], following SPEC section 1 step by step."""
     b, num_frames = frames.shape[:2]
     patch = sd["visual.conv1.weight"].shape[-1]
@@ -100,7 +99,7 @@ def reference_video_features(sd, frames, *, heads, layers, method, tome_r, merge
                 return torch.cat([head, tail], 1)
 
             r0 = min(int(T * f * p_cross), ((T - c_old) * f) // 2)
-            if r0 > 0 and p + ".clip_pos_embed" in sd:
+            if r0 > 0 and clip_pos_embed:
                 x = (x.view(b, info["n_clip"], T, -1) + sd[p + ".clip_pos_embed"]).view_as(x)
             x, metric, size = join(x), join(metric), join(size)
             info["c"] *= f
