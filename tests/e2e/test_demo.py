@@ -148,10 +148,6 @@ def test_quick_demo_from_the_cli(tmp_path, capsys):
     assert tempme["gflops"] < methods["tome"]["gflops"] < none["gflops"]
     for name, method in methods.items():
         assert method["videos_per_s"] > 0, name
-        for direction in ("t2v", "v2t"):
-            for key in ("R1", "R5", "R10"):
-                assert 0.0 <= method[direction][key] <= 100.0, (name, direction, key)
-        assert 0.0 <= method["reversal_accuracy"] <= 100.0
 
     written = sorted(videos.glob("*.mp4"))
     assert len(written) == 8

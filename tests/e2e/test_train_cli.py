@@ -104,7 +104,8 @@ def test_train_stop_resume_and_evaluate(run_config, tmp_path, capsys, monkeypatc
     assert "steps: 6/6\n" in printed and f"undecodable (skipped) videos: {CORRUPT}" in printed
     records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
-    assert all(r["t2v"]["num_queries"] == 6 for r in records if r["kind"] == "val")  # 3 held-out videos x 2
+    validations = [r for r in records if r["kind"] == "val"]
+    assert validations and all(r["t2v"]["num_queries"] == 6 for r in validations)  # 3 held-out videos x 2
 
     assert main(["eval", "--checkpoint", str(output), "--json"]) == 0
     first = json.loads(capsys.readouterr().out)

@@ -37,12 +37,15 @@ def test_identical_frames_get_identical_outputs():
 
 
 def test_same_ops_and_parameters_for_every_frame():
+    """A video's frames all go through the ops drawn once for it: each augmented frame is what those
+    ops give that frame alone."""
     frames = [_textured_frame(seed=s) for s in range(3)]
-    steps = VideoRandAugment(prob=1.0, rng=5).sample_steps()
-    together = _arrays(apply_steps(frames, steps))
-    one_by_one = [np.asarray(apply_steps([frame], steps)[0]) for frame in frames]
-    for joint, single in zip(together, one_by_one, strict=True):
-        np.testing.assert_array_equal(joint, single)
+    for seed in range(5):
+        steps = VideoRandAugment(prob=1.0, rng=seed).sample_steps()  # what the same draw gives
+        together = _arrays(VideoRandAugment(prob=1.0, rng=seed)(frames))
+        one_by_one = [np.asarray(apply_steps([frame], steps)[0]) for frame in frames]
+        for joint, single in zip(together, one_by_one, strict=True):
+            np.testing.assert_array_equal(joint, single)
 
 
 def test_sizes_and_mode_are_kept():

@@ -220,13 +220,16 @@ def test_unknown_size_attention_is_refused():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_models_run_and_agree(dtype):
     torch.manual_seed(0)
-    model = tempme.create_model("tiny-B/32", frames=12).eval()
-    video = torch.randn(1, 12, 3, 224, 224)
+    model = randomise_adapters(tempme.create_model("tiny-B/32", frames=12)).eval()
+    video = torch.randn(2, 12, 3, 224, 224)
     with torch.no_grad():
         reference = model.encode_video(video)
         half = model.to(dtype).encode_video(video.to(dtype))
     assert half.dtype == dtype
-    torch.testing.assert_close(half.float(), reference, atol=0.05, rtol=0.05)
+    # Entries are about 0.15; half precision moves them by about 0.01, and a wrong method (tome
+    # instead of tempme, no proportional attention) by 0.06 or more.
+    torch.testing.assert_close(half.float(), reference, atol=0.025, rtol=0)
+    assert torch.nn.functional.cosine_similarity(half.float(), reference).min() > 0.99
 
 
 def test_optimizing_for_inference_keeps_the_embeddings():

@@ -150,7 +150,7 @@ def test_only_adapters_train_and_the_frozen_weights_stay(tmp_path):
     load_trained_weights(after, tmp_path / "best.safetensors")
     for name, tensor in after.state_dict().items():
         changed = not torch.equal(tensor, before[name])
-        assert changed == ("lora_b" in name or "lora_a" in name) or ("clip_pos_embed" in name), name
+        assert changed == ("lora_b" in name or "lora_a" in name or "clip_pos_embed" in name), name
 
 
 def test_full_finetuning_trains_and_saves_every_weight_but_the_logit_scale(tmp_path):
