@@ -72,7 +72,7 @@ def load_split(data: DataSettings, split: str, source: str, split_key: str = "sp
         raise ConfigError(source, "data.video_dir", data.video_dir, f"not set: {data.dataset} needs its video folder")
     if not Path(data.anno_path).exists():
         raise ConfigError(source, "data.anno_path", data.anno_path, "no such file or folder")
-    if data.dataset != "custom" and not Path(data.video_dir).is_dir():
+    if data.video_dir and not Path(data.video_dir).is_dir():
         raise ConfigError(source, "data.video_dir", data.video_dir, "no such folder")
     try:
         items = load_dataset(data.dataset, data.anno_path, data.video_dir or None, split)
@@ -130,15 +130,23 @@ def train_and_val_items(data: DataSettings, source: str) -> tuple[list[VideoItem
 
 
 def drop_missing_videos(
-    items: list[VideoItem], data: DataSettings, split: str, source: str
+    items: list[VideoItem], data: DataSettings, split: str, source: str, none_there_is_an_error: bool = True
 ) -> tuple[list[VideoItem], list[str]]:
-    """Keep the items whose file exists; name the missing ones (an error when ``data.strict``)."""
+    """Keep the items whose file exists; name the missing ones (an error when ``data.strict``). With
+    ``none_there_is_an_error``, finding none of the videos is an error that names ``data.video_dir``:
+    most likely the wrong folder (a validation set, which may be a few held-out videos, says more
+    itself: see ``check_validation_items``)."""
     missing = check_videos_exist(items)
     if not missing:
         return items, []
     names = [str(item.path) for item in missing]
     shown = ", ".join(names[:_LISTED]) + (f" and {len(names) - _LISTED} more" if len(names) > _LISTED else "")
     message = f"{len(missing)} of {len(items)} {split} videos are missing: {shown}"
+    if none_there_is_an_error and len(missing) == len(items):
+        where = ("the video paths of data.anno_path are relative to data.video_dir, or to the annotation "
+                 "file's folder when it is ''" if data.dataset == "custom"
+                 else f"data.video_dir must hold the {data.dataset} videos (in subfolders too)")
+        raise ConfigError(source, "data.video_dir", data.video_dir, f"{message}; {where}")
     if data.strict:
         raise ConfigError(source, "data.video_dir", data.video_dir, message)
     warn(message + "; leaving them out", SharedWarning)
@@ -159,7 +167,7 @@ def prepare_training_data(config: TrainConfig, source: str = "config") -> TrainD
         raise config.blame(error) from None
     train_items, missing_train = drop_missing_videos(train_items, data, "training", source)
     validating = data.val_split != NO_VALIDATION
-    val_items, missing_val = drop_missing_videos(val_items, data, "validation", source)
+    val_items, missing_val = drop_missing_videos(val_items, data, "validation", source, none_there_is_an_error=False)
     if validating:
         check_validation_items(val_items, len(missing_val), data, source)
     warn_if_test_split_unreadable(config, source)

@@ -338,10 +338,26 @@ def test_missing_videos_under_strict_name_the_video_folder_setting(tmp_path):
     from tempme_train.data import drop_missing_videos
 
     (tmp_path / "clips").mkdir()
-    items = [VideoItem("a", tmp_path / "clips" / "a.mp4")]  # in a subfolder of data.video_dir
+    (tmp_path / "clips" / "b.mp4").write_bytes(b"video")
+    items = [VideoItem("a", tmp_path / "clips" / "a.mp4"), VideoItem("b", tmp_path / "clips" / "b.mp4")]
     data = DataSettings(video_dir=str(tmp_path), strict=True)
-    with pytest.raises(ConfigError, match=rf"data.video_dir: 1 of 1 training videos are missing: .*a.mp4 \(got '{tmp_path}'\)"):
+    with pytest.raises(ConfigError, match=rf"data.video_dir: 1 of 2 training videos are missing: .*a.mp4 \(got '{tmp_path}'\)"):
         drop_missing_videos(items, data, "training", "run.yaml")
+
+
+@pytest.mark.parametrize("dataset", ["custom", "msrvtt"])
+def test_a_video_folder_that_holds_none_of_the_videos_is_named(tmp_path, dataset):
+    """Not one video there: most likely the wrong folder, an error even without data.strict."""
+    from tempme.data import VideoItem
+    from tempme_train.config import DataSettings
+    from tempme_train.data import drop_missing_videos
+
+    items = [VideoItem(name, tmp_path / f"{name}.mp4") for name in ("a", "b")]
+    data = DataSettings(dataset=dataset, video_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match="data.video_dir: 2 of 2 test videos are missing: .*a.mp4, .*b.mp4; ") as info:
+        drop_missing_videos(items, data, "test", "run.yaml")
+    hint = "relative to data.video_dir, or to the annotation file's folder" if dataset == "custom" else "must hold the msrvtt videos"
+    assert hint in str(info.value)
 
 
 def test_every_schedule_setting_is_an_override_and_a_flops_option():
@@ -365,3 +381,14 @@ def test_every_schedule_setting_is_an_override_and_a_flops_option():
                                         "cross_merge_ratio": 0.5, "intra_merge_ratio": 0.2,
                                         "clip_pos_embed": False, "prop_attn": False}
     assert set(schedule_overrides(args)) == settings
+
+
+@pytest.mark.parametrize("dataset", ["custom", "msrvtt"])
+def test_a_video_folder_that_is_not_there_is_refused_before_the_annotations_are_read(tmp_path, dataset):
+    from tempme_train.config import DataSettings
+    from tempme_train.data import load_split
+
+    (tmp_path / "captions.csv").write_text("video,caption\na.mp4,a red square\n")
+    data = DataSettings(dataset=dataset, anno_path=str(tmp_path / "captions.csv"), video_dir=str(tmp_path / "nodirhere"))
+    with pytest.raises(ConfigError, match=r"data.video_dir: no such folder \(got '.*nodirhere'\)"):
+        load_split(data, "train", "run.yaml")
