@@ -12,7 +12,7 @@ from .config import (
     preset_names,
     register_preset,
 )
-from . import retrieval
+from . import retrieval, weights
 from .factory import build_config, create_model, load_model
 from .model import TempMe
 from .schedule import ScheduleError, build_plan, simulate
@@ -40,4 +40,5 @@ __all__ = [
     "retrieval",
     "simulate",
     "tokenize",
+    "weights",
 ]

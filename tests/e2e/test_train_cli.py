@@ -423,6 +423,25 @@ def test_a_validation_set_with_every_video_missing_fails_before_training(run_con
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+def test_a_trained_run_loads_from_python_on_its_base_weights(custom_run, tmp_path):
+    from tempme.weights import load_weights, save_weights
+    from tempme_train.modeling import load_trained_model
+
+    _, done = custom_run
+    trained = load_weights(done / "best.safetensors").state_dict
+    model = load_trained_model(done)
+    assert not model.training and model.config.merge.method == "tempme"
+    state = model.state_dict()
+    assert trained and all(torch.equal(state[name], value) for name, value in trained.items())
+    assert any(value.abs().sum() > 0 for name, value in trained.items() if "lora_b" in name)  # trained, not zeros
+    other = build_model(train_config_of(done / "best.safetensors"))  # the same architecture, other weights
+    with torch.no_grad():
+        other.visual.proj.add_(1.0)
+    save_weights(other, tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="holds adapters trained on the random .*, not on .*other.safetensors"):
+        load_trained_model(done, str(tmp_path / "other.safetensors"))
+
+
 def test_a_resume_refuses_adapters_whose_base_weights_were_replaced(run_config, custom_run, tmp_path, capsys):
     from tempme.weights import save_weights
 
