@@ -49,6 +49,9 @@ class Progress:
 
     step: int = 0  # optimizer steps done
     best_r1: float | None = None  # best validation t2v R@1 so far
+    # Its t2v mean rank, which breaks ties of R@1 (frequent on a small validation set). None: not
+    # recorded (a checkpoint from before this field): ties then keep the earlier best, as before.
+    best_mean_rank: float | None = None
     best_step: int | None = None
     skipped_videos: list[str] = field(default_factory=list)  # undecodable videos seen so far
     # The validation (and checkpoint) that falls due at ``step`` has not finished: set when it starts,

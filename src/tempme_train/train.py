@@ -520,9 +520,9 @@ class Trainer:
             self.config.optim.precision, self.config.data.num_workers,
             progress=self.config.run.progress and sys.stderr.isatty(),
         )
-        r1 = results["t2v"]["R1"]
+        r1, mean_rank = results["t2v"]["R1"], results["t2v"]["MnR"]
         self.summary.last_val = results
-        best = self.progress.best_r1 is None or r1 > self.progress.best_r1
+        best = is_better(r1, mean_rank, self.progress.best_r1, self.progress.best_mean_rank)
         if self.world.is_main:  # a result, not progress: printed without the bar too
             print_above_bars(validation_line(self.progress.step, self.total_steps, results, best))
         with failures_shared():  # the others wait for rank 0's files, and stop if writing them fails
@@ -530,7 +530,8 @@ class Trainer:
                 # The file first: interrupted in between, progress still names the previous best.
                 if self.world.is_main:
                     save_trained_weights(self.model, self.output / BEST, self.config, self.base_fingerprint)
-                self.progress.best_r1, self.progress.best_step = r1, self.progress.step
+                self.progress.best_r1, self.progress.best_mean_rank = r1, mean_rank
+                self.progress.best_step = self.progress.step
             if self.world.is_main:
                 # Last: stopped before this, the validation is run again on --resume, and logged once.
                 self.log.write("val", self.progress.step, {"t2v": results["t2v"], "v2t": results["v2t"]})
@@ -734,6 +735,17 @@ class Trainer:
             self.log.write("summary", self.progress.step, _summary_record(summary))
             self.log.close()
         return summary
+
+
+def is_better(r1: float, mean_rank: float, best_r1: float | None, best_mean_rank: float | None) -> bool:
+    """Whether a validation with text-to-video ``r1`` and ``mean_rank`` beats the best so far: a higher
+    R@1 (the paper's criterion), or the same R@1 with a lower mean rank (R@1 takes few values on a
+    small validation set, where ties would keep the first weights that reached it)."""
+    if best_r1 is None:
+        return True
+    if r1 != best_r1:
+        return r1 > best_r1
+    return best_mean_rank is not None and mean_rank < best_mean_rank
 
 
 def _check_validation_set(data: TrainData) -> None:

@@ -1253,3 +1253,14 @@ def test_a_run_stores_its_data_paths_absolute(tmp_path, monkeypatch):
     resumed = tiny_config(tmp_path / "run", run={"stop_after": 2}, model={"weights": "clip.safetensors"})
     resumed.data.anno_path, resumed.data.video_dir = "anno/captions.csv", "~/videos"
     assert train(resumed, resume=True, data=synthetic_data()).steps == 2
+
+
+def test_best_weights_go_to_a_higher_r1_then_to_a_lower_mean_rank():
+    from tempme_train.train import is_better
+
+    assert is_better(10.0, 9.0, None, None)  # the first validation
+    assert is_better(50.0, 3.0, 40.0, 1.5)  # R@1 decides first, whatever the mean rank
+    assert not is_better(40.0, 1.0, 50.0, 3.0)
+    assert is_better(50.0, 2.5, 50.0, 3.0)  # a tie: the lower mean rank
+    assert not is_better(50.0, 3.0, 50.0, 3.0) and not is_better(50.0, 3.5, 50.0, 3.0)
+    assert not is_better(50.0, 1.0, 50.0, None)  # a checkpoint that did not record it: the first stays
