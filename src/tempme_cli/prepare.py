@@ -59,7 +59,7 @@ class SplitsThenOverrides(argparse.Action):
 def run(args: argparse.Namespace) -> int:
     from tempme.data import check_videos_exist
     from tempme.files import check_folder
-    from tempme_train.config import NO_VALIDATION
+    from tempme_train.config import NO_VALIDATION, ConfigError
     from tempme_train.data import frame_cache, split_items
     from tempme_train.distributed import world_from_env
 
@@ -79,10 +79,13 @@ def run(args: argparse.Namespace) -> int:
     if not splits:
         raise ValueError(f"{args.config}: data.val_split is {NO_VALIDATION}: this config has no validation set to cache")
     items = {}
-    for name in splits:  # a video can belong to several (a held-out validation set is part of train): cached once
-        split = config.data.train_split if name == "train" else name
-        for item in split_items(config.data, split, args.config):
-            items.setdefault((item.video_id, item.start, item.end), item)
+    try:
+        for name in splits:  # a video can belong to several (a held-out validation set is part of train): cached once
+            split = config.data.train_split if name == "train" else name
+            for item in split_items(config.data, split, args.config):
+                items.setdefault((item.video_id, item.start, item.end), item)
+    except ConfigError as error:  # named after the override that set the value, if one did
+        raise config.blame(error) from None
     missing = check_videos_exist(items.values())
     present = [item for item in items.values() if item.path.is_file()]
     world = world_from_env()

@@ -88,5 +88,5 @@ def run(args: argparse.Namespace) -> int:
         ("undecodable validation videos (left out of validation)", summary.skipped_val_videos),
     ):
         if videos:
-            print(f"{len(videos)} {label}: {', '.join(videos)}")
+            print(f"{label} ({len(videos)}): {', '.join(videos)}")
     return 0

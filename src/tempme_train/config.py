@@ -365,6 +365,8 @@ def _coerce_scalar(value: Any, hint: type, source: str, key: str) -> Any:
     if hint is str:
         if isinstance(value, str):
             return value
+        if value is None:  # `data.video_dir=` and `video_dir:` say empty; YAML reads them as null
+            return ""
         raise ConfigError(source, key, value, "expected a string")
     raise TypeError(f"unsupported config field type {hint!r} at {key}")
 

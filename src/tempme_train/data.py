@@ -73,7 +73,9 @@ def load_split(data: DataSettings, split: str, source: str, split_key: str = "sp
     if not Path(data.anno_path).exists():
         raise ConfigError(source, "data.anno_path", data.anno_path, "no such file or folder")
     if data.video_dir and not Path(data.video_dir).is_dir():
-        raise ConfigError(source, "data.video_dir", data.video_dir, "no such folder")
+        hint = ("; with data.video_dir= (empty), the video paths of a custom annotation file are relative to its folder"
+                if data.dataset == "custom" else "")
+        raise ConfigError(source, "data.video_dir", data.video_dir, f"no such folder{hint}")
     try:
         items = load_dataset(data.dataset, data.anno_path, data.video_dir or None, split)
     except UnknownSplit as error:
@@ -161,15 +163,21 @@ def prepare_training_data(config: TrainConfig, source: str = "config") -> TrainD
     missing videos; without ``strict`` missing videos are reported and left out.
     """
     data = config.data
+    validating = data.val_split != NO_VALIDATION
     try:
         train_items, val_items = train_and_val_items(data, source)
-    except ConfigError as error:  # named after the override that set the split or folder, if one did
+        train_items, missing_train = drop_missing_videos(train_items, data, "training", source)
+        val_items, missing_val = drop_missing_videos(val_items, data, "validation", source, none_there_is_an_error=False)
+        if validating:
+            check_validation_items(val_items, len(missing_val), data, source)
+        if len(train_items) and sum(len(item.captions) for item in train_items) < config.optim.batch_size:
+            raise ConfigError(
+                source, "optim.batch_size", config.optim.batch_size,
+                f"the training set has {sum(len(item.captions) for item in train_items)} (video, caption) "
+                "pairs, fewer than one global batch: lower optim.batch_size",
+            )
+    except ConfigError as error:  # named after the override that set the value, if one did
         raise config.blame(error) from None
-    train_items, missing_train = drop_missing_videos(train_items, data, "training", source)
-    validating = data.val_split != NO_VALIDATION
-    val_items, missing_val = drop_missing_videos(val_items, data, "validation", source, none_there_is_an_error=False)
-    if validating:
-        check_validation_items(val_items, len(missing_val), data, source)
     warn_if_test_split_unreadable(config, source)
     cache = frame_cache(data)
     train_set = RetrievalPairs(
@@ -178,7 +186,7 @@ def prepare_training_data(config: TrainConfig, source: str = "config") -> TrainD
     )
     val_name = f"{data.dataset}/{data.val_split}" + (str(data.holdout_videos) if data.val_split == HOLDOUT else "")
     val_set = EvalSet.from_items(val_items, data, val_name, cache) if validating else None
-    return TrainData(train_set, val_set, missing_train + missing_val)
+    return TrainData(train_set, val_set, list(dict.fromkeys(missing_train + missing_val)))  # a video of both once
 
 
 def warn_if_test_split_unreadable(config: TrainConfig, source: str) -> None:

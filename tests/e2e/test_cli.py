@@ -318,3 +318,19 @@ def test_search_queries_may_follow_options():
         assert (args.index, args.queries, args.top) == ("x.index", queries, top), argv
     with pytest.raises(SystemExit):
         parse_arguments(parser, ["search", "x.index", "a dog", "--bogus"])
+
+
+def test_prepare_names_the_override_that_set_a_bad_value(tmp_path, capsys):
+    good = tmp_path / "captions.csv"
+    good.write_text("video,caption\na.mp4,a red square\n")
+    config = tmp_path / "run.yaml"
+    config.write_text(f"base: msrvtt_b32_tempme\ndata: {{dataset: custom, anno_path: {good}, frame_cache: {tmp_path / 'c'}}}\n")
+    # The benchmark's video folder, inherited: custom paths are relative to the annotation file's folder.
+    assert main(["prepare", "--config", str(config)]) == 2
+    error = capsys.readouterr().err
+    assert "_msrvtt.yaml: data.video_dir: no such folder; with data.video_dir= (empty), the video paths" in error, error
+    bad = tmp_path / "header.csv"
+    bad.write_text("clip,text\na.mp4,a red square\n")
+    assert main(["prepare", "--config", str(config), "data.video_dir=", f"data.anno_path={bad}"]) == 2
+    error = capsys.readouterr().err
+    assert f"command-line override 'data.anno_path={bad}': data.anno_path: bad train annotations" in error, error

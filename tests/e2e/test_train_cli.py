@@ -97,11 +97,11 @@ def test_train_stop_resume_and_evaluate(run_config, tmp_path, capsys, monkeypatc
     with pytest.warns(UserWarning, match=MISSING):
         assert main(["train", "--config", str(run_config), "run.stop_after=2"]) == 0
     printed = capsys.readouterr().out
-    assert "steps: 2/6 (stopped early" in printed and f"missing videos: {MISSING}" in printed
+    assert "steps: 2/6 (stopped early" in printed and f"missing videos (1): {MISSING}" in printed
     with pytest.warns(UserWarning, match=MISSING):
         assert main(["train", "--config", str(run_config), "--resume"]) == 0
     printed = capsys.readouterr().out
-    assert "steps: 6/6\n" in printed and f"undecodable (skipped) videos: {CORRUPT}" in printed
+    assert "steps: 6/6\n" in printed and f"undecodable (skipped) videos (1): {CORRUPT}" in printed
     records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
     validations = [r for r in records if r["kind"] == "val"]

@@ -392,3 +392,38 @@ def test_a_video_folder_that_is_not_there_is_refused_before_the_annotations_are_
     data = DataSettings(dataset=dataset, anno_path=str(tmp_path / "captions.csv"), video_dir=str(tmp_path / "nodirhere"))
     with pytest.raises(ConfigError, match=r"data.video_dir: no such folder \(got '.*nodirhere'\)"):
         load_split(data, "train", "run.yaml")
+
+
+def test_a_training_set_smaller_than_one_batch_names_the_batch_size_and_who_set_it(tmp_path):
+    from tempme_train.config import config_from_dict
+    from tempme_train.data import prepare_training_data
+
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.mp4").write_bytes(b"not decoded here")
+    (tmp_path / "captions.csv").write_text("video,caption\na.mp4,a red square\nb.mp4,a blue circle\nb.mp4,a circle\n")
+    data = {"dataset": "custom", "anno_path": str(tmp_path / "captions.csv"), "val_split": "none"}
+    config = apply_overrides(config_from_dict({"data": data}, "run.yaml"), ["optim.batch_size=4"])
+    with pytest.raises(ConfigError, match=r"^command-line override 'optim.batch_size=4': optim.batch_size: the "
+                       r"training set has 3 \(video, caption\) pairs, fewer than one global batch"):
+        prepare_training_data(config, "run.yaml")
+
+
+def test_a_video_missing_from_training_and_validation_is_listed_once(tmp_path):
+    from tempme_train.config import config_from_dict
+    from tempme_train.data import prepare_training_data
+
+    (tmp_path / "a.mp4").write_bytes(b"not decoded here")
+    (tmp_path / "captions.csv").write_text("video,caption\na.mp4,a red square\ngone.mp4,a blue circle\n")
+    data = {"dataset": "custom", "anno_path": str(tmp_path / "captions.csv"), "val_split": "test"}
+    config = config_from_dict({"data": data, "optim": {"batch_size": 1}}, "run.yaml")
+    with pytest.warns(UserWarning, match="gone.mp4"):
+        prepared = prepare_training_data(config, "run.yaml")
+    assert prepared.missing_videos == ["gone.mp4"]  # its video id, once
+
+
+def test_an_empty_string_setting_from_the_command_line_or_yaml_is_empty(tmp_path):
+    config = apply_overrides(TrainConfig(), ["data.video_dir=", "data.anno_path=captions.csv"])
+    assert config.data.video_dir == ""
+    path = tmp_path / "run.yaml"
+    path.write_text("data:\n  video_dir:\n")
+    assert load_config(path).data.video_dir == ""
