@@ -165,29 +165,34 @@ def embedding_cache(args: argparse.Namespace) -> Path | None:
 
 
 def custom_split_warning(
-    config: TrainConfig, split: str, trained: Path | None, stored: TrainConfig | None
+    config: TrainConfig, split: str, trained: Path | None, stored: TrainConfig | None, items: list
 ) -> str | None:
-    """A warning when a custom-format evaluation runs on the pairs the checkpoint (``trained``, whose
-    training config is ``stored``) was trained on.
-
-    The custom format has no splits: every split name reads the whole annotation file. (``val``
-    without a held-out set is warned about where the split is built.)
-    """
-    from tempme_train.config import HOLDOUT
+    """A warning when a custom-format evaluation of ``items`` runs on videos the checkpoint (``trained``,
+    whose training config is ``stored``) was trained on: the same annotation file (the custom format
+    has no splits: every split name reads the whole file), a copy of it, or a file that shares videos
+    with it. (``val`` without a held-out set is warned about where the split is built.)"""
+    from tempme_train.data import train_and_val_items
 
     data = config.data
     if stored is None or data.dataset != "custom" or split == "val" or stored.data.dataset != "custom":
         return None
-    if Path(stored.data.anno_path).resolve() != Path(data.anno_path).resolve():
-        return None  # evaluated on another file: a real test
-    held_out = ""
-    if stored.data.val_split == HOLDOUT:
-        held_out = f" (all but its {stored.data.holdout_videos} held-out videos)"
-    return (
-        f"data.dataset=custom has no {split} split: these numbers are on {data.anno_path}, the file "
-        f"{trained} was trained on{held_out}, so they measure fit to the training pairs, not test "
-        "performance; evaluate on an annotation file of other videos (--anno-path)"
-    )
+    try:
+        with warnings.catch_warnings():  # about the training run's own settings, said when it ran
+            warnings.simplefilter("ignore")
+            trained_on = {item.path.resolve() for item in train_and_val_items(stored.data, str(trained))[0]}
+    except (ConfigError, OSError):  # its annotation file moved or changed since: compare the files alone
+        if Path(stored.data.anno_path).resolve() != Path(data.anno_path).resolve():
+            return None
+        return (f"data.dataset=custom has no {split} split: these numbers are on {data.anno_path}, the file "
+                f"{trained} was trained on, so they measure fit to the training pairs, not test performance; "
+                "evaluate on an annotation file of other videos (--anno-path)")
+    seen = [item for item in items if item.path.resolve() in trained_on]
+    if not seen:
+        return None  # other videos: a real test
+    which = "all" if len(seen) == len(items) else f"{len(seen)} of"
+    return (f"{which} the {len(items)} videos evaluated ({data.anno_path}) were trained on by {trained} (its "
+            f"training pairs are in {stored.data.anno_path}), so these numbers measure fit to the training pairs, "
+            "not test performance; evaluate on an annotation file of other videos (--anno-path)")
 
 
 def selected_on_test_warning(
@@ -228,7 +233,7 @@ def run(args: argparse.Namespace) -> int:
         cache = embedding_cache(args)
         items = split_items(config.data, args.split, source, "--split")
         items, missing = drop_missing_videos(items, config.data, args.split, source)
-        warning = (custom_split_warning(config, args.split, trained, stored)
+        warning = (custom_split_warning(config, args.split, trained, stored, items)
                    or selected_on_test_warning(config, args.split, trained, stored))
         if warning and world.is_main:  # once, not once per process
             warnings.warn(warning, stacklevel=1)

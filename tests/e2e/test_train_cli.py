@@ -387,6 +387,25 @@ def test_custom_eval_on_the_training_file_says_the_numbers_are_training_pairs(cu
     assert str(captions) in results["warning"] and results["num_videos"] == len(TRAIN_IDS) - 2  # all good ones
 
 
+def test_custom_eval_on_videos_trained_on_warns_whatever_the_file(custom_run, run_config, tmp_path, capsys):
+    captions, output = custom_run
+    videos = run_config.parent / "videos"
+
+    def evaluate(ids: list[str]) -> dict:
+        path = custom_captions(tmp_path / f"{len(ids)}.csv", ids, videos)
+        assert main(["eval", "--checkpoint", str(output), "--anno-path", str(path), "--json", "--no-cache"]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    copy = tmp_path / "copy.csv"  # the training file under another name
+    copy.write_text(captions.read_text())
+    with pytest.warns(UserWarning, match=r"all the 8 videos evaluated \(.*copy.csv\) were trained on by "):
+        assert main(["eval", "--checkpoint", str(output), "--anno-path", str(copy), "--json", "--no-cache"]) == 0
+    capsys.readouterr()
+    with pytest.warns(UserWarning, match=r"2 of the 5 videos evaluated .* were trained on"):
+        evaluate(["video0", "video1", *TEST_IDS])
+    assert "warning" not in evaluate(TEST_IDS)  # other videos: a real test, no warning
+
+
 def test_checkpoint_adapters_go_only_on_their_own_base_weights(custom_run, tmp_path, capsys):
     from tempme.weights import save_weights
 
