@@ -180,6 +180,11 @@ def find_trained_weights(path: str | Path) -> Path:
     hint = ""
     if (path / "last" / TRAINED_FILES[0]).is_file():  # a run stopped before its first validation
         hint = f"; its last checkpoint is {path / 'last'} (name that)"
+    else:  # a folder of runs
+        runs = sorted(child.name for child in path.iterdir()
+                      if child.is_dir() and any((child / name).is_file() for name in TRAINED_FILES))
+        if runs:
+            hint = f"; the runs in it: {', '.join(runs[:10])}{' ...' if len(runs) > 10 else ''} (name one)"
     raise FileNotFoundError(f"{path}: not a weights file, and holds none of {', '.join(TRAINED_FILES)}{hint}")
 
 
@@ -239,5 +244,6 @@ def train_config_of(weights_file: str | Path) -> TrainConfig:
             f"{error}: not a checkpoint written by tempme train (for CLIP or other weights, use --weights)"
         ) from None
     if stored is None:
-        raise ValueError(f"{weights_file} does not record its training config (not written by tempme train); pass --config")
+        raise ValueError(f"{weights_file} does not record its training config (not written by tempme train): "
+                         "give CLIP or tempme weights as --weights, or pass --config with the model's settings")
     return config_from_dict(json.loads(stored), f"training config stored in {weights_file}")

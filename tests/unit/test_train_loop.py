@@ -1264,3 +1264,14 @@ def test_best_weights_go_to_a_higher_r1_then_to_a_lower_mean_rank():
     assert is_better(50.0, 2.5, 50.0, 3.0)  # a tie: the lower mean rank
     assert not is_better(50.0, 3.0, 50.0, 3.0) and not is_better(50.0, 3.5, 50.0, 3.0)
     assert not is_better(50.0, 1.0, 50.0, None)  # a checkpoint that did not record it: the first stays
+
+
+def test_a_folder_of_runs_names_the_runs_in_it(tmp_path):
+    from tempme_train.modeling import find_trained_weights
+
+    for run, name in (("b_run", "best.safetensors"), ("a_run", "weights.safetensors")):
+        (tmp_path / run).mkdir()
+        (tmp_path / run / name).write_bytes(b"")
+    (tmp_path / "notes").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"; the runs in it: a_run, b_run \(name one\)$"):
+        find_trained_weights(tmp_path)
