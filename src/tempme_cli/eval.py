@@ -261,8 +261,9 @@ def run(args: argparse.Namespace) -> int:
         weights=str(trained) if trained else base,
         model={"method": merge.method, "frames": model.config.frames, "precision": config.optim.precision,
                "schedule": {name: value for name, value in dataclasses.asdict(merge).items() if name != "method"}},
-        paper={"t2v": config.paper.t2v, "v2t": config.paper.v2t},
     )
+    if config.paper.t2v or config.paper.v2t:  # figures to compare with, where a config gives them
+        results["paper"] = {"t2v": config.paper.t2v, "v2t": config.paper.v2t}
     if adapters:
         results["base_weights"] = base
     if warning:
