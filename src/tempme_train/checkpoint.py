@@ -31,14 +31,11 @@ from tempme import TempMe
 from tempme.files import sync_file, temporary_directory_for, write_failed
 
 from .config import TrainConfig, save_config
-from .modeling import load_trained_weights, save_trained_weights
+from .modeling import LAST, WEIGHTS, load_trained_weights, save_trained_weights
 
 # What torch.load raises for a truncated or otherwise damaged file (it names no single type).
 _DAMAGED_FILE_ERRORS = (RuntimeError, EOFError, OSError, pickle.UnpicklingError, KeyError, TypeError, ValueError)
 
-LAST = "last"
-BEST = "best.safetensors"
-WEIGHTS = "weights.safetensors"
 STATE = "state.pt"
 CONFIG = "config.yaml"
 

@@ -14,9 +14,12 @@ from tempme.userwarnings import SharedWarning, warn
 
 from .config import ConfigError, TrainConfig, config_from_dict
 
-# weights.safetensors: in a checkpoint folder, or in a run folder after a run without validation;
-# best.safetensors: in a run folder.
-TRAINED_FILES = ("weights.safetensors", "best.safetensors")
+# A run folder: LAST (the checkpoint to resume from, a folder holding WEIGHTS), BEST (the best
+# validation's weights) or, after a run without validation, WEIGHTS (its final weights).
+LAST = "last"
+BEST = "best.safetensors"
+WEIGHTS = "weights.safetensors"
+TRAINED_FILES = (WEIGHTS, BEST)
 BASE_FINGERPRINT = "base_fingerprint"  # metadata key of an adapters-only file: which backbone it fits
 
 
@@ -178,8 +181,8 @@ def find_trained_weights(path: str | Path) -> Path:
         if (path / name).is_file():
             return path / name
     hint = ""
-    if (path / "last" / TRAINED_FILES[0]).is_file():  # a run stopped before its first validation
-        hint = f"; its last checkpoint is {path / 'last'} (name that)"
+    if (path / LAST / WEIGHTS).is_file():  # a run stopped before its first validation
+        hint = f"; its last checkpoint is {path / LAST} (name that)"
     else:  # a folder of runs
         runs = sorted(child.name for child in path.iterdir()
                       if child.is_dir() and any((child / name).is_file() for name in TRAINED_FILES))

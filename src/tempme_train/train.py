@@ -44,10 +44,7 @@ from tempme.signals import Terminated, handlers_replaced, sigterm_raises
 from tempme.userwarnings import SharedWarning, warn
 
 from .checkpoint import (
-    BEST,
     CONFIG,
-    LAST,
-    WEIGHTS,
     Progress,
     find_checkpoint,
     load_checkpoint,
@@ -83,6 +80,9 @@ from .distributed import (
 )
 from .evaluate import eval_set_identity, evaluate
 from .modeling import (
+    BEST,
+    LAST,
+    WEIGHTS,
     base_fingerprint,
     build_model,
     check_base,
