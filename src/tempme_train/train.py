@@ -643,7 +643,7 @@ class Trainer:
             # Bad input (an undecodable video under data.strict, a full disk): the command line prints
             # a ValueError as one line, so where the run stands goes on that line.
             reason = describe_os_error(error) if isinstance(error, OSError) else error
-            then = " once that is fixed" if saved.endswith("--resume") else ""
+            then = " once that is fixed" if self.saved_step else ""  # a checkpoint to resume from
             raise TrainingStopped(f"{reason} (training stopped: {saved}{then})") from error
         print(f"training stopped by an error after step {self.progress.step}/{self.total_steps}: {saved}", file=sys.stderr)
         raise error
