@@ -944,8 +944,8 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_that_says_what_the_run_still_ho
     message = str(info.value)
     assert "\n" not in message and f"cannot write {tmp_path / LAST} ([enforce fail" in message, message
     assert message.count("MiB free on that disk") == 1 and ".tmp" not in message
-    assert f"could not save {tmp_path / LAST} at step 4 (the same error); it still holds step 2" in message
-    assert "--resume" in message
+    assert message.endswith(f"(training stopped: could not save {tmp_path / LAST} at step 4 (the same error); it "
+                            "still holds step 2, to continue from with --resume once that is fixed)"), message
     assert checkpoint_step(tmp_path) == 2
     monkeypatch.undo()
     assert train(config, resume=True, data=data).steps == 4
@@ -1275,3 +1275,16 @@ def test_a_folder_of_runs_names_the_runs_in_it(tmp_path):
     (tmp_path / "notes").mkdir()
     with pytest.raises(FileNotFoundError, match=r"; the runs in it: a_run, b_run \(name one\)$"):
         find_trained_weights(tmp_path)
+
+
+def test_a_full_disk_at_the_first_checkpoint_says_there_is_none_to_resume(tmp_path, monkeypatch):
+    checkpoint_module = importlib.import_module("tempme_train.checkpoint")
+
+    def disk_full(obj, path, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", disk_full)
+    with pytest.raises(ValueError) as info:
+        train(tiny_config(tmp_path, optim={"epochs": 1}), data=synthetic_data())
+    message = str(info.value)
+    assert message.endswith("; there is none)") and "--resume" not in message, message
