@@ -383,6 +383,9 @@ class IndexUpdate:
     # that no longer decodes leaves the index: it is listed in ``skipped`` and in ``dropped`` instead.
     updated: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)  # indexed videos that changed and no longer decode
+    # Videos indexed in windows with some left out, as fewer than half of their frames decode (a
+    # damaged stretch): the ``[start, end]`` spans (seconds) that search cannot find.
+    partial: dict[str, list[list[float]]] = field(default_factory=dict)
     segments: int | None = None  # rows of an index of segments afterwards; None for whole videos
 
 
@@ -826,7 +829,8 @@ def _video_samples(
 class _BatchTaker:
     """What :func:`update_index` does with each batch of samples: records its undecodable videos and
     embeds the rest, into ``pending`` (a video joins the index once all its samples, its windows,
-    are embedded), counting both in ``update`` and beside the progress bar."""
+    are embedded), counting both in ``update`` (windows left out as damaged too) and beside the
+    progress bar."""
 
     def __init__(self, model: TempMe, index: VideoIndex, update: IndexUpdate, pending: _PendingResults,
                  changed: set[str], device: torch.device, precision: str):
@@ -849,14 +853,19 @@ class _BatchTaker:
             [s for s in samples if not isinstance(s, SkippedVideo) and s["video_id"] not in self.pending.failed]
         )
         if batch is not None:
+            left_out: dict[str, list[list[float]]] = {}  # of the videos whose last window is here
             if "start" not in batch:  # whole videos
                 spans, last = [None] * len(batch["video_id"]), [True] * len(batch["video_id"])
             else:  # the bar counts whole videos: show the windows too
                 spans = [list(span) for span in zip(batch["start"], batch["end"])]
                 last = batch["final"].bool().tolist()
                 self.shown["windows"] = self.shown.get("windows", 0) + len(spans)
+                left_out = {video: lost for video, lost, final in zip(batch["video_id"], batch["left_out"], last)
+                            if final and lost}
             embeddings = _embed_batch(self.model, batch, self.device, self.precision)
             for video in self.pending.add_embedded(batch["video_id"], spans, last, embeddings):
+                if video in left_out:
+                    self.update.partial[video] = left_out[video]
                 if video in self.changed:
                     self.update.updated.append(video)
                 else:

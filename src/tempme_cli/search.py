@@ -37,12 +37,14 @@ INDEX_EPILOG = textwrap.dedent(
     is refused: write a new one. One built by tempme 0.1 (portrait phone videos read sideways) is
     updated with a warning. An interrupted run keeps every finished video (the index is written
     every --save-every seconds and on Ctrl-C); the next run carries on. One run at a time per index:
-    a second stops at once. Undecodable videos are listed and tried again next time.
+    a second stops at once. Undecodable videos are listed and tried again next time; a video with a
+    damaged stretch is read around it (with a warning) when at least half its frames decode.
 
     With --segment SECONDS (at least 1) each video is cut into windows of about that length (equal
     windows, no short one left at the end; a video shorter than 1.5 windows stays whole), each
     embedded as a whole video would be: search then finds moments in long videos and prints their
-    time spans. A video enters the index once all its windows are embedded.
+    time spans. A video enters the index once all its windows are embedded; windows of a damaged
+    video of which fewer than half the frames decode are left out, and listed.
 
     examples:
       tempme index ~/videos --weights ViT-B/32 --out videos.index
@@ -315,6 +317,7 @@ def run_index(args: argparse.Namespace) -> int:
                   "total": update.total}
         if update.segments is not None:
             report["segments"] = update.segments
+            report["partial"] = update.partial
         print(json.dumps(report))
         return 0
     held = "" if update.segments is None else f" in {count(update.segments, 'segment')}"
@@ -324,6 +327,9 @@ def run_index(args: argparse.Namespace) -> int:
           f"{found} found)")
     for path in update.updated:
         print(f"  changed, embedded again: {one_line(path)}")
+    for path, spans in update.partial.items():
+        lost = ", ".join(f"{start:.1f}-{end:.1f} s" for start, end in spans)
+        print(f"  damaged, indexed without {lost}: {one_line(path)}")
     for path, reason in update.skipped.items():
         what = "changed, no longer decodes, dropped" if path in update.dropped else "undecodable"
         print(f"  {what}: {one_line(path)}: {reason}")

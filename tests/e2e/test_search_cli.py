@@ -409,7 +409,7 @@ def test_index_of_segments_then_search_finds_moments(tmp_path, capsys):
     code, out, err = cli(capsys, *args, "--segment", "4", "--json")
     assert code == 0, err
     report = json.loads(out)
-    assert (report["added"], report["total"], report["segments"]) == (2, 2, 4)
+    assert (report["added"], report["total"], report["segments"], report["partial"]) == (2, 2, 4, {})
 
     # Updating follows the index's segment length; another one is refused, naming both.
     write_video(videos / "more.mp4", num_frames=20)

@@ -544,12 +544,13 @@ def test_windows_of_a_damaged_video_are_read_around_the_damage_each_on_its_own(t
     assert [(window.start, window.end) for window in planned] == [(0, 4), (4, 8), (8, 12), (12, 16), (16, 20)]
     with pytest.raises(VideoDecodeError, match="corrupt stream"):
         list(read_windows(damaged, 4, 1.0, 4.0))
-    left_out = r"left out, as fewer than half of their frames decode: 8.0-12.0 s"
+    left_out = r"left out, as fewer than half of their frames decode: 8.0-1[26].0 s"  # adjacent ones merged
     with pytest.warns(UserWarning, match=rf"damaged.mp4: \d+ of its 200 frames do not decode .*{left_out}"):
-        windows = list(read_windows(damaged, 4, 1.0, 4.0, around_damage=True))
+        every = list(read_windows(damaged, 4, 1.0, 4.0, around_damage=True))
+    assert [window for window, _ in every] == planned  # in time order, those left out as (window, None)
+    windows = [(window, frames) for window, frames in every if frames is not None]
     spans = [(window.start, window.end) for window, _ in windows]
     assert (0, 4) in spans and (16, 20) in spans and (8, 12) not in spans  # 80-119: none decodes
-    assert [window for window, _ in windows] == [window for window in planned if (window.start, window.end) in spans]
     reference = all_frames(clean)
     for window, frames in windows:
         shown = [frame_index(frame) for frame in frames]
@@ -559,8 +560,26 @@ def test_windows_of_a_damaged_video_are_read_around_the_damage_each_on_its_own(t
     assert [frame_index(frame) for frame in windows[0][1]] == [0, 10, 20, 30]  # before the damage: as sampled
 
 
-def test_a_damaged_video_with_no_window_that_decodes_is_undecodable(tmp_path):
+@pytest.mark.parametrize("start, length", [(0.02, 0.75), (0.05, 0.7)])  # no window decodes; only the last one
+def test_a_video_mostly_damaged_is_undecodable_in_windows_too(tmp_path, start, length):
     clean = write_video(tmp_path / "clean.mp4", num_frames=200, keyframe_every=20)
-    damaged = damaged_copy(clean, 0.02, 0.75, tmp_path / "damaged.mp4")
+    damaged = damaged_copy(clean, start, length, tmp_path / "damaged.mp4")
     with pytest.raises(VideoDecodeError, match="corrupt stream"):
         list(read_windows(damaged, 4, 1.0, 4.0, around_damage=True))
+
+
+def test_whole_frames_from_a_keyframe_are_those_from_the_start(tmp_path):
+    clean = write_video(tmp_path / "clean.mp4", num_frames=200, codec="libx264", keyframe_every=20)
+    damaged = damaged_copy(clean, 0.6, 0.05, tmp_path / "damaged.mp4")
+    with av.open(str(damaged)) as container:
+        times = video_module._packet_times(container, container.streams.video[0])
+    from_start = [index for index, _ in video_module._whole_frames(damaged, times)]
+    from_100 = [index for index, _ in video_module._whole_frames(damaged, times, from_index=100)]
+    keyframe = from_100[0]  # decoding starts at the keyframe at or before frame 100
+    assert 80 <= keyframe <= 100 and from_100 == [index for index in from_start if index >= keyframe]
+    assert len(from_start) < 200 and from_start == sorted(from_start)
+
+
+def test_touching_spans_are_merged():
+    assert video_module.merged_spans([[0, 10], [10, 20], [30, 40], [40, 45], [60, 70]]) == [[0, 20], [30, 45], [60, 70]]
+    assert video_module.merged_spans([]) == []

@@ -384,7 +384,27 @@ def test_a_video_with_a_damaged_stretch_is_indexed_around_it(tmp_path):
     # Its windows too, each read around the damage on its own (see test_data_video.py).
     with pytest.warns(UserWarning, match="damaged.mp4: .* frames do not decode .*from 12.0 s on, .*stand in for"):
         update = update_index(tiny_model(), [damaged], tmp_path / "s.index", segment_s=4.0, progress=False)
-    assert (update.added, update.skipped, update.segments) == (1, {}, 5)
+    assert (update.added, update.skipped, update.segments, update.partial) == (1, {}, 5, {})
+
+
+def test_windows_left_out_of_a_damaged_video_are_reported(tmp_path):
+    import random
+
+    clean = write_video(tmp_path / "clean" / "v.mp4", num_frames=200, keyframe_every=20)
+    data = bytearray(clean.read_bytes())
+    first, count = int(len(data) * 0.3), int(len(data) * 0.2)  # frames 66 to 127: 80-119 none
+    data[first : first + count] = random.Random(1).randbytes(count)
+    damaged = tmp_path / "videos" / "damaged.mp4"
+    damaged.parent.mkdir()
+    damaged.write_bytes(data)
+    path = tmp_path / "s.index"
+    with pytest.warns(UserWarning, match="left out, as fewer than half of their frames decode: 8.0-12.0 s"):
+        update = update_index(tiny_model(), [damaged], path, segment_s=4.0, progress=False)
+    assert (update.added, update.skipped, update.segments) == (1, {}, 4)
+    assert update.partial == {str(damaged.resolve()): [[8.0, 12.0]]}
+    assert VideoIndex.load(path).spans == [[0.0, 4.0], [4.0, 8.0], [12.0, 16.0], [16.0, 20.0]]
+    again = update_index(tiny_model(), [damaged], path, segment_s=4.0, progress=False)
+    assert (again.added, again.partial) == (0, {})  # the file is as it was: nothing to read again
 
 
 def test_index_refuses_another_model_or_other_settings(video_dir, tmp_path):

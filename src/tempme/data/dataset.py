@@ -31,7 +31,7 @@ from .annotations import VideoItem
 from .cache import FrameCache
 from .randaugment import VideoRandAugment
 from .transforms import frames_to_tensor
-from .video import SkippedVideo, VideoDecodeError, check_backend, read_frames, read_windows
+from .video import SkippedVideo, VideoDecodeError, check_backend, merged_spans, read_frames, read_windows
 
 Tokenize = Callable[[list[str], int], tuple[torch.Tensor, torch.Tensor]]
 Sample = dict[str, Any]
@@ -197,8 +197,9 @@ class VideoWindows(IterableDataset):
     """The windows of videos (``read_windows``), one sample per window, each video read once.
 
     A sample is ``{"video": FloatTensor[F, 3, S, S], "video_mask": LongTensor[F], "video_id": str,
-    "start": float, "end": float, "final": int}``: ``start`` and ``end`` in seconds, ``final`` 1 on a
-    video's last window. A video that cannot be read gives one ``SkippedVideo`` instead of its
+    "start": float, "end": float, "final": int, "left_out": list}``: ``start`` and ``end`` in seconds,
+    ``final`` 1 on a video's last window, whose ``left_out`` lists the ``[start, end]`` spans of the
+    video's windows left out as damaged (``around_damage``; touching ones joined). A video that cannot be read gives one ``SkippedVideo`` instead of its
     remaining windows (which the consumer then drops with those it already has); ``around_damage``:
     see :func:`~tempme.data.video.read_windows`. Under a
     ``DataLoader`` with workers, each worker reads every ``num_workers``-th video whole, so the
@@ -234,22 +235,27 @@ class VideoWindows(IterableDataset):
 
     def _windows(self, video: Path) -> Iterator[Sample | SkippedVideo]:
         previous = None  # held back one window, to mark the last
+        left_out: list[list[float]] = []  # windows that do not decode (around_damage)
         try:
             for window, frames in read_windows(
                 video, self.max_frames, self.framerate, self.window_s, self.backend, self.around_damage
             ):
+                if frames is None:
+                    left_out.append([window.start, window.end])
+                    continue
                 if previous is not None:
                     yield previous
                 frames = frames_to_tensor(frames, self.image_size)
                 previous = {"video": frames, "video_mask": torch.ones(frames.shape[0], dtype=torch.long),
-                            "video_id": str(video), "start": window.start, "end": window.end, "final": 0}
+                            "video_id": str(video), "start": window.start, "end": window.end, "final": 0,
+                            "left_out": []}
         except VideoDecodeError as error:
             where = "" if previous is None else f" (after {previous['end']:.1f} s)"
             if self.warn_skipped:
                 warn(f"skipping video {str(video)!r}: {error}{where}")
             yield SkippedVideo(str(video), video, f"{error.reason}{where}")
             return
-        previous["final"] = 1
+        previous["final"], previous["left_out"] = 1, merged_spans(left_out)
         yield previous
 
 

@@ -387,8 +387,10 @@ def _read_frames_pyav(
             raise
         failure = error.reason
     if failure is not None:
-        # Outside the except block: the error's traceback holds the failed decoder, whose threads
-        # would live on with it (a process forked then, a DataLoader worker, can inherit their locks).
+        # Outside the except block, and with the stream let go: the error's traceback and the stream
+        # hold the decoders, whose threads would live on with them (a process forked then, a
+        # DataLoader worker, can inherit their locks).
+        del container, stream
         return _frames_around_damage(path, indices, times, failure)
     if len(frames) < len(set(indices)):
         # The container over-stated its length: resample over the frames that really exist.
@@ -404,33 +406,49 @@ def _read_frames_pyav(
 MIN_DECODABLE_SHARE = 0.5
 
 
-def _whole_frames(path: Path, times: PacketTimes) -> Iterator[tuple[int, av.VideoFrame]]:
+def _whole_frames(path: Path, times: PacketTimes, from_index: int = 0) -> Iterator[tuple[int, av.VideoFrame]]:
     """``(index, frame)`` of the frames that come out whole (indices into ``times.frames``, ascending),
-    decoding the video packet by packet and passing over packets the decoder refuses.
+    decoding the video packet by packet and passing over packets the decoder refuses; from the
+    keyframe before frame ``from_index`` (from the start where seeking there fails).
 
     After a refused packet the decoder goes on with frames it fills in from what it lacks (garbage,
     flagged as nothing), up to the next keyframe: none counts until a keyframe packet decodes, and
-    then only frames shown from that keyframe on. One decoding thread, so that which frames come
+    then only frames shown from that keyframe on. A frame the decoder flags as corrupt (one it
+    concealed errors in) counts as a refused packet. One decoding thread, so that which frames come
     out does not depend on the machine's cores."""
     av = _pyav()
     index_of = {pts: index for index, pts in enumerate(times.frames)}
-    damaged, whole_from = False, None  # after a refused packet; the keyframe decoding starts over from
     with _open_container(path) as container:
         stream = _video_stream(container, path)
         stream.thread_type = "NONE"
-        for packet in container.demux(stream):
+        sought = True
+        if from_index > 0:
+            target = times.frames[from_index]
+            keyframe = times.keyframes[max(bisect.bisect_right(times.keyframes, target) - 1, 0)]
             try:
-                frames = packet.decode()
+                container.seek(keyframe, stream=stream, backward=True, any_frame=False)
             except (av.FFmpegError, OSError, ValueError):
-                damaged, whole_from = True, None
-                continue
-            if damaged and packet.is_keyframe and packet.pts is not None:
-                damaged, whole_from = False, packet.pts
-            for frame in frames:
-                index = index_of.get(frame.pts)
-                if damaged or index is None or (whole_from is not None and frame.pts < whole_from):
+                sought = False
+        if sought:
+            damaged, whole_from = False, None  # after a refused packet; the keyframe decoding starts over from
+            for packet in container.demux(stream):
+                try:
+                    frames = packet.decode()
+                except (av.FFmpegError, OSError, ValueError):
+                    damaged, whole_from = True, None
                     continue
-                yield index, frame
+                if damaged and packet.is_keyframe and packet.pts is not None:
+                    damaged, whole_from = False, packet.pts
+                for frame in frames:
+                    if getattr(frame, "is_corrupt", False):  # PyAV 14 and later say so
+                        damaged, whole_from = True, None
+                        continue
+                    index = index_of.get(frame.pts)
+                    if damaged or index is None or (whole_from is not None and frame.pts < whole_from):
+                        continue
+                    yield index, frame
+            return
+    yield from _whole_frames(path, times)
 
 
 def _decodable_frames(path: Path, times: PacketTimes, keep: set[int]) -> tuple[set[int], dict[int, Image.Image]]:
@@ -514,20 +532,21 @@ def read_windows(
     window_s: float,
     backend: str = "pyav",
     around_damage: bool = False,
-) -> Iterator[tuple[Window, list[Image.Image]]]:
+) -> Iterator[tuple[Window, list[Image.Image] | None]]:
     """The windows of a video (``plan_windows``) with their sampled frames as RGB images, in time
     order, reading the file once: a long video's windows cost about what its frames cost, whether
     its frames are reached by seeking or by decoding in order. Frame times come from the packets'
     timestamps where they can be read, so windows and their times follow a variable frame rate.
 
-    ``around_damage``: when decoding fails part-way, the windows from the failure on are read around
-    the damage, each on its own (PyAV only; see ``_windows_around_damage``): a window of which at least
-    half the frames decode whole comes out with the nearest of those standing in for sampled frames
-    that do not, and the others are left out, with a warning.
+    ``around_damage``: when decoding fails part-way and at least half the video's frames decode
+    whole, the windows from the failure on are read around the damage, each on its own (PyAV only;
+    see ``_windows_around_damage``): a window of which at least half the frames decode whole comes out
+    with the nearest of those standing in for sampled frames that do not; the others come out as
+    ``(window, None)``, left out; a warning says which.
 
     Raises:
         VideoDecodeError: the file is missing, empty, corrupt or has no video stream (possibly after
-            some windows came out); with ``around_damage``, when no window of it could be read.
+            some windows came out).
     """
     _check_known_backend(backend)
     path = Path(path)
@@ -563,62 +582,79 @@ def read_windows(
                 raise
             failure = error.reason
     if failure is not None:
-        # Outside the except block and the container (see _read_frames_pyav).
-        yield from _windows_around_damage(path, windows[done:], times, failure, any_read=done > 0)
+        # Outside the except block, with the failed decoders let go (their threads and frame pools).
+        del container, stream, frames
+        yield from _windows_around_damage(path, windows[done:], times, failure)
 
 
 def _windows_around_damage(
-    path: Path, windows: list[Window], times: PacketTimes, failure: str, any_read: bool
-) -> Iterator[tuple[Window, list[Image.Image]]]:
-    """``windows`` of a video whose decoding in order failed (``failure``: why), read around the damage.
+    path: Path, windows: list[Window], times: PacketTimes, failure: str
+) -> Iterator[tuple[Window, list[Image.Image] | None]]:
+    """``windows`` (the video's last ones, from where decoding in order failed: ``failure`` says why),
+    read around the damage; ``None`` for a window left out.
 
-    Each window on its own: one of which at least ``MIN_DECODABLE_SHARE`` of the frames decode whole
-    has the nearest of them, within the window, stand in for sampled frames that do not; the others
-    are left out (a stretch of a long recording lost, not the whole recording), with a warning that
-    names their times. Undecodable when no window of the video could be read (``any_read``: some
-    came out before the failure). Reads the file twice from the start: once to find the frames that
-    decode, once for the images, holding only the window at hand's."""
-    decoded = sorted(index for index, _ in _whole_frames(path, times))
-    chosen: list[dict[int, int]] = []  # for each window read: sampled frame -> the frame that stands in
-    kept, left_out = [], []
+    Undecodable when under ``MIN_DECODABLE_SHARE`` of the video's frames decode whole (those before
+    ``windows`` came out already and count as decoding), as a whole video would be. Otherwise each
+    window on its own: one of which at least that share of the frames decode has the nearest of
+    them, within the window, stand in for sampled frames that do not; the others are left out (a
+    stretch of a long recording lost, not the whole recording), with a warning that names their
+    times. Decodes twice from the keyframe before ``windows``: once to find the frames that decode,
+    once for the images, holding only the window at hand's."""
+    first, total = windows[0].first, len(times.frames)
+    decoded = sorted(index for index, _ in _whole_frames(path, times, first) if index >= first)
+    if first + len(decoded) < MIN_DECODABLE_SHARE * total:
+        raise VideoDecodeError(path, failure)
+    plan: list[tuple[Window, dict[int, int] | None]] = []  # each window's stand-ins (None: left out)
     for window in windows:
         inside = decoded[bisect.bisect_left(decoded, window.first) : bisect.bisect_right(decoded, window.last)]
-        if len(inside) < MIN_DECODABLE_SHARE * (window.last - window.first + 1):
-            left_out.append(window)
-            continue
-        kept.append(window)
-        chosen.append({index: _nearest(inside, index) for index in window.indices})
-    if not kept and not any_read:
-        raise VideoDecodeError(path, failure)
-    total = len(times.frames)
-    sampled = sum(len(set(window.indices)) for window in kept)
-    replaced = sum(1 for stand_ins in chosen for index, frame in stand_ins.items() if index != frame)
-    message = f"{path}: {total - len(decoded)} of its {total} frames do not decode ({failure})"
-    if replaced:
-        message += (f"; in its windows from {windows[0].start:.1f} s on, the nearest decodable frames of each "
-                    f"window stand in for {replaced} of the {sampled} sampled")
-    if left_out:
-        spans = ", ".join(f"{window.start:.1f}-{window.end:.1f} s" for window in left_out)
-        message += f"; left out, as fewer than half of their frames decode: {spans}"
-    warn(message)
-    if not kept:
-        return
-    pending = iter(zip(kept, chosen))
-    window, stand_ins = next(pending)
-    needed, held = set(stand_ins.values()), {}
-    for index, frame in _whole_frames(path, times):
-        if index in needed:
-            held[index] = upright_image(frame)
-        while needed <= held.keys():
+        enough = len(inside) >= MIN_DECODABLE_SHARE * (window.last - window.first + 1)
+        plan.append((window, {index: _nearest(inside, index) for index in window.indices} if enough else None))
+    warn(_damage_report(path, total - first - len(decoded), total, failure, plan))
+    frames = _whole_frames(path, times, first)
+    try:
+        for window, stand_ins in plan:
+            if stand_ins is None:
+                yield window, None
+                continue
+            needed, held = set(stand_ins.values()), {}
+            while not needed <= held.keys():
+                index, frame = next(frames, (None, None))
+                if index is None:  # the same decoding gave these frames a moment ago
+                    raise VideoDecodeError(path, f"{failure}; the file changed while it was read")
+                if index in needed:
+                    held[index] = upright_image(frame)
             yield window, [held[stand_ins[index]] for index in window.indices]
-            following = next(pending, None)
-            if following is None:
-                return
-            window, stand_ins = following
-            held = {index: image for index, image in held.items() if index in stand_ins.values()}
-            needed = set(stand_ins.values())
-    # The same decoding gave these frames a moment ago: a file that changed while read.
-    raise VideoDecodeError(path, f"{failure}; the file changed while it was read")
+    finally:
+        frames.close()
+
+
+def _damage_report(
+    path: Path, undecodable: int, total: int, failure: str, plan: list[tuple[Window, dict[int, int] | None]]
+) -> str:
+    """The warning of ``_windows_around_damage``: what stood in where, and which stretches were left out."""
+    message = f"{path}: {undecodable} of its {total} frames do not decode ({failure})"
+    kept = [stand_ins for _, stand_ins in plan if stand_ins is not None]
+    replaced = sum(1 for stand_ins in kept for index, frame in stand_ins.items() if index != frame)
+    if replaced:
+        sampled = sum(len(stand_ins) for stand_ins in kept)
+        message += (f"; in its windows from {plan[0][0].start:.1f} s on, the nearest decodable frames of each "
+                    f"window stand in for {replaced} of the {sampled} sampled")
+    left_out = merged_spans([[window.start, window.end] for window, stand_ins in plan if stand_ins is None])
+    if left_out:
+        spans = ", ".join(f"{start:.1f}-{end:.1f} s" for start, end in left_out)
+        message += f"; left out, as fewer than half of their frames decode: {spans}"
+    return message
+
+
+def merged_spans(spans: Sequence[Sequence[float]]) -> list[list[float]]:
+    """``[start, end]`` spans in time order with those that touch joined: ``[[0, 10], [10, 20]]`` -> ``[[0, 20]]``."""
+    merged: list[list[float]] = []
+    for start, end in spans:
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return merged
 
 
 def _frames_once(
