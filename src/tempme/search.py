@@ -518,12 +518,11 @@ class IndexOptions:
     framerate: float
     segment_s: float | None  # None: whole videos
     backend: str
-    precision: str
+    precision: str | None  # None: the device's default (``default_precision``: bf16 on a GPU, fp32 on a CPU)
 
 
 def resolve_index_options(
     path: PathLike,
-    device: torch.device | str = "cpu",
     *,
     framerate: float | None = None,
     segment_s: float | None = None,
@@ -532,13 +531,14 @@ def resolve_index_options(
 ) -> IndexOptions:
     """The options given, and for those left None the index's own where ``path`` holds one (so that
     updating an index needs no more options than building it did), else the defaults: 1 frame per
-    second, whole videos, PyAV, and bf16 on a GPU or fp32 on a CPU. Reads the index's header only."""
-    recorded = read_index_header(path)["settings"] if Path(path).expanduser().is_file() else {}
+    second, whole videos, PyAV, the device's precision. Reads the index's header only."""
+    path = Path(path).expanduser()
+    recorded = read_index_header(path)["settings"] if path.is_file() else {}
     return IndexOptions(
         framerate=recorded.get("framerate", 1.0) if framerate is None else framerate,
         segment_s=recorded.get("segment_s") if segment_s is None else segment_s,
         backend=recorded.get("backend", "pyav") if backend is None else backend,
-        precision=recorded.get("precision", default_precision(checked_device(device))) if precision is None else precision,
+        precision=recorded.get("precision") if precision is None else precision,
     )
 
 
@@ -921,9 +921,10 @@ def update_index(
             video, each sampled as a whole video would be, instead of whole videos: search then finds
             moments in long videos. An index holds whole videos or windows of one length, as it was built.
     """
-    options = resolve_index_options(path, device, framerate=framerate, segment_s=segment_s, backend=backend,
+    path = Path(path).expanduser()
+    options = resolve_index_options(path, framerate=framerate, segment_s=segment_s, backend=backend,
                                     precision=precision)
-    framerate, segment_s, backend, precision = options.framerate, options.segment_s, options.backend, options.precision
+    framerate, segment_s, backend = options.framerate, options.segment_s, options.backend
     check_index_options(batch_size=batch_size, framerate=framerate, num_workers=num_workers,
                         save_every_s=save_every_s, segment_s=segment_s, backend=backend)
     videos, sources = _as_paths(videos), None if sources is None else _as_paths(sources)
@@ -937,6 +938,7 @@ def update_index(
             "`tempme search` can tell the weights it loads are these"
         )
     device = checked_device(device)
+    precision = options.precision or default_precision(device)
     autocast(device, precision)  # refuses an unknown precision before any work
     model_info = {
         **(model_info or {}),

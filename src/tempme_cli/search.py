@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from tempme.config import MERGE_METHODS
-from tempme.precision import PRECISIONS
+from tempme.precision import PRECISIONS, default_precision
 
 from .common import check_finite, check_output_file, count, device_option, show_progress
 
@@ -260,16 +260,17 @@ def run_index(args: argparse.Namespace) -> int:
     # than the first run did.
     existing = read_index_header(args.out) if Path(args.out).is_file() else None
     recorded = existing["settings"] if existing else {}
-    device = device_option(args.device)
-    options = resolve_index_options(args.out, device, framerate=args.framerate, segment_s=args.segment,
-                                    backend=args.backend, precision=None if args.precision == "auto" else args.precision)
-    framerate, segment_s, backend, precision = options.framerate, options.segment_s, options.backend, options.precision
+    options = resolve_index_options(args.out, framerate=args.framerate, segment_s=args.segment, backend=args.backend,
+                                    precision=None if args.precision == "auto" else args.precision)
+    framerate, segment_s, backend = options.framerate, options.segment_s, options.backend
     # update_index checks these too, but only once the model has loaded, and by their Python names.
     check_index_options(batch_size=args.batch_size, framerate=framerate, num_workers=args.workers,
                         save_every_s=args.save_every, segment_s=segment_s, backend=backend, names=INDEX_OPTION_NAMES)
     videos = find_index_sources(args.videos, args.out if existing is not None else None, args.prune)
     found = len({video.resolve() for video in videos})  # a video reached by several links is one
+    device = device_option(args.device)
     check_index_free(args.out)  # before the model loads (a download, maybe), not after
+    precision = options.precision or default_precision(device)
     built_by = existing["model"] if existing else {}
     if not (args.weights or args.checkpoint):
         raise ValueError("name the model: --weights W (CLIP or tempme weights) or --checkpoint PATH (a trained run)")

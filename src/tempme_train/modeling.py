@@ -228,7 +228,7 @@ def load_trained_model(checkpoint: str | Path, base_weights: str | None = None) 
     elif config.model.weights and Path(config.model.weights).is_absolute() and not Path(config.model.weights).exists():
         raise FileNotFoundError(
             f"{trained} was trained on the base weights {config.model.weights}, which are not there any "
-            "more: name where they are now with --weights, beside --checkpoint"
+            "more: name where they are now (--weights beside --checkpoint; base_weights from Python)"
         )
     model = build_model(config, str(trained))
     check_base(model, trained, config.model.weights or f"random {config.model.preset}")

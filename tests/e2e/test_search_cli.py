@@ -453,6 +453,10 @@ def test_a_segment_length_must_be_a_second_or_more(tmp_path, capsys, value, mess
     code, out, err = cli(capsys, "index", str(tmp_path / "v"), "--weights", str(weights),
                          "--out", str(tmp_path / "i.index"), f"--segment={value}")
     assert code == 2 and message in err
+    # Checked before the device: a machine without CUDA names the bad option all the same.
+    code, out, err = cli(capsys, "index", str(tmp_path / "v"), "--weights", str(weights),
+                         "--out", str(tmp_path / "i.index"), f"--segment={value}", "--device", "cuda")
+    assert code == 2 and message in err
 
 
 def test_times_are_shown_rounded_outwards():

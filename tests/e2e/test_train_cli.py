@@ -503,7 +503,7 @@ def test_an_index_of_a_checkpoint_follows_its_base_weights_when_they_move(run_co
     moved = base.rename(tmp_path / "elsewhere.safetensors")
     assert main(["search", str(index), "test clip number 1"]) == 2
     assert (f"was trained on the base weights {base}, which are not there any more: name where they are now "
-            "with --weights") in capsys.readouterr().err
+            "(--weights beside --checkpoint") in capsys.readouterr().err
     for options in (["--weights", str(moved)], ["--checkpoint", str(output), "--weights", str(moved)]):
         assert main(["search", str(index), "test clip number 1", "--json", *options]) == 0
         assert json.loads(capsys.readouterr().out)["results"] == before

@@ -864,6 +864,16 @@ def test_an_index_keeps_whole_videos_or_its_segment_length(long_video_dir, tmp_p
         update_index(model, videos, tmp_path / "segments.index", segment_s=2.5, progress=False)
 
 
+def test_an_index_path_may_start_with_the_home_folder(video_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    model = tiny_model()
+    videos = find_videos([video_dir])
+    update_index(model, videos[:1], "~/v.index", framerate=2.0, progress=False)
+    assert (tmp_path / "v.index").is_file()
+    assert update_index(model, videos, "~/v.index", progress=False).added == len(videos) - 1  # its framerate
+    assert resolve_index_options("~/v.index").framerate == 2.0
+
+
 def test_an_update_takes_the_settings_the_index_was_built_with(long_video_dir, tmp_path):
     """From Python as on the command line: settings left unset are the index's own."""
     model = tiny_model()
@@ -875,7 +885,8 @@ def test_an_update_takes_the_settings_the_index_was_built_with(long_video_dir, t
     index = VideoIndex.load(path)
     assert (index.settings["segment_s"], index.settings["framerate"], index.settings["precision"]) == (4.0, 2.0, "fp32")
     assert resolve_index_options(path) == IndexOptions(framerate=2.0, segment_s=4.0, backend="pyav", precision="fp32")
-    assert resolve_index_options(tmp_path / "new.index", framerate=3.0) == IndexOptions(3.0, None, "pyav", "fp32")
+    # A new index: the device decides the precision (bf16 on a GPU).
+    assert resolve_index_options(tmp_path / "new.index", framerate=3.0) == IndexOptions(3.0, None, "pyav", None)
     with pytest.raises(VideoIndexError, match="built with framerate=2.0, this run has framerate=1.0"):
         update_index(model, videos, path, framerate=1.0, progress=False)
 
