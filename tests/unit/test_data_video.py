@@ -545,7 +545,7 @@ def test_windows_of_a_damaged_video_are_read_around_the_damage_each_on_its_own(t
     with pytest.raises(VideoDecodeError, match="corrupt stream"):
         list(read_windows(damaged, 4, 1.0, 4.0))
     left_out = r"left out, as fewer than half of their frames decode: 8.0-1[26].0 s"  # adjacent ones merged
-    with pytest.warns(UserWarning, match=rf"damaged.mp4: \d+ of its 200 frames do not decode .*{left_out}"):
+    with pytest.warns(UserWarning, match=rf"damaged.mp4: \d+ of its \d+ frames from \d+.0 s on do not decode .*{left_out}"):
         every = list(read_windows(damaged, 4, 1.0, 4.0, around_damage=True))
     assert [window for window, _ in every] == planned  # in time order, those left out as (window, None)
     windows = [(window, frames) for window, frames in every if frames is not None]
@@ -580,6 +580,60 @@ def test_whole_frames_from_a_keyframe_are_those_from_the_start(tmp_path):
     assert len(from_start) < 200 and from_start == sorted(from_start)
 
 
+@pytest.mark.parametrize("codec", ["mpeg2video", "libx264"])
+def test_whole_frames_from_a_keyframe_of_a_transport_stream_lose_none(tmp_path, codec):
+    """Seeking in MPEG-TS lands after the keyframe asked for: decoding then starts from the beginning
+    rather than count the frames up to the next keyframe as damaged."""
+    path = write_video(tmp_path / "clip.ts", num_frames=150, codec=codec, keyframe_every=20)
+    with av.open(str(path)) as container:
+        times = video_module._packet_times(container, container.streams.video[0])
+    for from_index in (45, 130):
+        frames = [index for index, _ in video_module._whole_frames(path, times, from_index=from_index)]
+        assert frames[0] <= from_index and frames == list(range(frames[0], 150)), (from_index, frames[:5])
+
+
 def test_touching_spans_are_merged():
     assert video_module.merged_spans([[0, 10], [10, 20], [30, 40], [40, 45], [60, 70]]) == [[0, 20], [30, 45], [60, 70]]
     assert video_module.merged_spans([]) == []
+
+
+def write_textured_video(path: Path, num_frames: int = 200, keyframe_every: int = 20) -> Path:
+    """Noise scrolling a row a frame (mpeg4, 10 fps): a decoder that conceals damage makes frames that
+    differ visibly from the clean ones, where the flat colours of ``write_video`` would hide it."""
+    rows = np.random.default_rng(0).integers(0, 255, (96 + num_frames, 128, 3), dtype=np.uint8)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=Fraction(10))
+        stream.width, stream.height, stream.pix_fmt, stream.gop_size = 128, 96, "yuv420p", keyframe_every
+        for index in range(num_frames):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(rows[index : index + 96].copy(), format="rgb24")))
+        container.mux(stream.encode(None))
+    return path
+
+
+@pytest.mark.parametrize("whole", [False, True])
+def test_a_frame_the_decoder_concealed_is_not_taken(tmp_path, whole):
+    """Damage from the middle of frame 70's packet: the decoder conceals frame 70 (flags it corrupt)
+    and refuses 71 on. Frame 70 is a sampled one (windows of 4 s, 4 frames: 40, 50, 60, 70)."""
+    clean = write_textured_video(tmp_path / "clean.mp4")
+    with av.open(str(clean)) as container:
+        packets = [(packet.pos, packet.size) for packet in container.demux(video=0) if packet.size]
+    data = bytearray(clean.read_bytes())
+    start, end = packets[70][0] + packets[70][1] // 2, packets[119][0] + packets[119][1]
+    data[start:end] = random.Random(1).randbytes(end - start)
+    damaged = tmp_path / "damaged.mp4"
+    damaged.write_bytes(bytes(data))
+    reference = all_frames(clean)
+
+    def a_clean_frame_near(frame, first: int, last: int) -> bool:
+        frame = np.asarray(frame, dtype=np.int16)
+        return min(np.abs(frame - reference[index]).mean() for index in range(first, last + 1)) < 1
+
+    with pytest.warns(UserWarning, match="frames (from .* on )?do not decode"):
+        if whole:
+            frames = read_frames(damaged, 20, framerate=1.0, around_damage=True)  # one frame a second
+            assert all(a_clean_frame_near(frame, 0, 199) for frame in frames)
+        else:
+            windows = [(w, f) for w, f in read_windows(damaged, 4, 1.0, 4.0, around_damage=True) if f is not None]
+            assert windows[1][0].indices == [40, 50, 60, 70]
+            for window, frames in windows:
+                assert all(a_clean_frame_near(frame, window.first, window.last) for frame in frames), window

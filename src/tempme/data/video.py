@@ -15,6 +15,7 @@ long videos); a stream whose timestamps do not allow that is decoded in order.
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -256,7 +257,7 @@ def upright_image(frame: "av.VideoFrame") -> Image.Image:
     return image if turn is None else image.transpose(turn)
 
 
-def _decode_wanted(path: Path, wanted: set[int]) -> tuple[dict[int, Image.Image], int]:
+def _decode_wanted(path: Path, wanted: set[int], refuse_corrupt: bool = False) -> tuple[dict[int, Image.Image], int]:
     """Decode sequentially up to the last wanted index.
 
     Returns:
@@ -265,19 +266,22 @@ def _decode_wanted(path: Path, wanted: set[int]) -> tuple[dict[int, Image.Image]
     """
     frames: dict[int, Image.Image] = {}
     decoded = 0
-    for index, frame in _decoded_in_order(path, max(wanted)):
+    for index, frame in _decoded_in_order(path, max(wanted), refuse_corrupt):
         decoded = index + 1
         if index in wanted:
             frames[index] = upright_image(frame)
     return frames, decoded
 
 
-def _decoded_in_order(path: Path, last: int) -> Iterator[tuple[int, av.VideoFrame]]:
+def _decoded_in_order(path: Path, last: int, refuse_corrupt: bool = False) -> Iterator[tuple[int, av.VideoFrame]]:
     """``(index, frame)`` of the video's frames from the first, decoded in order, up to ``last`` (or
-    the end of the stream, if it comes first)."""
+    the end of the stream, if it comes first). ``refuse_corrupt``: a frame the decoder concealed errors
+    in (flagged corrupt) is a VideoDecodeError, so that reading around the damage takes over."""
     with _open_container(path) as container:
         stream = _video_stream(container, path)
         for index, frame in enumerate(_decode(container, stream, path)):
+            if refuse_corrupt and getattr(frame, "is_corrupt", False):
+                raise VideoDecodeError(path, f"corrupt stream (frame {index} concealed by the decoder)")
             yield index, frame
             if index >= last:
                 break
@@ -346,7 +350,7 @@ def _seek_frames(
                 container.seek(keyframe, stream=stream, backward=True, any_frame=False)
                 decoded = container.decode(stream)
             for frame in decoded:
-                if frame.pts is None:
+                if frame.pts is None or getattr(frame, "is_corrupt", False):  # decoding in order tells
                     return
                 last_pts = frame.pts
                 if frame.pts >= target:
@@ -381,7 +385,7 @@ def _read_frames_pyav(
                 return [frames[i] for i in indices]
     failure = None
     try:
-        frames, decoded = _decode_wanted(path, set(indices))
+        frames, decoded = _decode_wanted(path, set(indices), refuse_corrupt=around_damage)
     except VideoDecodeError as error:
         if not around_damage or times is None or max(indices) >= len(times.frames):
             raise
@@ -407,31 +411,33 @@ MIN_DECODABLE_SHARE = 0.5
 
 
 def _whole_frames(path: Path, times: PacketTimes, from_index: int = 0) -> Iterator[tuple[int, av.VideoFrame]]:
-    """``(index, frame)`` of the frames that come out whole (indices into ``times.frames``, ascending),
-    decoding the video packet by packet and passing over packets the decoder refuses; from the
-    keyframe before frame ``from_index`` (from the start where seeking there fails).
+    """``(index, frame)`` of the frames that come out whole (indices into ``times.frames``, ascending
+    but for damage that reorders them), decoding the video packet by packet and passing over packets
+    the decoder refuses; from the keyframe before frame ``from_index`` (from the start where seeking
+    does not land on it: some containers, MPEG-TS among them, land after it).
 
     After a refused packet the decoder goes on with frames it fills in from what it lacks (garbage,
     flagged as nothing), up to the next keyframe: none counts until a keyframe packet decodes, and
     then only frames shown from that keyframe on. A frame the decoder flags as corrupt (one it
-    concealed errors in) counts as a refused packet. One decoding thread, so that which frames come
-    out does not depend on the machine's cores."""
+    concealed errors in) counts as a refused packet, unless it is shown before the keyframe decoding
+    started over from (B-frames of the damaged stretch come out after that keyframe). One decoding
+    thread, so that which frames come out does not depend on the machine's cores."""
     av = _pyav()
     index_of = {pts: index for index, pts in enumerate(times.frames)}
+    keyframe = None
+    if from_index > 0:
+        target = times.frames[from_index]
+        keyframe = times.keyframes[max(bisect.bisect_right(times.keyframes, target) - 1, 0)]
     with _open_container(path) as container:
         stream = _video_stream(container, path)
         stream.thread_type = "NONE"
-        sought = True
-        if from_index > 0:
-            target = times.frames[from_index]
-            keyframe = times.keyframes[max(bisect.bisect_right(times.keyframes, target) - 1, 0)]
-            try:
-                container.seek(keyframe, stream=stream, backward=True, any_frame=False)
-            except (av.FFmpegError, OSError, ValueError):
-                sought = False
-        if sought:
+        packets = container.demux(stream)
+        if keyframe is not None:
+            first = _seek_to_keyframe(container, stream, packets, keyframe)
+            packets = None if first is None else itertools.chain([first], packets)
+        if packets is not None:
             damaged, whole_from = False, None  # after a refused packet; the keyframe decoding starts over from
-            for packet in container.demux(stream):
+            for packet in packets:
                 try:
                     frames = packet.decode()
                 except (av.FFmpegError, OSError, ValueError):
@@ -441,7 +447,8 @@ def _whole_frames(path: Path, times: PacketTimes, from_index: int = 0) -> Iterat
                     damaged, whole_from = False, packet.pts
                 for frame in frames:
                     if getattr(frame, "is_corrupt", False):  # PyAV 14 and later say so
-                        damaged, whole_from = True, None
+                        if whole_from is None or frame.pts is None or frame.pts >= whole_from:
+                            damaged, whole_from = True, None
                         continue
                     index = index_of.get(frame.pts)
                     if damaged or index is None or (whole_from is not None and frame.pts < whole_from):
@@ -449,6 +456,21 @@ def _whole_frames(path: Path, times: PacketTimes, from_index: int = 0) -> Iterat
                     yield index, frame
             return
     yield from _whole_frames(path, times)
+
+
+def _seek_to_keyframe(container: av.container.InputContainer, stream: av.video.stream.VideoStream,
+                      packets: Iterator[av.Packet], keyframe: int) -> av.Packet | None:
+    """Seek to the keyframe at ``keyframe`` (a timestamp): the first packet ``packets`` (the stream's
+    demuxer) gives from there, or None where seeking fails or lands elsewhere."""
+    av = _pyav()
+    try:
+        container.seek(keyframe, stream=stream, backward=True, any_frame=False)
+        first = next((packet for packet in packets if packet.size > 0), None)
+    except (av.FFmpegError, OSError, ValueError):
+        return None
+    if first is None or not first.is_keyframe or first.pts is None or first.pts > keyframe:
+        return None
+    return first
 
 
 def _decodable_frames(path: Path, times: PacketTimes, keep: set[int]) -> tuple[set[int], dict[int, Image.Image]]:
@@ -571,7 +593,7 @@ def read_windows(
             raise VideoDecodeError(path, "no decodable video frames")
         windows = plan_windows(times_s, fps, window_s, max_frames, framerate)
         wanted = sorted({index for window in windows for index in window.indices})
-        frames = _frames_once(container, stream, path, wanted, times)
+        frames = _frames_once(container, stream, path, wanted, times, refuse_corrupt=around_damage)
         done, failure = 0, None
         try:
             for window, images in _group_windows(path, windows, frames):
@@ -593,8 +615,9 @@ def _windows_around_damage(
     """``windows`` (the video's last ones, from where decoding in order failed: ``failure`` says why),
     read around the damage; ``None`` for a window left out.
 
-    Undecodable when under ``MIN_DECODABLE_SHARE`` of the video's frames decode whole (those before
-    ``windows`` came out already and count as decoding), as a whole video would be. Otherwise each
+    Undecodable when under ``MIN_DECODABLE_SHARE`` of the video's frames decode whole, as a whole
+    video would be (the frames before ``windows`` are decoded for that only where it could decide
+    it). Otherwise each
     window on its own: one of which at least that share of the frames decode has the nearest of
     them, within the window, stand in for sampled frames that do not; the others are left out (a
     stretch of a long recording lost, not the whole recording), with a warning that names their
@@ -602,43 +625,52 @@ def _windows_around_damage(
     once for the images, holding only the window at hand's."""
     first, total = windows[0].first, len(times.frames)
     decoded = sorted(index for index, _ in _whole_frames(path, times, first) if index >= first)
-    if first + len(decoded) < MIN_DECODABLE_SHARE * total:
-        raise VideoDecodeError(path, failure)
+    if len(decoded) < MIN_DECODABLE_SHARE * total:  # then it depends on the frames before
+        before = first and sum(1 for _ in itertools.takewhile(lambda found: found[0] < first, _whole_frames(path, times)))
+        if before + len(decoded) < MIN_DECODABLE_SHARE * total:
+            raise VideoDecodeError(path, failure)
     plan: list[tuple[Window, dict[int, int] | None]] = []  # each window's stand-ins (None: left out)
     for window in windows:
         inside = decoded[bisect.bisect_left(decoded, window.first) : bisect.bisect_right(decoded, window.last)]
         enough = len(inside) >= MIN_DECODABLE_SHARE * (window.last - window.first + 1)
         plan.append((window, {index: _nearest(inside, index) for index in window.indices} if enough else None))
-    warn(_damage_report(path, total - first - len(decoded), total, failure, plan))
+    warn(_damage_report(path, total - first - len(decoded), total - first, failure, plan))
     frames = _whole_frames(path, times, first)
+    # Frames of any window, kept from when they come out until their window's turn: damage can
+    # reorder them (seen in MPEG-TS), and windows share none.
+    wanted = {index for _, stand_ins in plan if stand_ins is not None for index in stand_ins.values()}
+    held: dict[int, Image.Image] = {}
     try:
         for window, stand_ins in plan:
             if stand_ins is None:
                 yield window, None
                 continue
-            needed, held = set(stand_ins.values()), {}
+            needed = set(stand_ins.values())
             while not needed <= held.keys():
                 index, frame = next(frames, (None, None))
                 if index is None:  # the same decoding gave these frames a moment ago
                     raise VideoDecodeError(path, f"{failure}; the file changed while it was read")
-                if index in needed:
+                if index in wanted:
                     held[index] = upright_image(frame)
             yield window, [held[stand_ins[index]] for index in window.indices]
+            for index in needed:
+                del held[index]
     finally:
         frames.close()
 
 
 def _damage_report(
-    path: Path, undecodable: int, total: int, failure: str, plan: list[tuple[Window, dict[int, int] | None]]
+    path: Path, undecodable: int, counted: int, failure: str, plan: list[tuple[Window, dict[int, int] | None]]
 ) -> str:
-    """The warning of ``_windows_around_damage``: what stood in where, and which stretches were left out."""
-    message = f"{path}: {undecodable} of its {total} frames do not decode ({failure})"
+    """The warning of ``_windows_around_damage``: how many of the ``counted`` frames of ``plan``'s
+    windows do not decode, what stood in where, and which stretches were left out."""
+    since = f" from {plan[0][0].start:.1f} s on" if plan[0][0].first > 0 else ""
+    message = f"{path}: {undecodable} of its {counted} frames{since} do not decode ({failure})"
     kept = [stand_ins for _, stand_ins in plan if stand_ins is not None]
     replaced = sum(1 for stand_ins in kept for index, frame in stand_ins.items() if index != frame)
     if replaced:
         sampled = sum(len(stand_ins) for stand_ins in kept)
-        message += (f"; in its windows from {plan[0][0].start:.1f} s on, the nearest decodable frames of each "
-                    f"window stand in for {replaced} of the {sampled} sampled")
+        message += f"; the nearest decodable frames of each window stand in for {replaced} of the {sampled} sampled"
     left_out = merged_spans([[window.start, window.end] for window, stand_ins in plan if stand_ins is None])
     if left_out:
         spans = ", ".join(f"{start:.1f}-{end:.1f} s" for start, end in left_out)
@@ -659,10 +691,11 @@ def merged_spans(spans: Sequence[Sequence[float]]) -> list[list[float]]:
 
 def _frames_once(
     container: av.container.InputContainer, stream: av.video.stream.VideoStream, path: Path, wanted: list[int],
-    times: PacketTimes | None,
+    times: PacketTimes | None, refuse_corrupt: bool = False,
 ) -> Iterator[tuple[int, Image.Image]]:
     """``(index, image)`` of the ``wanted`` frames (ascending), by seeking where the timestamps allow,
-    then decoding in order from the start for whatever seeking could not place."""
+    then decoding in order from the start for whatever seeking could not place (``refuse_corrupt``:
+    see ``_decoded_in_order``)."""
     done = -1
     if times is not None:  # windows are planned over its frames, so every wanted index is one of them
         for index, image in _seek_frames(container, stream, wanted, times):
@@ -671,7 +704,7 @@ def _frames_once(
     rest = [index for index in wanted if index > done]
     if rest:
         wanted_set = set(rest)
-        for index, frame in _decoded_in_order(path, rest[-1]):
+        for index, frame in _decoded_in_order(path, rest[-1], refuse_corrupt):
             if index in wanted_set:
                 yield index, upright_image(frame)
 
