@@ -72,6 +72,22 @@ def one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"tempme: warning: {message}\n"
 
 
+# The commands that share their work among the processes torchrun starts; the others would each do
+# all of it (`tempme index` says why it does not, itself).
+TORCHRUN_COMMANDS = ("train", "eval", "prepare", "index")
+
+
+def under_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+
+
+def say(line: str) -> None:
+    """One line on standard error, in one write: torchrun's workers write unbuffered (``python -u``),
+    where ``print`` writes the text and the line end apart and two processes' lines can run together."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def later_torchrun_process() -> bool:
     """Whether this is a process of rank 1 or more that torchrun started. (``world_from_env`` reads the
     same variable, but importing it loads torch.distributed, a quarter second on every command.)"""
@@ -94,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
 
         parser = build_parser()
     except KeyboardInterrupt:
-        print("tempme: interrupted", file=sys.stderr)
+        say("tempme: interrupted")
         return 130
     args = parse_arguments(parser, argv)
     if not getattr(args, "handler", None):
@@ -104,18 +120,20 @@ def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = one_line_warning  # DataLoader workers fork from here and inherit it
     try:
         with sigterm_raises(), warnings.catch_warnings():
+            if under_torchrun() and args.command not in TORCHRUN_COMMANDS:
+                raise ValueError(f"{args.command} runs as one process: start it without torchrun")
             if later_torchrun_process():
                 show_only_this_process_warnings()
             return args.handler(args) or 0
     except (ValueError, TypeError) as error:
         # Every process prints its own: under torchrun one of them may be alone to fail (its GPU, its node's files).
-        print(f"tempme {args.command}: error: {error}", file=sys.stderr)
+        say(f"tempme {args.command}: error: {error}")
         return 2
     except BrokenPipeError as error:
         from tempme.files import describe_os_error
 
         if not stdout_reader_gone():  # another pipe: an error like any other
-            print(f"tempme {args.command}: error: {describe_os_error(error)}", file=sys.stderr)
+            say(f"tempme {args.command}: error: {describe_os_error(error)}")
             return 2
         # The reader of our output went away (`tempme search ... | head`): stop quietly, as Unix tools
         # do. Standard output now leads nowhere, so that flushing it at exit raises nothing either.
@@ -126,11 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:  # a file or folder that cannot be read or written: one line, not a traceback
         from tempme.files import describe_os_error
 
-        print(f"tempme {args.command}: error: {describe_os_error(error)}", file=sys.stderr)
+        say(f"tempme {args.command}: error: {describe_os_error(error)}")
         return 2
     except KeyboardInterrupt as interrupt:
         terminated = isinstance(interrupt, Terminated)
-        print(f"tempme {args.command}: {'terminated (SIGTERM)' if terminated else 'interrupted'}", file=sys.stderr)
+        say(f"tempme {args.command}: {'terminated (SIGTERM)' if terminated else 'interrupted'}")
         # A SIGTERM turned into an interrupt exits as a terminated process does.
         return 143 if terminated else 130
     finally:

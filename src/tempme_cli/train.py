@@ -62,16 +62,13 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tempme.files import check_folder
     from tempme_train.distributed import world_from_env
     from tempme_train.train import train
 
     config = config_from_args(args)
     if args.output:
-        # Checked here too so that the error names --output (train() names the config's run.output_dir).
-        if world_from_env().is_main:
-            check_folder(args.output, "--output")
-        # Set as a value rather than a KEY=VALUE text, so any path works without YAML quoting.
+        # Set as a value rather than a KEY=VALUE text, so any path works without YAML quoting; train()
+        # checks the folder (every process waits for that check: under torchrun one failing alone hung).
         config = with_settings(config, {"run.output_dir": args.output}, "--output")
     summary = train(config, resume=args.resume, source=args.config)
     if not world_from_env().is_main:

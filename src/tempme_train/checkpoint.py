@@ -166,7 +166,8 @@ def load_checkpoint(
 
     Each failure is a ValueError that names the file and says which it is: unreadable weights, a
     damaged state file (truncated by a full disk or a copy cut short), or a state that does not fit
-    this run (other trainable parameters, another number of processes).
+    this run (other trainable parameters). The number of processes may differ: batches are drawn by
+    the global batch's seeds, so any count that divides ``optim.batch_size`` goes on alike.
     """
     remedy = (
         f"resume from an earlier copy of {directory} (put it in its place), or start over "
@@ -192,7 +193,7 @@ def load_checkpoint(
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
         raise ValueError(
             f"cannot resume from {directory}: its saved state does not fit this run ({_first_line(error)}); "
-            "resume with the settings and number of processes it was saved with, or start over in a new "
+            "resume with the settings it was saved with, or start over in a new "
             "output folder"
         ) from None
 

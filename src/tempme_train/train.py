@@ -286,7 +286,8 @@ class Trainer:
         with failures_shared():  # each process checks its own device, files and data
             self.device = run_device(config.run.device, world, source)
             if world.is_main:
-                check_folder(self.output, f"{source}: run.output_dir")
+                origin = config.source_of("run.output_dir", source)  # --output, an override or a file
+                check_folder(self.output, origin if origin.startswith("--") else f"{origin}: run.output_dir")
             checkpoint = self._check_output(resume, source)
             if world.is_main:  # what a killed save left (an hour old: a save in flight is not, whoever's)
                 for target in (LAST, BEST, WEIGHTS, CONFIG, METRICS_FILE):

@@ -334,3 +334,11 @@ def test_prepare_names_the_override_that_set_a_bad_value(tmp_path, capsys):
     assert main(["prepare", "--config", str(config), "data.video_dir=", f"data.anno_path={bad}"]) == 2
     error = capsys.readouterr().err
     assert f"command-line override 'data.anno_path={bad}': data.anno_path: bad train annotations" in error, error
+
+
+def test_commands_that_do_not_share_work_refuse_torchrun(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for command in (["flops"], ["search", "x.index", "a dog"], ["demo", "--quick"]):
+        assert main(command) == 2
+        assert capsys.readouterr().err == f"tempme {command[0]}: error: {command[0]} runs as one process: start it " \
+            "without torchrun\n"

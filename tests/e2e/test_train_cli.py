@@ -369,6 +369,9 @@ def test_unusable_output_and_cache_folders(run_config, tmp_path, capsys, monkeyp
     taken.write_text("a file, not a folder")
     assert main(["train", "--config", str(run_config), "--output", str(taken)]) == 2
     assert f"--output {taken}: exists and is not a folder" in one_error_line(capsys)
+    assert main(["train", "--config", str(run_config), f"run.output_dir={taken / 'run'}"]) == 2
+    assert f"command-line override 'run.output_dir={taken / 'run'}': run.output_dir {taken / 'run'}: " \
+        "cannot be created" in one_error_line(capsys)
     assert main(["eval", "--config", str(run_config), "--cache-dir", str(taken)]) == 2
     assert f"--cache-dir {taken}" in one_error_line(capsys)
     # The default cache cannot be written: the metrics still come, with a warning.

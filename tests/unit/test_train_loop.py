@@ -385,6 +385,8 @@ def distributed_worker(rank: int, world_size: int, port: int, folder: str) -> No
     torch.save(result, Path(folder) / f"gradients{rank}.pt")
     summary = train(tiny_config(Path(folder) / "run", run={"eval_every": 2, "device": "cpu"}), data=synthetic_data())
     torch.save(summary.last_val, Path(folder) / f"validation{rank}.pt")
+    # The first steps of a run that one process then resumes.
+    train(tiny_config(Path(folder) / "half", run={"eval_every": 2, "device": "cpu", "stop_after": 2}), data=synthetic_data())
     torch.distributed.destroy_process_group()
     # The group's threads must end here, not during interpreter shutdown (where they can abort it).
     threads = [(Path("/proc/self/task") / task / "comm").read_text().strip() for task in os.listdir("/proc/self/task")]
@@ -419,10 +421,17 @@ def test_two_processes_give_the_gradients_and_training_of_one_process(tmp_path):
         assert grad is not None and torch.allclose(two["grads"][name], grad, atol=1e-6, rtol=1e-5), name
 
     config = tiny_config(tmp_path / "single", run={"eval_every": 2, "device": "cpu"})
-    train(config, data=synthetic_data())
+    summary = train(config, data=synthetic_data())
     single, double = trained_state(tmp_path / "single", config), trained_state(tmp_path / "run", config)
     for name in single:
         assert torch.allclose(single[name], double[name], atol=1e-5), name
+    # Resumed by one process, a run two processes started ends as one process's run does.
+    half = tiny_config(tmp_path / "half", run={"eval_every": 2, "device": "cpu"})
+    assert checkpoint_step(tmp_path / "half") == 2 < summary.total_steps
+    train(half, resume=True, data=synthetic_data())
+    resumed = trained_state(tmp_path / "half", half)
+    for name in single:
+        assert torch.allclose(single[name], resumed[name], atol=1e-5), name
     assert (tmp_path / "run" / "best.safetensors").is_file()
     if Path("/proc/self/task").is_dir():  # Linux
         for rank in (0, 1):
