@@ -148,6 +148,18 @@ def sum_over_processes(tensor: torch.Tensor) -> torch.Tensor:
     return (summed > 0 if tensor.dtype == torch.bool else summed).to(tensor.device)
 
 
+def lost_another_process(error: BaseException) -> bool:
+    """Whether ``error`` is a collective failing because another process went away (killed, out of
+    host memory, its node down): gloo's and NCCL's errors say so in their own words."""
+    if not isinstance(error, RuntimeError) or isinstance(error, FailedElsewhere):
+        return False
+    distributed_error = getattr(torch.distributed, "DistError", ())
+    text = str(error)
+    return isinstance(error, distributed_error) or any(
+        words in text for words in ("gloo/transport", "Connection reset by peer", "Connection closed by peer", "NCCL")
+    )
+
+
 class FailedElsewhere(RuntimeError):
     """Another process failed in a block of :func:`failures_shared`; the message names it and its error."""
 

@@ -75,6 +75,7 @@ from .distributed import (
     all_reduce_gradients,
     broadcast_parameters,
     failures_shared,
+    lost_another_process,
     process_group,
     world_from_env,
 )
@@ -638,6 +639,12 @@ class Trainer:
                 print(f"training {how} after step {self.progress.step}/{self.total_steps}: {saved}", file=sys.stderr)
             raise error
         saved = self.save_stopped(error)
+        if self.world.distributed and lost_another_process(error):
+            # One line rather than the backend's traceback, which names a socket, not a process.
+            words = str(error).splitlines()[0][:200]
+            where = f" (training stopped: {saved})" if saved else ""
+            raise TrainingStopped(f"another training process stopped answering (killed, out of memory, or its "
+                                  f"node went down): {words}{where}") from error
         if saved is None:
             raise error
         if isinstance(error, (ValueError, OSError)):

@@ -494,6 +494,16 @@ def failing_worker(rank: int, port: int, folder: str, failure: str) -> None:
             return real_log(self, step, window)
 
         train_module.Trainer._log_train = sigterm_while_logging_step_3
+    elif failure == "killed" and rank == 1:
+        real_loss, calls = train_module.contrastive_loss, []
+
+        def killed_during_step_2(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:
+                os._exit(9)  # SIGKILL, the kernel's out-of-memory killer: nothing of it runs any more
+            return real_loss(*args, **kwargs)
+
+        train_module.contrastive_loss = killed_during_step_2
     elif failure == "validation video missing" and rank == 1:
         pairs = SyntheticPairs(16)
         data.val = EvalSet("synthetic/val", SyntheticVideos(pairs), [f"v{i}" for i in range(15)], pairs.captions[:15],
@@ -528,6 +538,20 @@ def test_running_out_of_memory_in_one_process_backward_pass_stops_all_of_them(tm
     told = (tmp_path / "rank0.txt").read_text()
     assert told == "FailedElsewhere: process 1 of 2 failed: RuntimeError: CUDA out of memory (simulated)"
     assert checkpoint_step(tmp_path / "run") == 1  # saved by rank 0 on the way out
+
+
+def test_a_process_killed_is_one_line_on_the_others_and_rank_0_saves(tmp_path):
+    # mp.spawn would stop the others as soon as one exits: here they must find out for themselves.
+    context = mp.start_processes(failing_worker, args=(free_port(), str(tmp_path), "killed"), nprocs=2, join=False)
+    for process in context.processes:
+        process.join(timeout=120)
+    assert [process.exitcode for process in context.processes] == [0, 9]
+    told = (tmp_path / "rank0.txt").read_text()
+    assert told.startswith("TrainingStopped: another training process stopped answering (killed, out of memory, "
+                           "or its node went down): "), told
+    assert "\n" not in told and told.endswith(f"(training stopped: saved {tmp_path / 'run' / LAST} at step 1/6; "
+                                                "continue with --resume)"), told
+    assert checkpoint_step(tmp_path / "run") == 1
 
 
 def test_sigterm_reaching_one_process_stops_all_of_them_after_the_same_step(tmp_path, capfd):
