@@ -148,16 +148,17 @@ def sum_over_processes(tensor: torch.Tensor) -> torch.Tensor:
     return (summed > 0 if tensor.dtype == torch.bool else summed).to(tensor.device)
 
 
+# How gloo and NCCL say that the other end of a collective went away (killed, out of host memory,
+# its node down); errors of this process's own (NCCL out of memory, say) do not count.
+_PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "remote process exited or there was a network error")
+
+
 def lost_another_process(error: BaseException) -> bool:
-    """Whether ``error`` is a collective failing because another process went away (killed, out of
-    host memory, its node down): gloo's and NCCL's errors say so in their own words."""
+    """Whether ``error`` is a collective failing because another process went away."""
     if not isinstance(error, RuntimeError) or isinstance(error, FailedElsewhere):
         return False
-    distributed_error = getattr(torch.distributed, "DistError", ())
-    text = str(error)
-    return isinstance(error, distributed_error) or any(
-        words in text for words in ("gloo/transport", "Connection reset by peer", "Connection closed by peer", "NCCL")
-    )
+    network_error = getattr(torch.distributed, "DistNetworkError", ())
+    return isinstance(error, network_error) or any(words in str(error) for words in _PEER_LOST)
 
 
 class FailedElsewhere(RuntimeError):

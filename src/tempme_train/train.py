@@ -641,7 +641,9 @@ class Trainer:
         saved = self.save_stopped(error)
         if self.world.distributed and lost_another_process(error):
             # One line rather than the backend's traceback, which names a socket, not a process.
-            words = str(error).splitlines()[0][:200]
+            words = str(error).splitlines()[0].split(". ")[0]
+            if saved is None and self.saved_step:  # rank 0 saves; this process knows what it last saved
+                saved = f"{self.output / LAST} holds step {self.saved_step} if process 0 wrote it; continue with --resume"
             where = f" (training stopped: {saved})" if saved else ""
             raise TrainingStopped(f"another training process stopped answering (killed, out of memory, or its "
                                   f"node went down): {words}{where}") from error

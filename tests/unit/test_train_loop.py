@@ -1321,3 +1321,18 @@ def test_a_full_disk_at_the_first_checkpoint_says_there_is_none_to_resume(tmp_pa
         train(tiny_config(tmp_path, optim={"epochs": 1}), data=synthetic_data())
     message = str(info.value)
     assert message.endswith("; there is none)") and "--resume" not in message, message
+
+
+def test_only_errors_that_say_another_process_went_away_count_as_such():
+    from tempme_train.distributed import BadInputElsewhere, lost_another_process
+
+    gloo = "[../third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:22405: Connection reset by peer"
+    assert lost_another_process(RuntimeError(gloo))
+    assert lost_another_process(RuntimeError("[pair.cc:589] Connection closed by peer [127.0.0.1]:41234"))
+    assert lost_another_process(RuntimeError("NCCL error: remote process exited or there was a network error"))
+    # This process's own failures, NCCL's included, are not another process going away.
+    assert not lost_another_process(RuntimeError("NCCL error in: ProcessGroupNCCL.cpp, unhandled cuda error, "
+                                                 "Cuda failure 'out of memory'"))
+    assert not lost_another_process(RuntimeError("CUDA out of memory"))
+    assert not lost_another_process(ValueError("Connection reset by peer"))
+    assert not lost_another_process(BadInputElsewhere("process 1 of 2 failed: Connection reset by peer"))

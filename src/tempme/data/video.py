@@ -323,18 +323,21 @@ def _packet_times(container: av.container.InputContainer, stream: av.video.strea
 
 
 def _decode_by_seeking(
-    container: av.container.InputContainer, stream: av.video.stream.VideoStream, wanted: set[int], times: PacketTimes
+    container: av.container.InputContainer, stream: av.video.stream.VideoStream, wanted: set[int], times: PacketTimes,
+    refuse_corrupt: bool = False,
 ) -> dict[int, Image.Image] | None:
     """The wanted frames (indices into ``times.frames``), each reached by seeking to the keyframe before
     it unless the decoder is already past that keyframe. None when a frame does not come out with the
-    timestamp its packet promised: the caller then decodes in order instead.
+    timestamp its packet promised (or, with ``refuse_corrupt``, comes out flagged corrupt): the caller
+    then decodes in order instead.
     """
-    frames = dict(_seek_frames(container, stream, sorted(wanted), times))
+    frames = dict(_seek_frames(container, stream, sorted(wanted), times, refuse_corrupt))
     return frames if len(frames) == len(wanted) else None
 
 
 def _seek_frames(
-    container: av.container.InputContainer, stream: av.video.stream.VideoStream, wanted: list[int], times: PacketTimes
+    container: av.container.InputContainer, stream: av.video.stream.VideoStream, wanted: list[int], times: PacketTimes,
+    refuse_corrupt: bool = False,
 ) -> Iterator[tuple[int, Image.Image]]:
     """``(index, image)`` of the ``wanted`` frames (ascending indices into ``times.frames``), as
     ``_decode_by_seeking`` finds them; it stops early, without an error, at the first frame that
@@ -350,7 +353,7 @@ def _seek_frames(
                 container.seek(keyframe, stream=stream, backward=True, any_frame=False)
                 decoded = container.decode(stream)
             for frame in decoded:
-                if frame.pts is None or getattr(frame, "is_corrupt", False):  # decoding in order tells
+                if frame.pts is None or (refuse_corrupt and getattr(frame, "is_corrupt", False)):
                     return
                 last_pts = frame.pts
                 if frame.pts >= target:
@@ -380,14 +383,14 @@ def _read_frames_pyav(
             raise VideoDecodeError(path, "no decodable video frames")
         indices = sample_frame_indices(num_frames, fps, max_frames, framerate, start, end)
         if times is not None and max(indices) < len(times.frames):
-            frames = _decode_by_seeking(container, stream, set(indices), times)
+            frames = _decode_by_seeking(container, stream, set(indices), times, refuse_corrupt=around_damage)
             if frames is not None:
                 return [frames[i] for i in indices]
     failure = None
     try:
         frames, decoded = _decode_wanted(path, set(indices), refuse_corrupt=around_damage)
     except VideoDecodeError as error:
-        if not around_damage or times is None or max(indices) >= len(times.frames):
+        if not around_damage or times is None:
             raise
         failure = error.reason
     if failure is not None:
@@ -395,6 +398,8 @@ def _read_frames_pyav(
         # hold the decoders, whose threads would live on with them (a process forked then, a
         # DataLoader worker, can inherit their locks).
         del container, stream
+        if max(indices) >= len(times.frames):  # the container over-states its length (a file cut short)
+            indices = sample_frame_indices(len(times.frames), fps, max_frames, framerate, start, end)
         return _frames_around_damage(path, indices, times, failure)
     if len(frames) < len(set(indices)):
         # The container over-stated its length: resample over the frames that really exist.
@@ -437,6 +442,8 @@ def _whole_frames(path: Path, times: PacketTimes, from_index: int = 0) -> Iterat
             packets = None if first is None else itertools.chain([first], packets)
         if packets is not None:
             damaged, whole_from = False, None  # after a refused packet; the keyframe decoding starts over from
+            # B-frames come out before the frame they are predicted from: they wait for it to come out whole.
+            held: list[tuple[int, av.VideoFrame]] = []
             for packet in packets:
                 try:
                     frames = packet.decode()
@@ -449,13 +456,26 @@ def _whole_frames(path: Path, times: PacketTimes, from_index: int = 0) -> Iterat
                     if getattr(frame, "is_corrupt", False):  # PyAV 14 and later say so
                         if whole_from is None or frame.pts is None or frame.pts >= whole_from:
                             damaged, whole_from = True, None
+                            held.clear()
                         continue
                     index = index_of.get(frame.pts)
                     if damaged or index is None or (whole_from is not None and frame.pts < whole_from):
                         continue
+                    if _is_b_frame(frame):
+                        held.append((index, frame))
+                        continue
+                    yield from held
+                    held.clear()
                     yield index, frame
+            yield from held  # the last ones: what they are predicted from came out whole
             return
     yield from _whole_frames(path, times)
+
+
+def _is_b_frame(frame: av.VideoFrame) -> bool:
+    """Whether ``frame`` is bidirectionally predicted (PyAV gives its picture type as a number or an enum)."""
+    kind = frame.pict_type
+    return getattr(kind, "name", None) == "B" or (isinstance(kind, int) and kind == 3)  # AV_PICTURE_TYPE_B
 
 
 def _seek_to_keyframe(container: av.container.InputContainer, stream: av.video.stream.VideoStream,
@@ -698,7 +718,7 @@ def _frames_once(
     see ``_decoded_in_order``)."""
     done = -1
     if times is not None:  # windows are planned over its frames, so every wanted index is one of them
-        for index, image in _seek_frames(container, stream, wanted, times):
+        for index, image in _seek_frames(container, stream, wanted, times, refuse_corrupt):
             done = index
             yield index, image
     rest = [index for index in wanted if index > done]
