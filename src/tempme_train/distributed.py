@@ -149,7 +149,7 @@ def sum_over_processes(tensor: torch.Tensor) -> torch.Tensor:
 
 
 # How gloo and NCCL say that the other end of a collective went away (killed, out of host memory,
-# its node down); errors of this process's own (NCCL out of memory, say) do not count.
+# its node down) or stopped answering; errors of this process's own (NCCL out of memory, say) do not count.
 _PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "remote process exited or there was a network error")
 
 
@@ -157,8 +157,10 @@ def lost_another_process(error: BaseException) -> bool:
     """Whether ``error`` is a collective failing because another process went away."""
     if not isinstance(error, RuntimeError) or isinstance(error, FailedElsewhere):
         return False
+    text = str(error)
     network_error = getattr(torch.distributed, "DistNetworkError", ())
-    return isinstance(error, network_error) or any(words in str(error) for words in _PEER_LOST)
+    return (isinstance(error, network_error) or any(words in text for words in _PEER_LOST)
+            or ("gloo/transport" in text and "Timed out waiting" in text))
 
 
 class FailedElsewhere(RuntimeError):

@@ -598,12 +598,12 @@ def test_touching_spans_are_merged():
     assert video_module.merged_spans([]) == []
 
 
-def write_textured_video(path: Path, num_frames: int = 200, keyframe_every: int = 20) -> Path:
-    """Noise scrolling a row a frame (mpeg4, 10 fps): a decoder that conceals damage makes frames that
-    differ visibly from the clean ones, where the flat colours of ``write_video`` would hide it."""
+def write_textured_video(path: Path, num_frames: int = 200, keyframe_every: int = 20, codec: str = "mpeg4") -> Path:
+    """Noise scrolling a row a frame (10 fps): a decoder that conceals damage makes frames that differ
+    visibly from the clean ones, where the flat colours of ``write_video`` would hide it."""
     rows = np.random.default_rng(0).integers(0, 255, (96 + num_frames, 128, 3), dtype=np.uint8)
     with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=Fraction(10))
+        stream = container.add_stream(codec, rate=Fraction(10))
         stream.width, stream.height, stream.pix_fmt, stream.gop_size = 128, 96, "yuv420p", keyframe_every
         for index in range(num_frames):
             container.mux(stream.encode(av.VideoFrame.from_ndarray(rows[index : index + 96].copy(), format="rgb24")))
@@ -640,18 +640,22 @@ def test_a_frame_the_decoder_concealed_is_not_taken(tmp_path, whole):
                 assert all(a_clean_frame_near(frame, window.first, window.last) for frame in frames), window
 
 
-def test_a_file_cut_short_is_read_over_the_frames_it_holds(tmp_path):
-    """A partial download: the header counts more frames than the packets hold, and the decoder
-    conceals the last, cut one. Read around damage, it samples the frames there are, whole ones."""
-    clean = write_textured_video(tmp_path / "clean.avi")
+@pytest.mark.parametrize("name, codec, share", [("clip.avi", "mpeg4", 0.93), ("clip.ts", "libx264", 0.519)])
+def test_a_file_cut_short_is_read_over_the_frames_it_holds(tmp_path, name, codec, share):
+    """A partial download: the header counts more frames than the packets hold (AVI), or the stream
+    just ends (MPEG-TS), and the decoder conceals the last, cut frame. Read around damage, it samples
+    the frames there are, whole ones. (Decoding on frame threads, FFmpeg now and then drops the flag
+    that marks a concealed frame: the TS case took one in about half its runs then.)"""
+    clean = write_textured_video(tmp_path / f"clean_{name}", codec=codec)
     data = clean.read_bytes()
-    cut = tmp_path / "cut.avi"
-    cut.write_bytes(data[: int(len(data) * 0.93)])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # frames may stand in for the cut one
-        frames = read_frames(cut, 12, around_damage=True)
+    cut = tmp_path / name
+    cut.write_bytes(data[: int(len(data) * share)])
     reference = all_frames(clean)
-    assert len(frames) == 12
-    for frame in frames:
-        frame = np.asarray(frame, dtype=np.int16)
-        assert min(np.abs(frame - clean_frame).mean() for clean_frame in reference) < 1
+    for _ in range(4):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # frames may stand in for the cut one
+            frames = read_frames(cut, 12, around_damage=True)
+        assert len(frames) == 12
+        for frame in frames:
+            frame = np.asarray(frame, dtype=np.int16)
+            assert min(np.abs(frame - clean_frame).mean() for clean_frame in reference) < 1

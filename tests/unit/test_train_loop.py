@@ -1330,6 +1330,8 @@ def test_only_errors_that_say_another_process_went_away_count_as_such():
     assert lost_another_process(RuntimeError(gloo))
     assert lost_another_process(RuntimeError("[pair.cc:589] Connection closed by peer [127.0.0.1]:41234"))
     assert lost_another_process(RuntimeError("NCCL error: remote process exited or there was a network error"))
+    assert lost_another_process(RuntimeError("[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed "
+                                             "out waiting 20000ms for recv operation to complete"))
     # This process's own failures, NCCL's included, are not another process going away.
     assert not lost_another_process(RuntimeError("NCCL error in: ProcessGroupNCCL.cpp, unhandled cuda error, "
                                                  "Cuda failure 'out of memory'"))

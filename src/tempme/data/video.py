@@ -200,12 +200,17 @@ def _what_failed(error: Exception) -> str:
     return words
 
 
-def _video_stream(container: av.container.InputContainer, path: Path) -> av.video.stream.VideoStream:
+def _video_stream(
+    container: av.container.InputContainer, path: Path, flags_concealment: bool = False
+) -> av.video.stream.VideoStream:
+    """The container's first video stream, set to decode on several threads. Frame threading speeds
+    up decoding several-fold and keeps presentation order, but loses the flag that marks a frame
+    the decoder concealed errors in, now and then: with ``flags_concealment`` (reading around damage,
+    which must not take such a frame) threads split each frame instead."""
     if not container.streams.video:
         raise VideoDecodeError(path, "no video stream")
     stream = container.streams.video[0]
-    # Frame threading speeds up decoding several-fold and keeps presentation order.
-    stream.thread_type = "AUTO"
+    stream.thread_type = "SLICE" if flags_concealment else "AUTO"
     return stream
 
 
@@ -278,7 +283,7 @@ def _decoded_in_order(path: Path, last: int, refuse_corrupt: bool = False) -> It
     the end of the stream, if it comes first). ``refuse_corrupt``: a frame the decoder concealed errors
     in (flagged corrupt) is a VideoDecodeError, so that reading around the damage takes over."""
     with _open_container(path) as container:
-        stream = _video_stream(container, path)
+        stream = _video_stream(container, path, flags_concealment=refuse_corrupt)
         for index, frame in enumerate(_decode(container, stream, path)):
             if refuse_corrupt and getattr(frame, "is_corrupt", False):
                 raise VideoDecodeError(path, f"corrupt stream (frame {index} concealed by the decoder)")
@@ -373,7 +378,7 @@ def _read_frames_pyav(
     # One open container serves the stream's facts, its packet timestamps and seeking: opening and
     # probing a file costs milliseconds, a fair share of reading 12 frames of a short clip.
     with _open_container(path) as container:
-        stream = _video_stream(container, path)
+        stream = _video_stream(container, path, flags_concealment=around_damage)
         fps = _stream_fps(stream, path)
         num_frames = _declared_frame_count(stream)
         times = _packet_times(container, stream)
@@ -463,6 +468,8 @@ def _whole_frames(path: Path, times: PacketTimes, from_index: int = 0) -> Iterat
                         continue
                     if _is_b_frame(frame):
                         held.append((index, frame))
+                        if len(held) > _MAX_HELD_B_FRAMES:  # B-pictures used as P-frames (some encoders)
+                            yield held.pop(0)
                         continue
                     yield from held
                     held.clear()
@@ -470,6 +477,10 @@ def _whole_frames(path: Path, times: PacketTimes, from_index: int = 0) -> Iterat
             yield from held  # the last ones: what they are predicted from came out whole
             return
     yield from _whole_frames(path, times)
+
+
+# B-frames held at most while their reference frame is awaited: H.264's and HEVC's most references.
+_MAX_HELD_B_FRAMES = 16
 
 
 def _is_b_frame(frame: av.VideoFrame) -> bool:
@@ -597,7 +608,7 @@ def read_windows(
         yield from _read_windows_decord(path, max_frames, framerate, window_s)
         return
     with _open_container(path) as container:
-        stream = _video_stream(container, path)
+        stream = _video_stream(container, path, flags_concealment=around_damage)
         fps = _stream_fps(stream, path)
         times = _packet_times(container, stream)
         if times is not None:
