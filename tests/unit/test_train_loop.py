@@ -1338,3 +1338,15 @@ def test_only_errors_that_say_another_process_went_away_count_as_such():
     assert not lost_another_process(RuntimeError("CUDA out of memory"))
     assert not lost_another_process(ValueError("Connection reset by peer"))
     assert not lost_another_process(BadInputElsewhere("process 1 of 2 failed: Connection reset by peer"))
+
+
+def test_loader_workers_share_the_machine_s_cpus_among_its_processes(monkeypatch):
+    from tempme_train import workers
+
+    monkeypatch.setattr(workers, "available_cpus", lambda: 8)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert [workers.loader_workers(n) for n in (0, 4, 16)] == [0, 4, 8]
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun --nproc_per_node 4: 2 CPUs each
+    assert [workers.loader_workers(n) for n in (0, 1, 4)] == [0, 1, 2]
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")  # more processes than CPUs: one worker each all the same
+    assert workers.loader_workers(4) == 1
