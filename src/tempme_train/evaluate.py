@@ -164,15 +164,16 @@ def encode_videos(
     done_before = VideoProgress.load(partial, count, dim) if partial is not None else None
     state = done_before or VideoProgress.empty(count, dim)
     rows = [row for row in share(count) if not state.done[row]]
+    _, processes = rank_and_size()
+    videos = f"the {len(share(count))} videos of this process's share" if processes > 1 else f"{count} videos"
     if done_before is not None and progress:
-        print(f"carrying on from {partial}: {len(share(count)) - len(rows)} of {len(share(count))} videos "
-              "embedded before", file=sys.stderr)
+        print(f"carrying on from {partial}: {len(share(count)) - len(rows)} of {videos} embedded before", file=sys.stderr)
     # Samples carry their own "index", so the rows they fill are right whatever the subset.
     loader = DataLoader(
         Subset(eval_set.videos, rows), batch_size=batch_size, num_workers=loader_workers(num_workers),
         collate_fn=collate_skip_bad, worker_init_fn=quiet_worker_init,
     )
-    last_save = time.monotonic()
+    last_save, interrupted = time.monotonic(), False
     with loader_batches(loader) as batches:
         try:
             for number, batch in enumerate(
@@ -189,10 +190,28 @@ def encode_videos(
                     if not _save_partial(state, partial):
                         partial = None  # said once; the evaluation goes on without
                     last_save = time.monotonic()
+        except KeyboardInterrupt:
+            interrupted = True
+            raise
         finally:
             if partial is not None and state.done.any() and not state.done[rows].all():
-                _save_partial(state, partial)
+                if _save_partial(state, partial) and interrupted and progress:
+                    done = int(state.done[share(count)].sum())
+                    print(f"{done} of {videos} embedded are kept in {partial}: the same command carries on from "
+                          "there" + (" (with as many processes)" if processes > 1 else ""), file=sys.stderr)
     return state.video, state.present
+
+
+def _warn_of_other_partials(cache_dir: Path, key: str, size: int) -> None:
+    """Say when the videos embedded by an interrupted evaluation on another number of processes are
+    there: each process keeps its own share, which only the same number reads back."""
+    others = sorted(path.name for path in cache_dir.glob(f"{glob.escape(key)}.*-of-*.partial")
+                    if not path.name.endswith(f"-of-{size}.partial"))
+    if others:
+        counts = sorted({name.rsplit("-of-", 1)[1].split(".")[0] for name in others}, key=int)
+        warn(f"{cache_dir} holds the videos embedded so far by an interrupted evaluation on {' or '.join(counts)} "
+             f"processes ({', '.join(others)}), which {size} cannot read: this run embeds them again (run it on "
+             f"{' or '.join(counts)} processes to carry on from there instead)")
 
 
 def _remove_partials(cache_dir: Path, key: str) -> None:
@@ -366,6 +385,8 @@ def evaluate(
     if not all(cached for _, cached in states):
         embeddings = None
     if embeddings is None:
+        if partial is not None and is_main_process():
+            _warn_of_other_partials(Path(cache_dir), key, size)
         embeddings = embed(model, eval_set, batch_size, device, precision, num_workers, progress, partial)
         if cache_path is not None and is_main_process():
             try:

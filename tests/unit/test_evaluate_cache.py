@@ -39,9 +39,10 @@ def settings(**changes) -> DataSettings:
     return DataSettings(dataset="custom", max_frames=FRAMES, image_size=32, num_workers=0, **changes)
 
 
-def run(model, anno: Path, video_dir: Path, cache: Path, frame_cache: FrameCache | None = None, **data):
+def run(model, anno: Path, video_dir: Path, cache: Path, frame_cache: FrameCache | None = None, progress: bool = False,
+        **data):
     eval_set = EvalSet.from_items(load_custom(anno, video_dir), settings(**data), "custom/test", frame_cache)
-    return evaluate(model, eval_set, batch_size=2, cache_dir=cache, progress=False)
+    return evaluate(model, eval_set, batch_size=2, cache_dir=cache, progress=progress)
 
 
 def test_another_video_dir_is_not_answered_from_the_cache(model, tmp_path):
@@ -101,7 +102,7 @@ def test_frame_cache_and_decoder_settings_enter_the_key(model, tmp_path):
     assert len(keys) == len(BACKENDS)
 
 
-def test_an_interrupted_evaluation_carries_on_with_the_videos_it_embedded(model, tmp_path, monkeypatch):
+def test_an_interrupted_evaluation_carries_on_with_the_videos_it_embedded(model, tmp_path, monkeypatch, capsys):
     root = tmp_path / "data"
     rows = ["video,caption"]
     for i in range(7):  # batches of 2: four batches, the fourth of one video
@@ -122,8 +123,11 @@ def test_an_interrupted_evaluation_carries_on_with_the_videos_it_embedded(model,
 
     monkeypatch.setattr(model, "encode_video", encode_then_stop)
     with pytest.raises(KeyboardInterrupt):
-        run(model, anno, root, tmp_path / "cache")
+        run(model, anno, root, tmp_path / "cache", progress=True)
     assert [p.name.split(".", 1)[1] for p in (tmp_path / "cache").iterdir()] == ["0-of-1.partial"]
+    partial = next((tmp_path / "cache").iterdir())
+    assert f"4 of 7 videos embedded are kept in {partial}: the same command carries on from there\n" \
+        in capsys.readouterr().err  # v0 to v3, v3 found undecodable
 
     monkeypatch.setattr(model, "encode_video", lambda frames, *a, **k: (videos_encoded.extend(range(frames.shape[0])),
                                                                      real_encode(frames, *a, **k))[1])
@@ -178,5 +182,7 @@ def test_partial_files_go_once_the_cache_is_written(model, tmp_path):
     cache.mkdir()
     (cache / f"{key}.1-of-2.partial").write_bytes(b"left by a run on two processes")
     (cache / "other.1-of-2.partial").write_bytes(b"another key's")
-    evaluate(model, eval_set, batch_size=2, cache_dir=cache, progress=False)
+    with pytest.warns(UserWarning, match=rf"interrupted evaluation on 2 processes \({key}.1-of-2.partial\), which 1 "
+                      "cannot read: this run embeds them again"):
+        evaluate(model, eval_set, batch_size=2, cache_dir=cache, progress=False)
     assert sorted(p.name for p in cache.iterdir()) == sorted([f"{key}.safetensors", "other.1-of-2.partial"])
