@@ -40,6 +40,7 @@ from .evaluate import EvalSet
 from .workers import loader_workers
 
 _LISTED = 10  # missing videos named in a message
+FEW_VALIDATION_CAPTIONS = 50  # below this, R@1 moves in steps of more than 2%
 
 
 @dataclass
@@ -225,6 +226,12 @@ def check_validation_items(items: list[VideoItem], missing: int, data: DataSetti
             f"nothing to validate on: the {len(items)} videos of {where} have no captions in {data.anno_path}",
             show_value=False,
         )
+    captions = sum(len(item.captions) for item in items)
+    if captions < FEW_VALIDATION_CAPTIONS:
+        more = " (data.holdout_videos)" if data.val_split == HOLDOUT else ""
+        warn(f"validation has {captions} captions ({where}): its text-to-video R@1 moves in steps of "
+             f"{100 / captions:.3g}%, so best.safetensors is chosen coarsely (ties go to the lower mean rank); "
+             f"validate on more videos{more} for a finer choice", SharedWarning)
 
 
 def training_set_identity(dataset: Dataset) -> tuple[int, str | None]:

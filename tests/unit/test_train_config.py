@@ -427,3 +427,19 @@ def test_an_empty_string_setting_from_the_command_line_or_yaml_is_empty(tmp_path
     path = tmp_path / "run.yaml"
     path.write_text("data:\n  video_dir:\n")
     assert load_config(path).data.video_dir == ""
+
+
+def test_a_small_validation_set_is_warned_about(tmp_path):
+    from tempme_train.config import config_from_dict
+    from tempme_train.data import prepare_training_data
+
+    rows = ["video,caption"]
+    for i in range(6):
+        (tmp_path / f"v{i}.mp4").write_bytes(b"not decoded here")
+        rows.append(f"v{i}.mp4,clip {i}")
+    (tmp_path / "captions.csv").write_text("\n".join(rows) + "\n")
+    data = {"dataset": "custom", "anno_path": str(tmp_path / "captions.csv"), "val_split": "holdout", "holdout_videos": 2}
+    config = config_from_dict({"data": data, "optim": {"batch_size": 2}}, "run.yaml")
+    with pytest.warns(UserWarning, match=r"validation has 2 captions \(the held-out videos\): its text-to-video R@1 "
+                      r"moves in steps of 50%.*validate on more videos \(data.holdout_videos\)"):
+        prepare_training_data(config, "run.yaml")
