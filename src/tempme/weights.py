@@ -524,7 +524,8 @@ def load_state_dict_into(model: TempMe, sd: Mapping[str, torch.Tensor], strict_a
         hint = ""
         if all(is_adapter_parameter(name) for name in sd):
             hint = (
-                "; this is an adapters-only checkpoint: combine it with backbone weights first "
+                "; this is an adapters-only checkpoint: a tempme train run's loads on its base weights with "
+                "tempme_train.modeling.load_trained_model(run); others combine with backbone weights first "
                 "({**backbone, **adapters})"
             )
         raise WeightsError(f"{_listing('missing backbone key', missing_backbone)}{hint}")

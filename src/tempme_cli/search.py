@@ -43,8 +43,8 @@ INDEX_EPILOG = textwrap.dedent(
     With --segment SECONDS (at least 1) each video is cut into windows of about that length (equal
     windows, no short one left at the end; a video shorter than 1.5 windows stays whole), each
     embedded as a whole video would be: search then finds moments in long videos and prints their
-    time spans. A video enters the index once all its windows are embedded; windows of a damaged
-    video of which fewer than half the frames decode are left out, and listed.
+    time spans. A video enters the index once all its windows are embedded; in a damaged video,
+    windows in which fewer than half the frames decode are left out, and listed in the summary.
 
     examples:
       tempme index ~/videos --weights ViT-B/32 --out videos.index

@@ -47,7 +47,7 @@ def register(subparsers) -> None:
         description="Fine-tune TempMe (LoRA + clip positional embeddings by default) with the paper's recipe. "
         "Every setting is checked and every training and validation annotation and video file looked up "
         "before the first step (the test annotations are read too: a warning if they cannot be). "
-        "Writes config.yaml, metrics.jsonl, best.safetensors (best validation text-to-video R@1, ties to the lower mean rank; with "
+        "Writes config.yaml, metrics.jsonl, best.safetensors (best validation text-to-video R@1, ties going to the lower text-to-video mean rank; with "
         "data.val_split=none, no validation and the final weights.safetensors instead) and a "
         "resumable last/ checkpoint to run.output_dir.",
         epilog=EPILOG.format(configs=", ".join(list_configs())),

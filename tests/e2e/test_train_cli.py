@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import tempme
 from tempme.data import frames_to_tensor, read_frames
 from tempme.search import model_fingerprint
 from tempme_cli.main import main
@@ -450,6 +451,9 @@ def test_a_trained_run_loads_from_python_on_its_base_weights(custom_run, tmp_pat
     from tempme_train.modeling import load_trained_model
 
     _, done = custom_run
+    with pytest.raises(ValueError, match=r"adapters-only checkpoint: a tempme train run's loads on its base weights "
+                       r"with tempme_train.modeling.load_trained_model\(run\)"):
+        tempme.load_model(done / "best.safetensors")  # the library's loader wants every weight
     trained = load_weights(done / "best.safetensors").state_dict
     model = load_trained_model(done)
     assert not model.training and model.config.merge.method == "tempme"
