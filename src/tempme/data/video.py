@@ -504,17 +504,6 @@ def _seek_to_keyframe(container: av.container.InputContainer, stream: av.video.s
     return first
 
 
-def _decodable_frames(path: Path, times: PacketTimes, keep: set[int]) -> tuple[set[int], dict[int, Image.Image]]:
-    """The indices of the frames that decode whole (``_whole_frames``), and the images of those in ``keep``."""
-    decoded: set[int] = set()
-    images: dict[int, Image.Image] = {}
-    for index, frame in _whole_frames(path, times):
-        decoded.add(index)
-        if index in keep:
-            images[index] = upright_image(frame)
-    return decoded, images
-
-
 def _nearest(ordered: list[int], index: int) -> int:
     """The member of ``ordered`` (ascending, not empty) nearest to ``index``; the earlier of two as near."""
     at = bisect.bisect_left(ordered, index)
@@ -526,18 +515,11 @@ def _frames_around_damage(path: Path, indices: list[int], times: PacketTimes, fa
     or a recording): each sampled frame that does not decode whole is replaced by the nearest one
     that does, with a warning, so that one bad stretch does not cost the whole video. Undecodable
     (``failure``: why decoding in order stopped) when under ``MIN_DECODABLE_SHARE`` of the frames
-    decode. Reads the file twice: once to find the frames that decode, once for the images."""
-    total = len(times.frames)
-    decoded, _ = _decodable_frames(path, times, set())
-    if len(decoded) < MIN_DECODABLE_SHARE * total:
-        raise VideoDecodeError(path, failure)
-    ordered = sorted(decoded)
-    chosen = {index: _nearest(ordered, index) for index in set(indices)}
-    _, images = _decodable_frames(path, times, set(chosen.values()))
-    replaced = sum(1 for index in set(indices) if chosen[index] != index)
-    warn(f"{path}: {total - len(decoded)} of its {total} frames do not decode ({failure}); the nearest "
-         f"decodable frames stand in for {replaced} of the {len(set(indices))} sampled")
-    return [images[chosen[index]] for index in indices]
+    decode. The whole video read as one window (``_windows_around_damage``), whose share of frames
+    that decode is the video's, so it is never left out."""
+    whole = Window(0, len(times.frames) - 1, 0.0, 0.0, indices)
+    ((_, frames),) = _windows_around_damage(path, [whole], times, failure)
+    return frames
 
 
 @dataclass(frozen=True)
@@ -699,9 +681,10 @@ def _damage_report(
     message = f"{path}: {undecodable} of its {counted} frames{since} do not decode ({failure})"
     kept = [stand_ins for _, stand_ins in plan if stand_ins is not None]
     replaced = sum(1 for stand_ins in kept for index, frame in stand_ins.items() if index != frame)
-    if replaced:
+    if replaced or len(plan) == 1:  # a whole video says how many stood in, none included
         sampled = sum(len(stand_ins) for stand_ins in kept)
-        message += f"; the nearest decodable frames of each window stand in for {replaced} of the {sampled} sampled"
+        of_each = " of each window" if len(plan) > 1 else ""
+        message += f"; the nearest decodable frames{of_each} stand in for {replaced} of the {sampled} sampled"
     left_out = merged_spans([[window.start, window.end] for window, stand_ins in plan if stand_ins is None])
     if left_out:
         spans = ", ".join(f"{start:.1f}-{end:.1f} s" for start, end in left_out)
