@@ -171,11 +171,12 @@ def prepare_training_data(config: TrainConfig, source: str = "config") -> TrainD
         val_items, missing_val = drop_missing_videos(val_items, data, "validation", source, none_there_is_an_error=False)
         if validating:
             check_validation_items(val_items, len(missing_val), data, source)
-        if len(train_items) and sum(len(item.captions) for item in train_items) < config.optim.batch_size:
+        pairs = sum(len(item.captions) for item in train_items)
+        if train_items and pairs < config.optim.batch_size:
             raise ConfigError(
                 source, "optim.batch_size", config.optim.batch_size,
-                f"the training set has {sum(len(item.captions) for item in train_items)} (video, caption) "
-                "pairs, fewer than one global batch: lower optim.batch_size",
+                f"the training set has {pairs} (video, caption) pairs, fewer than one global batch: lower "
+                "optim.batch_size",
             )
     except ConfigError as error:  # named after the override that set the value, if one did
         raise config.blame(error) from None
