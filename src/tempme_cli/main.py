@@ -94,6 +94,24 @@ def later_torchrun_process() -> bool:
     return int(os.environ.get("RANK", "0") or 0) > 0
 
 
+def shown_by_another_process(error: BaseException) -> bool:
+    """Whether, under torchrun, another process prints ``error``, so that this one need not: the
+    process that failed and rank 0 print what failed elsewhere, and a bad setting, annotation or
+    weights file, which the processes of one machine read alike, is printed by the first of them."""
+    if not under_torchrun():
+        return False
+    from tempme.data.annotations import AnnotationError, MissingVideosError
+    from tempme.schedule import ScheduleError
+    from tempme.weights import WeightsError
+    from tempme_train.config import ConfigError
+    from tempme_train.distributed import FailedElsewhere, world_from_env
+
+    if isinstance(error, FailedElsewhere):
+        return later_torchrun_process()
+    return world_from_env().local_rank > 0 and isinstance(
+        error, (ConfigError, AnnotationError, MissingVideosError, ScheduleError, WeightsError))
+
+
 def show_only_this_process_warnings() -> None:
     """Under torchrun every process reads the same config, annotations and weights, so rank 0's
     warnings about them are everyone's; the other ranks show only their own (a video of their
@@ -126,8 +144,9 @@ def main(argv: list[str] | None = None) -> int:
                 show_only_this_process_warnings()
             return args.handler(args) or 0
     except (ValueError, TypeError) as error:
-        # Every process prints its own: under torchrun one of them may be alone to fail (its GPU, its node's files).
-        say(f"tempme {args.command}: error: {error}")
+        # Under torchrun one process may be alone to fail (its GPU, its node's files): each prints its own.
+        if not shown_by_another_process(error):
+            say(f"tempme {args.command}: error: {error}")
         return 2
     except BrokenPipeError as error:
         from tempme.files import describe_os_error
@@ -144,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:  # a file or folder that cannot be read or written: one line, not a traceback
         from tempme.files import describe_os_error
 
-        say(f"tempme {args.command}: error: {describe_os_error(error)}")
+        if not shown_by_another_process(error):
+            say(f"tempme {args.command}: error: {describe_os_error(error)}")
         return 2
     except KeyboardInterrupt as interrupt:
         terminated = isinstance(interrupt, Terminated)

@@ -164,7 +164,8 @@ def lost_another_process(error: BaseException) -> bool:
 
 
 class FailedElsewhere(RuntimeError):
-    """Another process failed in a block of :func:`failures_shared`; the message names it and its error."""
+    """Another process failed in a block of :func:`failures_shared`; the message names it and its error.
+    A process of rank 1 or more does not print it (``tempme_cli.main``): the failed process does, and so does rank 0."""
 
 
 class BadInputElsewhere(FailedElsewhere, ValueError):
@@ -184,8 +185,9 @@ def failures_shared(stop_requested: bool = False) -> Iterator[SharedEnd]:
     """Run a block of this process's own work, then stop every process if any of them failed in it.
 
     The block's end is a collective (it also serves as a barrier): every process learns whether
-    another one raised an Exception in its block. The failed process raises its own error; the others
-    raise :class:`FailedElsewhere` (or :class:`BadInputElsewhere`) naming its rank and error. Without
+    another one raised an Exception in its block. The failed process raises its own error, unless a
+    lower rank failed with the same one; the others raise :class:`FailedElsewhere` (or
+    :class:`BadInputElsewhere`) naming the lowest rank that failed (with their error) and its error. Without
     this an error on one process (a video it alone reads, a full disk on rank 0) leaves the others
     waiting in their next collective for one that has gone: with NCCL, until the collective timeout.
     A KeyboardInterrupt in the block is not shared: it stops this process at once (in a training
@@ -216,11 +218,14 @@ def failures_shared(stop_requested: bool = False) -> Iterator[SharedEnd]:
         return
     described = None if error is None else (f"{type(error).__name__}: {error}", isinstance(error, (ValueError, OSError)))
     reports = all_gather_objects(described)
-    if error is not None:
+    # A process whose error a lower rank also had (a bad setting all of them read) names that rank
+    # instead: the command line prints each error once, from the lowest rank that had it.
+    rank, (message, bad_input) = next((rank, report) for rank, report in enumerate(reports)
+                                      if report is not None and (error is None or report == described))
+    if rank == dist.get_rank():
         raise error
-    rank, (message, bad_input) = next((rank, report) for rank, report in enumerate(reports) if report is not None)
     kind = BadInputElsewhere if bad_input else FailedElsewhere
-    raise kind(f"process {rank} of {len(reports)} failed: {message}")
+    raise kind(f"process {rank} of {len(reports)} failed: {message}") from error
 
 
 class _GatherWithGrad(torch.autograd.Function):

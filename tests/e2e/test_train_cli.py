@@ -154,7 +154,7 @@ def test_zero_shot_eval_prints_a_table(run_config, capsys, tmp_path):
     assert "Text->Video" in printed and "Video->Text" in printed and "R@1" in printed
 
 
-def eval_worker(rank: int, port: int, config: str, folder: str, split: str) -> None:
+def eval_worker(rank: int, port: int, config: str, folder: str, options: list[str]) -> None:
     """``tempme eval`` as process ``rank`` of 2 (what torchrun sets up); its standard output and
     error (its loader workers' too) go to files."""
     import contextlib
@@ -166,12 +166,12 @@ def eval_worker(rank: int, port: int, config: str, folder: str, split: str) -> N
     with open(Path(folder) / f"err{rank}.txt", "w") as err:
         os.dup2(err.fileno(), sys.stderr.fileno())
     with open(Path(folder) / f"out{rank}.txt", "w") as out, contextlib.redirect_stdout(out):
-        code = main(["eval", "--config", config, "--json", "--no-cache", "--batch-size", "1", "--split", split])
+        code = main(["eval", "--config", config, "--json", "--no-cache", "--batch-size", "1", *options])
     sys.stderr.flush()
     (Path(folder) / f"code{rank}.txt").write_text(str(code))
 
 
-def run_eval_as_two_processes(config: Path, folder: Path, split: str = "test") -> None:
+def run_eval_as_two_processes(config: Path, folder: Path, *options: str) -> None:
     import socket
 
     import torch.multiprocessing as mp
@@ -179,7 +179,7 @@ def run_eval_as_two_processes(config: Path, folder: Path, split: str = "test") -
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    mp.spawn(eval_worker, args=(port, str(config), str(folder), split), nprocs=2, join=True)
+    mp.spawn(eval_worker, args=(port, str(config), str(folder), list(options)), nprocs=2, join=True)
 
 
 def test_eval_under_torchrun_splits_the_videos_and_rank_0_reports_what_one_process_would(run_config, tmp_path, capsys):
@@ -197,11 +197,19 @@ def test_eval_under_torchrun_splits_the_videos_and_rank_0_reports_what_one_proce
 def test_under_torchrun_a_warning_about_the_data_is_printed_once_and_skipped_videos_by_their_process(
     run_config, tmp_path
 ):
-    run_eval_as_two_processes(run_config, tmp_path, split="train")  # video5 is missing, video2 corrupt
+    run_eval_as_two_processes(run_config, tmp_path, "--split", "train")  # video5 is missing, video2 corrupt
     assert [(tmp_path / f"code{rank}.txt").read_text() for rank in (0, 1)] == ["0", "0"]
     errors = [(tmp_path / f"err{rank}.txt").read_text() for rank in (0, 1)]
     assert [text.count("videos are missing") for text in errors] == [1, 0]
     assert sum(text.count(f"skipping video '{CORRUPT}'") for text in errors) == 1
+
+
+def test_under_torchrun_a_bad_setting_is_printed_by_the_first_process_only(run_config, tmp_path):
+    run_eval_as_two_processes(run_config, tmp_path, "--split", "tset")
+    assert [(tmp_path / f"code{rank}.txt").read_text() for rank in (0, 1)] == ["2", "2"]
+    errors = [(tmp_path / f"err{rank}.txt").read_text() for rank in (0, 1)]
+    assert errors[0].startswith("tempme eval: error: ") and "tset" in errors[0] and errors[0].count("\n") == 1, errors
+    assert errors[1] == ""
 
 
 def test_a_run_without_validation_keeps_its_final_weights(run_config, tmp_path, capsys):

@@ -1323,6 +1323,42 @@ def test_a_full_disk_at_the_first_checkpoint_says_there_is_none_to_resume(tmp_pa
     assert message.endswith("; there is none)") and "--resume" not in message, message
 
 
+def sharing_worker(rank: int, port: int, folder: str) -> None:
+    """One of three processes failing in one ``failures_shared`` block: 0 and 1 with the same bad
+    setting, 2 with an error of its own; what each raises goes to a file."""
+    from tempme_train.distributed import failures_shared
+
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=3)
+    errors = [ValueError("run.yaml: optim.lr: must be positive (got -1)")] * 2 + [OSError("disk full")]
+    try:
+        with failures_shared():
+            raise errors[rank]
+    except Exception as error:  # noqa: BLE001 - the test reads it
+        (Path(folder) / f"rank{rank}.txt").write_text(f"{type(error).__name__}: {error}")
+    torch.distributed.destroy_process_group()
+
+
+def test_an_error_several_processes_share_is_theirs_on_the_lowest_rank_only(tmp_path, monkeypatch, capsys):
+    # Every process checks the same config: each printing its copy says nothing more than rank 0's.
+    mp.spawn(sharing_worker, args=(free_port(), str(tmp_path)), nprocs=3, join=True)
+    raised = [(tmp_path / f"rank{rank}.txt").read_text() for rank in range(3)]
+    assert raised == ["ValueError: run.yaml: optim.lr: must be positive (got -1)",
+                      "BadInputElsewhere: process 0 of 3 failed: ValueError: run.yaml: optim.lr: must be positive (got -1)",
+                      "OSError: disk full"]
+
+    # Which of them the command line prints: a process's own error always, another's on rank 0 only.
+    from tempme_cli.main import shown_by_another_process
+    from tempme_train.distributed import BadInputElsewhere
+
+    elsewhere = BadInputElsewhere("process 2 of 3 failed: OSError: disk full")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    for rank in range(3):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("LOCAL_RANK", str(rank))
+        assert not shown_by_another_process(OSError("disk full"))
+        assert shown_by_another_process(elsewhere) == (rank > 0)
+
+
 def test_only_errors_that_say_another_process_went_away_count_as_such():
     from tempme_train.distributed import BadInputElsewhere, lost_another_process
 
