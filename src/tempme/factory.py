@@ -18,8 +18,8 @@ from .config import (
     settings_ignored_by,
 )
 from .devices import checked_device
-from .model import TempMe
-from .schedule import ScheduleError
+from .model import TempMe, is_adapter_parameter
+from .schedule import ScheduleError, check_frames
 from .userwarnings import SharedWarning, warn
 
 MERGE_FIELDS = {f.name for f in dataclasses.fields(MergeConfig)}
@@ -58,6 +58,7 @@ def build_config(
     frames, lora_rank, max_words = _as_int(frames), _as_int(lora_rank), _as_int(max_words)
     if not isinstance(frames, int) or isinstance(frames, bool):
         raise TypeError(f"frames must be an integer, got {frames!r}")
+    check_frames(frames)  # before the paper's schedule is worked out for it
     if isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 0:
         raise ValueError(f"lora_rank must be an integer >= 0 (0: no LoRA), got {lora_rank!r}")
     ignored = settings_ignored_by(method, merge_overrides)
@@ -119,10 +120,12 @@ def load_model(
     embeddings found in the weights are loaded; otherwise they keep their initial values (LoRA B = 0,
     CPE = 0), which leaves CLIP's outputs unchanged.
     """
-    from .weights import load_state_dict_into, load_weights, without_unfitting_clip_pos_embeds
+    from .weights import ADAPTERS_ONLY, WeightsError, load_state_dict_into, load_weights, without_unfitting_clip_pos_embeds
 
     device = checked_device(device)  # before the weights are read
     loaded = load_weights(weights)
+    if all(is_adapter_parameter(name) for name in loaded.state_dict):  # refused before a model is built from its record
+        raise WeightsError(f"{loaded.path}: {ADAPTERS_ONLY}")
     saved = loaded.model_config
     if method is None:
         method = saved.merge.method if saved else "tempme"
@@ -141,5 +144,8 @@ def load_model(
     state = loaded.state_dict
     if saved is not None and config != saved:
         state = without_unfitting_clip_pos_embeds(model, state, weights)
-    load_state_dict_into(model, state)
+    try:
+        load_state_dict_into(model, state)
+    except WeightsError as error:
+        raise WeightsError(f"{loaded.path}: {error}") from None
     return model.to(device).eval()

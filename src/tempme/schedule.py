@@ -20,6 +20,18 @@ class ScheduleError(ValueError):
     """A merge schedule that cannot run for this model and frame count."""
 
 
+# Far beyond any benchmark's 64: the bound keeps a frame count read from a file (an index, a
+# checkpoint's record) from building a model of absurd size.
+MAX_FRAMES = 4096
+
+
+def check_frames(frames: int) -> None:
+    if frames < 1:
+        raise ScheduleError(f"frames must be at least 1, got {frames}")
+    if frames > MAX_FRAMES:
+        raise ScheduleError(f"frames must be at most {MAX_FRAMES}, got {frames}")
+
+
 @dataclass(frozen=True)
 class LayerPlan:
     """What one layer of the video encoder does.
@@ -73,8 +85,7 @@ def validate_merge_config(merge: MergeConfig, depth: int, frames: int) -> None:
     check_setting_types(merge)
     if merge.method not in MERGE_METHODS:
         raise ScheduleError(f"unknown merge method {merge.method!r}; choose one of {', '.join(MERGE_METHODS)}")
-    if frames < 1:
-        raise ScheduleError(f"frames must be at least 1, got {frames}")
+    check_frames(frames)
     if merge.tome_r < 0:
         raise ScheduleError(f"tome_r must be >= 0, got {merge.tome_r}")
     if merge.method != "tempme":

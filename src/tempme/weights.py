@@ -149,15 +149,112 @@ def _read_zip(path: Path) -> tuple[dict[str, torch.Tensor], str]:
 
 
 def _read_torchscript(path: Path) -> dict[str, torch.Tensor]:
-    # torch.jit.load raises assorted RuntimeErrors for damaged archives; all mean the same to the user.
+    """The parameters and buffers of a TorchScript archive, read without running its code.
+
+    ``torch.jit.load`` would compile the archive's code and run it (a module's ``__setstate__``), so a
+    weights file someone sent, or one an index or config points to, could do anything. The tensors are
+    in the archive's ``data.pkl``: module objects whose state holds tensors and submodules, and storages
+    kept as files beside it. A restricted unpickler reads them (see ``_ScriptArchiveUnpickler``)."""
     try:
-        # OpenAI publishes CLIP only as TorchScript, so torch's deprecation notice has no remedy here.
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*torch.jit.load")
-            module = torch.jit.load(str(path), map_location="cpu")
-    except Exception as err:  # noqa: BLE001
-        raise WeightsError(f"{path}: corrupt TorchScript archive ({err})") from None
-    return {name: tensor for name, tensor in module.state_dict().items() if name not in DROPPED_KEYS}
+        with zipfile.ZipFile(path) as archive:
+            pickles = [name for name in archive.namelist() if name.endswith("/data.pkl") and name.count("/") == 1]
+            if len(pickles) != 1:
+                raise WeightsError(f"{path}: a TorchScript archive without its data.pkl (corrupt?)")
+            prefix = pickles[0][: -len("data.pkl")]
+            # Archives older than the byteorder record were written little-endian, as newer ones are by default.
+            if prefix + "byteorder" in archive.namelist() and archive.read(prefix + "byteorder").strip() != b"little":
+                raise WeightsError(f"{path}: a TorchScript archive not written little-endian, which tempme does not read")
+            root = _ScriptArchiveUnpickler(archive, prefix, path).load()
+    except WeightsError:
+        raise
+    except (zipfile.BadZipFile, OSError, EOFError, KeyError, pickle.UnpicklingError, RuntimeError, ValueError,
+            TypeError, AttributeError, IndexError) as err:
+        raise WeightsError(f"{path}: corrupt TorchScript archive ({_first_line(err) if str(err) else type(err).__name__})") from None
+    if not isinstance(root, _ScriptObject):
+        raise WeightsError(f"{path}: a TorchScript archive that holds no module")
+    tensors = dict(root.tensors())
+    return {name: tensor for name, tensor in tensors.items() if name not in DROPPED_KEYS}
+
+
+class _ScriptObject:
+    """A TorchScript module (or other scripted object) as ``data.pkl`` describes it: its class name
+    and its state (attribute -> value), built without its code."""
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def tensors(self, prefix: str = "") -> Iterable[tuple[str, torch.Tensor]]:
+        """Every tensor in the state and, recursively, the submodules' state, by dotted name."""
+        state = getattr(self, "state", None)
+        if not isinstance(state, dict):  # an object with its own serialisation: not part of a module tree
+            return
+        for name, value in state.items():
+            if isinstance(value, torch.Tensor):
+                yield prefix + str(name), value
+            elif isinstance(value, _ScriptObject):
+                yield from value.tensors(f"{prefix}{name}.")
+
+
+_STORAGE_DTYPES = {
+    "FloatStorage": torch.float32, "HalfStorage": torch.float16, "BFloat16Storage": torch.bfloat16,
+    "DoubleStorage": torch.float64, "LongStorage": torch.int64, "IntStorage": torch.int32,
+    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool,
+}
+
+
+@dataclass(frozen=True)
+class _StorageType:
+    dtype: torch.dtype
+
+
+def _rebuild_tensor(storage: torch.Tensor, offset: int, size: tuple, stride: tuple, *_) -> torch.Tensor:
+    return storage.as_strided(size, stride, offset)
+
+
+def _rebuild_parameter(data: torch.Tensor, *_) -> torch.Tensor:
+    return data
+
+
+class _ScriptArchiveUnpickler(pickle.Unpickler):
+    """Unpickles a TorchScript archive's ``data.pkl`` with the few callables it needs, all ours:
+    scripted classes become :class:`_ScriptObject` (no code of theirs runs), tensors are views of
+    storages read from the archive, and any other global is refused."""
+
+    _ALLOWED = {
+        ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+        ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+        ("collections", "OrderedDict"): dict,
+    }
+
+    def __init__(self, archive: zipfile.ZipFile, prefix: str, path: Path):
+        super().__init__(archive.open(prefix + "data.pkl"))
+        self.archive, self.prefix, self.path = archive, prefix, path
+        self.storages: dict[str, torch.Tensor] = {}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "__torch__" or module.startswith("__torch__."):
+            return _ScriptObject
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _StorageType(_STORAGE_DTYPES[name])
+        if (module, name) in self._ALLOWED:
+            return self._ALLOWED[(module, name)]
+        raise WeightsError(
+            f"{self.path}: the TorchScript archive holds a {module}.{name}, which tempme does not read (it reads "
+            "modules' tensors without running the archive's code); if you trust the file, convert it once with "
+            "torch.save(torch.jit.load(file).state_dict(), new_file), which runs that code"
+        )
+
+    def persistent_load(self, record: Any) -> torch.Tensor:
+        kind, storage_type, key, _location, count = record
+        if kind != "storage" or not isinstance(storage_type, _StorageType):
+            raise pickle.UnpicklingError(f"unknown persistent record {kind!r}")
+        if key not in self.storages:
+            data = bytearray(self.archive.read(f"{self.prefix}data/{key}"))
+            storage = torch.frombuffer(data, dtype=storage_type.dtype) if data else torch.empty(0, dtype=storage_type.dtype)
+            if storage.numel() != count:
+                raise pickle.UnpicklingError(f"storage {key} holds {storage.numel()} values, not {count}")
+            self.storages[key] = storage
+        return self.storages[key]
 
 
 def _read_torch(path: Path) -> dict[str, torch.Tensor]:
@@ -209,6 +306,9 @@ def _read_hf_dir(path: Path) -> dict[str, torch.Tensor]:
             return _read(path / single)[0]
         if (path / index).is_file():
             return _read_shards(path / index)
+    if (path / "config.yaml").is_file() and any((path / name).exists() for name in ("best.safetensors", "last")):
+        raise WeightsError(f"{path} is a run folder of `tempme train`, which loads on its base weights: give it as "
+                           "--checkpoint (from Python: tempme_train.modeling.load_trained_model)")
     expected = ", ".join(name for pair in _HF_FILES for name in pair)
     raise WeightsError(f"{path}: directory holds no weights; expected one of {expected}")
 
@@ -408,17 +508,24 @@ def hf_config_dict(clip_config: CLIPConfig) -> dict[str, Any]:
 # Inferring the architecture
 
 
-def infer_clip_config(sd: Mapping[str, torch.Tensor], heads: int | tuple[int, int] | None = None) -> CLIPConfig:
+def infer_clip_config(
+    sd: Mapping[str, torch.Tensor], heads: int | tuple[int, int] | None = None, source: str = "the weights"
+) -> CLIPConfig:
     """The CLIP architecture of a state dict (any supported layout), from its tensor shapes.
 
     Head counts are not visible in the shapes. Without ``heads`` a registered preset with exactly these
-    shapes supplies them; failing that, OpenAI's rule ``width // 64``. ``heads`` is one count for both
-    encoders or a ``(vision, text)`` pair.
+    shapes supplies them; failing that, the head count of the published CLIP models of that width
+    (``KNOWN_HEADS``); failing that, OpenAI's rule ``width // 64``, with a warning that names ``source``:
+    a wrong head count gives wrong embeddings and no error. ``heads`` is one count for both encoders
+    or a ``(vision, text)`` pair.
     """
     sd = to_tempme_layout(sd)
     required = ("visual.conv1.weight", "visual.positional_embedding", "visual.proj",
                 "token_embedding.weight", "positional_embedding", "text_projection")
     missing = [name for name in required if name not in sd]
+    if any(name.startswith(("visual.layer1.", "visual.attnpool.")) for name in sd):
+        raise WeightsError("a ResNet CLIP (visual.layer1, visual.attnpool): tempme's video encoder is a ViT; "
+                           "use the weights of a ViT CLIP (ViT-B/32, ViT-B/16, ViT-L/14 ...)")
     if missing:
         raise WeightsError(
             f"cannot infer the CLIP architecture: missing {', '.join(missing)} (not a full CLIP checkpoint; "
@@ -445,7 +552,7 @@ def infer_clip_config(sd: Mapping[str, torch.Tensor], heads: int | tuple[int, in
         preset = _preset_with_shapes(shapes)
         if preset is not None:
             return preset
-        heads = (_openai_heads(width), _openai_heads(text_width))
+        heads = (_known_heads(width, "vision", source), _known_heads(text_width, "text", source))
     vision_heads, text_heads = (heads, heads) if isinstance(heads, int) else heads
     return dataclasses.replace(
         shapes,
@@ -478,12 +585,24 @@ def _preset_with_shapes(shapes: CLIPConfig) -> CLIPConfig | None:
     return None
 
 
-def _openai_heads(width: int) -> int:
+#: The head count of each encoder width of the published CLIP ViTs (OpenAI's, and open_clip's
+#: ViT-H/14 with its 80-wide vision heads), by encoder.
+KNOWN_HEADS: dict[str, dict[int, int]] = {
+    "vision": {768: 12, 1024: 16, 1280: 16},
+    "text": {512: 8, 768: 12, 1024: 16},
+}
+
+
+def _known_heads(width: int, encoder: str, source: str) -> int:
+    if width in KNOWN_HEADS[encoder]:
+        return KNOWN_HEADS[encoder][width]
+    where = "register the architecture with tempme.register_preset, or give Hugging Face weights their config.json"
     if width < 64 or width % 64:
-        raise WeightsError(
-            f"cannot infer the head count of width {width} (OpenAI uses width // 64): register the architecture "
-            "with tempme.register_preset, or give Hugging Face weights their config.json"
-        )
+        raise WeightsError(f"cannot infer the head count of the {encoder} encoder's width {width} (not a multiple "
+                           f"of 64, OpenAI's head width): {where}")
+    warn(f"{source}: the head count of the {encoder} encoder is not recorded and its width {width} is no "
+         f"published CLIP's: assuming 64-wide heads ({width // 64}); if it was trained with others, its embeddings "
+         f"will be wrong without an error: {where}", SharedWarning)
     return width // 64
 
 
@@ -508,6 +627,13 @@ def infer_frames(sd: Mapping[str, torch.Tensor]) -> int | None:
 # Loading into a model
 
 
+ADAPTERS_ONLY = (
+    "this is an adapters-only checkpoint: a tempme train run's loads on its base weights with --checkpoint (from "
+    "Python: tempme_train.modeling.load_trained_model(run)); others combine with backbone weights first "
+    "({**backbone, **adapters})"
+)
+
+
 def load_state_dict_into(model: TempMe, sd: Mapping[str, torch.Tensor], strict_adapters: bool = False) -> list[str]:
     """Copy a state dict in our layout into ``model`` after checking names and shapes.
 
@@ -521,13 +647,7 @@ def load_state_dict_into(model: TempMe, sd: Mapping[str, torch.Tensor], strict_a
     missing_backbone = [name for name in missing if not is_adapter_parameter(name)]
     unexpected = [name for name in sd if name not in expected]
     if missing_backbone:
-        hint = ""
-        if all(is_adapter_parameter(name) for name in sd):
-            hint = (
-                "; this is an adapters-only checkpoint: a tempme train run's loads on its base weights with "
-                "tempme_train.modeling.load_trained_model(run); others combine with backbone weights first "
-                "({**backbone, **adapters})"
-            )
+        hint = f"; {ADAPTERS_ONLY}" if all(is_adapter_parameter(name) for name in sd) else ""
         raise WeightsError(f"{_listing('missing backbone key', missing_backbone)}{hint}")
     if strict_adapters and missing_adapters:
         raise WeightsError(_listing("missing adapter key", missing_adapters))
@@ -604,6 +724,9 @@ def _shape_hint(model: TempMe, sd: Mapping[str, torch.Tensor], name: str) -> str
         return "the checkpoint has a different text context length"
     if name == "token_embedding.weight":
         return "the checkpoint has a different vocabulary size"
+    if name.endswith("mlp.c_fc.weight") and sd[name].shape[0] != 4 * sd[name].shape[1]:
+        return (f"its MLP is {sd[name].shape[0]} wide, not 4 times the width {sd[name].shape[1]} as in CLIP's ViTs, "
+                "which tempme builds (open_clip's ViT-g/14 and ViT-bigG/14 are not supported)")
     return "the checkpoint is a different architecture (width, layers or embedding size)"
 
 
@@ -819,8 +942,10 @@ def load_weights(name_or_path: PathLike) -> LoadedWeights:
         sd = to_tempme_layout(raw)
         if model_config is not None:
             clip_config = model_config.clip
+            _check_recorded_architecture(sd, clip_config)
         else:
-            clip_config = infer_clip_config(sd, heads=_hf_config_heads(path) if layout == "hf" else None)
+            clip_config = infer_clip_config(sd, heads=_hf_config_heads(path) if layout == "hf" else None,
+                                            source=str(path))
         frames = infer_frames(sd)
         if frames is None and model_config is not None:
             frames = model_config.frames
@@ -834,6 +959,18 @@ def load_weights(name_or_path: PathLike) -> LoadedWeights:
     return LoadedWeights(sd, clip_config, lora_rank, frames, model_config, source_format, path)
 
 
+def _check_recorded_architecture(sd: Mapping[str, torch.Tensor], recorded: CLIPConfig) -> None:
+    """Refuse a tempme file whose recorded architecture is not that of its tensors (a damaged or
+    crafted record: the model is built from the record, before any tensor is compared with it).
+    Adapters alone do not show the architecture; ``load_model`` refuses to build a model from them."""
+    if all(is_adapter_parameter(name) for name in sd):
+        return
+    shapes = infer_clip_config(sd, heads=(recorded.vision.heads, recorded.text.heads))
+    if shapes != recorded:
+        raise WeightsError(f"its recorded model config ({recorded}) is not that of its tensors ({shapes}): a "
+                           "damaged file, or not written by tempme")
+
+
 def _hf_config_heads(path: Path) -> tuple[int, int] | None:
     """Head counts from the ``config.json`` beside Hugging Face weights, which states them; weights of
     another activation than QuickGELU are refused there too."""
@@ -842,12 +979,20 @@ def _hf_config_heads(path: Path) -> tuple[int, int] | None:
         return None
     try:
         config = json.loads(config_file.read_text())
-        vision, text = config["vision_config"], config["text_config"]
-        heads = vision["num_attention_heads"], text["num_attention_heads"]
-        # transformers' default; CLIP's own encoders (and tempme's) use QuickGELU, OpenAI's activation.
-        activations = {vision.get("hidden_act", "quick_gelu"), text.get("hidden_act", "quick_gelu")}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-        raise WeightsError(f"{config_file}: cannot read the head counts and activation ({err!r})") from None
+    except (OSError, ValueError) as err:
+        raise WeightsError(f"{config_file}: cannot read it ({err})") from None
+    if not isinstance(config, dict) or not all(isinstance(config.get(part), dict) for part in ("vision_config", "text_config")):
+        architectures = config.get("architectures") if isinstance(config, dict) else None
+        described = f" ({', '.join(map(str, architectures))})" if isinstance(architectures, list) else ""
+        raise WeightsError(f"{config_file} describes no CLIPModel{described}: it has no vision_config and text_config, "
+                           "and tempme needs both encoders")
+    vision, text = config["vision_config"], config["text_config"]
+    try:  # transformers' defaults where a config leaves them out
+        heads = int(vision.get("num_attention_heads", 12)), int(text.get("num_attention_heads", 8))
+    except (TypeError, ValueError) as err:
+        raise WeightsError(f"{config_file}: num_attention_heads is not a number ({err})") from None
+    # transformers' default; CLIP's own encoders (and tempme's) use QuickGELU, OpenAI's activation.
+    activations = {vision.get("hidden_act", "quick_gelu"), text.get("hidden_act", "quick_gelu")}
     if activations != {"quick_gelu"}:
         raise WeightsError(
             f"{config_file}: hidden_act {sorted(activations)}: tempme's encoders use QuickGELU, as OpenAI's CLIP "

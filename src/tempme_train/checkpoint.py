@@ -81,6 +81,12 @@ def rng_states() -> dict[str, Any]:
     return states
 
 
+def _numpy_array_globals() -> list[Any]:
+    """What a pickled NumPy array names besides plain values (``np.random.get_state()`` holds one)."""
+    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray  # NumPy 2 / NumPy 1
+    return [np.ndarray, np.dtype, type(np.dtype(np.uint32)), multiarray._reconstruct]
+
+
 def restore_rng_states(states: dict[str, Any]) -> None:
     random.setstate(states["python"])
     np.random.set_state(states["numpy"])
@@ -180,8 +186,15 @@ def load_checkpoint(
     except ValueError as error:  # tempme.weights.WeightsError: it says whether unreadable or another model's
         raise ValueError(f"cannot resume from {directory / WEIGHTS}: {error}; {remedy}") from None
     try:
-        # Our own file with Python objects (RNG states), so the full unpickler is needed.
-        state = torch.load(directory / STATE, map_location="cpu", weights_only=False)
+        # Not the full unpickler, which runs whatever a file names (a run folder may come from someone
+        # else): tensors, plain values, and the NumPy array of NumPy's RNG state.
+        with torch.serialization.safe_globals(_numpy_array_globals()):
+            state = torch.load(directory / STATE, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "global" not in str(error):
+            raise ValueError(f"cannot resume: {directory / STATE} is damaged ({_first_line(error)}); {remedy}") from None
+        raise ValueError(f"cannot resume: {directory / STATE} holds Python objects that tempme train does not save "
+                         f"(so it is not read: unpickling them could run any code); {remedy}") from None
     except _DAMAGED_FILE_ERRORS as error:
         raise ValueError(f"cannot resume: {directory / STATE} is damaged ({_first_line(error)}); {remedy}") from None
     try:

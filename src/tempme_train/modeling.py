@@ -49,7 +49,8 @@ def build_model(config: TrainConfig, source: str = "config") -> TempMe:
     if model.visual.image_size != config.data.image_size:
         raise ConfigError(
             source, "data.image_size", config.data.image_size,
-            f"the model expects {model.visual.image_size}x{model.visual.image_size} frames",
+            f"the model expects {model.visual.image_size}x{model.visual.image_size} frames: set "
+            f"data.image_size={model.visual.image_size}",
         )
     model.set_trainable(settings.trainable)
     return model.train()
@@ -163,10 +164,13 @@ def load_trained_weights(model: TempMe, path: str | Path) -> None:
     Clip positional embeddings that do not fit ``model`` (built for another method or frame count)
     are left out, with a warning.
     """
-    from tempme.weights import load_state_dict_into, load_weights, without_unfitting_clip_pos_embeds
+    from tempme.weights import WeightsError, load_state_dict_into, load_weights, without_unfitting_clip_pos_embeds
 
     trained = without_unfitting_clip_pos_embeds(model, load_weights(path).state_dict, path)
-    load_state_dict_into(model, {**model.state_dict(), **trained})
+    try:
+        load_state_dict_into(model, {**model.state_dict(), **trained})
+    except WeightsError as error:
+        raise WeightsError(f"{path}: {error}") from None
 
 
 def find_trained_weights(path: str | Path) -> Path:

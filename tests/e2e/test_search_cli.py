@@ -191,9 +191,12 @@ def test_search_refuses_other_weights_and_bad_input(library, tmp_path, capsys):
     # Decoded, a batch would need some 100 TB: refused in one line instead of killed for memory part-way.
     huge = tmp_path / "huge.index"
     code, _, err = cli(capsys, "index", str(library), "--weights", str(weights), "--out", str(huge), "--method", "none",
-                       "--frames", "100000", "--batch-size", "100000", "--device", "cpu", "--workers", "0")
-    assert code == 2 and "100000 frames of" in err and "GiB as one batch, more than this machine's" in err, err
+                       "--frames", "4096", "--batch-size", "10000000", "--device", "cpu", "--workers", "0")
+    assert code == 2 and "4096 frames of" in err and "GiB as one batch, more than this machine's" in err, err
     assert not huge.exists()
+    code, _, err = cli(capsys, "index", str(library), "--weights", str(weights), "--out", str(huge),
+                       "--frames", "100000", "--device", "cpu", "--workers", "0")
+    assert code == 2 and err.endswith("tempme index: error: frames must be at most 4096, got 100000\n"), err
 
     for option, value, message in [("--framerate", "0", "--framerate must be a positive number, got 0"),
                                    ("--workers", "-1", "--workers must not be negative")]:

@@ -257,6 +257,13 @@ class TestWindows:
         # A gap longer than a window leaves no empty window behind.
         gap = plan_windows([0.0, 0.5, 20.0, 20.5], 2.0, 5.0, max_frames=2)
         assert [(w.first, w.last, w.start) for w in gap] == [(0, 1, 0.0), (2, 3, 20.0)]
+        # A damaged file's timestamp centuries on: the three hundred million empty windows are not listed.
+        gap = plan_windows([0.0, 0.04, 1e10], 25.0, 30.0, max_frames=2)
+        assert [(w.first, w.last, w.start, w.end) for w in gap] == [(0, 1, 0.0, 1e10), (2, 2, 1e10, 1e10 + 0.04)]
+
+    def test_a_header_claiming_a_billion_frames_is_sampled_without_listing_them(self):
+        # As candidates, a billion frames took 36 GB; sampled from a range, they cost nothing.
+        assert sample_frame_indices(2**31, 1.0, 3) == [0, 500_000_000, 1_000_000_000]
 
     def test_read_windows_gives_each_windows_frames(self, video_files):
         windows = list(read_windows(video_files.mp4, 4, 1.0, 2.5))  # 5 s: two windows of 2.5 s
@@ -559,6 +566,19 @@ def test_windows_of_a_damaged_video_are_read_around_the_damage_each_on_its_own(t
         for frame, index in zip(frames, shown):  # a whole frame of the video, not one the decoder filled in
             assert np.abs(np.asarray(frame, dtype=np.int16) - reference[index]).mean() < 4, (window, index)
     assert [frame_index(frame) for frame in windows[0][1]] == [0, 10, 20, 30]  # before the damage: as sampled
+
+
+def test_a_last_window_left_out_is_all_the_warning_says_of_it(tmp_path):
+    clean = write_video(tmp_path / "clean.mp4", num_frames=200, keyframe_every=20)
+    damaged = damaged_copy(clean, 0.7, 0.1, tmp_path / "damaged.mp4")  # the damage begins in the last window
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        every = list(read_windows(damaged, 4, 1.0, 4.0, around_damage=True))
+    assert [frames is None for _, frames in every] == [False] * 4 + [True]
+    (message,) = [str(warning.message) for warning in caught]
+    # Nothing stood in for anything: no "stand in for 0 of the 0 sampled".
+    assert "stand in" not in message and message.endswith("left out, as fewer than half of their frames decode: "
+                                                           "16.0-20.0 s"), message
 
 
 @pytest.mark.parametrize("start, length", [(0.02, 0.75), (0.05, 0.7)])  # no window decodes; only the last one

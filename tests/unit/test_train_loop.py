@@ -769,6 +769,30 @@ def test_a_damaged_checkpoint_is_named_with_what_to_do(tmp_path):
     assert str(state) in message and "damaged" in message and "start over" in message
 
 
+class _RunsCode:
+    """Unpickled with the full unpickler, it creates a file (a run folder may come from someone else)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+def test_a_checkpoint_is_resumed_without_running_what_it_pickles(tmp_path):
+    data = synthetic_data()
+    train(tiny_config(tmp_path, run={"stop_after": 1}), data=data)
+    state = tmp_path / LAST / "state.pt"
+    saved = torch.load(state, weights_only=False)
+    ran = tmp_path / "ran"
+    torch.save({**saved, "extra": _RunsCode(str(ran))}, state)
+    with pytest.raises(ValueError) as info:
+        train(tiny_config(tmp_path), resume=True, data=data)
+    assert not ran.exists()
+    message = str(info.value)
+    assert f"cannot resume: {state} holds Python objects that tempme train does not save" in message, message
+
+
 def test_devices_this_machine_lacks_are_refused_naming_the_setting(monkeypatch):
     from tempme_train.distributed import WorldInfo
     from tempme_train.train import run_device

@@ -7,6 +7,7 @@ the Hugging Face files, which the regression test checks against transformers it
 
 import json
 import os
+import pickle
 import stat
 import warnings
 import zipfile
@@ -17,7 +18,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 import tempme
-from tempme.config import CLIPConfig, LoRAConfig, ModelConfig, TextConfig, default_merge_config, get_preset
+from tempme.config import (
+    CLIPConfig, LoRAConfig, ModelConfig, TextConfig, VisionConfig, default_merge_config, get_preset,
+)
 from tempme.model import TempMe, is_adapter_parameter
 from tempme.weights import (
     WeightsError,
@@ -212,6 +215,114 @@ def test_openai_jit_drops_integer_attributes(files, backbone):
     assert_same_tensors(raw, backbone)
 
 
+class _Traced(nn.Module):
+    """A traced module as OpenAI made theirs: half-precision weights, one of them stored transposed."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(3, 4)
+        self.inner = nn.Sequential(nn.Linear(4, 2))
+        self.register_buffer("steps", torch.arange(5))
+        self.register_parameter("transposed", nn.Parameter(torch.arange(6.0).reshape(2, 3).t()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(self.proj(x)) + self.transposed.sum()
+
+
+def test_a_traced_half_precision_archive_reads_as_torch_reads_it(tmp_path):
+    torch.manual_seed(0)
+    module = _Traced().half()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.trace(module, torch.zeros(1, 3, dtype=torch.half)).save(str(tmp_path / "traced.pt"))
+        expected = torch.jit.load(str(tmp_path / "traced.pt")).state_dict()
+    read = read_checkpoint(tmp_path / "traced.pt")
+    assert sorted(read) == sorted(expected)
+    for name, tensor in expected.items():
+        assert read[name].dtype == tensor.dtype and torch.equal(read[name], tensor), name
+    assert read["transposed"].stride() == expected["transposed"].stride() == (1, 3)
+
+
+class _Mischief(nn.Module):
+    """A scripted module whose ``__setstate__`` (run by torch.jit.load) writes into a file."""
+
+    def __init__(self, target: str):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(2))
+        self.target = target
+
+    @torch.jit.export
+    def __getstate__(self) -> tuple[torch.Tensor, str, bool]:
+        return self.weight, self.target, self.training
+
+    @torch.jit.export
+    def __setstate__(self, state: tuple[torch.Tensor, str, bool]) -> None:
+        written = torch.from_file(state[1], True, 4, dtype=torch.uint8)
+        written.fill_(88)
+        if int(written[0]) == 0:  # keeps the write from being optimised away
+            print(written)
+        self.weight, self.target, self.training = state
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def test_a_torchscript_archive_is_read_without_running_its_code(tmp_path):
+    # Weights files come from others (and indexes and configs name them): opening one must run nothing.
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"safe")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.script(_Mischief(str(victim))).save(str(tmp_path / "mischief.pt"))
+        torch.jit.load(str(tmp_path / "mischief.pt"))  # what tempme used to do
+    assert victim.read_bytes() == b"XXXX"  # so the archive does what it says
+    victim.write_bytes(b"safe")
+    with pytest.raises(WeightsError, match="mischief.pt: holds no tensors|cannot infer the CLIP architecture"):
+        tempme.load_model(tmp_path / "mischief.pt")
+    assert victim.read_bytes() == b"safe"
+
+
+def test_an_archive_pickling_other_objects_is_refused_with_a_way_out(tmp_path):
+    archive = tmp_path / "other.pt"
+    with zipfile.ZipFile(archive, "w") as zipped:
+        zipped.writestr("other/data.pkl", pickle.dumps(os.system))
+        zipped.writestr("other/constants.pkl", pickle.dumps(()))
+    with pytest.raises(WeightsError, match=r"other.pt: the TorchScript archive holds a posix.system, which tempme does "
+                                           r"not read .*torch.save\(torch.jit.load\(file\).state_dict\(\), new_file\)"):
+        read_checkpoint(archive)
+
+
+def rewritten_record(source, target, change) -> None:
+    """``source`` (a tempme weights file) saved as ``target`` with ``change`` applied to its recorded model config."""
+    from safetensors.torch import load_file
+
+    recorded = json.loads(read_metadata(source)["model_config"])
+    change(recorded)
+    save_file(load_file(str(source)), str(target), metadata={"format": "tempme", "model_config": json.dumps(recorded)})
+
+
+def test_a_recorded_architecture_unlike_the_tensors_is_refused_before_a_model_is_built(files, tmp_path, monkeypatch):
+    # A record of a 16384-wide, 40-layer encoder in a file of kilobytes would take hundreds of GB to build.
+    def giant(record):
+        record["clip"]["vision"].update(width=16384, layers=40)
+
+    rewritten_record(files["ours_full"], tmp_path / "giant.safetensors", giant)
+    monkeypatch.setattr(TempMe, "__init__", lambda *args, **kwargs: pytest.fail("a model was built"))
+    with pytest.raises(WeightsError, match=r"giant.safetensors: its recorded model config .* is not that of its tensors"):
+        tempme.load_model(tmp_path / "giant.safetensors")
+
+
+def test_frame_counts_beyond_any_use_are_refused_before_a_model_is_built(files, tmp_path):
+    def many_frames(record):
+        record["frames"] = 10**9
+
+    rewritten_record(files["ours_full"], tmp_path / "frames.safetensors", many_frames)
+    with pytest.raises(ValueError, match="frames must be at most 4096, got 1000000000"):
+        tempme.load_model(tmp_path / "frames.safetensors")
+    with pytest.raises(ValueError, match="frames must be at most 4096, got 5000"):
+        tempme.create_model(PRESET, frames=5000)
+
+
 def test_open_clip_extras_dropped(files):
     raw = read_checkpoint(files["open_clip"])
     assert "module.attn_mask" in raw
@@ -319,13 +430,67 @@ def test_infer_config_rules(backbone, full):
     assert (infer_lora_rank(full), infer_frames(full)) == (8, FRAMES)
 
 
-def test_infer_config_without_preset_uses_openai_heads():
+def test_infer_config_without_preset_uses_openai_heads_and_warns_that_it_guessed():
     tiny = get_preset(PRESET)
     clip = CLIPConfig(embed_dim=32, vision=tiny.vision, text=TextConfig(width=128, layers=3, heads=2))
     sd = build_model(frames=4, method="none", clip=clip).state_dict()
-    inferred = infer_clip_config(sd)
+    # Nothing in the file says the heads, and a wrong count gives wrong embeddings without an error.
+    with pytest.warns(UserWarning) as caught:
+        inferred = infer_clip_config(sd, source="odd.pt")
     assert (inferred.text.width, inferred.text.layers, inferred.text.heads) == (128, 3, 2)  # 128 // 64
     assert (inferred.vision.width, inferred.vision.heads) == (64, 1)
+    messages = [str(warning.message) for warning in caught]
+    assert len(messages) == 2 and all(message.startswith("odd.pt: the head count of the ") for message in messages)
+    assert "vision encoder is not recorded and its width 64 is no published CLIP's: assuming 64-wide heads (1)" in messages[0]
+    assert "text encoder is not recorded and its width 128" in messages[1] and "(2)" in messages[1]
+
+
+def test_published_widths_take_their_models_head_counts_without_a_warning():
+    # open_clip's ViT-H/14 has 16 vision heads of 80 channels: width // 64 would say 20.
+    clip = CLIPConfig(embed_dim=32, vision=VisionConfig(width=1280, layers=1, heads=16, patch_size=32, image_size=64),
+                      text=TextConfig(width=512, layers=1, heads=8, vocab_size=16))
+    shapes = {name: torch.empty(tensor.shape) for name, tensor in TempMe(
+        ModelConfig(clip=clip, merge=default_merge_config(clip, 4, "none"), frames=4)).state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        inferred = infer_clip_config(shapes)
+    assert (inferred.vision.heads, inferred.text.heads) == (16, 8)
+
+
+def test_other_architectures_are_named(backbone, tmp_path):
+    resnet = {"visual.layer1.0.conv1.weight": torch.zeros(64, 64, 1, 1), "visual.attnpool.positional_embedding":
+              torch.zeros(50, 2048), **{k: v for k, v in backbone.items() if not k.startswith("visual.")}}
+    torch.save(resnet, tmp_path / "rn50.pt")
+    with pytest.raises(WeightsError, match=r"rn50.pt: a ResNet CLIP .*tempme's video encoder is a ViT"):
+        load_weights(tmp_path / "rn50.pt")
+    # A wider MLP than 4 x width (open_clip's ViT-g/14): the model built from the shapes cannot take it.
+    wide = dict(backbone)
+    for name in [name for name in wide if "mlp.c_fc" in name or "mlp.c_proj.weight" in name]:
+        shape = list(wide[name].shape)
+        shape[0 if "c_fc" in name else 1] = 5 * WIDTH
+        wide[name] = torch.zeros(shape)
+    torch.save(wide, tmp_path / "wide.pt")
+    with pytest.raises(WeightsError, match=rf"wide.pt: shape mismatch .*its MLP is {5 * WIDTH} wide, not 4 times the "
+                                           rf"width {WIDTH}"):
+        tempme.load_model(tmp_path / "wide.pt", method="none", frames=4)
+
+
+def test_a_text_only_hf_config_is_named_as_such(files, tmp_path):
+    folder = tmp_path / "text-only"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes((files["hf_dir"] / "model.safetensors").read_bytes())
+    (folder / "config.json").write_text(json.dumps({"architectures": ["CLIPTextModelWithProjection"], "hidden_size": 64}))
+    with pytest.raises(WeightsError, match=r"config.json describes no CLIPModel \(CLIPTextModelWithProjection\): it "
+                                           "has no vision_config and text_config"):
+        load_weights(folder)
+
+
+def test_a_training_run_given_as_weights_points_at_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    (run / "last").mkdir(parents=True)
+    (run / "config.yaml").write_text("model: {}\n")
+    with pytest.raises(WeightsError, match=r"run is a run folder of `tempme train`.*--checkpoint"):
+        load_weights(run)
 
 
 def test_infer_frames_reads_the_first_clipme_layer():

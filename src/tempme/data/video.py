@@ -120,12 +120,12 @@ def _sample_range(f_start: int, f_end: int, fps: float, max_frames: int, framera
     """``sample_frame_indices`` between frames ``f_start`` and ``f_end`` (both included)."""
     # A video slower than half the candidate rate would give stride 0; use every frame instead.
     stride = max(round(fps / framerate), 1)
-    candidates = list(range(f_start, f_end + 1, stride))
+    candidates = range(f_start, f_end + 1, stride)  # not listed: a damaged header can claim a billion frames
     if len(candidates) > max_frames:
         picks = np.linspace(0, len(candidates) - 1, max_frames, dtype=int)
         return [candidates[i] for i in picks]
     if len(candidates) == max_frames:
-        return candidates
+        return list(candidates)
     return [int(i) for i in np.linspace(f_start, f_end, max_frames, dtype=int)]
 
 
@@ -517,8 +517,8 @@ def _frames_around_damage(path: Path, indices: list[int], times: PacketTimes, fa
     (``failure``: why decoding in order stopped) when under ``MIN_DECODABLE_SHARE`` of the frames
     decode. The whole video read as one window (``_windows_around_damage``), whose share of frames
     that decode is the video's, so it is never left out."""
-    whole = Window(0, len(times.frames) - 1, 0.0, 0.0, indices)
-    ((_, frames),) = _windows_around_damage(path, [whole], times, failure)
+    whole = Window(0, len(times.frames) - 1, 0.0, 0.0, indices)  # its times are not reported
+    ((_, frames),) = _windows_around_damage(path, [whole], times, failure, whole_video=True)
     return frames
 
 
@@ -550,13 +550,25 @@ def plan_windows(
         raise ValueError("a video without frames has no windows")
     origin, total = times_s[0], times_s[-1] - times_s[0] + 1 / fps
     count = max(1, math.floor(total / window_s + 0.5))  # halves up (round() takes them to the even number)
-    bounds = [bisect.bisect_left(times_s, origin + total * k / count) for k in range(count)] + [len(times_s)]
+
+    def window_start(k: int) -> float:
+        return origin + total * k / count
+
     windows = []
-    for first, after in zip(bounds, bounds[1:]):
-        if after > first:
-            end = times_s[after] - origin if after < len(times_s) else total
-            indices = _sample_range(first, after - 1, fps, max_frames, framerate)
-            windows.append(Window(first, after - 1, round(times_s[first] - origin, 3), round(end, 3), indices))
+    first = 0
+    while first < len(times_s):
+        # The window of frame ``first``, found from its time: a gap in the timestamps (of hours, in a
+        # damaged file) spans empty windows that are never listed.
+        k = min(max(math.floor((times_s[first] - origin) * count / total), 0), count - 1)
+        while k > 0 and window_start(k) > times_s[first]:  # the estimate's rounding, either way
+            k -= 1
+        while k + 1 < count and window_start(k + 1) <= times_s[first]:
+            k += 1
+        after = bisect.bisect_left(times_s, window_start(k + 1)) if k + 1 < count else len(times_s)
+        end = times_s[after] - origin if after < len(times_s) else total
+        indices = _sample_range(first, after - 1, fps, max_frames, framerate)
+        windows.append(Window(first, after - 1, round(times_s[first] - origin, 3), round(end, 3), indices))
+        first = after
     return windows
 
 
@@ -623,7 +635,7 @@ def read_windows(
 
 
 def _windows_around_damage(
-    path: Path, windows: list[Window], times: PacketTimes, failure: str
+    path: Path, windows: list[Window], times: PacketTimes, failure: str, whole_video: bool = False
 ) -> Iterator[tuple[Window, list[Image.Image] | None]]:
     """``windows`` (the video's last ones, from where decoding in order failed: ``failure`` says why),
     read around the damage; ``None`` for a window left out.
@@ -635,7 +647,8 @@ def _windows_around_damage(
     them, within the window, stand in for sampled frames that do not; the others are left out (a
     stretch of a long recording lost, not the whole recording), with a warning that names their
     times. Decodes twice from the keyframe before ``windows``: once to find the frames that decode,
-    once for the images, holding only the window at hand's."""
+    once for the images, holding only the window at hand's. ``whole_video``: ``windows`` is one
+    window spanning the video, sampled as a whole video is (the warning says so)."""
     first, total = windows[0].first, len(times.frames)
     decoded = sorted(index for index, _ in _whole_frames(path, times, first) if index >= first)
     if len(decoded) < MIN_DECODABLE_SHARE * total:  # then it depends on the frames before
@@ -647,7 +660,7 @@ def _windows_around_damage(
         inside = decoded[bisect.bisect_left(decoded, window.first) : bisect.bisect_right(decoded, window.last)]
         enough = len(inside) >= MIN_DECODABLE_SHARE * (window.last - window.first + 1)
         plan.append((window, {index: _nearest(inside, index) for index in window.indices} if enough else None))
-    warn(_damage_report(path, total - first - len(decoded), total - first, failure, plan))
+    warn(_damage_report(path, total - first - len(decoded), total - first, failure, plan, whole_video))
     frames = _whole_frames(path, times, first)
     # Frames of any window, kept from when they come out until their window's turn: damage can
     # reorder them (seen in MPEG-TS), and windows share none.
@@ -673,7 +686,8 @@ def _windows_around_damage(
 
 
 def _damage_report(
-    path: Path, undecodable: int, counted: int, failure: str, plan: list[tuple[Window, dict[int, int] | None]]
+    path: Path, undecodable: int, counted: int, failure: str, plan: list[tuple[Window, dict[int, int] | None]],
+    whole_video: bool,
 ) -> str:
     """The warning of ``_windows_around_damage``: how many of the ``counted`` frames of ``plan``'s
     windows do not decode, what stood in where, and which stretches were left out."""
@@ -681,7 +695,7 @@ def _damage_report(
     message = f"{path}: {undecodable} of its {counted} frames{since} do not decode ({failure})"
     kept = [stand_ins for _, stand_ins in plan if stand_ins is not None]
     replaced = sum(1 for stand_ins in kept for index, frame in stand_ins.items() if index != frame)
-    if replaced or len(plan) == 1:  # a whole video says how many stood in, none included
+    if replaced or whole_video:  # a whole video says how many stood in, none included
         sampled = sum(len(stand_ins) for stand_ins in kept)
         of_each = " of each window" if len(plan) > 1 else ""
         message += f"; the nearest decodable frames{of_each} stand in for {replaced} of the {sampled} sampled"
