@@ -261,6 +261,10 @@ class VideoIndex:
             raise VideoIndexError(f"{path}: not a tempme video index ({error})") from None
         if "embeddings" not in tensors:
             raise VideoIndexError(f"{path}: not a tempme video index (written by something else)")
+        embeddings = tensors["embeddings"]
+        if embeddings.dtype != torch.float32 or not bool(embeddings.isfinite().all()):
+            raise VideoIndexError(f"{path}: the index is damaged (its embeddings are not all finite float32 numbers); "
+                                  f"{_REBUILD}")
         try:
             paths, spans = header.get("paths"), None
             if header["version"] == 2:
@@ -321,9 +325,13 @@ def _segment_rows(videos: list[str], tensors: dict[str, torch.Tensor]) -> tuple[
     rows = len(tensors["embeddings"])
     if row_video.shape != (rows,) or spans.shape != (rows, 2):
         raise VideoIndexError(f"{rows} rows but row_video {tuple(row_video.shape)} and spans {tuple(spans.shape)}")
+    if row_video.dtype.is_floating_point or row_video.dtype == torch.bool:
+        raise VideoIndexError("its row_video tensor does not hold video numbers")
     numbers = row_video.tolist()
     if numbers and not 0 <= min(numbers) <= max(numbers) < len(videos):
         raise VideoIndexError(f"row_video points past the {len(videos)} videos listed")
+    if not spans.dtype.is_floating_point or not bool(spans.isfinite().all()):
+        raise VideoIndexError("its segment spans are not all finite numbers")
     return [videos[i] for i in numbers], spans.tolist()
 
 

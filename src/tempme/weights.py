@@ -319,7 +319,11 @@ def _read_shards(index: Path) -> dict[str, torch.Tensor]:
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise WeightsError(f"{index}: not a valid shard index ({err})") from None
     tensors: dict[str, torch.Tensor] = {}
+    if not isinstance(weight_map, dict) or not all(isinstance(shard, str) for shard in weight_map.values()):
+        raise WeightsError(f"{index}: not a valid shard index (its weight_map is not of tensor names to file names)")
     for shard in sorted(set(weight_map.values())):
+        if shard in ("", ".", "..") or Path(shard).name != shard:  # shards lie beside their index, nowhere else
+            raise WeightsError(f"{index}: lists shard {shard!r}, which is not a file name in {index.parent}")
         shard_path = index.parent / shard
         if not shard_path.is_file():
             raise WeightsError(f"{index}: lists shard {shard}, which is missing from {index.parent}")

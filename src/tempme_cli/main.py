@@ -69,7 +69,7 @@ def stdout_reader_gone() -> bool:
 def one_line_warning(message, category, filename, lineno, line=None) -> str:
     """Warnings as the user's messages they are: Python's default adds the file, line and source
     line of the code that warned (often inside torch's data loader), which say nothing to a user."""
-    return f"tempme: warning: {message}\n"
+    return f"tempme: warning: {terminal_safe(str(message))}\n"
 
 
 # The commands that share their work among the processes torchrun starts; the others would each do
@@ -84,8 +84,15 @@ def under_torchrun() -> bool:
 def say(line: str) -> None:
     """One line on standard error, in one write: torchrun's workers write unbuffered (``python -u``),
     where ``print`` writes the text and the line end apart and two processes' lines can run together."""
-    sys.stderr.write(line + "\n")
+    sys.stderr.write(terminal_safe(line) + "\n")
     sys.stderr.flush()
+
+
+def terminal_safe(text: str) -> str:
+    """``text`` with control characters but line ends and tabs escaped: a message can quote a file's
+    contents (an index names weights, a config holds values), and escape sequences in them would
+    act on the terminal (clear it, retitle it, hide text)."""
+    return "".join(c if c.isprintable() or c in "\n\t" else repr(c)[1:-1] for c in text)
 
 
 def later_torchrun_process() -> bool:

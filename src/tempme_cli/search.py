@@ -297,7 +297,7 @@ def run_index(args: argparse.Namespace) -> int:
                              "--method out or write a new index")
     if not args.json:
         source = model_info.get("checkpoint") or model_info["weights"]
-        print(f"{count(found, 'video')} found; loading {source} on {device} ({precision})", file=sys.stderr)
+        print(f"{count(found, 'video')} found; loading {one_line(source)} on {device} ({precision})", file=sys.stderr)
     model = load_search_model(model_info)
     fingerprint = model_fingerprint(model)
     model.optimize_for_inference()  # same embeddings, less compute

@@ -21,6 +21,7 @@ import dataclasses
 import math
 import os
 import re
+import reprlib
 import types
 import typing
 from collections.abc import Mapping
@@ -59,8 +60,13 @@ class ConfigError(ValueError):
 
 
 def _short_repr(value: Any, limit: int = 80) -> str:
-    text = repr(value)
+    # reprlib, not repr: YAML aliases can make a value of a few lines gigabytes long once written out.
+    text = _LIMITED_REPR.repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+_LIMITED_REPR = reprlib.Repr()
+_LIMITED_REPR.maxstring = _LIMITED_REPR.maxother = 200
 
 
 # --- the dataclass tree ------------------------------------------------------------------------

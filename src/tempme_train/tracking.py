@@ -37,6 +37,9 @@ class MetricsLog:
 
     def __init__(self, output_dir: Path, tensorboard: bool = False, start_step: int = 0):
         self.path = output_dir / METRICS_FILE
+        if self.path.is_symlink():  # appending would write wherever it points (a run folder from elsewhere)
+            raise ValueError(f"{self.path} is a symbolic link; the files of a run folder are written by tempme "
+                             "train itself: remove it")
         drop_records_after(self.path, start_step)
         self.writer = None
         if tensorboard:

@@ -342,3 +342,13 @@ def test_commands_that_do_not_share_work_refuse_torchrun(monkeypatch, capsys):
         assert main(command) == 2
         assert capsys.readouterr().err == f"tempme {command[0]}: error: {command[0]} runs as one process: start it " \
             "without torchrun\n"
+
+
+def test_escape_sequences_in_a_message_reach_the_terminal_escaped(tmp_path, capsys):
+    # An index names the weights that built it; one from elsewhere can name anything.
+    (tmp_path / "videos").mkdir()
+    (tmp_path / "videos" / "a.mp4").write_bytes(b"not decoded: the weights fail first")
+    assert main(["index", str(tmp_path / "videos"), "--weights", "\x1b[2Jcleared", "--out", str(tmp_path / "x.index"),
+                 "--workers", "0"]) == 2
+    error = capsys.readouterr().err
+    assert "\\x1b[2Jcleared does not exist" in error and "\x1b" not in error, error

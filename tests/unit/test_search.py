@@ -230,6 +230,28 @@ def test_a_header_of_the_wrong_shape_names_the_file(tmp_path):
         VideoIndex.load(path)
 
 
+def test_tensors_an_index_cannot_hold_are_one_clear_error(tmp_path):
+    whole = VideoIndex(["/v/a.mp4"], torch.ones(1, 2), {}, {}).save(tmp_path / "i.index")
+    with safe_open(str(whole), framework="pt") as handle:
+        header = handle.metadata()
+    for name, tensors in [("half", {"embeddings": torch.ones(1, 2, dtype=torch.half)}),
+                          ("nan", {"embeddings": torch.tensor([[float("nan"), 1.0]])})]:
+        save_file(tensors, str(tmp_path / f"{name}.index"), metadata=header)
+        with pytest.raises(VideoIndexError, match=f"{name}.index: the index is damaged \\(its embeddings are not all "
+                                                  "finite float32 numbers\\)"):
+            VideoIndex.load(tmp_path / f"{name}.index")
+    segments = {"format": "tempme-video-index", "index": json.dumps(
+        {"version": 2, "videos": ["/v/a.mp4"], "model": {}, "settings": {}, "skipped": {}})}
+    for name, row_video, spans, message in [
+        ("inf", torch.zeros(1, dtype=torch.int64), torch.tensor([[0.0, float("inf")]]), "segment spans are not all finite"),
+        ("float-rows", torch.zeros(1), torch.tensor([[0.0, 1.0]]), "row_video tensor does not hold video numbers"),
+    ]:
+        save_file({"embeddings": torch.ones(1, 2), "row_video": row_video, "spans": spans},
+                  str(tmp_path / f"{name}.index"), metadata=segments)
+        with pytest.raises(VideoIndexError, match=f"{name}.index: its {message}"):
+            VideoIndex.load(tmp_path / f"{name}.index")
+
+
 def test_another_index_version_says_what_to_do(tmp_path):
     path = VideoIndex([], torch.empty(0, 2), {}, {}).save(tmp_path / "i.index")
     rewrite_header(path, lambda header: header.update(version=3))

@@ -443,3 +443,18 @@ def test_a_small_validation_set_is_warned_about(tmp_path):
     with pytest.warns(UserWarning, match=r"validation has 2 captions \(the held-out videos\): its text-to-video R@1 "
                       r"moves in steps of 50%.*validate on more videos \(data.holdout_videos\)"):
         prepare_training_data(config, "run.yaml")
+
+
+def test_a_bad_value_is_shown_without_writing_it_all_out():
+    # YAML aliases make a value of a few lines as long as one likes once written out in full.
+    from tempme_train.config import _short_repr
+
+    written = []
+
+    class Leaf:
+        def __repr__(self):
+            written.append(1)
+            return "leaf"
+
+    shown = _short_repr({"levels": [[Leaf()] * 100] * 100})
+    assert shown.startswith("{'levels': [[leaf, leaf") and len(shown) <= 80 and len(written) < 100

@@ -793,6 +793,18 @@ def test_a_checkpoint_is_resumed_without_running_what_it_pickles(tmp_path):
     assert f"cannot resume: {state} holds Python objects that tempme train does not save" in message, message
 
 
+def test_a_metrics_file_that_is_a_link_is_refused_not_written_through(tmp_path):
+    data = synthetic_data()
+    run = tmp_path / "run"
+    train(tiny_config(run, run={"stop_after": 1}), data=data)
+    outside = tmp_path / "outside.txt"
+    (run / "metrics.jsonl").unlink()
+    (run / "metrics.jsonl").symlink_to(outside)
+    with pytest.raises(ValueError, match="metrics.jsonl is a symbolic link; the files of a run folder are written"):
+        train(tiny_config(run), resume=True, data=data)
+    assert not outside.exists()
+
+
 def test_devices_this_machine_lacks_are_refused_naming_the_setting(monkeypatch):
     from tempme_train.distributed import WorldInfo
     from tempme_train.train import run_device

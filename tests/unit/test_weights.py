@@ -539,6 +539,15 @@ def test_truncated_hf_dir_names_the_file(files, tmp_path):
         load_weights(folder)
 
 
+def test_shards_are_read_beside_their_index_only(files, tmp_path):
+    folder = tmp_path / "hf-sharded"
+    folder.mkdir()
+    (tmp_path / "elsewhere.safetensors").write_bytes((files["hf_dir"] / "model.safetensors").read_bytes())
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "../elsewhere.safetensors"}}))
+    with pytest.raises(WeightsError, match=r"lists shard '../elsewhere.safetensors', which is not a file name in"):
+        load_weights(folder)
+
+
 def test_zip_with_damaged_pickle(files, tmp_path):
     """A readable zip whose pickled index is garbage: torch's own error must not leak out."""
     data = bytearray(files["openai_pt"].read_bytes())
