@@ -17,7 +17,12 @@ LayerKind = Literal["plain", "imgme", "clipme", "intra"]
 
 
 class ScheduleError(ValueError):
-    """A merge schedule that cannot run for this model and frame count."""
+    """A merge schedule that cannot run for this model and frame count. ``setting``: the ``MergeConfig``
+    field (or ``"frames"``) at fault, where one is, so that a config error can name its key."""
+
+    def __init__(self, message: str, setting: str | None = None):
+        super().__init__(message)
+        self.setting = setting
 
 
 # Far beyond any benchmark's 64: the bound keeps a frame count read from a file (an index, a
@@ -27,9 +32,9 @@ MAX_FRAMES = 4096
 
 def check_frames(frames: int) -> None:
     if frames < 1:
-        raise ScheduleError(f"frames must be at least 1, got {frames}")
+        raise ScheduleError(f"frames must be at least 1, got {frames}", "frames")
     if frames > MAX_FRAMES:
-        raise ScheduleError(f"frames must be at most {MAX_FRAMES}, got {frames}")
+        raise ScheduleError(f"frames must be at most {MAX_FRAMES}, got {frames}", "frames")
 
 
 @dataclass(frozen=True)
@@ -67,7 +72,7 @@ def check_setting_types(merge: MergeConfig) -> None:
 
     def check(name: str, valid: bool, expected: str) -> None:
         if not valid:
-            raise ScheduleError(f"{name} must be {expected}, got {getattr(merge, name)!r}")
+            raise ScheduleError(f"{name} must be {expected}, got {getattr(merge, name)!r}", name)
 
     check("tome_r", is_int(merge.tome_r), "an integer")
     for name in ("merge_layers", "clips_joined"):
@@ -80,34 +85,36 @@ def check_setting_types(merge: MergeConfig) -> None:
         check(name, isinstance(getattr(merge, name), bool), "True or False")
 
 
-def validate_merge_config(merge: MergeConfig, depth: int, frames: int) -> None:
-    """Raise ``ScheduleError`` with a readable message if ``merge`` cannot run."""
+def validate_merge_config(merge: MergeConfig, depth: int | None, frames: int) -> None:
+    """Raise ``ScheduleError`` with a readable message if ``merge`` cannot run. ``depth`` None (not
+    known yet: weights not read) leaves out the check of the merge layers' range."""
     check_setting_types(merge)
     if merge.method not in MERGE_METHODS:
-        raise ScheduleError(f"unknown merge method {merge.method!r}; choose one of {', '.join(MERGE_METHODS)}")
+        raise ScheduleError(f"unknown merge method {merge.method!r}; choose one of {', '.join(MERGE_METHODS)}", "method")
     check_frames(frames)
     if merge.tome_r < 0:
-        raise ScheduleError(f"tome_r must be >= 0, got {merge.tome_r}")
+        raise ScheduleError(f"tome_r must be >= 0, got {merge.tome_r}", "tome_r")
     if merge.method != "tempme":
         return
     layers, joins = tuple(merge.merge_layers), tuple(merge.clips_joined)
     if len(layers) != len(joins):
         raise ScheduleError(
-            f"merge_layers {list(layers)} and clips_joined {list(joins)} must have the same length"
+            f"merge_layers {list(layers)} and clips_joined {list(joins)} must have the same length", "clips_joined"
         )
     if not layers:
-        raise ScheduleError("method 'tempme' needs at least one merge layer")
+        raise ScheduleError("method 'tempme' needs at least one merge layer", "merge_layers")
     for layer in layers:
-        if not 0 <= layer < depth:
-            raise ScheduleError(f"merge layer {layer} is out of range: the encoder has layers 0..{depth - 1}")
+        if layer < 0 or (depth is not None and layer >= depth):
+            has = "layers count from 0" if depth is None else f"the encoder has layers 0..{depth - 1}"
+            raise ScheduleError(f"merge layer {layer} is out of range: {has}", "merge_layers")
     if list(layers) != sorted(set(layers)):
-        raise ScheduleError(f"merge_layers must be strictly increasing, got {list(layers)}")
+        raise ScheduleError(f"merge_layers must be strictly increasing, got {list(layers)}", "merge_layers")
     clips = frames
     for layer, joined in zip(layers, joins):
         if joined < 1 or clips % joined:
             raise ScheduleError(
                 f"cannot join {joined} clips at layer {layer}: {clips} clips remain "
-                f"(frames={frames}, clips_joined={list(joins)}); each step must divide the clip count"
+                f"(frames={frames}, clips_joined={list(joins)}); each step must divide the clip count", "clips_joined"
             )
         clips //= joined
     for name in ("cross_merge_ratio", "intra_merge_ratio"):
@@ -115,7 +122,7 @@ def validate_merge_config(merge: MergeConfig, depth: int, frames: int) -> None:
         if not 0.0 <= ratio < 1.0:
             raise ScheduleError(
                 f"{name}={ratio} is outside [0, 1): it is the fraction merged "
-                f"(retained ratio {1 - ratio:g} must lie in (0, 1])"
+                f"(retained ratio {1 - ratio:g} must lie in (0, 1])", name
             )
 
 

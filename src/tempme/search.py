@@ -696,7 +696,7 @@ class _PendingResults:
         self.rows: dict[str, list[tuple[list[float] | None, torch.Tensor]]] = {}
         self.complete: list[str] = []  # videos whose every row is embedded, not yet in the index
         self.failed: set[str] = set()  # videos that did not decode: windows of theirs still in flight are dropped
-        self.undecodable: list[str] = []  # see add_failed
+        self.indexed_to_drop: list[str] = []  # indexed videos that no longer decode (see add_failed)
 
     def add_embedded(
         self, paths: Sequence[str], spans: Sequence[list[float] | None], last: Sequence[bool], embeddings: torch.Tensor
@@ -719,7 +719,7 @@ class _PendingResults:
         self.failed.add(path)
         self.rows.pop(path, None)
         if indexed:
-            self.undecodable.append(path)
+            self.indexed_to_drop.append(path)
 
     def apply_to(self, index: VideoIndex) -> None:
         """Write the pending results of complete videos into ``index``, then forget them.
@@ -728,7 +728,7 @@ class _PendingResults:
         the order stays as it was; otherwise, as a new video's, they are appended. Undecodable videos
         leave the index.
         """
-        if not (self.complete or self.undecodable):
+        if not (self.complete or self.indexed_to_drop):
             return
         embeddings = index.embeddings.clone()
         spans = None if index.spans is None else list(index.spans)
@@ -749,7 +749,7 @@ class _PendingResults:
                 dropped.update(old)
                 appended.extend((video, span, embedding) for span, embedding in fresh)
             index.files[video] = self.stamps[video]
-        for video in self.undecodable:
+        for video in self.indexed_to_drop:
             dropped.update(rows_of.get(video, []))
             index.files.pop(video, None)
         index.embeddings, index.spans = embeddings, spans
@@ -759,7 +759,7 @@ class _PendingResults:
             index.embeddings = torch.cat([index.embeddings, torch.stack([e for _, _, e in appended])])
             if index.spans is not None:
                 index.spans = index.spans + [span for _, span, _ in appended]
-        self.complete, self.undecodable = [], []
+        self.complete, self.indexed_to_drop = [], []
 
 
 def check_index_free(path: PathLike) -> None:
@@ -919,8 +919,8 @@ def update_index(
             The method and frame count are recorded from ``model``. Without it, ``tempme search`` needs
             ``--weights`` or ``--checkpoint`` to find the model.
         precision, framerate, backend, segment_s: left None, the index's own when it exists, else the
-            defaults (see :func:`resolve_index_options`); given, they must be the index's.
-        precision: ``fp32``, ``bf16`` or ``fp16`` autocast.
+            defaults (see :func:`resolve_index_options`); given, they must be the index's. Precision
+            is ``fp32``, ``bf16`` or ``fp16`` autocast.
         save_every_s: write the index when this many seconds have passed since it was last written.
         sources: the folders (and files) ``videos`` were found in, as given to :func:`find_videos`;
             they decide which missing videos were deleted (see :func:`deleted`).
@@ -966,7 +966,8 @@ def update_index(
             model_info = {**{key: index.model[key] for key in ("weights", "checkpoint") if key in index.model},
                           **model_info}
         # The same weights (the fingerprint matched); the way to load them may have changed (a moved file).
-        relocated, index.model = index.model != model_info, model_info
+        relocated = index.model != model_info
+        index.model = model_info
 
         removed, relinked = _reconcile_files(index, videos, sources, prune)
         new, changed, stamps = _videos_to_embed(index, videos)
@@ -976,7 +977,7 @@ def update_index(
         index.skipped = {
             video: reason for video, reason in index.skipped.items() if Path(video).exists() and video not in retried
         }
-        update = IndexUpdate(0, {}, removed, index.videos, segments=index.segments)
+        update = IndexUpdate(added=0, skipped={}, removed=removed, total=index.videos, segments=index.segments)
         if not todo:
             if removed or relocated or relinked:
                 index.save(path)
@@ -1007,7 +1008,7 @@ def update_index(
                 # Also on Ctrl-C or an error: every finished video is kept, and the next run carries on.
                 # A new index with nothing in it is not written: its settings would bind the next run.
                 pending.apply_to(index)
-                if index.paths or index.skipped or Path(path).exists():
+                if index.paths or index.skipped or path.exists():
                     index.save(path)
         update.total, update.segments = index.videos, index.segments
         return update

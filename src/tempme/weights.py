@@ -24,7 +24,6 @@ import pickle
 import re
 import socket
 import urllib.parse
-import warnings
 import zipfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass

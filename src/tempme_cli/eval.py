@@ -25,7 +25,9 @@ EPILOG = textwrap.dedent(
                           those same weights from another place (other weights are refused).
       --weights W         CLIP or tempme weights (a file or a preset name such as ViT-B/32): zero-shot.
       --config CONFIG     the model and data of a training config (its model.weights, zero-shot unless
-                          --checkpoint is given too; then CONFIG replaces the stored config).
+                          --checkpoint is given too; then the model is the checkpoint's, as it was
+                          trained, and CONFIG gives the data and run settings: to evaluate
+                          the adapters in another model, give model settings as KEY=VALUE).
 
     examples:
       tempme eval --checkpoint runs/msrvtt_b32_tempme
@@ -104,6 +106,8 @@ def resolve_config(args: argparse.Namespace, trained: Path | None) -> TrainConfi
     settings = option_settings(args)
     if args.config is not None:
         config = load_config(args.config)
+        if trained is not None:
+            config = with_trained_model(config, train_config_of(trained), trained, args.config)
     elif trained is not None:
         config = train_config_of(trained)
         if args.dataset in DATASET_BASES and args.dataset != config.data.dataset:
@@ -115,6 +119,35 @@ def resolve_config(args: argparse.Namespace, trained: Path | None) -> TrainConfi
             settings["model.method"] = recorded
     config = with_settings(config, settings, "command-line options")
     return apply_overrides(config, args.overrides)
+
+
+def with_trained_model(config: TrainConfig, trained_config: TrainConfig, trained: Path, source: str) -> TrainConfig:
+    """``config`` (--config) with the model ``trained`` was trained as: its model settings, frames and
+    image size (the base weights' place stays ``config``'s where it names one: they may have moved),
+    with a warning naming the settings of ``config`` that this replaces."""
+    model, own = trained_config.to_dict()["model"], config.to_dict()["model"]
+    if config.model.weights:
+        model["weights"] = config.model.weights
+    settings = {f"model.{name}": value for name, value in model.items()}
+    settings.update({"data.max_frames": trained_config.data.max_frames, "data.image_size": trained_config.data.image_size})
+    given = _flat({"model": own, "data": config.to_dict()["data"]})
+    differ = [key for key, value in _flat(settings).items() if key != "model.weights" and given.get(key) != value]
+    if differ:
+        warnings.warn(f"{source} sets {', '.join(differ)} otherwise than {trained} was trained: the trained model is "
+                      "evaluated (to evaluate its adapters in another one, give those settings as KEY=VALUE)",
+                      stacklevel=1)
+    return with_settings(config, settings, f"the training config stored in {trained}")
+
+
+def _flat(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"model": {"schedule": {"tome_r": 2}}}`` -> ``{"model.schedule.tome_r": 2}``."""
+    flat: dict[str, Any] = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 # What a benchmark's bundled config says about its data, apart from the frames and image size of the model.
@@ -209,6 +242,8 @@ def selected_on_test_warning(
 
 
 def run(args: argparse.Namespace) -> int:
+    from tempme.config import settings_ignored_by
+    from tempme.flops import count_video_flops
     from tempme.retrieval import format_metrics_table
     from tempme_train.data import drop_missing_videos, frame_cache, split_items
     from tempme_train.distributed import process_group, world_from_env
@@ -256,11 +291,16 @@ def run(args: argparse.Namespace) -> int:
     if not world.is_main:
         return 0
     merge = model.config.merge
+    flops = count_video_flops(model.config)
+    schedule = {name: value for name, value in dataclasses.asdict(merge).items() if name != "method"}
+    ignored = settings_ignored_by(merge.method, schedule)
     results.update(
         split=args.split, dataset=config.data.dataset, missing=missing,
         weights=str(trained) if trained else base,
         model={"method": merge.method, "frames": model.config.frames, "precision": config.optim.precision,
-               "schedule": {name: value for name, value in dataclasses.asdict(merge).items() if name != "method"}},
+               "lora_rank": model.config.lora.rank, "tokens": flops.tokens, "gflops": round(flops.gflops, 2),
+               # The settings the method reads: the rest would be told apart from nothing.
+               "schedule": {name: value for name, value in schedule.items() if name not in ignored}},
     )
     if config.paper.t2v or config.paper.v2t:  # figures to compare with, where a config gives them
         results["paper"] = {"t2v": config.paper.t2v, "v2t": config.paper.v2t}
@@ -277,7 +317,8 @@ def run(args: argparse.Namespace) -> int:
     left_out_text = f" ({', '.join(left_out)} left out)" if left_out else ""
     print(f"{results['dataset']} {args.split}: {results['num_captions']} captions, {results['num_videos']} videos"
           f"{left_out_text}; weights: {results['weights']}{on_base}")
-    print(f"model: {merge.method}, {model.config.frames} frames, {config.optim.precision}")
+    print(f"model: {merge.method}, {model.config.frames} frames, {config.optim.precision}; video encoder: "
+          f"{flops.tokens} tokens, {flops.gflops:.1f} GFLOPs per video")
     print(format_metrics_table(results["t2v"], results["v2t"]))
     if config.paper.t2v:
         print("paper t2v: " + ", ".join(f"{key} {value}" for key, value in config.paper.t2v.items()))

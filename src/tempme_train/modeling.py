@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
 
 from tempme import TempMe, create_model, load_model
 from tempme.config import get_preset, preset_names
-from tempme.schedule import ScheduleError
+from tempme.factory import build_config
+from tempme.schedule import ScheduleError, validate_merge_config
 from tempme.userwarnings import SharedWarning, warn
 
 from .config import ConfigError, TrainConfig, config_from_dict
@@ -38,10 +40,8 @@ def build_model(config: TrainConfig, source: str = "config") -> TempMe:
             model = load_model(settings.weights, method=settings.method, frames=settings.frames, **kwargs)
         else:
             model = create_model(settings.preset, method=settings.method, frames=settings.frames, **kwargs)
-    except ScheduleError as error:  # blamed on the schedule's settings, wherever they were set
-        key = "model.schedule" if settings.schedule.as_kwargs() else "model.method"
-        value = settings.schedule.as_kwargs() or settings.method
-        raise ConfigError(config.source_of(key, source), key, value, str(error)) from error
+    except ScheduleError as error:
+        raise schedule_config_error(config, source, error) from error
     except (TypeError, ValueError) as error:
         # Unknown presets, unreadable weights, max_words beyond the context length ...
         key = "model.weights" if settings.weights else "model.preset"
@@ -54,6 +54,46 @@ def build_model(config: TrainConfig, source: str = "config") -> TempMe:
         )
     model.set_trainable(settings.trainable)
     return model.train()
+
+
+def schedule_config_error(config: TrainConfig, source: str, error: ScheduleError) -> ConfigError:
+    """``error`` blamed on the setting at fault, where it was set: a schedule setting the config gives,
+    else the frame count, else the method (whose paper schedule it is)."""
+    given = config.model.schedule.as_kwargs()
+    if error.setting in given:
+        key, value = f"model.schedule.{error.setting}", given[error.setting]
+    elif error.setting == "frames":
+        key, value = "model.frames", config.model.frames
+    elif given:  # the paper's value of a setting, at odds with the ones given
+        key, value = "model.schedule", given
+    else:
+        key, value = "model.method", config.model.method
+    # The messages of the settings themselves show their values already.
+    return ConfigError(config.source_of(key, source), key, value, str(error),
+                       show_value=key in ("model.schedule", "model.method"))
+
+
+def check_schedule(config: TrainConfig, source: str = "config") -> None:
+    """The merge schedule of ``config.model`` checked before any data or weights are read (which can
+    take minutes, and a download), as :func:`build_model` would find it: on the architecture of the
+    preset that ``model.weights`` or ``model.preset`` names. Weights from a file have a depth not known
+    yet: the range of the merge layers is left to :func:`build_model`."""
+    settings = config.model
+    named = settings.weights if settings.weights in preset_names() else None
+    if (named or settings.preset) not in preset_names():
+        return  # an unknown preset: build_model says so
+    clip = get_preset(named or settings.preset)
+    depth = clip.vision.layers if named or not settings.weights else None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # build_model gives them, once
+            model = build_config(clip, method=settings.method, frames=settings.frames, lora_rank=settings.lora_rank,
+                                 **settings.schedule.as_kwargs())
+        validate_merge_config(model.merge, depth, model.frames)
+    except ScheduleError as error:
+        raise schedule_config_error(config, source, error) from error
+    except (TypeError, ValueError):
+        return  # not the schedule's: build_model says what
 
 
 def check_preset_matches_weights(model: TempMe, config: TrainConfig, source: str = "config") -> None:
@@ -142,6 +182,9 @@ def check_base(model: TempMe, trained: str | Path, base_weights: str) -> None:
     recorded = recorded_metadata(trained).get(BASE_FINGERPRINT)
     if recorded is not None and recorded != base_fingerprint(model):
         trained_on = train_config_of(trained).model
+        if trained_on.lora_rank != model.config.lora.rank:  # the LoRA A matrices count in the fingerprint
+            raise ValueError(f"{trained} holds adapters of LoRA rank {trained_on.lora_rank}, the model was built with "
+                             f"model.lora_rank={model.config.lora.rank}: leave model.lora_rank as it was trained")
         same_file = trained_on.weights and (
             Path(trained_on.weights).expanduser().absolute() == Path(base_weights).expanduser().absolute()
         )

@@ -87,6 +87,7 @@ from .modeling import (
     base_fingerprint,
     build_model,
     check_base,
+    check_schedule,
     check_preset_matches_weights,
     save_trained_weights,
     trainable_parameters,
@@ -140,11 +141,9 @@ class NoTrainingData(ValueError):
 
 
 class TrainingStopped(ValueError):
-    """A bad-input error (ValueError or OSError) that stopped training after ``last/`` was written.
-
-    Its message is the original one followed by where the run stands and how to continue, so the
-    command line still prints one line; the original error is its ``__cause__``.
-    """
+    """Why training stopped (bad input: a ValueError or OSError; or another process gone) and where
+    the run stands, in one line, so that the command line prints it as one; the original error is
+    its ``__cause__``."""
 
 
 @dataclass(frozen=True)
@@ -283,7 +282,6 @@ class Trainer:
     def __init__(self, config: TrainConfig, world: WorldInfo, resume: bool, data: TrainData | None, source: str):
         self.config, self.world = config, world
         self.output = Path(config.run.output_dir)
-        optim = config.optim
         with failures_shared():  # each process checks its own device, files and data
             self.device = run_device(config.run.device, world, source)
             if world.is_main:
@@ -296,6 +294,7 @@ class Trainer:
             config, optim = self.config, self.config.optim  # a resumed old run may have had settings added
             if checkpoint is None:
                 check_schedule_is_read(config, source)
+            check_schedule(config, source)  # before the data and the weights are read
             if config.run.tensorboard:
                 require_tensorboard(source)
             self.data = data if data is not None else prepare_training_data(config, source)
@@ -309,6 +308,13 @@ class Trainer:
             self.base_fingerprint = base_fingerprint(model) if config.model.trainable == "lora" else None
             self.model = model.to(self.device)
             self.params = list(trainable_parameters(self.model).values())
+            if not self.params:
+                raise config.blame(ConfigError(
+                    source, "model.lora_rank", config.model.lora_rank,
+                    f"nothing to train: no LoRA, and no clip positional embeddings (model.method={config.model.method}, "
+                    f"model.schedule.clip_pos_embed={model.config.merge.clip_pos_embed}); set model.lora_rank above 0 "
+                    "or model.trainable=full",
+                ))
             self.total_steps = self.sampler.steps_per_epoch * optim.epochs
             self.optimizer = build_optimizer(self.params, optim.lr, optim.betas, optim.eps, optim.weight_decay)
             self.scheduler = build_scheduler(self.optimizer, self.total_steps, optim.warmup)
@@ -341,8 +347,8 @@ class Trainer:
                 self.output.mkdir(parents=True, exist_ok=True)
                 save_config(config, self.output / CONFIG)
                 self.log = MetricsLog(self.output, config.run.tensorboard, start_step=self.progress.step)
-        self.summary = TrainSummary(
-            str(self.output), self.progress.step, self.total_steps, False,
+        self.summary = TrainSummary(  # steps and stopped_early: as the run ends
+            output_dir=str(self.output), steps=self.progress.step, total_steps=self.total_steps, stopped_early=False,
             best_val_r1=self.progress.best_r1, best_step=self.progress.best_step,
             missing_videos=list(self.data.missing_videos),
         )
@@ -420,9 +426,9 @@ class Trainer:
             raise self._diverged(f"the loss at step {self.progress.step + 1}/{self.total_steps} is {loss}")
         with stops_held():  # all of the update and its record, or none of it
             # Signals from here on (held by this block) are shared at the next step.
-            stop_requested = bool(held_signals)
+            signal_here = bool(held_signals)
             # The optimizer's state, made at the first update, can exhaust one GPU's memory.
-            with failures_shared(stop_requested) as shared:
+            with failures_shared(signal_here) as shared:
                 if loss is not None:
                     self._update()
             # The schedule advances even on an empty batch, so it stays tied to the data position. (Also
@@ -438,8 +444,8 @@ class Trainer:
             if loss is not None:
                 self.window.append(result)
                 self.summary.losses.append(loss)
-        if shared.stop_requested:
-            if not stop_requested:
+        if shared.stop_requested:  # by this process or another
+            if not signal_here:
                 raise StopShared("Ctrl-C or SIGTERM reached another process")
             name = signal.Signals(held_signals[0]).name
             kind = TerminationShared if held_signals[0] == signal.SIGTERM else StopShared

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import tempme
+from tempme.flops import count_video_flops
 from tempme.data import frames_to_tensor, read_frames
 from tempme.search import model_fingerprint
 from tempme_cli.main import main
@@ -121,6 +122,13 @@ def test_train_stop_resume_and_evaluate(run_config, tmp_path, capsys, monkeypatc
     assert main(["eval", "--checkpoint", str(output), "--split", "train"]) == 0
     table = capsys.readouterr().out  # the split lists video5, whose file is missing, and corrupt video2
     assert "8 videos (1 missing, 1 undecodable left out)" in table and "model: tempme, 4 frames, fp32" in table
+    flops = count_video_flops(build_model(train_config_of(output / "best.safetensors")).config)
+    assert (first["model"]["tokens"], first["model"]["gflops"]) == (flops.tokens, round(flops.gflops, 2))
+    assert f"video encoder: {flops.tokens} tokens, {flops.gflops:.1f} GFLOPs per video" in table
+    # The settings of a method that merges nothing are not reported as if they counted.
+    assert main(["eval", "--checkpoint", str(output), "--method", "none", "--json", "--no-cache"]) == 0
+    unmerged = json.loads(capsys.readouterr().out)["model"]
+    assert unmerged["schedule"] == {} and unmerged["tokens"] == 4 * (1 + (32 // 16) ** 2)  # 4 frames of 5 tokens
     assert main(["eval", "--checkpoint", str(output / "last"), "--json", "--split", "val"]) == 0
     val = json.loads(capsys.readouterr().out)
     assert val["num_captions"] == 6 and val["v2t"]["num_queries"] == 3
@@ -146,6 +154,22 @@ def test_train_stop_resume_and_evaluate(run_config, tmp_path, capsys, monkeypatc
     scores = (F.normalize(text, dim=-1) @ F.normalize(videos, dim=-1).T)[0]
     assert [h["path"] for h in hits] == [str(Path(test_videos[i]).resolve()) for i in scores.argsort(descending=True)]
     assert [h["score"] for h in hits] == pytest.approx(scores.sort(descending=True).values.tolist(), abs=1e-3)
+
+
+def test_a_checkpoint_evaluated_with_a_config_keeps_the_model_it_was_trained_as(run_config, capsys, tmp_path):
+    output = tmp_path / "ablation"
+    with pytest.warns(UserWarning, match=MISSING):
+        assert main(["train", "--config", str(run_config), "model.schedule.clip_pos_embed=false", "run.stop_after=1",
+                     "--output", str(output)]) == 0
+    capsys.readouterr()
+    # The config only says where the data is; its schedule is not the one the adapters were trained in.
+    with pytest.warns(UserWarning, match=rf"run.yaml sets model.schedule.clip_pos_embed otherwise than {output / 'last'}"):
+        assert main(["eval", "--checkpoint", str(output / "last"), "--config", str(run_config), "--json", "--no-cache"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"]["schedule"]["clip_pos_embed"] is False
+    # Given as an override, another model is what is asked for.
+    assert main(["eval", "--checkpoint", str(output / "last"), "--config", str(run_config), "model.schedule.clip_pos_embed=true",
+                 "--json", "--no-cache"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"]["schedule"]["clip_pos_embed"] is True
 
 
 def test_zero_shot_eval_prints_a_table(run_config, capsys, tmp_path):
@@ -290,10 +314,17 @@ def test_bad_settings_fail_before_training_with_the_key_and_value(run_config, tm
     error = capsys.readouterr().err
     assert "cannot join 5 clips at layer" in error and not (tmp_path / "metrics.jsonl").exists()
     # Named as the override that set it, with its value, not as the config file or the weights.
-    assert error.startswith(
-        "tempme train: error: command-line override 'model.schedule.clips_joined=[2,2,5]': model.schedule: "
-    )
-    assert error.endswith("(got {'clips_joined': [2, 2, 5]})\n")
+    assert error.startswith("tempme train: error: command-line override 'model.schedule.clips_joined=[2,2,5]': "
+                            "model.schedule.clips_joined: cannot join 5 clips at layer")
+    assert error.endswith("clips_joined=[2, 2, 5]); each step must divide the clip count\n")
+    # Before the data or the weights are read: a ratio is wrong whatever the weights.
+    bad_ratio = ["train", "--config", str(run_config), "model.schedule.cross_merge_ratio=1.5",
+                 "data.anno_path=/no/such/annotations", "model.weights=/no/such/weights.pt", "--output", str(tmp_path)]
+    assert main(bad_ratio) == 2
+    assert capsys.readouterr().err == (
+        "tempme train: error: command-line override 'model.schedule.cross_merge_ratio=1.5': "
+        "model.schedule.cross_merge_ratio: cross_merge_ratio=1.5 is outside [0, 1): it is the fraction merged "
+        "(retained ratio -0.5 must lie in (0, 1])\n")
     # Unset paths are named as unset (an empty path would otherwise pass as the working directory).
     assert main(["eval", "--config", str(run_config), "data.anno_path=''"]) == 2
     assert "data.anno_path: not set" in capsys.readouterr().err
@@ -459,8 +490,9 @@ def test_a_trained_run_loads_from_python_on_its_base_weights(custom_run, tmp_pat
     from tempme_train.modeling import load_trained_model
 
     _, done = custom_run
-    with pytest.raises(ValueError, match=r"adapters-only checkpoint: a tempme train run's loads on its base weights "
-                       r"with tempme_train.modeling.load_trained_model\(run\)"):
+    with pytest.raises(ValueError, match=r"best.safetensors: this is an adapters-only checkpoint: a tempme train run's "
+                       r"loads on its base weights with --checkpoint \(from Python: "
+                       r"tempme_train.modeling.load_trained_model\(run\)\)"):
         tempme.load_model(done / "best.safetensors")  # the library's loader wants every weight
     trained = load_weights(done / "best.safetensors").state_dict
     model = load_trained_model(done)

@@ -805,6 +805,21 @@ def test_a_metrics_file_that_is_a_link_is_refused_not_written_through(tmp_path):
     assert not outside.exists()
 
 
+def test_a_model_with_nothing_to_train_is_refused_naming_the_settings(tmp_path):
+    with pytest.raises(ConfigError, match=r"model.lora_rank: nothing to train: no LoRA, and no clip positional "
+                                          r"embeddings \(model.method=none, .*set model.lora_rank above 0"):
+        train(tiny_config(tmp_path, model={"lora_rank": 0, "method": "none"}), data=synthetic_data())
+
+
+def test_adapters_of_another_lora_rank_are_named_as_such(tmp_path):
+    from tempme_train.modeling import check_base
+
+    train(tiny_config(tmp_path, model={"lora_rank": 4}, run={"stop_after": 1}), data=synthetic_data())
+    other_rank = build_model(tiny_config(tmp_path, model={"lora_rank": 8}))
+    with pytest.raises(ValueError, match=r"holds adapters of LoRA rank 4, the model was built with model.lora_rank=8"):
+        check_base(other_rank, tmp_path / LAST / "weights.safetensors", "the random tiny preset")
+
+
 def test_devices_this_machine_lacks_are_refused_naming_the_setting(monkeypatch):
     from tempme_train.distributed import WorldInfo
     from tempme_train.train import run_device

@@ -303,6 +303,11 @@ class PacketTimes:
     frames: list[int]
     keyframes: list[int]
 
+    def keyframe_before(self, index: int) -> int:
+        """The timestamp of the keyframe that decoding starts from to reach frame ``index``."""
+        at = bisect.bisect_right(self.keyframes, self.frames[index])
+        return self.keyframes[max(at - 1, 0)]
+
 
 def _packet_times(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> PacketTimes | None:
     """The stream's frame and keyframe timestamps, read through to its end; None when some packet has
@@ -353,7 +358,7 @@ def _seek_frames(
     try:
         for index in wanted:
             target = times.frames[index]
-            keyframe = times.keyframes[max(bisect.bisect_right(times.keyframes, target) - 1, 0)]
+            keyframe = times.keyframe_before(index)
             if decoded is None or last_pts is None or keyframe > last_pts:
                 container.seek(keyframe, stream=stream, backward=True, any_frame=False)
                 decoded = container.decode(stream)
@@ -434,10 +439,7 @@ def _whole_frames(path: Path, times: PacketTimes, from_index: int = 0) -> Iterat
     thread, so that which frames come out does not depend on the machine's cores."""
     av = _pyav()
     index_of = {pts: index for index, pts in enumerate(times.frames)}
-    keyframe = None
-    if from_index > 0:
-        target = times.frames[from_index]
-        keyframe = times.keyframes[max(bisect.bisect_right(times.keyframes, target) - 1, 0)]
+    keyframe = times.keyframe_before(from_index) if from_index > 0 else None
     with _open_container(path) as container:
         stream = _video_stream(container, path)
         stream.thread_type = "NONE"
@@ -642,17 +644,16 @@ def _windows_around_damage(
 
     Undecodable when under ``MIN_DECODABLE_SHARE`` of the video's frames decode whole, as a whole
     video would be (the frames before ``windows`` are decoded for that only where it could decide
-    it). Otherwise each
-    window on its own: one of which at least that share of the frames decode has the nearest of
-    them, within the window, stand in for sampled frames that do not; the others are left out (a
-    stretch of a long recording lost, not the whole recording), with a warning that names their
-    times. Decodes twice from the keyframe before ``windows``: once to find the frames that decode,
+    it). Otherwise each window on its own: one of which at least that share of the frames decode
+    has the nearest of them, within the window, stand in for sampled frames that do not; the others
+    are left out (a stretch of a long recording lost, not the whole recording), with a warning that
+    names their times. Decodes twice from the keyframe before ``windows``: once to find the frames that decode,
     once for the images, holding only the window at hand's. ``whole_video``: ``windows`` is one
     window spanning the video, sampled as a whole video is (the warning says so)."""
     first, total = windows[0].first, len(times.frames)
     decoded = sorted(index for index, _ in _whole_frames(path, times, first) if index >= first)
     if len(decoded) < MIN_DECODABLE_SHARE * total:  # then it depends on the frames before
-        before = first and sum(1 for _ in itertools.takewhile(lambda found: found[0] < first, _whole_frames(path, times)))
+        before = _whole_frames_before(path, times, first) if first > 0 else 0
         if before + len(decoded) < MIN_DECODABLE_SHARE * total:
             raise VideoDecodeError(path, failure)
     plan: list[tuple[Window, dict[int, int] | None]] = []  # each window's stand-ins (None: left out)
@@ -683,6 +684,11 @@ def _windows_around_damage(
                 del held[index]
     finally:
         frames.close()
+
+
+def _whole_frames_before(path: Path, times: PacketTimes, index: int) -> int:
+    """How many of the frames before frame ``index`` decode whole (decoding from the start)."""
+    return sum(1 for _ in itertools.takewhile(lambda found: found[0] < index, _whole_frames(path, times)))
 
 
 def _damage_report(
