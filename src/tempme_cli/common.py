@@ -26,9 +26,9 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def int_list(text: str) -> tuple[int, ...]:
-    """'8-9-10' or '8,9,10' -> (8, 9, 10), the authors' dash style included."""
+    """'8-9-10', '8,9,10' or '[8, 9, 10]' (as a config writes it) -> (8, 9, 10)."""
     try:
-        return tuple(int(part) for part in text.replace(",", "-").split("-") if part)
+        return tuple(int(part) for part in text.strip().strip("[]").replace(",", "-").split("-") if part.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected integers separated by '-' or ',', got {text!r}") from None
 

@@ -62,7 +62,8 @@ def register(subparsers) -> None:
                         "frames too)")
     parser.add_argument("--anno-path", metavar="PATH", help="annotation folder or file (sets data.anno_path)")
     parser.add_argument("--video-dir", metavar="DIR", help="video folder (sets data.video_dir)")
-    parser.add_argument("--method", choices=MERGE_METHODS, help="merging method (sets model.method)")
+    parser.add_argument("--method", choices=MERGE_METHODS, help="merging method (sets model.method; another than the "
+                        "config's or checkpoint's takes the paper's schedule for it, as tempme flops does)")
     parser.add_argument("--frames", type=int, help="frames per video (sets model.frames and data.max_frames)")
     parser.add_argument("--split", default="test",
                         help="test: the config's test split (MSRVTT 1k-A, DiDeMo test, ActivityNet val_1, LSMDC test); "
@@ -117,6 +118,10 @@ def resolve_config(args: argparse.Namespace, trained: Path | None) -> TrainConfi
         recorded = recorded_method(args.weights) if args.weights and not args.method else None
         if recorded:
             settings["model.method"] = recorded
+    if args.method and args.method != config.model.method:
+        # As in `tempme flops`: another method starts from the paper's schedule for it (KEY=VALUE
+        # overrides change that); the one of the config was chosen for its own method.
+        settings["model.schedule"] = {}
     config = with_settings(config, settings, "command-line options")
     return apply_overrides(config, args.overrides)
 

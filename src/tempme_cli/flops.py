@@ -28,6 +28,9 @@ def register(subparsers) -> None:
     parser.add_argument("--frames", type=int, help="frames per video (default: the config's, else 12)")
     parser.add_argument("--method", choices=MERGE_METHODS, help="merging method (default: the config's, else tempme)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="change a model setting of the config as tempme train takes it, e.g. "
+                        "model.schedule.tome_r=3 or model.frames=8")
     add_schedule_arguments(parser)
     parser.set_defaults(handler=run)
 
@@ -54,10 +57,10 @@ def resolve_model(args: argparse.Namespace) -> dict:
     """``args.model``, ``frames`` and ``method`` and the schedule overrides, completed from ``--config``'s
     model settings where given, else from the defaults."""
     model, schedule = {"preset": "ViT-B/32", "frames": 12, "method": "tempme"}, {}
-    if args.config:
+    if args.config or args.overrides:
         from tempme_train.config import load_config
 
-        settings = load_config(args.config).model
+        settings = load_config(args.config, args.overrides).model
         model = {"preset": settings.preset, "frames": settings.frames, "method": settings.method}
         schedule = settings.schedule.as_kwargs()
     args.model = args.model or model["preset"]

@@ -352,3 +352,14 @@ def test_escape_sequences_in_a_message_reach_the_terminal_escaped(tmp_path, caps
                  "--workers", "0"]) == 2
     error = capsys.readouterr().err
     assert "\\x1b[2Jcleared does not exist" in error and "\x1b" not in error, error
+
+
+def test_flops_takes_the_settings_of_an_ablation_as_training_does(capsys):
+    def gflops(*args: str) -> float:
+        assert main(["flops", "--json", *args]) == 0
+        return json.loads(capsys.readouterr().out)["gflops"]
+
+    as_options = gflops("--tome-r", "3", "--merge-layers", "7-9-10")
+    assert gflops("--config", "msrvtt_b32_tempme", "model.schedule.tome_r=3", "model.schedule.merge_layers=[7,9,10]") \
+        == gflops("--tome-r", "3", "--merge-layers", "[7, 9, 10]") == as_options != gflops()
+    assert gflops("model.frames=8") == pytest.approx(23.17, abs=0.005)  # SPEC: 8 -> 4 -> 2 -> 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import warnings
 from fractions import Fraction
 from pathlib import Path
 
@@ -18,8 +19,9 @@ import torch
 import torch.nn.functional as F
 
 import tempme
-from tempme.flops import count_video_flops
+from tempme.config import default_merge_config, get_preset
 from tempme.data import frames_to_tensor, read_frames
+from tempme.flops import count_video_flops
 from tempme.search import model_fingerprint
 from tempme_cli.main import main
 from tempme_train.modeling import build_model, load_trained_weights, train_config_of
@@ -170,6 +172,14 @@ def test_a_checkpoint_evaluated_with_a_config_keeps_the_model_it_was_trained_as(
     assert main(["eval", "--checkpoint", str(output / "last"), "--config", str(run_config), "model.schedule.clip_pos_embed=true",
                  "--json", "--no-cache"]) == 0
     assert json.loads(capsys.readouterr().out)["model"]["schedule"]["clip_pos_embed"] is True
+    # Another method takes the paper's schedule for it, as `tempme flops --method` does: the run's
+    # clip_pos_embed=false is no setting of tome's, and not warned about as if the user had set it.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["eval", "--checkpoint", str(output / "last"), "--method", "tome", "--json", "--no-cache"]) == 0
+    assert not [warning for warning in caught if "never reads" in str(warning.message)]
+    paper = default_merge_config(get_preset(PRESET), 4, "tome")
+    assert json.loads(capsys.readouterr().out)["model"]["schedule"] == {"tome_r": paper.tome_r, "prop_attn": True}
 
 
 def test_zero_shot_eval_prints_a_table(run_config, capsys, tmp_path):
