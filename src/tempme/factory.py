@@ -79,6 +79,10 @@ def build_config(
         raise ScheduleError(f"the paper's schedule needs at least 4 layers, this encoder has {clip.vision.layers}: "
                             "give merge_layers (and clips_joined) for it")
     merge = (schedule or default_merge_config(clip, frames, method)).replace(**merge_overrides)
+    if merge.method == "tempme" and merge.clip_pos_embed and merge.cross_merge_ratio == 0 and merge_overrides:
+        warn("cross_merge_ratio=0 merges nothing across clips, and clip positional embeddings are added only for "
+             "that merge: they stay unused (and untrained); clip_pos_embed=False builds the same model without them",
+             SharedWarning)
     return ModelConfig(clip=clip, merge=merge, lora=LoRAConfig(rank=lora_rank), frames=frames, max_words=max_words)
 
 

@@ -1,5 +1,7 @@
 """Model-level behaviour: LoRA, trainable parameters, pooling, source tracking, input checks."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -363,3 +365,12 @@ def test_text_length_and_layer_counts_out_of_range_are_refused():
     with pytest.raises(ValueError, match="layers must be from 0 to the encoder's 12, got -1"):
         model.visual.forward_tokens(torch.randn(1, 2, 3, 224, 224), layers=-1)
     assert "retrieval" in tempme.__all__
+
+
+def test_clip_positional_embeddings_no_merge_reads_are_warned_about():
+    # SPEC: with no cross-clip merge (r0 = 0) the CPE is not added, so it would train for nothing.
+    with pytest.warns(UserWarning, match="cross_merge_ratio=0 merges nothing across clips"):
+        tempme.create_model("tiny-B/32", cross_merge_ratio=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tempme.create_model("tiny-B/32", cross_merge_ratio=0.0, clip_pos_embed=False)
