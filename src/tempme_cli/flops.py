@@ -60,6 +60,10 @@ def resolve_model(args: argparse.Namespace) -> dict:
     if args.config or args.overrides:
         from tempme_train.config import load_config
 
+        others = [item for item in args.overrides if not item.startswith("model.")]
+        if others:
+            raise ValueError(f"{others[0]}: tempme flops reads only the model's settings (model.*)")
+
         settings = load_config(args.config, args.overrides).model
         model = {"preset": settings.preset, "frames": settings.frames, "method": settings.method}
         schedule = settings.schedule.as_kwargs()

@@ -92,7 +92,7 @@ def test_config_overrides_may_follow_options():
 
 
 def test_unknown_options_show_the_subcommands_usage(capsys):
-    for argv in (["train", "--config", "c.yaml", "--bogus"], ["flops", "optim.lr=1"]):  # flops takes no overrides
+    for argv in (["train", "--config", "c.yaml", "--bogus"], ["flops", "--bogus"]):
         try:
             main(argv)
         except SystemExit as exit:
@@ -363,3 +363,5 @@ def test_flops_takes_the_settings_of_an_ablation_as_training_does(capsys):
     assert gflops("--config", "msrvtt_b32_tempme", "model.schedule.tome_r=3", "model.schedule.merge_layers=[7,9,10]") \
         == gflops("--tome-r", "3", "--merge-layers", "[7, 9, 10]") == as_options != gflops()
     assert gflops("model.frames=8") == pytest.approx(23.17, abs=0.005)  # SPEC: 8 -> 4 -> 2 -> 1
+    assert main(["flops", "optim.lr=1"]) == 2
+    assert capsys.readouterr().err == "tempme flops: error: optim.lr=1: tempme flops reads only the model's settings (model.*)\n"
