@@ -679,3 +679,10 @@ def test_a_file_cut_short_is_read_over_the_frames_it_holds(tmp_path, name, codec
         for frame in frames:
             frame = np.asarray(frame, dtype=np.int16)
             assert min(np.abs(frame - clean_frame).mean() for clean_frame in reference) < 1
+
+
+def test_frames_beyond_4k_are_scaled_down_as_they_are_converted():
+    from tempme.data.video import upright_image
+
+    assert upright_image(av.VideoFrame(5000, 3000, "yuv420p")).size == (3600, 2160)
+    assert upright_image(av.VideoFrame(3840, 2160, "yuv420p")).size == (3840, 2160)  # 4K as it is

@@ -253,11 +253,21 @@ DECODING_VERSION = 2
 _QUARTER_TURNS = {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180, 270: Image.Transpose.ROTATE_270}
 
 
+# Frames are resized to a few hundred pixels anyway; beyond 4K (8K video, or a damaged or crafted
+# header), twelve RGB frames of a video would take gigabytes per decoding worker.
+MAX_SHORT_SIDE = 2160
+
+
 def upright_image(frame: "av.VideoFrame") -> Image.Image:
     """A decoded frame as an RGB image turned as players show it: phones store portrait video as
     landscape frames with a rotation in the stream's display matrix, and a model shown them sideways
-    would see people lying down."""
-    image = frame.to_image()
+    would see people lying down. A frame whose short side exceeds ``MAX_SHORT_SIDE`` is scaled down to it."""
+    short = min(frame.width, frame.height)
+    if short > MAX_SHORT_SIDE:
+        scale = MAX_SHORT_SIDE / short
+        image = frame.to_image(width=max(round(frame.width * scale), 1), height=max(round(frame.height * scale), 1))
+    else:
+        image = frame.to_image()
     turn = _QUARTER_TURNS.get(round(getattr(frame, "rotation", 0) or 0) % 360)
     return image if turn is None else image.transpose(turn)
 
