@@ -346,11 +346,8 @@ def _decode_by_seeking(
     container: av.container.InputContainer, stream: av.video.stream.VideoStream, wanted: set[int], times: PacketTimes,
     refuse_corrupt: bool = False,
 ) -> dict[int, Image.Image] | None:
-    """The wanted frames (indices into ``times.frames``), each reached by seeking to the keyframe before
-    it unless the decoder is already past that keyframe. None when a frame does not come out with the
-    timestamp its packet promised (or, with ``refuse_corrupt``, comes out flagged corrupt): the caller
-    then decodes in order instead.
-    """
+    """The wanted frames (indices into ``times.frames``) as ``_seek_frames`` finds them; None when it
+    stops early: the caller then decodes in order instead."""
     frames = dict(_seek_frames(container, stream, sorted(wanted), times, refuse_corrupt))
     return frames if len(frames) == len(wanted) else None
 
@@ -359,9 +356,10 @@ def _seek_frames(
     container: av.container.InputContainer, stream: av.video.stream.VideoStream, wanted: list[int], times: PacketTimes,
     refuse_corrupt: bool = False,
 ) -> Iterator[tuple[int, Image.Image]]:
-    """``(index, image)`` of the ``wanted`` frames (ascending indices into ``times.frames``), as
-    ``_decode_by_seeking`` finds them; it stops early, without an error, at the first frame that
-    does not come out with the timestamp its packet promised."""
+    """``(index, image)`` of the ``wanted`` frames (ascending indices into ``times.frames``), each
+    reached by seeking to the keyframe before it unless the decoder is already past that keyframe.
+    Stops early, without an error, at the first frame that does not come out with the timestamp its
+    packet promised (or, with ``refuse_corrupt``, comes out flagged corrupt)."""
     av = _pyav()
     decoded: Iterator[av.VideoFrame] | None = None
     last_pts: int | None = None  # of the last frame decoded
@@ -395,6 +393,9 @@ def _read_frames_pyav(
     with _open_container(path) as container:
         stream = _video_stream(container, path, flags_concealment=around_damage)
         fps = _stream_fps(stream, path)
+        # Sampled over the container's declared count where it has one, so the benchmarks' frames stay
+        # those sampled since the first release (an over-stated count is caught below and resampled);
+        # read_windows goes by the packets first, as windows need their real times.
         num_frames = _declared_frame_count(stream)
         times = _packet_times(container, stream)
         if num_frames <= 0:
@@ -426,7 +427,7 @@ def _read_frames_pyav(
         if decoded == 0:
             raise VideoDecodeError(path, "no decodable video frames")
         indices = sample_frame_indices(decoded, fps, max_frames, framerate, start, end)
-        frames, _ = _decode_wanted(path, set(indices))
+        frames, _ = _decode_wanted(path, set(indices), refuse_corrupt=around_damage)
     return [frames[i] for i in indices]
 
 
