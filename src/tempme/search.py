@@ -847,40 +847,47 @@ class _BatchTaker:
         self.shown: dict[str, int] = {}  # beside the bar
 
     def take(self, samples: list, bar) -> None:
-        for sample in samples:
-            if isinstance(sample, SkippedVideo):
-                video = sample.video_id
-                self.index.skipped[video] = self.update.skipped[video] = sample.reason
-                self.pending.add_failed(video, indexed=video in self.changed)
-                if video in self.changed:
-                    self.update.dropped.append(video)
-                bar.update(1)
-                self.shown["undecodable"] = len(self.update.skipped)
+        failed = [sample for sample in samples if isinstance(sample, SkippedVideo)]
+        for sample in failed:
+            self._record_undecodable(sample, bar)
         # Windows of a video that failed later in this batch: not worth encoding.
         batch = collate_skip_bad(
             [s for s in samples if not isinstance(s, SkippedVideo) and s["video_id"] not in self.pending.failed]
         )
         if batch is not None:
-            left_out: dict[str, list[list[float]]] = {}  # of the videos whose last window is here
-            if "start" not in batch:  # whole videos
-                spans, last = [None] * len(batch["video_id"]), [True] * len(batch["video_id"])
-            else:  # the bar counts whole videos: show the windows too
-                spans = [list(span) for span in zip(batch["start"], batch["end"])]
-                last = batch["final"].bool().tolist()
-                self.shown["windows"] = self.shown.get("windows", 0) + len(spans)
-                left_out = {video: lost for video, lost, final in zip(batch["video_id"], batch["left_out"], last)
-                            if final and lost}
-            embeddings = _embed_batch(self.model, batch, self.device, self.precision)
-            for video in self.pending.add_embedded(batch["video_id"], spans, last, embeddings):
-                if video in left_out:
-                    self.update.partial[video] = left_out[video]
-                if video in self.changed:
-                    self.update.updated.append(video)
-                else:
-                    self.update.added += 1
-                bar.update(1)
+            self._embed(batch, bar)
+        if failed:
+            self.shown["undecodable"] = len(self.update.skipped)
         bar.set_postfix(self.shown, refresh=False)
         bar.update(0)  # redraws the counts at the bar's own pace, within a long video too
+
+    def _record_undecodable(self, sample: SkippedVideo, bar) -> None:
+        video = sample.video_id
+        self.index.skipped[video] = self.update.skipped[video] = sample.reason
+        self.pending.add_failed(video, indexed=video in self.changed)
+        if video in self.changed:
+            self.update.dropped.append(video)
+        bar.update(1)
+
+    def _embed(self, batch: dict[str, Any], bar) -> None:
+        left_out: dict[str, list[list[float]]] = {}  # of the videos whose last window is here
+        if "start" not in batch:  # whole videos (only windows carry their times)
+            spans, last = [None] * len(batch["video_id"]), [True] * len(batch["video_id"])
+        else:  # the bar counts whole videos: show the windows too
+            spans = [list(span) for span in zip(batch["start"], batch["end"])]
+            last = batch["final"].bool().tolist()
+            self.shown["windows"] = self.shown.get("windows", 0) + len(spans)
+            left_out = {video: lost for video, lost, final in zip(batch["video_id"], batch["left_out"], last)
+                        if final and lost}
+        embeddings = _embed_batch(self.model, batch, self.device, self.precision)
+        for video in self.pending.add_embedded(batch["video_id"], spans, last, embeddings):
+            if video in left_out:
+                self.update.partial[video] = left_out[video]
+            if video in self.changed:
+                self.update.updated.append(video)
+            else:
+                self.update.added += 1
+            bar.update(1)
 
 
 def update_index(
