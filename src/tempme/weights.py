@@ -128,21 +128,39 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], str]:
     if not head:
         raise WeightsError(f"{path}: the file is empty")
     if head.startswith(b"PK\x03\x04"):
-        return _read_zip(path)
+        tensors, kind = _read_zip(path)
     # A safetensors file starts with an 8-byte header length followed by the JSON header.
-    if head[8:9] == b"{" or path.suffix == ".safetensors":
-        return _read_safetensors(path), "safetensors"
-    return _read_torch(path), "torch"
+    elif head[8:9] == b"{" or path.suffix == ".safetensors":
+        tensors, kind = _read_safetensors(path), "safetensors"
+    else:
+        tensors, kind = _read_torch(path), "torch"
+    _check_backed_by_data(tensors, path)
+    return tensors, kind
+
+
+def _check_backed_by_data(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Refuse tensors that claim more values than their storage holds (a view with a zero stride, or a
+    meta tensor): the architecture is read from shapes, and a file of kilobytes would otherwise build a
+    model of billions of parameters."""
+    for name, tensor in tensors.items():
+        if tensor.device.type != "cpu" or tensor.numel() * tensor.element_size() > tensor.untyped_storage().nbytes():
+            raise WeightsError(f"{path}: {name} claims {list(tensor.shape)} values its file does not hold (a damaged "
+                               "or crafted file)")
 
 
 def _read_zip(path: Path) -> tuple[dict[str, torch.Tensor], str]:
     """A zip is either a TorchScript archive (has compiled code) or a ``torch.save`` file."""
     try:
         with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
+            entries = archive.infolist()
     except (zipfile.BadZipFile, OSError) as err:
         raise WeightsError(f"{path}: corrupt or truncated zip archive ({err})") from None
-    if any("/code/" in name or name.endswith("/constants.pkl") for name in names):
+    # torch stores tensors and their pickle uncompressed (only TorchScript's code, which is not read,
+    # is compressed); a compressed entry could unpack to any size.
+    if any(entry.compress_type != zipfile.ZIP_STORED and (entry.filename.endswith("data.pkl") or "/data/" in entry.filename)
+           for entry in entries):
+        raise WeightsError(f"{path}: a zip archive with compressed tensors, which torch does not write")
+    if any("/code/" in entry.filename or entry.filename.endswith("/constants.pkl") for entry in entries):
         return _read_torchscript(path), "openai-jit"
     return _read_torch(path), "torch"
 
@@ -164,34 +182,55 @@ def _read_torchscript(path: Path) -> dict[str, torch.Tensor]:
             if prefix + "byteorder" in archive.namelist() and archive.read(prefix + "byteorder").strip() != b"little":
                 raise WeightsError(f"{path}: a TorchScript archive not written little-endian, which tempme does not read")
             root = _ScriptArchiveUnpickler(archive, prefix, path).load()
+        if not isinstance(root, _ScriptObject):
+            raise WeightsError(f"{path}: a TorchScript archive that holds no module")
+        tensors = root.tensors(path)
     except WeightsError:
         raise
     except (zipfile.BadZipFile, OSError, EOFError, KeyError, pickle.UnpicklingError, RuntimeError, ValueError,
-            TypeError, AttributeError, IndexError) as err:
+            TypeError, AttributeError, IndexError, MemoryError, RecursionError) as err:
         raise WeightsError(f"{path}: corrupt TorchScript archive ({_first_line(err) if str(err) else type(err).__name__})") from None
-    if not isinstance(root, _ScriptObject):
-        raise WeightsError(f"{path}: a TorchScript archive that holds no module")
-    tensors = dict(root.tensors())
+    if not tensors:
+        raise WeightsError(f"{path}: the TorchScript archive holds no tensors tempme can read (a module that "
+                           "saves its state its own way?)")
     return {name: tensor for name, tensor in tensors.items() if name not in DROPPED_KEYS}
 
 
 class _ScriptObject:
-    """A TorchScript module (or other scripted object) as ``data.pkl`` describes it: its class name
-    and its state (attribute -> value), built without its code."""
+    """A TorchScript module (or other scripted object) as ``data.pkl`` describes it: its state
+    (attribute -> value), built without its code."""
 
     def __setstate__(self, state: Any) -> None:
         self.state = state
 
-    def tensors(self, prefix: str = "") -> Iterable[tuple[str, torch.Tensor]]:
-        """Every tensor in the state and, recursively, the submodules' state, by dotted name."""
-        state = getattr(self, "state", None)
-        if not isinstance(state, dict):  # an object with its own serialisation: not part of a module tree
-            return
-        for name, value in state.items():
-            if isinstance(value, torch.Tensor):
-                yield prefix + str(name), value
-            elif isinstance(value, _ScriptObject):
-                yield from value.tensors(f"{prefix}{name}.")
+    def tensors(self, path: Path) -> dict[str, torch.Tensor]:
+        """Every tensor in the state and, recursively, the submodules' state, by dotted name. A
+        submodule reached twice (``self.b = self.a``) is listed under both names, as torch does. Modules
+        nested deeper than any model's, or far more module paths than tensors (a crafted web of shared
+        submodules, a module inside itself), are refused."""
+        found: dict[str, torch.Tensor] = {}
+        distinct: set[int] = set()  # tensors, by identity
+        pending = [("", self, 0)]  # (prefix, module, depth)
+        visits = 0
+        while pending:
+            prefix, node, depth = pending.pop()
+            visits += 1
+            if depth > _MAX_MODULE_DEPTH or max(visits, len(found)) > 4 * len(distinct) + 10_000:
+                raise WeightsError(f"{path}: a TorchScript archive whose modules nest deeper, or repeat more often, "
+                                   "than any model's (a damaged or crafted file)")
+            state = getattr(node, "state", None)
+            if not isinstance(state, dict):  # an object with its own serialisation: not part of a module tree
+                continue
+            for name, value in state.items():
+                if isinstance(value, torch.Tensor):
+                    found[f"{prefix}{name}"] = value
+                    distinct.add(id(value))
+                elif isinstance(value, _ScriptObject):
+                    pending.append((f"{prefix}{name}.", value, depth + 1))
+        return found
+
+
+_MAX_MODULE_DEPTH = 64  # CLIP's modules nest 6 deep
 
 
 _STORAGE_DTYPES = {
@@ -214,6 +253,10 @@ def _rebuild_parameter(data: torch.Tensor, *_) -> torch.Tensor:
     return data
 
 
+def _typed_value(value: Any, *_) -> Any:
+    return value
+
+
 class _ScriptArchiveUnpickler(pickle.Unpickler):
     """Unpickles a TorchScript archive's ``data.pkl`` with the few callables it needs, all ours:
     scripted classes become :class:`_ScriptObject` (no code of theirs runs), tensors are views of
@@ -223,6 +266,10 @@ class _ScriptArchiveUnpickler(pickle.Unpickler):
         ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
         ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
         ("collections", "OrderedDict"): dict,
+        # Typed lists and dicts of a scripted module's attributes.
+        **{("torch.jit._pickle", name): list for name in (
+            "build_intlist", "build_tensorlist", "build_doublelist", "build_boollist", "build_genericlist")},
+        ("torch.jit._pickle", "restore_type_tag"): _typed_value,
     }
 
     def __init__(self, archive: zipfile.ZipFile, prefix: str, path: Path):
@@ -236,7 +283,9 @@ class _ScriptArchiveUnpickler(pickle.Unpickler):
         if module == "torch" and name in _STORAGE_DTYPES:
             return _StorageType(_STORAGE_DTYPES[name])
         if (module, name) in self._ALLOWED:
-            return self._ALLOWED[(module, name)]
+            allowed = self._ALLOWED[(module, name)]
+            # A fresh function each time: the pickle may set attributes on what it gets (BUILD).
+            return allowed if isinstance(allowed, type) else lambda *args: allowed(*args)
         raise WeightsError(
             f"{self.path}: the TorchScript archive holds a {module}.{name}, which tempme does not read (it reads "
             "modules' tensors without running the archive's code); if you trust the file, convert it once with "
@@ -245,14 +294,16 @@ class _ScriptArchiveUnpickler(pickle.Unpickler):
 
     def persistent_load(self, record: Any) -> torch.Tensor:
         kind, storage_type, key, _location, count = record
-        if kind != "storage" or not isinstance(storage_type, _StorageType):
+        if kind != "storage" or not isinstance(storage_type, _StorageType) or not isinstance(count, int):
             raise pickle.UnpicklingError(f"unknown persistent record {kind!r}")
         if key not in self.storages:
-            data = bytearray(self.archive.read(f"{self.prefix}data/{key}"))
-            storage = torch.frombuffer(data, dtype=storage_type.dtype) if data else torch.empty(0, dtype=storage_type.dtype)
-            if storage.numel() != count:
-                raise pickle.UnpicklingError(f"storage {key} holds {storage.numel()} values, not {count}")
-            self.storages[key] = storage
+            entry = self.archive.getinfo(f"{self.prefix}data/{key}")
+            size = count * torch.empty(0, dtype=storage_type.dtype).element_size()
+            if entry.file_size != size:  # checked before reading: the record is the file's to claim
+                raise pickle.UnpicklingError(f"storage {key} holds {entry.file_size} bytes, not {size}")
+            data = bytearray(self.archive.read(entry)) if size else bytearray()
+            self.storages[key] = torch.frombuffer(data, dtype=storage_type.dtype) if size else torch.empty(
+                0, dtype=storage_type.dtype)
         return self.storages[key]
 
 
@@ -260,7 +311,7 @@ def _read_torch(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        if "allowed global" in str(err):
+        if "global" in str(err).lower():  # "not an allowed global", "unsupported GLOBAL ... is blocked"
             raise WeightsError(
                 f"{path}: the checkpoint pickles Python objects besides tensors, so it can only be read with "
                 "torch.load(weights_only=False), which can run arbitrary code. If you trust the file, load it "
@@ -543,6 +594,11 @@ def infer_clip_config(
     if text_embed_dim != embed_dim:
         raise WeightsError(f"visual.proj projects to {embed_dim} but text_projection to {text_embed_dim}")
     vocab_size, text_width = sd["token_embedding.weight"].shape
+    for prefix, encoder_width in (("visual.transformer.resblocks.0.", width), ("transformer.resblocks.0.", text_width)):
+        hidden = sd.get(prefix + "mlp.c_fc.weight")
+        if hidden is not None and hidden.shape[0] != 4 * encoder_width:
+            raise WeightsError(f"{prefix}mlp is {hidden.shape[0]} wide, not 4 times the width {encoder_width} as in "
+                               "CLIP's ViTs, which tempme builds (open_clip's ViT-g/14 and ViT-bigG/14 are not supported)")
     # Heads 0 marks "unknown" while comparing against the presets.
     shapes = CLIPConfig(
         embed_dim=embed_dim,
@@ -555,7 +611,7 @@ def infer_clip_config(
         preset = _preset_with_shapes(shapes)
         if preset is not None:
             return preset
-        heads = (_known_heads(width, "vision", source), _known_heads(text_width, "text", source))
+        heads = _known_heads({"vision": width, "text": text_width}, source)
     vision_heads, text_heads = (heads, heads) if isinstance(heads, int) else heads
     return dataclasses.replace(
         shapes,
@@ -596,17 +652,25 @@ KNOWN_HEADS: dict[str, dict[int, int]] = {
 }
 
 
-def _known_heads(width: int, encoder: str, source: str) -> int:
-    if width in KNOWN_HEADS[encoder]:
-        return KNOWN_HEADS[encoder][width]
+def _known_heads(widths: dict[str, int], source: str) -> tuple[int, int]:
+    """The (vision, text) head counts for encoders of these ``widths``: the published CLIP models'
+    where known, else 64-wide heads, with one warning naming the encoders guessed."""
     where = "register the architecture with tempme.register_preset, or give Hugging Face weights their config.json"
-    if width < 64 or width % 64:
-        raise WeightsError(f"cannot infer the head count of the {encoder} encoder's width {width} (not a multiple "
-                           f"of 64, OpenAI's head width): {where}")
-    warn(f"{source}: the head count of the {encoder} encoder is not recorded and its width {width} is no "
-         f"published CLIP's: assuming 64-wide heads ({width // 64}); if it was trained with others, its embeddings "
-         f"will be wrong without an error: {where}", SharedWarning)
-    return width // 64
+    heads, guessed = {}, []
+    for encoder, width in widths.items():
+        if width in KNOWN_HEADS[encoder]:
+            heads[encoder] = KNOWN_HEADS[encoder][width]
+            continue
+        if width < 64 or width % 64:
+            raise WeightsError(f"cannot infer the head count of the {encoder} encoder's width {width} (not a multiple "
+                               f"of 64, OpenAI's head width): {where}")
+        heads[encoder] = width // 64
+        guessed.append(f"{encoder} width {width}: {width // 64}")
+    if guessed:
+        warn(f"{source}: the head counts are not recorded, and no published CLIP has these widths: assuming "
+             f"64-wide heads ({'; '.join(guessed)}); if it was trained with others, its embeddings will be wrong "
+             f"without an error: {where}", SharedWarning)
+    return heads["vision"], heads["text"]
 
 
 def infer_lora_rank(sd: Mapping[str, torch.Tensor]) -> int:
@@ -727,9 +791,6 @@ def _shape_hint(model: TempMe, sd: Mapping[str, torch.Tensor], name: str) -> str
         return "the checkpoint has a different text context length"
     if name == "token_embedding.weight":
         return "the checkpoint has a different vocabulary size"
-    if name.endswith("mlp.c_fc.weight") and sd[name].shape[0] != 4 * sd[name].shape[1]:
-        return (f"its MLP is {sd[name].shape[0]} wide, not 4 times the width {sd[name].shape[1]} as in CLIP's ViTs, "
-                "which tempme builds (open_clip's ViT-g/14 and ViT-bigG/14 are not supported)")
     return "the checkpoint is a different architecture (width, layers or embedding size)"
 
 
@@ -945,7 +1006,7 @@ def load_weights(name_or_path: PathLike) -> LoadedWeights:
         sd = to_tempme_layout(raw)
         if model_config is not None:
             clip_config = model_config.clip
-            _check_recorded_architecture(sd, clip_config)
+            _check_recorded_architecture(sd, model_config)
         else:
             clip_config = infer_clip_config(sd, heads=_hf_config_heads(path) if layout == "hf" else None,
                                             source=str(path))
@@ -962,15 +1023,24 @@ def load_weights(name_or_path: PathLike) -> LoadedWeights:
     return LoadedWeights(sd, clip_config, lora_rank, frames, model_config, source_format, path)
 
 
-def _check_recorded_architecture(sd: Mapping[str, torch.Tensor], recorded: CLIPConfig) -> None:
-    """Refuse a tempme file whose recorded architecture is not that of its tensors (a damaged or
-    crafted record: the model is built from the record, before any tensor is compared with it).
-    Adapters alone do not show the architecture; ``load_model`` refuses to build a model from them."""
+def _check_recorded_architecture(sd: Mapping[str, torch.Tensor], recorded: ModelConfig) -> None:
+    """Refuse a tempme file whose recorded architecture or LoRA rank is not that of its tensors (a
+    damaged or crafted record: the model is built from the record, before any tensor is compared with
+    it). Adapters alone do not show the architecture; ``load_model`` refuses to build a model from them."""
+    clip = recorded.clip
+    lora_rank = infer_lora_rank(sd)
+    if lora_rank and lora_rank != recorded.lora.rank:
+        raise WeightsError(f"its recorded LoRA rank {recorded.lora.rank} is not that of its adapters ({lora_rank}): "
+                           "a damaged file, or not written by tempme")
+    if not 0 <= recorded.lora.rank <= min(clip.vision.width, clip.text.width):
+        raise WeightsError(f"its recorded LoRA rank {recorded.lora.rank} is beyond its widths: a damaged file")
     if all(is_adapter_parameter(name) for name in sd):
         return
-    shapes = infer_clip_config(sd, heads=(recorded.vision.heads, recorded.text.heads))
-    if shapes != recorded:
-        raise WeightsError(f"its recorded model config ({recorded}) is not that of its tensors ({shapes}): a "
+    shapes = infer_clip_config(sd, heads=(clip.vision.heads, clip.text.heads))
+    # A frame size the patches do not divide keeps its last pixels out of every patch, as the model does.
+    grid_size = clip.vision.image_size // clip.vision.patch_size * clip.vision.patch_size
+    if shapes != dataclasses.replace(clip, vision=dataclasses.replace(clip.vision, image_size=grid_size)):
+        raise WeightsError(f"its recorded model config ({clip}) is not that of its tensors ({shapes}): a "
                            "damaged file, or not written by tempme")
 
 

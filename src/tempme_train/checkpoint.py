@@ -15,6 +15,7 @@ happened between the two renames.)
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import random
@@ -81,15 +82,52 @@ def rng_states() -> dict[str, Any]:
     return states
 
 
-def _numpy_array_globals() -> list[Any]:
-    """What a pickled NumPy array names besides plain values (``np.random.get_state()`` holds one)."""
-    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray  # NumPy 2 / NumPy 1
-    return [np.ndarray, np.dtype, type(np.dtype(np.uint32)), multiarray._reconstruct]
+class _PickledDtype:
+    """Stands in for ``numpy.dtype`` while a checkpoint is read: NumPy's own classes would take the
+    state a file gives them (a crafted file can set a dtype's internal flags), these only keep it."""
+
+    def __init__(self, name: Any, *_):
+        self.name = name
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+
+class _PickledArray:
+    """Stands in for a NumPy array while a checkpoint is read (see :class:`_PickledDtype`)."""
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def to_numpy(self) -> np.ndarray:
+        """The array, if it is what NumPy's RNG state holds (624 unsigned 32-bit words); else ValueError."""
+        _, shape, dtype, _, data = self.state
+        order = dtype.state[1] if isinstance(getattr(dtype, "state", None), tuple) else "<"
+        if not (isinstance(dtype, _PickledDtype) and dtype.name == "u4" and order in ("<", "=", "|")
+                and isinstance(data, bytes) and isinstance(shape, tuple) and len(data) == 4 * math.prod(shape)):
+            raise ValueError("the NumPy random state holds another array than NumPy's")
+        return np.frombuffer(data, dtype="<u4").reshape(shape).copy()
+
+
+def _reconstruct_array(*_) -> _PickledArray:
+    return _PickledArray()
+
+
+# What a pickled NumPy array names (NumPy 2 and NumPy 1 spell its module differently), read as stand-ins.
+_NUMPY_STAND_INS = [
+    (_reconstruct_array, "numpy._core.multiarray._reconstruct"),
+    (_reconstruct_array, "numpy.core.multiarray._reconstruct"),
+    (_PickledArray, "numpy.ndarray"),
+    (_PickledDtype, "numpy.dtype"),
+]
 
 
 def restore_rng_states(states: dict[str, Any]) -> None:
     random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
+    numpy_state = states["numpy"]
+    if isinstance(numpy_state[1], _PickledArray):  # as read from a checkpoint
+        numpy_state = (numpy_state[0], numpy_state[1].to_numpy(), *numpy_state[2:])
+    np.random.set_state(numpy_state)
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         # One state per GPU the saving process saw; a resumed run may see fewer (or more).
@@ -188,11 +226,13 @@ def load_checkpoint(
     try:
         # Not the full unpickler, which runs whatever a file names (a run folder may come from someone
         # else): tensors, plain values, and the NumPy array of NumPy's RNG state.
-        with torch.serialization.safe_globals(_numpy_array_globals()):
+        with torch.serialization.safe_globals(_NUMPY_STAND_INS):
             state = torch.load(directory / STATE, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        if "global" not in str(error):
-            raise ValueError(f"cannot resume: {directory / STATE} is damaged ({_first_line(error)}); {remedy}") from None
+        if "global" not in str(error).lower():
+            # Not torch's words: they suggest weights_only=False, which would run whatever the file names.
+            raise ValueError(f"cannot resume: {directory / STATE} is damaged (not a checkpoint tempme train "
+                             f"wrote, or cut short); {remedy}") from None
         raise ValueError(f"cannot resume: {directory / STATE} holds Python objects that tempme train does not save "
                          f"(so it is not read: unpickling them could run any code); {remedy}") from None
     except _DAMAGED_FILE_ERRORS as error:

@@ -793,6 +793,25 @@ def test_a_checkpoint_is_resumed_without_running_what_it_pickles(tmp_path):
     assert f"cannot resume: {state} holds Python objects that tempme train does not save" in message, message
 
 
+def test_numpy_s_random_state_is_restored_from_a_checkpoint_without_numpy_reading_the_file(tmp_path):
+    import numpy as np
+
+    from tempme_train import checkpoint
+
+    np.random.seed(123)
+    np.random.rand(5)
+    expected = np.random.get_state()
+    torch.save({"rng": checkpoint.rng_states(), "other": np.zeros(3, dtype=object)}, tmp_path / "state.pt")
+    with torch.serialization.safe_globals(checkpoint._NUMPY_STAND_INS):
+        loaded = torch.load(tmp_path / "state.pt", weights_only=True)
+    np.random.seed(0)
+    checkpoint.restore_rng_states(loaded["rng"])
+    state = np.random.get_state()
+    assert state[0] == expected[0] and np.array_equal(state[1], expected[1]) and state[2:] == expected[2:]
+    with pytest.raises(ValueError, match="holds another array than NumPy's"):  # an object array stands in for the key
+        checkpoint.restore_rng_states({**loaded["rng"], "numpy": ("MT19937", loaded["other"], 0, 0, 0.0)})
+
+
 def test_a_metrics_file_that_is_a_link_is_refused_not_written_through(tmp_path):
     data = synthetic_data()
     run = tmp_path / "run"
