@@ -85,15 +85,31 @@ def check_setting_types(merge: MergeConfig) -> None:
         check(name, isinstance(getattr(merge, name), bool), "True or False")
 
 
-def validate_merge_config(merge: MergeConfig, depth: int | None, frames: int) -> None:
-    """Raise ``ScheduleError`` with a readable message if ``merge`` cannot run. ``depth`` None (not
-    known yet: weights not read) leaves out the check of the merge layers' range."""
+def check_setting_values(merge: MergeConfig, frames: int) -> None:
+    """Raise ``ScheduleError`` for a setting of ``merge`` that no model can run, whatever its depth
+    and whatever schedule it started from: a wrong type, an unknown method, a frame count out of
+    range, a negative ``tome_r``, a merge ratio outside [0, 1)."""
     check_setting_types(merge)
     if merge.method not in MERGE_METHODS:
         raise ScheduleError(f"unknown merge method {merge.method!r}; choose one of {', '.join(MERGE_METHODS)}", "method")
     check_frames(frames)
     if merge.tome_r < 0:
         raise ScheduleError(f"tome_r must be >= 0, got {merge.tome_r}", "tome_r")
+    if merge.method != "tempme":
+        return
+    for name in ("cross_merge_ratio", "intra_merge_ratio"):
+        ratio = getattr(merge, name)
+        if not 0.0 <= ratio < 1.0:
+            raise ScheduleError(
+                f"{name}={ratio} is outside [0, 1): it is the fraction merged "
+                f"(retained ratio {1 - ratio:g} must lie in (0, 1])", name
+            )
+
+
+def validate_merge_config(merge: MergeConfig, depth: int | None, frames: int) -> None:
+    """Raise ``ScheduleError`` with a readable message if ``merge`` cannot run. ``depth`` None (not
+    known yet: weights not read) leaves out the check of the merge layers' range."""
+    check_setting_values(merge, frames)
     if merge.method != "tempme":
         return
     layers, joins = tuple(merge.merge_layers), tuple(merge.clips_joined)
@@ -117,13 +133,6 @@ def validate_merge_config(merge: MergeConfig, depth: int | None, frames: int) ->
                 f"(frames={frames}, clips_joined={list(joins)}); each step must divide the clip count", "clips_joined"
             )
         clips //= joined
-    for name in ("cross_merge_ratio", "intra_merge_ratio"):
-        ratio = getattr(merge, name)
-        if not 0.0 <= ratio < 1.0:
-            raise ScheduleError(
-                f"{name}={ratio} is outside [0, 1): it is the fraction merged "
-                f"(retained ratio {1 - ratio:g} must lie in (0, 1])", name
-            )
 
 
 def build_plan(merge: MergeConfig, depth: int, frames: int) -> tuple[LayerPlan, ...]:

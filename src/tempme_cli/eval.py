@@ -101,14 +101,18 @@ def resolve_config(args: argparse.Namespace, trained: Path | None) -> TrainConfi
     """--config, else the config stored with the checkpoint (with the files, splits and words of
     --dataset where it names another benchmark), else the bundled settings of --dataset (its frames,
     words and splits: 64 for DiDeMo and ActivityNet), else defaults; then options and overrides.
-    Zero-shot weights that record their method (a tempme checkpoint) keep it unless --method says."""
-    from tempme_train.modeling import train_config_of
+    --config with a checkpoint of tempme train keeps the model that was trained (see
+    :func:`with_trained_model`). Zero-shot weights that record their method (a tempme checkpoint)
+    keep it unless --method says."""
+    from tempme_train.modeling import stored_config, train_config_of
 
     settings = option_settings(args)
+    chosen = None  # --config, where a trained model's settings replace its own
     if args.config is not None:
         config = load_config(args.config)
-        if trained is not None:
-            config = with_trained_model(config, train_config_of(trained), trained, args.config)
+        trained_config = stored_config(trained) if trained is not None else None
+        if trained_config is not None:
+            chosen, config = config, with_trained_model(config, trained_config, trained)
     elif trained is not None:
         config = train_config_of(trained)
         if args.dataset in DATASET_BASES and args.dataset != config.data.dataset:
@@ -122,26 +126,72 @@ def resolve_config(args: argparse.Namespace, trained: Path | None) -> TrainConfi
         # As in `tempme flops`: another method starts from the paper's schedule for it (KEY=VALUE
         # overrides change that); the one of the config was chosen for its own method.
         settings["model.schedule"] = {}
-    config = with_settings(config, settings, "command-line options")
-    return apply_overrides(config, args.overrides)
+    config = apply_overrides(with_settings(config, settings, "command-line options"), args.overrides)
+    if chosen is not None:
+        replaced = settings_replaced_by_training(chosen, config, trained)
+        if replaced:
+            warnings.warn(f"{args.config} sets {', '.join(replaced)} otherwise than {trained} was trained: the trained "
+                          "model is evaluated (to evaluate its adapters in another one, give those settings as "
+                          "KEY=VALUE)", stacklevel=1)
+    return config
 
 
-def with_trained_model(config: TrainConfig, trained_config: TrainConfig, trained: Path, source: str) -> TrainConfig:
+TRAINED_DATA_SETTINGS = ("max_frames", "image_size")  # what the model was trained to take
+
+
+def with_trained_model(config: TrainConfig, trained_config: TrainConfig, trained: Path) -> TrainConfig:
     """``config`` (--config) with the model ``trained`` was trained as: its model settings, frames and
-    image size (the base weights' place stays ``config``'s where it names one: they may have moved),
-    with a warning naming the settings of ``config`` that this replaces."""
-    model, own = trained_config.to_dict()["model"], config.to_dict()["model"]
+    image size (the base weights' place stays ``config``'s where it names one: they may have moved)."""
+    model = trained_config.to_dict()["model"]
     if config.model.weights:
-        model["weights"] = config.model.weights
+        del model["weights"]
     settings = {f"model.{name}": value for name, value in model.items()}
-    settings.update({"data.max_frames": trained_config.data.max_frames, "data.image_size": trained_config.data.image_size})
-    given = _flat({"model": own, "data": config.to_dict()["data"]})
-    differ = [key for key, value in _flat(settings).items() if key != "model.weights" and given.get(key) != value]
-    if differ:
-        warnings.warn(f"{source} sets {', '.join(differ)} otherwise than {trained} was trained: the trained model is "
-                      "evaluated (to evaluate its adapters in another one, give those settings as KEY=VALUE)",
-                      stacklevel=1)
-    return with_settings(config, settings, f"the training config stored in {trained}")
+    settings.update({f"data.{name}": getattr(trained_config.data, name) for name in TRAINED_DATA_SETTINGS})
+    return with_settings(config, settings, trained_source(trained))
+
+
+def trained_source(trained: Path) -> str:
+    return f"the training config stored in {trained}"
+
+
+def settings_replaced_by_training(chosen: TrainConfig, final: TrainConfig, trained: Path) -> list[str]:
+    """The model settings of ``chosen`` (--config) that the trained model's replaced in ``final``, and
+    that no option or override set: schedules compared as the model builds them, so that the paper's
+    value written out is no difference."""
+    source = trained_source(trained)
+    schedule_chosen, schedule_final = resolved_schedule(chosen), resolved_schedule(final)
+    replaced = []
+    for key, value in _flat({"model": final.to_dict()["model"], "data": final.to_dict()["data"]}).items():
+        section, name = key.split(".", 1)
+        if final.source_of(key, "") != source or (section == "data" and name not in TRAINED_DATA_SETTINGS):
+            continue
+        if key.startswith("model.schedule.") and schedule_chosen is not None and schedule_final is not None:
+            setting = key.rsplit(".", 1)[1]
+            differs = schedule_chosen.get(setting) != schedule_final.get(setting)
+        else:
+            differs = _flat(chosen.to_dict()).get(key) != value
+        if differs:
+            replaced.append(key)
+    return replaced
+
+
+def resolved_schedule(config: TrainConfig) -> dict[str, Any] | None:
+    """The merge schedule ``config``'s model is built with, on its preset's architecture (None where
+    that cannot be worked out without the weights)."""
+    from tempme.config import get_preset, preset_names
+    from tempme.factory import build_config
+
+    model = config.model
+    name = model.weights if model.weights in preset_names() else model.preset
+    if name not in preset_names() or (model.weights and model.weights not in preset_names()):
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            built = build_config(get_preset(name), method=model.method, frames=model.frames, **model.schedule.as_kwargs())
+    except (TypeError, ValueError):
+        return None
+    return dataclasses.asdict(built.merge)
 
 
 def _flat(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -55,22 +55,25 @@ def format_report(report: FlopReport) -> str:
 
 def resolve_model(args: argparse.Namespace) -> dict:
     """``args.model``, ``frames`` and ``method`` and the schedule overrides, completed from ``--config``'s
-    model settings where given, else from the defaults."""
+    model settings and the ``KEY=VALUE`` overrides where given, else from the defaults. Another method
+    than the config's starts from the paper's schedule for it (the overrides apply after that)."""
     model, schedule = {"preset": "ViT-B/32", "frames": 12, "method": "tempme"}, {}
     if args.config or args.overrides:
-        from tempme_train.config import load_config
+        from tempme_train.config import apply_overrides, load_config, with_settings
 
         others = [item for item in args.overrides if not item.startswith("model.")]
         if others:
             raise ValueError(f"{others[0]}: tempme flops reads only the model's settings (model.*)")
-
-        settings = load_config(args.config, args.overrides).model
+        config = load_config(args.config)
+        if args.method and args.method != config.model.method:
+            config = with_settings(config, {"model.method": args.method, "model.schedule": {}}, "--method")
+        settings = apply_overrides(config, args.overrides).model
         model = {"preset": settings.preset, "frames": settings.frames, "method": settings.method}
         schedule = settings.schedule.as_kwargs()
+    elif args.method and args.method != model["method"]:
+        schedule = {}
     args.model = args.model or model["preset"]
     args.frames = model["frames"] if args.frames is None else args.frames
-    if args.method and args.method != model["method"]:
-        schedule = {}  # another method starts from the paper's schedule for it
     args.method = args.method or model["method"]
     return {**schedule, **schedule_overrides(args)}
 
@@ -80,8 +83,10 @@ def run(args: argparse.Namespace) -> int:
     unused = settings_ignored_by(args.method, overrides)  # they would change nothing, without a word
     if unused:
         flags = {"clip_pos_embed": "--no-clip-pos-embed", "prop_attn": "--no-prop-attn"}
-        options = ", ".join(flags.get(name, "--" + name.replace("_", "-")) for name in unused)
-        raise ValueError(f"{options}: no effect with --method {args.method} (it does not read that setting)")
+        given_as_options = schedule_overrides(args)
+        options = ", ".join(flags.get(name, "--" + name.replace("_", "-")) if name in given_as_options
+                            else f"model.schedule.{name}" for name in unused)
+        raise ValueError(f"{options}: no effect with method {args.method} (it does not read that setting)")
     config = build_config(args.model, method=args.method, frames=args.frames, **overrides)
     report = count_video_flops(config, preset=args.model)
     if args.json:

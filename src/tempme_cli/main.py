@@ -115,8 +115,14 @@ def shown_by_another_process(error: BaseException) -> bool:
 
     if isinstance(error, FailedElsewhere):
         return later_torchrun_process()
+    if isinstance(error, ConfigError) and error.key in PER_PROCESS_SETTINGS:
+        return False
     return world_from_env().local_rank > 0 and isinstance(
         error, (ConfigError, AnnotationError, MissingVideosError, ScheduleError, WeightsError))
+
+
+# Settings whose errors differ between the processes of one machine (each has its own GPU).
+PER_PROCESS_SETTINGS = ("run.device",)
 
 
 def show_only_this_process_warnings() -> None:

@@ -169,7 +169,7 @@ class FailedElsewhere(RuntimeError):
 
 
 class BadInputElsewhere(FailedElsewhere, ValueError):
-    """As :class:`FailedElsewhere`, for bad input there (a ValueError or OSError, which the command
+    """As :class:`FailedElsewhere`, for bad input there (a ValueError, TypeError or OSError, which the command
     line prints as one line)."""
 
 
@@ -216,7 +216,9 @@ def failures_shared(stop_requested: bool = False) -> Iterator[SharedEnd]:
     if state < 2:
         end.stop_requested = state == 1
         return
-    described = None if error is None else (f"{type(error).__name__}: {error}", isinstance(error, (ValueError, OSError)))
+    # Bad input as the command line prints it (one line): ValueError, TypeError, OSError.
+    bad_input = isinstance(error, (ValueError, TypeError, OSError))
+    described = None if error is None else (f"{type(error).__name__}: {error}", bad_input)
     reports = all_gather_objects(described)
     # A process whose error a lower rank also had (a bad setting all of them read) names that rank
     # instead: the command line prints each error once, from the lowest rank that had it.

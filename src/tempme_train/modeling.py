@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 
 from tempme import TempMe, create_model, load_model
-from tempme.config import get_preset, preset_names
+from tempme.config import default_merge_config, get_preset, preset_names
 from tempme.factory import build_config
-from tempme.schedule import ScheduleError, validate_merge_config
+from tempme.schedule import ScheduleError, check_setting_values, validate_merge_config
 from tempme.userwarnings import SharedWarning, warn
 
 from .config import ConfigError, TrainConfig, config_from_dict
@@ -76,20 +76,24 @@ def schedule_config_error(config: TrainConfig, source: str, error: ScheduleError
 def check_schedule(config: TrainConfig, source: str = "config") -> None:
     """The merge schedule of ``config.model`` checked before any data or weights are read (which can
     take minutes, and a download), as :func:`build_model` would find it: on the architecture of the
-    preset that ``model.weights`` or ``model.preset`` names. Weights from a file have a depth not known
-    yet: the range of the merge layers is left to :func:`build_model`."""
+    preset that ``model.weights`` or ``model.preset`` names. Of weights from a file, the depth (and,
+    for a tempme file, the schedule it records and starts from) is not known yet: there only the
+    settings no model can run are refused here, the rest is left to :func:`build_model`."""
     settings = config.model
     named = settings.weights if settings.weights in preset_names() else None
     if (named or settings.preset) not in preset_names():
         return  # an unknown preset: build_model says so
     clip = get_preset(named or settings.preset)
-    depth = clip.vision.layers if named or not settings.weights else None
     try:
+        if settings.weights and not named:
+            merge = default_merge_config(clip, settings.frames, settings.method).replace(**settings.schedule.as_kwargs())
+            check_setting_values(merge, settings.frames)
+            return
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # build_model gives them, once
             model = build_config(clip, method=settings.method, frames=settings.frames, lora_rank=settings.lora_rank,
                                  **settings.schedule.as_kwargs())
-        validate_merge_config(model.merge, depth, model.frames)
+        validate_merge_config(model.merge, clip.vision.layers, model.frames)
     except ScheduleError as error:
         raise schedule_config_error(config, source, error) from error
     except (TypeError, ValueError):

@@ -169,9 +169,9 @@ def test_warnings_are_one_line_messages(monkeypatch):
 
 def test_flops_refuses_schedule_options_the_method_ignores(capsys):
     assert main(["flops", "--method", "none", "--merge-layers", "1-2", "--no-prop-attn"]) == 2
-    assert "--merge-layers, --no-prop-attn: no effect with --method none" in capsys.readouterr().err
+    assert "--merge-layers, --no-prop-attn: no effect with method none" in capsys.readouterr().err
     assert main(["flops", "--method", "tome", "--clips-joined", "2-2"]) == 2
-    assert "--clips-joined: no effect with --method tome" in capsys.readouterr().err
+    assert "--clips-joined: no effect with method tome" in capsys.readouterr().err
     assert main(["flops", "--method", "tome", "--tome-r", "3"]) == 0  # tome reads r
 
 
@@ -363,5 +363,11 @@ def test_flops_takes_the_settings_of_an_ablation_as_training_does(capsys):
     assert gflops("--config", "msrvtt_b32_tempme", "model.schedule.tome_r=3", "model.schedule.merge_layers=[7,9,10]") \
         == gflops("--tome-r", "3", "--merge-layers", "[7, 9, 10]") == as_options != gflops()
     assert gflops("model.frames=8") == pytest.approx(23.17, abs=0.005)  # SPEC: 8 -> 4 -> 2 -> 1
+    # --method starts from the paper's schedule for it; KEY=VALUE settings then change that.
+    assert gflops("--method", "tome", "model.schedule.tome_r=5") == gflops("--method", "tome", "--tome-r", "5") \
+        != gflops("--method", "tome")
+    assert main(["flops", "--method", "none", "model.schedule.tome_r=3"]) == 2
+    assert capsys.readouterr().err.endswith("error: model.schedule.tome_r: no effect with method none (it does not "
+                                            "read that setting)\n")
     assert main(["flops", "optim.lr=1"]) == 2
     assert capsys.readouterr().err == "tempme flops: error: optim.lr=1: tempme flops reads only the model's settings (model.*)\n"

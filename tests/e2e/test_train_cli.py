@@ -168,9 +168,18 @@ def test_a_checkpoint_evaluated_with_a_config_keeps_the_model_it_was_trained_as(
     with pytest.warns(UserWarning, match=rf"run.yaml sets model.schedule.clip_pos_embed otherwise than {output / 'last'}"):
         assert main(["eval", "--checkpoint", str(output / "last"), "--config", str(run_config), "--json", "--no-cache"]) == 0
     assert json.loads(capsys.readouterr().out)["model"]["schedule"]["clip_pos_embed"] is False
-    # Given as an override, another model is what is asked for.
-    assert main(["eval", "--checkpoint", str(output / "last"), "--config", str(run_config), "model.schedule.clip_pos_embed=true",
-                 "--json", "--no-cache"]) == 0
+    # Given as an override, another model is what is asked for, and nothing is warned about.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["eval", "--checkpoint", str(output / "last"), "--config", str(run_config),
+                     "model.schedule.clip_pos_embed=true", "--json", "--no-cache"]) == 0
+    assert not [warning for warning in caught if "otherwise than" in str(warning.message)]
+    assert json.loads(capsys.readouterr().out)["model"]["schedule"]["clip_pos_embed"] is True
+    # Weights that tempme train did not write have no trained model to keep: the config's is evaluated.
+    from tempme.weights import save_weights
+
+    plain = save_weights(tempme.create_model(PRESET, frames=4), tmp_path / "plain.safetensors")
+    assert main(["eval", "--checkpoint", str(plain), "--config", str(run_config), "--json", "--no-cache"]) == 0
     assert json.loads(capsys.readouterr().out)["model"]["schedule"]["clip_pos_embed"] is True
     # Another method takes the paper's schedule for it, as `tempme flops --method` does: the run's
     # clip_pos_embed=false is no setting of tome's, and not warned about as if the user had set it.

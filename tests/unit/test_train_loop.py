@@ -824,6 +824,22 @@ def test_a_metrics_file_that_is_a_link_is_refused_not_written_through(tmp_path):
     assert not outside.exists()
 
 
+def test_the_early_schedule_check_takes_a_weights_file_s_own_schedule_as_building_does(tmp_path):
+    from tempme.weights import save_weights
+    from tempme_train.modeling import check_schedule
+
+    weights = save_weights(tempme.create_model(PRESET, frames=FRAMES, merge_layers=(1, 2), clips_joined=(2, 2)),
+                           tmp_path / "own.safetensors")
+    # The file's two merge layers, not the paper's three, are what clips_joined=[4, 1] goes with.
+    config = tiny_config(tmp_path, model={"weights": str(weights), "schedule": {"clips_joined": [4, 1]}})
+    check_schedule(config, "run.yaml")
+    assert build_model(config, "run.yaml").config.merge.clips_joined == (4, 1)
+    # What no model can run is refused all the same, naming the setting.
+    bad = tiny_config(tmp_path, model={"weights": str(weights), "schedule": {"intra_merge_ratio": 1.0}})
+    with pytest.raises(ConfigError, match="model.schedule.intra_merge_ratio: intra_merge_ratio=1.0 is outside"):
+        check_schedule(bad, "run.yaml")
+
+
 def test_a_model_with_nothing_to_train_is_refused_naming_the_settings(tmp_path):
     with pytest.raises(ConfigError, match=r"model.lora_rank: nothing to train: no LoRA, and no clip positional "
                                           r"embeddings \(model.method=none, .*set model.lora_rank above 0"):
@@ -1427,6 +1443,9 @@ def test_an_error_several_processes_share_is_theirs_on_the_lowest_rank_only(tmp_
         monkeypatch.setenv("LOCAL_RANK", str(rank))
         assert not shown_by_another_process(OSError("disk full"))
         assert shown_by_another_process(elsewhere) == (rank > 0)
+        # A bad setting all of a machine's processes read is the first's to print; its GPU is each one's own.
+        assert shown_by_another_process(ConfigError("run.yaml", "optim.lr", -1, "must be positive")) == (rank > 0)
+        assert not shown_by_another_process(ConfigError("run.yaml", "run.device", "cuda", "no GPU left for it"))
 
 
 def test_only_errors_that_say_another_process_went_away_count_as_such():
