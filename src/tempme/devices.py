@@ -13,6 +13,10 @@ class DeviceUnavailable(ValueError):
     """The device asked for does not exist here; the message says why and what to use instead."""
 
 
+class NoDeviceForProcess(DeviceUnavailable):
+    """The machine has the device, but no GPU is left for this process (its LOCAL_RANK)."""
+
+
 def resolve_device(name: str, local_rank: int = 0, kinds: tuple[str, ...] = ("cpu", "cuda")) -> torch.device:
     """The device ``name`` names: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` (or another of ``kinds``).
 
@@ -46,7 +50,7 @@ def resolve_device(name: str, local_rank: int = 0, kinds: tuple[str, ...] = ("cp
     gpus = f"this machine has {count} GPU{'s' if count != 1 else ''} (cuda:0 to cuda:{count - 1})"
     if device.index is None or name == "auto":
         if local_rank >= count:
-            raise DeviceUnavailable(
+            raise NoDeviceForProcess(
                 f"{gpus}, none left for process {local_rank} on it (LOCAL_RANK); start at most {count} "
                 "processes per machine (torchrun --nproc_per_node)"
             )

@@ -25,8 +25,8 @@ EPILOG = textwrap.dedent(
                           those same weights from another place (other weights are refused).
       --weights W         CLIP or tempme weights (a file or a preset name such as ViT-B/32): zero-shot.
       --config CONFIG     the model and data of a training config (its model.weights, zero-shot unless
-                          --checkpoint is given too; then the model is the checkpoint's, as it was
-                          trained, and CONFIG gives the data and run settings: to evaluate
+                          --checkpoint is given too; with a checkpoint of tempme train, the model
+                          is the one trained and CONFIG gives the data and run settings: to evaluate
                           the adapters in another model, give model settings as KEY=VALUE).
 
     examples:
@@ -159,11 +159,15 @@ def settings_replaced_by_training(chosen: TrainConfig, final: TrainConfig, train
     that no option or override set: schedules compared as the model builds them, so that the paper's
     value written out is no difference."""
     source = trained_source(trained)
-    schedule_chosen, schedule_final = resolved_schedule(chosen), resolved_schedule(final)
+    # Both schedules on the final model's backbone, method and frames: only their settings differ.
+    schedule_final = resolved_schedule(final)
+    schedule_chosen = resolved_schedule(final, chosen.model.schedule.as_kwargs())
     replaced = []
     for key, value in _flat({"model": final.to_dict()["model"], "data": final.to_dict()["data"]}).items():
         section, name = key.split(".", 1)
         if final.source_of(key, "") != source or (section == "data" and name not in TRAINED_DATA_SETTINGS):
+            continue
+        if key in ("model.weights", "model.trainable"):  # where the base is now; what the file holds decides
             continue
         if key.startswith("model.schedule.") and schedule_chosen is not None and schedule_final is not None:
             setting = key.rsplit(".", 1)[1]
@@ -175,9 +179,10 @@ def settings_replaced_by_training(chosen: TrainConfig, final: TrainConfig, train
     return replaced
 
 
-def resolved_schedule(config: TrainConfig) -> dict[str, Any] | None:
-    """The merge schedule ``config``'s model is built with, on its preset's architecture (None where
-    that cannot be worked out without the weights)."""
+def resolved_schedule(config: TrainConfig, schedule: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The merge schedule ``config``'s model is built with (with ``schedule``'s settings instead of
+    its own, where given), on its preset's architecture (None where that cannot be worked out without
+    the weights)."""
     from tempme.config import get_preset, preset_names
     from tempme.factory import build_config
 
@@ -188,7 +193,8 @@ def resolved_schedule(config: TrainConfig) -> dict[str, Any] | None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            built = build_config(get_preset(name), method=model.method, frames=model.frames, **model.schedule.as_kwargs())
+            settings = model.schedule.as_kwargs() if schedule is None else schedule
+            built = build_config(get_preset(name), method=model.method, frames=model.frames, **settings)
     except (TypeError, ValueError):
         return None
     return dataclasses.asdict(built.merge)

@@ -70,8 +70,6 @@ def resolve_model(args: argparse.Namespace) -> dict:
         settings = apply_overrides(config, args.overrides).model
         model = {"preset": settings.preset, "frames": settings.frames, "method": settings.method}
         schedule = settings.schedule.as_kwargs()
-    elif args.method and args.method != model["method"]:
-        schedule = {}
     args.model = args.model or model["preset"]
     args.frames = model["frames"] if args.frames is None else args.frames
     args.method = args.method or model["method"]

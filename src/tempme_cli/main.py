@@ -110,19 +110,15 @@ def shown_by_another_process(error: BaseException) -> bool:
     from tempme.data.annotations import AnnotationError, MissingVideosError
     from tempme.schedule import ScheduleError
     from tempme.weights import WeightsError
-    from tempme_train.config import ConfigError
+    from tempme_train.config import ConfigError, ProcessConfigError
     from tempme_train.distributed import FailedElsewhere, world_from_env
 
     if isinstance(error, FailedElsewhere):
         return later_torchrun_process()
-    if isinstance(error, ConfigError) and error.key in PER_PROCESS_SETTINGS:
+    if isinstance(error, ProcessConfigError):  # this process's GPU
         return False
     return world_from_env().local_rank > 0 and isinstance(
         error, (ConfigError, AnnotationError, MissingVideosError, ScheduleError, WeightsError))
-
-
-# Settings whose errors differ between the processes of one machine (each has its own GPU).
-PER_PROCESS_SETTINGS = ("run.device",)
 
 
 def show_only_this_process_warnings() -> None:

@@ -59,6 +59,11 @@ class ConfigError(ValueError):
         super().__init__(message)
 
 
+class ProcessConfigError(ConfigError):
+    """A setting that fails on this process alone (no GPU left for its LOCAL_RANK): under torchrun,
+    an error each process prints itself, where the other setting errors are the same on every one."""
+
+
 def _short_repr(value: Any, limit: int = 80) -> str:
     # reprlib, not repr: YAML aliases can make a value of a few lines gigabytes long once written out.
     text = _LIMITED_REPR.repr(value)
@@ -245,7 +250,7 @@ def _blame(origins: Mapping[str, str], error: ConfigError) -> ConfigError:
     source = _source_in(origins, error.key, error.source)
     if source == error.source:
         return error
-    return ConfigError(source, error.key, error.value, error.reason, show_value=error.show_value)
+    return type(error)(source, error.key, error.value, error.reason, show_value=error.show_value)
 
 
 def _set_origin(origins: dict[str, str], key: str, source: str) -> None:

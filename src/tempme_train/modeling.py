@@ -76,16 +76,18 @@ def schedule_config_error(config: TrainConfig, source: str, error: ScheduleError
 def check_schedule(config: TrainConfig, source: str = "config") -> None:
     """The merge schedule of ``config.model`` checked before any data or weights are read (which can
     take minutes, and a download), as :func:`build_model` would find it: on the architecture of the
-    preset that ``model.weights`` or ``model.preset`` names. Of weights from a file, the depth (and,
-    for a tempme file, the schedule it records and starts from) is not known yet: there only the
-    settings no model can run are refused here, the rest is left to :func:`build_model`."""
+    preset that ``model.weights`` or ``model.preset`` names. The depth of weights from a file is not
+    known yet (the range of merge layers is left to :func:`build_model`); a tempme file built for
+    this method and frame count starts from the schedule it records, which only its header says: there
+    only the settings no model can run are checked."""
     settings = config.model
     named = settings.weights if settings.weights in preset_names() else None
     if (named or settings.preset) not in preset_names():
         return  # an unknown preset: build_model says so
     clip = get_preset(named or settings.preset)
+    from_file = bool(settings.weights) and not named
     try:
-        if settings.weights and not named:
+        if from_file and _records_schedule_for(settings.weights, settings.method, settings.frames):
             merge = default_merge_config(clip, settings.frames, settings.method).replace(**settings.schedule.as_kwargs())
             check_setting_values(merge, settings.frames)
             return
@@ -93,11 +95,23 @@ def check_schedule(config: TrainConfig, source: str = "config") -> None:
             warnings.simplefilter("ignore")  # build_model gives them, once
             model = build_config(clip, method=settings.method, frames=settings.frames, lora_rank=settings.lora_rank,
                                  **settings.schedule.as_kwargs())
-        validate_merge_config(model.merge, clip.vision.layers, model.frames)
+        validate_merge_config(model.merge, None if from_file else clip.vision.layers, model.frames)
     except ScheduleError as error:
         raise schedule_config_error(config, source, error) from error
     except (TypeError, ValueError):
         return  # not the schedule's: build_model says what
+
+
+def _records_schedule_for(weights: str, method: str, frames: int) -> bool:
+    """Whether the weights file ``weights`` is a tempme file whose recorded model has ``method`` and
+    ``frames`` (``load_model`` then starts from its schedule). Reads the file's header only."""
+    from tempme.weights import model_config_from_metadata
+
+    try:
+        recorded = model_config_from_metadata(recorded_metadata(Path(weights).expanduser()))
+    except ValueError:
+        return False
+    return recorded is not None and (recorded.merge.method, recorded.frames) == (method, frames)
 
 
 def check_preset_matches_weights(model: TempMe, config: TrainConfig, source: str = "config") -> None:

@@ -53,6 +53,7 @@ from .checkpoint import (
 from .config import (
     SETTINGS_ADDED,
     ConfigError,
+    ProcessConfigError,
     TrainConfig,
     check_schedule_is_read,
     load_run_config,
@@ -169,7 +170,8 @@ def run_device(name: str, world: WorldInfo, source: str = "config") -> torch.dev
     try:
         return devices.resolve_device(name, world.local_rank, kinds=("cpu", "cuda", "mps"))
     except devices.DeviceUnavailable as error:
-        raise ConfigError(source, "run.device", name, str(error)) from None
+        kind = ProcessConfigError if isinstance(error, devices.NoDeviceForProcess) else ConfigError
+        raise kind(source, "run.device", name, str(error)) from None
 
 
 @contextlib.contextmanager

@@ -168,6 +168,25 @@ def test_a_checkpoint_evaluated_with_a_config_keeps_the_model_it_was_trained_as(
     with pytest.warns(UserWarning, match=rf"run.yaml sets model.schedule.clip_pos_embed otherwise than {output / 'last'}"):
         assert main(["eval", "--checkpoint", str(output / "last"), "--config", str(run_config), "--json", "--no-cache"]) == 0
     assert json.loads(capsys.readouterr().out)["model"]["schedule"]["clip_pos_embed"] is False
+    # With other frames too (an option): the warning names what the trained model replaced, only that.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["eval", "--checkpoint", str(output / "last"), "--config", str(run_config), "--frames", "2",
+                     "--json", "--no-cache"]) == 0
+    capsys.readouterr()
+    (told,) = [str(warning.message) for warning in caught if "otherwise than" in str(warning.message)]
+    assert told.startswith(f"{run_config} sets model.schedule.clip_pos_embed otherwise than"), told
+    # A config that writes out the paper's schedule the run was trained with sets nothing otherwise.
+    paper_b16 = default_merge_config(get_preset(PRESET), 4, "tempme")
+    written_out = tmp_path / "written_out.yaml"
+    written_out.write_text(f"base: {run_config}\nmodel: {{schedule: {{tome_r: {paper_b16.tome_r}, "
+                           f"merge_layers: {list(paper_b16.merge_layers)}, clip_pos_embed: false}}}}\n")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["eval", "--checkpoint", str(output / "last"), "--config", str(written_out), "--json",
+                     "--no-cache"]) == 0
+    capsys.readouterr()
+    assert not [warning for warning in caught if "otherwise than" in str(warning.message)]
     # Given as an override, another model is what is asked for, and nothing is warned about.
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -181,6 +200,18 @@ def test_a_checkpoint_evaluated_with_a_config_keeps_the_model_it_was_trained_as(
     plain = save_weights(tempme.create_model(PRESET, frames=4), tmp_path / "plain.safetensors")
     assert main(["eval", "--checkpoint", str(plain), "--config", str(run_config), "--json", "--no-cache"]) == 0
     assert json.loads(capsys.readouterr().out)["model"]["schedule"]["clip_pos_embed"] is True
+    # A run on base weights, evaluated with a config that names none: the base is the run's, unwarned.
+    on_base = tmp_path / "on_base"
+    with pytest.warns(UserWarning, match=MISSING):
+        assert main(["train", "--config", str(run_config), f"model.weights={plain}", "run.stop_after=1",
+                     "--output", str(on_base)]) == 0
+    capsys.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["eval", "--checkpoint", str(on_base / "last"), "--config", str(run_config), "--json",
+                     "--no-cache"]) == 0
+    assert json.loads(capsys.readouterr().out)["base_weights"] == str(plain)
+    assert not [warning for warning in caught if "otherwise than" in str(warning.message)]
     # Another method takes the paper's schedule for it, as `tempme flops --method` does: the run's
     # clip_pos_embed=false is no setting of tome's, and not warned about as if the user had set it.
     with warnings.catch_warnings(record=True) as caught:

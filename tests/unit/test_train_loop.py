@@ -838,6 +838,12 @@ def test_the_early_schedule_check_takes_a_weights_file_s_own_schedule_as_buildin
     bad = tiny_config(tmp_path, model={"weights": str(weights), "schedule": {"intra_merge_ratio": 1.0}})
     with pytest.raises(ConfigError, match="model.schedule.intra_merge_ratio: intra_merge_ratio=1.0 is outside"):
         check_schedule(bad, "run.yaml")
+    # Plain CLIP weights start from the paper's schedule, whose three merge layers [4, 1] does not fit.
+    torch.save(tempme.create_model(PRESET, method="none", frames=FRAMES).state_dict(), tmp_path / "clip.pt")
+    plain = tiny_config(tmp_path, model={"weights": str(tmp_path / "clip.pt"), "schedule": {"clips_joined": [4, 1]}})
+    with pytest.raises(ConfigError, match=r"model.schedule.clips_joined: merge_layers \[0, 1, 2\] and clips_joined "
+                                          r"\[4, 1\] must have the same length"):
+        check_schedule(plain, "run.yaml")
 
 
 def test_a_model_with_nothing_to_train_is_refused_naming_the_settings(tmp_path):
@@ -1410,12 +1416,12 @@ def test_a_full_disk_at_the_first_checkpoint_says_there_is_none_to_resume(tmp_pa
 
 
 def sharing_worker(rank: int, port: int, folder: str) -> None:
-    """One of three processes failing in one ``failures_shared`` block: 0 and 1 with the same bad
-    setting, 2 with an error of its own; what each raises goes to a file."""
+    """One of four processes failing in one ``failures_shared`` block: 0 and 1 with the same bad
+    setting, 2 and 3 with the same TypeError; what each raises goes to a file."""
     from tempme_train.distributed import failures_shared
 
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=3)
-    errors = [ValueError("run.yaml: optim.lr: must be positive (got -1)")] * 2 + [OSError("disk full")]
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=4)
+    errors = [ValueError("run.yaml: optim.lr: must be positive (got -1)")] * 2 + [TypeError("frames: not an int")] * 2
     try:
         with failures_shared():
             raise errors[rank]
@@ -1426,15 +1432,20 @@ def sharing_worker(rank: int, port: int, folder: str) -> None:
 
 def test_an_error_several_processes_share_is_theirs_on_the_lowest_rank_only(tmp_path, monkeypatch, capsys):
     # Every process checks the same config: each printing its copy says nothing more than rank 0's.
-    mp.spawn(sharing_worker, args=(free_port(), str(tmp_path)), nprocs=3, join=True)
-    raised = [(tmp_path / f"rank{rank}.txt").read_text() for rank in range(3)]
+    mp.spawn(sharing_worker, args=(free_port(), str(tmp_path)), nprocs=4, join=True)
+    raised = [(tmp_path / f"rank{rank}.txt").read_text() for rank in range(4)]
+    # A TypeError is bad input too (one line, exit code 2), where a RuntimeError would be a traceback.
     assert raised == ["ValueError: run.yaml: optim.lr: must be positive (got -1)",
-                      "BadInputElsewhere: process 0 of 3 failed: ValueError: run.yaml: optim.lr: must be positive (got -1)",
-                      "OSError: disk full"]
+                      "BadInputElsewhere: process 0 of 4 failed: ValueError: run.yaml: optim.lr: must be positive (got -1)",
+                      "TypeError: frames: not an int",
+                      "BadInputElsewhere: process 2 of 4 failed: TypeError: frames: not an int"]
 
     # Which of them the command line prints: a process's own error always, another's on rank 0 only.
     from tempme_cli.main import shown_by_another_process
-    from tempme_train.distributed import BadInputElsewhere
+    from tempme_train.distributed import BadInputElsewhere, world_from_env
+    from tempme_train.train import run_device
+
+    config_with_device = apply_overrides(tiny_config(tmp_path), ["run.device=cuda"])
 
     elsewhere = BadInputElsewhere("process 2 of 3 failed: OSError: disk full")
     monkeypatch.setenv("WORLD_SIZE", "3")
@@ -1445,7 +1456,14 @@ def test_an_error_several_processes_share_is_theirs_on_the_lowest_rank_only(tmp_
         assert shown_by_another_process(elsewhere) == (rank > 0)
         # A bad setting all of a machine's processes read is the first's to print; its GPU is each one's own.
         assert shown_by_another_process(ConfigError("run.yaml", "optim.lr", -1, "must be positive")) == (rank > 0)
-        assert not shown_by_another_process(ConfigError("run.yaml", "run.device", "cuda", "no GPU left for it"))
+        assert shown_by_another_process(ConfigError("run.yaml", "run.device", "gpu", "expected auto ...")) == (rank > 0)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+        try:
+            run_device("cuda", world_from_env(), "run.yaml")
+            assert rank == 0
+        except ConfigError as error:  # after config.blame, as train() raises it
+            assert rank > 0 and not shown_by_another_process(config_with_device.blame(error))
 
 
 def test_only_errors_that_say_another_process_went_away_count_as_such():
