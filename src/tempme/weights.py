@@ -151,10 +151,11 @@ def _check_backed_by_data(tensors: Mapping[str, torch.Tensor], path: Path) -> No
 def _read_zip(path: Path) -> tuple[dict[str, torch.Tensor], str]:
     """A zip is either a TorchScript archive (has compiled code) or a ``torch.save`` file."""
     try:
-        with zipfile.ZipFile(path) as archive:
-            entries = archive.infolist()
+        entries = zip_entries(path)
     except (zipfile.BadZipFile, OSError) as err:
         raise WeightsError(f"{path}: corrupt or truncated zip archive ({err})") from None
+    except ValueError as err:
+        raise WeightsError(f"{path}: {err}") from None
     # torch stores tensors and their pickle uncompressed (only TorchScript's code, which is not read,
     # is compressed); a compressed entry could unpack to any size.
     if any(entry.compress_type != zipfile.ZIP_STORED and (entry.filename.endswith("data.pkl") or "/data/" in entry.filename)
@@ -163,6 +164,17 @@ def _read_zip(path: Path) -> tuple[dict[str, torch.Tensor], str]:
     if any("/code/" in entry.filename or entry.filename.endswith("/constants.pkl") for entry in entries):
         return _read_torchscript(path), "openai-jit"
     return _read_torch(path), "torch"
+
+
+def zip_entries(path: PathLike) -> list[zipfile.ZipInfo]:
+    """The entries of the zip archive at ``path`` (torch's file format), or ValueError where they
+    overlap: every entry is read into memory of its own, so a few megabytes of entries that all
+    point at the same bytes would unpack to gigabytes."""
+    with zipfile.ZipFile(path) as archive:
+        entries = archive.infolist()
+    if sum(entry.compress_size for entry in entries) > Path(path).stat().st_size:
+        raise ValueError("a zip archive whose entries overlap (a damaged or crafted file)")
+    return entries
 
 
 def _read_torchscript(path: Path) -> dict[str, torch.Tensor]:
@@ -211,17 +223,19 @@ class _ScriptObject:
         found: dict[str, torch.Tensor] = {}
         distinct: set[int] = set()  # tensors, by identity
         pending = [("", self, 0)]  # (prefix, module, depth)
-        visits = 0
+        work = 0  # attributes looked at
         while pending:
             prefix, node, depth = pending.pop()
-            visits += 1
-            if depth > _MAX_MODULE_DEPTH or max(visits, len(found)) > 4 * len(distinct) + 10_000:
+            state = getattr(node, "state", None)
+            work += 1 + (len(state) if isinstance(state, dict) else 0)
+            if depth > _MAX_MODULE_DEPTH or max(work, len(found)) > 4 * len(distinct) + 100_000:
                 raise WeightsError(f"{path}: a TorchScript archive whose modules nest deeper, or repeat more often, "
                                    "than any model's (a damaged or crafted file)")
-            state = getattr(node, "state", None)
             if not isinstance(state, dict):  # an object with its own serialisation: not part of a module tree
                 continue
             for name, value in state.items():
+                if not isinstance(name, str) or len(name) > 1000:
+                    raise WeightsError(f"{path}: a TorchScript module attribute of another name than torch writes")
                 if isinstance(value, torch.Tensor):
                     found[f"{prefix}{name}"] = value
                     distinct.add(id(value))
@@ -246,6 +260,14 @@ class _StorageType:
 
 
 def _rebuild_tensor(storage: torch.Tensor, offset: int, size: tuple, stride: tuple, *_) -> torch.Tensor:
+    if not (isinstance(storage, torch.Tensor) and all(isinstance(n, int) and n >= 0 for n in (offset, *size, *stride))
+            and len(size) == len(stride)):
+        raise pickle.UnpicklingError("a tensor record of another form than torch writes")
+    # No view may claim more values than its storage holds (a zero stride repeats one value any number
+    # of times): the shapes are read as the architecture, and lists of a tensor's rows are built.
+    if any(step == 0 and n > 1 for n, step in zip(size, stride)) or (
+            math.prod(size) and offset + sum((n - 1) * step for n, step in zip(size, stride)) >= storage.numel()):
+        raise pickle.UnpicklingError("a tensor larger than its storage")
     return storage.as_strided(size, stride, offset)
 
 
@@ -257,6 +279,19 @@ def _typed_value(value: Any, *_) -> Any:
     return value
 
 
+def _plain_list(items: Any = None) -> list:
+    """A scripted attribute's typed list, from the list the pickle gives it (never from a tensor's rows)."""
+    if items is None:
+        return []
+    if type(items) is not list:
+        raise pickle.UnpicklingError("a typed list of another form than torch writes")
+    return items
+
+
+def _plain_dict() -> dict:
+    return {}
+
+
 class _ScriptArchiveUnpickler(pickle.Unpickler):
     """Unpickles a TorchScript archive's ``data.pkl`` with the few callables it needs, all ours:
     scripted classes become :class:`_ScriptObject` (no code of theirs runs), tensors are views of
@@ -265,9 +300,9 @@ class _ScriptArchiveUnpickler(pickle.Unpickler):
     _ALLOWED = {
         ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
         ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-        ("collections", "OrderedDict"): dict,
+        ("collections", "OrderedDict"): _plain_dict,  # filled by the pickle's own SETITEMS
         # Typed lists and dicts of a scripted module's attributes.
-        **{("torch.jit._pickle", name): list for name in (
+        **{("torch.jit._pickle", name): _plain_list for name in (
             "build_intlist", "build_tensorlist", "build_doublelist", "build_boollist", "build_genericlist")},
         ("torch.jit._pickle", "restore_type_tag"): _typed_value,
     }
@@ -275,7 +310,7 @@ class _ScriptArchiveUnpickler(pickle.Unpickler):
     def __init__(self, archive: zipfile.ZipFile, prefix: str, path: Path):
         super().__init__(archive.open(prefix + "data.pkl"))
         self.archive, self.prefix, self.path = archive, prefix, path
-        self.storages: dict[str, torch.Tensor] = {}
+        self.storages: dict[str, bytearray] = {}  # by key: one storage may be viewed as several dtypes
 
     def find_class(self, module: str, name: str) -> Any:
         if module == "__torch__" or module.startswith("__torch__."):
@@ -285,7 +320,7 @@ class _ScriptArchiveUnpickler(pickle.Unpickler):
         if (module, name) in self._ALLOWED:
             allowed = self._ALLOWED[(module, name)]
             # A fresh function each time: the pickle may set attributes on what it gets (BUILD).
-            return allowed if isinstance(allowed, type) else lambda *args: allowed(*args)
+            return lambda *args: allowed(*args)
         raise WeightsError(
             f"{self.path}: the TorchScript archive holds a {module}.{name}, which tempme does not read (it reads "
             "modules' tensors without running the archive's code); if you trust the file, convert it once with "
@@ -296,15 +331,15 @@ class _ScriptArchiveUnpickler(pickle.Unpickler):
         kind, storage_type, key, _location, count = record
         if kind != "storage" or not isinstance(storage_type, _StorageType) or not isinstance(count, int):
             raise pickle.UnpicklingError(f"unknown persistent record {kind!r}")
+        entry = self.archive.getinfo(f"{self.prefix}data/{key}")
+        size = count * torch.empty(0, dtype=storage_type.dtype).element_size()
+        if entry.file_size != size:  # checked before reading: the record is the file's to claim
+            raise pickle.UnpicklingError(f"storage {key} holds {entry.file_size} bytes, not {size}")
         if key not in self.storages:
-            entry = self.archive.getinfo(f"{self.prefix}data/{key}")
-            size = count * torch.empty(0, dtype=storage_type.dtype).element_size()
-            if entry.file_size != size:  # checked before reading: the record is the file's to claim
-                raise pickle.UnpicklingError(f"storage {key} holds {entry.file_size} bytes, not {size}")
-            data = bytearray(self.archive.read(entry)) if size else bytearray()
-            self.storages[key] = torch.frombuffer(data, dtype=storage_type.dtype) if size else torch.empty(
-                0, dtype=storage_type.dtype)
-        return self.storages[key]
+            self.storages[key] = bytearray(self.archive.read(entry))
+        if not size:
+            return torch.empty(0, dtype=storage_type.dtype)
+        return torch.frombuffer(self.storages[key], dtype=storage_type.dtype)
 
 
 def _read_torch(path: Path) -> dict[str, torch.Tensor]:
@@ -337,7 +372,9 @@ def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
                 break
     if not isinstance(obj, Mapping):
         raise WeightsError(f"{path}: holds a {type(obj).__name__}, not a state dict")
-    tensors = {str(name): value for name, value in obj.items() if isinstance(value, torch.Tensor)}
+    # Names are strings in every checkpoint format; other keys (a crafted tuple of tuples can take
+    # hours to print) are passed over.
+    tensors = {name: value for name, value in obj.items() if isinstance(name, str) and isinstance(value, torch.Tensor)}
     if not tensors:
         raise WeightsError(f"{path}: holds no tensors (top-level keys: {_preview(list(obj))})")
     return tensors

@@ -20,6 +20,7 @@ import os
 import pickle
 import random
 import shutil
+import zipfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,12 +31,15 @@ import torch
 
 from tempme import TempMe
 from tempme.files import sync_file, temporary_directory_for, write_failed
+from tempme.weights import zip_entries
 
 from .config import TrainConfig, save_config
 from .modeling import LAST, WEIGHTS, load_trained_weights, save_trained_weights
 
 # What torch.load raises for a truncated or otherwise damaged file (it names no single type).
-_DAMAGED_FILE_ERRORS = (RuntimeError, EOFError, OSError, pickle.UnpicklingError, KeyError, TypeError, ValueError)
+_DAMAGED_FILE_ERRORS = (
+    RuntimeError, EOFError, OSError, pickle.UnpicklingError, KeyError, TypeError, ValueError, zipfile.BadZipFile,
+)
 
 STATE = "state.pt"
 CONFIG = "config.yaml"
@@ -86,6 +90,9 @@ class _PickledDtype:
     """Stands in for ``numpy.dtype`` while a checkpoint is read: NumPy's own classes would take the
     state a file gives them (a crafted file can set a dtype's internal flags), these only keep it."""
 
+    name: Any = None
+    state: Any = None
+
     def __init__(self, name: Any, *_):
         self.name = name
 
@@ -95,6 +102,8 @@ class _PickledDtype:
 
 class _PickledArray:
     """Stands in for a NumPy array while a checkpoint is read (see :class:`_PickledDtype`)."""
+
+    state: Any = None
 
     def __setstate__(self, state: Any) -> None:
         self.state = state
@@ -226,6 +235,7 @@ def load_checkpoint(
     try:
         # Not the full unpickler, which runs whatever a file names (a run folder may come from someone
         # else): tensors, plain values, and the NumPy array of NumPy's RNG state.
+        zip_entries(directory / STATE)  # torch's reader would unpack overlapping entries to any size
         with torch.serialization.safe_globals(_NUMPY_STAND_INS):
             state = torch.load(directory / STATE, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -239,18 +249,42 @@ def load_checkpoint(
         raise ValueError(f"cannot resume: {directory / STATE} is damaged ({_first_line(error)}); {remedy}") from None
     try:
         optimizer.load_state_dict(state["optimizer"])
+        # The scheduler takes every key it is given as an attribute (its methods too): only its own.
+        unknown = set(state["scheduler"]) - set(scheduler.state_dict())
+        if unknown:
+            raise KeyError(f"scheduler settings {sorted(map(str, unknown))[:3]}")
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         restore_rng_states(state["rng"])
         # Fields a checkpoint written before they existed lacks: unknown, not zero.
-        recorded = {"steps_with_data": None, **state["progress"]}
-        return Progress(**recorded)
-    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        return checked_progress({"steps_with_data": None, **state["progress"]})
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as error:
         raise ValueError(
             f"cannot resume from {directory}: its saved state does not fit this run ({_first_line(error)}); "
             "resume with the settings it was saved with, or start over in a new "
             "output folder"
         ) from None
+
+
+def checked_progress(recorded: dict[str, Any]) -> Progress:
+    """A :class:`Progress` from its saved fields, each of the type it is written with (TypeError
+    otherwise): they are hashed, compared and printed, which a crafted value could make endless."""
+    progress = Progress(**recorded)
+
+    def number(value: Any, kinds: tuple[type, ...], optional: bool = True) -> bool:
+        return (optional and value is None) or (isinstance(value, kinds) and not isinstance(value, bool))
+
+    valid = (
+        number(progress.step, (int,), optional=False)
+        and all(number(getattr(progress, name), (int,)) for name in ("best_step", "steps_with_data", "train_size"))
+        and all(number(getattr(progress, name), (int, float)) for name in ("best_r1", "best_mean_rank"))
+        and isinstance(progress.validation_due, bool)
+        and isinstance(progress.skipped_videos, list) and all(isinstance(v, str) for v in progress.skipped_videos)
+        and all(isinstance(getattr(progress, name), (str, type(None))) for name in ("train_digest", "train_captions_digest"))
+    )
+    if not valid:
+        raise TypeError("its progress record holds values of other types than tempme train writes")
+    return progress
 
 
 def _first_line(error: BaseException) -> str:

@@ -793,6 +793,23 @@ def test_a_checkpoint_is_resumed_without_running_what_it_pickles(tmp_path):
     assert f"cannot resume: {state} holds Python objects that tempme train does not save" in message, message
 
 
+@pytest.mark.parametrize("change", ["progress", "scheduler"])
+def test_a_checkpoint_s_values_of_other_kinds_than_tempme_writes_are_refused(tmp_path, change):
+    # A tuple of tuples takes as long to hash as it has leaves; the scheduler would take any key as an
+    # attribute, its methods included.
+    data = synthetic_data()
+    train(tiny_config(tmp_path, run={"stop_after": 1}), data=data)
+    state_file = tmp_path / LAST / "state.pt"
+    state = torch.load(state_file, weights_only=False)
+    if change == "progress":
+        state["progress"]["skipped_videos"] = [("video", ("of", "tuples"))]
+    else:
+        state["scheduler"]["get_lr"] = "replaced"
+    torch.save(state, state_file)
+    with pytest.raises(ValueError, match="its saved state does not fit this run"):
+        train(tiny_config(tmp_path), resume=True, data=data)
+
+
 def test_numpy_s_random_state_is_restored_from_a_checkpoint_without_numpy_reading_the_file(tmp_path):
     import numpy as np
 

@@ -309,6 +309,56 @@ def test_an_archive_of_modules_shared_without_end_is_refused_at_once(tmp_path, m
         read_checkpoint(archive)
 
 
+def scripted_archive(path, state: bytes, storages: dict[str, bytes]) -> None:
+    """A TorchScript archive whose ``data.pkl`` (protocol 2) is a module of class ``__torch__.M``
+    with the pickled ``state`` (a dict's opcodes), and the given storages beside it."""
+    with zipfile.ZipFile(path, "w") as zipped:
+        zipped.writestr("a/data.pkl", b"\x80\x02c__torch__\nM\n)\x81" + state + b"b.")
+        zipped.writestr("a/constants.pkl", b"\x80\x02).")
+        for key, data in storages.items():
+            zipped.writestr(f"a/data/{key}", data)
+
+
+def pickled_tensor(key: str, count: int, size: list[int], stride: list[int]) -> bytes:
+    """The opcodes of a float32 tensor view of storage ``key`` (``count`` values), as torch writes them."""
+    def ints(values):
+        return b"(" + b"".join(b"J" + v.to_bytes(4, "little", signed=True) for v in values) + b"t"
+
+    record = b"(X\x07\x00\x00\x00storagectorch\nFloatStorage\nX" + len(key).to_bytes(4, "little") + key.encode() \
+        + b"X\x03\x00\x00\x00cpu" + b"J" + count.to_bytes(4, "little") + b"tQ"
+    return (b"ctorch._utils\n_rebuild_tensor_v2\n(" + record + b"J\x00\x00\x00\x00" + ints(size) + ints(stride)
+            + b"\x89ccollections\nOrderedDict\n)Rt" + b"R")
+
+
+def test_a_scripted_list_of_a_stretched_tensor_s_rows_is_refused_before_it_is_built(tmp_path):
+    # list(t) of a million-row view of one stored value would make a million tensors (about 600 MB).
+    stretched = pickled_tensor("0", 1, [1_000_000], [0])
+    state = (b"}(X\x01\x00\x00\x00w" + pickled_tensor("0", 1, [1], [1])
+             + b"X\x01\x00\x00\x00lctorch.jit._pickle\nbuild_tensorlist\n(" + stretched + b"tRu")
+    scripted_archive(tmp_path / "rows.pt", state, {"0": bytes(4)})
+    with pytest.raises(WeightsError, match="rows.pt: corrupt TorchScript archive \\(a tensor larger than its storage"):
+        read_checkpoint(tmp_path / "rows.pt")
+    # The same archive with the list's tensor as stored reads as torch would.
+    plain = b"}(X\x01\x00\x00\x00w" + pickled_tensor("0", 1, [1], [1]) + b"u"
+    scripted_archive(tmp_path / "plain.pt", plain, {"0": bytes(4)})
+    assert torch.equal(read_checkpoint(tmp_path / "plain.pt")["w"], torch.zeros(1))
+
+
+def test_zip_entries_sharing_their_bytes_are_refused(tmp_path):
+    # Each entry is read into memory of its own: many entries over the same bytes multiply the file.
+    archive = tmp_path / "shared.pt"
+    with zipfile.ZipFile(archive, "w") as zipped:
+        zipped.writestr("a/data/0", bytes(100_000))
+        first = zipped.getinfo("a/data/0")
+        for copy in range(1, 20):
+            again = zipfile.ZipInfo(f"a/data/{copy}")
+            again.header_offset, again.compress_size, again.file_size, again.CRC = (
+                first.header_offset, first.compress_size, first.file_size, first.CRC)
+            zipped.filelist.append(again)
+    with pytest.raises(WeightsError, match="shared.pt: a zip archive whose entries overlap"):
+        read_checkpoint(archive)
+
+
 def test_tensors_claiming_more_values_than_their_file_holds_are_refused(tmp_path):
     torch.save({"w": torch.zeros(1).expand(1024, 1024)}, tmp_path / "stretched.pt")  # stride 0: 4 bytes stored
     with pytest.raises(WeightsError, match=r"stretched.pt: w claims \[1024, 1024\] values its file does not hold"):
