@@ -81,8 +81,9 @@ def build_config(
     merge = (schedule or default_merge_config(clip, frames, method)).replace(**merge_overrides)
     if merge.method == "tempme" and merge.clip_pos_embed and merge.cross_merge_ratio == 0 and merge_overrides:
         warn("cross_merge_ratio=0 merges nothing across clips, and clip positional embeddings are added only for "
-             "that merge: they stay unused (and untrained); clip_pos_embed=False builds the same model without them",
-             SharedWarning)
+             "that merge: they stay unused (and untrained); set clip_pos_embed=False "
+             "(model.schedule.clip_pos_embed=false; tempme flops --no-clip-pos-embed) to build the same model "
+             "without them", SharedWarning)
     return ModelConfig(clip=clip, merge=merge, lora=LoRAConfig(rank=lora_rank), frames=frames, max_words=max_words)
 
 
@@ -122,7 +123,8 @@ def load_model(
     (the checkpoint's clip positional embeddings then load only where they fit, with a warning).
     Other weights default to ``method="tempme"`` and the paper's schedule. LoRA and clip positional
     embeddings found in the weights are loaded; otherwise they keep their initial values (LoRA B = 0,
-    CPE = 0), which leaves CLIP's outputs unchanged.
+    CPE = 0), which leaves CLIP's outputs unchanged. An adapters-only file is refused, naming the file
+    (a ``tempme train`` run loads with ``tempme_train.modeling.load_trained_model``).
     """
     from .weights import ADAPTERS_ONLY, WeightsError, load_state_dict_into, load_weights, without_unfitting_clip_pos_embeds
 

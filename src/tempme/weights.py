@@ -608,7 +608,8 @@ def infer_clip_config(
     shapes supplies them; failing that, the head count of the published CLIP models of that width
     (``KNOWN_HEADS``); failing that, OpenAI's rule ``width // 64``, with a warning that names ``source``:
     a wrong head count gives wrong embeddings and no error. ``heads`` is one count for both encoders
-    or a ``(vision, text)`` pair.
+    or a ``(vision, text)`` pair. Raises WeightsError for a ResNet CLIP, an MLP not 4 times the width,
+    or an unknown width that is not a multiple of 64.
     """
     sd = to_tempme_layout(sd)
     required = ("visual.conv1.weight", "visual.positional_embedding", "visual.proj",

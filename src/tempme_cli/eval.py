@@ -24,10 +24,12 @@ EPILOG = textwrap.dedent(
                           weights named in the training config stored with them; --weights may give
                           those same weights from another place (other weights are refused).
       --weights W         CLIP or tempme weights (a file or a preset name such as ViT-B/32): zero-shot.
-      --config CONFIG     the model and data of a training config (its model.weights, zero-shot unless
-                          --checkpoint is given too; with a checkpoint of tempme train, the model
-                          is the one trained and CONFIG gives the data and run settings: to evaluate
-                          the adapters in another model, give model settings as KEY=VALUE).
+      --config CONFIG     the model and data of a training config: zero-shot on its model.weights
+                          unless --checkpoint is given too. With a checkpoint of tempme train, the
+                          model is the one trained (its model settings, base weights, frames and
+                          image size; a warning names those CONFIG sets otherwise), and CONFIG
+                          gives the data, run and optim settings. To evaluate the adapters in
+                          another model, give model settings as KEY=VALUE.
 
     examples:
       tempme eval --checkpoint runs/msrvtt_b32_tempme
@@ -130,9 +132,11 @@ def resolve_config(args: argparse.Namespace, trained: Path | None) -> TrainConfi
     if chosen is not None:
         replaced = settings_replaced_by_training(chosen, config, trained)
         if replaced:
-            warnings.warn(f"{args.config} sets {', '.join(replaced)} otherwise than {trained} was trained: the trained "
-                          "model is evaluated (to evaluate its adapters in another one, give those settings as "
-                          "KEY=VALUE)", stacklevel=1)
+            key, value = next(iter(replaced.items()))
+            example = f"{key}={json.dumps(list(value) if isinstance(value, tuple) else value)}"
+            warnings.warn(f"{args.config} sets {', '.join(replaced)} differently from the model {trained} was "
+                          f"trained as; the trained model is evaluated (to evaluate its adapters with {args.config}'s "
+                          f"values, give them as KEY=VALUE, e.g. {example})", stacklevel=1)
     return config
 
 
@@ -140,11 +144,9 @@ TRAINED_DATA_SETTINGS = ("max_frames", "image_size")  # what the model was train
 
 
 def with_trained_model(config: TrainConfig, trained_config: TrainConfig, trained: Path) -> TrainConfig:
-    """``config`` (--config) with the model ``trained`` was trained as: its model settings, frames and
-    image size (the base weights' place stays ``config``'s where it names one: they may have moved)."""
+    """``config`` (--config) with the model ``trained`` was trained as: its model settings (its base
+    weights too: --weights names them where they moved), frames and image size."""
     model = trained_config.to_dict()["model"]
-    if config.model.weights:
-        del model["weights"]
     settings = {f"model.{name}": value for name, value in model.items()}
     settings.update({f"data.{name}": getattr(trained_config.data, name) for name in TRAINED_DATA_SETTINGS})
     return with_settings(config, settings, trained_source(trained))
@@ -154,28 +156,28 @@ def trained_source(trained: Path) -> str:
     return f"the training config stored in {trained}"
 
 
-def settings_replaced_by_training(chosen: TrainConfig, final: TrainConfig, trained: Path) -> list[str]:
+def settings_replaced_by_training(chosen: TrainConfig, final: TrainConfig, trained: Path) -> dict[str, Any]:
     """The model settings of ``chosen`` (--config) that the trained model's replaced in ``final``, and
-    that no option or override set: schedules compared as the model builds them, so that the paper's
-    value written out is no difference."""
+    that no option or override set, with ``chosen``'s values: schedules compared as the model builds
+    them, so that the paper's value written out is no difference."""
     source = trained_source(trained)
     # Both schedules on the final model's backbone, method and frames: only their settings differ.
     schedule_final = resolved_schedule(final)
     schedule_chosen = resolved_schedule(final, chosen.model.schedule.as_kwargs())
-    replaced = []
+    given = _flat(chosen.to_dict())
+    replaced = {}
     for key, value in _flat({"model": final.to_dict()["model"], "data": final.to_dict()["data"]}).items():
         section, name = key.split(".", 1)
         if final.source_of(key, "") != source or (section == "data" and name not in TRAINED_DATA_SETTINGS):
             continue
-        if key in ("model.weights", "model.trainable"):  # where the base is now; what the file holds decides
+        if key in ("model.weights", "model.trainable"):  # the run's base weights; what the file holds decides
             continue
         if key.startswith("model.schedule.") and schedule_chosen is not None and schedule_final is not None:
             setting = key.rsplit(".", 1)[1]
-            differs = schedule_chosen.get(setting) != schedule_final.get(setting)
-        else:
-            differs = _flat(chosen.to_dict()).get(key) != value
-        if differs:
-            replaced.append(key)
+            if schedule_chosen.get(setting) != schedule_final.get(setting):
+                replaced[key] = schedule_chosen.get(setting)
+        elif given.get(key) != value:
+            replaced[key] = given.get(key)
     return replaced
 
 
@@ -378,8 +380,8 @@ def run(args: argparse.Namespace) -> int:
     left_out_text = f" ({', '.join(left_out)} left out)" if left_out else ""
     print(f"{results['dataset']} {args.split}: {results['num_captions']} captions, {results['num_videos']} videos"
           f"{left_out_text}; weights: {results['weights']}{on_base}")
-    print(f"model: {merge.method}, {model.config.frames} frames, {config.optim.precision}; video encoder: "
-          f"{flops.tokens} tokens, {flops.gflops:.1f} GFLOPs per video")
+    print(f"model: {merge.method}, {model.config.frames} frames, LoRA rank {model.config.lora.rank}, "
+          f"{config.optim.precision}; video encoder: {flops.tokens} tokens, {flops.gflops:.1f} GFLOPs per video")
     print(format_metrics_table(results["t2v"], results["v2t"]))
     if config.paper.t2v:
         print("paper t2v: " + ", ".join(f"{key} {value}" for key, value in config.paper.t2v.items()))

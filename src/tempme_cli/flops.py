@@ -26,11 +26,14 @@ def register(subparsers) -> None:
                         "file): its preset, frames, method and schedule; the options below change them")
     parser.add_argument("--model", choices=preset_names(), help="architecture preset (default: the config's, else ViT-B/32)")
     parser.add_argument("--frames", type=int, help="frames per video (default: the config's, else 12)")
-    parser.add_argument("--method", choices=MERGE_METHODS, help="merging method (default: the config's, else tempme)")
+    parser.add_argument("--method", choices=MERGE_METHODS, help="merging method (default: the config's, else tempme; "
+                        "another than the config's starts from the paper's schedule for it, which the schedule "
+                        "options and KEY=VALUE settings then change)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="change a model setting of the config as tempme train takes it, e.g. "
-                        "model.schedule.tome_r=3 or model.frames=8")
+                        help="change a model setting of the config as tempme train takes it (values are YAML: "
+                        "lists as [8,9,10]), e.g. model.schedule.tome_r=3 or model.frames=8; --model, --frames "
+                        "and the schedule options win over them")
     add_schedule_arguments(parser)
     parser.set_defaults(handler=run)
 

@@ -153,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
                 show_only_this_process_warnings()
             return args.handler(args) or 0
     except (ValueError, TypeError) as error:
-        # Under torchrun one process may be alone to fail (its GPU, its node's files): each prints its own.
+        # Under torchrun one process may be alone to fail (its GPU, its node's files): each prints its own,
+        # unless another one prints the same (shown_by_another_process).
         if not shown_by_another_process(error):
             say(f"tempme {args.command}: error: {error}")
         return 2

@@ -123,7 +123,7 @@ def test_train_stop_resume_and_evaluate(run_config, tmp_path, capsys, monkeypatc
                                                  "intra_merge_ratio", "clip_pos_embed", "prop_attn")}))
     assert main(["eval", "--checkpoint", str(output), "--split", "train"]) == 0
     table = capsys.readouterr().out  # the split lists video5, whose file is missing, and corrupt video2
-    assert "8 videos (1 missing, 1 undecodable left out)" in table and "model: tempme, 4 frames, fp32" in table
+    assert "8 videos (1 missing, 1 undecodable left out)" in table and "model: tempme, 4 frames, LoRA rank 8, fp32" in table
     flops = count_video_flops(build_model(train_config_of(output / "best.safetensors")).config)
     assert (first["model"]["tokens"], first["model"]["gflops"]) == (flops.tokens, round(flops.gflops, 2))
     assert f"video encoder: {flops.tokens} tokens, {flops.gflops:.1f} GFLOPs per video" in table
@@ -165,7 +165,7 @@ def test_a_checkpoint_evaluated_with_a_config_keeps_the_model_it_was_trained_as(
                      "--output", str(output)]) == 0
     capsys.readouterr()
     # The config only says where the data is; its schedule is not the one the adapters were trained in.
-    with pytest.warns(UserWarning, match=rf"run.yaml sets model.schedule.clip_pos_embed otherwise than {output / 'last'}"):
+    with pytest.warns(UserWarning, match=rf"run.yaml sets model.schedule.clip_pos_embed differently from the model {output / 'last'}"):
         assert main(["eval", "--checkpoint", str(output / "last"), "--config", str(run_config), "--json", "--no-cache"]) == 0
     assert json.loads(capsys.readouterr().out)["model"]["schedule"]["clip_pos_embed"] is False
     # With other frames too (an option): the warning names what the trained model replaced, only that.
@@ -174,8 +174,9 @@ def test_a_checkpoint_evaluated_with_a_config_keeps_the_model_it_was_trained_as(
         assert main(["eval", "--checkpoint", str(output / "last"), "--config", str(run_config), "--frames", "2",
                      "--json", "--no-cache"]) == 0
     capsys.readouterr()
-    (told,) = [str(warning.message) for warning in caught if "otherwise than" in str(warning.message)]
-    assert told.startswith(f"{run_config} sets model.schedule.clip_pos_embed otherwise than"), told
+    (told,) = [str(warning.message) for warning in caught if "differently from the model" in str(warning.message)]
+    assert told.startswith(f"{run_config} sets model.schedule.clip_pos_embed differently from the model"), told
+    assert told.endswith("give them as KEY=VALUE, e.g. model.schedule.clip_pos_embed=true)"), told
     # A config that writes out the paper's schedule the run was trained with sets nothing otherwise.
     paper_b16 = default_merge_config(get_preset(PRESET), 4, "tempme")
     written_out = tmp_path / "written_out.yaml"
@@ -186,13 +187,13 @@ def test_a_checkpoint_evaluated_with_a_config_keeps_the_model_it_was_trained_as(
         assert main(["eval", "--checkpoint", str(output / "last"), "--config", str(written_out), "--json",
                      "--no-cache"]) == 0
     capsys.readouterr()
-    assert not [warning for warning in caught if "otherwise than" in str(warning.message)]
+    assert not [warning for warning in caught if "differently from the model" in str(warning.message)]
     # Given as an override, another model is what is asked for, and nothing is warned about.
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert main(["eval", "--checkpoint", str(output / "last"), "--config", str(run_config),
                      "model.schedule.clip_pos_embed=true", "--json", "--no-cache"]) == 0
-    assert not [warning for warning in caught if "otherwise than" in str(warning.message)]
+    assert not [warning for warning in caught if "differently from the model" in str(warning.message)]
     assert json.loads(capsys.readouterr().out)["model"]["schedule"]["clip_pos_embed"] is True
     # Weights that tempme train did not write have no trained model to keep: the config's is evaluated.
     from tempme.weights import save_weights
@@ -211,7 +212,13 @@ def test_a_checkpoint_evaluated_with_a_config_keeps_the_model_it_was_trained_as(
         assert main(["eval", "--checkpoint", str(on_base / "last"), "--config", str(run_config), "--json",
                      "--no-cache"]) == 0
     assert json.loads(capsys.readouterr().out)["base_weights"] == str(plain)
-    assert not [warning for warning in caught if "otherwise than" in str(warning.message)]
+    assert not [warning for warning in caught if "differently from the model" in str(warning.message)]
+    # A config naming other base weights (bundled ones name a preset) does not move the run off its own.
+    other_base = tmp_path / "other_base.yaml"
+    other_base.write_text(f"base: {run_config}\nmodel: {{weights: {tmp_path / 'elsewhere.pt'}}}\n")
+    assert main(["eval", "--checkpoint", str(on_base / "last"), "--config", str(other_base), "--json",
+                 "--no-cache"]) == 0
+    assert json.loads(capsys.readouterr().out)["base_weights"] == str(plain)
     # Another method takes the paper's schedule for it, as `tempme flops --method` does: the run's
     # clip_pos_embed=false is no setting of tome's, and not warned about as if the user had set it.
     with warnings.catch_warnings(record=True) as caught:
