@@ -67,7 +67,8 @@ def resolve_model(args: argparse.Namespace) -> dict:
         others = [item for item in args.overrides if not item.startswith("model.")]
         if others:
             raise ValueError(f"{others[0]}: tempme flops reads only the model's settings (model.*)")
-        config = load_config(args.config)
+        # One video, not the config's batches: their memory check would refuse frames flops can count.
+        config = with_settings(load_config(args.config), {"optim.batch_size": 1, "run.eval_batch_size": 1}, "flops")
         if args.method and args.method != config.model.method:
             config = with_settings(config, {"model.method": args.method, "model.schedule": {}}, "--method")
         settings = apply_overrides(config, args.overrides).model

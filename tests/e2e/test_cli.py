@@ -363,6 +363,8 @@ def test_flops_takes_the_settings_of_an_ablation_as_training_does(capsys):
     assert gflops("--config", "msrvtt_b32_tempme", "model.schedule.tome_r=3", "model.schedule.merge_layers=[7,9,10]") \
         == gflops("--tome-r", "3", "--merge-layers", "[7, 9, 10]") == as_options != gflops()
     assert gflops("model.frames=8") == pytest.approx(23.17, abs=0.005)  # SPEC: 8 -> 4 -> 2 -> 1
+    # One video is counted: the config's training batch of 128 such videos is no limit here.
+    assert gflops("model.frames=1024") == gflops("--frames", "1024")
     # --method starts from the paper's schedule for it; KEY=VALUE settings then change that.
     assert gflops("--method", "tome", "model.schedule.tome_r=5") == gflops("--method", "tome", "--tome-r", "5") \
         != gflops("--method", "tome")
