@@ -249,10 +249,12 @@ def load_checkpoint(
         raise ValueError(f"cannot resume: {directory / STATE} is damaged ({_first_line(error)}); {remedy}") from None
     try:
         optimizer.load_state_dict(state["optimizer"])
-        # The scheduler takes every key it is given as an attribute (its methods too): only its own.
-        unknown = set(state["scheduler"]) - set(scheduler.state_dict())
-        if unknown:
-            raise KeyError(f"scheduler settings {sorted(map(str, unknown))[:3]}")
+        # The scheduler takes every key it is given as an attribute: none may replace one it has
+        # besides its state (its optimizer, its methods). Keys it does not know (an older torch's) are harmless.
+        foreign = [key for key in state["scheduler"]
+                   if key not in scheduler.state_dict() and (not isinstance(key, str) or hasattr(scheduler, key))]
+        if foreign:
+            raise KeyError(f"scheduler settings {sorted(map(str, foreign))[:3]}")
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         restore_rng_states(state["rng"])
