@@ -156,24 +156,24 @@ def _read_zip(path: Path) -> tuple[dict[str, torch.Tensor], str]:
         raise WeightsError(f"{path}: corrupt or truncated zip archive ({err})") from None
     except ValueError as err:
         raise WeightsError(f"{path}: {err}") from None
-    # torch stores tensors and their pickle uncompressed (only TorchScript's code, which is not read,
-    # is compressed); a compressed entry could unpack to any size.
-    if any(entry.compress_type != zipfile.ZIP_STORED and (entry.filename.endswith("data.pkl") or "/data/" in entry.filename)
-           for entry in entries):
-        raise WeightsError(f"{path}: a zip archive with compressed tensors, which torch does not write")
     if any("/code/" in entry.filename or entry.filename.endswith("/constants.pkl") for entry in entries):
         return _read_torchscript(path), "openai-jit"
     return _read_torch(path), "torch"
 
 
 def zip_entries(path: PathLike) -> list[zipfile.ZipInfo]:
-    """The entries of the zip archive at ``path`` (torch's file format), or ValueError where they
-    overlap: every entry is read into memory of its own, so a few megabytes of entries that all
-    point at the same bytes would unpack to gigabytes."""
+    """The entries of the zip archive at ``path`` (torch's file format), or ValueError where reading
+    them could take far more memory than the file: entries that overlap (each is read into memory of
+    its own, so a few megabytes of entries over the same bytes unpack to gigabytes), or a pickle or
+    tensor entry compressed (torch stores them as they are; only TorchScript's code, not read, is
+    compressed), which could unpack to any size."""
     with zipfile.ZipFile(path) as archive:
         entries = archive.infolist()
     if sum(entry.compress_size for entry in entries) > Path(path).stat().st_size:
         raise ValueError("a zip archive whose entries overlap (a damaged or crafted file)")
+    if any(entry.compress_type != zipfile.ZIP_STORED and (entry.filename.endswith(".pkl") or "/data/" in entry.filename)
+           for entry in entries):
+        raise ValueError("a zip archive with compressed tensors, which torch does not write")
     return entries
 
 

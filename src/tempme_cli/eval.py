@@ -149,6 +149,8 @@ def with_trained_model(config: TrainConfig, trained_config: TrainConfig, trained
     model = trained_config.to_dict()["model"]
     settings = {f"model.{name}": value for name, value in model.items()}
     settings.update({f"data.{name}": getattr(trained_config.data, name) for name in TRAINED_DATA_SETTINGS})
+    if not trained_config.model.weights:  # a random backbone, drawn from the run's seed
+        settings["optim.seed"] = trained_config.optim.seed
     return with_settings(config, settings, trained_source(trained))
 
 
@@ -170,7 +172,8 @@ def settings_replaced_by_training(chosen: TrainConfig, final: TrainConfig, train
         section, name = key.split(".", 1)
         if final.source_of(key, "") != source or (section == "data" and name not in TRAINED_DATA_SETTINGS):
             continue
-        if key in ("model.weights", "model.trainable"):  # the run's base weights; what the file holds decides
+        # The run's base weights, and what its file holds and fits: no other value could be evaluated.
+        if key in ("model.weights", "model.trainable", "model.lora_rank", "data.image_size"):
             continue
         if key.startswith("model.schedule.") and schedule_chosen is not None and schedule_final is not None:
             setting = key.rsplit(".", 1)[1]
@@ -323,6 +326,9 @@ def run(args: argparse.Namespace) -> int:
         check_weights_option(trained, args.weights)
     config = resolve_config(args, trained)
     stored = stored_config(trained) if trained is not None else None  # what tempme train recorded, if it wrote it
+    if stored is not None and stored.model.trainable == "full":
+        # Every weight is in the file: it is its own base (the one trained on may have moved or gone).
+        config = with_settings(config, {"model.weights": str(trained)}, trained_source(trained))
     source = args.config or str(trained or "command line")
     # Everything that can be checked without work is checked before the encoding starts.
     try:

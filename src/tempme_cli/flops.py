@@ -68,7 +68,7 @@ def resolve_model(args: argparse.Namespace) -> dict:
         if others:
             raise ValueError(f"{others[0]}: tempme flops reads only the model's settings (model.*)")
         # One video, not the config's batches: their memory check would refuse frames flops can count.
-        config = with_settings(load_config(args.config), {"optim.batch_size": 1, "run.eval_batch_size": 1}, "flops")
+        config = load_config(args.config, settings={"optim.batch_size": 1, "run.eval_batch_size": 1})
         if args.method and args.method != config.model.method:
             config = with_settings(config, {"model.method": args.method, "model.schedule": {}}, "--method")
         settings = apply_overrides(config, args.overrides).model

@@ -559,13 +559,22 @@ def _with_home_expanded(config: TrainConfig) -> TrainConfig:
     return config
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
-    """Load a config file (or a bundled config name; ``None``: all defaults) and apply overrides."""
-    if path is None:
-        return apply_overrides(config_from_dict({}, "default settings"), overrides)
-    file = resolve_config_path(path)
-    data, origins = _read_yaml(file)
-    return apply_overrides(config_from_dict(data, str(file), origins), overrides)
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), settings: Mapping[str, Any] | None = None
+) -> TrainConfig:
+    """Load a config file (or a bundled config name; ``None``: all defaults) and apply overrides.
+
+    ``settings``: ``{"optim.batch_size": 1, ...}`` set before the file's values are checked, by a
+    command to which they do not apply (``tempme flops`` counts one video, whatever the batches)."""
+    data, origins, source = {}, {}, "default settings"
+    if path is not None:
+        file = resolve_config_path(path)
+        data, origins = _read_yaml(file)
+        source = str(file)
+    for key, value in (settings or {}).items():
+        _apply_override(data, key.split("."), value)
+        _set_origin(origins, key, "the command")
+    return apply_overrides(config_from_dict(data, source, origins), overrides)
 
 
 # Settings added after training runs were first saved, with the value those runs trained with: a

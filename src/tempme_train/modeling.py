@@ -290,6 +290,8 @@ def load_trained_model(checkpoint: str | Path, base_weights: str | None = None) 
     if base_weights:
         check_weights_option(trained, base_weights)
         config.model.weights = base_weights
+    elif config.model.trainable == "full":
+        config.model.weights = str(trained)  # every weight is in the file: the base trained on may be gone
     elif config.model.weights and Path(config.model.weights).is_absolute() and not Path(config.model.weights).exists():
         raise FileNotFoundError(
             f"{trained} was trained on the base weights {config.model.weights}, which are not there any "

@@ -354,7 +354,7 @@ def test_escape_sequences_in_a_message_reach_the_terminal_escaped(tmp_path, caps
     assert "\\x1b[2Jcleared does not exist" in error and "\x1b" not in error, error
 
 
-def test_flops_takes_the_settings_of_an_ablation_as_training_does(capsys):
+def test_flops_takes_the_settings_of_an_ablation_as_training_does(capsys, tmp_path):
     def gflops(*args: str) -> float:
         assert main(["flops", "--json", *args]) == 0
         return json.loads(capsys.readouterr().out)["gflops"]
@@ -365,6 +365,9 @@ def test_flops_takes_the_settings_of_an_ablation_as_training_does(capsys):
     assert gflops("model.frames=8") == pytest.approx(23.17, abs=0.005)  # SPEC: 8 -> 4 -> 2 -> 1
     # One video is counted: the config's training batch of 128 such videos is no limit here.
     assert gflops("model.frames=1024") == gflops("--frames", "1024")
+    many = tmp_path / "many_frames.yaml"
+    many.write_text("base: msrvtt_b32_tempme\nmodel: {frames: 1024}\ndata: {max_frames: 1024}\n")
+    assert gflops("--config", str(many)) == gflops("--frames", "1024")
     # --method starts from the paper's schedule for it; KEY=VALUE settings then change that.
     assert gflops("--method", "tome", "model.schedule.tome_r=5") == gflops("--method", "tome", "--tome-r", "5") \
         != gflops("--method", "tome")

@@ -229,6 +229,37 @@ def test_a_checkpoint_evaluated_with_a_config_keeps_the_model_it_was_trained_as(
     assert json.loads(capsys.readouterr().out)["model"]["schedule"] == {"tome_r": paper.tome_r, "prop_attn": True}
 
 
+def test_a_fully_fine_tuned_run_is_evaluated_without_its_base_weights(run_config, capsys, tmp_path):
+    from tempme.weights import save_weights
+    from tempme_train.modeling import load_trained_model
+
+    base = save_weights(tempme.create_model(PRESET, frames=4), tmp_path / "base.safetensors")
+    output = tmp_path / "full"
+    with pytest.warns(UserWarning, match=MISSING):
+        assert main(["train", "--config", str(run_config), f"model.weights={base}", "model.trainable=full",
+                     "run.stop_after=1", "--output", str(output)]) == 0
+    capsys.readouterr()
+    base.rename(tmp_path / "moved.safetensors")  # every weight is in the run's file: the base is not needed
+    assert main(["eval", "--checkpoint", str(output / "last"), "--json", "--no-cache"]) == 0
+    whole = json.loads(capsys.readouterr().out)
+    assert main(["eval", "--checkpoint", str(output / "last"), "--config", str(run_config), "--json", "--no-cache"]) == 0
+    assert json.loads(capsys.readouterr().out)["t2v"] == whole["t2v"]
+    assert load_trained_model(output / "last").config.clip == get_preset(PRESET)
+
+
+def test_a_run_on_a_random_backbone_is_evaluated_with_a_config_of_another_seed(run_config, capsys, tmp_path):
+    output = tmp_path / "random"
+    with pytest.warns(UserWarning, match=MISSING):
+        assert main(["train", "--config", str(run_config), "run.stop_after=1", "--output", str(output)]) == 0
+    capsys.readouterr()
+    other_seed = tmp_path / "other_seed.yaml"
+    other_seed.write_text(f"base: {run_config}\noptim: {{seed: 7}}\n")  # its backbone would be another one
+    assert main(["eval", "--checkpoint", str(output / "last"), "--config", str(other_seed), "--json", "--no-cache"]) == 0
+    with_seed = json.loads(capsys.readouterr().out)
+    assert main(["eval", "--checkpoint", str(output / "last"), "--json", "--no-cache"]) == 0
+    assert json.loads(capsys.readouterr().out)["t2v"] == with_seed["t2v"]
+
+
 def test_zero_shot_eval_prints_a_table(run_config, capsys, tmp_path):
     assert main(["eval", "--config", str(run_config), "--cache-dir", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
