@@ -92,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
     if world.distributed:  # under torchrun, each process decodes every W-th video; missing ones rank 0 lists
         present = present[world.rank :: world.world_size]
         missing = missing if world.is_main else []
-    summary = cache.prepare(present, num_workers=workers)
+    # Under torchrun one bar, rank 0's over its share, stands for all: several would draw over each other.
+    summary = cache.prepare(present, num_workers=workers, progress=world.is_main and config.run.progress)
     share = f" (process {world.rank} of {world.world_size})" if world.distributed else ""
     print(f"frame cache {cache.folder}{share}: {summary.ok} videos cached, {len(summary.skipped)} undecodable, "
           f"{len(missing)} missing")
