@@ -370,18 +370,22 @@ def test_prepare_fills_the_frame_cache_and_lists_bad_videos(run_config, tmp_path
 
 def test_prepare_under_torchrun_shares_the_videos_between_processes(run_config, tmp_path, capsys, monkeypatch):
     cache = tmp_path / "frames"
-    printed = []
+    printed, bars = [], []
     for rank in (1, 0):
         monkeypatch.setenv("RANK", str(rank))
         monkeypatch.setenv("WORLD_SIZE", "2")
-        assert main(["prepare", "--config", str(run_config), f"data.frame_cache={cache}", "--workers", "0"]) == 0
-        printed.append(capsys.readouterr().out)
+        assert main(["prepare", "--config", str(run_config), f"data.frame_cache={cache}", "--workers", "0",
+                     "run.progress=true"]) == 0
+        captured = capsys.readouterr()
+        printed.append(captured.out)
+        bars.append("caching frames" in captured.err)
         if rank == 1:  # 12 of the 13 videos exist, the third one corrupt: every other one is rank 1's
             assert "(process 1 of 2): 6 videos cached, 0 undecodable, 0 missing" in printed[0]
             assert len(list(cache.rglob("*.npy"))) == 6
     assert "(process 0 of 2): 5 videos cached, 1 undecodable, 1 missing" in printed[1]
     assert CORRUPT in printed[1] and MISSING in printed[1]
     assert len(list(cache.rglob("*.npy"))) == 11  # as one process caches them
+    assert bars == [False, True]  # one progress bar, rank 0's: two would draw over each other
 
 
 def test_index_refuses_to_run_under_torchrun(tmp_path, capsys, monkeypatch):
