@@ -118,7 +118,7 @@ def register(subparsers) -> None:
         "--cuda-graph",
         action="store_true",
         help="replay each encoder as one CUDA graph (captured in the first call; CUDA only, not with --compile); "
-        "with --train, the video encoder's forward and backward passes as two graphs (not yet verified on a GPU)",
+        "with --train, the video encoder's forward and backward passes as two graphs",
     )
     parser.add_argument(
         "--attention-backend",
