@@ -25,6 +25,12 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def user_path(text: str) -> str:
+    """A path option as a shell would give it: ``~`` is the home folder (also where the shell left it
+    alone, as in ``--cache-dir=~/x`` or a quoted path), never a folder named ``~``."""
+    return str(Path(text).expanduser()) if text.startswith("~") else text
+
+
 def int_list(text: str) -> tuple[int, ...]:
     """'8-9-10', '8,9,10' or '[8, 9, 10]' (as a config writes it) -> (8, 9, 10)."""
     try:

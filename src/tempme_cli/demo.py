@@ -14,7 +14,7 @@ from tempme.config import MERGE_METHODS
 
 from tempme.files import atomic_file, check_folder
 
-from .common import DefaultsHelpFormatter
+from .common import DefaultsHelpFormatter, user_path
 
 
 def register(subparsers) -> None:
@@ -35,8 +35,8 @@ def register(subparsers) -> None:
     parser.add_argument("--finetune-steps", type=int, help="fine-tuning steps per method (default: 500, --quick: 4)")
     parser.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: PyTorch's choice)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
-    parser.add_argument("--output", type=Path, help="folder to write results.json to")
-    parser.add_argument("--save-dir", type=Path, help="folder to write a few test videos to, as mp4")
+    parser.add_argument("--output", type=lambda text: Path(user_path(text)), help="folder to write results.json to")
+    parser.add_argument("--save-dir", type=lambda text: Path(user_path(text)), help="folder to write a few test videos to, as mp4")
     parser.set_defaults(handler=run)
 
 

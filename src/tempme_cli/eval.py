@@ -13,7 +13,7 @@ from typing import Any
 from tempme.config import MERGE_METHODS
 from tempme_train.config import ConfigError, TrainConfig, apply_overrides, load_config, with_settings
 
-from .common import show_progress
+from .common import show_progress, user_path
 
 EPILOG = textwrap.dedent(
     """\
@@ -56,14 +56,14 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_config_arguments(parser, required=False, example="data.num_workers=8 run.eval_batch_size=64")
-    parser.add_argument("--checkpoint", metavar="PATH", help="trained run folder, checkpoint folder or weights file")
+    parser.add_argument("--checkpoint", metavar="PATH", type=user_path, help="trained run folder, checkpoint folder or weights file")
     parser.add_argument("--weights", metavar="W", help="CLIP/tempme weights file or preset name (sets model.weights)")
     parser.add_argument("--dataset", help="msrvtt, didemo, activitynet, lsmdc or custom (sets data.dataset; a "
                         "benchmark other than the checkpoint's takes that benchmark's bundled splits, caption "
                         "length and default data paths; zero-shot weights take its whole bundled config, "
                         "frames too)")
-    parser.add_argument("--anno-path", metavar="PATH", help="annotation folder or file (sets data.anno_path)")
-    parser.add_argument("--video-dir", metavar="DIR", help="video folder (sets data.video_dir)")
+    parser.add_argument("--anno-path", metavar="PATH", type=user_path, help="annotation folder or file (sets data.anno_path)")
+    parser.add_argument("--video-dir", metavar="DIR", type=user_path, help="video folder (sets data.video_dir)")
     parser.add_argument("--method", choices=MERGE_METHODS, help="merging method (sets model.method; another than the "
                         "config's or checkpoint's takes the paper's schedule for it, as tempme flops does)")
     parser.add_argument("--frames", type=int, help="frames per video (sets model.frames and data.max_frames)")
@@ -74,7 +74,7 @@ def register(subparsers) -> None:
     parser.add_argument("--batch-size", type=int, help="videos per forward pass (default: run.eval_batch_size)")
     parser.add_argument("--device", help="auto, cpu, cuda, cuda:1 ... or mps (default: run.device, which is auto "
                         "unless the config says otherwise: a CUDA GPU where there is one, else the CPU)")
-    parser.add_argument("--cache-dir", metavar="DIR", help="embedding cache (default: embeddings/ in $TEMPME_CACHE, else in ~/.cache/tempme)")
+    parser.add_argument("--cache-dir", metavar="DIR", type=user_path, help="embedding cache (default: embeddings/ in $TEMPME_CACHE, else in ~/.cache/tempme)")
     parser.add_argument("--no-cache", action="store_true", help="neither read nor write cached embeddings")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.set_defaults(handler=run)

@@ -9,7 +9,7 @@ from tempme.config import MERGE_METHODS, preset_names, settings_ignored_by
 from tempme.factory import build_config
 from tempme.flops import FlopReport, count_video_flops
 
-from .common import DefaultsHelpFormatter, add_schedule_arguments, schedule_overrides
+from .common import DefaultsHelpFormatter, add_schedule_arguments, schedule_overrides, user_path
 
 
 def register(subparsers) -> None:
@@ -21,7 +21,7 @@ def register(subparsers) -> None:
         "counts. Nothing is downloaded.",
         formatter_class=DefaultsHelpFormatter,
     )
-    parser.add_argument("--config", metavar="CONFIG",
+    parser.add_argument("--config", metavar="CONFIG", type=user_path,
                         help="take the model of a training config (a bundled name such as didemo_b32_tempme, or a "
                         "file): its preset, frames, method and schedule; the options below change them")
     parser.add_argument("--model", choices=preset_names(), help="architecture preset (default: the config's, else ViT-B/32)")

@@ -21,7 +21,7 @@ import torch
 from tempme.config import MERGE_METHODS
 from tempme.precision import PRECISIONS, default_precision
 
-from .common import check_finite, check_output_file, count, device_option, show_progress
+from .common import check_finite, check_output_file, count, device_option, show_progress, user_path
 
 INDEX_EPILOG = textwrap.dedent(
     """\
@@ -83,7 +83,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, required: bool) -> None
                        help="CLIP or tempme weights: a file (OpenAI .pt, open_clip, Hugging Face, tempme) or a "
                        "preset name such as ViT-B/32 (downloaded from the Hugging Face hub when online); with "
                        "--checkpoint, the base weights its adapters were trained on, where they are now")
-    group.add_argument("--checkpoint", metavar="PATH",
+    group.add_argument("--checkpoint", metavar="PATH", type=user_path,
                        help="a run trained with `tempme train`: its folder, a checkpoint folder or weights file")
     group.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ..., mps or auto: a CUDA GPU where there is one, else the CPU (default)")
 
@@ -136,7 +136,7 @@ def register(subparsers) -> None:
         epilog=SEARCH_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    search.add_argument("index", metavar="INDEX", help="an index file written by `tempme index`")
+    search.add_argument("index", metavar="INDEX", type=user_path, help="an index file written by `tempme index`")
     search.add_argument("queries", nargs="*", default=[], metavar="QUERY",
                         help="text to search for (quote each query); none: read queries from standard input, "
                         "one per line of UTF-8 text (blank lines are passed over), answering each as it comes "

@@ -7,6 +7,8 @@ import textwrap
 
 from tempme_train.config import TrainConfig, list_configs, load_config, with_settings
 
+from .common import user_path
+
 EPILOG = textwrap.dedent(
     """\
     examples:
@@ -26,7 +28,7 @@ def add_config_arguments(
     """``--config`` and ``KEY=VALUE`` overrides, shared by train, eval and prepare (``example``: settings
     that matter to the command)."""
     parser.add_argument(
-        "--config", required=required, metavar="CONFIG",
+        "--config", required=required, metavar="CONFIG", type=user_path,
         help="YAML config file, or the name of a bundled config (e.g. msrvtt_b32_tempme)",
     )
     parser.add_argument(
@@ -57,7 +59,7 @@ def register(subparsers) -> None:
     parser.add_argument("--resume", action="store_true", help="continue the run in the output folder from its last/ checkpoint (written at each validation "
                         "and on Ctrl-C, SIGTERM or an error); model, optim and sampling settings, training set "
                         "and base weights must be unchanged")
-    parser.add_argument("--output", metavar="DIR", help="output folder (overrides run.output_dir)")
+    parser.add_argument("--output", metavar="DIR", type=user_path, help="output folder (overrides run.output_dir)")
     parser.set_defaults(handler=run)
 
 

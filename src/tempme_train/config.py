@@ -509,6 +509,14 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as error:
         raise ConfigError(source, key, raw, describe_yaml_error(error, raw)) from None
+    # YAML would take part of the text silently: refused, as the value meant is plain to see.
+    quoted = raw.strip()[:1] in ("'", '"')
+    if not quoted and (" #" in raw or "\t#" in raw or raw.strip().startswith("#")):
+        raise ConfigError(source, key.strip(), raw, "YAML reads ' #' as the start of a comment and would drop the "
+                          f"rest: quote the value ({key.strip()}='...')", show_value=False)
+    if not quoted and key.strip() in PATH_SETTINGS and isinstance(value, (dict, list)):
+        raise ConfigError(source, key.strip(), raw, f"YAML reads this path as a {type(value).__name__} (': ' or a "
+                          f"leading '- '): quote it ({key.strip()}='...')", show_value=False)
     return key.strip().split("."), value
 
 

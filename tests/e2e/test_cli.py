@@ -9,7 +9,7 @@ import torch
 
 import tempme
 
-from tempme_cli.main import main
+from tempme_cli.main import build_parser, main, parse_arguments
 
 
 def test_flops_json_reproduces_table1_row(capsys):
@@ -376,3 +376,19 @@ def test_flops_takes_the_settings_of_an_ablation_as_training_does(capsys, tmp_pa
                                             "read that setting)\n")
     assert main(["flops", "optim.lr=1"]) == 2
     assert capsys.readouterr().err == "tempme flops: error: optim.lr=1: tempme flops reads only the model's settings (model.*)\n"
+
+
+def test_every_path_option_takes_the_home_folder_for_a_tilde(tmp_path, monkeypatch):
+    # Left as it is, "~/x" makes a folder named "~" in the working directory (and `rm -rf ~` then...).
+    monkeypatch.setenv("HOME", str(tmp_path))
+    parser = build_parser()
+    home = str(tmp_path)
+    args = parse_arguments(parser, ["eval", "--config", "~/c.yaml", "--checkpoint", "~/run", "--cache-dir", "~/emb",
+                                    "--anno-path", "~/anno", "--video-dir", "~/videos"])
+    assert (args.config, args.checkpoint, args.cache_dir, args.anno_path, args.video_dir) == (
+        f"{home}/c.yaml", f"{home}/run", f"{home}/emb", f"{home}/anno", f"{home}/videos")
+    assert parse_arguments(parser, ["search", "~/v.index", "a dog", "--checkpoint", "~/run"]).index == f"{home}/v.index"
+    assert str(parse_arguments(parser, ["demo", "--output", "~/out", "--save-dir", "~/clips"]).output) == f"{home}/out"
+    assert parse_arguments(parser, ["train", "--config", "~/c.yaml", "--output", "~/run"]).output == f"{home}/run"
+    assert parse_arguments(parser, ["flops", "--config", "~/c.yaml"]).config == f"{home}/c.yaml"
+    assert parse_arguments(parser, ["flops", "--config", "msrvtt_b32_tempme"]).config == "msrvtt_b32_tempme"

@@ -458,3 +458,14 @@ def test_a_bad_value_is_shown_without_writing_it_all_out():
 
     shown = _short_repr({"levels": [[Leaf()] * 100] * 100})
     assert shown.startswith("{'levels': [[leaf, leaf") and len(shown) <= 80 and len(written) < 100
+
+
+def test_an_override_yaml_would_cut_short_is_refused():
+    # "run #5" as YAML is "run": the run would go to another folder without a word.
+    with pytest.raises(ConfigError, match=r"run.output_dir: YAML reads ' #' as the start of a comment and would "
+                                          r"drop the rest: quote the value \(run.output_dir='...'\)"):
+        load_config(None, ["run.output_dir=/tmp/run #5"])
+    with pytest.raises(ConfigError, match="data.video_dir: YAML reads this path as a dict"):
+        load_config(None, ["data.video_dir=/data/clips: 2020"])
+    assert load_config(None, ["run.output_dir='/tmp/run #5'"]).run.output_dir == "/tmp/run #5"
+    assert load_config(None, ["run.output_dir=/tmp/run#5"]).run.output_dir == "/tmp/run#5"  # no comment there
