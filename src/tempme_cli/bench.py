@@ -22,7 +22,7 @@ from tempme.config import MERGE_METHODS, preset_names
 from tempme.model import INFERENCE_SIZE_ATTENTION, SIZE_ATTENTION
 from tempme.precision import default_precision
 
-from .common import device_option
+from .common import ParagraphHelpFormatter, device_option
 
 EPILOG = """\
 examples:
@@ -65,7 +65,7 @@ def register(subparsers) -> None:
         "on random weights and random videos; report the median time per batch, videos per second,\n"
         "memory, and the ratios against method none.",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=ParagraphHelpFormatter,
     )
     parser.add_argument(
         "--model", default="ViT-B/32", choices=preset_names(), help="architecture preset (default: ViT-B/32)"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import textwrap
 from pathlib import Path
 
 import torch
@@ -23,6 +24,20 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if unset or "default" in help_text:
             return help_text
         return super()._get_help_string(action)
+
+
+class ParagraphHelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions and epilogs filled to the terminal's width paragraph by paragraph, except
+    paragraphs with indented lines (examples, lists), which keep their lines as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        paragraphs = text.strip("\n").split("\n\n")
+        filled = [
+            paragraph if any(line[:1].isspace() for line in paragraph.splitlines())
+            else textwrap.fill(" ".join(paragraph.split()), width, initial_indent=indent, subsequent_indent=indent)
+            for paragraph in paragraphs
+        ]
+        return "\n\n".join(filled)
 
 
 def user_path(text: str) -> str:

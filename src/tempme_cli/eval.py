@@ -13,30 +13,35 @@ from typing import Any
 from tempme.config import MERGE_METHODS
 from tempme_train.config import ConfigError, TrainConfig, apply_overrides, load_config, with_settings
 
-from .common import show_progress, user_path
+from .common import ParagraphHelpFormatter, show_progress, user_path
 
-EPILOG = textwrap.dedent(
-    """\
-    what is evaluated:
-      --checkpoint PATH   a trained run: its folder (best.safetensors; weights.safetensors after
-                          data.val_split=none), a checkpoint folder (last/) or a weights
-                          file written by tempme train. Adapters are applied on top of the base
-                          weights named in the training config stored with them; --weights may give
-                          those same weights from another place (other weights are refused).
-      --weights W         CLIP or tempme weights (a file or a preset name such as ViT-B/32): zero-shot.
-      --config CONFIG     the model and data of a training config: zero-shot on its model.weights
-                          unless --checkpoint is given too. With a checkpoint of tempme train, the
-                          model is the one trained (its model settings, base weights, frames and
-                          image size; a warning names those CONFIG sets otherwise), and CONFIG
-                          gives the data, run and optim settings. To evaluate the adapters in
-                          another model, give model settings as KEY=VALUE.
+WHAT_IS_EVALUATED = {
+    "--checkpoint PATH": "a trained run: its folder (best.safetensors; weights.safetensors after "
+    "data.val_split=none), a checkpoint folder (last/) or a weights file written by tempme train. Adapters "
+    "are applied on top of the base weights named in the training config stored with them; --weights may "
+    "give those same weights from another place (other weights are refused).",
+    "--weights W": "CLIP or tempme weights (a file or a preset name such as ViT-B/32): zero-shot.",
+    "--config CONFIG": "the model and data of a training config: zero-shot on its model.weights unless "
+    "--checkpoint is given too. With a checkpoint of tempme train, the model is the one trained (its model "
+    "settings, base weights, frames and image size; a warning names those CONFIG sets otherwise), and CONFIG "
+    "gives the data, run and optim settings. To evaluate the adapters in another model, give model settings "
+    "as KEY=VALUE.",
+}
+
+EPILOG = "what is evaluated:\n" + "\n".join(
+    textwrap.fill(text, 78, initial_indent=f"  {option:<20}", subsequent_indent=" " * 22)
+    for option, text in WHAT_IS_EVALUATED.items()
+) + textwrap.dedent(
+    """
 
     examples:
       tempme eval --checkpoint runs/msrvtt_b32_tempme
-      tempme eval --checkpoint runs/msrvtt_b32_tempme data.anno_path=/data/anno data.video_dir=/data/videos
-      tempme eval --weights ViT-B/32 --dataset msrvtt --anno-path /data/anno --video-dir /data/videos --json
+      tempme eval --checkpoint runs/msrvtt_b32_tempme data.anno_path=/data/anno \\
+          data.video_dir=/data/videos
+      tempme eval --weights ViT-B/32 --dataset msrvtt --anno-path /data/anno \\
+          --video-dir /data/videos --json
       torchrun --nproc_per_node 4 -m tempme_cli.main eval --checkpoint runs/msrvtt_b32_tempme
-                          (each GPU embeds a quarter of the split; rank 0 prints the metrics)
+          (each GPU embeds a quarter of the split; rank 0 prints the metrics)
     """
 )
 
@@ -53,7 +58,7 @@ def register(subparsers) -> None:
         "embedded again), and reused when present. The videos embedded so far are kept beside the cache every "
         "minute and when the run stops: run the same command again to carry on from there.",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=ParagraphHelpFormatter,
     )
     add_config_arguments(parser, required=False, example="data.num_workers=8 run.eval_batch_size=64")
     parser.add_argument("--checkpoint", metavar="PATH", type=user_path, help="trained run folder, checkpoint folder or weights file")

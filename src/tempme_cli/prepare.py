@@ -15,7 +15,8 @@ EPILOG = textwrap.dedent(
     cache folder), each process decodes its share of the videos.
 
     example:
-      tempme prepare --config msrvtt_b32_tempme data.frame_cache=cache/frames data.video_dir=/data/msrvtt/videos
+      tempme prepare --config msrvtt_b32_tempme data.frame_cache=cache/frames data.anno_path=/data/msrvtt/anno \\
+          data.video_dir=/data/msrvtt/videos
     """
 )
 
@@ -23,6 +24,7 @@ SPLITS = ("train", "val", "test")
 
 
 def register(subparsers) -> None:
+    from .common import ParagraphHelpFormatter
     from .train import add_config_arguments
 
     parser = subparsers.add_parser(
@@ -32,7 +34,7 @@ def register(subparsers) -> None:
         "splits and store them in data.frame_cache. Videos already cached are skipped; videos that are "
         "missing or cannot be decoded are listed at the end.",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=ParagraphHelpFormatter,
     )
     add_config_arguments(parser, example="data.num_workers=8 data.frame_cache=/data/frames")
     parser.add_argument("--splits", nargs="+", action=SplitsThenOverrides, default=list(SPLITS), metavar="SPLIT",

@@ -21,7 +21,9 @@ import torch
 from tempme.config import MERGE_METHODS
 from tempme.precision import PRECISIONS, default_precision
 
-from .common import check_finite, check_output_file, count, device_option, show_progress, user_path
+from .common import (
+    ParagraphHelpFormatter, check_finite, check_output_file, count, device_option, show_progress, user_path,
+)
 
 INDEX_EPILOG = textwrap.dedent(
     """\
@@ -95,7 +97,7 @@ def register(subparsers) -> None:
         description="Decode and embed every video in the given files and folders (searched recursively) "
         "into one index file that `tempme search` ranks by text.",
         epilog=INDEX_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=ParagraphHelpFormatter,
     )
     index.add_argument("videos", nargs="+", metavar="VIDEO_OR_FOLDER", help="video files and folders of videos")
     index.add_argument("--out", required=True, metavar="INDEX", help="the index file, created or extended")
@@ -134,7 +136,7 @@ def register(subparsers) -> None:
         description="Encode each query with the model that built the index and print the best-matching "
         "videos with their cosine similarity.",
         epilog=SEARCH_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=ParagraphHelpFormatter,
     )
     search.add_argument("index", metavar="INDEX", type=user_path, help="an index file written by `tempme index`")
     search.add_argument("queries", nargs="*", default=[], metavar="QUERY",

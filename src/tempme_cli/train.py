@@ -7,7 +7,7 @@ import textwrap
 
 from tempme_train.config import TrainConfig, list_configs, load_config, with_settings
 
-from .common import user_path
+from .common import ParagraphHelpFormatter, user_path
 
 EPILOG = textwrap.dedent(
     """\
@@ -53,7 +53,7 @@ def register(subparsers) -> None:
         "data.val_split=none, no validation and the final weights.safetensors instead) and a "
         "resumable last/ checkpoint to run.output_dir.",
         epilog=EPILOG.format(configs=", ".join(list_configs())),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=ParagraphHelpFormatter,
     )
     add_config_arguments(parser)
     parser.add_argument("--resume", action="store_true", help="continue the run in the output folder from its last/ checkpoint (written at each validation "
