@@ -14,7 +14,7 @@ from tempme.config import MERGE_METHODS
 
 from tempme.files import atomic_file, check_folder
 
-from .common import DefaultsHelpFormatter, user_path
+from .common import DefaultsHelpFormatter, show_progress, user_path
 
 
 def register(subparsers) -> None:
@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
             if value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
             overrides[name] = value
-    config = dataclasses.replace(config, **overrides)
+    config = dataclasses.replace(config, **overrides, progress=show_progress(args))
     # Both are written after minutes of work: refuse unusable ones now.
     for option, folder in (("--output", args.output), ("--save-dir", args.save_dir)):
         if folder is not None:
@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         with atomic_file(args.output / "results.json") as temporary:
             temporary.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     if args.json:
-        print(json.dumps(result.to_dict(), indent=2))
+        print(json.dumps(result.to_dict()))  # one line, as every --json of tempme
     else:
         print(format_table(result))
         print(explain(result))

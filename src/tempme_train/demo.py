@@ -96,6 +96,7 @@ class DemoConfig:
     text_lr_scale: float = 0.1
     weight_decay: float = 0.2
     logit_scale: float = math.log(100.0)  # frozen in both phases, CLIP's trained value as in the paper
+    progress: bool = True  # bars on stderr while training
     # Evaluation: both videos of test_groups random groups; None takes every group of the world once.
     test_groups: int | None = None
     speed_repeats: int = 5
@@ -141,6 +142,7 @@ def train_steps(
     weight_decay: float,
     desc: str,
     text_lr_scale: float = 1.0,
+    progress: bool = True,
 ) -> list[float]:
     """Contrastive training of the parameters that require grad; returns the loss of every step.
 
@@ -157,7 +159,7 @@ def train_steps(
     scheduler = build_scheduler(optimizer, total_steps=steps, warmup_fraction=0.1)
     model.train()
     losses = []
-    progress = progress_bar(range(steps), desc=desc, dynamic_ncols=True)
+    progress = progress_bar(range(steps), desc=desc, dynamic_ncols=True, disable=not progress)
     for _ in progress:
         batch = next_batch()
         video = model.encode_video(batch.frames)
@@ -189,7 +191,8 @@ def pretrain(config: DemoConfig) -> tuple[dict[str, torch.Tensor], list[float]]:
         return make_batch(*sample_stills(config.world, rng, config.pretrain_batch), config.max_words)
 
     losses = train_steps(
-        model, next_batch, config.pretrain_steps, config.pretrain_lr, config.weight_decay, "pretrain on stills"
+        model, next_batch, config.pretrain_steps, config.pretrain_lr, config.weight_decay, "pretrain on stills",
+        progress=config.progress,
     )
     return model.state_dict(), losses
 
@@ -213,7 +216,7 @@ def finetune(method: str, backbone: dict[str, torch.Tensor], config: DemoConfig)
 
     losses = train_steps(
         model, next_batch, config.finetune_steps, config.finetune_lr, config.weight_decay,
-        f"fine-tune {method}", config.text_lr_scale,
+        f"fine-tune {method}", config.text_lr_scale, progress=config.progress,
     )
     return model.eval(), losses
 
