@@ -71,7 +71,8 @@ def register(subparsers) -> None:
         "--model", default="ViT-B/32", choices=preset_names(), help="architecture preset (default: ViT-B/32)"
     )
     parser.add_argument("--frames", type=int, default=12, help="frames per video (default: 12)")
-    parser.add_argument("--batch", type=int, help="videos per batch (default: 32 on a GPU, 4 on the CPU)")
+    parser.add_argument("--batch", "--batch-size", type=int, dest="batch",
+                        help="videos per batch (default: 32 on a GPU, 4 on the CPU)")
     parser.add_argument(
         "--device", default="auto", help="cpu, cuda[:N], mps or auto: the GPU where there is one (default: auto)"
     )

@@ -85,20 +85,29 @@ def register(subparsers) -> None:
     parser.set_defaults(handler=run)
 
 
+# The config setting each option sets, and the option's name for errors about it.
+OPTION_SETTINGS = {
+    "model.weights": ("weights", "--weights"),
+    "model.method": ("method", "--method"),
+    "data.dataset": ("dataset", "--dataset"),
+    "data.anno_path": ("anno_path", "--anno-path"),
+    "data.video_dir": ("video_dir", "--video-dir"),
+    "model.frames": ("frames", "--frames"),
+    "data.max_frames": ("frames", "--frames"),
+    "run.eval_batch_size": ("batch_size", "--batch-size"),
+    "run.device": ("device", "--device"),
+}
+
+
 def option_settings(args: argparse.Namespace) -> dict[str, Any]:
     """Config settings given as options (applied before the KEY=VALUE overrides)."""
-    settings = {
-        "model.weights": args.weights,
-        "model.method": args.method,
-        "data.dataset": args.dataset,
-        "data.anno_path": args.anno_path,
-        "data.video_dir": args.video_dir,
-        "model.frames": args.frames,
-        "data.max_frames": args.frames,
-        "run.eval_batch_size": args.batch_size,
-        "run.device": args.device,
-    }
+    settings = {key: getattr(args, name) for key, (name, _) in OPTION_SETTINGS.items()}
     return {key: value for key, value in settings.items() if value is not None}
+
+
+def option_sources(settings: dict[str, Any]) -> dict[str, str]:
+    """Where each of ``settings`` came from, for errors: the option, else the command line."""
+    return {key: OPTION_SETTINGS[key][1] if key in OPTION_SETTINGS else "command-line options" for key in settings}
 
 
 DATASET_BASES = {"msrvtt": "_msrvtt", "didemo": "_didemo", "activitynet": "_activitynet", "lsmdc": "_lsmdc"}
@@ -133,7 +142,7 @@ def resolve_config(args: argparse.Namespace, trained: Path | None) -> TrainConfi
         # As in `tempme flops`: another method starts from the paper's schedule for it (KEY=VALUE
         # overrides change that); the one of the config was chosen for its own method.
         settings["model.schedule"] = {}
-    config = apply_overrides(with_settings(config, settings, "command-line options"), args.overrides)
+    config = apply_overrides(with_settings(config, settings, option_sources(settings)), args.overrides)
     if chosen is not None:
         replaced = settings_replaced_by_training(chosen, config, trained)
         if replaced:

@@ -100,7 +100,8 @@ def register(subparsers) -> None:
         formatter_class=ParagraphHelpFormatter,
     )
     index.add_argument("videos", nargs="+", metavar="VIDEO_OR_FOLDER", help="video files and folders of videos")
-    index.add_argument("--out", required=True, metavar="INDEX", help="the index file, created or extended")
+    index.add_argument("--out", "--output", required=True, metavar="INDEX", dest="out",
+                       help="the index file, created or extended")
     add_model_arguments(index, required=True)
     index.add_argument("--method", choices=MERGE_METHODS,
                        help="video encoder's merging, with --weights (default: the index's own, else a tempme "

@@ -620,18 +620,18 @@ def apply_overrides(config: TrainConfig, overrides: list[str] | tuple[str, ...])
     return config_from_dict(data, config.source_of("", "command-line overrides"), origins)
 
 
-def with_settings(config: TrainConfig, settings: dict[str, Any], source: str) -> TrainConfig:
+def with_settings(config: TrainConfig, settings: dict[str, Any], source: str | Mapping[str, str]) -> TrainConfig:
     """A copy of ``config`` with ``{"data.video_dir": value, ...}`` set and checked like file values.
 
     For values that come from program code or command-line options (paths need no YAML quoting).
-    ``source`` (``"--output"``) is named by errors about these settings; errors about the others
-    still name where those came from.
+    ``source`` (``"--output"``, or one per setting: ``{"run.device": "--device"}``) is named by errors
+    about these settings; errors about the others still name where those came from.
     """
     data, origins = config.to_dict(), dict(config.origins)
     for key, value in settings.items():
         _apply_override(data, key.split("."), value)
-        _set_origin(origins, key, source)
-    return config_from_dict(data, config.source_of("", source), origins)
+        _set_origin(origins, key, source if isinstance(source, str) else source[key])
+    return config_from_dict(data, config.source_of("", "command-line options"), origins)
 
 
 def save_config(config: TrainConfig, path: str | Path) -> None:

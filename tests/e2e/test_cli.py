@@ -392,3 +392,13 @@ def test_every_path_option_takes_the_home_folder_for_a_tilde(tmp_path, monkeypat
     assert parse_arguments(parser, ["train", "--config", "~/c.yaml", "--output", "~/run"]).output == f"{home}/run"
     assert parse_arguments(parser, ["flops", "--config", "~/c.yaml"]).config == f"{home}/c.yaml"
     assert parse_arguments(parser, ["flops", "--config", "msrvtt_b32_tempme"]).config == "msrvtt_b32_tempme"
+
+
+def test_options_of_one_meaning_take_one_another_s_names(capsys):
+    # --batch-size as eval and index spell it, --output as train and demo do.
+    parser = build_parser()
+    assert parse_arguments(parser, ["bench", "--batch-size", "3"]).batch == 3
+    assert parse_arguments(parser, ["index", "v.mp4", "--output", "x.index", "--weights", "w"]).out == "x.index"
+    # An option's error names the option, not only the setting it sets.
+    assert main(["eval", "--weights", "tiny-B/32", "--frames", "0"]) == 2
+    assert capsys.readouterr().err == "tempme eval: error: --frames: model.frames: must be positive (got 0)\n"
