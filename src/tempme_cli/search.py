@@ -348,6 +348,7 @@ def run_search(args: argparse.Namespace) -> int:
 
     if args.top < 1:
         raise ValueError(f"-k must be at least 1, got {args.top}")
+    device = device_option(args.device)  # before the model loads (a download, maybe), not after
     index = VideoIndex.load(args.index)
     if len(index) == 0:
         why = f"its {count(len(index.skipped), 'video')} could not be decoded" if index.skipped else "it is empty"
@@ -389,7 +390,6 @@ def run_search(args: argparse.Namespace) -> int:
             f"{args.index} was built by other weights than {named}{built_by}: queries must be encoded by the "
             "model that embedded the videos (name its weights with --weights or --checkpoint)"
         )
-    device = device_option(args.device)
     if args.per_video and index.spans is None:
         warnings.warn(f"--per-video has no effect: {args.index} holds whole videos (it was built without --segment)")
     if args.queries:

@@ -402,3 +402,8 @@ def test_options_of_one_meaning_take_one_another_s_names(capsys):
     # An option's error names the option, not only the setting it sets.
     assert main(["eval", "--weights", "tiny-B/32", "--frames", "0"]) == 2
     assert capsys.readouterr().err == "tempme eval: error: --frames: model.frames: must be positive (got 0)\n"
+
+
+def test_search_checks_the_device_before_it_reads_the_index_or_loads_a_model(tmp_path, capsys):
+    assert main(["search", str(tmp_path / "none.index"), "a dog", "--device", "tpu"]) == 2
+    assert capsys.readouterr().err.startswith("tempme search: error: --device tpu: ")
