@@ -1042,16 +1042,16 @@ def load_weights(name_or_path: PathLike) -> LoadedWeights:
         model_config = model_config_from_metadata(read_metadata(path)) if container == "safetensors" else None
         layout = detect_layout(raw)
         sd = to_tempme_layout(raw)
+        lora_rank = infer_lora_rank(sd)
         if model_config is not None:
             clip_config = model_config.clip
-            _check_recorded_architecture(sd, model_config)
+            _check_recorded_architecture(sd, model_config, lora_rank)
         else:
             clip_config = infer_clip_config(sd, heads=_hf_config_heads(path) if layout == "hf" else None,
                                             source=str(path))
         frames = infer_frames(sd)
         if frames is None and model_config is not None:
             frames = model_config.frames
-        lora_rank = infer_lora_rank(sd)
     except WeightsError as err:
         raise WeightsError(f"{path}: {err}") from None
     if model_config is not None:
@@ -1061,12 +1061,12 @@ def load_weights(name_or_path: PathLike) -> LoadedWeights:
     return LoadedWeights(sd, clip_config, lora_rank, frames, model_config, source_format, path)
 
 
-def _check_recorded_architecture(sd: Mapping[str, torch.Tensor], recorded: ModelConfig) -> None:
-    """Refuse a tempme file whose recorded architecture or LoRA rank is not that of its tensors (a
-    damaged or crafted record: the model is built from the record, before any tensor is compared with
-    it). Adapters alone do not show the architecture; ``load_model`` refuses to build a model from them."""
+def _check_recorded_architecture(sd: Mapping[str, torch.Tensor], recorded: ModelConfig, lora_rank: int) -> None:
+    """Refuse a tempme file whose recorded architecture or LoRA rank is not that of its tensors
+    (``lora_rank``: theirs; a damaged or crafted record: the model is built from the record, before any
+    tensor is compared with it). Adapters alone do not show the architecture; ``load_model`` refuses
+    to build a model from them."""
     clip = recorded.clip
-    lora_rank = infer_lora_rank(sd)
     if lora_rank and lora_rank != recorded.lora.rank:
         raise WeightsError(f"its recorded LoRA rank {recorded.lora.rank} is not that of its adapters ({lora_rank}): "
                            "a damaged file, or not written by tempme")

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from tempme.config import MERGE_METHODS
-from tempme_train.config import ConfigError, TrainConfig, apply_overrides, load_config, with_settings
+from tempme_train.config import ConfigError, TrainConfig, apply_overrides, flat_settings, load_config, with_settings
 
 from .common import ParagraphHelpFormatter, show_progress, user_path
 
@@ -180,9 +180,10 @@ def settings_replaced_by_training(chosen: TrainConfig, final: TrainConfig, train
     # Both schedules on the final model's backbone, method and frames: only their settings differ.
     schedule_final = resolved_schedule(final)
     schedule_chosen = resolved_schedule(final, chosen.model.schedule.as_kwargs())
-    given = _flat(chosen.to_dict())
+    given = flat_settings(chosen.to_dict())
     replaced = {}
-    for key, value in _flat({"model": final.to_dict()["model"], "data": final.to_dict()["data"]}).items():
+    final_data = final.to_dict()
+    for key, value in flat_settings({"model": final_data["model"], "data": final_data["data"]}).items():
         section, name = key.split(".", 1)
         if final.source_of(key, "") != source or (section == "data" and name not in TRAINED_DATA_SETTINGS):
             continue
@@ -202,32 +203,15 @@ def resolved_schedule(config: TrainConfig, schedule: dict[str, Any] | None = Non
     """The merge schedule ``config``'s model is built with (with ``schedule``'s settings instead of
     its own, where given), on its preset's architecture (None where that cannot be worked out without
     the weights)."""
-    from tempme.config import get_preset, preset_names
-    from tempme.factory import build_config
+    from tempme_train.modeling import config_on_preset, named_preset
 
-    model = config.model
-    name = model.weights if model.weights in preset_names() else model.preset
-    if name not in preset_names() or (model.weights and model.weights not in preset_names()):
+    preset = named_preset(config)
+    if preset is None or config.model.weights not in ("", None, preset):  # weights from a file: its own
         return None
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            settings = model.schedule.as_kwargs() if schedule is None else schedule
-            built = build_config(get_preset(name), method=model.method, frames=model.frames, **settings)
+        return dataclasses.asdict(config_on_preset(config, schedule).merge)
     except (TypeError, ValueError):
         return None
-    return dataclasses.asdict(built.merge)
-
-
-def _flat(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"model": {"schedule": {"tome_r": 2}}}`` -> ``{"model.schedule.tome_r": 2}``."""
-    flat: dict[str, Any] = {}
-    for key, value in settings.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 # What a benchmark's bundled config says about its data, apart from the frames and image size of the model.

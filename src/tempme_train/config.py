@@ -445,7 +445,7 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict[str, Any]
         raise ConfigError(str(path), "<top level>", data, "expected a mapping of sections")
     base = data.pop("base", None)
     if base is None:
-        origins = {key: str(path) for key in _setting_keys(data)}
+        origins = {key: str(path) for key in flat_settings(data)}
         _frames_follow(data, origins, set(origins), str(path))
         return data, origins
     if not isinstance(base, str):
@@ -460,10 +460,10 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict[str, Any]
             f"file not found: {base_path} (a path relative to this file, or a bundled config: {', '.join(list_configs())})",
         )
     base_data, origins = _read_yaml(base_path, chain + (path.resolve(),))
-    for key in _setting_keys(data):
+    for key in flat_settings(data):
         _set_origin(origins, key, str(path))
     merged = _deep_merge(base_data, data)
-    _frames_follow(merged, origins, set(_setting_keys(data)), str(path))
+    _frames_follow(merged, origins, set(flat_settings(data)), str(path))
     return merged, origins
 
 
@@ -477,16 +477,17 @@ def _frames_follow(data: dict[str, Any], origins: dict[str, str], changed: set[s
             _set_origin(origins, "data.max_frames", source)
 
 
-def _setting_keys(data: dict[str, Any], prefix: str = "") -> list[str]:
-    """The dotted keys of the values in ``data`` (``optim.lr``), following nested mappings down."""
-    keys = []
+def flat_settings(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """The values in ``data`` by dotted key (``{"optim": {"lr": 1e-4}}`` -> ``{"optim.lr": 1e-4}``),
+    following nested mappings down."""
+    flat: dict[str, Any] = {}
     for key, value in data.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
-            keys.extend(_setting_keys(value, name + "."))
+            flat.update(flat_settings(value, name + "."))
         else:
-            keys.append(name)
-    return keys
+            flat[name] = value
+    return flat
 
 
 def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -593,7 +594,7 @@ SETTINGS_ADDED = {"optim.gradient_divisor": 1.0}
 def load_run_config(path: Path) -> TrainConfig:
     """The ``config.yaml`` that a training run stored; settings it predates take their ``SETTINGS_ADDED`` value."""
     stored = yaml.safe_load(path.read_text(encoding="utf-8"))
-    stored_keys = set(_setting_keys(stored if isinstance(stored, dict) else {}))
+    stored_keys = set(flat_settings(stored if isinstance(stored, dict) else {}))
     predated = [f"{key}={value}" for key, value in SETTINGS_ADDED.items() if key not in stored_keys]
     return load_config(path, predated)
 

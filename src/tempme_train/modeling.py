@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from tempme import TempMe, create_model, load_model
-from tempme.config import default_merge_config, get_preset, preset_names
+from tempme.config import ModelConfig, default_merge_config, get_preset, preset_names
 from tempme.factory import build_config
 from tempme.schedule import ScheduleError, check_setting_values, validate_merge_config
 from tempme.userwarnings import SharedWarning, warn
@@ -73,6 +73,27 @@ def schedule_config_error(config: TrainConfig, source: str, error: ScheduleError
                        show_value=key in ("model.schedule", "model.method"))
 
 
+def named_preset(config: TrainConfig) -> str | None:
+    """The preset whose architecture ``config.model`` is built on as far as the config tells: the one
+    ``model.weights`` names, else ``model.preset`` (weights from a file have theirs); None for a
+    name no preset has."""
+    settings = config.model
+    name = settings.weights if settings.weights in preset_names() else settings.preset
+    return name if name in preset_names() else None
+
+
+def config_on_preset(config: TrainConfig, schedule: dict | None = None) -> ModelConfig:
+    """The ``ModelConfig`` of ``config.model`` on :func:`named_preset`'s architecture (which must be
+    known), with ``schedule``'s settings instead of its own where given; its warnings are left to
+    :func:`build_model`. Raises as ``build_config``."""
+    settings = config.model
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return build_config(get_preset(named_preset(config)), method=settings.method, frames=settings.frames,
+                            lora_rank=settings.lora_rank,
+                            **(settings.schedule.as_kwargs() if schedule is None else schedule))
+
+
 def check_schedule(config: TrainConfig, source: str = "config") -> None:
     """The merge schedule of ``config.model`` checked before any data or weights are read (which can
     take minutes, and a download), as :func:`build_model` would find it: on the architecture of the
@@ -81,20 +102,17 @@ def check_schedule(config: TrainConfig, source: str = "config") -> None:
     this method and frame count starts from the schedule it records, which only its header says: there
     only the settings no model can run are checked."""
     settings = config.model
-    named = settings.weights if settings.weights in preset_names() else None
-    if (named or settings.preset) not in preset_names():
+    preset = named_preset(config)
+    if preset is None:
         return  # an unknown preset: build_model says so
-    clip = get_preset(named or settings.preset)
-    from_file = bool(settings.weights) and not named
+    clip = get_preset(preset)
+    from_file = bool(settings.weights) and settings.weights != preset
     try:
         if from_file and _records_schedule_for(settings.weights, settings.method, settings.frames):
             merge = default_merge_config(clip, settings.frames, settings.method).replace(**settings.schedule.as_kwargs())
             check_setting_values(merge, settings.frames)
             return
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # build_model gives them, once
-            model = build_config(clip, method=settings.method, frames=settings.frames, lora_rank=settings.lora_rank,
-                                 **settings.schedule.as_kwargs())
+        model = config_on_preset(config)
         validate_merge_config(model.merge, None if from_file else clip.vision.layers, model.frames)
     except ScheduleError as error:
         raise schedule_config_error(config, source, error) from error

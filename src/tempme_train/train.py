@@ -88,8 +88,8 @@ from .modeling import (
     base_fingerprint,
     build_model,
     check_base,
-    check_schedule,
     check_preset_matches_weights,
+    check_schedule,
     save_trained_weights,
     trainable_parameters,
 )
