@@ -8,13 +8,13 @@ its metric and tokens, r and the CLS count. Those merges then run back to back o
 the same shapes, with nothing around them, once per variant:
 
 - ``library``: ``tempme.merging`` as it is (``x_b + sum share (x_a - x_b)`` on the moved rows only);
-- ``sizes16``: the same, with token sizes kept 4 wide (16-byte rows) so that their row gathers can
-  take the vectorised copy kernel that 4-byte rows cannot;
 - ``rescale-b``: the merge arithmetic of run 4 (every B token rescaled in place, shares cast to the
   tokens' dtype), for comparison with its profile;
 - ``float32-scores``: the library's merges, but matching normalises a half-precision metric to
   float32 and multiplies in float32, as run 4 did (on a GPU the library keeps the metric's half
-  dtype and takes a tensor-core product with float32 output).
+  dtype and takes a tensor-core product with float32 output);
+- ``fused``: the library's fused Triton kernels (``--merge-kernels triton``), one to plan a merge and
+  one to apply it (Triton and a CUDA device, or ``TRITON_INTERPRET=1`` on a CPU).
 
 For each variant: the time per batch of all matchings, of all merges (plans made beforehand), and of
 both. On CUDA every sequence is captured as a CUDA graph and replayed, as the encoder runs in the
@@ -37,7 +37,6 @@ from tempme.bench import DTYPES, prepare_encoder, synchronize
 from tempme.devices import resolve_device
 from tempme.config import get_preset
 from tempme.merging import (
-    WeightedMerge,
     add_rows_,
     gather_rows,
     match_patches,
@@ -65,14 +64,14 @@ def record_merges(encoder: torch.nn.Module, video: torch.Tensor) -> list[MergeSh
     originals = {name: getattr(tempme.model, name) for name in ("bipartite_soft_matching", "match_patches",
                                                                  "merge_weighted")}
 
-    def matching(metric, r, num_cls):
+    def matching(metric, r, num_cls, fused=False):
         metrics.append((tuple(metric.shape), r, num_cls))
-        return originals["bipartite_soft_matching"](metric, r, num_cls)
+        return originals["bipartite_soft_matching"](metric, r, num_cls, fused)
 
-    def matching_joined(patches, r, num_cls):  # ClipMe: normalised patches, CLS rows not included
+    def matching_joined(patches, r, num_cls, fused=False):  # ClipMe: normalised patches, CLS rows not included
         batch, num_patches, channels = patches.shape
         metrics.append(((batch, num_cls + num_patches, channels), r, num_cls))
-        return originals["match_patches"](patches, r, num_cls)
+        return originals["match_patches"](patches, r, num_cls, fused)
 
     def merging(plan, x, size, source=None):
         metric, r, num_cls = metrics[-1]
@@ -93,14 +92,6 @@ def record_merges(encoder: torch.nn.Module, video: torch.Tensor) -> list[MergeSh
 
 def merge_library(plan, x, size, shape: MergeShape):
     return merge_weighted(plan, x, size)[:2]
-
-
-def merge_sizes16(plan, x, size, shape: MergeShape):
-    """``merge_weighted`` with sizes ``[B, N, 4]`` (four equal lanes): 16-byte rows."""
-    moved_size = gather_rows(size, plan.src_rows)
-    new_size = add_rows_(gather_rows(size, plan.keep_rows), plan.dst_rows, moved_size)
-    moved_share = (moved_size / gather_rows(new_size, plan.dst_rows))[..., :1]
-    return WeightedMerge.apply(x, plan, moved_share), new_size
 
 
 def merge_rescale_b(plan, x, size, shape: MergeShape):
@@ -124,18 +115,22 @@ def match_float32(metric, r, num_cls):
     return match_patches(normalized_patches(metric, num_cls, dtype=torch.float32), r, num_cls)
 
 
+def match_fused(metric, r, num_cls):
+    return match_patches(normalized_patches(metric, num_cls), r, num_cls, fused=True)
+
+
 @dataclass(frozen=True)
 class Variant:
     merge: Callable
     match: Callable = match_library
-    size_width: int = 1  # of the size tensor
+    needs_gpu: bool = False  # timed only where it runs natively (interpreted Triton times nothing real)
 
 
 VARIANTS = {
     "library": Variant(merge_library),
-    "sizes16": Variant(merge_sizes16, size_width=4),
     "rescale-b": Variant(merge_rescale_b),
     "float32-scores": Variant(merge_library, match=match_float32),
+    "fused": Variant(merge_library, match=match_fused, needs_gpu=True),  # a fused plan is applied fused
 }
 
 
@@ -146,7 +141,7 @@ class Inputs:
     sizes: list[torch.Tensor]
 
 
-def make_inputs(merges: list[MergeShape], size_width: int, device, dtype) -> Inputs:
+def make_inputs(merges: list[MergeShape], device, dtype) -> Inputs:
     generator = torch.Generator(device="cpu").manual_seed(0)
 
     def random(shape, tensor_dtype):
@@ -156,7 +151,7 @@ def make_inputs(merges: list[MergeShape], size_width: int, device, dtype) -> Inp
     for merge in merges:
         batch, tokens = merge.tokens[:2]
         size = torch.rand(batch, tokens, 1, generator=generator) * 3 + 1 if merge.sized else torch.ones(batch, tokens, 1)
-        sizes.append(size.expand(-1, -1, size_width).contiguous().to(device))
+        sizes.append(size.to(device))
     return Inputs([random(m.metric, dtype) for m in merges], [random(m.tokens, dtype) for m in merges], sizes)
 
 
@@ -211,7 +206,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="bf16", choices=list(DTYPES))
     parser.add_argument("--repeats", type=int, default=50)
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, of: " + ", ".join(VARIANTS))
+    parser.add_argument("--variants", help="comma-separated, of: " + ", ".join(VARIANTS)
+                        + " (default: all, fused on a GPU only)")
     args = parser.parse_args()
 
     device, dtype = resolve_device(args.device), DTYPES[args.dtype]
@@ -223,9 +219,12 @@ def main() -> None:
     print(f"{len(merges)} merges of tempme {args.model}, {args.frames} frames, batch {args.batch}, {args.dtype}, "
           f"{device}{' (CUDA graphs)' if device.type == 'cuda' else ''}: ms per batch, median of {args.repeats}")
     print(f"  {'variant':14s} {'matching':>9s} {'merging':>9s} {'both':>9s}")
-    for name in args.variants.split(","):
+    names = args.variants.split(",") if args.variants else [
+        name for name, variant in VARIANTS.items() if device.type == "cuda" or not variant.needs_gpu
+    ]
+    for name in names:
         variant = VARIANTS[name]
-        inputs = make_inputs(merges, variant.size_width, device, dtype)
+        inputs = make_inputs(merges, device, dtype)
         timed = {part: 1e3 * time_sequence(run, device, args.repeats)
                  for part, run in sequences(merges, inputs, variant).items()}
         print(f"  {name:14s} {timed['matching']:9.3f} {timed['merging']:9.3f} {timed['both']:9.3f}")

@@ -60,22 +60,33 @@ def plan(args: argparse.Namespace) -> list[Step]:
                "--device", args.device, "--dtype", args.dtype]
     profile_training = ["--model", args.big, "--batch", str(args.train_batch), "--frames", str(args.frames),
                         "--device", args.device, "--dtype", args.dtype, "--train"]
+    triton = ["--merge-kernels", "triton"]
     return [
+        # The fused Triton kernels (one to plan a merge, one to apply it; not timed on a GPU yet) against
+        # the tensor operations, each as a CUDA graph with the size channel (run 7's fastest form).
+        Step("big-inference-graph-channels", 90,
+             bench(args.big, args.batch, "--cuda-graph", "--methods", "none,tempme", "--size-attention", "channels")),
+        Step("big-inference-graph-triton", 90,
+             bench(args.big, args.batch, "--cuda-graph", "--methods", "none,tome,tempme", "--size-attention", "channels",
+                   *triton)),
+        # Matching and merging alone at the encoder's shapes, as CUDA graphs, fused among the variants.
+        Step("big-merge-variants", 60, ["--model", args.big, "--batch", str(args.batch), "--frames", str(args.frames),
+                                        "--device", args.device, "--dtype", args.dtype],
+             script="bench_merging.py"),
+        Step("big-training-graph-triton", 120,
+             bench(args.big, args.train_batch, "--train", "--cuda-graph", "--methods", "none,tempme", *triton)),
+        Step("big-training-triton", 150, bench(args.big, args.train_batch, "--train", "--methods", "none,tempme", *triton)),
+        Step("big-profile-tempme-triton", 60, profile + ["--size-attention", "channels", *triton],
+             script="profile_encoder.py"),
         Step("big-inference-graph", 120,
              bench(args.big, args.batch, "--cuda-graph", "--methods", "none,tome,tempme,merge-free,plain-vit",
                    "--size-attention", "bias")),
-        Step("big-inference-graph-channels", 90,
-             bench(args.big, args.batch, "--cuda-graph", "--methods", "none,tempme", "--size-attention", "channels")),
         # FlexAttention compiles its kernel on first use (inside the warm-up, before the capture).
         Step("big-inference-graph-flex", 120,
              bench(args.big, args.batch, "--cuda-graph", "--methods", "none,tempme", "--size-attention", "flex")),
         # Size-weighted values: queries and keys 64 wide (the size channel makes them 72), values 72.
         Step("big-inference-graph-values", 90,
              bench(args.big, args.batch, "--cuda-graph", "--methods", "none,tempme", "--size-attention", "values")),
-        # Matching and merging alone at the encoder's shapes, as CUDA graphs, in four implementations.
-        Step("big-merge-variants", 60, ["--model", args.big, "--batch", str(args.batch), "--frames", str(args.frames),
-                                        "--device", args.device, "--dtype", args.dtype],
-             script="bench_merging.py"),
         Step("big-training", 150, bench(args.big, args.train_batch, "--train", "--methods", "none,tempme,merge-free")),
         # Training with size-weighted values: bias-free attention kernels in the forward and backward passes.
         Step("big-training-values", 150, bench(args.big, args.train_batch, "--train", "--size-attention", "values")),

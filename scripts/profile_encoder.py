@@ -29,6 +29,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import tempme.model
+from tempme.merging import MERGE_KERNELS
 from tempme.model import SIZE_ATTENTION, resolve_size_attention
 from tempme.bench import DTYPES, make_training_step, prepare_encoder, synchronize
 from tempme.devices import resolve_device
@@ -122,6 +123,9 @@ def main() -> None:
     parser.add_argument("--size-attention", choices=list(SIZE_ATTENTION),
                         help="how log(size) enters attention (default: auto, as optimize_for_inference sets "
                         "it; bias with --train, as the trainable model has it)")
+    parser.add_argument("--merge-kernels", choices=list(MERGE_KERNELS), default="torch",
+                        help="how merges run (triton: fused kernels, which the aten share below leaves out; "
+                        "the parts' times include them)")
     parser.add_argument("--calls", type=int, default=3)
     parser.add_argument("--rows", type=int, default=40)
     parser.add_argument("--compile", action="store_true",
@@ -134,11 +138,13 @@ def main() -> None:
     dtype = DTYPES[args.dtype]
     form = args.size_attention or ("bias" if args.train else "auto")
     if args.train:
-        step = make_training_step(args.model, args.method, args.frames, args.batch, device, dtype, form, args.compile)
+        step = make_training_step(args.model, args.method, args.frames, args.batch, device, dtype, form, args.compile,
+                                  merge_kernels=args.merge_kernels)
         encoder, call, mode = step.model.visual, step, torch.enable_grad
     else:
         size = get_preset(args.model).vision.image_size
-        encoder = prepare_encoder(args.model, args.method, args.frames, device, dtype, args.compile, form)
+        encoder = prepare_encoder(args.model, args.method, args.frames, device, dtype, args.compile, form,
+                                  merge_kernels=args.merge_kernels)
         video = torch.randn(args.batch, args.frames, 3, size, size, device=device, dtype=dtype)
         call, mode = functools.partial(encoder, video), torch.inference_mode
     if not args.compile:  # the parts' ranges would split a compiled graph
@@ -166,6 +172,7 @@ def main() -> None:
         if e.key.startswith("aten::") and e.key.removeprefix("aten::") in MERGE_OPERATORS
     )
     what = f"{args.method}{' compiled' if args.compile else ''}{' training' if args.train else ''}"
+    what += f", merge kernels {args.merge_kernels}" if args.merge_kernels != "torch" else ""
     print(f"{what} {args.model}, size attention {resolve_size_attention(form, device)}, {args.frames} frames, batch {args.batch}, {args.dtype}, {device}: "
           f"{args.calls} calls, {total / 1e3 / args.calls:.1f} ms of {'device' if on_device else 'CPU'} "
           f"time per call in aten operators; merging's operators about {100 * merging / total:.1f}%")

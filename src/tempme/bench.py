@@ -33,6 +33,7 @@ from .config import MERGE_METHODS, get_preset
 from .cuda_graph import GraphedForward, graph_for_training
 from .devices import resolve_device
 from .factory import create_model
+from .merging import use_fused_kernels
 from .model import INFERENCE_SIZE_ATTENTION, check_size_attention, resolve_size_attention
 from .precision import DTYPES
 from .progress import progress_bar
@@ -84,6 +85,7 @@ class Result:
     cuda_graph: bool = False  # replayed as a CUDA graph (tempme.cuda_graph)
     compile_mode: str = "default"  # torch.compile's mode, when compiled
     attention_backend: str = "auto"  # the only SDPA kernel allowed (ATTENTION_BACKENDS), or torch's choice
+    merge_kernels: str = "torch"  # how merges ran (tempme.merging.MERGE_KERNELS)
     # Compiled or CUDA-graph inference: the smallest cosine similarity between its embeddings and the
     # same encoder's run eagerly on the same videos (``cosine_to_eager``); 1.0 is the same directions.
     cosine_vs_eager: float | None = None
@@ -111,6 +113,7 @@ class Setup:
     cuda_graph: bool = False
     compile_mode: str = "default"
     attention_backend: str = "auto"
+    merge_kernels: str = "torch"
 
 
 # ----------------------------------------------------------------------------- devices and timing
@@ -293,18 +296,19 @@ def check_methods(methods: Iterable[str], allowed: Iterable[str]) -> tuple[str, 
 
 
 def build_video_encoder(
-    preset: str, method: str, frames: int, size_attention: str = INFERENCE_SIZE_ATTENTION
+    preset: str, method: str, frames: int, size_attention: str = INFERENCE_SIZE_ATTENTION,
+    merge_kernels: str = "torch",
 ) -> nn.Module:
     """``[B, F, 3, H, W]`` -> ``[B, D]``: TempMe's video encoder (optimised for inference) or a baseline.
 
     ``size_attention`` picks how merged encoders add log(size) to the attention logits (one of
     ``tempme.model.SIZE_ATTENTION``: ``auto``, what ``optimize_for_inference`` picks, ``bias``, ``channels``,
-    ``flex`` or ``values``).
+    ``flex`` or ``values``); ``merge_kernels`` how they merge (``tempme.merging.MERGE_KERNELS``).
     """
     check_size_attention(size_attention)
     if method in MERGE_METHODS:
         visual = create_model(preset, method=method, frames=frames).optimize_for_inference().visual
-        visual.size_attention = size_attention
+        visual.size_attention, visual.merge_kernels = size_attention, merge_kernels
         return visual
     if method == "merge-free":
         return MergeFreeEncoder(create_model(preset, method="tempme", frames=frames).optimize_for_inference().visual)
@@ -316,9 +320,10 @@ def build_video_encoder(
 
 def prepare_encoder(
     preset: str, method: str, frames: int, device: torch.device, dtype: torch.dtype, compile: bool,
-    size_attention: str = INFERENCE_SIZE_ATTENTION, compile_mode: str = "default",
+    size_attention: str = INFERENCE_SIZE_ATTENTION, compile_mode: str = "default", merge_kernels: str = "torch",
 ) -> nn.Module:
-    encoder = build_video_encoder(preset, method, frames, size_attention).to(device=device, dtype=dtype).eval()
+    encoder = build_video_encoder(preset, method, frames, size_attention, merge_kernels)
+    encoder = encoder.to(device=device, dtype=dtype).eval()
     return torch.compile(encoder, dynamic=False, mode=compile_mode) if compile else encoder
 
 
@@ -394,6 +399,7 @@ def benchmark_inference(
     cuda_graph: bool = False,
     compile_mode: str = "default",
     attention_backend: str = "auto",
+    merge_kernels: str = "torch",
     progress: bool = False,
 ) -> list[Result]:
     """Videos per second and memory of the video encoder, every method on the same random videos.
@@ -407,15 +413,17 @@ def benchmark_inference(
     call. Compiled or graph runs also compare their embeddings with eager ones (``cosine_vs_eager``).
     ``size_attention``: see ``build_video_encoder``. ``attention_backend``: one of
     ``ATTENTION_BACKENDS``, the only attention kernel allowed (``auto``: torch chooses).
+    ``merge_kernels``: how tome and tempme merge (``tempme.merging.MERGE_KERNELS``).
     ``progress``: a progress bar on stderr.
     """
     methods = check_methods(methods, MERGE_METHODS + BASELINES)
     check_counts(batch, repeats, warmup)
     device = resolve_device(device)
+    use_fused_kernels(merge_kernels, device)  # an unknown name, or Triton where it cannot run, fails now
     setup = Setup(
         mode="inference", preset=preset, frames=frames, batch=batch, device=device, dtype=dtype, compiled=compile,
         size_attention=resolve_size_attention(size_attention, device), cuda_graph=cuda_graph, compile_mode=compile_mode,
-        attention_backend=attention_backend,
+        attention_backend=attention_backend, merge_kernels=merge_kernels,
     )
     if compile_mode not in COMPILE_MODES:
         raise ValueError(f"unknown compile mode {compile_mode!r}; choose one of {', '.join(COMPILE_MODES)}")
@@ -424,7 +432,9 @@ def benchmark_inference(
     size = get_preset(preset).vision.image_size
     video = torch.randn(batch, frames, 3, size, size, device=setup.device, dtype=torch_dtype)
     encoders = {
-        m: prepare_encoder(preset, m, frames, setup.device, torch_dtype, compile, setup.size_attention, compile_mode)
+        m: prepare_encoder(
+            preset, m, frames, setup.device, torch_dtype, compile, setup.size_attention, compile_mode, merge_kernels
+        )
         for m in methods
     }
     steps = {
@@ -493,13 +503,14 @@ class GraphedTrainingForward:
 
 def make_training_step(
     preset: str, method: str, frames: int, batch: int, device: torch.device, dtype: torch.dtype,
-    size_attention: str = "bias", compile: bool = False, cuda_graph: bool = False,
+    size_attention: str = "bias", compile: bool = False, cuda_graph: bool = False, merge_kernels: str = "torch",
 ) -> TrainingStep:
     check_size_attention(size_attention)
     if compile and cuda_graph:
         raise ValueError("CUDA graphs need an uncompiled model: choose compile or cuda_graph")
     model = create_model(preset, method="tempme" if method == "merge-free" else method, frames=frames, device=device)
     model.train().visual.size_attention = size_attention
+    model.visual.merge_kernels = merge_kernels
     if method == "merge-free":
         # The video encoder runs on tempme's token shapes with merging free (its outputs mean nothing).
         model.visual.forward = MergeFreeEncoder(model.visual).forward
@@ -536,6 +547,7 @@ def benchmark_training(
     compile: bool = False,
     cuda_graph: bool = False,
     attention_backend: str = "auto",
+    merge_kernels: str = "torch",
     progress: bool = False,
 ) -> list[Result]:
     """Seconds per training step (video and text forward, symmetric InfoNCE, backward, AdamW on
@@ -544,19 +556,22 @@ def benchmark_training(
     merging methods, ``merge-free`` trains tempme's encoder on its token shapes with merging free.
     ``cuda_graph``: the video encoder's forward and backward passes replayed as CUDA graphs
     (``GraphedTrainingForward``; the step's memory is then not measured).
+    ``merge_kernels``: how tome and tempme merge (``tempme.merging.MERGE_KERNELS``).
     ``progress``: a progress bar on stderr."""
     methods = check_methods(methods, MERGE_METHODS + ("merge-free",))
     check_counts(batch, repeats, warmup)
     device = resolve_device(device)
+    use_fused_kernels(merge_kernels, device)
     setup = Setup(
         mode="training", preset=preset, frames=frames, batch=batch, device=device, dtype=dtype, compiled=compile,
         size_attention=resolve_size_attention(size_attention, device), cuda_graph=cuda_graph,
-        attention_backend=attention_backend,
+        attention_backend=attention_backend, merge_kernels=merge_kernels,
     )
     check_graph_setup(setup)
     steps = {
         m: make_training_step(
-            preset, m, frames, batch, setup.device, resolve_dtype(dtype), setup.size_attention, compile, cuda_graph
+            preset, m, frames, batch, setup.device, resolve_dtype(dtype), setup.size_attention, compile, cuda_graph,
+            merge_kernels,
         )
         for m in methods
     }
@@ -607,6 +622,7 @@ def make_result(setup: Setup, method: str, timing: Timing, step_bytes: int | Non
         cuda_graph=setup.cuda_graph,
         compile_mode=setup.compile_mode,
         attention_backend=setup.attention_backend,
+        merge_kernels=setup.merge_kernels,
         first_call_s=timing.first_call_s,
         times_s=timing.times_s,
         median_s=timing.median_s,
@@ -651,6 +667,8 @@ def format_results(results: list[Result]) -> str:
         settings += f", compile mode {first.compile_mode}"
     if first.attention_backend != "auto":
         settings += f", attention kernel {first.attention_backend}"
+    if first.merge_kernels != "torch":
+        settings += f", merge kernels {first.merge_kernels}"
     lines = [
         f"{first.mode}: {first.model}, {first.frames} frames, batch {first.batch}, {first.dtype}{settings}, "
         f"{first.device_name} ({first.device}{threads}), torch {torch.__version__}",

@@ -9,11 +9,46 @@ average, and the sizes feed proportional attention (log-size added to the attent
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 from contextlib import nullcontext
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 from torch.autograd.function import once_differentiable
+
+# How matching and merging run. The fused kernels make the same merges (tests); they are not the
+# default until a GPU run measures them faster than the tensor operations (docs/benchmarks.md).
+MERGE_KERNELS = {
+    "torch": "tensor operations (a dozen small kernels per merge on a GPU)",
+    "triton": "one Triton kernel to plan a merge and one to apply it (CUDA only; needs Triton)",
+}
+
+
+@functools.cache
+def fused_kernels() -> ModuleType:
+    """``tempme.fused_merging``, imported on first use: Triton is optional, and slow to import."""
+    if importlib.util.find_spec("triton") is None:
+        raise RuntimeError("merge kernels 'triton' need Triton (pip install triton; CUDA builds of torch include it)")
+    from . import fused_merging
+
+    return fused_merging
+
+
+def use_fused_kernels(name: str, device: torch.device | str) -> bool:
+    """Whether merges on ``device`` take the fused kernels, for ``name`` one of ``MERGE_KERNELS``.
+    Never inside a compiled graph: the compiler traces the tensor operations."""
+    if name not in MERGE_KERNELS:
+        raise ValueError(f"unknown merge kernels {name!r}; choose one of {', '.join(MERGE_KERNELS)}")
+    if name == "torch" or torch.compiler.is_compiling():
+        return False
+    if not fused_kernels().supports(torch.device(device)):
+        raise ValueError(
+            f"merge kernels 'triton' run on CUDA devices, not {torch.device(device)} "
+            "(TRITON_INTERPRET=1 runs them on the CPU, slowly, for tests)"
+        )
+    return True
 
 
 @dataclass(frozen=True)
@@ -26,8 +61,12 @@ class MergePlan:
 
     - ``keep_rows [batch * tokens_out]``: the tokens that survive, in output order: CLS tokens,
       unmerged A tokens (ascending), then all B tokens (original order);
-    - ``src_rows [batch * r]``: the A tokens merged away;
-    - ``dst_rows [batch * r]``: for each of them, the output row of the B token it merges into.
+    - ``src_rows [batch * r]``: the A tokens merged away, sequence by sequence (within a sequence by
+      score in ``match_patches``, by destination then position in the fused kernels' plans);
+    - ``dst_rows [batch * r]``: for each of them, the output row of the B token it merges into;
+    - ``sources_by_row [2, batch * tokens_out]``, fused plans only: for each output row, the run
+      ``first:stop`` of ``src_rows`` merged into it (empty but for B tokens). A plan that has it is
+      applied by the fused kernel (``tempme.fused_merging``).
 
     ``keep``, ``src`` and ``dst`` give the same as positions within each sequence, ``[batch, K]``.
     """
@@ -37,6 +76,7 @@ class MergePlan:
     dst_rows: torch.Tensor
     batch: int
     tokens_in: int
+    sources_by_row: torch.Tensor | None = None
 
     @property
     def tokens_out(self) -> int:
@@ -123,17 +163,18 @@ def patch_similarities(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return a.float() @ b.float().transpose(-1, -2)  # the same arithmetic: CPUs have no such product
 
 
-def bipartite_soft_matching(metric: torch.Tensor, r: int, num_cls: int) -> MergePlan:
+def bipartite_soft_matching(metric: torch.Tensor, r: int, num_cls: int, fused: bool = False) -> MergePlan:
     """Plan the merge of the ``r`` A tokens most similar to their best B match.
 
     metric: ``[B, N, C]`` features compared by cosine similarity (keys or hidden states).
     The first ``num_cls`` tokens never take part. ``r`` must not exceed ``max_merge(N, num_cls)``.
+    ``fused``: plan with the fused kernel (see ``MERGE_KERNELS``); the same merges.
     """
     with torch.no_grad():
-        return match_patches(normalized_patches(metric, num_cls), r, num_cls)
+        return match_patches(normalized_patches(metric, num_cls), r, num_cls, fused)
 
 
-def match_patches(patches: torch.Tensor, r: int, num_cls: int) -> MergePlan:
+def match_patches(patches: torch.Tensor, r: int, num_cls: int, fused: bool = False) -> MergePlan:
     """``bipartite_soft_matching`` on patches already normalised (``normalized_patches``):
     ``patches [B, N - num_cls, C]`` of sequences that start with ``num_cls`` CLS tokens."""
     batch, num_patches = patches.shape[:2]
@@ -150,6 +191,8 @@ def match_patches(patches: torch.Tensor, r: int, num_cls: int) -> MergePlan:
             best_b = torch.zeros(scores.shape[:2], dtype=torch.long, device=device)
         else:
             best_score, best_b = scores.max(dim=-1)
+            if fused:
+                return fused_kernels().plan_merge(best_score, best_b, r, num_cls, num_tokens)
         order = best_score.argsort(dim=-1, descending=True, stable=True)
         merged = order[:, :r]  # indices into A
         # Unmerged tokens keep their original order (vanilla ToMe leaves them in score order).
@@ -213,39 +256,35 @@ def merge_weighted(
     the kept rows are copied out and only the ``r`` moved rows are read and written again, where the
     plain formula rescales every B token. ``WeightedMerge`` gives it a backward pass of the same kind.
     """
-    if size is None:
-        size = torch.ones(x.shape[0], x.shape[1], 1, device=x.device)
-    moved_size = gather_rows(size, plan.src_rows)
-    new_size = add_rows_(gather_rows(size, plan.keep_rows), plan.dst_rows, moved_size)
-    moved_share = moved_size / gather_rows(new_size, plan.dst_rows)  # float32: in-place products take it as is
-    merged = WeightedMerge.apply(x, plan, moved_share)
+    merged, new_size = WeightedMerge.apply(x, plan, size)
     if source is not None:
         source = merge_sum(plan, source)
     return merged, new_size, source
 
 
 class WeightedMerge(torch.autograd.Function):
-    """``merge_weighted``'s token arithmetic, ``[B, N, C] -> [B, N - r, C]``, with its own backward pass.
+    """``merge_weighted``'s arithmetic, ``[B, N, C] -> [B, N - r, C]`` and sizes, with its own backward pass.
 
-    Every input token is either kept or moved, exactly once, so the gradient is the output gradient
-    put back in input order, plus the moved tokens' shares: row copies and ``r`` rows of arithmetic,
-    instead of autograd's zero-filled scatters for each gather and their sum. The shares (from sizes)
-    are constants.
+    A fused plan is applied by the fused kernel, any other by tensor operations. Every input token is
+    either kept or moved, exactly once, so the gradient is the output gradient put back in input order,
+    plus the moved tokens' shares: row copies and ``r`` rows of arithmetic, instead of autograd's
+    zero-filled scatters for each gather and their sum. The shares (from sizes) are constants.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, plan: MergePlan, moved_share: torch.Tensor):
+    def forward(ctx, x: torch.Tensor, plan: MergePlan, size: torch.Tensor | None):
+        if plan.sources_by_row is not None:
+            merged, new_size, moved_share = fused_kernels().apply_merge(plan, x, size)
+        else:
+            merged, new_size, moved_share = _merge_rows(plan, x, size)
         ctx.plan, ctx.input_shape = plan, x.shape
         ctx.save_for_backward(moved_share)
-        merged = gather_rows(x, plan.keep_rows)
-        pull = gather_rows(x, plan.src_rows)
-        pull -= gather_rows(merged, plan.dst_rows)
-        pull *= moved_share
-        return add_rows_(merged, plan.dst_rows, pull)
+        ctx.mark_non_differentiable(new_size)
+        return merged, new_size
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad: torch.Tensor):
+    def backward(ctx, grad: torch.Tensor, _size_grad: torch.Tensor | None):
         # d out_b / d x_a = s_a / S_b for a merged into b; d out_b / d x_b = 1 - sum of those shares.
         plan, (batch, tokens, channels) = ctx.plan, ctx.input_shape
         (moved_share,) = ctx.saved_tensors
@@ -259,6 +298,23 @@ class WeightedMerge(torch.autograd.Function):
         rows.index_copy_(0, plan.src_rows, moved)
         rows.index_add_(0, plan.keep_rows.index_select(0, plan.dst_rows), moved, alpha=-1)
         return grad_x, None, None
+
+
+def _merge_rows(
+    plan: MergePlan, x: torch.Tensor, size: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``WeightedMerge``'s forward pass in tensor operations: the merged tokens, their sizes, and the
+    moved tokens' shares ``s_a / S_b [B, r, 1]`` (float32)."""
+    if size is None:
+        size = torch.ones(x.shape[0], x.shape[1], 1, device=x.device)
+    moved_size = gather_rows(size, plan.src_rows)
+    new_size = add_rows_(gather_rows(size, plan.keep_rows), plan.dst_rows, moved_size)
+    moved_share = moved_size / gather_rows(new_size, plan.dst_rows)  # float32: in-place products take it as is
+    merged = gather_rows(x, plan.keep_rows)
+    pull = gather_rows(x, plan.src_rows)
+    pull -= gather_rows(merged, plan.dst_rows)
+    pull *= moved_share
+    return add_rows_(merged, plan.dst_rows, pull), new_size, moved_share
 
 
 def needs_autograd(*tensors: torch.Tensor | None) -> bool:

@@ -27,6 +27,7 @@ from .merging import (
     merge_weighted,
     needs_autograd,
     normalized_patches,
+    use_fused_kernels,
 )
 from .schedule import LayerPlan, build_plan, merge_counts, simulate
 from .userwarnings import SharedWarning, warn
@@ -359,6 +360,7 @@ class VisionTransformer(nn.Module):
         # How proportional attention adds log(size) (SIZE_ATTENTION): the bias while training,
         # INFERENCE_SIZE_ATTENTION once optimize_for_inference has run.
         self.size_attention = "bias"
+        self.merge_kernels = "torch"  # how merges run: one of merging.MERGE_KERNELS
         scale = vision.width**-0.5
         self.conv1 = nn.Conv2d(3, vision.width, vision.patch_size, vision.patch_size, bias=False)
         self.class_embedding = nn.Parameter(scale * torch.randn(vision.width))
@@ -393,7 +395,9 @@ class VisionTransformer(nn.Module):
         x, size, source = merge_weighted(plan, state.x, state.size, state.source)
         return VideoTokens(x, size, source, state.videos, state.num_cls)
 
-    def cross_clip_merge(self, state: VideoTokens, block: ResidualBlock, step: LayerPlan, r_cross: int) -> VideoTokens:
+    def cross_clip_merge(
+        self, state: VideoTokens, block: ResidualBlock, step: LayerPlan, r_cross: int, fused: bool = False
+    ) -> VideoTokens:
         """ClipMe, first half: join clips, add CPE, merge ``r_cross`` tokens across the joined frames on the hidden states."""
         joined = step.clips_joined
         joined_cls = state.num_cls * joined
@@ -411,7 +415,7 @@ class VisionTransformer(nn.Module):
             return joined_state
         # Normalised clip by clip, the patch rows of consecutive clips already lie in joined order.
         patches = normalized_patches(state.x.detach(), state.num_cls)
-        plan = match_patches(patches.view(joined_state.x.shape[0], -1, patches.shape[-1]), r_cross, joined_cls)
+        plan = match_patches(patches.view(joined_state.x.shape[0], -1, patches.shape[-1]), r_cross, joined_cls, fused)
         return self.apply_merge(joined_state, plan)
 
     def check_frames(self, frames: torch.Tensor, mask: torch.Tensor | None = None) -> None:
@@ -443,6 +447,7 @@ class VisionTransformer(nn.Module):
         if layers is not None and not 0 <= layers <= depth:
             raise ValueError(f"layers must be from 0 to the encoder's {depth}, got {layers}")
         size_attention = resolve_size_attention(self.size_attention, frames.device)
+        fused = use_fused_kernels(self.merge_kernels, frames.device)
         videos, num_frames = frames.shape[:2]
         x = self.embed(frames.flatten(0, 1))
         source = None
@@ -454,14 +459,14 @@ class VisionTransformer(nn.Module):
         for block, step in list(zip(self.transformer.resblocks, self.plan))[:layers]:
             r_cross, r = merge_counts(step, self.merge, state.x.shape[1])
             if step.kind == "clipme":
-                state = self.cross_clip_merge(state, block, step, r_cross)
+                state = self.cross_clip_merge(state, block, step, r_cross, fused)
             size = state.size[..., 0] if self.merge.prop_attn and state.size is not None else None
             attn_out, keys = block.attn(
                 block.ln_1(state.x), size=size, size_attention=size_attention, return_metric=r > 0
             )
             state = VideoTokens(state.x + attn_out, state.size, state.source, videos, state.num_cls)
             if r > 0:
-                state = self.apply_merge(state, bipartite_soft_matching(keys, r, state.num_cls))
+                state = self.apply_merge(state, bipartite_soft_matching(keys, r, state.num_cls, fused))
             state = dataclasses.replace(state, x=state.x + block.mlp(block.ln_2(state.x)))
         return state
 

@@ -19,6 +19,7 @@ from tempme.bench import (
     report,
 )
 from tempme.config import MERGE_METHODS, preset_names
+from tempme.merging import MERGE_KERNELS
 from tempme.model import INFERENCE_SIZE_ATTENTION, SIZE_ATTENTION
 from tempme.precision import default_precision
 
@@ -128,6 +129,13 @@ def register(subparsers) -> None:
         help="allow only this scaled_dot_product_attention kernel (default: auto, torch's choice); to see "
         "which kernel suits the size bias or the size channel",
     )
+    parser.add_argument(
+        "--merge-kernels",
+        choices=list(MERGE_KERNELS),
+        default="torch",
+        help="how tome and tempme plan and apply merges: tensor operations (torch, the default) or one fused "
+        "Triton kernel for each (triton: CUDA only, needs Triton; the same merges)",
+    )
     parser.add_argument("--train", action="store_true", help="time a training step instead of inference")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.set_defaults(handler=run)
@@ -152,6 +160,7 @@ def run(args: argparse.Namespace) -> int:
     device = device_option(args.device)
     on_gpu = device.type == "cuda"
     common = dict(
+        merge_kernels=args.merge_kernels,
         frames=args.frames,
         batch=args.batch if args.batch is not None else (32 if on_gpu else 4),
         device=str(device),

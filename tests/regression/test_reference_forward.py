@@ -65,8 +65,8 @@ def test_the_comparison_fails_for_unmerged_tokens_out_of_order(monkeypatch):
     merge reversed (vanilla ToMe leaves them in score order), later merges pair other tokens."""
     match = tempme.model.bipartite_soft_matching
 
-    def unmerged_reversed(metric, r, num_cls):
-        plan = match(metric, r, num_cls)
+    def unmerged_reversed(metric, r, num_cls, fused=False):
+        plan = match(metric, r, num_cls, fused)
         a_start, _ = split_sets(num_cls)
         unmerged = len(range(a_start, plan.tokens_in - num_cls, 2)) - r
         keep = plan.keep_rows.view(plan.batch, -1).clone()

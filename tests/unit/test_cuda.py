@@ -74,6 +74,27 @@ def test_graph_replay_with_flex_attention_equals_eager():
 
 
 @needs_cuda
+def test_fused_merges_replay_in_a_graph_and_agree_in_bfloat16():
+    video = torch.randn(3, 12, 3, 224, 224, device="cuda")
+    with torch.inference_mode():
+        reference = tiny_encoder(torch.float32)(video)  # tensor operations, float32
+        encoder = tiny_encoder(torch.bfloat16)
+        encoder.merge_kernels = "triton"
+        eager = encoder(video.bfloat16())
+    graphed = GraphedForward(encoder, video.bfloat16())(video.bfloat16()).clone()
+    torch.testing.assert_close(eager.float(), reference, atol=0.05, rtol=0.05)
+    torch.testing.assert_close(graphed, eager, atol=0.05, rtol=0.05)
+
+
+@needs_cuda
+def test_bench_times_the_fused_kernels():
+    results = benchmark_inference("tiny-B/32", ("none", "tempme"), frames=12, batch=3, device="cuda", dtype="bf16",
+                                  cuda_graph=True, repeats=1, warmup=0, merge_kernels="triton")
+    assert [r.merge_kernels for r in results] == ["triton", "triton"]
+    assert all(0.99 <= r.cosine_vs_eager <= 1.0 + 1e-3 for r in results), [r.cosine_vs_eager for r in results]
+
+
+@needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_on_cuda_agrees_with_float32(dtype):
     video = torch.randn(2, 12, 3, 224, 224, device="cuda")
@@ -246,11 +267,12 @@ def test_a_gpu_the_machine_lacks_is_a_clear_error():
 
 
 @needs_cuda
-@pytest.mark.parametrize("method", ["tempme", "merge-free"])
-def test_graphed_training_steps_give_the_eager_gradients(method):
+@pytest.mark.parametrize("method, merge_kernels", [("tempme", "torch"), ("merge-free", "torch"), ("tempme", "triton")])
+def test_graphed_training_steps_give_the_eager_gradients(method, merge_kernels):
     """Training steps with the video encoder's forward and backward passes replayed as CUDA graphs
     give the gradients of the same steps run eagerly: in the first step (the capture) and in replays
-    on new videos and weights updated in place. In float32, where near-tied merges do not flip (in bf16 a
+    on new videos and weights updated in place (with ``triton``, the graphed steps merge with the
+    fused kernels and the eager ones with tensor operations). In float32, where near-tied merges do not flip (in bf16 a
     captured product may round differently and flip one, which moves tempme's gradients as much as a
     stale step would). The steps are large enough that a gradient one step stale fails: checked
     against the eager gradients of consecutive steps."""
@@ -258,7 +280,8 @@ def test_graphed_training_steps_give_the_eager_gradients(method):
     for graphed in (False, True):
         torch.manual_seed(0)
         steps[graphed] = make_training_step("tiny-B/16", method, frames=4, batch=3, device=torch.device("cuda"),
-                                            dtype=torch.float32, cuda_graph=graphed)
+                                            dtype=torch.float32, cuda_graph=graphed,
+                                            merge_kernels=merge_kernels if graphed else "torch")
     eager, graphed = steps[False], steps[True]
     graphed.model.load_state_dict(eager.model.state_dict())
     graphed.video, graphed.captions = eager.video, eager.captions  # one tensor: new videos reach both

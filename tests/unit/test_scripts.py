@@ -52,9 +52,10 @@ def test_the_plan_names_each_step_once_and_orders_the_cheap_steps_first():
                                         big="ViT-B/16", small="ViT-B/32", batch=32, train_batch=32)
     names = [step.name for step in gpu_bench.plan(args)]
     assert len(names) == len(set(names))
-    assert names[:4] == [
-        "big-inference-graph", "big-inference-graph-channels", "big-inference-graph-flex", "big-inference-graph-values"
-    ]
+    # The fused merge kernels, untimed on a GPU, first, beside the tensor operations in the same form.
+    assert names[:3] == ["big-inference-graph-channels", "big-inference-graph-triton", "big-merge-variants"]
+    triton_steps = [step for step in gpu_bench.plan(args) if "triton" in step.name]
+    assert len(triton_steps) == 4 and all(step.args[-2:] == ["--merge-kernels", "triton"] for step in triton_steps)
     assert names.index("big-training") < names.index("big-inference-compiled") < names.index("big-profile-tempme")
     compiled = next(step for step in gpu_bench.plan(args) if step.name == "big-inference-compiled")
     assert gpu_bench.BEST in compiled.args
@@ -107,14 +108,18 @@ def test_merge_variants_compute_the_same_merges():
     assert len(merges) == 15 and merges[0].tokens == (24, 197, 64) and not merges[0].sized
     assert any(m.num_cls > 1 for m in merges)  # joined clips carry several CLS tokens
     outputs = {}
+    # The fused kernels, interpreted here, take minutes at these shapes: tests/unit/test_fused_merging.py
+    # checks them on small ones.
     for name, variant in bench_merging.VARIANTS.items():
-        inputs = bench_merging.make_inputs(merges, variant.size_width, torch.device("cpu"), torch.float32)
+        if variant.needs_gpu:
+            continue
+        inputs = bench_merging.make_inputs(merges, torch.device("cpu"), torch.float32)
         with torch.inference_mode():
             outputs[name] = bench_merging.sequences(merges, inputs, variant)["both"]()
     for name, results in outputs.items():
         for (x, size), (x_ref, size_ref) in zip(results, outputs["library"]):
             torch.testing.assert_close(x, x_ref, msg=name)
-            torch.testing.assert_close(size[..., :1], size_ref, msg=name)
+            torch.testing.assert_close(size, size_ref, msg=name)
 
 
 def test_merge_benchmark_script_prints_every_variant():
@@ -122,7 +127,7 @@ def test_merge_benchmark_script_prints_every_variant():
                "--device", "cpu", "--dtype", "fp32", "--repeats", "1"]
     out = subprocess.run(command, capture_output=True, text=True, env=script_env(), timeout=300, check=True).stdout
     assert out.startswith("15 merges of tempme tiny-B/32")
-    assert [line.split()[0] for line in out.splitlines()[2:]] == ["library", "sizes16", "rescale-b", "float32-scores"]
+    assert [line.split()[0] for line in out.splitlines()[2:]] == ["library", "rescale-b", "float32-scores"]
 
 
 def result_row(method, videos_per_s, speedup=None, mode="inference", memory=None, execution="graph", form="bias",

@@ -1,0 +1,160 @@
+"""The fused Triton kernels make the same merges as the tensor operations of ``tempme.merging``.
+
+Where no GPU is, Triton's interpreter runs the kernels on CPU tensors (``TRITON_INTERPRET=1``, which
+tests/conftest.py sets before Triton is imported). It runs every program in Python, so the shapes
+here stay small.
+"""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import tempme  # noqa: E402
+from tempme import merging  # noqa: E402
+from tempme.merging import (  # noqa: E402
+    bipartite_soft_matching,
+    match_patches,
+    merge_weighted,
+    normalized_patches,
+    use_fused_kernels,
+)
+
+from tiny_models import randomise_adapters  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fused_merging():
+    """The kernels' module (interpreted on a CPU-only machine: tests/conftest.py)."""
+    module = merging.fused_kernels()
+    assert module.supports(DEVICE), f"the fused kernels cannot run on {DEVICE} (is TRITON_INTERPRET=1 unset?)"
+    return module
+
+
+def plan_pairs(plan, sequence):
+    """(source row, destination row) of every merge of one sequence, sorted."""
+    r = plan.src_rows.numel() // plan.batch
+    rows = slice(sequence * r, (sequence + 1) * r)
+    return sorted(zip(plan.src_rows[rows].tolist(), plan.dst_rows[rows].tolist()))
+
+
+# (CLS tokens, tokens, r): one and several CLS tokens of both parities (A first or B first), an odd
+# and an even number of patches, r from 0 to half the patches.
+SHAPES = [(1, 17, 5), (1, 18, 8), (2, 20, 9), (2, 21, 0), (3, 30, 13), (4, 9, 2), (1, 3, 1), (1, 50, 24)]
+
+
+@pytest.mark.parametrize("num_cls, tokens, r", SHAPES)
+@pytest.mark.parametrize("ties", [False, True])
+def test_fused_plans_merge_the_same_tokens(num_cls, tokens, r, ties):
+    generator = torch.Generator().manual_seed(tokens + r)
+    if ties:  # few distinct directions: many A tokens share their best score, and ties go to the lower position
+        metric = torch.randint(0, 2, (3, tokens, 6), generator=generator).float() + 0.01
+    else:
+        metric = torch.randn(3, tokens, 6, generator=generator)
+    metric = metric.to(DEVICE)
+    reference = bipartite_soft_matching(metric, r, num_cls)
+    fused = bipartite_soft_matching(metric, r, num_cls, fused=True)
+
+    assert torch.equal(fused.keep_rows, reference.keep_rows)  # same survivors, in the same order
+    for sequence in range(3):
+        assert plan_pairs(fused, sequence) == plan_pairs(reference, sequence)
+    # Listed by destination, and each output row's run of sources is exactly the tokens merged into it.
+    assert fused.dst_rows.tolist() == sorted(fused.dst_rows.tolist())
+    first, stop = fused.sources_by_row.tolist()
+    for row in range(fused.keep_rows.numel()):
+        into_row = [i for i, dst in enumerate(fused.dst_rows.tolist()) if dst == row]
+        assert list(range(first[row], stop[row])) == into_row
+
+
+@pytest.mark.parametrize("sized", [False, True])
+def test_fused_merges_average_like_the_tensor_operations(sized):
+    generator = torch.Generator().manual_seed(1)
+    keys = torch.randn(2, 25, 4, generator=generator).to(DEVICE)
+    x = torch.randn(2, 25, 12, generator=generator).to(DEVICE)
+    # Sizes are whole patch counts: their sums are exact in float32 in any order.
+    size = torch.randint(1, 6, (2, 25, 1), generator=generator).float().to(DEVICE) if sized else None
+    reference = bipartite_soft_matching(keys, 10, 1)
+    fused = bipartite_soft_matching(keys, 10, 1, fused=True)
+    expected_x, expected_size, _ = merge_weighted(reference, x, size)
+    merged, new_size, _ = merge_weighted(fused, x, size)
+    torch.testing.assert_close(merged, expected_x, atol=1e-6, rtol=1e-6)
+    assert torch.equal(new_size, expected_size)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fused_merges_in_half_precision_round_once(dtype):
+    # The kernel averages in float32 and rounds once; the tensor operations round every step.
+    generator = torch.Generator().manual_seed(2)
+    keys = torch.randn(2, 41, 8, generator=generator).to(DEVICE)
+    x = torch.randn(2, 41, 16, generator=generator).to(DEVICE)
+    size = torch.randint(1, 9, (2, 41, 1), generator=generator).float().to(DEVICE)
+    plan = bipartite_soft_matching(keys, 20, 1, fused=True)
+    exact = merge_weighted(bipartite_soft_matching(keys, 20, 1), x, size)[0]
+    merged = merge_weighted(plan, x.to(dtype), size)[0]
+    assert merged.dtype == dtype
+    resolution = torch.finfo(dtype).eps  # relative: one rounding of values of magnitude up to about 4
+    torch.testing.assert_close(merged.float(), exact, atol=4 * resolution, rtol=0)
+
+
+def test_fused_merge_gradients_equal_the_tensor_operations():
+    generator = torch.Generator().manual_seed(3)
+    keys = torch.randn(3, 19, 4, generator=generator).to(DEVICE)
+    x = torch.randn(3, 19, 8, generator=generator).to(DEVICE)
+    size = torch.randint(1, 4, (3, 19, 1), generator=generator).float().to(DEVICE)
+    upstream = torch.randn(3, 19 - 7, 8, generator=generator).to(DEVICE)
+    gradients = []
+    for fused in (False, True):
+        leaf = x.clone().requires_grad_()
+        merged, _, _ = merge_weighted(bipartite_soft_matching(keys, 7, 1, fused), leaf, size)
+        merged.backward(upstream)
+        gradients.append(leaf.grad)
+    torch.testing.assert_close(gradients[1], gradients[0], atol=1e-6, rtol=1e-6)
+
+
+def test_cross_clip_metrics_plan_alike():
+    # ClipMe matches joined clips with several CLS tokens, on normalised hidden states.
+    generator = torch.Generator().manual_seed(4)
+    hidden = torch.randn(6, 11, 8, generator=generator).to(DEVICE)
+    patches = normalized_patches(hidden, 1).view(2, -1, 8)
+    reference, fused = match_patches(patches, 9, 3), match_patches(patches, 9, 3, fused=True)
+    assert torch.equal(fused.keep_rows, reference.keep_rows)
+    assert all(plan_pairs(fused, s) == plan_pairs(reference, s) for s in range(2))
+
+
+@pytest.mark.parametrize("method", ["tempme", "tome"])
+def test_an_encoder_with_fused_merges_gives_the_same_embeddings(method):
+    torch.manual_seed(0)
+    model = randomise_adapters(tempme.create_model("tiny-B/32", method=method, frames=4)).to(DEVICE).eval()
+    video = torch.randn(1, 4, 3, 224, 224, device=DEVICE)
+    with torch.no_grad():
+        expected = model.visual.forward_tokens(video, track_source=True)
+        model.visual.merge_kernels = "triton"
+        fused = model.visual.forward_tokens(video, track_source=True)
+    torch.testing.assert_close(fused.x, expected.x, atol=1e-5, rtol=1e-5)
+    assert torch.equal(fused.size, expected.size) and torch.equal(fused.source, expected.source)
+
+
+def test_training_through_fused_merges_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = randomise_adapters(tempme.create_model("tiny-B/32", frames=4)).to(DEVICE)
+    video = torch.randn(1, 4, 3, 224, 224, device=DEVICE)
+    gradients = []
+    for kernels in ("torch", "triton"):
+        model.zero_grad()
+        model.visual.merge_kernels = kernels
+        model.encode_video(video).square().sum().backward()
+        gradients.append({n: p.grad.clone() for n, p in model.visual.named_parameters() if p.grad is not None})
+    assert gradients[0].keys() == gradients[1].keys() and gradients[0]
+    for name, expected in gradients[0].items():
+        torch.testing.assert_close(gradients[1][name], expected, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_unknown_or_unavailable_merge_kernels_are_refused(fused_merging, monkeypatch):
+    with pytest.raises(ValueError, match="unknown merge kernels 'cuda'; choose one of torch, triton"):
+        use_fused_kernels("cuda", DEVICE)
+    assert use_fused_kernels("torch", DEVICE) is False
+    monkeypatch.setattr(fused_merging, "INTERPRETED", False)
+    with pytest.raises(ValueError, match="merge kernels 'triton' run on CUDA devices, not cpu"):
+        use_fused_kernels("triton", "cpu")
