@@ -23,7 +23,7 @@ from tempme.merging import MERGE_KERNELS
 from tempme.model import INFERENCE_SIZE_ATTENTION, SIZE_ATTENTION
 from tempme.precision import default_precision
 
-from .common import ParagraphHelpFormatter, device_option
+from .common import ParagraphHelpFormatter, device_option, exit_status_help
 
 EPILOG = """\
 examples:
@@ -48,7 +48,9 @@ per tensor, not the process's resident size, and not available when compiled); '
 model's parameters and buffers.
 Compiled and CUDA-graph inference runs also compare their embeddings with the same encoder run eagerly
 (smallest cosine: the table's last line, cosine_vs_eager in JSON).
-See docs/benchmarks.md."""
+See docs/benchmarks.md.
+
+""" + exit_status_help()
 
 
 def method_list(text: str) -> tuple[str, ...]:

@@ -14,18 +14,6 @@ from tempme.devices import DeviceUnavailable, resolve_device
 from tempme.files import check_folder
 
 
-class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows an option's default where it says something: not for flags, unset options (None) or
-    help that already names its default."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        help_text = action.help or ""
-        unset = action.default is None or action.default is False or action.default == argparse.SUPPRESS
-        if unset or "default" in help_text:
-            return help_text
-        return super()._get_help_string(action)
-
-
 class ParagraphHelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Descriptions and epilogs filled to the terminal's width paragraph by paragraph, except
     paragraphs with indented lines (examples, lists), which keep their lines as written."""
@@ -38,6 +26,18 @@ class ParagraphHelpFormatter(argparse.RawDescriptionHelpFormatter):
             for paragraph in paragraphs
         ]
         return "\n\n".join(filled)
+
+
+class DefaultsHelpFormatter(ParagraphHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default where it says something: not for flags, unset options (None) or
+    help that already names its default; fills descriptions and epilogs as ParagraphHelpFormatter does."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        unset = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if unset or "default" in help_text:
+            return help_text
+        return super()._get_help_string(action)
 
 
 def user_path(text: str) -> str:
@@ -114,3 +114,32 @@ def device_option(name: str) -> torch.device:
 def count(number: int, noun: str) -> str:
     """``"1 video"``, ``"3 videos"``."""
     return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
+def exit_status_help(left_out: str | None = None, torchrun: bool = False) -> str:
+    """The exit status paragraph of a command's --help. ``left_out``: the inputs it can leave out and
+    still finish (None: it has none); ``torchrun``: whether it runs under torchrun (see ``finished``)."""
+    lines = ["exit status:", "  0    done"]
+    if left_out:
+        lines += [f"  1    done, but {left_out} were left out:",
+                  "       each is named, and a last line on standard error counts them"]
+        if torchrun:
+            lines.append("       (0 under torchrun, which takes any other status for a crash)")
+    lines += ["  2    error: nothing done, or nothing usable made; one line on standard error says why",
+              "  130  interrupted (Ctrl-C); 143 terminated (SIGTERM); 141 the reader of the output went away"]
+    return "\n".join(lines)
+
+
+def finished(command: str, left_out: dict[str, int]) -> int:
+    """The exit status of ``command`` that did its work: 0, or 1 where it left out inputs
+    (``left_out``: noun -> how many, e.g. ``{"missing video": 2}``), which one line on standard error
+    then counts, the last line a script's log shows. Under torchrun 0 all the same: torchrun takes
+    any other status for a crashed process and, where --max-restarts allows, starts the work over."""
+    from .main import say, under_torchrun
+
+    counted = [count(number, noun) for noun, number in left_out.items() if number]
+    if not counted:
+        return 0
+    listed = counted[0] if len(counted) == 1 else f"{', '.join(counted[:-1])} and {counted[-1]}"
+    say(f"tempme {command}: finished, but left out {listed}")
+    return 0 if under_torchrun() else 1

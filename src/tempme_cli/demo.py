@@ -14,7 +14,7 @@ from tempme.config import MERGE_METHODS
 
 from tempme.files import atomic_file, check_folder
 
-from .common import DefaultsHelpFormatter, show_progress, user_path
+from .common import DefaultsHelpFormatter, exit_status_help, show_progress, user_path
 
 
 def register(subparsers) -> None:
@@ -24,6 +24,7 @@ def register(subparsers) -> None:
         description="Generate synthetic videos of moving and appearing shapes whose captions differ only in "
         "direction or order, pretrain a tiny CLIP on still images, fine-tune LoRA adapters once per method "
         "and print recall, reversal accuracy, tokens, GFLOPs and speed. Nothing is downloaded.",
+        epilog=exit_status_help(),
         formatter_class=DefaultsHelpFormatter,
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of data, initialisation and training")

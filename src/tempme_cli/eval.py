@@ -13,7 +13,7 @@ from typing import Any
 from tempme.config import MERGE_METHODS
 from tempme_train.config import ConfigError, TrainConfig, apply_overrides, flat_settings, load_config, with_settings
 
-from .common import ParagraphHelpFormatter, show_progress, user_path
+from .common import ParagraphHelpFormatter, exit_status_help, finished, show_progress, user_path
 
 WHAT_IS_EVALUATED = {
     "--checkpoint PATH": "a trained run: its folder (best.safetensors; weights.safetensors after "
@@ -42,8 +42,9 @@ EPILOG = "what is evaluated:\n" + "\n".join(
           --video-dir /data/videos --json
       torchrun --nproc_per_node 4 -m tempme_cli.main eval --checkpoint runs/msrvtt_b32_tempme
           (each GPU embeds a quarter of the split; rank 0 prints the metrics)
+
     """
-)
+) + exit_status_help("missing or undecodable videos", torchrun=True)
 
 
 def register(subparsers) -> None:
@@ -375,13 +376,15 @@ def run(args: argparse.Namespace) -> int:
         results["base_weights"] = base
     if warning:
         results["warning"] = warning
+    results["skipped"] = undecodable_videos(eval_set, results["skipped"])
+    left_out = {"missing video": len(missing), "undecodable video": len(results["skipped"])}
     if args.json:
         print(json.dumps(results))
-        return 0
+        return finished(args.command, left_out)
     on_base = f" (adapters on {base})" if adapters else ""
-    left_out = [f"{len(videos)} {label}" for label, videos in (("missing", missing), ("undecodable", results["skipped"]))
-                if videos]
-    left_out_text = f" ({', '.join(left_out)} left out)" if left_out else ""
+    counted = [f"{len(videos)} {label}" for label, videos in (("missing", missing), ("undecodable", results["skipped"]))
+               if videos]
+    left_out_text = f" ({', '.join(counted)} left out)" if counted else ""
     print(f"{results['dataset']} {args.split}: {results['num_captions']} captions, {results['num_videos']} videos"
           f"{left_out_text}; weights: {results['weights']}{on_base}")
     print(f"model: {merge.method}, {model.config.frames} frames, LoRA rank {model.config.lora.rank}, "
@@ -389,7 +392,27 @@ def run(args: argparse.Namespace) -> int:
     print(format_metrics_table(results["t2v"], results["v2t"]))
     if config.paper.t2v:
         print("paper t2v: " + ", ".join(f"{key} {value}" for key, value in config.paper.t2v.items()))
-    for label, videos in (("missing", missing), ("undecodable (left out)", results["skipped"])):
-        if videos:
-            print(f"{len(videos)} {label} videos: {', '.join(videos)}")
-    return 0
+    if missing:
+        print(f"{len(missing)} missing videos: {', '.join(missing)}")
+    if results["skipped"]:
+        undecodable = ", ".join(f"{video['video']} ({video['reason']})" for video in results["skipped"])
+        print(f"{len(results['skipped'])} undecodable (left out) videos: {undecodable}")
+    return finished(args.command, left_out)
+
+
+def undecodable_videos(eval_set, video_ids: list[str]) -> list[dict[str, str]]:
+    """The videos of ``eval_set`` that ``evaluate`` left out as undecodable, as ``{"video", "path",
+    "reason"}`` (the shape of ``skipped`` in every --json): each decoded again for its reason, which
+    the embeddings, computed now or read from the cache, do not keep."""
+    from tempme.data import SkippedVideo
+
+    rows = {video: row for row, video in enumerate(eval_set.video_ids)}
+    records = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "skipping video ...": it was left out already
+        for video in video_ids:
+            sample = eval_set.videos[rows[video]]
+            reason = (sample.reason if isinstance(sample, SkippedVideo)
+                      else "could not be decoded when it was embedded, but decodes now (changed since?)")
+            records.append({"video": video, "path": str(eval_set.items[rows[video]].path), "reason": reason})
+    return records

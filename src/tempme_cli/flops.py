@@ -9,7 +9,7 @@ from tempme.config import MERGE_METHODS, preset_names, settings_ignored_by
 from tempme.factory import build_config
 from tempme.flops import FlopReport, count_video_flops
 
-from .common import DefaultsHelpFormatter, add_schedule_arguments, schedule_overrides, user_path
+from .common import DefaultsHelpFormatter, add_schedule_arguments, exit_status_help, schedule_overrides, user_path
 
 
 def register(subparsers) -> None:
@@ -19,6 +19,7 @@ def register(subparsers) -> None:
         description="Build the video encoder with random weights (LoRA folded), run one video through a "
         "multiply-accumulate counter (fvcore convention: the paper's GFLOPs) and print the per-layer token "
         "counts. Nothing is downloaded.",
+        epilog=exit_status_help(),
         formatter_class=DefaultsHelpFormatter,
     )
     parser.add_argument("--config", metavar="CONFIG", type=user_path,

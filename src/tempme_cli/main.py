@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(parser, argv)
     if not getattr(args, "handler", None):
         parser.print_help()
-        return 1
+        return 2  # a usage error, as argparse's own (1 says a command finished with inputs left out)
     format_warning = warnings.formatwarning
     warnings.formatwarning = one_line_warning  # DataLoader workers fork from here and inherit it
     try:

@@ -17,6 +17,7 @@ EPILOG = textwrap.dedent(
     example:
       tempme prepare --config msrvtt_b32_tempme data.frame_cache=cache/frames data.anno_path=/data/msrvtt/anno \\
           data.video_dir=/data/msrvtt/videos
+
     """
 )
 
@@ -24,7 +25,7 @@ SPLITS = ("train", "val", "test")
 
 
 def register(subparsers) -> None:
-    from .common import ParagraphHelpFormatter
+    from .common import ParagraphHelpFormatter, exit_status_help
     from .train import add_config_arguments
 
     parser = subparsers.add_parser(
@@ -33,7 +34,7 @@ def register(subparsers) -> None:
         description="Sample and decode the frames of every video in the config's train, validation and test "
         "splits and store them in data.frame_cache. Videos already cached are skipped; videos that are "
         "missing or cannot be decoded are listed at the end.",
-        epilog=EPILOG,
+        epilog=EPILOG + exit_status_help("missing or undecodable videos", torchrun=True),
         formatter_class=ParagraphHelpFormatter,
     )
     add_config_arguments(parser, example="data.num_workers=8 data.frame_cache=/data/frames")
@@ -65,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
     from tempme_train.data import frame_cache, split_items
     from tempme_train.distributed import world_from_env
 
+    from .common import count, finished
     from .train import config_from_args
 
     args.overrides = [*args.overrides, *getattr(args, "late_overrides", [])]
@@ -89,6 +91,9 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as error:  # named after the override that set the value, if one did
         raise config.blame(error) from None
     missing = check_videos_exist(items.values())
+    if len(missing) == len(items):  # as training and evaluation refuse it: most likely the wrong folder
+        raise config.blame(ConfigError(args.config, "data.video_dir", config.data.video_dir,
+                                       f"none of the {len(items)} videos of {', '.join(splits)} is there"))
     present = [item for item in items.values() if item.path.is_file()]
     world = world_from_env()
     if world.distributed:  # under torchrun, each process decodes every W-th video; missing ones rank 0 lists
@@ -103,5 +108,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"  undecodable: {skipped.video_id} ({skipped.path}): {skipped.reason}")
     for item in missing:
         print(f"  missing: {item.video_id} ({item.path})")
-    problems = bool(summary.skipped or missing)
-    return 1 if problems and config.data.strict else 0
+    if not (summary.ok or world.distributed):  # under torchrun a process knows only its own share
+        raise ValueError(f"the {count(len(present), 'video')} there could not be decoded, so none is in {cache.folder}")
+    return finished(args.command, {"undecodable video": len(summary.skipped), "missing video": len(missing)})

@@ -22,7 +22,8 @@ from tempme.config import MERGE_METHODS
 from tempme.precision import PRECISIONS, default_precision
 
 from .common import (
-    ParagraphHelpFormatter, check_finite, check_output_file, count, device_option, show_progress, user_path,
+    ParagraphHelpFormatter, check_finite, check_output_file, count, device_option, exit_status_help, finished,
+    show_progress, user_path,
 )
 
 INDEX_EPILOG = textwrap.dedent(
@@ -54,8 +55,9 @@ INDEX_EPILOG = textwrap.dedent(
       tempme index ~/recordings --weights ViT-B/32 --segment 30 --out moments.index
       tempme index --weights ViT-B/32 --out videos.index -- -intro.mp4 outro.mp4
       tempme search videos.index "a dog catches a frisbee"
+
     """
-)
+) + exit_status_help("undecodable videos or damaged windows (--segment)")
 
 SEARCH_EPILOG = textwrap.dedent(
     """\
@@ -70,8 +72,9 @@ SEARCH_EPILOG = textwrap.dedent(
       tempme search videos.index            # then type one query per line (Ctrl-D ends)
       tempme search videos.index --json < queries.txt > results.jsonl
       tempme search moments.index "a goal in a football match" --per-video -k 5
+
     """
-)
+) + exit_status_help("lines of standard input that are not UTF-8 text")
 
 
 def default_workers() -> int:
@@ -316,14 +319,14 @@ def run_index(args: argparse.Namespace) -> int:
               "run the same command again to carry on", file=sys.stderr)
         raise
     if args.json:
+        skipped = [{"path": path, "reason": reason} for path, reason in update.skipped.items()]
         report = {"index": str(args.out), "found": found, "added": update.added, "updated": update.updated,
-                  "skipped": update.skipped, "dropped": update.dropped, "removed": update.removed,
-                  "total": update.total}
+                  "skipped": skipped, "dropped": update.dropped, "removed": update.removed, "total": update.total}
         if update.segments is not None:
             report["segments"] = update.segments
             report["partial"] = update.partial
         print(json.dumps(report))
-        return 0
+        return index_status(args, update, found)
     held = "" if update.segments is None else f" in {count(update.segments, 'segment')}"
     dropped = f" ({len(update.dropped)} of them indexed before, now dropped)" if update.dropped else ""
     print(f"{args.out}: {count(update.total, 'video')} indexed{held} ({update.added} new, {len(update.updated)} changed and "
@@ -339,7 +342,17 @@ def run_index(args: argparse.Namespace) -> int:
         print(f"  {what}: {one_line(path)}: {reason}")
     for path in update.removed:
         print(f"  deleted: {one_line(path)}")
-    return 0
+    return index_status(args, update, found)
+
+
+def index_status(args: argparse.Namespace, update, found: int) -> int:
+    """The exit status of ``tempme index`` (see ``finished``): an index that holds no video, which
+    every search would answer with nothing, is an error, though it was written."""
+    if update.total == 0:
+        why = f"the {count(found, 'video')} found could not be decoded" if found else "no video was found"
+        raise ValueError(f"{args.out} holds no videos: {why}")
+    windows = sum(len(spans) for spans in update.partial.values())
+    return finished(args.command, {"undecodable video": len(update.skipped), "damaged window": windows})
 
 
 def run_search(args: argparse.Namespace) -> int:
@@ -400,16 +413,18 @@ def run_search(args: argparse.Namespace) -> int:
         print(f"{count(index.videos, 'video')}{held} in {args.index}; type a query and press Enter (Ctrl-D to end)",
               file=sys.stderr)
     lines = sys.stdin.buffer if hasattr(sys.stdin, "buffer") else (text.encode() for text in sys.stdin)
+    not_text = 0
     for number, raw in enumerate(lines, start=1):
         try:  # UTF-8 whatever the locale says; a byte-order mark (Windows editors write one) is not text
             line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
         except UnicodeDecodeError as error:
             warnings.warn(f"line {number} of standard input is not UTF-8 text ({error.reason} at byte "
                           f"{error.start}); passed over")
+            not_text += 1
             continue
         if line.strip():
             answer(model, index, [line.strip()], args.top, device, args.json, args.per_video)
-    return 0
+    return finished(args.command, {"non-UTF-8 query line": not_text})
 
 
 def warn_if_truncated(model, query: str) -> None:

@@ -7,7 +7,7 @@ import textwrap
 
 from tempme_train.config import TrainConfig, list_configs, load_config, with_settings
 
-from .common import ParagraphHelpFormatter, user_path
+from .common import ParagraphHelpFormatter, exit_status_help, finished, user_path
 
 EPILOG = textwrap.dedent(
     """\
@@ -18,8 +18,9 @@ EPILOG = textwrap.dedent(
       torchrun --nproc_per_node 4 -m tempme_cli.main train --config msrvtt_b32_tempme
 
     bundled configs (the paper's main tables): {configs}
+
     """
-)
+) + exit_status_help("missing or undecodable videos", torchrun=True)
 
 
 def add_config_arguments(
@@ -88,4 +89,7 @@ def run(args: argparse.Namespace) -> int:
     ):
         if videos:
             print(f"{label} ({len(videos)}): {', '.join(videos)}")
-    return 0
+    return finished(args.command, {
+        "missing video": len(summary.missing_videos), "undecodable video": len(summary.skipped_videos),
+        "undecodable validation video": len(summary.skipped_val_videos),
+    })

@@ -67,6 +67,24 @@ def test_every_subcommand_help_shows_only_meaningful_defaults():
     assert "(default: the config's, else 12)" in subcommands["flops"].format_help()
 
 
+def test_every_subcommand_help_ends_with_its_exit_statuses(capsys):
+    import argparse
+
+    from tempme_cli.main import build_parser
+
+    parser = build_parser()
+    subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    # The commands that can finish with some of their inputs left out, and those of them torchrun runs.
+    leave_out, under_torchrun = {"prepare", "train", "eval", "index", "search"}, {"prepare", "train", "eval"}
+    for name, subparser in subcommands.items():
+        statuses = subparser.format_help().split("exit status:\n")[-1]
+        assert statuses.startswith("  0    done\n") and "\n  2    error: " in statuses, name
+        assert ("\n  1    done, but " in statuses) == (name in leave_out), name
+        assert ("0 under torchrun" in statuses) == (name in under_torchrun), name
+    # No command is a usage error, as argparse's own are: 1 would say a command left inputs out.
+    assert main([]) == 2 and "usage: tempme" in capsys.readouterr().out
+
+
 def test_version_names_tempme_and_torch(capsys):
     import importlib.metadata
 

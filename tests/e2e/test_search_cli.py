@@ -63,16 +63,20 @@ def test_index_then_search(library, tmp_path, capsys, monkeypatch):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         code, out, err = cli(capsys, *args, "--json")
-    assert code == 0, err
+    # Done, but with a video left out: exit status 1, and a last line that counts it.
+    assert code == 1 and err.endswith("tempme index: finished, but left out 1 undecodable video\n"), err
     # The undecodable video is reported in the summary, not warned about.
     assert not [w for w in caught if "skipping video" in str(w.message)]
     report = json.loads(out)
     broken = str((library / "broken.mp4").resolve())
-    assert (report["found"], report["added"], report["total"], list(report["skipped"])) == (4, 3, 3, [broken])
+    assert (report["found"], report["added"], report["total"]) == (4, 3, 3)
+    # As `tempme eval --json` gives it: a list of {path, reason}.
+    assert [sorted(video) for video in report["skipped"]] == [["path", "reason"]]
+    assert report["skipped"][0]["path"] == broken and report["skipped"][0]["reason"].startswith("unreadable container")
 
     # A second run decodes nothing new but tries the broken video again, and says so in text.
     code, out, err = cli(capsys, *args)
-    assert code == 0, err
+    assert code == 1, err
     assert "3 videos indexed (0 new, 0 changed and embedded again, 1 undecodable" in out and f"undecodable: {broken}" in out
 
     code, out, err = cli(capsys, "search", str(index), *QUERIES, "-k", "2", "--json", "--device", "cpu")
@@ -120,7 +124,8 @@ def test_index_then_search(library, tmp_path, capsys, monkeypatch):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         code, out, err = cli(capsys, "search", str(index), "-k", "2", "--json", "--device", "cpu")
-    assert code == 0, err
+    # The other queries are answered; the one passed over makes it exit 1, counted in a last line.
+    assert code == 1 and err.endswith("tempme search: finished, but left out 1 non-UTF-8 query line\n"), err
     assert [json.loads(line) for line in out.splitlines()] == [results[1], results[0]]
     assert [str(w.message) for w in caught if "standard input" in str(w.message)] == [
         "line 3 of standard input is not UTF-8 text (invalid continuation byte at byte 3); passed over"]
@@ -132,7 +137,9 @@ def test_searching_an_index_of_no_videos_says_why_it_finds_nothing(tmp_path, cap
     index = tmp_path / "v.index"
     code, out, err = cli(capsys, "index", str(tmp_path / "videos"), "--weights", str(weights), "--out", str(index),
                          "--frames", "4", "--device", "cpu", "--workers", "0")
-    assert code == 0 and "0 videos indexed" in out and "1 undecodable" in out, err
+    # Written (the broken video is tried again next time), but an index of nothing is no success.
+    assert code == 2 and "0 videos indexed" in out and "1 undecodable" in out, err
+    assert err.endswith(f"tempme index: error: {index} holds no videos: the 1 video found could not be decoded\n")
     with pytest.warns(UserWarning, match="holds no videos \\(its 1 video could not be decoded; `tempme index` says"):
         code, out, err = cli(capsys, "search", str(index), QUERIES[0], "--device", "cpu")
     assert code == 0 and "0 of 0 videos" in out, err
@@ -144,14 +151,14 @@ def test_an_indexed_video_that_no_longer_decodes_is_said_to_be_dropped(library, 
     weights = write_clip_weights(tmp_path / "clip.pt", seed=0)
     args = ["index", str(videos), "--weights", str(weights), "--out", str(tmp_path / "v.index"), "--frames", "4",
             "--device", "cpu", "--workers", "0"]
-    assert cli(capsys, *args)[0] == 0
+    assert cli(capsys, *args)[0] == 1  # the library's broken video left out, every time
     (videos / "cats-again.mp4").symlink_to(videos / "cats.mp4")  # the same video: found once
     code, out, err = cli(capsys, *args, "--json")
-    assert code == 0 and json.loads(out)["found"] == 4 and json.loads(out)["added"] == 0, err
+    assert code == 1 and json.loads(out)["found"] == 4 and json.loads(out)["added"] == 0, err
     cats = str((videos / "cats.mp4").resolve())
     Path(cats).write_bytes(b"not a video any more")
     code, out, err = cli(capsys, *args)
-    assert code == 0, err
+    assert code == 1 and err.endswith("tempme index: finished, but left out 2 undecodable videos\n"), err
     assert ("2 videos indexed (0 new, 0 changed and embedded again, 2 undecodable (1 of them indexed before, "
             "now dropped), 0 deleted and dropped") in out, out
     assert f"changed, no longer decodes, dropped: {cats}" in out and "undecodable: " in out
@@ -399,6 +406,27 @@ def test_a_second_index_run_stops_before_loading_its_model(library, tmp_path, ca
     with exclusive_lock(index):  # what a run in another process holds
         code, _, err = cli(capsys, "index", str(library), "--weights", "ViT-B/32", "--out", str(index))
     assert code == 2 and f"{index} is being updated by another process" in err, err
+
+
+def test_windows_left_out_of_a_damaged_video_make_index_exit_1(tmp_path, capsys):
+    import random
+
+    # The damage of test_search.py's test_windows_left_out_of_a_damaged_video_are_reported: frames
+    # 80-119 do not decode, so the window from 8 to 12 s is left out of an index of 4-second ones.
+    clean = write_video(tmp_path / "clean" / "v.mp4", num_frames=200, keyframe_every=20)
+    data = bytearray(clean.read_bytes())
+    first, count = int(len(data) * 0.3), int(len(data) * 0.2)
+    data[first : first + count] = random.Random(1).randbytes(count)
+    damaged = tmp_path / "videos" / "damaged.mp4"
+    damaged.parent.mkdir()
+    damaged.write_bytes(data)
+    weights = write_clip_weights(tmp_path / "clip.pt", seed=0)
+    with pytest.warns(UserWarning, match="left out, as fewer than half of their frames decode: 8.0-12.0 s"):
+        code, out, err = cli(capsys, "index", str(damaged.parent), "--weights", str(weights), "--out",
+                             str(tmp_path / "v.index"), "--frames", "4", "--segment", "4", "--device", "cpu",
+                             "--workers", "0", "--json")
+    assert code == 1 and err.endswith("tempme index: finished, but left out 1 damaged window\n"), err
+    assert json.loads(out)["partial"] == {str(damaged.resolve()): [[8.0, 12.0]]}
 
 
 def test_index_of_segments_then_search_finds_moments(tmp_path, capsys):

@@ -33,6 +33,9 @@ PRESET = register_tiny_preset("test-tiny-e2e")
 TRAIN_IDS = [f"video{i}" for i in range(10)]
 TEST_IDS = ["video20", "video21", "video22"]
 CORRUPT, MISSING = "video2", "video5"
+# The exit status of a command that finished but left videos out: every one that reads the training
+# split (train, prepare) leaves out MISSING, whose file is not there.
+LEFT_OUT = 1
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -99,20 +102,24 @@ def test_train_stop_resume_and_evaluate(run_config, tmp_path, capsys, monkeypatc
     output = run_config.parent / "run"
     # 7 training videos with files (10 - 3 held out) minus the missing one -> 12 pairs, 3 steps per epoch.
     with pytest.warns(UserWarning, match=MISSING):
-        assert main(["train", "--config", str(run_config), "run.stop_after=2"]) == 0
-    printed = capsys.readouterr().out
+        assert main(["train", "--config", str(run_config), "run.stop_after=2"]) == LEFT_OUT
+    printed, said = capsys.readouterr()
     assert "steps: 2/6 (stopped early" in printed and f"missing videos (1): {MISSING}" in printed
+    assert said.endswith("tempme train: finished, but left out 1 missing video\n"), said
     with pytest.warns(UserWarning, match=MISSING):
-        assert main(["train", "--config", str(run_config), "--resume"]) == 0
-    printed = capsys.readouterr().out
+        assert main(["train", "--config", str(run_config), "--resume"]) == LEFT_OUT
+    printed, said = capsys.readouterr()
     assert "steps: 6/6\n" in printed and f"undecodable (skipped) videos (1): {CORRUPT}" in printed
+    assert said.endswith("tempme train: finished, but left out 1 missing video and 1 undecodable video\n"), said
     records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
     validations = [r for r in records if r["kind"] == "val"]
     assert validations and all(r["t2v"]["num_queries"] == 6 for r in validations)  # 3 held-out videos x 2
 
-    assert main(["eval", "--checkpoint", str(output), "--json"]) == 0
-    first = json.loads(capsys.readouterr().out)
+    assert main(["eval", "--checkpoint", str(output), "--json"]) == 0  # every test video there and decodable
+    first, said = capsys.readouterr()
+    first = json.loads(first)
+    assert "finished, but" not in said and (first["missing"], first["skipped"]) == ([], [])
     assert first["split"] == "test" and first["num_videos"] == 3 and first["weights"].endswith("best.safetensors")
     assert set(first["t2v"]) >= {"R1", "R5", "R10", "R50", "MdR", "MnR", "RSum"}
     assert first["cache"].startswith(str(tmp_path / "cache"))
@@ -121,9 +128,19 @@ def test_train_stop_resume_and_evaluate(run_config, tmp_path, capsys, monkeypatc
     assert first["model"]["schedule"] == json.loads(json.dumps({
         name: getattr(built, name) for name in ("tome_r", "merge_layers", "clips_joined", "cross_merge_ratio",
                                                  "intra_merge_ratio", "clip_pos_embed", "prop_attn")}))
-    assert main(["eval", "--checkpoint", str(output), "--split", "train"]) == 0
-    table = capsys.readouterr().out  # the split lists video5, whose file is missing, and corrupt video2
+    assert main(["eval", "--checkpoint", str(output), "--split", "train"]) == LEFT_OUT
+    table, said = capsys.readouterr()  # the split lists video5, whose file is missing, and corrupt video2
     assert "8 videos (1 missing, 1 undecodable left out)" in table and "model: tempme, 4 frames, LoRA rank 8, fp32" in table
+    assert f"1 undecodable (left out) videos: {CORRUPT} (unreadable container" in table
+    assert said.endswith("tempme eval: finished, but left out 1 missing video and 1 undecodable video\n"), said
+    # Again, the embeddings from the cache, which keeps no reasons: skipped as `tempme index --json` has it.
+    assert main(["eval", "--checkpoint", str(output), "--split", "train", "--json"]) == LEFT_OUT
+    on_train = json.loads(capsys.readouterr().out)
+    assert on_train["missing"] == [MISSING] and [sorted(video) for video in on_train["skipped"]] == [["path", "reason", "video"]]
+    (skipped,) = on_train["skipped"]
+    videos = run_config.parent / "videos"
+    assert (skipped["video"], skipped["path"]) == (CORRUPT, str(videos / f"{CORRUPT}.mp4"))
+    assert skipped["reason"].startswith("unreadable container")
     flops = count_video_flops(build_model(train_config_of(output / "best.safetensors")).config)
     assert (first["model"]["tokens"], first["model"]["gflops"]) == (flops.tokens, round(flops.gflops, 2))
     assert f"video encoder: {flops.tokens} tokens, {flops.gflops:.1f} GFLOPs per video" in table
@@ -162,7 +179,7 @@ def test_a_checkpoint_evaluated_with_a_config_keeps_the_model_it_was_trained_as(
     output = tmp_path / "ablation"
     with pytest.warns(UserWarning, match=MISSING):
         assert main(["train", "--config", str(run_config), "model.schedule.clip_pos_embed=false", "run.stop_after=1",
-                     "--output", str(output)]) == 0
+                     "--output", str(output)]) == LEFT_OUT
     capsys.readouterr()
     # The config only says where the data is; its schedule is not the one the adapters were trained in.
     with pytest.warns(UserWarning, match=rf"run.yaml sets model.schedule.clip_pos_embed differently from the model {output / 'last'}"):
@@ -205,7 +222,7 @@ def test_a_checkpoint_evaluated_with_a_config_keeps_the_model_it_was_trained_as(
     on_base = tmp_path / "on_base"
     with pytest.warns(UserWarning, match=MISSING):
         assert main(["train", "--config", str(run_config), f"model.weights={plain}", "run.stop_after=1",
-                     "--output", str(on_base)]) == 0
+                     "--output", str(on_base)]) == LEFT_OUT
     capsys.readouterr()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -237,7 +254,7 @@ def test_a_fully_fine_tuned_run_is_evaluated_without_its_base_weights(run_config
     output = tmp_path / "full"
     with pytest.warns(UserWarning, match=MISSING):
         assert main(["train", "--config", str(run_config), f"model.weights={base}", "model.trainable=full",
-                     "run.stop_after=1", "--output", str(output)]) == 0
+                     "run.stop_after=1", "--output", str(output)]) == LEFT_OUT
     capsys.readouterr()
     base.rename(tmp_path / "moved.safetensors")  # every weight is in the run's file: the base is not needed
     assert main(["eval", "--checkpoint", str(output / "last"), "--json", "--no-cache"]) == 0
@@ -250,7 +267,7 @@ def test_a_fully_fine_tuned_run_is_evaluated_without_its_base_weights(run_config
 def test_a_run_on_a_random_backbone_is_evaluated_with_a_config_of_another_seed(run_config, capsys, tmp_path):
     output = tmp_path / "random"
     with pytest.warns(UserWarning, match=MISSING):
-        assert main(["train", "--config", str(run_config), "run.stop_after=1", "--output", str(output)]) == 0
+        assert main(["train", "--config", str(run_config), "run.stop_after=1", "--output", str(output)]) == LEFT_OUT
     capsys.readouterr()
     other_seed = tmp_path / "other_seed.yaml"
     other_seed.write_text(f"base: {run_config}\noptim: {{seed: 7}}\n")  # its backbone would be another one
@@ -328,7 +345,7 @@ def test_a_run_without_validation_keeps_its_final_weights(run_config, tmp_path, 
     output = tmp_path / "run"
     with pytest.warns(UserWarning, match=MISSING):
         assert main(["train", "--config", str(run_config), "data.val_split=none", "optim.epochs=1",
-                     "--output", str(output)]) == 0
+                     "--output", str(output)]) == LEFT_OUT
     printed = capsys.readouterr().out
     assert f"final weights: {output / 'weights.safetensors'}" in printed and "best validation" not in printed
     assert not (output / "best.safetensors").exists()
@@ -342,14 +359,14 @@ def test_a_run_without_validation_keeps_its_final_weights(run_config, tmp_path, 
     assert "data.val_split" in capsys.readouterr().err
     # Preparing its frame cache leaves out the validation set it does not have.
     assert main(["prepare", "--config", str(run_config), "data.val_split=none", f"data.frame_cache={tmp_path / 'f'}",
-                 "--workers", "0"]) == 0
+                 "--workers", "0"]) == LEFT_OUT
     assert "11 videos cached, 1 undecodable, 1 missing" in capsys.readouterr().out
 
 
 def test_validating_on_the_test_split_is_warned_about(run_config, tmp_path, capsys):
     with pytest.warns(UserWarning, match="data.val_split=test is the test split"):
         assert main(["train", "--config", str(run_config), "data.val_split=test", "run.stop_after=2",
-                     "--output", str(tmp_path / "run")]) == 0
+                     "--output", str(tmp_path / "run")]) == LEFT_OUT
     assert (tmp_path / "run" / "best.safetensors").exists()
     capsys.readouterr()
     with pytest.warns(UserWarning, match="was chosen by validating on this test split"):  # where it matters
@@ -361,11 +378,32 @@ def test_validating_on_the_test_split_is_warned_about(run_config, tmp_path, caps
 
 def test_prepare_fills_the_frame_cache_and_lists_bad_videos(run_config, tmp_path, capsys):
     cache = tmp_path / "frames"
-    assert main(["prepare", "--config", str(run_config), f"data.frame_cache={cache}", "--workers", "0"]) == 0
-    printed = capsys.readouterr().out
+    assert main(["prepare", "--config", str(run_config), f"data.frame_cache={cache}", "--workers", "0"]) == LEFT_OUT
+    printed, said = capsys.readouterr()
     assert "11 videos cached, 1 undecodable, 1 missing" in printed
     assert CORRUPT in printed and MISSING in printed
+    assert said.endswith("tempme prepare: finished, but left out 1 undecodable video and 1 missing video\n"), said
     assert len(list(cache.rglob("*.npy"))) == 11
+    # The test split has every video, cached now: done.
+    assert main(["prepare", "--config", str(run_config), f"data.frame_cache={cache}", "--splits", "test"]) == 0
+    assert "3 videos cached, 0 undecodable, 0 missing" in capsys.readouterr().out
+
+
+def test_prepare_that_caches_nothing_is_an_error(run_config, tmp_path, capsys):
+    cache = f"data.frame_cache={tmp_path / 'frames'}"
+    (tmp_path / "empty").mkdir()
+    assert main(["prepare", "--config", str(run_config), cache, f"data.video_dir={tmp_path / 'empty'}"]) == 2
+    error = one_error_line(capsys)
+    assert f"data.video_dir: none of the 13 videos of train, val, test is there (got '{tmp_path / 'empty'}')" in error
+    videos = run_config.parent / "videos"
+    captions = custom_captions(tmp_path / "captions.csv", [CORRUPT], videos)
+    assert main(["prepare", "--config", str(run_config), cache, "data.dataset=custom", f"data.anno_path={captions}",
+                 "--splits", "test", "--workers", "0"]) == 2
+    printed, said = capsys.readouterr()
+    assert "0 videos cached, 1 undecodable, 0 missing" in printed and f"undecodable: {videos / CORRUPT}.mp4" in printed
+    # The cache's folder for 4 frames at 1 fps, 32 pixels (FrameCache.folder).
+    folder = tmp_path / "frames" / "m4_r1_s32"
+    assert said == f"tempme prepare: error: the 1 video there could not be decoded, so none is in {folder}\n"
 
 
 def test_prepare_under_torchrun_shares_the_videos_between_processes(run_config, tmp_path, capsys, monkeypatch):
@@ -374,11 +412,14 @@ def test_prepare_under_torchrun_shares_the_videos_between_processes(run_config, 
     for rank in (1, 0):
         monkeypatch.setenv("RANK", str(rank))
         monkeypatch.setenv("WORLD_SIZE", "2")
+        # 0 where one process would exit 1: torchrun takes that for a crash (and may start all over).
         assert main(["prepare", "--config", str(run_config), f"data.frame_cache={cache}", "--workers", "0",
                      "run.progress=true"]) == 0
         captured = capsys.readouterr()
         printed.append(captured.out)
         bars.append("caching frames" in captured.err)
+        said_left_out = "tempme prepare: finished, but left out 1 undecodable video and 1 missing video\n"
+        assert captured.err.endswith(said_left_out) == (rank == 0), captured.err
         if rank == 1:  # 12 of the 13 videos exist, the third one corrupt: every other one is rank 1's
             assert "(process 1 of 2): 6 videos cached, 0 undecodable, 0 missing" in printed[0]
             assert len(list(cache.rglob("*.npy"))) == 6
@@ -630,7 +671,7 @@ def test_an_index_of_a_checkpoint_follows_its_base_weights_when_they_move(run_co
     base = save_weights(tempme.create_model(PRESET, method="tempme", frames=4), tmp_path / "base.safetensors")
     output = tmp_path / "run"
     assert main(["train", "--config", str(run_config), f"model.weights={base}", "run.stop_after=1",
-                 "run.eval_every=1", "--output", str(output)]) == 0
+                 "run.eval_every=1", "--output", str(output)]) == LEFT_OUT
     capsys.readouterr()
     videos = [str(run_config.parent / "videos" / f"{vid}.mp4") for vid in TEST_IDS]
     index = tmp_path / "test.index"
@@ -704,4 +745,4 @@ def test_an_unreadable_test_split_is_warned_about_before_training(run_config, tm
     with pytest.warns(UserWarning, match="the test split cannot be read, so `tempme eval` will fail until it is "
                       "fixed: .*data.anno_path: MSRVTT test split file not found"):
         assert main(["train", "--config", str(run_config), f"data.anno_path={anno}", "run.stop_after=1",
-                     "--output", str(tmp_path / "run")]) == 0
+                     "--output", str(tmp_path / "run")]) == LEFT_OUT
