@@ -12,7 +12,6 @@ from tempme.bench import (
     ATTENTION_BACKENDS,
     BASELINES,
     COMPILE_MODES,
-    DTYPES,
     benchmark_inference,
     benchmark_training,
     format_results,
@@ -21,23 +20,23 @@ from tempme.bench import (
 from tempme.config import MERGE_METHODS, preset_names
 from tempme.merging import MERGE_KERNELS
 from tempme.model import INFERENCE_SIZE_ATTENTION, SIZE_ATTENTION
-from tempme.precision import default_precision
+from tempme.precision import PRECISIONS, default_precision
 
 from .common import ParagraphHelpFormatter, device_option, exit_status_help
 
 EPILOG = """\
 examples:
-  tempme bench --model ViT-B/32 --frames 12 --batch 4 --device cpu --dtype fp32
-  tempme bench --model ViT-B/16 --batch 32 --device cuda --dtype bf16 --compile --baseline --json
-  tempme bench --model ViT-B/16 --batch 32 --device cuda --dtype bf16 --cuda-graph --methods none,tempme,merge-free
-  tempme bench --model ViT-B/16 --batch 32 --device cuda --dtype bf16 --train
+  tempme bench --model ViT-B/32 --frames 12 --batch 4 --device cpu --precision fp32
+  tempme bench --model ViT-B/16 --batch 32 --device cuda --precision bf16 --compile --baseline --json
+  tempme bench --model ViT-B/16 --batch 32 --device cuda --precision bf16 --cuda-graph --methods none,tempme,merge-free
+  tempme bench --model ViT-B/16 --batch 32 --device cuda --precision bf16 --train
 
 Weights and inputs are random (nothing is downloaded); speed does not depend on their values.
 Inference: the video encoder alone, optimised for inference (LoRA and QuickGELU's scale folded into
-the weights), cast to --dtype, under inference_mode. Baselines (--baseline): plain-vit and timm-vit
+the weights), cast to --precision, under inference_mode. Baselines (--baseline): plain-vit and timm-vit
 (unmerged ViTs with fused attention) and merge-free (tempme's token shapes with merging itself free).
 Training (--train): video + text forward, symmetric InfoNCE, backward and an AdamW step on LoRA and
-clip positional embeddings, float32 weights under autocast to --dtype (loss scaling for fp16).
+clip positional embeddings, float32 weights under autocast to --precision (loss scaling for fp16).
 Timing: every method gets a first call ('first s': compilation or graph capture included) and --warmup untimed
 calls, then --repeats rounds time each method once in turn, so load from other processes falls on
 all alike. 'median ms' is per batch; 'vs none' is the median over rounds of none's time divided by
@@ -79,8 +78,11 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--device", default="auto", help="cpu, cuda[:N], mps or auto: the GPU where there is one (default: auto)"
     )
+    # --dtype, its first name, stays for the scripts and notes that use it.
     parser.add_argument(
-        "--dtype", choices=list(DTYPES), help="precision (default: bf16 on a CUDA GPU, else fp32)"
+        "--precision", "--dtype", choices=("auto", *PRECISIONS), default="auto", dest="precision",
+        help="fp32, bf16 or fp16, named as tempme index and optim.precision name them, or auto: bf16 on a CUDA GPU, "
+        "else fp32 (default: auto); --dtype is its older name, still taken",
     )
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
     parser.add_argument(
@@ -166,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
         frames=args.frames,
         batch=args.batch if args.batch is not None else (32 if on_gpu else 4),
         device=str(device),
-        dtype=args.dtype or default_precision(device),
+        dtype=default_precision(device) if args.precision == "auto" else args.precision,
         repeats=args.repeats,
         warmup=args.warmup,
         progress=not args.json,

@@ -306,3 +306,15 @@ def test_cli_defaults_to_the_cpu_in_fp32_with_four_videos(capsys):
     assert main(["bench", "--model", "tiny-B/32", "--methods", "none", "--repeats", "1", "--warmup", "0", "--json"]) == 0
     (result,) = json.loads(capsys.readouterr().out)["results"]
     assert (result["device"], result["dtype"], result["batch"]) == ("cpu", "fp32", 4)
+
+
+@pytest.mark.parametrize("option", ["--precision", "--dtype"])  # --dtype: its older name, which scripts use
+def test_cli_takes_the_precision_by_either_name(option, capsys):
+    argv = ["bench", "--model", "tiny-B/32", "--methods", "none", "--batch", "1", "--repeats", "1", "--warmup", "0",
+            "--device", "cpu", "--json"]
+    assert main([*argv, option, "bf16"]) == 0  # not the CPU's default, fp32
+    (result,) = json.loads(capsys.readouterr().out)["results"]
+    assert result["dtype"] == "bf16"
+    with pytest.raises(SystemExit) as exit:
+        main([*argv, option, "fp64"])
+    assert exit.value.code == 2 and "argument --precision/--dtype: invalid choice: 'fp64'" in capsys.readouterr().err
