@@ -3,14 +3,17 @@
 ``tempme.merging`` builds a merge plan from about a dozen small tensor operations (a sort, a second
 sort, gathers, a concatenation) and applies it with as many more. On a GPU each is a kernel of a few
 microseconds, and an H100 replaying ViT-B/16 as a CUDA graph spent 3.7 ms of its 27 ms per batch on
-them (docs/benchmarks.md, run 5). Here each step is one kernel:
+them (docs/benchmarks.md, run 5); in eager training the GPU waited for the CPU to launch them. Here
+each step is one kernel:
 
 - ``plan_merge``: one program per sequence ranks the A tokens by their best score and makes the
   merges ``merging.match_patches`` makes (the same survivors in the same order, the same ties), with
   the merged tokens listed by destination;
 - ``apply_merge``: one program per output row copies a kept token, or averages a B token with the
   A tokens merged into it (read in float32, written once: no atomics, so results are reproducible),
-  and writes the new sizes and each moved token's share (which ``WeightedMerge``'s backward uses).
+  and writes the new sizes and each moved token's share;
+- ``apply_merge_backward``: its gradient, one program per output row, which writes the gradient of
+  every input token that went to that row (``WeightedMerge``'s backward pass for fused plans).
 
 Both need Triton and a CUDA device; with ``TRITON_INTERPRET=1`` set before this module is imported
 they run on CPU tensors (slowly), which is how the tests check them where no GPU is.
@@ -188,3 +191,41 @@ def apply_merge(
             HAS_SIZE=size is not None, BLOCK_C=min(triton.next_power_of_2(channels), 1024),
         )
     return merged, new_size, share
+
+
+@triton.jit
+def _merge_backward_kernel(
+    grad_ptr, keep_ptr, src_ptr, first_ptr, stop_ptr, share_ptr, grad_x_ptr,
+    channels,
+    BLOCK_C: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    kept = tl.load(keep_ptr + row)
+    first = tl.load(first_ptr + row)
+    stop = tl.load(stop_ptr + row)
+    out_type = grad_x_ptr.dtype.element_ty
+    # d out_b / d x_a = s_a / S_b, d out_b / d x_b = 1 - the sum of those shares: every input row is
+    # written once, by the program of the output row it went to.
+    for c in range(0, channels, BLOCK_C):
+        channel = c + tl.arange(0, BLOCK_C)
+        in_row = channel < channels
+        grad = tl.load(grad_ptr + row * channels + channel, mask=in_row, other=0.0).to(tl.float32)
+        kept_grad = grad
+        for moved in range(first, stop):
+            moved_grad = tl.load(share_ptr + moved) * grad
+            kept_grad -= moved_grad
+            tl.store(grad_x_ptr + tl.load(src_ptr + moved) * channels + channel, moved_grad.to(out_type), mask=in_row)
+        tl.store(grad_x_ptr + kept * channels + channel, kept_grad.to(out_type), mask=in_row)
+
+
+def apply_merge_backward(plan: MergePlan, grad: torch.Tensor, share: torch.Tensor) -> torch.Tensor:
+    """The gradient ``[B, N, C]`` of ``apply_merge``'s tokens from that of its output ``grad [B, N - r, C]``
+    and the shares it returned: one program per output row, no atomics."""
+    batch, tokens_out, channels = grad.shape
+    grad_x = grad.new_empty(batch, plan.tokens_in, channels)
+    if grad.numel():
+        _merge_backward_kernel[(batch * tokens_out,)](
+            grad.contiguous(), plan.keep_rows, plan.src_rows, plan.sources_by_row[0], plan.sources_by_row[1],
+            share, grad_x, channels, BLOCK_C=min(triton.next_power_of_2(channels), 1024),
+        )
+    return grad_x

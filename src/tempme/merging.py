@@ -265,7 +265,7 @@ def merge_weighted(
 class WeightedMerge(torch.autograd.Function):
     """``merge_weighted``'s arithmetic, ``[B, N, C] -> [B, N - r, C]`` and sizes, with its own backward pass.
 
-    A fused plan is applied by the fused kernel, any other by tensor operations. Every input token is
+    A fused plan is applied (and differentiated) by the fused kernels, any other by tensor operations. Every input token is
     either kept or moved, exactly once, so the gradient is the output gradient put back in input order,
     plus the moved tokens' shares: row copies and ``r`` rows of arithmetic, instead of autograd's
     zero-filled scatters for each gather and their sum. The shares (from sizes) are constants.
@@ -288,6 +288,8 @@ class WeightedMerge(torch.autograd.Function):
         # d out_b / d x_a = s_a / S_b for a merged into b; d out_b / d x_b = 1 - sum of those shares.
         plan, (batch, tokens, channels) = ctx.plan, ctx.input_shape
         (moved_share,) = ctx.saved_tensors
+        if plan.sources_by_row is not None:
+            return fused_kernels().apply_merge_backward(plan, grad, moved_share), None, None
         grad = grad.contiguous()
         grad_x = grad.new_empty(batch, tokens, channels)
         rows = grad_x.view(-1, channels)
