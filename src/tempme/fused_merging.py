@@ -109,12 +109,14 @@ def plan_merge(best_score: torch.Tensor, best_b: torch.Tensor, r: int, num_cls: 
     num_b = len(range(b_start, tokens_in - num_cls, 2))
     if num_a > MAX_SET:
         raise ValueError(f"fused matching takes at most {MAX_SET} tokens per set, got {num_a}")
+    if batch * r >= 2**31:
+        raise ValueError(f"fused matching lists at most 2^31 merged tokens, got {batch} x {r}")
     device = best_score.device
     rows_out = batch * (tokens_in - r)
     keep_rows = torch.empty(rows_out, dtype=torch.long, device=device)
     src_rows = torch.empty(batch * r, dtype=torch.long, device=device)
     dst_rows = torch.empty(batch * r, dtype=torch.long, device=device)
-    sources = torch.empty(2, rows_out, dtype=torch.long, device=device)
+    sources = torch.empty(2, rows_out, dtype=torch.int32, device=device)  # loop bounds in apply_merge
     if batch:
         _plan_kernel[(batch,)](
             best_score.contiguous(), best_b.contiguous(), keep_rows, src_rows, dst_rows, sources[0], sources[1],

@@ -64,7 +64,7 @@ class MergePlan:
     - ``src_rows [batch * r]``: the A tokens merged away, sequence by sequence (within a sequence by
       score in ``match_patches``, by destination then position in the fused kernels' plans);
     - ``dst_rows [batch * r]``: for each of them, the output row of the B token it merges into;
-    - ``sources_by_row [2, batch * tokens_out]``, fused plans only: for each output row, the run
+    - ``sources_by_row [2, batch * tokens_out]`` (int32), fused plans only: for each output row, the run
       ``first:stop`` of ``src_rows`` merged into it (empty but for B tokens). A plan that has it is
       applied by the fused kernel (``tempme.fused_merging``).
 

@@ -2,8 +2,15 @@
 
 Where no GPU is, Triton's interpreter runs the kernels on CPU tensors (``TRITON_INTERPRET=1``, which
 tests/conftest.py sets before Triton is imported). It runs every program in Python, so the shapes
-here stay small.
+here stay small. What only the compiler checks (types, loops), another process checks by compiling
+the kernels for an H100, which needs no GPU either.
 """
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -158,3 +165,45 @@ def test_unknown_or_unavailable_merge_kernels_are_refused(fused_merging, monkeyp
     monkeypatch.setattr(fused_merging, "INTERPRETED", False)
     with pytest.raises(ValueError, match="merge kernels 'triton' run on CUDA devices, not cpu"):
         use_fused_kernels("triton", "cpu")
+
+
+# Compiles the kernels as a GPU run would, down to an H100's machine code (Triton's own ptxas), with
+# no GPU: Triton compiles (not interprets) only where TRITON_INTERPRET is unset, so in another process.
+COMPILE_FOR_H100 = textwrap.dedent(
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from tempme import fused_merging as fused
+
+    def compile(kernel, signature, constants):
+        source = ASTSource(fn=kernel, signature=signature, constexprs=constants)
+        assert "cubin" in triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm
+
+    rows = {"keep_ptr": "*i64", "src_ptr": "*i64", "first_ptr": "*i32", "stop_ptr": "*i32"}
+    plan = {"score_ptr": "*fp32", "best_b_ptr": "*i64", "dst_ptr": "*i64", **rows,
+            **dict.fromkeys(["num_a", "num_b", "r", "num_cls", "tokens_in", "a_first", "b_first"], "i32"),
+            **dict.fromkeys(["BLOCK_A", "BLOCK_B", "BLOCK_CLS"], "constexpr")}
+    for block in (2, 128, 1024):
+        compile(fused._plan_kernel, plan, {"BLOCK_A": block, "BLOCK_B": block, "BLOCK_CLS": 2})
+    for dtype in ("bf16", "fp32"):
+        merge = {"x_ptr": "*" + dtype, "size_ptr": "*fp32", **rows, "out_ptr": "*" + dtype, "new_size_ptr": "*fp32",
+                 "share_ptr": "*fp32", "channels": "i32", "HAS_SIZE": "constexpr", "BLOCK_C": "constexpr"}
+        for sized in (False, True):
+            compile(fused._merge_kernel, merge, {"HAS_SIZE": sized, "BLOCK_C": 1024})
+        backward = {"grad_ptr": "*" + dtype, **rows, "share_ptr": "*fp32", "grad_x_ptr": "*" + dtype,
+                    "channels": "i32", "BLOCK_C": "constexpr"}
+        compile(fused._merge_backward_kernel, backward, {"BLOCK_C": 1024})
+    print("compiled")
+    """
+)
+
+
+def test_the_kernels_compile_for_an_h100():
+    # The interpreter runs Python, not the compiler: a kernel it runs may still fail to compile.
+    src = Path(__file__).parents[2] / "src"
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(src), env.get("PYTHONPATH", "")])
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # Triton 3.9 warns while the default is unset
+    done = subprocess.run([sys.executable, "-c", COMPILE_FOR_H100], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "compiled", done.stderr[-3000:]
