@@ -30,7 +30,7 @@ MERGE_KERNELS = {
 def fused_kernels() -> ModuleType:
     """``tempme.fused_merging``, imported on first use: Triton is optional, and slow to import."""
     if importlib.util.find_spec("triton") is None:
-        raise RuntimeError("merge kernels 'triton' need Triton (pip install triton; CUDA builds of torch include it)")
+        raise ValueError("merge kernels 'triton' need Triton (pip install triton; CUDA builds of torch include it)")
     from . import fused_merging
 
     return fused_merging
@@ -64,9 +64,9 @@ class MergePlan:
     - ``src_rows [batch * r]``: the A tokens merged away, sequence by sequence (within a sequence by
       score in ``match_patches``, by destination then position in the fused kernels' plans);
     - ``dst_rows [batch * r]``: for each of them, the output row of the B token it merges into;
-    - ``sources_by_row [2, batch * tokens_out]`` (int32), fused plans only: for each output row, the run
-      ``first:stop`` of ``src_rows`` merged into it (empty but for B tokens). A plan that has it is
-      applied by the fused kernel (``tempme.fused_merging``).
+    - ``source_start``, ``source_stop [batch * tokens_out]`` (int32), fused plans only: for each output
+      row, the run ``src_rows[start:stop]`` merged into it (empty but for B tokens). They make the plan
+      ``fused``: ``merge_weighted`` applies it with the fused kernels (``tempme.fused_merging``).
 
     ``keep``, ``src`` and ``dst`` give the same as positions within each sequence, ``[batch, K]``.
     """
@@ -76,11 +76,22 @@ class MergePlan:
     dst_rows: torch.Tensor
     batch: int
     tokens_in: int
-    sources_by_row: torch.Tensor | None = None
+    source_start: torch.Tensor | None = None
+    source_stop: torch.Tensor | None = None
 
     @property
     def tokens_out(self) -> int:
         return self.keep_rows.numel() // self.batch
+
+    @property
+    def r(self) -> int:
+        """Tokens merged away per sequence."""
+        return self.src_rows.numel() // self.batch
+
+    @property
+    def fused(self) -> bool:
+        """Whether the fused kernels made this plan, and so apply it."""
+        return self.source_start is not None
 
     def _positions(self, rows: torch.Tensor, tokens: int) -> torch.Tensor:
         sequence = torch.arange(self.batch, device=rows.device)[:, None]
@@ -265,21 +276,25 @@ def merge_weighted(
 class WeightedMerge(torch.autograd.Function):
     """``merge_weighted``'s arithmetic, ``[B, N, C] -> [B, N - r, C]`` and sizes, with its own backward pass.
 
-    A fused plan is applied (and differentiated) by the fused kernels, any other by tensor operations. Every input token is
-    either kept or moved, exactly once, so the gradient is the output gradient put back in input order,
-    plus the moved tokens' shares: row copies and ``r`` rows of arithmetic, instead of autograd's
-    zero-filled scatters for each gather and their sum. The shares (from sizes) are constants.
+    A fused plan is applied (and differentiated) by the fused kernels, any other by tensor operations.
+    Every input token is either kept or moved, exactly once, so the gradient is the output gradient put
+    back in input order, plus the moved tokens' shares: row copies and ``r`` rows of arithmetic, instead
+    of autograd's zero-filled scatters for each gather and their sum. The shares (from sizes) are constants.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, plan: MergePlan, size: torch.Tensor | None):
-        if plan.sources_by_row is not None:
+        # The kernels compute in float32: a float64 model keeps its precision with tensor operations,
+        # which apply any plan (they do not need the fused plan's order).
+        ctx.fused = plan.fused and x.dtype != torch.float64
+        if ctx.fused:
             merged, new_size, moved_share = fused_kernels().apply_merge(plan, x, size)
         else:
             merged, new_size, moved_share = _merge_rows(plan, x, size)
         ctx.plan, ctx.input_shape = plan, x.shape
         ctx.save_for_backward(moved_share)
         ctx.mark_non_differentiable(new_size)
+        ctx.set_materialize_grads(False)  # no zero-filled gradient for the sizes, which have none
         return merged, new_size
 
     @staticmethod
@@ -288,7 +303,9 @@ class WeightedMerge(torch.autograd.Function):
         # d out_b / d x_a = s_a / S_b for a merged into b; d out_b / d x_b = 1 - sum of those shares.
         plan, (batch, tokens, channels) = ctx.plan, ctx.input_shape
         (moved_share,) = ctx.saved_tensors
-        if plan.sources_by_row is not None:
+        if grad is None:  # only the sizes were used further on
+            return None, None, None
+        if ctx.fused:
             return fused_kernels().apply_merge_backward(plan, grad, moved_share), None, None
         grad = grad.contiguous()
         grad_x = grad.new_empty(batch, tokens, channels)

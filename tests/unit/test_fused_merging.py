@@ -42,8 +42,7 @@ def fused_merging():
 
 def plan_pairs(plan, sequence):
     """(source row, destination row) of every merge of one sequence, sorted."""
-    r = plan.src_rows.numel() // plan.batch
-    rows = slice(sequence * r, (sequence + 1) * r)
+    rows = slice(sequence * plan.r, (sequence + 1) * plan.r)
     return sorted(zip(plan.src_rows[rows].tolist(), plan.dst_rows[rows].tolist()))
 
 
@@ -69,10 +68,24 @@ def test_fused_plans_merge_the_same_tokens(num_cls, tokens, r, ties):
         assert plan_pairs(fused, sequence) == plan_pairs(reference, sequence)
     # Listed by destination, and each output row's run of sources is exactly the tokens merged into it.
     assert fused.dst_rows.tolist() == sorted(fused.dst_rows.tolist())
-    first, stop = fused.sources_by_row.tolist()
+    start, stop = fused.source_start.tolist(), fused.source_stop.tolist()
     for row in range(fused.keep_rows.numel()):
         into_row = [i for i, dst in enumerate(fused.dst_rows.tolist()) if dst == row]
-        assert list(range(first[row], stop[row])) == into_row
+        assert list(range(start[row], stop[row])) == into_row
+
+
+def test_a_metric_that_overflowed_plans_as_the_tensor_operations_do():
+    # An infinite key gives NaN similarities, which torch's sort ranks first: the fused plan must still
+    # merge r tokens and keep the rest (a NaN that no comparison picks would leave a hole in the plan).
+    generator = torch.Generator().manual_seed(5)
+    metric = torch.randn(2, 11, 4, generator=generator)
+    metric[0, 4, 0] = float("inf")
+    metric[1, 3, 1] = float("-inf")
+    metric = metric.to(DEVICE)
+    reference = bipartite_soft_matching(metric, 5, 1)
+    fused = bipartite_soft_matching(metric, 5, 1, fused=True)
+    assert torch.equal(fused.keep_rows, reference.keep_rows)
+    assert all(plan_pairs(fused, s) == plan_pairs(reference, s) for s in range(2))
 
 
 @pytest.mark.parametrize("sized", [False, True])
@@ -90,19 +103,49 @@ def test_fused_merges_average_like_the_tensor_operations(sized):
     assert torch.equal(new_size, expected_size)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_fused_merges_in_half_precision_round_once(dtype):
-    # The kernel averages in float32 and rounds once; the tensor operations round every step.
+def half_precision_merge(dtype):
+    """A merge of ``dtype`` tokens: the fused result, the tensor operations' and the exact average of
+    the same rounded inputs (computed in float64)."""
     generator = torch.Generator().manual_seed(2)
     keys = torch.randn(2, 41, 8, generator=generator).to(DEVICE)
-    x = torch.randn(2, 41, 16, generator=generator).to(DEVICE)
+    x = torch.randn(2, 41, 16, generator=generator).to(DEVICE, dtype)
     size = torch.randint(1, 9, (2, 41, 1), generator=generator).float().to(DEVICE)
-    plan = bipartite_soft_matching(keys, 20, 1, fused=True)
-    exact = merge_weighted(bipartite_soft_matching(keys, 20, 1), x, size)[0]
-    merged = merge_weighted(plan, x.to(dtype), size)[0]
-    assert merged.dtype == dtype
-    resolution = torch.finfo(dtype).eps  # relative: one rounding of values of magnitude up to about 4
-    torch.testing.assert_close(merged.float(), exact, atol=4 * resolution, rtol=0)
+    plan = bipartite_soft_matching(keys, 20, 1)
+    exact = merge_weighted(plan, x.double(), size)[0]
+    fused = merge_weighted(bipartite_soft_matching(keys, 20, 1, fused=True), x, size)[0]
+    return fused, merge_weighted(plan, x, size)[0], exact
+
+
+def test_fused_merges_in_float16_round_once():
+    # The kernel averages in float32 and rounds once, to the nearest float16 of the exact average but
+    # for rare float32 ties; the tensor operations round at every step (a quarter of them differ here).
+    fused, stepwise, exact = half_precision_merge(torch.float16)
+    assert fused.dtype == torch.float16
+    assert (fused != exact.half()).float().mean() < 0.01
+    assert (stepwise != exact.half()).float().mean() > 0.05  # so the check above can tell them apart
+
+
+def test_fused_merges_in_bfloat16_stay_within_a_rounding():
+    # Triton's interpreter truncates float32 to bfloat16 where a GPU rounds to nearest: one unit in
+    # the last place of values up to about 4, not a rounding-once check.
+    fused, _, exact = half_precision_merge(torch.bfloat16)
+    assert fused.dtype == torch.bfloat16
+    torch.testing.assert_close(fused.double(), exact, atol=4 * torch.finfo(torch.bfloat16).eps, rtol=0)
+
+
+def test_wide_and_strided_tokens_and_float64_merge_alike():
+    # More channels than one block of the kernel (1024), tokens and sizes that are views of other
+    # layouts, and float64, which the fused plan hands to the tensor operations to keep its precision.
+    generator = torch.Generator().manual_seed(6)
+    keys = torch.randn(2, 75, 8, generator=generator).to(DEVICE)
+    x = torch.randn(2, 1280, 75, generator=generator).to(DEVICE).transpose(1, 2)
+    size = torch.randint(1, 5, (2, 1, 75), generator=generator).float().to(DEVICE).transpose(1, 2)
+    reference, fused = bipartite_soft_matching(keys, 30, 1), bipartite_soft_matching(keys, 30, 1, fused=True)
+    torch.testing.assert_close(merge_weighted(fused, x, size)[0], merge_weighted(reference, x, size)[0],
+                               atol=1e-6, rtol=1e-6)
+    wide = x.double()  # float32 arithmetic would be 1e-7 off; summed in another order, 1e-16
+    torch.testing.assert_close(merge_weighted(fused, wide, size)[0], merge_weighted(reference, wide, size)[0],
+                               atol=1e-12, rtol=1e-12)
 
 
 def test_fused_merge_gradients_equal_the_tensor_operations():
@@ -165,6 +208,16 @@ def test_unknown_or_unavailable_merge_kernels_are_refused(fused_merging, monkeyp
     monkeypatch.setattr(fused_merging, "INTERPRETED", False)
     with pytest.raises(ValueError, match="merge kernels 'triton' run on CUDA devices, not cpu"):
         use_fused_kernels("triton", "cpu")
+    # Without Triton: one error the command line shows as such (a ValueError), not a traceback.
+    real_find_spec = merging.importlib.util.find_spec
+    monkeypatch.setattr(merging.importlib.util, "find_spec",
+                        lambda name: None if name == "triton" else real_find_spec(name))
+    merging.fused_kernels.cache_clear()
+    try:
+        with pytest.raises(ValueError, match=r"merge kernels 'triton' need Triton \(pip install triton"):
+            use_fused_kernels("triton", DEVICE)
+    finally:
+        merging.fused_kernels.cache_clear()
 
 
 # Compiles the kernels as a GPU run would, down to an H100's machine code (Triton's own ptxas), with
@@ -180,13 +233,14 @@ COMPILE_FOR_H100 = textwrap.dedent(
         source = ASTSource(fn=kernel, signature=signature, constexprs=constants)
         assert "cubin" in triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm
 
-    rows = {"keep_ptr": "*i64", "src_ptr": "*i64", "first_ptr": "*i32", "stop_ptr": "*i32"}
-    plan = {"score_ptr": "*fp32", "best_b_ptr": "*i64", "dst_ptr": "*i64", **rows,
-            **dict.fromkeys(["num_a", "num_b", "r", "num_cls", "tokens_in", "a_first", "b_first"], "i32"),
-            **dict.fromkeys(["BLOCK_A", "BLOCK_B", "BLOCK_CLS"], "constexpr")}
-    for block in (2, 128, 1024):
-        compile(fused._plan_kernel, plan, {"BLOCK_A": block, "BLOCK_B": block, "BLOCK_CLS": 2})
-    for dtype in ("bf16", "fp32"):
+    rows = {"keep_ptr": "*i64", "src_ptr": "*i64", "start_ptr": "*i32", "stop_ptr": "*i32"}
+    for scores in ("fp32", "fp64"):
+        plan = {"score_ptr": "*" + scores, "best_b_ptr": "*i64", "dst_ptr": "*i64", **rows,
+                **dict.fromkeys(["num_a", "num_b", "r", "num_cls", "tokens_in", "a_first", "b_first"], "i32"),
+                **dict.fromkeys(["BLOCK_A", "BLOCK_B", "BLOCK_CLS"], "constexpr")}
+        for block in (2, 128, 1024) if scores == "fp32" else (128,):
+            compile(fused._plan_kernel, plan, {"BLOCK_A": block, "BLOCK_B": block, "BLOCK_CLS": 2})
+    for dtype in ("bf16", "fp16", "fp32"):
         merge = {"x_ptr": "*" + dtype, "size_ptr": "*fp32", **rows, "out_ptr": "*" + dtype, "new_size_ptr": "*fp32",
                  "share_ptr": "*fp32", "channels": "i32", "HAS_SIZE": "constexpr", "BLOCK_C": "constexpr"}
         for sized in (False, True):
@@ -205,5 +259,6 @@ def test_the_kernels_compile_for_an_h100():
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(src), env.get("PYTHONPATH", "")])
     env["TRITON_DEFAULT_FP_FUSION"] = "1"  # Triton 3.9 warns while the default is unset
-    done = subprocess.run([sys.executable, "-c", COMPILE_FOR_H100], capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run([sys.executable, "-c", COMPILE_FOR_H100], capture_output=True, text=True, env=env,
+                          timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "compiled", done.stderr[-3000:]

@@ -305,6 +305,14 @@ def test_a_merge_costs_few_small_operators(dtype):
     assert sum(matching.counts.values()) <= 14, matching.counts
     assert sum(merging.counts.values()) <= 11, merging.counts
     assert "copy_" not in merging.counts and "clone" not in merging.counts  # no dtype casts, no extra copies
+    # Backward: no zero-filled gradient for the sizes either (they have none).
+    tokens = x.clone().requires_grad_()
+    merged, _, _ = merge_weighted(plan, tokens, size)
+    upstream = torch.randn_like(merged)
+    with OperatorCount() as backward:
+        merged.backward(upstream)
+    assert sum(backward.counts.values()) <= 10, backward.counts
+    assert not {"zeros", "zeros_like", "new_zeros", "fill_"} & set(backward.counts), backward.counts
 
 
 @pytest.mark.parametrize("patches", [0, 1])
