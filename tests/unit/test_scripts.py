@@ -55,7 +55,7 @@ def test_the_plan_names_each_step_once_and_orders_the_cheap_steps_first():
     # The fused merge kernels, untimed on a GPU, first, beside the tensor operations in the same form.
     assert names[:3] == ["big-inference-graph-channels", "big-inference-graph-triton", "big-merge-variants"]
     triton_steps = [step for step in gpu_bench.plan(args) if "triton" in step.name]
-    assert len(triton_steps) == 4 and all(step.args[-2:] == ["--merge-kernels", "triton"] for step in triton_steps)
+    assert len(triton_steps) == 5 and all(step.args[-2:] == ["--merge-kernels", "triton"] for step in triton_steps)
     assert names.index("big-training") < names.index("big-inference-compiled") < names.index("big-profile-tempme")
     compiled = next(step for step in gpu_bench.plan(args) if step.name == "big-inference-compiled")
     assert gpu_bench.BEST in compiled.args
