@@ -661,7 +661,7 @@ def format_results(results: list[Result]) -> str:
     if not results:
         return "no results"
     first = results[0]
-    threads = f", {first.threads} CPU threads" if first.device == "cpu" else ""
+    threads = f", {first.threads} CPU thread{'s' if first.threads > 1 else ''}" if first.device == "cpu" else ""
     settings = f", size attention {first.size_attention}" if first.size_attention != "bias" else ""
     if first.compiled and first.compile_mode != "default":
         settings += f", compile mode {first.compile_mode}"

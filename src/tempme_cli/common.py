@@ -121,12 +121,16 @@ def exit_status_help(left_out: str | None = None, torchrun: bool = False) -> str
     still finish (None: it has none); ``torchrun``: whether it runs under torchrun (see ``finished``)."""
     lines = ["exit status:", "  0    done"]
     if left_out:
-        lines += [f"  1    done, but {left_out} were left out:",
+        lines += ["  1    done, but some inputs were left out:", f"       {left_out};",
                   "       each is named, and a last line on standard error counts them"]
         if torchrun:
             lines.append("       (0 under torchrun, which takes any other status for a crash)")
-    lines += ["  2    error: nothing done, or nothing usable made; one line on standard error says why",
-              "  130  interrupted (Ctrl-C); 143 terminated (SIGTERM); 141 the reader of the output went away"]
+    lines += ["  2    error: nothing done, or nothing usable made (bad input);",
+              "       one line on standard error says why",
+              "  3    failed otherwise: out of memory, another torchrun process failed,",
+              "       or a bug (a traceback follows, for a bug report)",
+              "  130  interrupted (Ctrl-C); 143 terminated (SIGTERM)",
+              "  141  the reader of the output went away (tempme ... | head)"]
     return "\n".join(lines)
 
 

@@ -13,7 +13,7 @@ from typing import Any
 from tempme.config import MERGE_METHODS
 from tempme_train.config import ConfigError, TrainConfig, apply_overrides, flat_settings, load_config, with_settings
 
-from .common import ParagraphHelpFormatter, exit_status_help, finished, show_progress, user_path
+from .common import ParagraphHelpFormatter, count, exit_status_help, finished, show_progress, user_path
 
 WHAT_IS_EVALUATED = {
     "--checkpoint PATH": "a trained run: its folder (best.safetensors; weights.safetensors after "
@@ -393,10 +393,10 @@ def run(args: argparse.Namespace) -> int:
     if config.paper.t2v:
         print("paper t2v: " + ", ".join(f"{key} {value}" for key, value in config.paper.t2v.items()))
     if missing:
-        print(f"{len(missing)} missing videos: {', '.join(missing)}")
+        print(f"{count(len(missing), 'missing video')}: {', '.join(missing)}")
     if results["skipped"]:
         undecodable = ", ".join(f"{video['video']} ({video['reason']})" for video in results["skipped"])
-        print(f"{len(results['skipped'])} undecodable (left out) videos: {undecodable}")
+        print(f"{count(len(results['skipped']), 'undecodable video')} (left out): {undecodable}")
     return finished(args.command, left_out)
 
 

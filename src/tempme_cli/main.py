@@ -8,6 +8,7 @@ import importlib
 import os
 import select
 import sys
+import traceback
 import warnings
 
 SUBCOMMANDS = ("flops", "bench", "prepare", "train", "eval", "search", "demo")  # search: index and search
@@ -181,8 +182,24 @@ def main(argv: list[str] | None = None) -> int:
         say(f"tempme {args.command}: {'terminated (SIGTERM)' if terminated else 'interrupted'}")
         # A SIGTERM turned into an interrupt exits as a terminated process does.
         return 143 if terminated else 130
+    except Exception as error:  # noqa: BLE001 - not bad input: out of memory, another process's failure, a bug
+        # A status of its own: 1 says inputs were left out, 2 that the input was bad.
+        if not shown_by_another_process(error):
+            if not expected_failure(error):
+                traceback.print_exc()  # for a bug report
+            say(f"tempme {args.command}: failed: {type(error).__name__}: {error}")
+        return 3
     finally:
         warnings.formatwarning = format_warning
+
+
+def expected_failure(error: Exception) -> bool:
+    """A failure whose message says all (out of memory, another torchrun process failed): no traceback."""
+    import torch
+
+    from tempme_train.distributed import FailedElsewhere
+
+    return isinstance(error, (torch.OutOfMemoryError, FailedElsewhere))
 
 
 if __name__ == "__main__":

@@ -363,9 +363,9 @@ def run_search(args: argparse.Namespace) -> int:
         raise ValueError(f"-k must be at least 1, got {args.top}")
     device = device_option(args.device)  # before the model loads (a download, maybe), not after
     index = VideoIndex.load(args.index)
-    if len(index) == 0:
+    if len(index) == 0:  # as `tempme index` refused it: every search would find nothing
         why = f"its {count(len(index.skipped), 'video')} could not be decoded" if index.skipped else "it is empty"
-        warnings.warn(f"{args.index} holds no videos ({why}; `tempme index` says why): every search finds nothing")
+        raise VideoIndexError(f"{args.index} holds no videos ({why}; `tempme index` says why): nothing to search")
     model_info = dict(index.model)
     if args.checkpoint:
         from tempme_train.modeling import find_trained_weights
@@ -413,7 +413,7 @@ def run_search(args: argparse.Namespace) -> int:
         print(f"{count(index.videos, 'video')}{held} in {args.index}; type a query and press Enter (Ctrl-D to end)",
               file=sys.stderr)
     lines = sys.stdin.buffer if hasattr(sys.stdin, "buffer") else (text.encode() for text in sys.stdin)
-    not_text = 0
+    not_text = answered = 0
     for number, raw in enumerate(lines, start=1):
         try:  # UTF-8 whatever the locale says; a byte-order mark (Windows editors write one) is not text
             line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
@@ -424,6 +424,10 @@ def run_search(args: argparse.Namespace) -> int:
             continue
         if line.strip():
             answer(model, index, [line.strip()], args.top, device, args.json, args.per_video)
+            answered += 1
+    if not_text and not answered:  # nothing usable: as other commands with none of their inputs
+        raise ValueError(f"no query was read: standard input held {count(not_text, 'line')} of other text than UTF-8 "
+                         "and none in it")
     return finished(args.command, {"non-UTF-8 query line": not_text})
 
 

@@ -79,10 +79,33 @@ def test_every_subcommand_help_ends_with_its_exit_statuses(capsys):
     for name, subparser in subcommands.items():
         statuses = subparser.format_help().split("exit status:\n")[-1]
         assert statuses.startswith("  0    done\n") and "\n  2    error: " in statuses, name
+        assert "\n  3    failed otherwise: " in statuses, name
+        assert max(len(line) for line in statuses.splitlines()) <= 80, name
         assert ("\n  1    done, but " in statuses) == (name in leave_out), name
         assert ("0 under torchrun" in statuses) == (name in under_torchrun), name
     # No command is a usage error, as argparse's own are: 1 would say a command left inputs out.
     assert main([]) == 2 and "usage: tempme" in capsys.readouterr().out
+
+
+def test_a_failure_that_is_not_bad_input_has_a_status_of_its_own(capsys, monkeypatch):
+    # Neither 1 (inputs left out) nor 2 (bad input): 3, with a traceback only where it helps a bug report.
+    import torch
+
+    import tempme_cli.flops
+
+    def failing(exception):
+        def handler(args):
+            raise exception
+        return handler
+
+    monkeypatch.setattr(tempme_cli.flops, "run", failing(RuntimeError("something unforeseen")))
+    assert main(["flops"]) == 3
+    said = capsys.readouterr().err
+    assert said.startswith("Traceback (most recent call last):")
+    assert said.endswith("tempme flops: failed: RuntimeError: something unforeseen\n"), said
+    monkeypatch.setattr(tempme_cli.flops, "run", failing(torch.OutOfMemoryError("CUDA out of memory (simulated)")))
+    assert main(["flops"]) == 3
+    assert capsys.readouterr().err == "tempme flops: failed: OutOfMemoryError: CUDA out of memory (simulated)\n"
 
 
 def test_version_names_tempme_and_torch(capsys):

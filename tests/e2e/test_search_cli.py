@@ -129,6 +129,14 @@ def test_index_then_search(library, tmp_path, capsys, monkeypatch):
     assert [json.loads(line) for line in out.splitlines()] == [results[1], results[0]]
     assert [str(w.message) for w in caught if "standard input" in str(w.message)] == [
         "line 3 of standard input is not UTF-8 text (invalid continuation byte at byte 3); passed over"]
+    # Nothing but such lines: no query answered, which is no success.
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"caf\xe9\n\xff\n")))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        code, out, err = cli(capsys, "search", str(index), "--device", "cpu")
+    assert code == 2 and not out and err.endswith(
+        "tempme search: error: no query was read: standard input held 2 lines of other text than UTF-8 and none in it\n"
+    ), err
 
 
 def test_searching_an_index_of_no_videos_says_why_it_finds_nothing(tmp_path, capsys):
@@ -140,9 +148,10 @@ def test_searching_an_index_of_no_videos_says_why_it_finds_nothing(tmp_path, cap
     # Written (the broken video is tried again next time), but an index of nothing is no success.
     assert code == 2 and "0 videos indexed" in out and "1 undecodable" in out, err
     assert err.endswith(f"tempme index: error: {index} holds no videos: the 1 video found could not be decoded\n")
-    with pytest.warns(UserWarning, match="holds no videos \\(its 1 video could not be decoded; `tempme index` says"):
-        code, out, err = cli(capsys, "search", str(index), QUERIES[0], "--device", "cpu")
-    assert code == 0 and "0 of 0 videos" in out, err
+    code, out, err = cli(capsys, "search", str(index), QUERIES[0], "--device", "cpu")
+    assert code == 2 and not out, out
+    assert err.endswith(f"tempme search: error: {index} holds no videos (its 1 video could not be decoded; "
+                        "`tempme index` says why): nothing to search\n"), err
 
 
 def test_an_indexed_video_that_no_longer_decodes_is_said_to_be_dropped(library, tmp_path, capsys):

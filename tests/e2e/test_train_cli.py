@@ -131,7 +131,7 @@ def test_train_stop_resume_and_evaluate(run_config, tmp_path, capsys, monkeypatc
     assert main(["eval", "--checkpoint", str(output), "--split", "train"]) == LEFT_OUT
     table, said = capsys.readouterr()  # the split lists video5, whose file is missing, and corrupt video2
     assert "8 videos (1 missing, 1 undecodable left out)" in table and "model: tempme, 4 frames, LoRA rank 8, fp32" in table
-    assert f"1 undecodable (left out) videos: {CORRUPT} (unreadable container" in table
+    assert f"1 undecodable video (left out): {CORRUPT} (unreadable container" in table
     assert said.endswith("tempme eval: finished, but left out 1 missing video and 1 undecodable video\n"), said
     # Again, the embeddings from the cache, which keeps no reasons: skipped as `tempme index --json` has it.
     assert main(["eval", "--checkpoint", str(output), "--split", "train", "--json"]) == LEFT_OUT
@@ -387,6 +387,15 @@ def test_prepare_fills_the_frame_cache_and_lists_bad_videos(run_config, tmp_path
     # The test split has every video, cached now: done.
     assert main(["prepare", "--config", str(run_config), f"data.frame_cache={cache}", "--splits", "test"]) == 0
     assert "3 videos cached, 0 undecodable, 0 missing" in capsys.readouterr().out
+    # data.strict: the bad videos are an error, as in training and evaluation; the others are cached.
+    strict = tmp_path / "strict"
+    assert main(["prepare", "--config", str(run_config), f"data.frame_cache={strict}", "data.strict=true",
+                 "--workers", "0"]) == 2
+    printed, said = capsys.readouterr()
+    assert CORRUPT in printed and MISSING in printed
+    assert said == ("tempme prepare: error: data.strict is set and 1 undecodable video and 1 missing video were "
+                    "found (listed above); the frames of the others are cached\n"), said
+    assert len(list(strict.rglob("*.npy"))) == 11
 
 
 def test_prepare_that_caches_nothing_is_an_error(run_config, tmp_path, capsys):
