@@ -295,6 +295,12 @@ def check_methods(methods: Iterable[str], allowed: Iterable[str]) -> tuple[str, 
     return methods
 
 
+def resolve_merge_kernels(name: str, device: torch.device) -> str:
+    """``torch`` or ``triton``: what ``name`` (one of ``MERGE_KERNELS``) runs on ``device``, as results
+    record it. An unknown name, or Triton where it cannot run, fails here, before any model is built."""
+    return "triton" if use_fused_kernels(name, device) else "torch"
+
+
 def build_video_encoder(
     preset: str, method: str, frames: int, size_attention: str = INFERENCE_SIZE_ATTENTION,
     merge_kernels: str = "torch",
@@ -419,7 +425,7 @@ def benchmark_inference(
     methods = check_methods(methods, MERGE_METHODS + BASELINES)
     check_counts(batch, repeats, warmup)
     device = resolve_device(device)
-    use_fused_kernels(merge_kernels, device)  # an unknown name, or Triton where it cannot run, fails now
+    merge_kernels = resolve_merge_kernels(merge_kernels, device)
     setup = Setup(
         mode="inference", preset=preset, frames=frames, batch=batch, device=device, dtype=dtype, compiled=compile,
         size_attention=resolve_size_attention(size_attention, device), cuda_graph=cuda_graph, compile_mode=compile_mode,
@@ -561,7 +567,7 @@ def benchmark_training(
     methods = check_methods(methods, MERGE_METHODS + ("merge-free",))
     check_counts(batch, repeats, warmup)
     device = resolve_device(device)
-    use_fused_kernels(merge_kernels, device)
+    merge_kernels = resolve_merge_kernels(merge_kernels, device)
     setup = Setup(
         mode="training", preset=preset, frames=frames, batch=batch, device=device, dtype=dtype, compiled=compile,
         size_attention=resolve_size_attention(size_attention, device), cuda_graph=cuda_graph,

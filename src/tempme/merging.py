@@ -23,6 +23,7 @@ from torch.autograd.function import once_differentiable
 MERGE_KERNELS = {
     "torch": "tensor operations (a dozen small kernels per merge on a GPU)",
     "triton": "one Triton kernel to plan a merge and one to apply it (CUDA only; needs Triton)",
+    "auto": "triton on a CUDA device where Triton is installed, torch elsewhere",
 }
 
 
@@ -43,6 +44,8 @@ def use_fused_kernels(name: str, device: torch.device | str) -> bool:
         raise ValueError(f"unknown merge kernels {name!r}; choose one of {', '.join(MERGE_KERNELS)}")
     if name == "torch" or torch.compiler.is_compiling():
         return False
+    if name == "auto":
+        return torch.device(device).type == "cuda" and importlib.util.find_spec("triton") is not None
     if not fused_kernels().supports(torch.device(device)):
         raise ValueError(
             f"merge kernels 'triton' run on CUDA devices, not {torch.device(device)} "

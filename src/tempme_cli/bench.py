@@ -137,8 +137,9 @@ def register(subparsers) -> None:
         "--merge-kernels",
         choices=list(MERGE_KERNELS),
         default="torch",
-        help="how tome and tempme plan and apply merges: tensor operations (torch, the default) or one fused "
-        "Triton kernel for each (triton: CUDA only, needs Triton; the same merges)",
+        help="how tome and tempme plan and apply merges: tensor operations (torch, the default), one fused "
+        "Triton kernel for each (triton: CUDA only, needs Triton; the same merges), or auto: triton on a "
+        "GPU where Triton is installed, else torch",
     )
     parser.add_argument("--train", action="store_true", help="time a training step instead of inference")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")

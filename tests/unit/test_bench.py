@@ -69,6 +69,14 @@ def test_inference_in_bf16():
     assert result.dtype == "bf16" and result.videos_per_s > 0
 
 
+@NO_CUDA
+def test_merge_kernels_are_recorded_as_they_ran_and_refused_where_they_cannot():
+    (result,) = benchmark_inference("tiny-B/32", ("tempme",), merge_kernels="auto", **TINY)
+    assert result.merge_kernels == "torch"  # auto: Triton's kernels on a GPU only
+    with pytest.raises(ValueError, match="unknown merge kernels 'fused'"):
+        benchmark_training("tiny-B/32", ("tempme",), merge_kernels="fused", **TINY)
+
+
 def test_training_reports_step_memory():
     results = benchmark_training("tiny-B/32", ("none", "tempme"), **TINY)
     assert [r.method for r in results] == ["none", "tempme"]

@@ -202,9 +202,11 @@ def test_training_through_fused_merges_gives_the_same_gradients():
 
 
 def test_unknown_or_unavailable_merge_kernels_are_refused(fused_merging, monkeypatch):
-    with pytest.raises(ValueError, match="unknown merge kernels 'cuda'; choose one of torch, triton"):
+    with pytest.raises(ValueError, match="unknown merge kernels 'cuda'; choose one of torch, triton, auto"):
         use_fused_kernels("cuda", DEVICE)
     assert use_fused_kernels("torch", DEVICE) is False
+    assert use_fused_kernels("auto", "cpu") is False  # interpreted kernels are for tests, not for use
+    assert use_fused_kernels("auto", DEVICE) is (DEVICE.type == "cuda")
     monkeypatch.setattr(fused_merging, "INTERPRETED", False)
     with pytest.raises(ValueError, match="merge kernels 'triton' run on CUDA devices, not cpu"):
         use_fused_kernels("triton", "cpu")
