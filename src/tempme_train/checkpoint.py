@@ -31,7 +31,7 @@ import torch
 
 from tempme import TempMe
 from tempme.files import sync_file, temporary_directory_for, write_failed
-from tempme.weights import zip_entries
+from tempme.weights import PickleWorkError, zip_entries
 
 from .config import TrainConfig, save_config
 from .modeling import LAST, WEIGHTS, load_trained_weights, save_trained_weights
@@ -235,9 +235,12 @@ def load_checkpoint(
     try:
         # Not the full unpickler, which runs whatever a file names (a run folder may come from someone
         # else): tensors, plain values, and the NumPy array of NumPy's RNG state.
-        zip_entries(directory / STATE)  # torch's reader would unpack overlapping entries to any size
+        # torch's reader would unpack overlapping entries to any size, and some pickles take hours to unpickle.
+        zip_entries(directory / STATE)
         with torch.serialization.safe_globals(_NUMPY_STAND_INS):
             state = torch.load(directory / STATE, map_location="cpu", weights_only=True)
+    except PickleWorkError as error:  # it says what is wrong with which pickle of the file
+        raise ValueError(f"cannot resume: {directory / STATE}: {error}; {remedy}") from None
     except pickle.UnpicklingError as error:
         if "global" not in str(error).lower():
             # Not torch's words: they suggest weights_only=False, which would run whatever the file names.

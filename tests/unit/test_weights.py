@@ -134,6 +134,9 @@ def write_all(model, full, backbone, root) -> dict:
     write_openai_jit(backbone, paths["openai_jit"])
     paths["openai_pt"] = root / "openai_state.pt"
     torch.save({**backbone, **{k: torch.tensor(v) for k, v in OPENAI_INTS.items()}}, paths["openai_pt"])
+    paths["openai_pt_legacy"] = root / "openai_legacy.pt"  # torch's format before zip archives: pickles in a row
+    torch.save({**backbone, **{k: torch.tensor(v) for k, v in OPENAI_INTS.items()}}, paths["openai_pt_legacy"],
+               _use_new_zipfile_serialization=False)
     paths["open_clip"] = root / "epoch_1.pt"
     wrapped = {"module." + k: v for k, v in backbone.items()}
     wrapped["module.attn_mask"] = torch.full((77, 77), float("-inf")).triu(1)
@@ -151,6 +154,8 @@ def write_all(model, full, backbone, root) -> dict:
     torch.save({author_name(k): v for k, v in full.items()}, paths["authors"])
     paths["authors_ddp"] = root / "authors_ddp.pth"
     torch.save({"module." + author_name(k): v for k, v in full.items()}, paths["authors_ddp"])
+    paths["authors_legacy"] = root / "authors_legacy.bin"
+    torch.save({author_name(k): v for k, v in full.items()}, paths["authors_legacy"], _use_new_zipfile_serialization=False)
     paths["ours_full"] = save_weights(model, root / "full.safetensors")
     paths["ours_adapters"] = save_weights(model, root / "adapters.safetensors", adapters_only=True)
     return paths
@@ -165,6 +170,7 @@ def files(model, full, backbone, tmp_path_factory) -> dict:
 PLAIN_CLIP = [
     ("openai_jit", "backbone", "openai-jit"),
     ("openai_pt", "backbone", "openai"),
+    ("openai_pt_legacy", "backbone", "openai"),
     ("open_clip", "backbone", "openai"),
     ("model_wrapped", "backbone", "openai"),
     ("hf_file", "backbone", "hf"),
@@ -173,6 +179,7 @@ PLAIN_CLIP = [
     ("hf_bin", "backbone", "hf"),
     ("authors", "full", "tempme-authors"),
     ("authors_ddp", "full", "tempme-authors"),
+    ("authors_legacy", "full", "tempme-authors"),
     ("ours_full", "full", "tempme"),
 ]
 
@@ -283,8 +290,8 @@ def test_a_torchscript_archive_is_read_without_running_its_code(tmp_path):
 
 
 def test_an_archive_of_modules_shared_without_end_is_refused_at_once(tmp_path, monkeypatch):
-    # Twenty levels each naming the one below twice: a million module paths from a file of a kilobyte
-    # (forty would be a trillion).
+    # Seventeen levels each naming the one below twice: 131,072 module paths from a file of a kilobyte
+    # (forty would be a trillion; check_pickle_work refuses twenty already, before the archive is read).
     import sys
     import types
 
@@ -297,7 +304,7 @@ def test_an_archive_of_modules_shared_without_end_is_refused_at_once(tmp_path, m
     module.Node = Node
     monkeypatch.setitem(sys.modules, module.__name__, module)
     below = Node()
-    for _ in range(20):
+    for _ in range(17):
         above = Node()
         above.__dict__.update(a=below, b=below)
         below = above
@@ -611,7 +618,7 @@ def test_random_bytes_raise_weights_error(tmp_path, name):
         read_checkpoint(path)
 
 
-@pytest.mark.parametrize("kind", ["openai_jit", "openai_pt", "hf_file", "ours_full"])
+@pytest.mark.parametrize("kind", ["openai_jit", "openai_pt", "openai_pt_legacy", "hf_file", "ours_full"])
 def test_truncated_files_raise_weights_error(files, tmp_path, kind):
     data = files[kind].read_bytes()
     path = tmp_path / ("cut-" + files[kind].name)
