@@ -25,7 +25,7 @@ import pickle
 import pickletools
 import re
 import socket
-import tarfile
+import struct
 import urllib.parse
 import zipfile
 from collections.abc import Iterable, Mapping
@@ -199,12 +199,36 @@ def zip_entries(path: PathLike) -> list[zipfile.ZipInfo]:
         check_pickle_work(map(opened, pickles))
     try:
         reader = torch._C.PyTorchFileReader(os.fspath(path))  # what torch.load reads the file with
-        pickled = reader.get_record("data.pkl") if reader.has_record("data.pkl") else None
     except RuntimeError:  # torch.load cannot read the file either
+        return entries
+    _check_torch_reads_them(path, entries, reader)
+    try:
+        pickled = reader.get_record("data.pkl") if reader.has_record("data.pkl") else None
+    except RuntimeError:
         pickled = None
     if pickled is not None and hashlib.sha256(pickled).digest() not in scanned:
         check_pickle_work([("its pickle data.pkl", io.BytesIO(pickled))])
     return entries
+
+
+def _check_torch_reads_them(path: PathLike, entries: list[zipfile.ZipInfo], reader: Any) -> None:
+    """Refuse a zip archive of which torch's reader finds other entries, or the same at other places,
+    than ``entries`` (zipfile's): the two find the directory differently (a zip64 locator pointing
+    elsewhere), and every check above would be of an archive torch.load does not read."""
+    data_at = {}
+    with open(path, "rb") as handle:
+        for entry in entries:  # where each entry's data starts: after its local header, name and extra
+            handle.seek(entry.header_offset)
+            header = handle.read(30)
+            if len(header) == 30 and header[:4] == b"PK\x03\x04":
+                name_length, extra_length = struct.unpack("<HH", header[26:30])
+                data_at[entry.filename.split("/", 1)[-1]] = entry.header_offset + 30 + name_length + extra_length
+    try:
+        same = all(data_at.get(name) == reader.get_record_offset(name) for name in reader.get_all_records())
+    except RuntimeError:
+        same = False
+    if not same:
+        raise ValueError("a zip archive that torch reads otherwise than its directory says (a damaged or crafted file)")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -231,16 +255,35 @@ _SAME_HASH_LIMIT = 8
 # Callables, as pickles name them, whose result hashes as a value (not by identity, a salted hash, or
 # not at all, as tensors, storages, lists, dicts, bytes and scripted modules do): of those the
 # unpicklers here accept, these.
-_TUPLE_CALLS = frozenset({"torch.Size"})  # the tuple of its argument's items
+_TUPLE_CALLS = frozenset({"torch.Size"})  # the tuple of its argument's items (a tuple or list, nothing else)
 _COMPLEX_CALLS = frozenset({"builtins.complex", "__builtin__.complex"})
 _PASSING_CALLS = frozenset({"torch.jit._pickle.restore_type_tag"})  # its first argument
+
+# Callables that torch's weights-only unpickler accepts but no checkpoint this project reads needs,
+# whose work or memory no count of parts bounds: a bytearray or tensor of a size the file merely names
+# (gigabytes from a few bytes), a zero-stride view copied out whole, a codec of quadratic cost.
+_REFUSED_CALLS = frozenset({
+    "torch.Tensor", "torch._utils._rebuild_device_tensor_from_cpu_tensor", "torch._utils._rebuild_qtensor",
+    "torch._utils._rebuild_sparse_tensor", "torch._utils._rebuild_nested_tensor",
+    "torch._utils._rebuild_wrapper_subclass", "torch._utils._rebuild_meta_tensor_no_storage",
+    "collections.Counter", "builtins.set", "__builtin__.set", "builtins.frozenset", "__builtin__.frozenset",
+})
+# Allowed only as pickling writes bytes before protocol 3: from a string, in latin1.
+_BYTES_CALLS = frozenset({"builtins.bytearray", "__builtin__.bytearray", "_codecs.encode"})
+_LATIN1 = frozenset({"latin1", "latin-1"})
+#: How deep anything a pickle builds may nest. Checkpoints nest a few levels; hashing or printing a
+#: structure nested a hundred thousand deep crashes Python (C recursion, no check).
+PICKLE_DEPTH_LIMIT = 1000
+#: Opcodes in the pickles of one file. A ViT-L/14 checkpoint's pickle has some 18,000 and a training
+#: state with Adam's moments some 58,000; the scan spends microseconds and a few hundred bytes on each.
+PICKLE_OPCODES_LIMIT = 1_000_000
 
 _NUMBERS = frozenset({"INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4", "FLOAT", "BINFLOAT"})
 _CONSTANTS = {"NONE": None, "NEWTRUE": True, "NEWFALSE": False}
 _STRINGS = frozenset({"STRING", "BINSTRING", "SHORT_BINSTRING", "BINBYTES", "SHORT_BINBYTES", "BINBYTES8",
                       "BYTEARRAY8", "UNICODE", "SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8"})
 _TUPLES = {"EMPTY_TUPLE": 0, "TUPLE1": 1, "TUPLE2": 2, "TUPLE3": 3}
-_CHANGES = {"APPEND": 0, "APPENDS": 0, "SETITEM": 2, "SETITEMS": 2, "ADDITEMS": 1, "BUILD": 1}  # hashing every nth
+_CHANGES = {"APPEND": 0, "APPENDS": 0, "SETITEM": 2, "SETITEMS": 2, "BUILD": 1}  # hashing every nth
 
 
 class PickleWorkError(ValueError):
@@ -262,6 +305,7 @@ class _Part:
     value: Any = None  # a number's or string's value; a global's "module.name"
     items: list[_Part] | None = None  # a tuple's or list's parts
     taken: bool = False  # a part of another object now: it may change no more
+    depth: int = 1  # 1, plus its deepest part's
 
 
 class _Hashed:
@@ -282,6 +326,7 @@ class _PickleScan:
     def __init__(self) -> None:
         self.what = "the pickle"
         self.work = 0  # the sizes of what unpickling hashes or hands to a function
+        self.opcodes = 0
         self.by_hash: dict[int, list[Any]] = {}  # hash -> its distinct numbers and tuple digests
 
     def refuse(self, problem: str, damaged: bool = False) -> PickleWorkError:
@@ -293,6 +338,10 @@ class _PickleScan:
         """``part`` takes in ``parts``, ``hashed`` of them hashed or handed to a function."""
         for taken in parts:
             taken.taken = True
+            part.depth = max(part.depth, taken.depth + 1)
+        if part.depth > PICKLE_DEPTH_LIMIT:
+            raise self.refuse(f"nests deeper than {PICKLE_DEPTH_LIMIT} levels, unlike any checkpoint: unpickling or "
+                              "hashing it could crash Python")
         part.size += sum(taken.size for taken in parts)
         self.work += sum(taken.size for taken in hashed)
         if part.size > PICKLE_PARTS_LIMIT or self.work > PICKLE_PARTS_LIMIT:
@@ -332,6 +381,17 @@ class _PickleScan:
         """What REDUCE, NEWOBJ and the like make: no larger than the function and arguments, which it may hash."""
         made = self.new([function, *arguments], hashed=True)
         given = arguments[0].items or [] if arguments else []
+        name = function.value
+        if name in _REFUSED_CALLS or (isinstance(name, str) and name.startswith("torch.") and name.endswith("Tensor")):
+            raise self.refuse(f"calls {name}, which no checkpoint needs and whose work or memory the file does not "
+                              "bound")
+        if name in _BYTES_CALLS:
+            if not (1 <= len(given) <= 2 and isinstance(given[0].value, (str, bytes))
+                    and (len(given) == 1 or given[1].value in _LATIN1)):
+                raise self.refuse(f"calls {name} otherwise than pickling writes bytes (from a string, in latin1)")
+            made.value = b""  # bytes, as long as the string the file holds
+        if name in _TUPLE_CALLS and not (len(given) == 1 and given[0].items is not None):
+            raise self.refuse(f"calls {name} with other than one tuple or list")
         like = None
         if function.value in _TUPLE_CALLS and len(given) == 1 and given[0].items is not None:
             like = self.tuple_of(given[0].items)
@@ -373,16 +433,21 @@ class _PickleScan:
 
         try:
             for count, (opcode, arg, _) in enumerate(pickletools.genops(stream)):
+                self.opcodes += 1
+                if self.opcodes > PICKLE_OPCODES_LIMIT:
+                    raise self.refuse(f"holds more than {PICKLE_OPCODES_LIMIT:,} opcodes, far more than any checkpoint")
                 name = opcode.name
                 if name in _NUMBERS or name in _CONSTANTS:
                     stack.append(self.number(arg if name in _NUMBERS else _CONSTANTS[name]))
                 elif name in _STRINGS:
                     stack.append(_Part(1, value=arg))
-                elif name in ("EMPTY_LIST", "EMPTY_DICT", "EMPTY_SET"):
+                elif name in ("EMPTY_SET", "FROZENSET", "ADDITEMS"):  # their items' hashes the scan does not follow
+                    raise self.refuse("holds a set, which no checkpoint does")
+                elif name in ("EMPTY_LIST", "EMPTY_DICT"):
                     stack.append(_Part(1, items=[] if name == "EMPTY_LIST" else None))
                 elif name in ("EMPTY_TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "TUPLE"):
                     stack.append(self.tuple_of(pop_mark() if name == "TUPLE" else pop(_TUPLES[name])))
-                elif name in ("LIST", "DICT", "FROZENSET"):
+                elif name in ("LIST", "DICT"):
                     items = pop_mark()
                     stack.append(self.new(items, hashed=name != "LIST", items=items if name == "LIST" else None))
                 elif name in _CHANGES:
@@ -485,11 +550,13 @@ def _check_legacy_pickles(path: Path) -> None:
     storages' bytes; torch.load reads all five. A tar archive, torch's format before that, is refused
     here (torch.load refuses it too with ``weights_only``, advising to load it without)."""
     try:
-        with tarfile.open(path, mode="r:"):  # as torch.load tries it first
-            pass
-    except (tarfile.TarError, OSError):
-        pass
-    else:
+        with path.open("rb") as handle:
+            # The tar header's magic, not tarfile's parsing, which old Pythons do in quadratic time for
+            # crafted headers (CVE-2024-6232).
+            is_tar = handle.read(262)[257:262] == b"ustar"
+    except OSError as err:
+        raise WeightsError(f"{path}: cannot read ({err.strerror or err})") from None
+    if is_tar:
         raise WeightsError(
             f"{path}: a checkpoint in the tar format of PyTorch before 0.4, which can only be read with "
             "torch.load(weights_only=False), which can run arbitrary code. If you trust the file, load it that way "
@@ -587,8 +654,10 @@ class _StorageType:
 
 
 def _rebuild_tensor(storage: torch.Tensor, offset: int, size: tuple, stride: tuple, *_) -> torch.Tensor:
-    if not (isinstance(storage, torch.Tensor) and all(isinstance(n, int) and n >= 0 for n in (offset, *size, *stride))
-            and len(size) == len(stride)):
+    # Few dimensions, each below 2^63, before any product of them (of thousands of huge numbers: minutes).
+    if not (isinstance(storage, torch.Tensor) and isinstance(size, tuple) and isinstance(stride, tuple)
+            and len(size) == len(stride) <= 64
+            and all(isinstance(n, int) and 0 <= n < 2**63 for n in (offset, *size, *stride))):
         raise pickle.UnpicklingError("a tensor record of another form than torch writes")
     # No view may claim more values than its storage holds (a zero stride repeats one value any number
     # of times): the shapes are read as the architecture, and lists of a tensor's rows are built.
@@ -708,9 +777,21 @@ def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+# Tensors in one safetensors file: the largest CLIPs hold a few thousand, and making a tensor costs
+# microseconds and a few kilobytes (a file of 1.5 million empty ones took 30 s and 3 GB).
+SAFETENSORS_TENSORS_LIMIT = 200_000
+
+
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
+        with safe_open(str(path), framework="pt") as handle:
+            count = len(handle.keys())
+        if count > SAFETENSORS_TENSORS_LIMIT:
+            raise WeightsError(f"{path}: holds {count:,} tensors, far more than any CLIP checkpoint "
+                               f"(at most {SAFETENSORS_TENSORS_LIMIT:,} are read)")
         return load_file(str(path))
+    except WeightsError:
+        raise
     except Exception as err:  # noqa: BLE001 - safetensors raises its own error type and OS errors
         raise WeightsError(f"{path}: corrupt or truncated safetensors file ({err})") from None
 

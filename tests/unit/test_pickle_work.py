@@ -8,6 +8,7 @@ second one through the memo. A few hundred bytes unpickle to a tree of 2^40 leav
 branches, which hashing walks in full: 0.4 s at 26 levels, doubling with each (hours at 40).
 """
 
+import codecs
 import io
 import pickle
 import struct
@@ -18,7 +19,9 @@ import pytest
 import torch
 
 from tempme import weights
-from tempme.weights import PICKLE_PARTS_LIMIT, PickleWorkError, WeightsError, check_pickle_work, read_checkpoint
+from tempme.weights import (
+    PICKLE_DEPTH_LIMIT, PICKLE_PARTS_LIMIT, PickleWorkError, WeightsError, check_pickle_work, read_checkpoint,
+)
 
 LEVELS = 40
 
@@ -174,7 +177,7 @@ def test_the_limit_is_on_the_parts_counted_as_a_tree():
 def test_plain_values_of_every_protocol_pass():
     ints = [0, 1, -1, -2, 2**70, -(2**100)]  # -1 and -2 share a hash
     value = {"name": "x", "ints": ints, "again": [ints, ints], "floats": (0.5, -0.0, float("inf"), float("nan")),
-             "bytes": b"\x00\xff", "bytearray": bytearray(b"ab"), "set": {1, 2.5, "s"}, "frozenset": frozenset({"a"}),
+             "bytes": b"\x00\xff", "bytearray": bytearray(b"ab"),
              "none": None, "flags": (True, False), "complex": 1 + 2j, "nested": {(1, (2, 3)): [("a", 1.0)]}}
     for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
         scan(pickle.dumps(value, protocol=protocol))
@@ -258,3 +261,113 @@ def test_a_checkpoint_of_torch_s_tar_format_is_refused_without_torch_s_advice(tm
                                            "only be read with torch.load\\(weights_only=False\\), which can run") as info:
         read_checkpoint(path)
     assert "will likely succeed" not in str(info.value)
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_sets_and_callables_no_checkpoint_needs_are_refused(protocol):
+    # Sets' items are hashed as they are added, which the scan does not follow; no checkpoint holds one.
+    with pytest.raises(PickleWorkError, match="holds a set|calls (__builtin__|builtins).set"):
+        scan(pickle.dumps({"set": {1, 2}}, protocol=protocol))
+    with pytest.raises(PickleWorkError, match="calls (__builtin__|builtins).frozenset|holds a set"):
+        scan(pickle.dumps(frozenset({"a"}), protocol=protocol))
+    # torch's weights-only reader allows these, but their cost is what the file names, not its size.
+    with pytest.raises(PickleWorkError, match="calls (__builtin__|builtins).bytearray otherwise than pickling writes"):
+        scan(pickle.dumps(Reduce(bytearray, (10**10,)), protocol=protocol))
+    with pytest.raises(PickleWorkError, match="calls _codecs.encode otherwise than pickling writes bytes"):
+        scan(pickle.dumps(Reduce(codecs.encode, ("x" * 100, "punycode")), protocol=protocol))
+    with pytest.raises(PickleWorkError, match="calls torch._utils._rebuild_device_tensor_from_cpu_tensor"):
+        scan(pickle.dumps(Reduce(torch._utils._rebuild_device_tensor_from_cpu_tensor, (1, 2)), protocol=protocol))
+    with pytest.raises(PickleWorkError, match="calls torch.Size with other than one tuple or list"):
+        scan(pickle.dumps(Reduce(torch.Size, ({1: None, 2: None},)), protocol=protocol))
+
+
+def test_nesting_deeper_than_any_checkpoint_is_refused():
+    # Hashing or printing 150,000 nested tuples crashes Python itself (C recursion with no check).
+    def nested(levels: int) -> bytes:  # (((),),) ...: PROTO 2, EMPTY_TUPLE, TUPLE1 each level, STOP
+        return b"\x80\x02)" + b"\x85" * (levels - 1) + b"."
+
+    assert pickle.loads(nested(3)) == (((),),)
+    with pytest.raises(PickleWorkError, match=f"nests deeper than {PICKLE_DEPTH_LIMIT} levels"):
+        scan(nested(PICKLE_DEPTH_LIMIT + 1))
+    scan(nested(PICKLE_DEPTH_LIMIT))  # the limit itself passes
+
+
+class Reduce:
+    """Pickles as ``function(*arguments)``, whatever the function does."""
+
+    def __init__(self, function, arguments):
+        self.function, self.arguments = function, arguments
+
+    def __reduce__(self):
+        return self.function, self.arguments
+
+
+def two_directories(path) -> None:
+    """A zip with two central directories: zipfile reads the zip64 end record just before the
+    locator, torch's reader the one the locator points to. zipfile sees an empty state dict; torch a
+    tensor whose storage is a deflated entry (compressed entries are what the checks refuse)."""
+    import zlib
+
+    out = bytearray()
+
+    def local(name: str, data: bytes, method: int = 0, size: int | None = None, crc: int | None = None) -> tuple:
+        offset, encoded = len(out), name.encode()
+        crc = zlib.crc32(data) if crc is None else crc
+        size = len(data) if size is None else size
+        out.extend(struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, 0, method, 0, 0x21, crc, len(data), size,
+                               len(encoded), 0) + encoded + data)
+        return encoded, method, crc, len(data), size, offset
+
+    def directory(entries) -> bytes:
+        return b"".join(struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 20, 20, 0, method, 0, 0x21, crc, stored, size,
+                                    len(name), 0, 0, 0, 0, 0, offset) + name
+                        for name, method, crc, stored, size, offset in entries)
+
+    def zip64_end(count: int, size: int, offset: int) -> bytes:
+        return struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, count, count, size, offset)
+
+    seen_by_zipfile = [local("archive/data.pkl", pickle.dumps({}, protocol=2)), local("archive/version", b"3\n")]
+    zeros = b"\0" * 4096
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -15)
+    stored = deflate.compress(zeros) + deflate.flush()
+    buffer = io.BytesIO()
+    torch.save({"w": torch.zeros(4096, dtype=torch.uint8)}, buffer)
+    with zipfile.ZipFile(buffer) as real:
+        data_pkl = real.read(next(n for n in real.namelist() if n.endswith("data.pkl")))
+    seen_by_torch = [local("archive/data.pkl", data_pkl),
+                     local("archive/data/0", stored, method=8, size=len(zeros), crc=zlib.crc32(zeros)),
+                     local("archive/version", b"3\n")]
+    torch_directory, torch_at = directory(seen_by_torch), len(out)
+    out.extend(torch_directory)
+    torch_end = len(out)
+    out.extend(zip64_end(len(seen_by_torch), len(torch_directory), torch_at))
+    zipfile_directory, zipfile_at = directory(seen_by_zipfile), len(out)
+    out.extend(zipfile_directory)
+    out.extend(zip64_end(len(seen_by_zipfile), len(zipfile_directory), zipfile_at))
+    out.extend(struct.pack("<IIQI", 0x07064B50, 0, torch_end, 1))  # the zip64 locator: torch's end record
+    out.extend(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, 0xFFFF, 0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0))
+    path.write_bytes(bytes(out))
+
+
+def test_a_zip_that_torch_reads_otherwise_than_zipfile_is_refused(tmp_path):
+    # Every check of the archive is zipfile's: torch must read the same entries at the same places.
+    path = tmp_path / "two.pt"
+    two_directories(path)
+    with zipfile.ZipFile(path) as archive:
+        assert [entry.filename for entry in archive.infolist()] == ["archive/data.pkl", "archive/version"]
+    assert "data/0" in torch._C.PyTorchFileReader(str(path)).get_all_records()  # what torch.load would inflate
+    with pytest.raises(WeightsError, match="a zip archive that torch reads otherwise than its directory says"):
+        read_checkpoint(path)
+
+
+def test_a_safetensors_file_of_more_tensors_than_any_checkpoint_is_refused(tmp_path, monkeypatch):
+    # Each tensor costs microseconds and kilobytes to make: 1.5 million empty ones took 30 s and 3 GB.
+    from safetensors.torch import save_file
+
+    path = tmp_path / "many.safetensors"
+    save_file({f"t{i}": torch.zeros(0) for i in range(3)}, str(path))
+    monkeypatch.setattr(weights, "SAFETENSORS_TENSORS_LIMIT", 2)
+    with pytest.raises(WeightsError, match="holds 3 tensors, far more than any CLIP checkpoint"):
+        read_checkpoint(path)
+    monkeypatch.setattr(weights, "SAFETENSORS_TENSORS_LIMIT", 3)
+    assert len(read_checkpoint(path)) == 3
