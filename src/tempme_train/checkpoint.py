@@ -30,7 +30,8 @@ import torch
 
 from tempme import TempMe
 from tempme.files import sync_file, temporary_directory_for, write_failed
-from tempme.weights import PickleWorkError, zip_entries
+from tempme.pickle_scan import PickleWorkError
+from tempme.weights import zip_entries
 
 from .config import TrainConfig, save_config
 from .modeling import LAST, WEIGHTS, load_trained_weights, save_trained_weights

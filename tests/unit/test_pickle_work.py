@@ -1,5 +1,5 @@
 """Pickles that would take hours to unpickle are refused before any unpickler reads them
-(tempme.weights.check_pickle_work): in weights files of torch's two formats, in TorchScript archives and
+(tempme.pickle_scan.check_pickle_work): in weights files of torch's two formats, in TorchScript archives and
 in a training run's state.pt. Checkpoints of every kind tempme reads still load (test_weights.py,
 test_train_loop.py).
 
@@ -19,9 +19,8 @@ import pytest
 import torch
 
 from tempme import weights
-from tempme.weights import (
-    PICKLE_DEPTH_LIMIT, PICKLE_PARTS_LIMIT, PickleWorkError, WeightsError, check_pickle_work, read_checkpoint,
-)
+from tempme.pickle_scan import PICKLE_DEPTH_LIMIT, PICKLE_PARTS_LIMIT, PickleWorkError, check_pickle_work
+from tempme.weights import WeightsError, read_checkpoint
 
 LEVELS = 40
 
