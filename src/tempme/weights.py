@@ -439,6 +439,12 @@ def _read_torch(path: Path) -> dict[str, torch.Tensor]:
                 "torch.load(weights_only=False), which can run arbitrary code. If you trust the file, load it "
                 "that way yourself and save just its state dict with torch.save or safetensors"
             ) from None
+        if "Unsupported operand" in str(err):  # FRAME, MEMOIZE ...: the opcodes of pickle protocols 4 and 5
+            raise WeightsError(
+                f"{path}: saved with pickle protocol 4 or later (torch.save(..., pickle_protocol=4)), whose opcodes "
+                "torch's weights-only reader does not take. Save it again with torch.save's default protocol or as "
+                "safetensors (if you trust the file: torch.load(weights_only=False), then save its state dict)"
+            ) from None
         # torch's own text here suggests weights_only=False, which would not help a damaged file.
         raise WeightsError(_NOT_A_CHECKPOINT.format(path)) from None
     except Exception as err:  # noqa: BLE001 - torch raises many types for damaged files

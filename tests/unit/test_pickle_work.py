@@ -370,3 +370,12 @@ def test_a_safetensors_file_of_more_tensors_than_any_checkpoint_is_refused(tmp_p
         read_checkpoint(path)
     monkeypatch.setattr(weights, "SAFETENSORS_TENSORS_LIMIT", 3)
     assert len(read_checkpoint(path)) == 3
+
+
+@pytest.mark.parametrize("protocol", [4, 5])
+def test_a_checkpoint_pickled_with_protocol_4_or_5_is_named_as_such(tmp_path, protocol):
+    # torch's weights-only reader takes protocol 2 and 3 only; the scan accepts every protocol.
+    path = tmp_path / "p.pt"
+    torch.save({"w": torch.ones(2)}, path, pickle_protocol=protocol)
+    with pytest.raises(WeightsError, match="saved with pickle protocol 4 or later .* as safetensors"):
+        read_checkpoint(path)
