@@ -26,6 +26,7 @@ import re
 import socket
 import struct
 import urllib.parse
+import warnings
 import zipfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -431,7 +432,9 @@ _NOT_A_CHECKPOINT = "{}: corrupt or not a checkpoint (not a zip, safetensors or 
 
 def _read_torch(path: Path) -> dict[str, torch.Tensor]:
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's "might not support all instructions": the error says it better
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if "global" in str(err).lower():  # "not an allowed global", "unsupported GLOBAL ... is blocked"
             raise WeightsError(
