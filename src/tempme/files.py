@@ -74,6 +74,12 @@ def describe_os_error(error: OSError) -> str:
     return str(error)  # a WriteError's is its message
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of ``error``'s message, or its type's name where it has none: for a message of one line."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def write_failed(target: str | os.PathLike, error: BaseException, then: str = "") -> WriteError:
     """An OSError naming ``target`` for a write that failed with ``error``, which may name a temporary
     file instead, or none (torch.save's RuntimeError, safetensors' SafetensorError): one line saying

@@ -16,6 +16,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from .files import first_line
+
 
 #: How large anything a pickle builds may be, counted as a tree (a part it shares counted each time it
 #: is reached; see :func:`check_pickle_work`), and all that unpickling hashes or hands to functions
@@ -284,7 +286,7 @@ class _PickleScan:
         except PickleWorkError:
             raise
         except (ValueError, UnicodeError, OverflowError, MemoryError) as err:  # genops's for damaged pickles
-            raise self.refuse(_first_line(err), damaged=True) from None
+            raise self.refuse(first_line(err), damaged=True) from None
 
 
 def check_pickle_work(pickles: Iterable[tuple[str, Any]], /) -> None:
@@ -323,8 +325,3 @@ class BoundedReader:
         line = self.file.readline(self.left)
         self.left -= len(line)
         return line
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__

@@ -38,7 +38,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .config import CLIPConfig, ModelConfig, TextConfig, VisionConfig, get_preset, preset_names
-from .files import atomic_file, check_readable, write_failed
+from .files import atomic_file, check_readable, first_line, write_failed
 from .model import TempMe, is_adapter_parameter
 from .pickle_scan import BoundedReader, PickleWorkError, check_pickle_work
 from .userwarnings import SharedWarning, warn
@@ -284,7 +284,7 @@ def _read_torchscript(path: Path) -> dict[str, torch.Tensor]:
         raise
     except (zipfile.BadZipFile, OSError, EOFError, KeyError, pickle.UnpicklingError, RuntimeError, ValueError,
             TypeError, AttributeError, IndexError, MemoryError, RecursionError) as err:
-        raise WeightsError(f"{path}: corrupt TorchScript archive ({_first_line(err) if str(err) else type(err).__name__})") from None
+        raise WeightsError(f"{path}: corrupt TorchScript archive ({first_line(err)})") from None
     if not tensors:
         raise WeightsError(f"{path}: the TorchScript archive holds no tensors tempme can read (a module that "
                            "saves its state its own way?)")
@@ -452,7 +452,7 @@ def _read_torch(path: Path) -> dict[str, torch.Tensor]:
         raise WeightsError(_NOT_A_CHECKPOINT.format(path)) from None
     except Exception as err:  # noqa: BLE001 - torch raises many types for damaged files
         raise WeightsError(
-            f"{path}: corrupt or not a checkpoint (unreadable as a torch file: {_first_line(err)})"
+            f"{path}: corrupt or not a checkpoint (unreadable as a torch file: {first_line(err)})"
         ) from None
     return _unwrap(obj, path)
 
@@ -1115,12 +1115,7 @@ def _download(repo: str, where: str) -> Path:
     try:
         return Path(hf_hub_download(repo_id=repo, filename="model.safetensors", cache_dir=str(cache_dir())))
     except Exception as err:  # noqa: BLE001 - network, HTTP and filesystem errors all end the same way
-        raise WeightsError(f"downloading model.safetensors from {repo} failed ({_first_line(err)}); {where}") from None
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+        raise WeightsError(f"downloading model.safetensors from {repo} failed ({first_line(err)}); {where}") from None
 
 
 @dataclass

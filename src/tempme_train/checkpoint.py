@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from tempme import TempMe
-from tempme.files import sync_file, temporary_directory_for, write_failed
+from tempme.files import first_line, sync_file, temporary_directory_for, write_failed
 from tempme.pickle_scan import PickleWorkError
 from tempme.weights import zip_entries
 
@@ -249,7 +249,7 @@ def load_checkpoint(
         raise ValueError(f"cannot resume: {directory / STATE} holds Python objects that tempme train does not save "
                          f"(so it is not read: unpickling them could run any code); {remedy}") from None
     except _DAMAGED_FILE_ERRORS as error:
-        raise ValueError(f"cannot resume: {directory / STATE} is damaged ({_first_line(error)}); {remedy}") from None
+        raise ValueError(f"cannot resume: {directory / STATE} is damaged ({first_line(error)}); {remedy}") from None
     try:
         optimizer.load_state_dict(state["optimizer"])
         # The scheduler takes every key it is given as an attribute: none may replace one it has
@@ -265,7 +265,7 @@ def load_checkpoint(
         return checked_progress({"steps_with_data": None, **state["progress"]})
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as error:
         raise ValueError(
-            f"cannot resume from {directory}: its saved state does not fit this run ({_first_line(error)}); "
+            f"cannot resume from {directory}: its saved state does not fit this run ({first_line(error)}); "
             "resume with the settings it was saved with, or start over in a new "
             "output folder"
         ) from None
@@ -290,8 +290,3 @@ def checked_progress(recorded: dict[str, Any]) -> Progress:
     if not valid:
         raise TypeError("its progress record holds values of other types than tempme train writes")
     return progress
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

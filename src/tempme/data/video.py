@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
+from ..files import first_line
 from ..userwarnings import warn
 
 if TYPE_CHECKING:
@@ -844,6 +845,6 @@ def _decord_reader(path: Path):
 
 
 def _decord_error(path: Path, err: Exception) -> VideoDecodeError:
-    message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    message = first_line(err)
     reason = "no video stream" if "cannot find video stream" in message else f"decord failed ({message})"
     return VideoDecodeError(path, reason)
