@@ -141,9 +141,14 @@ def finished(command: str, left_out: dict[str, int]) -> int:
     any other status for a crashed process and, where --max-restarts allows, starts the work over."""
     from .main import say, under_torchrun
 
-    counted = [count(number, noun) for noun, number in left_out.items() if number]
-    if not counted:
+    if not any(left_out.values()):
         return 0
-    listed = counted[0] if len(counted) == 1 else f"{', '.join(counted[:-1])} and {counted[-1]}"
-    say(f"tempme {command}: finished, but left out {listed}")
+    say(f"tempme {command}: finished, but left out {counts(left_out)}")
     return 0 if under_torchrun() else 1
+
+
+def counts(numbers: dict[str, int]) -> str:
+    """``{"missing video": 2, "undecodable video": 0, "damaged window": 1}`` -> ``"2 missing videos and
+    1 damaged window"``: the nouns with a number, in order."""
+    counted = [count(number, noun) for noun, number in numbers.items() if number]
+    return counted[0] if len(counted) == 1 else f"{', '.join(counted[:-1])} and {counted[-1]}"

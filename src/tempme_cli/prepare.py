@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     from tempme_train.data import frame_cache, split_items
     from tempme_train.distributed import world_from_env
 
-    from .common import count, finished
+    from .common import count, counts, finished
     from .train import config_from_args
 
     args.overrides = [*args.overrides, *getattr(args, "late_overrides", [])]
@@ -110,8 +110,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"  missing: {item.video_id} ({item.path})")
     if not (summary.ok or world.distributed):  # under torchrun a process knows only its own share
         raise ValueError(f"the {count(len(present), 'video')} there could not be decoded, so none is in {cache.folder}")
-    if config.data.strict and (summary.skipped or missing):  # as training and evaluation refuse them
-        left_out = count(len(summary.skipped), "undecodable video") + " and " + count(len(missing), "missing video")
-        raise ValueError(f"data.strict is set and {left_out} were found (listed above); the frames of the "
+    left_out = {"undecodable video": len(summary.skipped), "missing video": len(missing)}
+    if config.data.strict and any(left_out.values()):  # as training and evaluation refuse them
+        raise ValueError(f"data.strict is set and {counts(left_out)} were found (listed above); the frames of the "
                          "others are cached")
-    return finished(args.command, {"undecodable video": len(summary.skipped), "missing video": len(missing)})
+    return finished(args.command, left_out)
