@@ -103,9 +103,9 @@ def _plan_kernel(
 def plan_merge(best_score: torch.Tensor, best_b: torch.Tensor, r: int, num_cls: int, tokens_in: int) -> MergePlan:
     """The plan of ``merging.match_patches`` from each A token's best score and best B match.
 
-    ``best_score [batch, |A|]`` (float32, or float64) and ``best_b [batch, |A|]`` (int64) are the maximum and its
-    position over the B tokens of the similarities, for sequences of ``tokens_in`` tokens whose first
-    ``num_cls`` are CLS tokens (A and B alternate over the rest, as ``split_sets`` says).
+    ``best_score [batch, |A|]`` (float32, or float64) and ``best_b [batch, |A|]`` (int64) are the maximum
+    and its position over the B tokens of the similarities, for sequences of ``tokens_in`` tokens whose
+    first ``num_cls`` are CLS tokens (A and B alternate over the rest, as ``split_sets`` says).
     """
     batch, num_a = best_score.shape
     a_start, b_start = split_sets(num_cls)
@@ -176,6 +176,12 @@ def _merge_kernel(
         tl.store(share_ptr + moved, _size(size_ptr, tl.load(src_ptr + moved), HAS_SIZE) / total)
 
 
+def _channel_block(channels: int) -> int:
+    """Channels a program of the merge kernels reads at once: a whole row of ViT-B and ViT-L (768,
+    1024), wider rows in blocks of 1024."""
+    return min(triton.next_power_of_2(channels), 1024)
+
+
 def apply_merge(
     plan: MergePlan, x: torch.Tensor, size: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -195,7 +201,7 @@ def apply_merge(
         _merge_kernel[(batch * tokens_out,)](
             x.contiguous(), size.contiguous() if size is not None else new_size, plan.keep_rows, plan.src_rows,
             plan.source_start, plan.source_stop, merged, new_size, share, channels,
-            HAS_SIZE=size is not None, BLOCK_C=min(triton.next_power_of_2(channels), 1024),
+            HAS_SIZE=size is not None, BLOCK_C=_channel_block(channels),
         )
     return merged, new_size, share
 
@@ -233,6 +239,6 @@ def apply_merge_backward(plan: MergePlan, grad: torch.Tensor, share: torch.Tenso
     if grad.numel():
         _merge_backward_kernel[(batch * tokens_out,)](
             grad.contiguous(), plan.keep_rows, plan.src_rows, plan.source_start, plan.source_stop, share, grad_x,
-            channels, BLOCK_C=min(triton.next_power_of_2(channels), 1024),
+            channels, BLOCK_C=_channel_block(channels),
         )
     return grad_x
