@@ -114,22 +114,21 @@ def option_sources(settings: dict[str, Any]) -> dict[str, str]:
 DATASET_BASES = {"msrvtt": "_msrvtt", "didemo": "_didemo", "activitynet": "_activitynet", "lsmdc": "_lsmdc"}
 
 
-def resolve_config(args: argparse.Namespace, trained: Path | None) -> TrainConfig:
+def resolve_config(args: argparse.Namespace, trained: Path | None, stored: TrainConfig | None) -> TrainConfig:
     """--config, else the config stored with the checkpoint (with the files, splits and words of
     --dataset where it names another benchmark), else the bundled settings of --dataset (its frames,
     words and splits: 64 for DiDeMo and ActivityNet), else defaults; then options and overrides.
     --config with a checkpoint of tempme train keeps the model that was trained (see
     :func:`with_trained_model`). Zero-shot weights that record their method (a tempme checkpoint)
-    keep it unless --method says."""
-    from tempme_train.modeling import stored_config, train_config_of
+    keep it unless --method says. ``stored`` is the training config recorded in ``trained``, if any."""
+    from tempme_train.modeling import train_config_of
 
     settings = option_settings(args)
     chosen = None  # --config, where a trained model's settings replace its own
     if args.config is not None:
         config = load_config(args.config)
-        trained_config = stored_config(trained) if trained is not None else None
-        if trained_config is not None:
-            chosen, config = config, with_trained_model(config, trained_config, trained)
+        if stored is not None:
+            chosen, config = config, with_trained_model(config, stored, trained)
     elif trained is not None:
         config = train_config_of(trained)
         if args.dataset in DATASET_BASES and args.dataset != config.data.dataset:
@@ -323,8 +322,8 @@ def run(args: argparse.Namespace) -> int:
     trained = find_trained_weights(args.checkpoint) if args.checkpoint else None
     if trained is not None and args.weights:
         check_weights_option(trained, args.weights)
-    config = resolve_config(args, trained)
     stored = stored_config(trained) if trained is not None else None  # what tempme train recorded, if it wrote it
+    config = resolve_config(args, trained, stored)
     if stored is not None and stored.model.trainable == "full":
         # Every weight is in the file: it is its own base (the one trained on may have moved or gone).
         config = with_settings(config, {"model.weights": str(trained)}, trained_source(trained))

@@ -270,7 +270,7 @@ def test_zero_shot_eval_takes_the_datasets_settings_and_the_weights_method(tmp_p
     from tempme_cli.main import build_parser, parse_arguments
 
     def config_of(*argv):
-        return resolve_config(parse_arguments(build_parser(), ["eval", *argv]), None)
+        return resolve_config(parse_arguments(build_parser(), ["eval", *argv]), None, None)
 
     for dataset, frames, words, test_split in (("didemo", 64, 64, "test"), ("activitynet", 64, 64, "val"),
                                                ("msrvtt", 12, 32, "test"), ("lsmdc", 12, 32, "test")):
@@ -292,7 +292,7 @@ def test_a_checkpoint_evaluated_on_another_benchmark_takes_its_splits_and_words(
     from tempme_cli.eval import resolve_config
     from tempme_cli.main import build_parser, parse_arguments
     from tempme_train.config import load_config
-    from tempme_train.modeling import save_trained_weights
+    from tempme_train.modeling import save_trained_weights, stored_config
 
     trained_on = load_config("msrvtt_b32_tempme", ["model.preset=tiny-B/32", "model.weights=null"])
     assert trained_on.data.val_split == "holdout"
@@ -300,7 +300,8 @@ def test_a_checkpoint_evaluated_on_another_benchmark_takes_its_splits_and_words(
     save_trained_weights(tempme.create_model("tiny-B/32", frames=12), path, trained_on, base="0")
 
     def config_of(*argv):
-        return resolve_config(parse_arguments(build_parser(), ["eval", "--checkpoint", str(path), *argv]), path)
+        arguments = parse_arguments(build_parser(), ["eval", "--checkpoint", str(path), *argv])
+        return resolve_config(arguments, path, stored_config(path))
 
     didemo = config_of("--dataset", "didemo")
     data = didemo.data
