@@ -12,7 +12,8 @@ the index every ``save_every_s`` seconds and when stopped (Ctrl-C included), so 
 loses at most the batch in flight (with segments, the videos in flight) and the next run carries
 on. (By time, not by count: each write is the whole file, and on a GPU hundreds of videos a second
 would otherwise mean as many writes.) Videos that cannot be decoded are recorded with the reason and
-tried again on the next run.
+tried again on the next run. Windows left out of a damaged video are recorded too, and reported by
+every later run (without decoding the video again) until its file changes or it leaves the index.
 """
 
 from __future__ import annotations
@@ -199,6 +200,11 @@ class VideoIndex:
     ``links``: path -> the symbolic-link paths it was found through (a linked file, or a file in a
     linked folder), for videos found only that way; the video leaves the index when they are gone
     (see :func:`deleted`). Indexes written before this was recorded lack it.
+    ``partial``: in an index of segments, path -> the ``[start, end]`` spans (seconds) of the windows
+    left out of that video when it was embedded (fewer than half their frames decode), for the
+    videos that have such windows; kept until the video is embedded again or leaves the index.
+    Indexes written before this was recorded lack it, and older tempme versions adding to an index
+    leave it out: their damaged windows are then not reported until the file changes.
     """
 
     paths: list[str]
@@ -209,6 +215,7 @@ class VideoIndex:
     files: dict[str, list[int]] = field(default_factory=dict)
     spans: list[list[float]] | None = None
     links: dict[str, list[str]] = field(default_factory=dict)
+    partial: dict[str, list[list[float]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.embeddings.dim() != 2 or self.embeddings.shape[0] != len(self.paths):
@@ -242,7 +249,8 @@ class VideoIndex:
             tensors["spans"] = torch.tensor(self.spans, dtype=torch.float64).reshape(-1, 2)
         indexed = set(self.paths)
         links = {video: paths for video, paths in self.links.items() if video in indexed}
-        header.update(model=self.model, settings=self.settings, skipped=self.skipped, files=self.files, links=links)
+        header.update(model=self.model, settings=self.settings, skipped=self.skipped, files=self.files, links=links,
+                      partial=self.partial)
         metadata = {"format": INDEX_FORMAT, "index": json.dumps(header)}
         with atomic_file(path) as temporary:
             try:
@@ -271,7 +279,7 @@ class VideoIndex:
                 paths, spans = _segment_rows(header["videos"], tensors)
             return cls(
                 paths, tensors["embeddings"], header["model"], header["settings"], header["skipped"], header["files"],
-                spans, header["links"],
+                spans, header["links"], header["partial"],
             )
         except VideoIndexError as error:  # e.g. the paths and embeddings disagree in number
             raise VideoIndexError(f"{path}: {error}; {_REBUILD}") from None
@@ -337,8 +345,8 @@ def _segment_rows(videos: list[str], tensors: dict[str, torch.Tensor]) -> tuple[
 
 def read_index_header(path: PathLike) -> dict[str, Any]:
     """The header of the index at ``path``, checked, without reading its embeddings: ``model``,
-    ``settings``, ``skipped``, ``files``, ``links``, and ``paths`` (one per row; version 1) or ``videos`` (each
-    once; version 2, an index of segments)."""
+    ``settings``, ``skipped``, ``files``, ``links``, ``partial``, and ``paths`` (one per row; version 1)
+    or ``videos`` (each once; version 2, an index of segments)."""
     path = Path(path)
     if path.is_dir():
         raise VideoIndexError(f"{path} is a folder, not an index file (`tempme index` writes those)")
@@ -366,8 +374,11 @@ def read_index_header(path: PathLike) -> dict[str, Any]:
         )
     header.setdefault("files", {})  # not recorded by older versions: see VideoIndex
     header.setdefault("links", {})
+    header.setdefault("partial", {})
     rows = ("paths", list) if header["version"] == 1 else ("videos", list)
-    for key, kind in (rows, ("model", dict), ("settings", dict), ("skipped", dict), ("files", dict), ("links", dict)):
+    entries = (rows, ("model", dict), ("settings", dict), ("skipped", dict), ("files", dict), ("links", dict),
+               ("partial", dict))
+    for key, kind in entries:
         if key not in header:
             raise VideoIndexError(f"{path}: the index header is damaged (no {key!r} entry); {_REBUILD}")
         if not isinstance(header[key], kind):
@@ -376,7 +387,20 @@ def read_index_header(path: PathLike) -> dict[str, Any]:
     if not all(isinstance(links, list) and all(isinstance(link, str) for link in links)
                for links in header["links"].values()):
         raise VideoIndexError(f"{path}: the index header is damaged ('links' holds other than lists of paths); {_REBUILD}")
+    if not all(_is_span_list(spans) for spans in header["partial"].values()):
+        raise VideoIndexError(f"{path}: the index header is damaged ('partial' holds other than lists of "
+                              f"[start, end] spans); {_REBUILD}")
     return header
+
+
+def _is_span_list(spans: Any) -> bool:
+    """Whether ``spans`` is a list of ``[start, end]`` pairs of finite numbers (seconds)."""
+    def is_time(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    return isinstance(spans, list) and all(
+        isinstance(span, list) and len(span) == 2 and all(map(is_time, span)) for span in spans
+    )
 
 
 @dataclass
@@ -391,9 +415,13 @@ class IndexUpdate:
     # that no longer decodes leaves the index: it is listed in ``skipped`` and in ``dropped`` instead.
     updated: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)  # indexed videos that changed and no longer decode
-    # Videos indexed in windows with some left out, as fewer than half of their frames decode (a
-    # damaged stretch): the ``[start, end]`` spans (seconds) that search cannot find.
+    # Videos this call embedded in windows with some left out, as fewer than half of their frames
+    # decode (a damaged stretch): the ``[start, end]`` spans (seconds) that search cannot find.
     partial: dict[str, list[list[float]]] = field(default_factory=dict)
+    # The same for the indexed videos this call did not embed: spans an earlier call left out, as the
+    # index records them (``VideoIndex.partial``; the videos are not decoded again to find them).
+    # No video is in both; together they are every indexed video that search cannot find whole.
+    partial_earlier: dict[str, list[list[float]]] = field(default_factory=dict)
     segments: int | None = None  # rows of an index of segments afterwards; None for whole videos
 
 
@@ -528,6 +556,26 @@ class IndexOptions:
     backend: str
     precision: str | None  # None: the device's default (``default_precision``: bf16 on a GPU, fp32 on a CPU)
 
+    @classmethod
+    def resolve(
+        cls,
+        recorded: Mapping[str, Any],
+        *,
+        framerate: float | None = None,
+        segment_s: float | None = None,
+        backend: str | None = None,
+        precision: str | None = None,
+    ) -> "IndexOptions":
+        """The options given, and for those left None the ``recorded`` ones (an index header's
+        ``settings``; empty for a new index), else the defaults: 1 frame per second, whole videos,
+        PyAV, the device's precision."""
+        return cls(
+            framerate=recorded.get("framerate", 1.0) if framerate is None else framerate,
+            segment_s=recorded.get("segment_s") if segment_s is None else segment_s,
+            backend=recorded.get("backend", "pyav") if backend is None else backend,
+            precision=recorded.get("precision") if precision is None else precision,
+        )
+
 
 def resolve_index_options(
     path: PathLike,
@@ -538,16 +586,12 @@ def resolve_index_options(
     precision: str | None = None,
 ) -> IndexOptions:
     """The options given, and for those left None the index's own where ``path`` holds one (so that
-    updating an index needs no more options than building it did), else the defaults: 1 frame per
-    second, whole videos, PyAV, the device's precision. Reads the index's header only."""
+    updating an index needs no more options than building it did), else the defaults (see
+    :meth:`IndexOptions.resolve`). Reads the index's header only."""
     path = Path(path).expanduser()
     recorded = read_index_header(path)["settings"] if path.is_file() else {}
-    return IndexOptions(
-        framerate=recorded.get("framerate", 1.0) if framerate is None else framerate,
-        segment_s=recorded.get("segment_s") if segment_s is None else segment_s,
-        backend=recorded.get("backend", "pyav") if backend is None else backend,
-        precision=recorded.get("precision") if precision is None else precision,
-    )
+    return IndexOptions.resolve(recorded, framerate=framerate, segment_s=segment_s, backend=backend,
+                                precision=precision)
 
 
 def check_index_options(
@@ -584,13 +628,15 @@ def check_index_options(
 
 
 def _drop_videos(index: VideoIndex, videos: set[str]) -> None:
-    """Take ``videos`` out of ``index``: their rows, paths and file stamps. The other rows keep their order."""
+    """Take ``videos`` out of ``index``: their rows, paths, file stamps, links and damaged windows. The
+    other rows keep their order."""
     if not videos:
         return
     _drop_rows(index, {row for row, video in enumerate(index.paths) if video in videos})
     for video in videos:
         index.files.pop(video, None)
         index.links.pop(video, None)
+        index.partial.pop(video, None)
 
 
 def _drop_rows(index: VideoIndex, rows: set[int]) -> None:
@@ -686,8 +732,8 @@ class _PendingResults:
     them in it: embeddings of new and changed videos, and changed videos that no longer decode.
 
     A video goes into the index once all its rows are embedded (one, or one per segment), with its
-    file stamp: a run interrupted before that leaves the video looking changed (or new), and the next
-    run embeds it again.
+    file stamp and the windows left out of it: a run interrupted before that leaves the video looking
+    changed (or new), and the next run embeds it again.
     """
 
     def __init__(self, stamps: dict[str, list[int] | None]) -> None:
@@ -695,20 +741,24 @@ class _PendingResults:
         # path -> ([start, end] or None, [D] L2-normalised float32 CPU embedding) of each row embedded
         self.rows: dict[str, list[tuple[list[float] | None, torch.Tensor]]] = {}
         self.complete: list[str] = []  # videos whose every row is embedded, not yet in the index
+        self.left_out: dict[str, list[list[float]]] = {}  # of complete videos: their windows that did not decode
         self.failed: set[str] = set()  # videos that did not decode: windows of theirs still in flight are dropped
         self.indexed_to_drop: list[str] = []  # indexed videos that no longer decode (see add_failed)
 
     def add_embedded(
-        self, paths: Sequence[str], spans: Sequence[list[float] | None], last: Sequence[bool], embeddings: torch.Tensor
+        self, paths: Sequence[str], spans: Sequence[list[float] | None], last: Sequence[bool], embeddings: torch.Tensor,
+        left_out: Mapping[str, list[list[float]]],
     ) -> list[str]:
         """Keep ``embeddings [len(paths), D]``: row ``i`` is that of the window ``spans[i]`` (None: the
         whole video) of ``paths[i]``, its video's final row where ``last[i]``. A video's rows come in
-        order. Returns the videos this completes, in order."""
+        order. ``left_out``: the spans of windows that did not decode, of the videos that have some
+        and whose final row is here. Returns the videos this completes, in order."""
         completed = []
         for path, span, final, embedding in zip(paths, spans, last, embeddings):
             self.rows.setdefault(path, []).append((span, embedding))
             if final:
                 self.complete.append(path)
+                self.left_out[path] = left_out.get(path, [])
                 completed.append(path)
         return completed
 
@@ -725,8 +775,8 @@ class _PendingResults:
         """Write the pending results of complete videos into ``index``, then forget them.
 
         An indexed (changed) video's new rows replace its old ones in place when they are as many, so
-        the order stays as it was; otherwise, as a new video's, they are appended. Undecodable videos
-        leave the index.
+        the order stays as it was; otherwise, as a new video's, they are appended. Its windows left out
+        before are forgotten, and those left out now recorded. Undecodable videos leave the index.
         """
         if not (self.complete or self.indexed_to_drop):
             return
@@ -749,9 +799,11 @@ class _PendingResults:
                 dropped.update(old)
                 appended.extend((video, span, embedding) for span, embedding in fresh)
             index.files[video] = self.stamps[video]
+            _record_left_out(index, video, self.left_out.pop(video))
         for video in self.indexed_to_drop:
             dropped.update(rows_of.get(video, []))
             index.files.pop(video, None)
+            index.partial.pop(video, None)
         index.embeddings, index.spans = embeddings, spans
         _drop_rows(index, dropped)
         if appended:
@@ -760,6 +812,15 @@ class _PendingResults:
             if index.spans is not None:
                 index.spans = index.spans + [span for _, span, _ in appended]
         self.complete, self.indexed_to_drop = [], []
+
+
+def _record_left_out(index: VideoIndex, video: str, spans: list[list[float]]) -> None:
+    """Record in ``index`` the windows of ``video`` left out as it was just embedded (none: it has no
+    record, so that a clean file's earlier damage is not reported again)."""
+    if spans:
+        index.partial[video] = spans
+    else:
+        index.partial.pop(video, None)
 
 
 def check_index_free(path: PathLike) -> None:
@@ -880,7 +941,7 @@ class _BatchTaker:
             left_out = {video: lost for video, lost, final in zip(batch["video_id"], batch["left_out"], last)
                         if final and lost}
         embeddings = _embed_batch(self.model, batch, self.device, self.precision)
-        for video in self.pending.add_embedded(batch["video_id"], spans, last, embeddings):
+        for video in self.pending.add_embedded(batch["video_id"], spans, last, embeddings, left_out):
             if video in left_out:
                 self.update.partial[video] = left_out[video]
             if video in self.changed:
@@ -984,7 +1045,10 @@ def update_index(
         index.skipped = {
             video: reason for video, reason in index.skipped.items() if Path(video).exists() and video not in retried
         }
-        update = IndexUpdate(added=0, skipped={}, removed=removed, total=index.videos, segments=index.segments)
+        # Windows an earlier run left out of videos this run does not read again: the index still lacks them.
+        earlier = {video: spans for video, spans in index.partial.items() if video not in retried}
+        update = IndexUpdate(added=0, skipped={}, removed=removed, total=index.videos, segments=index.segments,
+                             partial_earlier=earlier)
         if not todo:
             if removed or relocated or relinked:
                 index.save(path)

@@ -47,7 +47,9 @@ INDEX_EPILOG = textwrap.dedent(
     windows, no short one left at the end; a video shorter than 1.5 windows stays whole), each
     embedded as a whole video would be: search then finds moments in long videos and prints their
     time spans. A video enters the index once all its windows are embedded; in a damaged video,
-    windows in which fewer than half the frames decode are left out, and listed in the summary.
+    windows in which fewer than half the frames decode are left out, and listed in the summary. The
+    index records them: every later run lists them again (without decoding the video again) and
+    exits 1, until the file changes (it is then read again) or the video leaves the index.
 
     examples:
       tempme index ~/videos --weights ViT-B/32 --out videos.index
@@ -57,7 +59,7 @@ INDEX_EPILOG = textwrap.dedent(
       tempme search videos.index "a dog catches a frisbee"
 
     """
-) + exit_status_help("undecodable videos or damaged windows (--segment)")
+) + exit_status_help("undecodable videos or damaged windows (--segment; earlier runs' too)")
 
 SEARCH_EPILOG = textwrap.dedent(
     """\
@@ -211,19 +213,19 @@ def saved_count(path: str) -> int:
         return 0
 
 
-def find_index_sources(sources: list[str], index: str | None, prune: bool) -> list[Path]:
+def find_index_sources(sources: list[str], index: str, header: dict[str, Any] | None, prune: bool) -> list[Path]:
     """The videos of ``sources`` (``find_videos``), as found: links not resolved (``update_index``
-    records the links that lead to a video). When updating an existing ``index``, a missing
-    source (an unmounted drive, or a folder moved for good: see --prune) is passed over while another
-    source is there (or --prune has work to do), and finding no video is no error: ``update_index``
-    says what becomes of the videos indexed from such sources."""
-    from tempme.search import find_videos, read_index_header
+    records the links that lead to a video). When updating an existing ``index`` (``header``: its
+    header; None for a new index), a missing source (an unmounted drive, or a folder moved for good:
+    see --prune) is passed over while another source is there (or --prune has work to do), and
+    finding no video is no error: ``update_index`` says what becomes of the videos indexed from such
+    sources."""
+    from tempme.search import find_videos
 
     present = [source for source in sources if Path(source).expanduser().exists()]
-    if index is None:
+    if header is None:
         return find_videos(sources, resolve_links=False)  # the error that names the first missing source
     if not (present or prune):
-        header = read_index_header(index)
         indexed = [Path(video) for video in header.get("videos", header.get("paths", []))]
         indexed += [Path(link) for links in header["links"].values() for link in links]
         given = [Path(source).expanduser() for source in sources]
@@ -241,11 +243,11 @@ def find_index_sources(sources: list[str], index: str | None, prune: bool) -> li
 def run_index(args: argparse.Namespace) -> int:
     from tempme_train.distributed import world_from_env
     from tempme.search import (
+        IndexOptions,
         check_index_free,
         check_index_options,
         check_same_settings,
         read_index_header,
-        resolve_index_options,
         update_index,
     )
     from tempme.weights import model_fingerprint
@@ -263,16 +265,16 @@ def run_index(args: argparse.Namespace) -> int:
     args.out = str(Path(args.out).expanduser())
     check_output_file(args.out, "--out", example_name="videos.index")
     # An existing index decides the settings left unset, so that updating it needs no more options
-    # than the first run did.
+    # than the first run did. Its header is read once here, for all the checks before the model loads.
     existing = read_index_header(args.out) if Path(args.out).is_file() else None
     recorded = existing["settings"] if existing else {}
-    options = resolve_index_options(args.out, framerate=args.framerate, segment_s=args.segment, backend=args.backend,
-                                    precision=None if args.precision == "auto" else args.precision)
+    options = IndexOptions.resolve(recorded, framerate=args.framerate, segment_s=args.segment, backend=args.backend,
+                                   precision=None if args.precision == "auto" else args.precision)
     framerate, segment_s, backend = options.framerate, options.segment_s, options.backend
     # update_index checks these too, but only once the model has loaded, and by their Python names.
     check_index_options(batch_size=args.batch_size, framerate=framerate, num_workers=args.workers,
                         save_every_s=args.save_every, segment_s=segment_s, backend=backend, names=INDEX_OPTION_NAMES)
-    videos = find_index_sources(args.videos, args.out if existing is not None else None, args.prune)
+    videos = find_index_sources(args.videos, args.out, existing, args.prune)
     found = len({video.resolve() for video in videos})  # a video reached by several links is one
     device = device_option(args.device)
     check_index_free(args.out)  # before the model loads (a download, maybe), not after
@@ -325,6 +327,7 @@ def run_index(args: argparse.Namespace) -> int:
         if update.segments is not None:
             report["segments"] = update.segments
             report["partial"] = update.partial
+            report["partial_earlier"] = update.partial_earlier
         print(json.dumps(report))
         return index_status(args, update, found)
     held = "" if update.segments is None else f" in {count(update.segments, 'segment')}"
@@ -335,8 +338,9 @@ def run_index(args: argparse.Namespace) -> int:
     for path in update.updated:
         print(f"  changed, embedded again: {one_line(path)}")
     for path, spans in update.partial.items():
-        lost = ", ".join(f"{start:.1f}-{end:.1f} s" for start, end in spans)
-        print(f"  damaged, indexed without {lost}: {one_line(path)}")
+        print(f"  damaged, indexed without {spans_text(spans)}: {one_line(path)}")
+    for path, spans in update.partial_earlier.items():
+        print(f"  damaged, indexed without {spans_text(spans)} (left out by an earlier run): {one_line(path)}")
     for path, reason in update.skipped.items():
         what = "changed, no longer decodes, dropped" if path in update.dropped else "undecodable"
         print(f"  {what}: {one_line(path)}: {reason}")
@@ -351,8 +355,13 @@ def index_status(args: argparse.Namespace, update, found: int) -> int:
     if update.total == 0:
         why = f"the {count(found, 'video')} found could not be decoded" if found else "no video was found"
         raise ValueError(f"{args.out} holds no videos: {why}")
-    windows = sum(len(spans) for spans in update.partial.values())
+    windows = sum(len(spans) for partial in (update.partial, update.partial_earlier) for spans in partial.values())
     return finished(args.command, {"undecodable video": len(update.skipped), "damaged window": windows})
+
+
+def spans_text(spans: list[list[float]]) -> str:
+    """``"8.0-12.0 s, 20.0-24.0 s"``: the time spans of windows left out."""
+    return ", ".join(f"{start:.1f}-{end:.1f} s" for start, end in spans)
 
 
 def run_search(args: argparse.Namespace) -> int:
@@ -409,7 +418,7 @@ def run_search(args: argparse.Namespace) -> int:
         answer(model, index, args.queries, args.top, device, args.json, args.per_video)
         return 0
     if sys.stdin.isatty():
-        held = "" if index.segments is None else f" ({count(index.segments, 'segment')})"
+        held = "" if index.segments is None else f" ({count(index.segments, 'segment')}{damage_text(index)})"
         print(f"{count(index.videos, 'video')}{held} in {args.index}; type a query and press Enter (Ctrl-D to end)",
               file=sys.stderr)
     lines = sys.stdin.buffer if hasattr(sys.stdin, "buffer") else (text.encode() for text in sys.stdin)
@@ -429,6 +438,11 @@ def run_search(args: argparse.Namespace) -> int:
         raise ValueError(f"no query was read: standard input held {count(not_text, 'line')} of other text than UTF-8 "
                          "and none in it")
     return finished(args.command, {"non-UTF-8 query line": not_text})
+
+
+def damage_text(index) -> str:
+    """What an index of segments lacks, as `tempme index` reported it: search cannot find those moments."""
+    return f"; windows of {count(len(index.partial), 'damaged video')} left out" if index.partial else ""
 
 
 def warn_if_truncated(model, query: str) -> None:

@@ -21,7 +21,7 @@ from tempme.data import frames_to_tensor, read_frames
 from tempme.weights import is_adapter_parameter
 from tempme_cli.main import main
 
-from data_fixtures import write_corrupt, write_video
+from data_fixtures import write_corrupt, write_damaged_video, write_video
 from tiny_models import register_tiny_preset
 
 PRESET = register_tiny_preset("test-tiny-search-cli")
@@ -417,25 +417,44 @@ def test_a_second_index_run_stops_before_loading_its_model(library, tmp_path, ca
     assert code == 2 and f"{index} is being updated by another process" in err, err
 
 
-def test_windows_left_out_of_a_damaged_video_make_index_exit_1(tmp_path, capsys):
-    import random
+class Terminal(io.StringIO):
+    """Standard input as a terminal gives it."""
 
-    # The damage of test_search.py's test_windows_left_out_of_a_damaged_video_are_reported: frames
-    # 80-119 do not decode, so the window from 8 to 12 s is left out of an index of 4-second ones.
-    clean = write_video(tmp_path / "clean" / "v.mp4", num_frames=200, keyframe_every=20)
-    data = bytearray(clean.read_bytes())
-    first, count = int(len(data) * 0.3), int(len(data) * 0.2)
-    data[first : first + count] = random.Random(1).randbytes(count)
-    damaged = tmp_path / "videos" / "damaged.mp4"
-    damaged.parent.mkdir()
-    damaged.write_bytes(data)
+    def isatty(self) -> bool:
+        return True
+
+
+def test_windows_left_out_of_a_damaged_video_make_every_index_run_exit_1(tmp_path, capsys, monkeypatch):
+    # Frames 80-119 do not decode, so the window from 8 to 12 s is left out of an index of 4-second ones.
+    damaged = write_damaged_video(tmp_path / "videos" / "damaged.mp4")
+    video = str(damaged.resolve())
     weights = write_clip_weights(tmp_path / "clip.pt", seed=0)
+    index = tmp_path / "v.index"
+    args = ["index", str(damaged.parent), "--weights", str(weights), "--out", str(index), "--frames", "4",
+            "--segment", "4", "--device", "cpu", "--workers", "0"]
     with pytest.warns(UserWarning, match="left out, as fewer than half of their frames decode: 8.0-12.0 s"):
-        code, out, err = cli(capsys, "index", str(damaged.parent), "--weights", str(weights), "--out",
-                             str(tmp_path / "v.index"), "--frames", "4", "--segment", "4", "--device", "cpu",
-                             "--workers", "0", "--json")
+        code, out, err = cli(capsys, *args, "--json")
     assert code == 1 and err.endswith("tempme index: finished, but left out 1 damaged window\n"), err
-    assert json.loads(out)["partial"] == {str(damaged.resolve()): [[8.0, 12.0]]}
+    report = json.loads(out)
+    assert (report["partial"], report["partial_earlier"]) == ({video: [[8.0, 12.0]]}, {})
+
+    # Nothing changed: nothing decoded, but the index still lacks the window, and says so.
+    code, out, err = cli(capsys, *args)
+    assert code == 1 and err.endswith("tempme index: finished, but left out 1 damaged window\n"), err
+    assert f"  damaged, indexed without 8.0-12.0 s (left out by an earlier run): {video}\n" in out, out
+    code, out, err = cli(capsys, *args, "--json")
+    report = json.loads(out)
+    assert code == 1, err
+    assert (report["added"], report["partial"], report["partial_earlier"]) == (0, {}, {video: [[8.0, 12.0]]})
+    monkeypatch.setattr("sys.stdin", Terminal(""))
+    code, _, err = cli(capsys, "search", str(index), "--device", "cpu")
+    assert code == 0 and f"1 video (4 segments; windows of 1 damaged video left out) in {index};" in err, err
+
+    write_video(damaged, num_frames=200)  # replaced by a whole copy: read again, clean
+    code, out, err = cli(capsys, *args)
+    assert code == 0 and f"changed, embedded again: {video}" in out and "indexed without" not in out, out + err
+    code, out, err = cli(capsys, *args, "--json")
+    assert code == 0 and json.loads(out)["partial_earlier"] == {}, out + err
 
 
 def test_index_of_segments_then_search_finds_moments(tmp_path, capsys):

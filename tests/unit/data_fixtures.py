@@ -70,6 +70,18 @@ def write_corrupt(path: Path) -> Path:
     return path
 
 
+def write_damaged_video(path: Path) -> Path:
+    """A 20 s clip (10 fps) with a damaged stretch: frames 80 to 119 do not decode, so in windows of
+    4 s the one from 8 to 12 s has fewer than half its frames and is left out (see test_search.py)."""
+    clean = write_video(path.with_name(f"clean_{path.name}"), num_frames=200, keyframe_every=20)
+    data = bytearray(clean.read_bytes())
+    clean.unlink()
+    first, count = int(len(data) * 0.3), int(len(data) * 0.2)  # frames 66 to 127: 80-119 none
+    data[first : first + count] = random.Random(1).randbytes(count)
+    path.write_bytes(data)
+    return path
+
+
 def write_empty(path: Path) -> Path:
     """A 0-byte file."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -30,7 +30,7 @@ from tempme.search import (
     update_index,
 )
 
-from data_fixtures import write_corrupt, write_video
+from data_fixtures import write_corrupt, write_damaged_video, write_video
 from file_fixtures import deny_reading
 from tiny_models import register_tiny_preset
 
@@ -230,6 +230,32 @@ def test_a_header_of_the_wrong_shape_names_the_file(tmp_path):
         VideoIndex.load(path)
 
 
+def test_an_index_written_before_damaged_windows_were_recorded_has_none(tmp_path):
+    partial = {"/v/a.mp4": [[4.0, 8.0]]}
+    path = VideoIndex(["/v/a.mp4"], torch.ones(1, 2), {}, {"segment_s": 4.0}, spans=[[0.0, 4.0]],
+                      partial=partial).save(tmp_path / "i.index")
+    assert VideoIndex.load(path).partial == partial
+    rewrite_header(path, lambda header: header.pop("partial"))
+    assert VideoIndex.load(path).partial == {}
+
+
+@pytest.mark.parametrize("partial, what", [
+    (["/v/a.mp4"], "'partial' is not a JSON object"),
+    ({"/v/a.mp4": [4.0, 8.0]}, "'partial' holds other than lists of [start, end] spans"),
+    ({"/v/a.mp4": [[4.0]]}, "'partial' holds other than lists of [start, end] spans"),
+    ({"/v/a.mp4": [[4.0, "8.0"]]}, "'partial' holds other than lists of [start, end] spans"),
+    ({"/v/a.mp4": [[float("nan"), 8.0]]}, "'partial' holds other than lists of [start, end] spans"),
+])
+def test_a_damaged_partial_entry_is_one_clear_error(tmp_path, partial, what):
+    index = VideoIndex(["/v/a.mp4"], torch.ones(1, 2), {}, {"segment_s": 4.0}, spans=[[0.0, 4.0]])
+    path = index.save(tmp_path / "i.index")
+    rewrite_header(path, lambda header: header.update(partial=partial))
+    with pytest.raises(VideoIndexError) as caught:
+        VideoIndex.load(path)
+    assert str(caught.value) == (f"{path}: the index header is damaged ({what}); index the videos again into a new "
+                                 "file (tempme index FOLDER ... --out NEW.index)")
+
+
 def test_tensors_an_index_cannot_hold_are_one_clear_error(tmp_path):
     whole = VideoIndex(["/v/a.mp4"], torch.ones(1, 2), {}, {}).save(tmp_path / "i.index")
     with safe_open(str(whole), framework="pt") as handle:
@@ -410,23 +436,74 @@ def test_a_video_with_a_damaged_stretch_is_indexed_around_it(tmp_path):
 
 
 def test_windows_left_out_of_a_damaged_video_are_reported(tmp_path):
-    import random
-
-    clean = write_video(tmp_path / "clean" / "v.mp4", num_frames=200, keyframe_every=20)
-    data = bytearray(clean.read_bytes())
-    first, count = int(len(data) * 0.3), int(len(data) * 0.2)  # frames 66 to 127: 80-119 none
-    data[first : first + count] = random.Random(1).randbytes(count)
-    damaged = tmp_path / "videos" / "damaged.mp4"
-    damaged.parent.mkdir()
-    damaged.write_bytes(data)
+    damaged = write_damaged_video(tmp_path / "videos" / "damaged.mp4")
     path = tmp_path / "s.index"
     with pytest.warns(UserWarning, match="left out, as fewer than half of their frames decode: 8.0-12.0 s"):
         update = update_index(tiny_model(), [damaged], path, segment_s=4.0, progress=False)
     assert (update.added, update.skipped, update.segments) == (1, {}, 4)
-    assert update.partial == {str(damaged.resolve()): [[8.0, 12.0]]}
+    assert (update.partial, update.partial_earlier) == ({str(damaged.resolve()): [[8.0, 12.0]]}, {})
     assert VideoIndex.load(path).spans == [[0.0, 4.0], [4.0, 8.0], [12.0, 16.0], [16.0, 20.0]]
-    again = update_index(tiny_model(), [damaged], path, segment_s=4.0, progress=False)
-    assert (again.added, again.partial) == (0, {})  # the file is as it was: nothing to read again
+
+
+def test_windows_left_out_are_reported_by_every_later_update_until_the_file_changes(tmp_path):
+    folder = tmp_path / "videos"
+    damaged = str(write_damaged_video(folder / "damaged.mp4").resolve())
+    write_video(folder / "clean.mp4", num_frames=30)
+    path, model = tmp_path / "s.index", tiny_model()
+
+    def update():
+        return update_index(model, find_videos([folder]), path, sources=[folder], segment_s=4.0, progress=False)
+
+    with pytest.warns(UserWarning, match="left out"):
+        update()
+    assert VideoIndex.load(path).partial == {damaged: [[8.0, 12.0]]}
+    # The file is as it was: not decoded again, its damage reported from the index.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a decode of the damaged video would warn
+        again = update()
+    assert (again.added, again.updated, again.partial, again.partial_earlier) == (0, [], {}, {damaged: [[8.0, 12.0]]})
+
+    write_video(folder / "damaged.mp4", num_frames=200)  # mended: read again, and clean now
+    mended = update()
+    assert (mended.updated, mended.partial, mended.partial_earlier) == ([damaged], {}, {})
+    assert VideoIndex.load(path).partial == {}
+    assert update().partial_earlier == {}
+
+    write_damaged_video(folder / "damaged.mp4")  # damaged anew: recorded anew
+    with pytest.warns(UserWarning, match="left out"):
+        damaged_again = update()
+    assert (damaged_again.updated, damaged_again.partial) == ([damaged], {damaged: [[8.0, 12.0]]})
+    write_corrupt(folder / "damaged.mp4")  # no longer decodes: dropped, its damage with it
+    dropped = update()
+    assert (dropped.dropped, dropped.partial_earlier, VideoIndex.load(path).partial) == ([damaged], {}, {})
+
+    write_damaged_video(folder / "damaged.mp4")
+    with pytest.warns(UserWarning, match="left out"):
+        assert update().partial == {damaged: [[8.0, 12.0]]}
+    os.remove(damaged)
+    deleted = update()
+    assert (deleted.removed, deleted.partial_earlier, VideoIndex.load(path).partial) == ([damaged], {}, {})
+
+
+def test_the_damage_recorded_stays_with_a_video_reached_through_another_link(tmp_path):
+    """Indexed paths are the files' own (links resolved): a link renamed leads to the same video,
+    which keeps its rows, stamp and damaged windows."""
+    damaged = str(write_damaged_video(tmp_path / "store" / "damaged.mp4").resolve())
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    (folder / "first.mp4").symlink_to(damaged)
+    path, model = tmp_path / "s.index", tiny_model()
+
+    def update():
+        return update_index(model, find_videos([folder], resolve_links=False), path, sources=[folder], segment_s=4.0,
+                            progress=False)
+
+    with pytest.warns(UserWarning, match="left out"):
+        update()
+    (folder / "first.mp4").rename(folder / "renamed.mp4")
+    relinked = update()
+    assert (relinked.added, relinked.removed, relinked.partial_earlier) == (0, [], {damaged: [[8.0, 12.0]]})
+    assert VideoIndex.load(path).links == {damaged: [str(folder / "renamed.mp4")]}
 
 
 def test_index_refuses_another_model_or_other_settings(video_dir, tmp_path):
