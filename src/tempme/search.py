@@ -62,6 +62,7 @@ from .precision import autocast, default_precision
 from .progress import progress_bar
 from .userwarnings import warn
 from .weights import model_fingerprint, safetensors_metadata
+from .workers import decoding_workers
 
 # Containers FFmpeg (so PyAV) reads; .m2ts/.mts are AVCHD camera files (MPEG transport streams).
 VIDEO_EXTENSIONS = frozenset(
@@ -895,6 +896,14 @@ def _video_samples(
                         warn_skipped=False, around_damage=True)
 
 
+def _worker_tasks(dataset: RetrievalVideos | VideoWindows, batch_size: int) -> int:
+    """What the loader's workers share out, one at a time: whole videos, each with all its windows
+    (``VideoWindows``), else batches."""
+    if isinstance(dataset, VideoWindows):
+        return len(dataset.videos)
+    return math.ceil(len(dataset) / batch_size)
+
+
 class _BatchTaker:
     """What :func:`update_index` does with each batch of samples: records its undecodable videos and
     embeds the rest, into ``pending`` (a video joins the index once all its samples, its windows,
@@ -989,6 +998,8 @@ def update_index(
         precision, framerate, backend, segment_s: left None, the index's own when it exists, else the
             defaults (see :func:`resolve_index_options`); given, they must be the index's. Precision
             is ``fp32``, ``bf16`` or ``fp16`` autocast.
+        num_workers: decoding processes, at most one per available CPU and per batch (with
+            ``segment_s``, per video) to decode (see ``decoding_workers``).
         save_every_s: write the index when this many seconds have passed since it was last written.
         sources: the folders (and files) ``videos`` were found in, as given to :func:`find_videos`;
             they decide which missing videos were deleted (see :func:`deleted`).
@@ -1056,8 +1067,9 @@ def update_index(
 
         pending = _PendingResults(stamps)
         dataset = _video_samples(todo, settings, segment_s, framerate, backend)
+        workers = decoding_workers(num_workers, _worker_tasks(dataset, batch_size))
         loader = DataLoader(
-            dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=list,
+            dataset, batch_size=batch_size, num_workers=workers, collate_fn=list,
             worker_init_fn=functools.partial(_index_worker_init, lock)
         )
         model.eval().to(device)

@@ -129,7 +129,9 @@ def register(subparsers) -> None:
                        "folder too (for a folder moved or removed for good; without it, such a folder may be "
                        "an unmounted drive and keeps its videos)")
     index.add_argument("--workers", type=int, default=default_workers(),
-                       help=f"decoding processes (default: {default_workers()}, half the cores, at most 8)")
+                       help=f"decoding processes (default: {default_workers()}, half the cores, at most 8); never "
+                       "more than the CPUs available (more would only compete for them), nor than the batches to "
+                       "decode (with --segment, the videos)")
     index.add_argument("--backend", choices=("pyav", "decord"), help="video decoder (default: the index's, else pyav)")
     index.add_argument("--save-every", type=float, default=60.0, metavar="SECONDS",
                        help="write the index at least this often while indexing (default: 60)")

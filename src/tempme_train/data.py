@@ -34,10 +34,10 @@ from tempme.data import (
 from tempme.data.annotations import UnknownSplit
 from tempme.tokenizer import tokenize
 from tempme.userwarnings import SharedWarning, warn
+from tempme.workers import decoding_workers
 
 from .config import HOLDOUT, NO_VALIDATION, ConfigError, DataSettings, TrainConfig
 from .evaluate import EvalSet
-from .workers import loader_workers
 
 _LISTED = 10  # missing videos named in a message
 FEW_VALIDATION_CAPTIONS = 50  # below this, R@1 moves in steps of more than 2%
@@ -341,7 +341,7 @@ def make_train_loader(dataset: Dataset, sampler: EpochSampler, num_workers: int,
         SeededSamples(dataset),
         batch_size=sampler.local_batch,
         sampler=sampler,
-        num_workers=loader_workers(num_workers),
+        num_workers=decoding_workers(num_workers, sampler.steps_per_epoch),
         collate_fn=collate_train,
         pin_memory=pin_memory,
         drop_last=True,

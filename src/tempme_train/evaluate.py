@@ -22,6 +22,7 @@ import contextlib
 import glob
 import hashlib
 import json
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -53,6 +54,7 @@ from tempme.retrieval import similarity, text_to_video_metrics, video_to_text_me
 from tempme.search import encode_texts
 from tempme.userwarnings import warn
 from tempme.weights import model_fingerprint
+from tempme.workers import decoding_workers
 
 from .config import DataSettings
 from .distributed import (
@@ -63,7 +65,6 @@ from .distributed import (
     share,
     sum_over_processes,
 )
-from .workers import loader_workers
 
 
 @dataclass
@@ -170,7 +171,8 @@ def encode_videos(
         print(f"carrying on from {partial}: {len(share(count)) - len(rows)} of {videos} embedded before", file=sys.stderr)
     # Samples carry their own "index", so the rows they fill are right whatever the subset.
     loader = DataLoader(
-        Subset(eval_set.videos, rows), batch_size=batch_size, num_workers=loader_workers(num_workers),
+        Subset(eval_set.videos, rows), batch_size=batch_size,
+        num_workers=decoding_workers(num_workers, math.ceil(len(rows) / batch_size)),
         collate_fn=collate_skip_bad, worker_init_fn=quiet_worker_init,
     )
     last_save, interrupted = time.monotonic(), False

@@ -523,3 +523,36 @@ def test_times_are_shown_rounded_outwards():
 
     assert (clock(22.5), clock(30.0, round_up=True), clock(7.5, round_up=True)) == ("0:22", "0:30", "0:08")
     assert clock(3725.2) == "1:02:05" and clock(59.999, round_up=True) == "1:00"
+
+
+def test_index_starts_no_more_decoding_workers_than_it_has_work_or_cpus(library, tmp_path, capsys, monkeypatch):
+    import tempme.search as search
+    from tempme import workers
+
+    started = []
+
+    def recorded_loader(start_workers: bool):
+        class RecordedLoader(torch.utils.data.DataLoader):
+            def __init__(self, *args, **kwargs):
+                started.append(kwargs["num_workers"])
+                super().__init__(*args, **(kwargs if start_workers else {**kwargs, "num_workers": 0}))
+
+        return RecordedLoader
+
+    monkeypatch.setattr(search, "DataLoader", recorded_loader(start_workers=True))
+    cpus = workers.available_cpus()
+    weights = write_clip_weights(tmp_path / "clip.pt", seed=0)
+    common = ["--weights", str(weights), "--frames", "4", "--device", "cpu", "--workers", "10000", "--batch-size", "2"]
+    with monkeypatch.context() as machine:  # a machine of 64 CPUs, whose workers this one need not start
+        machine.setattr(workers, "available_cpus", lambda: 64)
+        machine.setattr(search, "DataLoader", recorded_loader(start_workers=False))
+        # 4 videos (one undecodable) in batches of 2: a worker per batch; with --segment, per video.
+        assert cli(capsys, "index", str(library), "--out", str(tmp_path / "a.index"), *common)[0] == 1
+        assert cli(capsys, "index", str(library), "--out", str(tmp_path / "b.index"), "--segment", "60", *common)[0] == 1
+    assert started == [2, 4]
+    # Never more than the CPUs: torch, which warns about that, has nothing to say.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert cli(capsys, "index", str(library), "--out", str(tmp_path / "c.index"), "--segment", "60", *common)[0] == 1
+    assert started[-1] == min(4, cpus)
+    assert not [w for w in caught if "worker processes" in str(w.message)]

@@ -934,7 +934,7 @@ def test_custom_data_validated_on_its_training_pairs_is_warned_about(tmp_path):
 
 
 def test_a_log_file_gets_no_cursor_codes_or_worker_warnings(tmp_path, capsys):
-    from tempme_train.workers import available_cpus
+    from tempme.workers import available_cpus
 
     # Validation inside training (eval_every) would nest bars; more workers than CPUs make torch warn.
     config = tiny_config(
@@ -1500,13 +1500,44 @@ def test_only_errors_that_say_another_process_went_away_count_as_such():
     assert not lost_another_process(BadInputElsewhere("process 1 of 2 failed: Connection reset by peer"))
 
 
-def test_loader_workers_share_the_machine_s_cpus_among_its_processes(monkeypatch):
-    from tempme_train import workers
+def test_decoding_workers_share_the_machine_s_cpus_among_its_processes(monkeypatch):
+    from tempme import workers
 
     monkeypatch.setattr(workers, "available_cpus", lambda: 8)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    assert [workers.loader_workers(n) for n in (0, 4, 16)] == [0, 4, 8]
+    assert [workers.decoding_workers(n, 100) for n in (0, 4, 16)] == [0, 4, 8]
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun --nproc_per_node 4: 2 CPUs each
-    assert [workers.loader_workers(n) for n in (0, 1, 4)] == [0, 1, 2]
+    assert [workers.decoding_workers(n, 100) for n in (0, 1, 4)] == [0, 1, 2]
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")  # more processes than CPUs: one worker each all the same
-    assert workers.loader_workers(4) == 1
+    assert workers.decoding_workers(4, 100) == 1
+
+
+def test_decoding_workers_are_no_more_than_their_tasks(monkeypatch):
+    from tempme import workers
+
+    monkeypatch.setattr(workers, "available_cpus", lambda: 64)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert [workers.decoding_workers(10_000, tasks) for tasks in (0, 1, 3, 100)] == [0, 1, 3, 64]
+
+
+def test_train_and_eval_loaders_start_a_worker_per_batch_at_most(monkeypatch):
+    from tempme import workers
+
+    evaluation = importlib.import_module("tempme_train.evaluate")  # the package's `evaluate` is the function
+    monkeypatch.setattr(workers, "available_cpus", lambda: 64)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    from tempme_train.data import make_train_loader
+
+    sampler = EpochSampler(size=8, global_batch=4)  # 2 batches an epoch
+    assert make_train_loader(SyntheticPairs(8), sampler, num_workers=16, pin_memory=False).num_workers == 2
+    started = []
+
+    class RecordedLoader(torch.utils.data.DataLoader):
+        def __init__(self, *args, **kwargs):
+            started.append(kwargs["num_workers"])
+            super().__init__(*args, **{**kwargs, "num_workers": 0})  # no process to start for that
+
+    monkeypatch.setattr(evaluation, "DataLoader", RecordedLoader)
+    model = build_model(tiny_config(Path("unused")))
+    evaluate(model, synthetic_data(5).val, batch_size=2, num_workers=16, progress=False)
+    assert started == [3]  # 5 videos in batches of 2

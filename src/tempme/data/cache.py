@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from ..files import atomic_file, file_stamp
 from ..progress import progress_bar
+from ..workers import decoding_workers
 from .annotations import VideoItem
 from .transforms import resize_short_side
 from .video import DECODING_VERSION, SkippedVideo, VideoDecodeError, read_frames
@@ -145,14 +146,16 @@ class FrameCache:
 
         Args:
             items: videos to cache.
-            num_workers: decoding threads (0 = in this thread). PyAV and PIL release the GIL
-                while decoding and resizing, so threads scale without pickling frames.
+            num_workers: decoding threads (0 = in this thread), at most one per item and per
+                available CPU (``decoding_workers``). PyAV and PIL release the GIL while decoding
+                and resizing, so threads scale without pickling frames.
             progress: show a tqdm bar.
 
         Returns:
             A :class:`CacheSummary`; undecodable videos are listed, not raised.
         """
         summary = CacheSummary()
+        num_workers = decoding_workers(num_workers, len(items))
         with progress_bar(total=len(items), desc="caching frames", unit="video", disable=not progress) as bar:
             if num_workers > 0:
                 with ThreadPoolExecutor(max_workers=num_workers) as pool:
