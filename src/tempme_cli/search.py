@@ -150,7 +150,8 @@ def register(subparsers) -> None:
     search.add_argument("queries", nargs="*", default=[], metavar="QUERY",
                         help="text to search for (quote each query); none: read queries from standard input, "
                         "one per line of UTF-8 text (blank lines are passed over), answering each as it comes "
-                        "(the model loads once)")
+                        "(the model loads once); standard input that holds no query is an error (status 2), "
+                        "but for a session at a terminal ended (Ctrl-D) before any")
     search.add_argument("-k", "--top", type=int, default=10, help="results per query (default: 10)")
     search.add_argument("--per-video", action="store_true",
                         help="in an index of segments (tempme index --segment), only the best segment of each "
@@ -419,12 +420,13 @@ def run_search(args: argparse.Namespace) -> int:
     if args.queries:
         answer(model, index, args.queries, args.top, device, args.json, args.per_video)
         return 0
-    if sys.stdin.isatty():
+    interactive = sys.stdin.isatty()
+    if interactive:
         held = "" if index.segments is None else f" ({count(index.segments, 'segment')}{damage_text(index)})"
         print(f"{count(index.videos, 'video')}{held} in {args.index}; type a query and press Enter (Ctrl-D to end)",
               file=sys.stderr)
     lines = sys.stdin.buffer if hasattr(sys.stdin, "buffer") else (text.encode() for text in sys.stdin)
-    not_text = answered = 0
+    number = not_text = answered = 0
     for number, raw in enumerate(lines, start=1):
         try:  # UTF-8 whatever the locale says; a byte-order mark (Windows editors write one) is not text
             line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
@@ -436,10 +438,20 @@ def run_search(args: argparse.Namespace) -> int:
         if line.strip():
             answer(model, index, [line.strip()], args.top, device, args.json, args.per_video)
             answered += 1
-    if not_text and not answered:  # nothing usable: as other commands with none of their inputs
-        raise ValueError(f"no query was read: standard input held {count(not_text, 'line')} of other text than UTF-8 "
-                         "and none in it")
+    # Nothing usable: as other commands with none of their inputs. A session at a terminal ended
+    # before any query is the user's choice, not bad input.
+    if not answered and (not_text or not interactive):
+        raise ValueError(f"no query was read: {without_query(number, not_text)}")
     return finished(args.command, {"non-UTF-8 query line": not_text})
+
+
+def without_query(lines: int, not_text: int) -> str:
+    """What standard input held, of ``lines`` lines (``not_text`` of them not UTF-8), when no query was in it."""
+    if not lines:
+        return "standard input was empty (give queries after INDEX, or one per line of standard input)"
+    if not_text:
+        return f"standard input held {count(not_text, 'line')} of other text than UTF-8 and none in it"
+    return f"standard input held {count(lines, 'blank line')} and no query"
 
 
 def damage_text(index) -> str:

@@ -137,6 +137,16 @@ def test_index_then_search(library, tmp_path, capsys, monkeypatch):
     assert code == 2 and not out and err.endswith(
         "tempme search: error: no query was read: standard input held 2 lines of other text than UTF-8 and none in it\n"
     ), err
+    # Nothing at all (`tempme search v.index < /dev/null`), or blank lines only: no success either.
+    for stdin, said in [(b"", "standard input was empty (give queries after INDEX, or one per line of standard input)"),
+                        (b"\n \n", "standard input held 2 blank lines and no query")]:
+        monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(stdin)))
+        code, out, err = cli(capsys, "search", str(index), "--device", "cpu")
+        assert (code, out, err) == (2, "", f"tempme search: error: no query was read: {said}\n")
+    # At a terminal, a session ended (Ctrl-D) before any query is the user's choice.
+    monkeypatch.setattr("sys.stdin", Terminal(""))
+    code, out, err = cli(capsys, "search", str(index), "--device", "cpu")
+    assert (code, out) == (0, "") and err == f"3 videos in {index}; type a query and press Enter (Ctrl-D to end)\n"
 
 
 def test_searching_an_index_of_no_videos_says_why_it_finds_nothing(tmp_path, capsys):
