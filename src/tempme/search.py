@@ -424,6 +424,10 @@ class IndexUpdate:
     # No video is in both; together they are every indexed video that search cannot find whole.
     partial_earlier: dict[str, list[list[float]]] = field(default_factory=dict)
     segments: int | None = None  # rows of an index of segments afterwards; None for whole videos
+    # The ``sources`` that are not there, passed over: a mistyped path, or a folder not there now (an
+    # unmounted drive) whose indexed videos stay. Not those whose videos left the index (``prune``; a
+    # deleted file given by name): they are in ``removed``.
+    missing_sources: list[str] = field(default_factory=list)
 
 
 def index_settings(
@@ -524,20 +528,22 @@ def deleted(
 
 def absent_sources(
     index: VideoIndex, sources: Sequence[PathLike], videos: Sequence[PathLike], prune: bool
-) -> set[Path]:
+) -> tuple[set[Path], list[str]]:
     """The source folders, resolved, that hold videos of ``index`` but where this run found none
     (``videos``, as found and resolved): missing, or empty now. Their videos stay (see :func:`deleted`), each such folder
     warned about, unless ``prune`` (none then: their videos leave the index as deleted). A missing
-    source that nothing in the index came from (a mistyped path?) is warned about too."""
+    source that nothing in the index came from (a mistyped path?) is warned about too. Second: the
+    sources passed over as missing, as given (``IndexUpdate.missing_sources``)."""
     found = [Path(video) for video in videos]
     videos_indexed = set(index.paths) | {link for links in index.links.values() for link in links}
-    absent = set()
+    absent, missing = set(), []
     for source in sources:
         root = Path(source).expanduser().resolve()
         indexed = sum(1 for video in dict.fromkeys(index.paths)
                       if any(_within(Path(path), root) for path in [video, *index.links.get(video, [])]))
         if not indexed and not root.exists() and str(root) not in videos_indexed:  # (a deleted file given by name is)
             warn(f"{source}: no such file or folder, passed over (nothing in the index came from it)")
+            missing.append(str(source))
             continue
         if prune or not indexed or any(video.is_relative_to(root) for video in found):
             continue  # pruned, or a deleted file given by name: reported as deleted, not warned about
@@ -545,7 +551,9 @@ def absent_sources(
         warn(f"{source} {why}: the {indexed} video(s) indexed from it stay in the index "
              "(--prune drops them)")
         absent.add(root)
-    return absent
+        if not root.exists():
+            missing.append(str(source))
+    return absent, missing
 
 
 @dataclass(frozen=True)
@@ -865,12 +873,13 @@ def _embed_batch(model: TempMe, batch: dict[str, Any], device: torch.device, pre
 
 def _reconcile_files(
     index: VideoIndex, videos: list[Path], sources: list[Path] | None, prune: bool
-) -> tuple[list[str], bool]:
+) -> tuple[list[str], bool, list[str]]:
     """Bring ``index`` up to date with the files as they are, before anything is embedded: drop the
     videos deleted (see :func:`deleted`), and record the links that lead to each video found.
-    Returns the videos dropped, and whether the links of an indexed video changed."""
+    Returns the videos dropped, whether the links of an indexed video changed, and the sources
+    passed over as missing (:func:`absent_sources`)."""
     found = found_through_links(videos)
-    absent = absent_sources(index, sources or (), [*videos, *found], prune)  # links as found, and resolved
+    absent, missing = absent_sources(index, sources or (), [*videos, *found], prune)  # links as found, and resolved
     removed = _drop_deleted_videos(index, sources, prune, absent, set(found))
     links_before = dict(index.links)
     for video, links in found.items():  # saved with the videos that are in the index
@@ -879,7 +888,7 @@ def _reconcile_files(
         else:
             index.links.pop(video, None)
     relinked = any(index.links.get(video) != links_before.get(video) for video in index.paths)
-    return removed, relinked
+    return removed, relinked, missing
 
 
 def _video_samples(
@@ -1048,7 +1057,7 @@ def update_index(
         relocated = index.model != model_info
         index.model = model_info
 
-        removed, relinked = _reconcile_files(index, videos, sources, prune)
+        removed, relinked, missing = _reconcile_files(index, videos, sources, prune)
         new, changed, stamps = _videos_to_embed(index, videos)
         todo = new + [Path(video) for video in changed]
         retried = {str(video) for video in todo}
@@ -1059,7 +1068,7 @@ def update_index(
         # Windows an earlier run left out of videos this run does not read again: the index still lacks them.
         earlier = {video: spans for video, spans in index.partial.items() if video not in retried}
         update = IndexUpdate(added=0, skipped={}, removed=removed, total=index.videos, segments=index.segments,
-                             partial_earlier=earlier)
+                             partial_earlier=earlier, missing_sources=missing)
         if not todo:
             if removed or relocated or relinked:
                 index.save(path)

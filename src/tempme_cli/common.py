@@ -121,7 +121,8 @@ def exit_status_help(left_out: str | None = None, torchrun: bool = False) -> str
     still finish (None: it has none); ``torchrun``: whether it runs under torchrun (see ``finished``)."""
     lines = ["exit status:", "  0    done"]
     if left_out:
-        lines += ["  1    done, but some inputs were left out:", f"       {left_out};",
+        lines += ["  1    done, but some inputs were left out:",
+                  *textwrap.wrap(f"{left_out};", 72, initial_indent=" " * 7, subsequent_indent=" " * 7),
                   "       each is named, and a last line on standard error counts them"]
         if torchrun:
             lines.append("       (0 under torchrun, which takes any other status for a crash)")

@@ -31,7 +31,8 @@ INDEX_EPILOG = textwrap.dedent(
     Run it again on the same folders to add new videos: those already indexed are not decoded again,
     videos whose file changed (size or modification time) are embedded again, and videos deleted
     under a folder given here (whole subfolders too) are dropped; a given folder that is missing or
-    empty now (an unmounted drive) keeps its videos, with a warning, unless --prune. Unset --frames,
+    empty now (an unmounted drive) keeps its videos, with a warning, unless --prune; a missing one
+    (or a mistyped path) makes the run exit 1. Unset --frames,
     --framerate, --precision, --method, --segment and --backend follow the index. Symbolic links to
     folders are followed (a video reached only through links goes when they do); hidden files and
     folders (names starting with a dot) are left out, and so are .ts files that are TypeScript
@@ -59,7 +60,8 @@ INDEX_EPILOG = textwrap.dedent(
       tempme search videos.index "a dog catches a frisbee"
 
     """
-) + exit_status_help("undecodable videos or damaged windows (--segment; earlier runs' too)")
+) + exit_status_help("given files or folders that are not there (an existing index is updated without "
+                   "them), undecodable videos or damaged windows (--segment; earlier runs' too)")
 
 SEARCH_EPILOG = textwrap.dedent(
     """\
@@ -220,7 +222,8 @@ def find_index_sources(sources: list[str], index: str, header: dict[str, Any] | 
     """The videos of ``sources`` (``find_videos``), as found: links not resolved (``update_index``
     records the links that lead to a video). When updating an existing ``index`` (``header``: its
     header; None for a new index), a missing source (an unmounted drive, or a folder moved for good:
-    see --prune) is passed over while another source is there (or --prune has work to do), and
+    see --prune) is passed over while another source is there (or --prune has work to do), left out
+    of the run (``IndexUpdate.missing_sources``: it exits 1), and
     finding no video is no error: ``update_index`` says what becomes of the videos indexed from such
     sources."""
     from tempme.search import find_videos
@@ -326,7 +329,8 @@ def run_index(args: argparse.Namespace) -> int:
     if args.json:
         skipped = [{"path": path, "reason": reason} for path, reason in update.skipped.items()]
         report = {"index": str(args.out), "found": found, "added": update.added, "updated": update.updated,
-                  "skipped": skipped, "dropped": update.dropped, "removed": update.removed, "total": update.total}
+                  "skipped": skipped, "dropped": update.dropped, "removed": update.removed, "total": update.total,
+                  "missing_sources": update.missing_sources}
         if update.segments is not None:
             report["segments"] = update.segments
             report["partial"] = update.partial
@@ -349,6 +353,8 @@ def run_index(args: argparse.Namespace) -> int:
         print(f"  {what}: {one_line(path)}: {reason}")
     for path in update.removed:
         print(f"  deleted: {one_line(path)}")
+    for source in update.missing_sources:
+        print(f"  not there, passed over: {one_line(source)}")
     return index_status(args, update, found)
 
 
@@ -359,7 +365,8 @@ def index_status(args: argparse.Namespace, update, found: int) -> int:
         why = f"the {count(found, 'video')} found could not be decoded" if found else "no video was found"
         raise ValueError(f"{args.out} holds no videos: {why}")
     windows = sum(len(spans) for partial in (update.partial, update.partial_earlier) for spans in partial.values())
-    return finished(args.command, {"undecodable video": len(update.skipped), "damaged window": windows})
+    return finished(args.command, {"missing source": len(update.missing_sources),
+                                   "undecodable video": len(update.skipped), "damaged window": windows})
 
 
 def spans_text(spans: list[list[float]]) -> str:

@@ -330,10 +330,21 @@ def test_updating_an_index_follows_its_settings_and_copes_with_missing_folders(t
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         code, out, err = cli(capsys, "index", str(first), str(second), *common)
-    assert code == 0, err
+    # Updated without it, which leaves it out: exit status 1.
+    assert code == 1 and err.endswith("tempme index: finished, but left out 1 missing source\n"), err
     assert [str(w.message) for w in caught if str(second) in str(w.message)] == [
         f"{second} is not there (now): the 2 video(s) indexed from it stay in the index (--prune drops them)"]
     assert json.loads(out)["total"] == 4 and json.loads(out)["removed"] == []  # b and c kept
+    assert json.loads(out)["missing_sources"] == [str(second)]
+    # A mistyped path beside a folder that is there: passed over, and left out as well.
+    typo = tmp_path / "frist"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code, out, err = cli(capsys, "index", str(first), str(typo), *common[:-1])
+    assert code == 1 and err.endswith("tempme index: finished, but left out 1 missing source\n"), err
+    assert [str(w.message) for w in caught if str(typo) in str(w.message)] == [
+        f"{typo}: no such file or folder, passed over (nothing in the index came from it)"]
+    assert f"  not there, passed over: {typo}\n" in out, out
 
     code, out, err = cli(capsys, "index", str(moved), *common, "--prune")  # same videos, new place
     report = json.loads(out)

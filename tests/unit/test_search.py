@@ -645,22 +645,23 @@ def test_videos_of_a_missing_source_stay_in_the_index(video_dir, tmp_path):
     drive.rename(tmp_path / "unmounted")  # the drive is not there now, its mount point neither
     with pytest.warns(UserWarning, match=f"{drive} is not there \\(now\\): the 4 video\\(s\\) indexed from it stay"):
         update = update_index(model, find_videos([other]), index_path, progress=False, sources=[drive, other])
-    assert (update.removed, update.total) == ([], 5)
+    assert (update.removed, update.total, update.missing_sources) == ([], 5, [str(drive)])
     with pytest.warns(UserWarning, match=r"^4 indexed video\(s\) are missing and stay"):  # no source names them now
         update = update_index(model, find_videos([other]), index_path, progress=False, sources=[other])
     assert (update.removed, update.total) == ([], 5)
     drive.mkdir()  # the empty mount point an unmounted drive leaves
     with pytest.warns(UserWarning, match=f"{drive} holds no videos now"):
         update = update_index(model, find_videos([other]), index_path, progress=False, sources=[drive, other])
-    assert (update.removed, update.total) == ([], 5)
+    assert (update.removed, update.total, update.missing_sources) == ([], 5, [])  # there, though empty
+    drive.rmdir()
     update = update_index(model, find_videos([other]), index_path, progress=False, sources=[drive, other],
                           prune=True)
-    assert (len(update.removed), update.total) == (4, 1)
+    assert (len(update.removed), update.total, update.missing_sources) == (4, 1, [])  # its videos pruned
     # A source that nothing came from and that is not there: a mistyped path, passed over but said.
     typo = tmp_path / "othr"
     with pytest.warns(UserWarning, match=f"{typo}: no such file or folder, passed over \\(nothing in the index"):
         update = update_index(model, find_videos([other]), index_path, progress=False, sources=[other, typo])
-    assert (update.removed, update.total) == ([], 1)
+    assert (update.removed, update.total, update.missing_sources) == ([], 1, [str(typo)])
 
 
 def test_an_index_that_cannot_be_written_is_an_os_error_naming_it(tmp_path, monkeypatch):
