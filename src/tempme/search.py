@@ -462,6 +462,13 @@ def open_index(path: PathLike, model_info: dict[str, Any], settings: dict[str, A
         return VideoIndex([], torch.empty(0, dim), model_info, settings, spans=[] if "segment_s" in settings else None)
     index = VideoIndex.load(path)
     if index.model.get("fingerprint") != model_info["fingerprint"]:
+        rewritten = rewritten_weights(index.model, model_info)
+        if rewritten:
+            raise VideoIndexError(
+                f"{path} was built by {rewritten} as they were then, and they changed since (other weights were "
+                "written there): the index's embeddings cannot be ranked with theirs now: write a new index, or "
+                "delete this one"
+            )
         built_by = {key: value for key, value in index.model.items() if key != "fingerprint"}
         differing = [f"{key}={model_info[key]!r}" for key in ("method", "frames")
                      if key in model_info and key in built_by and model_info[key] != built_by[key]]
@@ -477,6 +484,23 @@ def open_index(path: PathLike, model_info: dict[str, Any], settings: dict[str, A
              "sideways: touch such files to have them embedded again, or build a new index (which ends this warning)")
     check_same_settings(path, index.settings, settings, keys)
     return index
+
+
+def rewritten_weights(recorded: Mapping[str, Any], model_info: Mapping[str, Any]) -> str | None:
+    """``"the weights at PATH"`` (a checkpoint's base weights named too) when the model described by
+    ``model_info`` was loaded from the very files, and as the very method and frames, that the model
+    an index ``recorded`` was: if their fingerprints differ, the files were written over since. None
+    otherwise (other files, a preset, another method or frame count)."""
+    source = model_info.get("checkpoint") or model_info.get("weights")
+    if not source or not Path(source).exists():
+        return None
+    if any(model_info.get(key) != recorded.get(key) for key in ("weights", "checkpoint")):
+        return None
+    if any(key in model_info and key in recorded and model_info[key] != recorded[key] for key in ("method", "frames")):
+        return None
+    if model_info.get("checkpoint") and model_info.get("weights"):
+        return f"the weights at {source} (on the base weights at {model_info['weights']})"
+    return f"the weights at {source}"
 
 
 def check_same_settings(path: PathLike, recorded: dict[str, Any], settings: dict[str, Any], keys: Iterable[str]) -> None:

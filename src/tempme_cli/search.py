@@ -38,7 +38,8 @@ INDEX_EPILOG = textwrap.dedent(
     folders (names starting with a dot) are left out, and so are .ts files that are TypeScript
     rather than MPEG transport streams. A file whose name starts with a dash goes after --, the
     options before it. An index built by tempme before 2026-11-27 has another model fingerprint and
-    is refused: write a new one. One built by tempme 0.1 (portrait phone videos read sideways) is
+    is refused: write a new one; so is an index whose weights file was written over with other
+    weights since (the error says so). One built by tempme 0.1 (portrait phone videos read sideways) is
     updated with a warning. An interrupted run keeps every finished video (the index is written
     every --save-every seconds and on Ctrl-C); the next run carries on. One run at a time per index:
     a second stops at once. Undecodable videos are listed and tried again next time; a video with a
@@ -66,7 +67,8 @@ INDEX_EPILOG = textwrap.dedent(
 SEARCH_EPILOG = textwrap.dedent(
     """\
     Queries are encoded by the model that built the index (recorded in it). If its weights moved, name
-    them again with --weights or --checkpoint; they must be the same weights. For an index built from
+    them again with --weights or --checkpoint; they must be the same weights (where other weights were
+    written over them since, the error says so: index the videos again into a new index). For an index built from
     a --checkpoint whose base weights moved, --weights names where they are now. In an index of segments
     (tempme index --segment) each result is a window of a video, shown with its time span.
 
@@ -375,7 +377,7 @@ def spans_text(spans: list[list[float]]) -> str:
 
 
 def run_search(args: argparse.Namespace) -> int:
-    from tempme.search import VideoIndex, VideoIndexError
+    from tempme.search import VideoIndex, VideoIndexError, rewritten_weights
     from tempme.weights import model_fingerprint
 
     if args.top < 1:
@@ -415,6 +417,13 @@ def run_search(args: argparse.Namespace) -> int:
             )
     model = load_search_model(model_info)
     if model_fingerprint(model) != index.model.get("fingerprint"):
+        rewritten = rewritten_weights(index.model, model_info)
+        if rewritten:
+            raise VideoIndexError(
+                f"{args.index} was built by {rewritten} as they were then, and they changed since (other weights "
+                "were written there): queries must be encoded by the model that embedded the videos: name where "
+                "those weights are now with --weights or --checkpoint, or index the videos again into a new index"
+            )
         named = model_info.get("checkpoint") or model_info.get("weights")
         recorded = index.model.get("checkpoint") or index.model.get("weights")
         built_by = f" ({recorded} as they were then)" if recorded and recorded != named else ""

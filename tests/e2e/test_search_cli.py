@@ -198,6 +198,18 @@ def test_search_refuses_other_weights_and_bad_input(library, tmp_path, capsys):
                        "--frames", "4", "--device", "cpu", "--workers", "0")
     assert code == 2 and "was built by another model" in err
 
+    # Other weights written over the very file the index names: said so, not "another model" naming it.
+    rewritten, rewritten_index = write_clip_weights(tmp_path / "w3.pt", seed=0), tmp_path / "w3.index"
+    again = ["index", str(library / "cats.mp4"), "--weights", str(rewritten), "--out", str(rewritten_index),
+             "--frames", "4", "--device", "cpu", "--workers", "0"]
+    assert cli(capsys, *again)[0] == 0
+    write_clip_weights(rewritten, seed=1)
+    said = f"{rewritten_index} was built by the weights at {rewritten.resolve()} as they were then, and they changed since"
+    code, _, err = cli(capsys, *again)
+    assert code == 2 and said in err and "write a new index" in err and "another model" not in err, err
+    code, _, err = cli(capsys, "search", str(rewritten_index), "cats")
+    assert code == 2 and said in err and "index the videos again" in err and "other weights than" not in err, err
+
     code, _, err = cli(capsys, "index", str(tmp_path / "nowhere"), "--weights", str(weights), "--out", str(index))
     assert code == 2 and "nowhere: no such file or folder" in err
 

@@ -519,6 +519,24 @@ def test_index_refuses_another_model_or_other_settings(video_dir, tmp_path):
     assert not (tmp_path / "other.index").exists()
 
 
+def test_weights_written_over_are_told_from_other_weights(tmp_path):
+    from tempme.search import rewritten_weights
+
+    weights, run = tmp_path / "w.pt", tmp_path / "run" / "best.safetensors"
+    for path in (weights, run):
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"")
+    recorded = {"weights": str(weights), "method": "none", "frames": 4, "fingerprint": "f"}
+    assert rewritten_weights(recorded, {"weights": str(weights), "method": "none"}) == f"the weights at {weights}"
+    # Not the same files, or not loaded as the same model: nothing says the files changed.
+    assert rewritten_weights(recorded, {"weights": str(run), "method": "none"}) is None
+    assert rewritten_weights(recorded, {"weights": str(weights), "method": "tempme"}) is None
+    assert rewritten_weights({**recorded, "weights": "ViT-B/32"}, {"weights": "ViT-B/32"}) is None  # a preset
+    trained = {"checkpoint": str(run), "weights": str(weights)}
+    assert rewritten_weights(trained, trained) == f"the weights at {run} (on the base weights at {weights})"
+    assert rewritten_weights(trained, {**trained, "weights": str(tmp_path / "moved.pt")}) is None
+
+
 def test_model_fingerprint_sees_every_weight():
     model = tiny_model()
     first = model_fingerprint(model)
