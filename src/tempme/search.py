@@ -1067,7 +1067,6 @@ def update_index(
         "fingerprint": fingerprint or model_fingerprint(model),
     }
     settings = index_settings(model, framerate, precision, segment_s, backend)
-    check_batch_fits_in_memory(settings["frames"], settings["image_size"], batch_size)
     # Two runs on one index would each write what they embedded over the other's: the second waits
     # for no one and stops at once.
     with _index_lock(path) as lock:
@@ -1098,6 +1097,10 @@ def update_index(
                 index.save(path)
             return update
 
+        # A batch of whole videos holds at most those to embed; one of windows, batch_size of them all
+        # the same, as a video's windows are known only once it is opened.
+        most = batch_size if segment_s is not None else min(batch_size, len(todo))
+        check_batch_fits_in_memory(settings["frames"], settings["image_size"], most)
         pending = _PendingResults(stamps)
         dataset = _video_samples(todo, settings, segment_s, framerate, backend)
         workers = decoding_workers(num_workers, _worker_tasks(dataset, batch_size))

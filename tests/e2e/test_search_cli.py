@@ -226,12 +226,19 @@ def test_search_refuses_other_weights_and_bad_input(library, tmp_path, capsys):
     code, _, err = cli(capsys, "index", str(library), "--checkpoint", str(tmp_path / "nosuch"), "--out", str(fresh))
     assert code == 2 and f"{tmp_path / 'nosuch'}: no such file or folder" in err, err
 
-    # Decoded, a batch would need some 100 TB: refused in one line instead of killed for memory part-way.
+    # Decoded, a batch of windows would need some 100 TB: refused in one line instead of killed for
+    # memory part-way (how many windows a batch gets is known only once the videos are opened).
     huge = tmp_path / "huge.index"
     code, _, err = cli(capsys, "index", str(library), "--weights", str(weights), "--out", str(huge), "--method", "none",
-                       "--frames", "4096", "--batch-size", "10000000", "--device", "cpu", "--workers", "0")
+                       "--frames", "4096", "--batch-size", "10000000", "--segment", "1", "--device", "cpu",
+                       "--workers", "0")
     assert code == 2 and "4096 frames of" in err and "GiB as one batch, more than this machine's" in err, err
     assert not huge.exists()
+    # Whole videos: a batch holds the 4 found at most, whatever --batch-size says.
+    code, _, err = cli(capsys, "index", str(library), "--weights", str(weights), "--out", str(huge), "--frames", "4",
+                       "--batch-size", "1000000000", "--device", "cpu", "--workers", "0")
+    assert code == 1 and "as one batch" not in err, err
+    huge.unlink()
     code, _, err = cli(capsys, "index", str(library), "--weights", str(weights), "--out", str(huge),
                        "--frames", "100000", "--device", "cpu", "--workers", "0")
     assert code == 2 and err.endswith("tempme index: error: frames must be at most 4096, got 100000\n"), err
