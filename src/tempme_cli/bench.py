@@ -22,7 +22,7 @@ from tempme.merging import MERGE_KERNELS
 from tempme.model import INFERENCE_SIZE_ATTENTION, SIZE_ATTENTION
 from tempme.precision import PRECISIONS, default_precision
 
-from .common import ParagraphHelpFormatter, device_option, exit_status_help
+from .common import ParagraphHelpFormatter, check_frames_option, device_option, exit_status_help
 
 EPILOG = """\
 examples:
@@ -158,6 +158,7 @@ def chosen_methods(args: argparse.Namespace) -> tuple[str, ...]:
 
 def run(args: argparse.Namespace) -> int:
     methods = chosen_methods(args)
+    check_frames_option(args.frames)
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads must be at least 1, got {args.threads}")

@@ -9,7 +9,9 @@ from tempme.config import MERGE_METHODS, preset_names, settings_ignored_by
 from tempme.factory import build_config
 from tempme.flops import FlopReport, count_video_flops
 
-from .common import DefaultsHelpFormatter, add_schedule_arguments, exit_status_help, schedule_overrides, user_path
+from .common import (
+    DefaultsHelpFormatter, add_schedule_arguments, check_frames_option, exit_status_help, schedule_overrides, user_path,
+)
 
 
 def register(subparsers) -> None:
@@ -82,6 +84,7 @@ def resolve_model(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_frames_option(args.frames)  # given; the config's model.frames is checked as a config setting
     overrides = resolve_model(args)
     unused = settings_ignored_by(args.method, overrides)  # they would change nothing, without a word
     if unused:

@@ -22,8 +22,8 @@ from tempme.config import MERGE_METHODS
 from tempme.precision import PRECISIONS, default_precision
 
 from .common import (
-    ParagraphHelpFormatter, check_finite, check_output_file, count, device_option, exit_status_help, finished,
-    show_progress, user_path,
+    ParagraphHelpFormatter, check_finite, check_frames_option, check_output_file, count, device_option,
+    exit_status_help, finished, show_progress, user_path,
 )
 
 INDEX_EPILOG = textwrap.dedent(
@@ -266,8 +266,7 @@ def run_index(args: argparse.Namespace) -> int:
     # argparse's float() takes nan and inf; update_index would take inf (write only at the end), this
     # command has always refused it.
     check_finite(args.save_every, "--save-every")
-    if args.frames is not None and args.frames < 1:
-        raise ValueError(f"--frames must be at least 1, got {args.frames}")
+    check_frames_option(args.frames)
     if args.segment is not None:
         check_finite(args.segment, "--segment", positive=True)  # update_index wants at least a second
     args.out = str(Path(args.out).expanduser())

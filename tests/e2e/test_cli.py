@@ -41,9 +41,11 @@ def test_impossible_schedule_is_one_clear_error(capsys):
     )
 
 
-def test_frame_count_below_one_is_one_clear_error(capsys):
-    assert main(["flops", "--frames", "0"]) == 2
-    assert capsys.readouterr().err.strip() == "tempme flops: error: frames must be at least 1, got 0"
+@pytest.mark.parametrize("command", [["flops"], ["bench", "--device", "cpu"]])
+@pytest.mark.parametrize("frames, message", [("0", "must be at least 1, got 0"), ("5000", "must be at most 4096, got 5000")])
+def test_a_frame_count_out_of_range_is_one_clear_error_naming_the_option(capsys, command, frames, message):
+    assert main([*command, "--frames", frames]) == 2
+    assert capsys.readouterr().err == f"tempme {command[0]}: error: --frames {message}\n"
 
 
 def test_console_script_help_runs():

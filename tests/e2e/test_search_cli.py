@@ -241,7 +241,7 @@ def test_search_refuses_other_weights_and_bad_input(library, tmp_path, capsys):
     huge.unlink()
     code, _, err = cli(capsys, "index", str(library), "--weights", str(weights), "--out", str(huge),
                        "--frames", "100000", "--device", "cpu", "--workers", "0")
-    assert code == 2 and err.endswith("tempme index: error: frames must be at most 4096, got 100000\n"), err
+    assert code == 2 and err.endswith("tempme index: error: --frames must be at most 4096, got 100000\n"), err
 
     for option, value, message in [("--framerate", "0", "--framerate must be a positive number, got 0"),
                                    ("--workers", "-1", "--workers must not be negative")]:
