@@ -20,7 +20,7 @@ from .config import (
 from .devices import checked_device
 from .model import TempMe, is_adapter_parameter
 from .schedule import ScheduleError, check_frames
-from .userwarnings import SharedWarning, warn
+from .userwarnings import VideoEncoderWarning, warn
 
 MERGE_FIELDS = {f.name for f in dataclasses.fields(MergeConfig)}
 
@@ -65,7 +65,7 @@ def build_config(
     if ignored:
         # The command line and training configs refuse these; from Python a warning says the same.
         warn(f"method {method!r} never reads {', '.join(ignored)}: the model is the same without "
-             f"{'it' if len(ignored) == 1 else 'them'}", SharedWarning)
+             f"{'it' if len(ignored) == 1 else 'them'}", VideoEncoderWarning)
     if "tome_r" in merge_overrides:
         merge_overrides["tome_r"] = _as_int(merge_overrides["tome_r"])
     for name in ("merge_layers", "clips_joined"):
@@ -83,7 +83,7 @@ def build_config(
         warn("cross_merge_ratio=0 merges nothing across clips, and clip positional embeddings are added only for "
              "that merge: they stay unused (and untrained); set clip_pos_embed=False "
              "(model.schedule.clip_pos_embed=false; tempme flops --no-clip-pos-embed) to build the same model "
-             "without them", SharedWarning)
+             "without them", VideoEncoderWarning)
     return ModelConfig(clip=clip, merge=merge, lora=LoRAConfig(rank=lora_rank), frames=frames, max_words=max_words)
 
 

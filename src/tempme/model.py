@@ -30,7 +30,7 @@ from .merging import (
     use_fused_kernels,
 )
 from .schedule import LayerPlan, build_plan, merge_counts, simulate
-from .userwarnings import SharedWarning, warn
+from .userwarnings import VideoEncoderWarning, warn
 
 
 QUICK_GELU_SCALE = 1.702
@@ -158,7 +158,7 @@ def warn_if_tome_r_capped(plan: tuple[LayerPlan, ...], merge: MergeConfig, token
         warn(
             f"tome_r={merge.tome_r} is more than some layers can merge (at most half the patches of a "
             f"frame of {tokens_per_frame - 1} patches): they merge {merged}",
-            SharedWarning,
+            VideoEncoderWarning,
         )
 
 

@@ -33,6 +33,11 @@ class SharedWarning(UserWarning):
     (``tempme_cli.main``)."""
 
 
+class VideoEncoderWarning(SharedWarning):
+    """A warning about the video encoder alone (its merge schedule, its clip positional embeddings):
+    nothing to say where a model is loaded only to encode text (``tempme search``'s queries)."""
+
+
 def warn(message: str, category: type[Warning] = UserWarning) -> None:
     """``warnings.warn(message, category)``, attributed to the first caller outside tempme and torch
     (the outermost frame when there is none, as in a data-loading worker process)."""

@@ -41,7 +41,7 @@ from .config import CLIPConfig, ModelConfig, TextConfig, VisionConfig, get_prese
 from .files import atomic_file, check_readable, first_line, write_failed
 from .model import TempMe, is_adapter_parameter
 from .pickle_scan import BoundedReader, PickleWorkError, check_pickle_work
-from .userwarnings import SharedWarning, warn
+from .userwarnings import SharedWarning, VideoEncoderWarning, warn
 
 PathLike = str | os.PathLike
 
@@ -894,7 +894,7 @@ def without_unfitting_clip_pos_embeds(
             f"frames) do not fit this model (method {config.merge.method!r}, {config.frames} frames"
             + (f", merge layers {list(config.merge.merge_layers)}" if config.merge.method == "tempme" else "")
             + "): they are left out and the model's own start at zero there; its LoRA weights are loaded",
-            SharedWarning,
+            VideoEncoderWarning,
         )
     return {name: tensor for name, tensor in sd.items() if name not in dropped}
 

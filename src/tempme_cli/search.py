@@ -66,7 +66,8 @@ INDEX_EPILOG = textwrap.dedent(
 
 SEARCH_EPILOG = textwrap.dedent(
     """\
-    Queries are encoded by the model that built the index (recorded in it). If its weights moved, name
+    Queries are encoded by the model that built the index (recorded in it), by its text encoder
+    alone: warnings about its video encoder, which `tempme index` gave, are not repeated. If its weights moved, name
     them again with --weights or --checkpoint; they must be the same weights (where other weights were
     written over them since, the error says so: index the videos again into a new index). For an index built from
     a --checkpoint whose base weights moved, --weights names where they are now. In an index of segments
@@ -377,6 +378,7 @@ def spans_text(spans: list[list[float]]) -> str:
 
 def run_search(args: argparse.Namespace) -> int:
     from tempme.search import VideoIndex, VideoIndexError, rewritten_weights
+    from tempme.userwarnings import VideoEncoderWarning
     from tempme.weights import model_fingerprint
 
     if args.top < 1:
@@ -414,7 +416,10 @@ def run_search(args: argparse.Namespace) -> int:
                 f"{args.index} was built with the weights at {recorded}, which are not there any more: name "
                 "where they are now with --weights"
             )
-    model = load_search_model(model_info)
+    with warnings.catch_warnings():
+        # Queries go through the text encoder alone; what the video encoder lacks, `tempme index` said.
+        warnings.simplefilter("ignore", VideoEncoderWarning)
+        model = load_search_model(model_info)
     if model_fingerprint(model) != index.model.get("fingerprint"):
         rewritten = rewritten_weights(index.model, model_info)
         if rewritten:

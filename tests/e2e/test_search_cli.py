@@ -596,3 +596,22 @@ def test_index_starts_no_more_decoding_workers_than_it_has_work_or_cpus(library,
         assert cli(capsys, "index", str(library), "--out", str(tmp_path / "c.index"), "--segment", "60", *common)[0] == 1
     assert started[-1] == min(4, cpus)
     assert not [w for w in caught if "worker processes" in str(w.message)]
+
+
+def test_search_says_nothing_about_the_video_encoder_it_does_not_use(library, tmp_path, capsys):
+    from tempme.weights import save_weights
+
+    # A tempme file trained for 12 frames, indexed zero-shot as plain CLIP over 4: its clip positional
+    # embeddings do not fit the video encoder, which indexing says; queries never go through it.
+    torch.manual_seed(0)
+    weights = save_weights(tempme.create_model(PRESET, method="tempme", frames=12), tmp_path / "w.safetensors")
+    index = tmp_path / "v.index"
+    with pytest.warns(UserWarning, match="clip positional embeddings .* do not fit this model"):
+        code, _, err = cli(capsys, "index", str(library / "cats.mp4"), "--weights", str(weights), "--out", str(index),
+                           "--method", "none", "--frames", "4", "--device", "cpu", "--workers", "0")
+    assert code == 0, err
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code, out, err = cli(capsys, "search", str(index), QUERIES[0], "--device", "cpu")
+    assert code == 0 and "1 of 1 videos" in out, err
+    assert [str(w.message) for w in caught] == []

@@ -45,3 +45,15 @@ def test_a_skipped_video_warning_points_at_the_loop_not_into_torch(tmp_path):
         batches = list(DataLoader(videos, batch_size=1, collate_fn=collate_skip_bad))
     assert batches == [None]
     assert (record[0].filename, record[0].lineno) == (__file__, line)
+
+
+def test_warnings_about_the_video_encoder_alone_say_so():
+    # `tempme search` loads a model for its text encoder and leaves these out; under torchrun every
+    # process gives them alike, as other shared warnings.
+    from tempme.userwarnings import SharedWarning, VideoEncoderWarning
+
+    assert issubclass(VideoEncoderWarning, SharedWarning)
+    with pytest.warns(VideoEncoderWarning, match="tome_r=30 is more than some layers can merge"):
+        tempme.create_model("tiny-B/32", method="tome", frames=2, tome_r=30)
+    with pytest.warns(VideoEncoderWarning, match="method 'none' never reads tome_r"):
+        tempme.create_model("tiny-B/32", method="none", frames=2, tome_r=3)
