@@ -465,9 +465,9 @@ def open_index(path: PathLike, model_info: dict[str, Any], settings: dict[str, A
         rewritten = rewritten_weights(index.model, model_info)
         if rewritten:
             raise VideoIndexError(
-                f"{path} was built by {rewritten} as they were then, and they changed since (other weights were "
-                "written there): the index's embeddings cannot be ranked with theirs now: write a new index, or "
-                "delete this one"
+                f"{path} was built by {rewritten} as they were then; they changed since (other weights were written "
+                "there), and embeddings of the old and the new weights cannot be ranked together: write a new "
+                "index, or delete this one"
             )
         built_by = {key: value for key, value in index.model.items() if key != "fingerprint"}
         differing = [f"{key}={model_info[key]!r}" for key in ("method", "frames")

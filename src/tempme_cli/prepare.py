@@ -40,8 +40,9 @@ def register(subparsers) -> None:
     add_config_arguments(parser, example="data.num_workers=8 data.frame_cache=/data/frames")
     parser.add_argument("--splits", nargs="+", action=SplitsThenOverrides, default=list(SPLITS), metavar="SPLIT",
                         help=f"which splits to cache, of {', '.join(SPLITS)} (default: all of them)")
-    parser.add_argument("--workers", type=int, help="decoding threads (default: data.num_workers); never more than the CPUs "
-                        "available, nor than the videos to decode")
+    parser.add_argument("--workers", type=int,
+                        help="decoding threads (default: data.num_workers); never more than the CPUs available, nor "
+                        "than the videos to decode")
     parser.set_defaults(handler=run)
 
 

@@ -29,21 +29,20 @@ from .common import (
 INDEX_EPILOG = textwrap.dedent(
     """\
     Run it again on the same folders to add new videos: those already indexed are not decoded again,
-    videos whose file changed (size or modification time) are embedded again, and videos deleted
-    under a folder given here (whole subfolders too) are dropped; a given folder that is missing or
-    empty now (an unmounted drive) keeps its videos, with a warning, unless --prune; a missing one
-    (or a mistyped path) makes the run exit 1. Unset --frames,
-    --framerate, --precision, --method, --segment and --backend follow the index. Symbolic links to
-    folders are followed (a video reached only through links goes when they do); hidden files and
-    folders (names starting with a dot) are left out, and so are .ts files that are TypeScript
-    rather than MPEG transport streams. A file whose name starts with a dash goes after --, the
-    options before it. An index built by tempme before 2026-11-27 has another model fingerprint and
-    is refused: write a new one; so is an index whose weights file was written over with other
-    weights since (the error says so). One built by tempme 0.1 (portrait phone videos read sideways) is
-    updated with a warning. An interrupted run keeps every finished video (the index is written
-    every --save-every seconds and on Ctrl-C); the next run carries on. One run at a time per index:
-    a second stops at once. Undecodable videos are listed and tried again next time; a video with a
-    damaged stretch is read around it (with a warning) when at least half its frames decode.
+    videos whose file changed (size or modification time) are embedded again, and videos deleted under a
+    folder given here (whole subfolders too) are dropped; a given folder that is missing or empty now
+    (an unmounted drive) keeps its videos, with a warning, unless --prune; a missing one (or a mistyped
+    path) makes the run exit 1. Unset --frames, --framerate, --precision, --method, --segment and
+    --backend follow the index. Symbolic links to folders are followed (a video reached only through
+    links goes when they do); hidden files and folders (names starting with a dot) are left out, and so
+    are .ts files that are TypeScript rather than MPEG transport streams. A file whose name starts with
+    a dash goes after --, the options before it. An index built by tempme before 2026-11-27 has another
+    model fingerprint and is refused: write a new one; so is an index whose weights file was written
+    over with other weights since (the error says so). One built by tempme 0.1 (portrait phone videos
+    read sideways) is updated with a warning. An interrupted run keeps every finished video (the index
+    is written every --save-every seconds and on Ctrl-C); the next run carries on. One run at a time per
+    index: a second stops at once. Undecodable videos are listed and tried again next time; a video with
+    a damaged stretch is read around it (with a warning) when at least half its frames decode.
 
     With --segment SECONDS (at least 1) each video is cut into windows of about that length (equal
     windows, no short one left at the end; a video shorter than 1.5 windows stays whole), each
@@ -66,12 +65,13 @@ INDEX_EPILOG = textwrap.dedent(
 
 SEARCH_EPILOG = textwrap.dedent(
     """\
-    Queries are encoded by the model that built the index (recorded in it), by its text encoder
-    alone: warnings about its video encoder, which `tempme index` gave, are not repeated. If its weights moved, name
-    them again with --weights or --checkpoint; they must be the same weights (where other weights were
-    written over them since, the error says so: index the videos again into a new index). For an index built from
-    a --checkpoint whose base weights moved, --weights names where they are now. In an index of segments
-    (tempme index --segment) each result is a window of a video, shown with its time span.
+    Queries are encoded by the model that built the index (recorded in it), by its text encoder alone:
+    warnings about its video encoder, which `tempme index` gave, are not repeated. If its weights moved,
+    name them again with --weights or --checkpoint; they must be the same weights (where other weights
+    were written over them since, the error says so: index the videos again into a new index). For an
+    index built from a --checkpoint whose base weights moved, --weights names where they are now. In an
+    index of segments (tempme index --segment) each result is a window of a video, shown with its time
+    span.
 
     examples:
       tempme search videos.index "a dog catches a frisbee" "people dancing at night" -k 5
@@ -424,9 +424,9 @@ def run_search(args: argparse.Namespace) -> int:
         rewritten = rewritten_weights(index.model, model_info)
         if rewritten:
             raise VideoIndexError(
-                f"{args.index} was built by {rewritten} as they were then, and they changed since (other weights "
-                "were written there): queries must be encoded by the model that embedded the videos: name where "
-                "those weights are now with --weights or --checkpoint, or index the videos again into a new index"
+                f"{args.index} was built by {rewritten} as they were then; they changed since (other weights were "
+                "written there), and queries must be encoded by the weights that embedded the videos: name where "
+                "those are now with --weights or --checkpoint, or index the videos again into a new index"
             )
         named = model_info.get("checkpoint") or model_info.get("weights")
         recorded = index.model.get("checkpoint") or index.model.get("weights")

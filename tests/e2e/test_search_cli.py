@@ -204,7 +204,7 @@ def test_search_refuses_other_weights_and_bad_input(library, tmp_path, capsys):
              "--frames", "4", "--device", "cpu", "--workers", "0"]
     assert cli(capsys, *again)[0] == 0
     write_clip_weights(rewritten, seed=1)
-    said = f"{rewritten_index} was built by the weights at {rewritten.resolve()} as they were then, and they changed since"
+    said = f"{rewritten_index} was built by the weights at {rewritten.resolve()} as they were then; they changed since"
     code, _, err = cli(capsys, *again)
     assert code == 2 and said in err and "write a new index" in err and "another model" not in err, err
     code, _, err = cli(capsys, "search", str(rewritten_index), "cats")
