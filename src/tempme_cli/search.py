@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import textwrap
 import warnings
@@ -20,6 +19,7 @@ import torch
 
 from tempme.config import MERGE_METHODS
 from tempme.precision import PRECISIONS, default_precision
+from tempme.workers import available_cpus
 
 from .common import (
     ParagraphHelpFormatter, check_finite, check_frames_option, check_output_file, count, device_option,
@@ -85,8 +85,8 @@ SEARCH_EPILOG = textwrap.dedent(
 
 
 def default_workers() -> int:
-    """Decoding processes: half the cores (the other half encode), at most 8."""
-    return max(0, min(8, (os.cpu_count() or 2) // 2))
+    """Decoding processes: half the CPUs available (the other half encode), at most 8."""
+    return max(0, min(8, available_cpus() // 2))
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
@@ -134,9 +134,9 @@ def register(subparsers) -> None:
                        "folder too (for a folder moved or removed for good; without it, such a folder may be "
                        "an unmounted drive and keeps its videos)")
     index.add_argument("--workers", type=int, default=default_workers(),
-                       help=f"decoding processes (default: {default_workers()}, half the cores, at most 8); never "
-                       "more than the CPUs available (more would only compete for them), nor than the batches to "
-                       "decode (with --segment, the videos)")
+                       help=f"decoding processes (default: {default_workers()}, half the CPUs available, at most "
+                       "8); never more than the CPUs available (more would only compete for them), nor than the "
+                       "batches to decode (with --segment, the videos)")
     index.add_argument("--backend", choices=("pyav", "decord"), help="video decoder (default: the index's, else pyav)")
     index.add_argument("--save-every", type=float, default=60.0, metavar="SECONDS",
                        help="write the index at least this often while indexing (default: 60)")
