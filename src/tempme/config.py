@@ -94,6 +94,11 @@ class ModelConfig:
     max_words: int = 32
 
 
+# The fewest caption tokens the text encoder can read: its start and end tokens and one word between
+# them (with two, every caption would encode alike). Models, the tokenizer and training configs check it.
+MIN_WORDS = 3
+
+
 _PRESETS: dict[str, CLIPConfig] = {
     "ViT-B/32": CLIPConfig(),
     "ViT-B/16": CLIPConfig(vision=VisionConfig(patch_size=16)),

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.flex_attention import flex_attention
 
-from .config import MergeConfig, ModelConfig
+from .config import MIN_WORDS, MergeConfig, ModelConfig
 from .merging import (
     MergePlan,
     bipartite_soft_matching,
@@ -498,9 +498,9 @@ class TempMe(nn.Module):
         super().__init__()
         self.config = config
         clip, text = config.clip, config.clip.text
-        if not 2 <= config.max_words <= text.context_length:  # room for the start and end tokens at least
-            raise ValueError(f"max_words must be from 2 to the text context length {text.context_length}, "
-                             f"got {config.max_words}")
+        if not MIN_WORDS <= config.max_words <= text.context_length:
+            raise ValueError(f"max_words must be from {MIN_WORDS} (start, one word, end) to the text context length "
+                             f"{text.context_length}, got {config.max_words}")
         self.visual = VisionTransformer(config, clip.embed_dim)
         self.token_embedding = nn.Embedding(text.vocab_size, text.width)
         self.positional_embedding = nn.Parameter(torch.empty(text.context_length, text.width))

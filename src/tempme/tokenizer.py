@@ -19,6 +19,8 @@ import ftfy
 import regex
 import torch
 
+from .config import MIN_WORDS
+
 VOCAB_PATH = Path(__file__).with_name("bpe_simple_vocab_16e6.txt.gz")
 
 SOT_TEXT = "<|startoftext|>"
@@ -186,9 +188,9 @@ class Tokenizer:
             mask: LongTensor [N, max_words], 1 on SOT, text tokens and EOT,
                 0 on padding.
         """
-        if isinstance(max_words, bool) or not isinstance(max_words, int) or max_words < 3:
+        if isinstance(max_words, bool) or not isinstance(max_words, int) or max_words < MIN_WORDS:
             raise ValueError(
-                "max_words must be an int >= 3 (room for SOT, one token and EOT), "
+                f"max_words must be an int >= {MIN_WORDS} (room for SOT, one token and EOT), "
                 f"got {max_words!r}"
             )
         if isinstance(texts, str):

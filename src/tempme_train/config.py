@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 import yaml
 
-from tempme.config import MergeMethod, TextConfig, settings_ignored_by
+from tempme.config import MIN_WORDS, MergeMethod, TextConfig, settings_ignored_by
 from tempme.files import atomic_file
 from tempme.data import check_batch_fits_in_memory
 
@@ -676,7 +676,6 @@ def check_values(config: TrainConfig, source: str) -> None:
 
     positive = {
         "model.frames": model.frames,
-        "data.max_words": data.max_words,
         "data.max_frames": data.max_frames,
         "data.image_size": data.image_size,
         "optim.epochs": optim.epochs,
@@ -686,6 +685,9 @@ def check_values(config: TrainConfig, source: str) -> None:
     }
     for key, value in positive.items():
         require(value > 0, key, value, "must be positive")
+    # Here, not when the model is built: its error would name the weights or preset it was built from.
+    require(data.max_words >= MIN_WORDS, "data.max_words", data.max_words,
+            f"must be at least {MIN_WORDS}: room for the start and end tokens and one word of the caption")
     context = TextConfig().context_length  # every CLIP's, bundled or loaded
     require(data.max_words <= context, "data.max_words", data.max_words,
             f"CLIP's text encoder reads at most {context} tokens, start and end included")

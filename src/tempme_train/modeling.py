@@ -43,7 +43,7 @@ def build_model(config: TrainConfig, source: str = "config") -> TempMe:
     except ScheduleError as error:
         raise schedule_config_error(config, source, error) from error
     except (TypeError, ValueError) as error:
-        # Unknown presets, unreadable weights, max_words beyond the context length ...
+        # Unknown presets, unreadable weights ...
         key = "model.weights" if settings.weights else "model.preset"
         raise ConfigError(config.source_of(key, source), key, settings.weights or settings.preset, str(error)) from error
     if model.visual.image_size != config.data.image_size:

@@ -522,6 +522,22 @@ def one_error_line(capsys) -> str:
     return error
 
 
+def test_a_caption_length_out_of_range_names_data_max_words_wherever_the_model_comes_from(
+        run_config, custom_run, tmp_path, capsys):
+    from tempme.weights import save_weights
+
+    weights = save_weights(tempme.create_model(PRESET, frames=4), tmp_path / "base.safetensors")
+    reason = "data.max_words: must be at least 3: room for the start and end tokens and one word of the caption"
+    for words in (1, 2):
+        for model in ("model.weights=null", f"model.weights={weights}"):
+            assert main(["train", "--config", str(run_config), model, f"data.max_words={words}",
+                         "--output", str(tmp_path / "run")]) == 2
+            told = one_error_line(capsys)
+            assert told == f"tempme train: error: command-line override 'data.max_words={words}': {reason} (got {words})\n"
+    assert main(["eval", "--checkpoint", str(custom_run[1]), "data.max_words=1", "--no-cache"]) == 2
+    assert one_error_line(capsys) == f"tempme eval: error: command-line override 'data.max_words=1': {reason} (got 1)\n"
+
+
 def test_strict_runs_stop_on_an_undecodable_video_with_one_line(run_config, tmp_path, capsys):
     videos = run_config.parent / "videos"
     # The four training videos fill the one batch of an epoch, so the first step reads the corrupt one.

@@ -359,8 +359,8 @@ def test_a_device_this_machine_lacks_is_refused_before_any_work(tmp_path):
 
 
 def test_text_length_and_layer_counts_out_of_range_are_refused():
-    with pytest.raises(ValueError, match="max_words must be from 2 to the text context length 77, got 0"):
-        tempme.create_model("tiny-B/32", frames=2, max_words=0)
+    with pytest.raises(ValueError, match=r"max_words must be from 3 \(start, one word, end\) to the text context length 77, got 2"):
+        tempme.create_model("tiny-B/32", frames=2, max_words=2)
     model = tempme.create_model("tiny-B/32", frames=2)
     with pytest.raises(ValueError, match="layers must be from 0 to the encoder's 12, got -1"):
         model.visual.forward_tokens(torch.randn(1, 2, 3, 224, 224), layers=-1)

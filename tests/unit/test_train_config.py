@@ -137,6 +137,24 @@ def test_inconsistent_values_are_rejected():
         load_config(None, ["optim.warmup=1.5"])
 
 
+@pytest.mark.parametrize("words", [0, 1, 2, 78])
+def test_a_caption_length_the_text_encoder_cannot_read_names_data_max_words_and_its_source(tmp_path, words):
+    # Checked with the settings: the model's own check would be blamed on the weights it is built from.
+    with pytest.raises(ConfigError) as caught:
+        load_config("msrvtt_b32_tempme", [f"data.max_words={words}"])
+    assert caught.value.key == "data.max_words"
+    assert str(caught.value).startswith(f"command-line override 'data.max_words={words}': data.max_words: ")
+    path = write(tmp_path / "short.yaml", f"base: msrvtt_b32_tempme\ndata: {{max_words: {words}}}\n")
+    with pytest.raises(ConfigError, match=f"^{path}: data.max_words: "):
+        load_config(path)
+
+
+def test_the_shortest_caption_length_holds_one_word():
+    assert load_config(None, ["data.max_words=3"]).data.max_words == 3
+    with pytest.raises(ConfigError, match="data.max_words: must be at least 3: room for the start and end tokens"):
+        load_config(None, ["data.max_words=2"])
+
+
 def test_malformed_override_and_unknown_config_name():
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         load_config(None, ["optim.lr"])
