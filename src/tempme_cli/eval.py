@@ -76,7 +76,8 @@ def register(subparsers) -> None:
     parser.add_argument("--split", default="test",
                         help="test: the config's test split (MSRVTT 1k-A, DiDeMo test, ActivityNet val_1, LSMDC test); "
                         "val: its validation set (held-out training videos where the dataset has none); or a "
-                        "split name of the dataset (default: test)")
+                        "split name of the dataset (default: test). The output names the annotations read where "
+                        "they differ from SPLIT: activitynet test (val_1), msrvtt val (500 videos held out of train9k)")
     parser.add_argument("--batch-size", type=int, help="videos per forward pass (default: run.eval_batch_size)")
     parser.add_argument("--device", help="auto, cpu, cuda, cuda:1 ... or mps (default: run.device, which is auto "
                         "unless the config says otherwise: a CUDA GPU where there is one, else the CPU)")
@@ -309,7 +310,7 @@ def run(args: argparse.Namespace) -> int:
     from tempme.config import settings_ignored_by
     from tempme.flops import count_video_flops
     from tempme.retrieval import format_metrics_table
-    from tempme_train.data import drop_missing_videos, frame_cache, split_items
+    from tempme_train.data import annotation_split, drop_missing_videos, frame_cache, split_items
     from tempme_train.distributed import process_group, world_from_env
     from tempme_train.evaluate import EvalSet, evaluate
     from tempme_train.modeling import (
@@ -362,7 +363,8 @@ def run(args: argparse.Namespace) -> int:
     schedule = {name: value for name, value in dataclasses.asdict(merge).items() if name != "method"}
     ignored = settings_ignored_by(merge.method, schedule)
     results.update(
-        split=args.split, dataset=config.data.dataset, missing=missing,
+        split=args.split, annotation_split=annotation_split(config.data, args.split), dataset=config.data.dataset,
+        missing=missing,
         weights=str(trained) if trained else base,
         model={"method": merge.method, "frames": model.config.frames, "precision": config.optim.precision,
                "lora_rank": model.config.lora.rank, "tokens": flops.tokens, "gflops": round(flops.gflops, 2),
@@ -384,7 +386,9 @@ def run(args: argparse.Namespace) -> int:
     counted = [f"{len(videos)} {label}" for label, videos in (("missing", missing), ("undecodable", results["skipped"]))
                if videos]
     left_out_text = f" ({', '.join(counted)} left out)" if counted else ""
-    print(f"{results['dataset']} {args.split}: {results['num_captions']} captions, {results['num_videos']} videos"
+    read = results["annotation_split"]
+    label = args.split if read == args.split else f"{args.split} ({read})"
+    print(f"{results['dataset']} {label}: {results['num_captions']} captions, {results['num_videos']} videos"
           f"{left_out_text}; weights: {results['weights']}{on_base}")
     print(f"model: {merge.method}, {model.config.frames} frames, LoRA rank {model.config.lora.rank}, "
           f"{config.optim.precision}; video encoder: {flops.tokens} tokens, {flops.gflops:.1f} GFLOPs per video")

@@ -31,7 +31,7 @@ from tempme.data import (
     load_dataset,
     quiet_worker_init,
 )
-from tempme.data.annotations import UnknownSplit
+from tempme.data.annotations import UnknownSplit, own_split_name
 from tempme.tokenizer import tokenize
 from tempme.userwarnings import SharedWarning, warn
 from tempme.workers import decoding_workers
@@ -347,6 +347,22 @@ def make_train_loader(dataset: Dataset, sampler: EpochSampler, num_workers: int,
         drop_last=True,
         worker_init_fn=quiet_worker_init,
     )
+
+
+def annotation_split(data: DataSettings, split: str) -> str:
+    """Which annotations :func:`split_items` reads for ``split``, in the dataset's own words: ``test``
+    and ``val`` are the config's (ActivityNet's test split is its val_1, and a held-out validation set
+    is no split of the dataset at all), which a report naming only ``split`` would hide."""
+    if split == "val":
+        if data.val_split == HOLDOUT:
+            videos = f"{data.holdout_videos} video{'s' if data.holdout_videos != 1 else ''}"
+            return f"{videos} held out of {annotation_split(data, data.train_split)}"
+        split = data.val_split
+    elif split == "test":
+        split = data.test_split
+    if data.dataset == "custom":  # no splits: every name reads the one file
+        return Path(data.anno_path).name
+    return own_split_name(data.dataset, split)
 
 
 def split_items(data: DataSettings, split: str, source: str, split_key: str = "split") -> list[VideoItem]:

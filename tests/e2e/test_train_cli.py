@@ -283,6 +283,25 @@ def test_zero_shot_eval_prints_a_table(run_config, capsys, tmp_path):
     assert "Text->Video" in printed and "Video->Text" in printed and "R@1" in printed
 
 
+def test_eval_names_the_annotations_its_split_reads(tmp_path, capsys):
+    from data_fixtures import build_activitynet
+
+    anet = build_activitynet(tmp_path)
+    config = tmp_path / "anet.yaml"
+    config.write_text(f"base: {CONFIG_DIR / '_activitynet.yaml'}\n"
+                      f"model: {{preset: {PRESET}, weights: null, frames: 4}}\n"
+                      f"data: {{anno_path: {anet.anno_dir}, video_dir: {anet.video_dir}, holdout_videos: 1, "
+                      "max_frames: 4, image_size: 32, num_workers: 0}\n")
+    assert main(["eval", "--config", str(config), "--no-cache"]) == 0
+    assert capsys.readouterr().out.startswith("activitynet test (val_1): 1 captions, 1 videos;")
+    assert main(["eval", "--config", str(config), "--split", "val", "--json", "--no-cache"]) == 0
+    held_out = json.loads(capsys.readouterr().out)
+    assert (held_out["split"], held_out["annotation_split"], held_out["num_videos"]) == (
+        "val", "1 video held out of train", 1)
+    assert main(["eval", "--config", str(config), "--split", "val_1", "--no-cache"]) == 0
+    assert capsys.readouterr().out.startswith("activitynet val_1: 1 captions, 1 videos;")
+
+
 def eval_worker(rank: int, port: int, config: str, folder: str, options: list[str]) -> None:
     """``tempme eval`` as process ``rank`` of 2 (what torchrun sets up); its standard output and
     error (its loader workers' too) go to files."""

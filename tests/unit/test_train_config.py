@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from tempme_train.data import annotation_split
 from tempme_train.config import (
     check_schedule_is_read,
     ConfigError,
@@ -153,6 +154,24 @@ def test_the_shortest_caption_length_holds_one_word():
     assert load_config(None, ["data.max_words=3"]).data.max_words == 3
     with pytest.raises(ConfigError, match="data.max_words: must be at least 3: room for the start and end tokens"):
         load_config(None, ["data.max_words=2"])
+
+
+@pytest.mark.parametrize(
+    "config, split, read",
+    [("activitynet_b32_tempme", "test", "val_1"), ("activitynet_b32_tempme", "val", "500 videos held out of train"),
+     ("activitynet_b32_tempme", "val_1", "val_1"), ("msrvtt_b32_tempme", "test", "test"),
+     ("msrvtt_b32_tempme", "val", "500 videos held out of train9k"), ("msrvtt_b32_tempme", "train7k", "train7k"),
+     ("didemo_b32_tempme", "val", "val"), ("lsmdc_b32_tempme", "test", "test")],
+)
+def test_the_annotations_an_evaluated_split_reads_are_named_in_the_datasets_words(config, split, read):
+    assert annotation_split(load_config(config).data, split) == read
+
+
+def test_a_custom_file_is_every_split_and_one_held_out_video_is_singular():
+    data = load_config(None, ["data.dataset=custom", "data.anno_path=/data/captions.csv", "data.val_split=holdout",
+                              "data.holdout_videos=1"]).data
+    assert [annotation_split(data, split) for split in ("test", "val")] == [
+        "captions.csv", "1 video held out of captions.csv"]
 
 
 def test_malformed_override_and_unknown_config_name():
