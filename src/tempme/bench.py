@@ -650,8 +650,35 @@ def add_ratios(results: list[Result], timings: dict[str, Timing]) -> None:
             result.memory_vs_none = result.step_memory_mb / none_memory
 
 
+# How far apart 'vs none' and the ratio of the medians may be before the timings are called unsteady:
+# on a steady machine both estimate the same ratio and stay within a few percent of each other.
+UNSTEADY_RATIO_GAP = 1.25
+
+
+def timing_warnings(results: list[Result]) -> list[str]:
+    """One warning when, for some method, 'vs none' (a median of per-round ratios) and the ratio of
+    the medians disagree about which is faster, or differ by over ``UNSTEADY_RATIO_GAP``: with few
+    rounds, load that came and went during the run decides both, and the table would contradict itself."""
+    none = next((r for r in results if r.method == "none"), None)
+    if none is None:
+        return []
+    unsteady = []
+    for result in results:
+        per_round, of_medians = result.speedup_vs_none, none.median_s / result.median_s
+        if per_round is None:
+            continue
+        opposite = (per_round - 1) * (of_medians - 1) < 0
+        if opposite or max(per_round, of_medians) > UNSTEADY_RATIO_GAP * min(per_round, of_medians):
+            unsteady.append(f"{result.method} {per_round:.2f}x vs {of_medians:.2f}x")
+    if not unsteady:
+        return []
+    return [f"the machine's load varied during the run: 'vs none' and the ratio of the median times disagree "
+            f"({', '.join(unsteady)}); time again with more --repeats (and, on a shared CPU, --threads 1)"]
+
+
 def report(results: list[Result]) -> dict:
-    """A JSON-serialisable record of a run: when, with what software, and every result."""
+    """A JSON-serialisable record of a run: when, with what software, every result, and warnings
+    about the timings (:func:`timing_warnings`)."""
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
@@ -659,6 +686,7 @@ def report(results: list[Result]) -> dict:
         # Other processes on the machine skew CPU timings; the load average tells a reader if they did.
         "load_average_1m": os.getloadavg()[0],
         "results": [result.to_dict() for result in results],
+        "warnings": timing_warnings(results),
     }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import warnings
 
 import torch
 
@@ -40,7 +41,9 @@ clip positional embeddings, float32 weights under autocast to --precision (loss 
 Timing: every method gets a first call ('first s': compilation or graph capture included) and --warmup untimed
 calls, then --repeats rounds time each method once in turn, so load from other processes falls on
 all alike. 'median ms' is per batch; 'vs none' is the median over rounds of none's time divided by
-the method's. On a CPU that other work shares, --threads 1 gives the steadiest figures.
+the method's. On a CPU that other work shares, --threads 1 gives the steadiest figures. Where
+'vs none' and the ratio of the median times disagree about which is faster (or differ by over 25%),
+the load changed during the run: a warning says so (JSON: warnings) and more --repeats are needed.
 Memory: 'step MiB' is the most tensor memory one call held beyond the weights and inputs (CUDA:
 max_memory_allocated minus what was allocated before, not available for CUDA graphs; CPU: counted
 per tensor, not the process's resident size, and not available when compiled); 'weights MiB' is the
@@ -191,5 +194,8 @@ def run(args: argparse.Namespace) -> int:
             attention_backend=args.attention_backend,
             **common,
         )
-    print(json.dumps(report(results)) if args.json else format_results(results))
+    record = report(results)
+    print(json.dumps(record) if args.json else format_results(results))
+    for warning in record["warnings"]:
+        warnings.warn(warning, stacklevel=1)
     return 0

@@ -2,6 +2,7 @@
 clear. Tiny models, one timed call, no assertion on how fast anything is."""
 
 import json
+import statistics
 
 import pytest
 import torch
@@ -15,6 +16,10 @@ from tempme.bench import (
     format_results,
     make_training_step,
     report,
+    Result,
+    Timing,
+    add_ratios,
+    timing_warnings,
 )
 from tempme_cli.main import main
 
@@ -116,6 +121,46 @@ def test_report_is_json_serialisable():
     record = json.loads(json.dumps(report(results)))
     assert record["results"][0]["method"] == "none"
     assert record["torch"] == torch.__version__
+
+
+def fabricated(times: dict[str, list[float]]) -> list[Result]:
+    """Results with made-up times (nothing timed), their ratios worked out as a run's are."""
+    results = [Result(mode="inference", model="ViT-B/32", method=method, frames=12, batch=1, device="cpu",
+                      device_name="cpu", threads=2, dtype="fp32", compiled=False, size_attention="bias",
+                      first_call_s=0.0, times_s=rounds, median_s=statistics.median(rounds),
+                      videos_per_s=1 / statistics.median(rounds), step_memory_mb=None, weights_mb=1.0)
+               for method, rounds in times.items()]
+    if "none" in times:  # as measure() does
+        add_ratios(results, {method: Timing(0.0, rounds) for method, rounds in times.items()})
+    return results
+
+
+def test_ratios_that_contradict_the_medians_are_warned_about():
+    # Two rounds on a loaded machine: the ratio says tempme is faster, the medians that it is slower.
+    loaded = fabricated({"none": [0.6, 2.25], "tome": [0.5, 1.9], "tempme": [0.2, 4.1]})
+    assert loaded[2].speedup_vs_none > 1 > loaded[0].median_s / loaded[2].median_s
+    (warning,) = timing_warnings(loaded)
+    assert warning.startswith("the machine's load varied during the run: 'vs none' and the ratio of the median "
+                              "times disagree (tempme 1.77x vs 0.66x); time again with more --repeats")
+    assert json.loads(json.dumps(report(loaded)))["warnings"] == [warning]
+    # Far apart, though both say faster.
+    assert timing_warnings(fabricated({"none": [1.0, 1.0, 3.0], "tempme": [0.5, 0.1, 1.0]}))
+
+
+def test_steady_timings_are_not_warned_about():
+    steady = fabricated({"none": [1.0, 1.1, 1.05], "tempme": [0.5, 0.56, 0.52], "tome": [1.2, 1.3, 1.25]})
+    assert timing_warnings(steady) == [] and report(steady)["warnings"] == []
+    assert timing_warnings(fabricated({"tempme": [1.0, 9.0]})) == []  # no none: no ratios
+
+
+@pytest.mark.parametrize("json_output", [True, False])
+def test_cli_prints_the_timing_warning_on_stderr_and_in_json(json_output, monkeypatch, capsys):
+    monkeypatch.setattr(tempme.bench, "timing_warnings", lambda results: ["the load varied"])
+    argv = ["bench", "--model", "tiny-B/32", "--batch", "1", "--repeats", "1", "--warmup", "0", "--methods", "none"]
+    with pytest.warns(UserWarning, match="the load varied"):
+        assert main(argv + ["--json"] * json_output) == 0
+    if json_output:
+        assert json.loads(capsys.readouterr().out)["warnings"] == ["the load varied"]
 
 
 def test_cli_json_output(capsys):
