@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from tempme import TempMe, create_model, load_model
-from tempme.config import ModelConfig, default_merge_config, get_preset, preset_names
+from tempme.config import CLIPConfig, MergeConfig, ModelConfig, default_merge_config, get_preset, preset_names
 from tempme.factory import build_config
 from tempme.schedule import ScheduleError, check_setting_values, validate_merge_config
 from tempme.userwarnings import SharedWarning, warn
@@ -123,13 +123,37 @@ def check_schedule(config: TrainConfig, source: str = "config") -> None:
 def _records_schedule_for(weights: str, method: str, frames: int) -> bool:
     """Whether the weights file ``weights`` is a tempme file whose recorded model has ``method`` and
     ``frames`` (``load_model`` then starts from its schedule). Reads the file's header only."""
+    recorded = recorded_model_config(weights)
+    return recorded is not None and (recorded.merge.method, recorded.frames) == (method, frames)
+
+
+def recorded_model_config(weights: str | Path | None) -> ModelConfig | None:
+    """The model a tempme weights file records (None for presets, other weights and unreadable
+    files, which building the model reports). Reads the file's header only."""
     from tempme.weights import model_config_from_metadata
 
+    if not weights:
+        return None
     try:
-        recorded = model_config_from_metadata(recorded_metadata(Path(weights).expanduser()))
+        return model_config_from_metadata(recorded_metadata(Path(weights).expanduser()))
     except ValueError:
-        return False
-    return recorded is not None and (recorded.merge.method, recorded.frames) == (method, frames)
+        return None
+
+
+def merge_built(config: TrainConfig, clip: CLIPConfig) -> MergeConfig | None:
+    """The merge schedule :func:`build_model` gives ``config.model`` on the architecture ``clip``:
+    its schedule settings over the schedule ``model.weights`` records for this method and frame
+    count, else over the paper's (None where they make no schedule: building the model says why)."""
+    settings = config.model
+    recorded = recorded_model_config(settings.weights)
+    own = recorded is not None and (recorded.merge.method, recorded.frames) == (settings.method, settings.frames)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # build_model gives them
+            return build_config(clip, method=settings.method, frames=settings.frames,
+                                schedule=recorded.merge if own else None, **settings.schedule.as_kwargs()).merge
+    except (TypeError, ValueError):
+        return None
 
 
 def check_preset_matches_weights(model: TempMe, config: TrainConfig, source: str = "config") -> None:

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from tempme import TempMe, devices
+from tempme.config import CLIPConfig
 from tempme.data import stop_workers
 from tempme.files import check_folder, describe_os_error, remove_stale_temporaries
 from tempme.precision import autocast
@@ -54,6 +55,7 @@ from .config import (
     SETTINGS_ADDED,
     ConfigError,
     ProcessConfigError,
+    ScheduleOverrides,
     TrainConfig,
     check_schedule_is_read,
     load_run_config,
@@ -90,6 +92,8 @@ from .modeling import (
     check_base,
     check_preset_matches_weights,
     check_schedule,
+    merge_built,
+    recorded_model_config,
     save_trained_weights,
     trainable_parameters,
 )
@@ -393,7 +397,9 @@ class Trainer:
             shown = ", ".join(f"{key}={value}" for key, value in kept.items())
             warn(f"{checkpoint} was trained with {shown}, as every run was before {', '.join(kept)} existed: "
                  "the run goes on with it", SharedWarning)
-        differences = _resume_differences(saved, self.config)
+        # The architecture the run was built on, as the checkpoint records it (the config may name only weights).
+        recorded = recorded_model_config(checkpoint / WEIGHTS)
+        differences = _resume_differences(saved, self.config, recorded.clip if recorded else None)
         if differences:
             key, (then, now) = next(iter(differences.items()))
             raise ConfigError(
@@ -807,22 +813,42 @@ def _summary_record(summary: TrainSummary) -> dict[str, Any]:
     return record
 
 
-def _resume_differences(saved: TrainConfig, current: TrainConfig) -> dict[str, tuple[Any, Any]]:
-    """``{"optim.lr": (checkpoint value, current value)}`` for settings that must not change."""
+def _resume_differences(
+    saved: TrainConfig, current: TrainConfig, clip: CLIPConfig | None
+) -> dict[str, tuple[Any, Any]]:
+    """``{"optim.lr": (checkpoint value, current value)}`` for settings that must not change; schedule
+    settings as the models use them on the architecture ``clip`` (see :func:`_schedule_differences`)."""
+    model_then, model_now = dataclasses.asdict(saved.model), dataclasses.asdict(current.model)
+    del model_then["schedule"], model_now["schedule"]
     compared = {
-        "model": (dataclasses.asdict(saved.model), dataclasses.asdict(current.model)),
+        "model": (model_then, model_now),
         "optim": (dataclasses.asdict(saved.optim), dataclasses.asdict(current.optim)),
         "data": (
             {name: getattr(saved.data, name) for name in RESUME_DATA_KEYS},
             {name: getattr(current.data, name) for name in RESUME_DATA_KEYS},
         ),
     }
-    return {
+    differences = {
         f"{section}.{name}": (then[name], now[name])
         for section, (then, now) in compared.items()
         for name in then
         if then[name] != now[name]
     }
+    return {**differences, **_schedule_differences(saved, current, clip)}
+
+
+def _schedule_differences(saved: TrainConfig, current: TrainConfig, clip: CLIPConfig | None) -> dict[str, tuple[Any, Any]]:
+    """The schedule settings whose value differs in the model each config builds on ``clip``: one
+    given as the value the run uses already (the paper's, left unset when it started) changes nothing.
+    Where a schedule cannot be worked out (no architecture recorded), the settings as given."""
+    then, now = saved.model.schedule.as_kwargs(), current.model.schedule.as_kwargs()
+    if then == now:
+        return {}
+    built = (merge_built(saved, clip), merge_built(current, clip)) if clip is not None else (None, None)
+    if None not in built:
+        then, now = (dataclasses.asdict(merge) for merge in built)
+    names = [field.name for field in dataclasses.fields(ScheduleOverrides)]
+    return {f"model.schedule.{name}": (then.get(name), now.get(name)) for name in names if then.get(name) != now.get(name)}
 
 
 @contextlib.contextmanager

@@ -24,7 +24,7 @@ import torch.multiprocessing as mp
 from torch.utils.data import Dataset
 
 import tempme
-from tempme.config import CLIPConfig, TextConfig, VisionConfig
+from tempme.config import CLIPConfig, TextConfig, VisionConfig, default_merge_config, get_preset
 from tempme.data import SkippedVideo, collate_skip_bad
 from tempme_train.checkpoint import LAST, find_checkpoint
 from tempme_train.config import ConfigError, TrainConfig, apply_overrides, config_from_dict, load_config
@@ -253,6 +253,26 @@ def test_a_resume_never_takes_over_a_value_its_run_chose(tmp_path):
     train(tiny_config(tmp_path, optim={"gradient_divisor": 2.0}, run={"stop_after": 1}), data=data)
     with pytest.raises(ConfigError, match=r"optim.gradient_divisor.*checkpoint's value 2.0"):
         train(tiny_config(tmp_path), resume=True, data=data)  # the default, 4: a change
+
+
+def test_a_resume_compares_the_schedule_its_model_uses_not_how_it_was_given(tmp_path):
+    data = synthetic_data()
+    train(tiny_config(tmp_path, run={"stop_after": 1}), data=data)  # the paper's schedule, none of it given
+    paper = default_merge_config(get_preset(PRESET), FRAMES, "tempme")
+
+    def model(**schedule) -> dict:
+        return {"preset": PRESET, "weights": None, "frames": FRAMES, "schedule": schedule}
+
+    # Given as the value the run uses already: the same model.
+    given = tiny_config(tmp_path, model=model(tome_r=paper.tome_r), run={"stop_after": 2})
+    assert train(given, resume=True, data=data).steps == 2
+    assert train(tiny_config(tmp_path, run={"stop_after": 3}), resume=True, data=data).steps == 3  # and left out again
+    # Another value is refused, by its key and both values in full.
+    with pytest.raises(ConfigError) as caught:
+        train(tiny_config(tmp_path, model=model(tome_r=paper.tome_r, cross_merge_ratio=0.25)), resume=True, data=data)
+    assert str(caught.value) == (
+        f"test config: model.schedule.cross_merge_ratio: differs from the checkpoint's value {paper.cross_merge_ratio}; "
+        f"a resumed run must keep model.schedule.cross_merge_ratio as in {tmp_path / LAST / 'config.yaml'} (got 0.25)")
 
 
 def test_a_save_stopped_between_its_renames_never_leaves_the_run_without_a_checkpoint(tmp_path, monkeypatch):
