@@ -185,6 +185,7 @@ def prepare_training_data(config: TrainConfig, source: str = "config") -> TrainD
     train_set = RetrievalPairs(
         train_items, tokenize, data.max_words, data.max_frames, data.framerate, data.image_size,
         augment=data.augment, frame_cache=cache, backend=data.backend, strict=data.strict,
+        warn_skipped=False,  # the Trainer warns, once per video and run
     )
     val_name = f"{data.dataset}/{data.val_split}" + (str(data.holdout_videos) if data.val_split == HOLDOUT else "")
     val_set = EvalSet.from_items(val_items, data, val_name, cache) if validating else None
@@ -261,12 +262,12 @@ def training_captions_digest(dataset: Dataset) -> str | None:
 
 
 def collate_train(samples: list[Any]) -> dict[str, Any]:
-    """:func:`tempme.data.collate_skip_bad`, except that a batch of only undecodable videos still
-    names them: ``{"skipped": [ids]}`` with no tensors (collate_skip_bad returns None, and the ids
-    would be lost, so such videos would never be reported)."""
-    batch = collate_skip_bad(samples)
-    if batch is None:
-        return {"skipped": [sample.video_id for sample in samples if isinstance(sample, SkippedVideo)]}
+    """:func:`tempme.data.collate_skip_bad`, except that ``"skipped"`` holds the undecodable videos'
+    :class:`SkippedVideo` records (their reasons, for the Trainer's one warning about each), and that a
+    batch of only undecodable videos still names them: ``{"skipped": [...]}`` with no tensors
+    (collate_skip_bad returns None, and the videos would never be reported)."""
+    batch = collate_skip_bad(samples) or {}
+    batch["skipped"] = [sample for sample in samples if isinstance(sample, SkippedVideo)]
     return batch
 
 

@@ -36,7 +36,7 @@ import torch
 
 from tempme import TempMe, devices
 from tempme.config import CLIPConfig
-from tempme.data import stop_workers
+from tempme.data import SkippedVideo, stop_workers
 from tempme.files import check_folder, describe_os_error, remove_stale_temporaries
 from tempme.precision import autocast
 from tempme.progress import print_above_bars, progress_bar
@@ -419,7 +419,7 @@ class Trainer:
         on this or another process.
         """
         if isinstance(batch, dict):
-            self._local_skipped.update(batch["skipped"])
+            self._note_skipped(batch["skipped"])
             if "video" not in batch:  # every video of the batch was undecodable (see data.collate_train)
                 batch = None
         lr = self.optimizer.param_groups[0]["lr"]
@@ -459,6 +459,15 @@ class Trainer:
             kind = TerminationShared if held_signals[0] == signal.SIGTERM else StopShared
             raise kind(f"{name} reached this process")
         return result
+
+    def _note_skipped(self, videos: list[SkippedVideo]) -> None:
+        """Record the undecodable videos of a batch, warning about each the first time this process
+        meets it in the run: it is read again at every caption and epoch, and stays undecodable."""
+        for video in videos:
+            if video.video_id not in self._local_skipped:
+                warn(f"skipping video {video.video_id!r} for the rest of the run: cannot decode {video.path}: "
+                     f"{video.reason}")
+                self._local_skipped.add(video.video_id)
 
     def _update(self) -> None:
         if self.config.optim.grad_clip > 0:

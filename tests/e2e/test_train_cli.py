@@ -382,6 +382,16 @@ def test_a_run_without_validation_keeps_its_final_weights(run_config, tmp_path, 
     assert "11 videos cached, 1 undecodable, 1 missing" in capsys.readouterr().out
 
 
+def test_an_undecodable_training_video_is_warned_about_once_in_a_run(run_config, tmp_path):
+    # Three epochs, each read by new loader workers, which remember no warning of the epoch before: the
+    # main process warns, once.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["train", "--config", str(run_config), "optim.epochs=3", "--output", str(tmp_path)]) == LEFT_OUT
+    (told,) = [str(warning.message) for warning in caught if "skipping video" in str(warning.message)]
+    assert told.startswith(f"skipping video '{CORRUPT}' for the rest of the run: cannot decode "), told
+
+
 def test_validating_on_the_test_split_is_warned_about(run_config, tmp_path, capsys):
     with pytest.warns(UserWarning, match="data.val_split=test is the test split"):
         assert main(["train", "--config", str(run_config), "data.val_split=test", "run.stop_after=2",

@@ -354,6 +354,15 @@ def test_undecodable_videos_are_skipped_and_reported(tmp_path):
     assert summary.skipped_videos == ["v3"] and summary.steps == 2
 
 
+def test_an_undecodable_video_is_warned_about_once_in_a_run(tmp_path):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # as in loader workers, which remember no earlier warning
+        summary = train(tiny_config(tmp_path, optim={"epochs": 3}), data=synthetic_data(bad=3))
+    assert summary.skipped_videos == ["v3"] and summary.steps == 6
+    told = [str(warning.message) for warning in caught if "skipping video" in str(warning.message)]
+    assert told == ["skipping video 'v3' for the rest of the run: cannot decode v3.mp4: corrupt"]
+
+
 # --- (c) distributed --------------------------------------------------------------------------
 
 
@@ -1214,7 +1223,7 @@ def test_batches_of_only_undecodable_videos_are_reported_and_no_data_at_all_fail
     from tempme_train.data import collate_train
 
     batch = collate_train([AllUndecodable(2)[0], AllUndecodable(2)[1]])
-    assert batch == {"skipped": ["v0", "v1"]}
+    assert batch == {"skipped": [AllUndecodable(2)[0], AllUndecodable(2)[1]]}
     with pytest.raises(ValueError, match="no training data: .*16 videos: v0, v1, v10") as info:
         train(tiny_config(tmp_path, optim={"epochs": 3}), data=TrainData(AllUndecodable(16), synthetic_data().val))
     named = str(info.value).split("16 videos: ")[1].split(" and 6 more")[0]

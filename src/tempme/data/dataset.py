@@ -115,6 +115,8 @@ class RetrievalPairs(_VideoDataset):
         frame_cache: optional :class:`~tempme.data.cache.FrameCache` with the same settings.
         backend: ``"pyav"`` or ``"decord"``.
         strict: re-raise decoding errors instead of skipping the sample.
+        warn_skipped: warn about each sample skipped. Off for callers that warn themselves: this
+            warns at every read, once per caption and epoch (and loader workers remember nothing).
 
     A sample is ``{"video": FloatTensor[F, 3, S, S], "video_mask": LongTensor[F],
     "text_ids": LongTensor[L], "text_mask": LongTensor[L], "index": int, "video_id": str}``.
@@ -132,8 +134,9 @@ class RetrievalPairs(_VideoDataset):
         frame_cache: FrameCache | None = None,
         backend: str = "pyav",
         strict: bool = False,
+        warn_skipped: bool = True,
     ):
-        super().__init__(items, max_frames, framerate, image_size, augment, frame_cache, backend, strict)
+        super().__init__(items, max_frames, framerate, image_size, augment, frame_cache, backend, strict, warn_skipped)
         self.tokenize = tokenize
         self.max_words = max_words
         self.pairs = [(v, caption) for v, item in enumerate(self.items) for caption in item.captions]
