@@ -140,7 +140,8 @@ def exit_status_help(left_out: str | None = None, torchrun: bool = False) -> str
     lines += ["  2    error: nothing done, or nothing usable made (bad input);",
               "       one line on standard error says why",
               "  3    failed otherwise: out of memory, another torchrun process failed,",
-              "       or a bug (a traceback follows, for a bug report)",
+              "       or a bug (then a traceback comes first, for a bug report);",
+              "       a last line on standard error names the error",
               "  130  interrupted (Ctrl-C); 143 terminated (SIGTERM)",
               "  141  the reader of the output went away (tempme ... | head)"]
     return "\n".join(lines)

@@ -3,12 +3,14 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import tempme
 
+from tempme_cli.common import exit_status_help
 from tempme_cli.main import build_parser, main, parse_arguments
 
 
@@ -105,6 +107,10 @@ def test_a_failure_that_is_not_bad_input_has_a_status_of_its_own(capsys, monkeyp
     said = capsys.readouterr().err
     assert said.startswith("Traceback (most recent call last):")
     assert said.endswith("tempme flops: failed: RuntimeError: something unforeseen\n"), said
+    # --help and the README say so alike.
+    readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+    for told in (" ".join(exit_status_help().split()), readme):
+        assert "or a bug (then a traceback comes first, for a bug report); a last line on standard error names the error" in told
     monkeypatch.setattr(tempme_cli.flops, "run", failing(torch.OutOfMemoryError("CUDA out of memory (simulated)")))
     assert main(["flops"]) == 3
     assert capsys.readouterr().err == "tempme flops: failed: OutOfMemoryError: CUDA out of memory (simulated)\n"
