@@ -106,6 +106,12 @@ RESUME_DATA_KEYS = (
     "image_size", "augment",
 )
 
+# Why a setting that may look free to change on --resume is not.
+RESUME_NOTES = {
+    "data.frame_cache": " (RandAugment then works on other frames, the cached ones already resized, so the "
+                        "steps would differ; a cache that moved may be given by its new folder)",
+}
+
 
 @dataclass
 class TrainSummary:
@@ -402,10 +408,11 @@ class Trainer:
         differences = _resume_differences(saved, self.config, recorded.clip if recorded else None)
         if differences:
             key, (then, now) = next(iter(differences.items()))
+            note = RESUME_NOTES.get(key, "")
             raise ConfigError(
                 source, key, now,
                 f"differs from the checkpoint's value {then!r}; a resumed run must keep "
-                f"{', '.join(differences)} as in {checkpoint / CONFIG}",
+                f"{', '.join(differences)} as in {checkpoint / CONFIG}{note}",
             )
         return checkpoint
 
@@ -843,6 +850,11 @@ def _resume_differences(
         for name in then
         if then[name] != now[name]
     }
+    # RandAugment on a frame cache works on its frames, already resized: not the same steps as without
+    # one (unaugmented, cached frames give the same tensors). The folder itself may move: the cache
+    # checks its own sampling settings.
+    if current.data.augment and bool(saved.data.frame_cache) != bool(current.data.frame_cache):
+        differences["data.frame_cache"] = (saved.data.frame_cache, current.data.frame_cache)
     return {**differences, **_schedule_differences(saved, current, clip)}
 
 

@@ -275,6 +275,26 @@ def test_a_resume_compares_the_schedule_its_model_uses_not_how_it_was_given(tmp_
         f"a resumed run must keep model.schedule.cross_merge_ratio as in {tmp_path / LAST / 'config.yaml'} (got 0.25)")
 
 
+def test_a_resume_refuses_to_switch_a_frame_cache_on_or_off_where_frames_are_augmented(tmp_path):
+    data, cache, moved = synthetic_data(), str(tmp_path / "frames"), str(tmp_path / "moved")
+
+    def run(folder: str, stop_after: int, resume: bool = False, **settings):
+        config = tiny_config(tmp_path / folder, data=settings, run={"stop_after": stop_after})
+        return train(config, resume=resume, data=data)
+
+    run("augmented", 1)
+    with pytest.raises(ConfigError, match=r"data.frame_cache: differs from the checkpoint's value None; .*config.yaml "
+                                          r"\(RandAugment then works on other frames, the cached ones already resized"):
+        run("augmented", 2, resume=True, frame_cache=cache)
+    run("cached", 1, frame_cache=cache)
+    with pytest.raises(ConfigError, match=f"data.frame_cache: differs from the checkpoint's value '{cache}'"):
+        run("cached", 2, resume=True)
+    assert run("cached", 2, resume=True, frame_cache=moved).steps == 2  # the cache moved: the same frames
+    # Unaugmented, cached frames give the tensors decoding gives: the switch changes no step.
+    run("plain", 1, augment=False)
+    assert run("plain", 2, resume=True, augment=False, frame_cache=cache).steps == 2
+
+
 def test_a_save_stopped_between_its_renames_never_leaves_the_run_without_a_checkpoint(tmp_path, monkeypatch):
     from tempme_train import checkpoint
 
