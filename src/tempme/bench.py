@@ -653,11 +653,22 @@ def add_ratios(results: list[Result], timings: dict[str, Timing]) -> None:
 # How far apart 'vs none' and the ratio of the medians may be before the timings are called unsteady:
 # on a steady machine both estimate the same ratio and stay within a few percent of each other.
 UNSTEADY_RATIO_GAP = 1.25
+# A ratio within this factor of 1 says "as fast as none": timing noise on a steady machine is a few
+# percent, so 0.99x beside 1.01x is no disagreement about which is faster.
+AS_FAST_AS_NONE = 1.05
+
+
+def _faster_than_none(ratio: float) -> int:
+    """1 where ``ratio`` (none's time over the method's) says faster, -1 slower, 0 as fast."""
+    if ratio > AS_FAST_AS_NONE:
+        return 1
+    return -1 if ratio < 1 / AS_FAST_AS_NONE else 0
 
 
 def timing_warnings(results: list[Result]) -> list[str]:
     """One warning when, for some method, 'vs none' (a median of per-round ratios) and the ratio of
-    the medians disagree about which is faster, or differ by over ``UNSTEADY_RATIO_GAP``: with few
+    the medians disagree about which is faster (beyond ``AS_FAST_AS_NONE``), or differ by over
+    ``UNSTEADY_RATIO_GAP``: with few
     rounds, load that came and went during the run decides both, and the table would contradict itself."""
     none = next((r for r in results if r.method == "none"), None)
     if none is None:
@@ -667,7 +678,7 @@ def timing_warnings(results: list[Result]) -> list[str]:
         per_round, of_medians = result.speedup_vs_none, none.median_s / result.median_s
         if per_round is None:
             continue
-        opposite = (per_round - 1) * (of_medians - 1) < 0
+        opposite = _faster_than_none(per_round) * _faster_than_none(of_medians) < 0
         if opposite or max(per_round, of_medians) > UNSTEADY_RATIO_GAP * min(per_round, of_medians):
             unsteady.append(f"{result.method} {per_round:.2f}x vs {of_medians:.2f}x")
     if not unsteady:

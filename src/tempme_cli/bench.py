@@ -42,8 +42,8 @@ Timing: every method gets a first call ('first s': compilation or graph capture 
 calls, then --repeats rounds time each method once in turn, so load from other processes falls on
 all alike. 'median ms' is per batch; 'vs none' is the median over rounds of none's time divided by
 the method's. On a CPU that other work shares, --threads 1 gives the steadiest figures. Where
-'vs none' and the ratio of the median times disagree about which is faster (or differ by over 25%),
-the load changed during the run: a warning says so (JSON: warnings) and more --repeats are needed.
+'vs none' and the ratio of the median times disagree about which is faster (within 5% of 1 is as
+fast) or differ by over 25%, the load changed during the run: a warning says so (JSON: warnings) and more --repeats are needed.
 Memory: 'step MiB' is the most tensor memory one call held beyond the weights and inputs (CUDA:
 max_memory_allocated minus what was allocated before, not available for CUDA graphs; CPU: counted
 per tensor, not the process's resident size, and not available when compiled); 'weights MiB' is the
