@@ -108,7 +108,7 @@ def check_schedule(config: TrainConfig, source: str = "config") -> None:
     clip = get_preset(preset)
     from_file = bool(settings.weights) and settings.weights != preset
     try:
-        if from_file and _records_schedule_for(settings.weights, settings.method, settings.frames):
+        if from_file and recorded_schedule(settings.weights, settings.method, settings.frames) is not None:
             merge = default_merge_config(clip, settings.frames, settings.method).replace(**settings.schedule.as_kwargs())
             check_setting_values(merge, settings.frames)
             return
@@ -120,11 +120,14 @@ def check_schedule(config: TrainConfig, source: str = "config") -> None:
         return  # not the schedule's: build_model says what
 
 
-def _records_schedule_for(weights: str, method: str, frames: int) -> bool:
-    """Whether the weights file ``weights`` is a tempme file whose recorded model has ``method`` and
-    ``frames`` (``load_model`` then starts from its schedule). Reads the file's header only."""
+def recorded_schedule(weights: str | None, method: str, frames: int) -> MergeConfig | None:
+    """The merge schedule the weights file ``weights`` records, where it is a tempme file whose
+    recorded model has ``method`` and ``frames`` (``load_model`` then starts from that schedule, not
+    the paper's); None otherwise. Reads the file's header only."""
     recorded = recorded_model_config(weights)
-    return recorded is not None and (recorded.merge.method, recorded.frames) == (method, frames)
+    if recorded is None or (recorded.merge.method, recorded.frames) != (method, frames):
+        return None
+    return recorded.merge
 
 
 def recorded_model_config(weights: str | Path | None) -> ModelConfig | None:
@@ -140,18 +143,17 @@ def recorded_model_config(weights: str | Path | None) -> ModelConfig | None:
         return None
 
 
-def merge_built(config: TrainConfig, clip: CLIPConfig) -> MergeConfig | None:
+def built_schedule(config: TrainConfig, clip: CLIPConfig) -> MergeConfig | None:
     """The merge schedule :func:`build_model` gives ``config.model`` on the architecture ``clip``:
     its schedule settings over the schedule ``model.weights`` records for this method and frame
     count, else over the paper's (None where they make no schedule: building the model says why)."""
     settings = config.model
-    recorded = recorded_model_config(settings.weights)
-    own = recorded is not None and (recorded.merge.method, recorded.frames) == (settings.method, settings.frames)
+    schedule = recorded_schedule(settings.weights, settings.method, settings.frames)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # build_model gives them
-            return build_config(clip, method=settings.method, frames=settings.frames,
-                                schedule=recorded.merge if own else None, **settings.schedule.as_kwargs()).merge
+            return build_config(clip, method=settings.method, frames=settings.frames, schedule=schedule,
+                                **settings.schedule.as_kwargs()).merge
     except (TypeError, ValueError):
         return None
 

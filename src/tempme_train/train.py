@@ -89,10 +89,10 @@ from .modeling import (
     WEIGHTS,
     base_fingerprint,
     build_model,
+    built_schedule,
     check_base,
     check_preset_matches_weights,
     check_schedule,
-    merge_built,
     recorded_model_config,
     save_trained_weights,
     trainable_parameters,
@@ -865,7 +865,7 @@ def _schedule_differences(saved: TrainConfig, current: TrainConfig, clip: CLIPCo
     then, now = saved.model.schedule.as_kwargs(), current.model.schedule.as_kwargs()
     if then == now:
         return {}
-    built = (merge_built(saved, clip), merge_built(current, clip)) if clip is not None else (None, None)
+    built = (built_schedule(saved, clip), built_schedule(current, clip)) if clip is not None else (None, None)
     if None not in built:
         then, now = (dataclasses.asdict(merge) for merge in built)
     names = [field.name for field in dataclasses.fields(ScheduleOverrides)]
