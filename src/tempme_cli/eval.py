@@ -131,7 +131,7 @@ def resolve_config(args: argparse.Namespace, trained: Path | None, stored: Train
         if stored is not None:
             chosen, config = config, with_trained_model(config, stored, trained)
     elif trained is not None:
-        config = train_config_of(trained)
+        config = stored if stored is not None else train_config_of(trained)  # (which says why it has none)
         if args.dataset in DATASET_BASES and args.dataset != config.data.dataset:
             config = on_other_benchmark(config, args.dataset)
     else:
