@@ -469,7 +469,7 @@ def open_index(path: PathLike, model_info: dict[str, Any], settings: dict[str, A
                 "there), and embeddings of the old and the new weights cannot be ranked together: write a new "
                 "index, or delete this one"
             )
-        built_by = {key: value for key, value in index.model.items() if key != "fingerprint"}
+        built_by = {key: value for key, value in index.model.items() if key not in ("fingerprint", "weights_stamps")}
         differing = [f"{key}={model_info[key]!r}" for key in ("method", "frames")
                      if key in model_info and key in built_by and model_info[key] != built_by[key]]
         this_run = f" (this run's model has {', '.join(differing)})" if differing else ""
@@ -486,17 +486,30 @@ def open_index(path: PathLike, model_info: dict[str, Any], settings: dict[str, A
     return index
 
 
+def weights_stamps(model_info: Mapping[str, Any]) -> dict[str, list[int]]:
+    """:func:`file_stamp` of each file or folder ``model_info`` loads its model from (``checkpoint``,
+    ``weights``): recorded in an index, they tell weights written over since from a model that
+    differs otherwise (another tempme, another schedule). Presets, named not by path, have none."""
+    sources = (model_info.get(key) for key in ("checkpoint", "weights"))
+    return {source: stamp for source in sources if source and (stamp := file_stamp(source)) is not None}
+
+
 def rewritten_weights(recorded: Mapping[str, Any], model_info: Mapping[str, Any]) -> str | None:
     """``"the weights at PATH"`` (a checkpoint's base weights named too) when the model described by
     ``model_info`` was loaded from the very files, and as the very method and frames, that the model
-    an index ``recorded`` was: if their fingerprints differ, the files were written over since. None
-    otherwise (other files, a preset, another method or frame count)."""
+    an index ``recorded`` was, and those files changed since the index recorded their
+    :func:`weights_stamps`: if the fingerprints differ, other weights were written there. None
+    otherwise (other files, a preset, another method or frame count, files as they were, or an index
+    that recorded no stamps: then something else differs, which the caller's message covers)."""
     source = model_info.get("checkpoint") or model_info.get("weights")
     if not source or not Path(source).exists():
         return None
     if any(model_info.get(key) != recorded.get(key) for key in ("weights", "checkpoint")):
         return None
     if any(key in model_info and key in recorded and model_info[key] != recorded[key] for key in ("method", "frames")):
+        return None
+    stamps = recorded.get("weights_stamps")
+    if not stamps or stamps == weights_stamps(model_info):
         return None
     if model_info.get("checkpoint") and model_info.get("weights"):
         return f"the weights at {source} (on the base weights at {model_info['weights']})"
@@ -1026,7 +1039,8 @@ def update_index(
             None (refused if the model was optimised since: its weights changed).
         model_info: how to load the model again for queries (stored in the index): ``weights`` (a file
             or preset, as ``tempme.load_model`` takes it) or ``checkpoint`` (a ``tempme train`` run).
-            The method and frame count are recorded from ``model``. Without it, ``tempme search`` needs
+            The method and frame count are recorded from ``model``, and the files' :func:`weights_stamps`
+            (which tell weights written over since). Without it, ``tempme search`` needs
             ``--weights`` or ``--checkpoint`` to find the model.
         precision, framerate, backend, segment_s: left None, the index's own when it exists, else the
             defaults (see :func:`resolve_index_options`); given, they must be the index's. Precision
@@ -1076,6 +1090,7 @@ def update_index(
         if not {"weights", "checkpoint"} & model_info.keys():  # not said this time: still what the index says
             model_info = {**{key: index.model[key] for key in ("weights", "checkpoint") if key in index.model},
                           **model_info}
+        model_info["weights_stamps"] = weights_stamps(model_info)
         # The same weights (the fingerprint matched); the way to load them may have changed (a moved file).
         relocated = index.model != model_info
         index.model = model_info

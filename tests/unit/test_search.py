@@ -520,21 +520,33 @@ def test_index_refuses_another_model_or_other_settings(video_dir, tmp_path):
 
 
 def test_weights_written_over_are_told_from_other_weights(tmp_path):
-    from tempme.search import rewritten_weights
+    from tempme.search import rewritten_weights, weights_stamps
 
     weights, run = tmp_path / "w.pt", tmp_path / "run" / "best.safetensors"
     for path in (weights, run):
         path.parent.mkdir(exist_ok=True)
-        path.write_bytes(b"")
-    recorded = {"weights": str(weights), "method": "none", "frames": 4, "fingerprint": "f"}
+        path.write_bytes(b"old")
+    recorded = {"weights": str(weights), "method": "none", "frames": 4, "fingerprint": "f",
+                "weights_stamps": weights_stamps({"weights": str(weights)})}
+    trained = {"checkpoint": str(run), "weights": str(weights)}
+    recorded_trained = {**trained, "weights_stamps": weights_stamps(trained)}
+    assert set(recorded_trained["weights_stamps"]) == {str(run), str(weights)}
+    # The files as the index saw them: what differs is not the files (another schedule, another tempme).
+    assert rewritten_weights(recorded, {"weights": str(weights), "method": "none"}) is None
+    assert rewritten_weights(recorded_trained, trained) is None
+
+    weights.write_bytes(b"other weights")
     assert rewritten_weights(recorded, {"weights": str(weights), "method": "none"}) == f"the weights at {weights}"
+    assert rewritten_weights(recorded_trained, trained) == f"the weights at {run} (on the base weights at {weights})"
+    # An index that recorded no stamps (older tempme) cannot tell: the caller's general message.
+    no_stamps = {key: value for key, value in recorded.items() if key != "weights_stamps"}
+    assert rewritten_weights(no_stamps, {"weights": str(weights), "method": "none"}) is None
     # Not the same files, or not loaded as the same model: nothing says the files changed.
     assert rewritten_weights(recorded, {"weights": str(run), "method": "none"}) is None
     assert rewritten_weights(recorded, {"weights": str(weights), "method": "tempme"}) is None
-    assert rewritten_weights({**recorded, "weights": "ViT-B/32"}, {"weights": "ViT-B/32"}) is None  # a preset
-    trained = {"checkpoint": str(run), "weights": str(weights)}
-    assert rewritten_weights(trained, trained) == f"the weights at {run} (on the base weights at {weights})"
-    assert rewritten_weights(trained, {**trained, "weights": str(tmp_path / "moved.pt")}) is None
+    assert weights_stamps({"weights": "ViT-B/32"}) == {}  # a preset, named not by path
+    assert rewritten_weights({**recorded, "weights": "ViT-B/32"}, {"weights": "ViT-B/32"}) is None
+    assert rewritten_weights(recorded_trained, {**trained, "weights": str(tmp_path / "moved.pt")}) is None
 
 
 def test_model_fingerprint_sees_every_weight():
