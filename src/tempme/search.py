@@ -250,8 +250,9 @@ class VideoIndex:
             tensors["spans"] = torch.tensor(self.spans, dtype=torch.float64).reshape(-1, 2)
         indexed = set(self.paths)
         links = {video: paths for video, paths in self.links.items() if video in indexed}
+        partial = {video: spans for video, spans in self.partial.items() if video in indexed}
         header.update(model=self.model, settings=self.settings, skipped=self.skipped, files=self.files, links=links,
-                      partial=self.partial)
+                      partial=partial)
         metadata = {"format": INDEX_FORMAT, "index": json.dumps(header)}
         with atomic_file(path) as temporary:
             try:

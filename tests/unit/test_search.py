@@ -232,8 +232,9 @@ def test_a_header_of_the_wrong_shape_names_the_file(tmp_path):
 
 def test_an_index_written_before_damaged_windows_were_recorded_has_none(tmp_path):
     partial = {"/v/a.mp4": [[4.0, 8.0]]}
+    # Only indexed videos' records are kept, as their links are.
     path = VideoIndex(["/v/a.mp4"], torch.ones(1, 2), {}, {"segment_s": 4.0}, spans=[[0.0, 4.0]],
-                      partial=partial).save(tmp_path / "i.index")
+                      partial={**partial, "/v/gone.mp4": [[0.0, 4.0]]}).save(tmp_path / "i.index")
     assert VideoIndex.load(path).partial == partial
     rewrite_header(path, lambda header: header.pop("partial"))
     assert VideoIndex.load(path).partial == {}
