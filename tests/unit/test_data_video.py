@@ -695,3 +695,97 @@ def test_frames_beyond_4k_are_scaled_down_as_they_are_converted():
 
     assert upright_image(av.VideoFrame(5000, 3000, "yuv420p")).size == (3600, 2160)
     assert upright_image(av.VideoFrame(3840, 2160, "yuv420p")).size == (3840, 2160)  # 4K as it is
+
+
+def demuxer_hole_copy(clean: Path, target: Path) -> Path:
+    """``clean`` (an mkv of 60 s at 4 fps) with 30% of its bytes zeroed from 40% on: the demuxer passes
+    over them, logging an error, and gives the frames around them with a 24 s hole in their timestamps
+    (23.25 to 47.25 s); none fails to decode."""
+    data = bytearray(clean.read_bytes())
+    first, last = int(len(data) * 0.4), int(len(data) * 0.7)
+    data[first:last] = bytes(last - first)
+    target.write_bytes(data)
+    return target
+
+
+@pytest.fixture(scope="module")
+def four_fps_mkv(tmp_path_factory):
+    return write_video(tmp_path_factory.mktemp("mkv") / "clean.mkv", num_frames=240, fps=4)
+
+
+def windows_by_span(path: Path, **options) -> dict[tuple[float, float], list[int] | None]:
+    return {(window.start, window.end): frames and [frame_index(frame) for frame in frames]
+            for window, frames in read_windows(path, 4, 1.0, 10.0, **options)}
+
+
+def test_windows_that_lose_half_their_frames_to_a_demuxer_hole_are_left_out(tmp_path, four_fps_mkv):
+    damaged = demuxer_hole_copy(four_fps_mkv, tmp_path / "damaged.mkv")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the clean file: no warning
+        clean = windows_by_span(four_fps_mkv, around_damage=True)
+    assert list(clean) == [(0, 10), (10, 20), (20, 30), (30, 40), (40, 50), (50, 60)]
+    assert windows_by_span(four_fps_mkv) == clean
+    # Not read around damage, the hole is taken for a frame shown on, as before: one "10 s" window spans 27 s.
+    assert (20.0, 47.25) in windows_by_span(damaged)
+    level = av.logging.get_level()
+    with pytest.warns(UserWarning, match=r"damaged.mkv: the demuxer passed over damage \(matroska,webm: 0x00 at pos "
+                                         r".*left out, as fewer than half of their frames are there: 20.0-50.0 s$"):
+        windows = windows_by_span(damaged, around_damage=True)
+    assert av.logging.get_level() == level and av.logging.get_skip_repeated()  # as they were
+    # The windows of the clean file; 20-30 s and 40-50 s kept 14 and 11 of their 40 frames, 30-40 s none.
+    assert list(windows) == list(clean)
+    assert [span for span, frames in windows.items() if frames is None] == [(20, 30), (30, 40), (40, 50)]
+    for span, frames in windows.items():
+        assert frames is None or frames == clean[span], span  # the frames of the same time in the clean file
+
+
+def test_a_file_cut_short_leaves_out_the_windows_of_its_missing_end(tmp_path, four_fps_mkv):
+    """A partial mkv download: the demuxer says it ends early, and the container declares 60 s."""
+    data = four_fps_mkv.read_bytes()
+    cut = tmp_path / "cut.mkv"
+    cut.write_bytes(data[: int(len(data) * 0.7)])  # 43.5 s of frames
+    with pytest.warns(UserWarning, match=r"File ended prematurely.*left out.*are there: 40.0-60.0 s$"):
+        windows = windows_by_span(cut, around_damage=True)
+    assert [(span, frames is None) for span, frames in windows.items()] == [
+        ((0, 10), False), ((10, 20), False), ((20, 30), False), ((30, 40), False), ((40, 50), True), ((50, 60), True)]
+    cut.write_bytes(data[: int(len(data) * 0.2)])  # 10.5 s of 60: only the first window keeps its frames
+    with pytest.warns(UserWarning, match=r"left out.*are there: 10.0-60.0 s$"):
+        assert [frames is None for frames in windows_by_span(cut, around_damage=True).values()] == [False, True, True]
+
+
+@pytest.mark.parametrize("ext", ["mp4", "mkv"])
+def test_a_variable_frame_rate_gap_is_no_damage(tmp_path, ext):
+    """A screen recording that shows one frame for 20 s: the window before the gap spans it, read
+    around damage or not."""
+    times_ms = [250 * i for i in range(40)] + [30000 + 250 * i for i in range(40)]
+    path = write_variable_rate_video(tmp_path / f"still.{ext}", times_ms)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        windows = windows_by_span(path, around_damage=True)
+    assert windows == windows_by_span(path)
+    assert list(windows)[0] == (0.0, 30.0) and None not in windows.values()  # after it: as the average rate cuts
+
+
+def test_planned_by_equal_time_where_the_demuxer_lost_frames():
+    times = [i / 10 for i in range(40)] + [8 + i / 10 for i in range(15)] + [12 + i / 10 for i in range(40)]
+    windows = plan_windows(times, 10.0, 4.0, 2, damaged=True, duration_s=24.0)
+    # 8-12 s holds 15 of its 40 frames; 4-8 s none, 20-24 s none: each stretch without frames as one window.
+    assert [(w.first, w.last, w.start, w.end, w.indices) for w in windows] == [
+        (0, 39, 0.0, 4.0, [0, 30]), (40, 39, 4.0, 8.0, []), (40, 54, 8.0, 12.0, []), (55, 94, 12.0, 16.0, [55, 85]),
+        (95, 94, 16.0, 24.0, [])]
+    # The same timestamps not known to be damaged: gaps are frames shown on, the declared duration unused.
+    assert [(w.start, w.end) for w in plan_windows(times, 10.0, 4.0, 2, duration_s=24.0)] == [
+        (0.0, 8.0), (8.0, 12.0), (12.0, 16.0)]
+    # A damaged file's timestamp centuries on: its empty windows are not listed one by one here either.
+    assert len(plan_windows([0.0, 0.04, 1e10], 25.0, 30.0, 2, damaged=True)) == 3
+
+
+def test_a_video_the_demuxer_lost_most_of_is_undecodable_in_windows_and_warned_of_whole(tmp_path, four_fps_mkv):
+    data = four_fps_mkv.read_bytes()
+    cut = tmp_path / "cut.mkv"
+    cut.write_bytes(data[: int(len(data) * 0.1)])  # 4 s of 60, read as the file is opened
+    with pytest.raises(VideoDecodeError, match="most frames lost to damage"):
+        list(read_windows(cut, 4, 1.0, 10.0, around_damage=True))
+    damaged = demuxer_hole_copy(four_fps_mkv, tmp_path / "damaged.mkv")
+    with pytest.warns(UserWarning, match="damaged.mkv: the demuxer passed over damage"):
+        assert len(read_frames(damaged, 12, around_damage=True)) == 12
