@@ -15,7 +15,6 @@ long videos); a stream whose timestamps do not allow that is decoded in order.
 from __future__ import annotations
 
 import bisect
-import contextlib
 import itertools
 import math
 import os
@@ -309,13 +308,11 @@ class PacketTimes:
     """Presentation timestamps of a video stream, read from its packets without decoding.
 
     ``frames[i]`` is the timestamp of frame ``i`` in presentation order; ``keyframes`` are those of the
-    frames decoding can start from, ascending. ``damage``: the demuxer's complaint where it passed over
-    damage (bytes it could not parse, a file that ends early), None where it made none.
+    frames decoding can start from, ascending.
     """
 
     frames: list[int]
     keyframes: list[int]
-    damage: str | None = None
 
     def keyframe_before(self, index: int) -> int:
         """The timestamp of the keyframe that decoding starts from to reach frame ``index``."""
@@ -329,55 +326,21 @@ def _packet_times(container: av.container.InputContainer, stream: av.video.strea
     av = _pyav()
     frames, keyframes = [], []
     try:
-        with _ffmpeg_errors() as errors:
-            for packet in container.demux(stream):
-                # Skip the end-of-stream marker, and packets an edit list cuts (the decoder drops their
-                # frames, so counting them would shift every index after them).
-                if packet.size == 0 or getattr(packet, "is_discard", False):  # older PyAV lacks the flag
-                    continue
-                if packet.pts is None:
-                    return None
-                frames.append(packet.pts)
-                if packet.is_keyframe:
-                    keyframes.append(packet.pts)
+        for packet in container.demux(stream):
+            # Skip the end-of-stream marker, and packets an edit list cuts (the decoder drops their
+            # frames, so counting them would shift every index after them).
+            if packet.size == 0 or getattr(packet, "is_discard", False):  # older PyAV lacks the flag
+                continue
+            if packet.pts is None:
+                return None
+            frames.append(packet.pts)
+            if packet.is_keyframe:
+                keyframes.append(packet.pts)
     except (av.FFmpegError, OSError, ValueError):
         return None
     if not keyframes or len(set(frames)) != len(frames):
         return None
-    return PacketTimes(sorted(frames), sorted(keyframes), _first_error(errors))
-
-
-def _open_noting_damage(path: Path) -> tuple[av.container.InputContainer, str | None]:
-    """The opened container, and the first error FFmpeg logged meanwhile: opening reads the first packets
-    (all of a small file), so the demuxer may pass over damage there already."""
-    with _ffmpeg_errors() as errors:
-        container = _open_container(path)
-    return container, _first_error(errors)
-
-
-def _first_error(errors: list[tuple[str, str]]) -> str | None:
-    return f"{errors[0][0]}: {errors[0][1]}" if errors else None
-
-
-@contextlib.contextmanager
-def _ffmpeg_errors() -> Iterator[list[tuple[str, str]]]:
-    """``(component, message)`` of the errors FFmpeg logs on this thread meanwhile, filled in on leaving.
-    A demuxer that passes over damage says so only there: it raises nothing, and gives the packets it
-    can still read, with a hole in their timestamps."""
-    av = _pyav()
-    level, skip_repeated = av.logging.get_level(), av.logging.get_skip_repeated()
-    # PyAV logs nothing by default; and it drops a message equal to the last one logged (the same
-    # damaged file read twice), unless told not to.
-    av.logging.set_level(av.logging.ERROR if level is None else max(level, av.logging.ERROR))
-    av.logging.set_skip_repeated(False)
-    errors: list[tuple[str, str]] = []
-    try:
-        with av.logging.Capture(local=True) as logs:
-            yield errors
-    finally:
-        av.logging.set_skip_repeated(skip_repeated)
-        av.logging.set_level(level)
-    errors.extend((name, message.strip()) for log_level, name, message in logs if log_level <= av.logging.ERROR)
+    return PacketTimes(sorted(frames), sorted(keyframes))
 
 
 def _decode_by_seeking(
@@ -428,8 +391,7 @@ def _read_frames_pyav(
 ) -> list[Image.Image]:
     # One open container serves the stream's facts, its packet timestamps and seeking: opening and
     # probing a file costs milliseconds, a fair share of reading 12 frames of a short clip.
-    container, opening_damage = _open_noting_damage(path)
-    with container:
+    with _open_container(path) as container:
         stream = _video_stream(container, path, flags_concealment=around_damage)
         fps = _stream_fps(stream, path)
         # Sampled over the container's declared count where it has one, so the benchmarks' frames stay
@@ -437,9 +399,6 @@ def _read_frames_pyav(
         # read_windows goes by the packets first, as windows need their real times.
         num_frames = _declared_frame_count(stream)
         times = _packet_times(container, stream)
-        damage = opening_damage or (times and times.damage)
-        if around_damage and times is not None and damage is not None:
-            warn(f"{path}: the demuxer passed over damage ({damage}); the frames are sampled from what is left")
         if num_frames <= 0:
             num_frames = len(times.frames) if times is not None else _count_frames(path)
         if num_frames <= 0:
@@ -583,9 +542,8 @@ class Window:
 
     ``first`` and ``last`` are the frames it spans (indices, both included); ``start`` and ``end``
     are its playback times in seconds (the first frame's timestamp, and the next window's or the end of
-    the video; its share of time, in a video the demuxer lost frames of); ``indices`` are its ``max_frames`` sampled frames, as ``sample_frame_indices`` picks
-    them from a clip of those frames, or none in a window the demuxer lost most frames of (see
-    ``plan_windows``), which is left out."""
+    the video); ``indices`` are its ``max_frames`` sampled frames, as ``sample_frame_indices`` picks
+    them from a clip of those frames."""
 
     first: int
     last: int
@@ -595,102 +553,37 @@ class Window:
 
 
 def plan_windows(
-    times_s: Sequence[float], fps: float, window_s: float, max_frames: int, framerate: float = 1.0,
-    damaged: bool = False, duration_s: float | None = None,
+    times_s: Sequence[float], fps: float, window_s: float, max_frames: int, framerate: float = 1.0
 ) -> list[Window]:
     """Cut a video whose frame ``i`` shows at ``times_s[i]`` seconds (ascending) into windows of equal
     playback time, as many as come nearest to ``window_s`` seconds each, at least one, with no short
     window left over at the end; a window that would hold no frame (a gap in a variable frame rate)
     is left out. ``fps`` (the average frame rate) gives the last frame's duration and spaces the
-    candidate frames as in ``sample_frame_indices``.
-
-    ``damaged``: the demuxer passed over damage, so a gap in the timestamps is frames lost, not a frame
-    shown on, and so is the time from the last frame to ``duration_s`` (the container's declared
-    duration, counted from the first frame) where that is longer: a file cut short. Each window then
-    spans its share of time exactly, and one that holds fewer than half the frames its time calls for
-    at ``fps`` has no sampled frames (``indices`` empty: it is left out); windows without any frame
-    come as one such window for each stretch of them."""
+    candidate frames as in ``sample_frame_indices``."""
     if not times_s:
         raise ValueError("a video without frames has no windows")
-    total = times_s[-1] - times_s[0] + 1 / fps
-    if damaged and duration_s is not None:
-        total = max(total, duration_s)
+    origin, total = times_s[0], times_s[-1] - times_s[0] + 1 / fps
     count = max(1, math.floor(total / window_s + 0.5))  # halves up (round() takes them to the even number)
-    grid = _Grid(times_s[0], total, count)
-    plan = _windows_of_equal_time if damaged else _windows_following_frames
-    return plan(times_s, grid, fps, max_frames, framerate)
 
+    def window_start(k: int) -> float:
+        return origin + total * k / count
 
-@dataclass(frozen=True)
-class _Grid:
-    """``count`` windows of equal playback time over ``total`` seconds from ``origin``."""
-
-    origin: float
-    total: float
-    count: int
-
-    def offset(self, k: int) -> float:
-        """Where window ``k`` starts (``count``: where the last one ends), in seconds from ``origin``."""
-        return self.total * k / self.count
-
-    def window_of(self, time: float) -> int:
-        """The window ``time`` falls in, found from it: a gap in the timestamps (of hours, in a damaged
-        file) spans empty windows that are never listed."""
-        k = min(max(math.floor((time - self.origin) * self.count / self.total), 0), self.count - 1)
-        while k > 0 and self.origin + self.offset(k) > time:  # the estimate's rounding, either way
-            k -= 1
-        while k + 1 < self.count and self.origin + self.offset(k + 1) <= time:
-            k += 1
-        return k
-
-    def frames_until_end(self, times_s: Sequence[float], k: int) -> int:
-        """How many of the frames at ``times_s`` show before window ``k`` ends."""
-        return bisect.bisect_left(times_s, self.origin + self.offset(k + 1)) if k + 1 < self.count else len(times_s)
-
-
-def _windows_following_frames(
-    times_s: Sequence[float], grid: _Grid, fps: float, max_frames: int, framerate: float
-) -> list[Window]:
-    """The windows that hold frames, each from its first frame to the next window's: a frame shows
-    until the next one does, however long that takes (a screen recording's still stretches)."""
     windows = []
     first = 0
     while first < len(times_s):
-        after = grid.frames_until_end(times_s, grid.window_of(times_s[first]))
-        end = times_s[after] - grid.origin if after < len(times_s) else grid.total
+        # The window of frame ``first``, found from its time: a gap in the timestamps (of hours, in a
+        # damaged file) spans empty windows that are never listed.
+        k = min(max(math.floor((times_s[first] - origin) * count / total), 0), count - 1)
+        while k > 0 and window_start(k) > times_s[first]:  # the estimate's rounding, either way
+            k -= 1
+        while k + 1 < count and window_start(k + 1) <= times_s[first]:
+            k += 1
+        after = bisect.bisect_left(times_s, window_start(k + 1)) if k + 1 < count else len(times_s)
+        end = times_s[after] - origin if after < len(times_s) else total
         indices = _sample_range(first, after - 1, fps, max_frames, framerate)
-        windows.append(Window(first, after - 1, round(times_s[first] - grid.origin, 3), round(end, 3), indices))
+        windows.append(Window(first, after - 1, round(times_s[first] - origin, 3), round(end, 3), indices))
         first = after
     return windows
-
-
-def _windows_of_equal_time(
-    times_s: Sequence[float], grid: _Grid, fps: float, max_frames: int, framerate: float
-) -> list[Window]:
-    """Every window over its own share of time, short of frames ones without sampled frames (see
-    ``plan_windows``, ``damaged``)."""
-    windows = []
-    first, planned = 0, 0  # planned: how many windows are (those before frame ``first``'s)
-    while first < len(times_s):
-        k = grid.window_of(times_s[first])
-        if k > planned:
-            windows.append(_frameless(grid, first, planned, k))
-        after = grid.frames_until_end(times_s, k)
-        start, end = grid.offset(k), grid.offset(k + 1)
-        # The share of frames that must decode in a window read around damage (MIN_DECODABLE_SHARE)
-        # must be there in the first place.
-        enough = after - first >= MIN_DECODABLE_SHARE * (end - start) * fps
-        indices = _sample_range(first, after - 1, fps, max_frames, framerate) if enough else []
-        windows.append(Window(first, after - 1, round(start, 3), round(end, 3), indices))
-        first, planned = after, k + 1
-    if planned < grid.count:
-        windows.append(_frameless(grid, len(times_s), planned, grid.count))
-    return windows
-
-
-def _frameless(grid: _Grid, next_frame: int, k_from: int, k_to: int) -> Window:
-    """Windows ``k_from`` up to ``k_to`` (excluded), which hold no frame, as one, before frame ``next_frame``."""
-    return Window(next_frame, next_frame - 1, round(grid.offset(k_from), 3), round(grid.offset(k_to), 3), [])
 
 
 def read_windows(
@@ -710,9 +603,7 @@ def read_windows(
     whole, the windows from the failure on are read around the damage, each on its own (PyAV only;
     see ``_windows_around_damage``): a window of which at least half the frames decode whole comes out
     with the nearest of those standing in for sampled frames that do not; the others come out as
-    ``(window, None)``, left out; a warning says which. So do the windows that have lost at least
-    half their frames where the demuxer passed over damage (``plan_windows``, ``damaged``), while
-    scanning the packets; without ``around_damage``, such a video is planned as any other.
+    ``(window, None)``, left out; a warning says which.
 
     Raises:
         VideoDecodeError: the file is missing, empty, corrupt or has no video stream (possibly after
@@ -724,30 +615,22 @@ def read_windows(
     if backend == "decord":
         yield from _read_windows_decord(path, max_frames, framerate, window_s)
         return
-    container, damage = _open_noting_damage(path)
-    with container:
+    with _open_container(path) as container:
         stream = _video_stream(container, path, flags_concealment=around_damage)
         fps = _stream_fps(stream, path)
         times = _packet_times(container, stream)
-        damaged, duration_s = False, None
         if times is not None:
             # The packets say how many frames there are (a container's declared count can be more,
             # in a truncated file) and when each shows.
             origin, unit = times.frames[0], stream.time_base or Fraction(1, 1)
             times_s = [float((pts - origin) * unit) for pts in times.frames]
-            damage = damage or times.damage
-            damaged = around_damage and damage is not None
-            duration_s = _declared_duration(container, float(origin * unit))
         else:
             num_frames = _declared_frame_count(stream)
             num_frames = num_frames if num_frames > 0 else _count_frames(path)
             times_s = [i / fps for i in range(num_frames)]
         if not times_s:
             raise VideoDecodeError(path, "no decodable video frames")
-        windows = plan_windows(times_s, fps, window_s, max_frames, framerate, damaged, duration_s)
-        if damaged:
-            _check_some_window_kept(path, damage, windows)
-            _warn_of_lost_windows(path, damage, windows)
+        windows = plan_windows(times_s, fps, window_s, max_frames, framerate)
         wanted = sorted({index for window in windows for index in window.indices})
         frames = _frames_once(container, stream, path, wanted, times, refuse_corrupt=around_damage)
         done, failure = 0, None
@@ -763,29 +646,6 @@ def read_windows(
         # Outside the except block, with the failed decoders let go (their threads and frame pools).
         del container, stream, frames
         yield from _windows_around_damage(path, windows[done:], times, failure)
-
-
-def _declared_duration(container: av.container.InputContainer, first_s: float) -> float | None:
-    """The container's declared duration in seconds from the video's first frame (shown at ``first_s``
-    seconds); None where it declares none."""
-    if container.duration is None:
-        return None
-    return ((container.start_time or 0) + container.duration) / _pyav().time_base - first_s
-
-
-def _check_some_window_kept(path: Path, damage: str, windows: list[Window]) -> None:
-    """Undecodable where the demuxer lost at least half the frames of every window (``damage``: its
-    complaint), as where fewer than half the frames decode."""
-    if not any(window.indices for window in windows):
-        raise VideoDecodeError(path, f"most frames lost to damage ({damage})")
-
-
-def _warn_of_lost_windows(path: Path, damage: str, windows: list[Window]) -> None:
-    """Name the stretches of windows that are left out as the demuxer lost their frames (``damage``: its complaint)."""
-    lost = merged_spans([[window.start, window.end] for window in windows if not window.indices])
-    if lost:
-        warn(f"{path}: the demuxer passed over damage ({damage}); left out, as fewer than half of their frames "
-             f"are there: {_spans_text(lost)}")
 
 
 def _windows_around_damage(
@@ -811,8 +671,7 @@ def _windows_around_damage(
     plan: list[tuple[Window, dict[int, int] | None]] = []  # each window's stand-ins (None: left out)
     for window in windows:
         inside = decoded[bisect.bisect_left(decoded, window.first) : bisect.bisect_right(decoded, window.last)]
-        # A window without sampled frames was left out before decoding (its frames are lost).
-        enough = bool(window.indices) and len(inside) >= MIN_DECODABLE_SHARE * (window.last - window.first + 1)
+        enough = len(inside) >= MIN_DECODABLE_SHARE * (window.last - window.first + 1)
         plan.append((window, {index: _nearest(inside, index) for index in window.indices} if enough else None))
     warn(_damage_report(path, total - first - len(decoded), total - first, failure, plan, whole_video))
     frames = _whole_frames(path, times, first)
@@ -858,16 +717,11 @@ def _damage_report(
         sampled = sum(len(stand_ins) for stand_ins in kept)
         of_each = " of each window" if len(plan) > 1 else ""
         message += f"; the nearest decodable frames{of_each} stand in for {replaced} of the {sampled} sampled"
-    # Windows without sampled frames have a warning of their own (their frames are lost, not undecodable).
-    left_out = merged_spans([[window.start, window.end] for window, stand_ins in plan
-                             if stand_ins is None and window.indices])
+    left_out = merged_spans([[window.start, window.end] for window, stand_ins in plan if stand_ins is None])
     if left_out:
-        message += f"; left out, as fewer than half of their frames decode: {_spans_text(left_out)}"
+        spans = ", ".join(f"{start:.1f}-{end:.1f} s" for start, end in left_out)
+        message += f"; left out, as fewer than half of their frames decode: {spans}"
     return message
-
-
-def _spans_text(spans: list[list[float]]) -> str:
-    return ", ".join(f"{start:.1f}-{end:.1f} s" for start, end in spans)
 
 
 def merged_spans(spans: Sequence[Sequence[float]]) -> list[list[float]]:
@@ -903,26 +757,21 @@ def _frames_once(
 
 def _group_windows(
     path: Path, windows: list[Window], frames: Iterator[tuple[int, Image.Image]]
-) -> Iterator[tuple[Window, list[Image.Image] | None]]:
+) -> Iterator[tuple[Window, list[Image.Image]]]:
     """Each window with its frames, as ``frames`` delivers them in order; only the frames of the window
     at hand are held. Where the stream ends before a window's last frames (a container that
     over-states its length), that window repeats the last frame it has, as a short clip does, and the
-    windows stop there. A window without sampled frames comes with None (left out)."""
-    found_any = False
+    windows stop there."""
     for window in windows:
-        if not window.indices:
-            yield window, None
-            continue
         held: dict[int, Image.Image] = {}  # windows share no frames
         for index, image in frames:
             held[index] = image
             if index >= window.indices[-1]:
                 break
         if not held:
-            if not found_any:
+            if window is windows[0]:
                 raise VideoDecodeError(path, "no decodable video frames")
             return
-        found_any = True
         # Frames come in order, so those missing are the window's last ones.
         last_decoded = held[max(held)]
         yield window, [held.get(index, last_decoded) for index in window.indices]
