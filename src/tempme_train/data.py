@@ -31,7 +31,7 @@ from tempme.data import (
     load_dataset,
     quiet_worker_init,
 )
-from tempme.data.annotations import UnknownSplit, own_split_name
+from tempme.data.annotations import UnknownSplit, dataset_split_name
 from tempme.tokenizer import tokenize
 from tempme.userwarnings import SharedWarning, warn
 from tempme.workers import decoding_workers
@@ -363,7 +363,7 @@ def annotation_split(data: DataSettings, split: str) -> str:
         split = data.test_split
     if data.dataset == "custom":  # no splits: every name reads the one file
         return Path(data.anno_path).name
-    return own_split_name(data.dataset, split)
+    return dataset_split_name(data.dataset, split)
 
 
 def split_items(data: DataSettings, split: str, source: str, split_key: str = "split") -> list[VideoItem]:

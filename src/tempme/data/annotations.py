@@ -44,8 +44,8 @@ ACTIVITYNET_SPLITS = {
     "val": ("val_ids.json", "val_1.json"),
     "val_1": ("val_ids.json", "val_1.json"),  # the same split, by the name papers give it
 }
-# Split names that are tempme's short names for splits the dataset's files (and papers) call otherwise.
-_OWN_SPLIT_NAMES = {"msrvtt": {"train": "train9k"}, "activitynet": {"val": "val_1"}}
+# tempme's short split names -> what the dataset's files (and papers) call those splits.
+_DATASET_SPLIT_NAMES = {"msrvtt": {"train": "train9k"}, "activitynet": {"val": "val_1"}}
 LSMDC_SPLITS = {
     "train": "LSMDC16_annos_training.csv",
     "val": "LSMDC16_annos_val.csv",
@@ -615,10 +615,10 @@ def load_custom(path: str | os.PathLike, video_root: str | os.PathLike | None = 
 # --- dispatch and video checks -------------------------------------------------------------
 
 
-def own_split_name(dataset: str, split: str) -> str:
+def dataset_split_name(dataset: str, split: str) -> str:
     """The dataset's own name for ``split`` (ActivityNet's ``val`` is its ``val_1``), so that what is
     reported can be looked up in its annotations."""
-    return _OWN_SPLIT_NAMES.get(dataset.lower(), {}).get(split, split)
+    return _DATASET_SPLIT_NAMES.get(dataset.lower(), {}).get(split, split)
 
 
 def load_dataset(
