@@ -30,11 +30,12 @@ class ScheduleError(ValueError):
 MAX_FRAMES = 4096
 
 
-def check_frames(frames: int) -> None:
+def check_frames(frames: int, name: str = "frames") -> None:
+    """Refuse a frame count no model can take, calling it ``name`` (the command line's ``--frames``)."""
     if frames < 1:
-        raise ScheduleError(f"frames must be at least 1, got {frames}", "frames")
+        raise ScheduleError(f"{name} must be at least 1, got {frames}", "frames")
     if frames > MAX_FRAMES:
-        raise ScheduleError(f"frames must be at most {MAX_FRAMES}, got {frames}", "frames")
+        raise ScheduleError(f"{name} must be at most {MAX_FRAMES}, got {frames}", "frames")
 
 
 @dataclass(frozen=True)

@@ -100,12 +100,10 @@ def check_finite(value: float, option: str, positive: bool = False) -> None:
 def check_frames_option(frames: int | None) -> None:
     """Refuse ``--frames`` (None: not given) outside what a model can take, naming the option: the
     model's own check, later, says ``frames`` as a Python caller names it."""
-    from tempme.schedule import MAX_FRAMES
+    from tempme.schedule import check_frames
 
-    if frames is not None and frames < 1:
-        raise ValueError(f"--frames must be at least 1, got {frames}")
-    if frames is not None and frames > MAX_FRAMES:
-        raise ValueError(f"--frames must be at most {MAX_FRAMES}, got {frames}")
+    if frames is not None:
+        check_frames(frames, name="--frames")
 
 
 def show_progress(args: argparse.Namespace) -> bool:

@@ -251,6 +251,7 @@ def find_index_sources(sources: list[str], index: str, header: dict[str, Any] | 
 
 def run_index(args: argparse.Namespace) -> int:
     from tempme_train.distributed import world_from_env
+    from tempme.data.video import spans_text
     from tempme.search import (
         IndexOptions,
         check_index_free,
@@ -369,11 +370,6 @@ def index_status(args: argparse.Namespace, update, found: int) -> int:
     windows = sum(len(spans) for partial in (update.partial, update.partial_earlier) for spans in partial.values())
     return finished(args.command, {"missing source": len(update.missing_sources),
                                    "undecodable video": len(update.skipped), "damaged window": windows})
-
-
-def spans_text(spans: list[list[float]]) -> str:
-    """``"8.0-12.0 s, 20.0-24.0 s"``: the time spans of windows left out."""
-    return ", ".join(f"{start:.1f}-{end:.1f} s" for start, end in spans)
 
 
 def run_search(args: argparse.Namespace) -> int:

@@ -719,9 +719,13 @@ def _damage_report(
         message += f"; the nearest decodable frames{of_each} stand in for {replaced} of the {sampled} sampled"
     left_out = merged_spans([[window.start, window.end] for window, stand_ins in plan if stand_ins is None])
     if left_out:
-        spans = ", ".join(f"{start:.1f}-{end:.1f} s" for start, end in left_out)
-        message += f"; left out, as fewer than half of their frames decode: {spans}"
+        message += f"; left out, as fewer than half of their frames decode: {spans_text(left_out)}"
     return message
+
+
+def spans_text(spans: Sequence[Sequence[float]]) -> str:
+    """``"8.0-12.0 s, 20.0-24.0 s"``: time spans of windows left out, as warnings and summaries name them."""
+    return ", ".join(f"{start:.1f}-{end:.1f} s" for start, end in spans)
 
 
 def merged_spans(spans: Sequence[Sequence[float]]) -> list[list[float]]:
